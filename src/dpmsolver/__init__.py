@@ -1,0 +1,1 @@
+"""dpmsolver: fast diffusion sampling."""
