@@ -1,0 +1,196 @@
+"""Time grids: where to step.
+
+A :class:`TimeGrid` is a tuple of resolved :class:`~dpmsolver.schedules.Knot` s, strictly
+monotone in ``lambda``: increasing for sampling, decreasing for inversion. The end of
+sampling is explicit: ``final="zero"`` appends the clean knot ``sigma = 0`` (the last step
+is then the data-prediction step ``x = x0_hat``); ``final="t_min"`` stops at ``t_end``.
+
+Spacings (``steps`` intervals between ``t_start`` and ``t_end``):
+
+- ``logsnr``: uniform in lambda (DPM-Solver, Sec. 3.3; recommended). ``exponential`` is
+  the same grid under k-diffusion's name (uniform in log sigma~ = -lambda).
+- ``time_uniform``: uniform in ``t`` (DDIM; SD3 with the flow schedule's shift).
+- ``time_quadratic``: uniform in ``sqrt(t)`` (DDIM's "quad" for low-resolution data).
+- ``karras``: uniform in ``sigma~^(1/rho)``, ``rho = 7`` (EDM, Eq. 5).
+- ``polyexponential``: k-diffusion's ``ramp^rho`` in log sigma~ (``rho = 1`` is ``logsnr``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ._validate import check_choice, check_finite_float, check_int
+from .schedules import Knot, NoiseSchedule
+
+__all__ = ["GRID_KINDS", "GridKind", "TimeGrid", "grid_from_sigmas", "grid_from_timesteps", "make_grid"]
+
+GridKind = Literal["logsnr", "exponential", "time_uniform", "time_quadratic", "karras", "polyexponential"]
+GRID_KINDS: tuple[GridKind, ...] = (
+    "logsnr",
+    "exponential",
+    "time_uniform",
+    "time_quadratic",
+    "karras",
+    "polyexponential",
+)
+Final = Literal["zero", "t_min"]
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    """Resolved knots of one sampling (or inversion) run on ``schedule``."""
+
+    knots: tuple[Knot, ...]
+    schedule: NoiseSchedule = field(compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.knots) < 2:
+            raise ValueError("a time grid needs at least 2 knots (1 step)")
+        lams = [k.lam for k in self.knots]
+        if any(math.isnan(v) for v in lams):
+            raise ValueError("time grid contains NaN noise levels")
+        inc = all(b > a for a, b in itertools.pairwise(lams))
+        dec = all(b < a for a, b in itertools.pairwise(lams))
+        if not (inc or dec):
+            raise ValueError(
+                "time grid must be strictly monotone in noise level (no repeated or "
+                "out-of-order times); got lambdas " + ", ".join(f"{v:.4g}" for v in lams)
+            )
+        if dec and any(math.isinf(v) for v in lams):
+            raise ValueError("an inversion grid (noise increasing) cannot start at sigma = 0 or end at pure noise")
+
+    @property
+    def steps(self) -> int:
+        """Number of steps (intervals)."""
+        return len(self.knots) - 1
+
+    @property
+    def final_zero(self) -> bool:
+        """True if the grid ends at ``sigma = 0`` with a data-prediction step."""
+        return self.knots[-1].lam == math.inf
+
+    @property
+    def is_inversion(self) -> bool:
+        """True if noise increases along the grid (data -> noise)."""
+        return self.knots[-1].lam < self.knots[0].lam
+
+    @property
+    def times(self) -> list[float]:
+        """Schedule times of the knots."""
+        return [k.t for k in self.knots]
+
+    @property
+    def ksigmas(self) -> list[float]:
+        """k-diffusion sigmas ``sigma / alpha`` of the knots (0 for the clean end)."""
+        return [0.0 if k.lam == math.inf else k.ksigma for k in self.knots]
+
+    def reversed(self) -> TimeGrid:
+        """The same knots in the opposite direction (for inversion)."""
+        return TimeGrid(tuple(reversed(self.knots)), self.schedule)
+
+
+def _lambda_spaced(schedule: NoiseSchedule, lams: Tensor) -> list[Knot]:
+    ts = schedule.t_of_lambda(lams)
+    return [
+        Knot(t=k.t, lam=float(lam), alpha=k.alpha, sigma=k.sigma, model_t=k.model_t)
+        for lam, k in zip(lams.tolist(), (schedule.knot(float(t)) for t in ts), strict=True)
+    ]
+
+
+def make_grid(
+    schedule: NoiseSchedule,
+    steps: int,
+    kind: GridKind = "logsnr",
+    *,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    final: Final = "zero",
+    rho: float | None = None,
+) -> TimeGrid:
+    """Build a sampling grid of ``steps`` steps from ``t_start`` (noisy) to the end.
+
+    Args:
+        schedule: the noise schedule.
+        steps: number of steps (>= 1).
+        kind: spacing, one of :data:`GRID_KINDS` (default ``"logsnr"``).
+        t_start: first time (default ``schedule.t_max``).
+        t_end: last noisy time (default ``schedule.t_min``).
+        final: ``"zero"`` (default) adds a last step ``t_end -> sigma = 0``, so ``steps - 1``
+            intervals lie between ``t_start`` and ``t_end``; ``"t_min"`` stops at ``t_end``.
+        rho: exponent for ``karras`` (default 7) and ``polyexponential`` (default 1).
+    """
+    steps = check_int("steps", steps, minimum=1)
+    check_choice("grid", kind, GRID_KINDS)
+    check_choice("final", final, ("zero", "t_min"))
+    ts = schedule.check_time("t_start", schedule.t_max if t_start is None else t_start)
+    te = schedule.check_time("t_end", schedule.t_min if t_end is None else t_end)
+    if not ts > te:
+        raise ValueError(f"t_start={ts} must be greater than t_end={te}")
+    n = steps if final == "zero" else steps + 1  # noisy knots
+    ks, ke = schedule.knot(ts), schedule.knot(te)
+    if kind in ("time_uniform", "time_quadratic"):
+        if kind == "time_uniform":
+            tgrid = torch.linspace(ts, te, n, dtype=torch.float64)
+        else:
+            tgrid = torch.linspace(math.sqrt(ts), math.sqrt(te), n, dtype=torch.float64) ** 2
+        knots = [ks] + [schedule.knot(float(t)) for t in tgrid[1:-1]] + ([ke] if n > 1 else [])
+    else:
+        if math.isinf(ks.lam):
+            raise ValueError(
+                f"grid={kind!r} is spaced in noise level and cannot start at pure noise "
+                f"(t_start={ts}); pass a smaller t_start or use grid='time_uniform'"
+            )
+        l0, l1 = ks.lam, ke.lam
+        ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+        if kind in ("logsnr", "exponential"):
+            lams = l0 + ramp * (l1 - l0)
+        elif kind == "karras":
+            r = check_finite_float("rho", 7.0 if rho is None else rho, positive=True)
+            smax, smin = math.exp(-l0 / r), math.exp(-l1 / r)  # sigma~^(1/rho)
+            lams = -r * torch.log(smax + ramp * (smin - smax))
+        else:
+            r = check_finite_float("rho", 1.0 if rho is None else rho, positive=True)
+            lams = l1 + (1.0 - ramp) ** r * (l0 - l1)
+        knots = [ks] + _lambda_spaced(schedule, lams[1:-1]) + ([ke] if n > 1 else [])
+    if final == "zero":
+        knots.append(schedule.zero_knot())
+    return TimeGrid(tuple(knots), schedule)
+
+
+def grid_from_timesteps(
+    schedule: NoiseSchedule, timesteps: Sequence[float] | Tensor, *, final: Final = "t_min"
+) -> TimeGrid:
+    """A grid through user-given schedule times (decreasing to sample, increasing to
+    invert); ``final="zero"`` appends the clean knot."""
+    vals = [float(v) for v in torch.as_tensor(timesteps, dtype=torch.float64).flatten().tolist()]
+    check_choice("final", final, ("zero", "t_min"))
+    knots = [schedule.knot(schedule.check_time(f"timesteps[{i}]", v)) for i, v in enumerate(vals)]
+    if final == "zero":
+        knots.append(schedule.zero_knot())
+    return TimeGrid(tuple(knots), schedule)
+
+
+def grid_from_sigmas(schedule: NoiseSchedule, sigmas: Sequence[float] | Tensor) -> TimeGrid:
+    """A grid through user-given k-diffusion sigmas ``sigma / alpha`` (as k-diffusion's
+    samplers take them). A trailing 0 is the clean knot."""
+    vals = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()]
+    knots: list[Knot] = []
+    for i, v in enumerate(vals):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"sigmas[{i}]={v} must be finite and >= 0")
+        if v == 0.0:
+            if i != len(vals) - 1:
+                raise ValueError("sigma 0 may only be the last entry of sigmas")
+            knots.append(schedule.zero_knot())
+            continue
+        k = schedule.knot_at_lambda(-math.log(v))
+        schedule.check_time(f"sigmas[{i}] (as time)", k.t)
+        knots.append(k)
+    return TimeGrid(tuple(knots), schedule)
