@@ -1,1 +1,76 @@
-"""dpmsolver: fast diffusion sampling."""
+"""dpmsolver: fast, measured diffusion-model sampling (DPM-Solver++ and its family).
+
+The pieces, one module each:
+
+- :mod:`dpmsolver.schedules`         what noise level each time means
+- :mod:`dpmsolver.parameterization`  what the network outputs (eps, x0, v, score, flow)
+- :mod:`dpmsolver.denoiser`          the one contract ``x0_hat = D(x, knot)``
+- :mod:`dpmsolver.guidance`          classifier-free / classifier guidance, thresholding
+- :mod:`dpmsolver.timegrid`          where to step
+- :mod:`dpmsolver.solvers`           the step functions and their registry
+- :mod:`dpmsolver.sampling`          the one sampling loop: ``sample``, ``invert``, ``solve``
+- :mod:`dpmsolver.analytic`          exact Gaussian-mixture models and a reference ODE solver
+"""
+
+from .analytic import (
+    GaussianMixture,
+    MixtureDenoiser,
+    MixtureNetwork,
+    default_mixture,
+    reference_solve,
+)
+from .denoiser import Denoiser, ModelDenoiser
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding, X0Corrector
+from .parameterization import PREDICTIONS, to_data, to_noise
+from .sampling import NonFiniteError, SampleResult, StepInfo, build_denoiser, invert, sample, solve
+from .schedules import (
+    ContinuousVPSchedule,
+    DiscreteVPSchedule,
+    Knot,
+    NoiseSchedule,
+    RectifiedFlowSchedule,
+    VESchedule,
+    make_schedule,
+)
+from .solvers import REGISTRY, get_solver
+from .timegrid import GRID_KINDS, TimeGrid, grid_from_sigmas, grid_from_timesteps, make_grid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRID_KINDS",
+    "PREDICTIONS",
+    "REGISTRY",
+    "ClassifierFreeGuidance",
+    "ClassifierGuidance",
+    "ContinuousVPSchedule",
+    "Denoiser",
+    "DiscreteVPSchedule",
+    "DynamicThresholding",
+    "GaussianMixture",
+    "Knot",
+    "MixtureDenoiser",
+    "MixtureNetwork",
+    "ModelDenoiser",
+    "NoiseSchedule",
+    "NonFiniteError",
+    "RectifiedFlowSchedule",
+    "SampleResult",
+    "StepInfo",
+    "TimeGrid",
+    "VESchedule",
+    "X0Corrector",
+    "build_denoiser",
+    "default_mixture",
+    "get_solver",
+    "grid_from_sigmas",
+    "grid_from_timesteps",
+    "invert",
+    "make_grid",
+    "make_schedule",
+    "reference_solve",
+    "sample",
+    "solve",
+    "to_data",
+    "to_noise",
+]

@@ -1,0 +1,548 @@
+"""The one sampling loop, and the convenience entry points built on it.
+
+:func:`solve` runs any registered solver over a :class:`~dpmsolver.timegrid.TimeGrid` with a
+denoiser. It owns everything that is not a solver's own arithmetic: warm-up and
+lower-order final steps (through the solver's ``plan``), the first-order step out of pure
+noise and the data-prediction step to ``sigma = 0``, adaptive step control, network
+evaluation counting, NaN/Inf detection, callbacks, intermediates and the progress bar.
+
+:func:`sample` and :func:`invert` build the denoiser (parameterization, guidance,
+thresholding) and the grid from plain arguments, then call :func:`solve`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._validate import check_choice, check_int
+from .denoiser import Denoiser, ModelDenoiser, Network
+from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding, X0Corrector
+from .parameterization import Prediction
+from .progress import Progress
+from .schedules import Knot, NoiseSchedule
+from .solvers import AdaptiveDPMSolver, Solver, StepContext, get_solver
+from .timegrid import Final, GridKind, TimeGrid, grid_from_sigmas, grid_from_timesteps, make_grid
+
+__all__ = [
+    "NonFiniteError",
+    "SampleResult",
+    "StepInfo",
+    "build_denoiser",
+    "invert",
+    "sample",
+    "solve",
+]
+
+CheckFinite = Literal["end", "step", "off"]
+NoiseSampler = Callable[[Tensor], Tensor]
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf appeared in the state; names the first step, its time and the samples."""
+
+    def __init__(self, step: int, t: float, sigma: float, samples: list[int]) -> None:
+        self.step, self.t, self.sigma, self.samples = step, t, sigma, samples
+        shown = samples[:20]
+        more = f" (+{len(samples) - len(shown)} more)" if len(samples) > len(shown) else ""
+        super().__init__(
+            f"non-finite values (NaN/Inf) appeared at step {step} (to t={t:.6g}, sigma={sigma:.6g}) "
+            f"in batch samples {shown}{more}"
+        )
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a callback receives after each step.
+
+    Attributes:
+        index: step number (0-based).
+        x: the state after the step (at ``t_next``).
+        denoised: the data prediction at the step's start (at ``t``).
+        t, t_next: schedule times of the step's ends; ``sigma``, ``sigma_next`` their
+            noise scales (``sigma_next = 0`` for the final data-prediction step).
+        nfe: network evaluations spent so far.
+    """
+
+    index: int
+    x: Tensor
+    denoised: Tensor
+    t: float
+    t_next: float
+    sigma: float
+    sigma_next: float
+    nfe: int
+
+
+@dataclass
+class SampleResult:
+    """Output of a sampling or inversion run.
+
+    Attributes:
+        x: the final state (cast back to the input dtype).
+        nfe: network evaluations actually spent.
+        planned_nfe: evaluations the plan claimed (None for adaptive solvers).
+        grid: the time grid used.
+        orders: the order used at each grid step.
+        trajectory: states after every step (if requested).
+        denoised: data predictions at every step's start (if requested).
+    """
+
+    x: Tensor
+    nfe: int
+    planned_nfe: int | None
+    grid: TimeGrid
+    orders: list[int]
+    trajectory: list[Tensor] | None = None
+    denoised: list[Tensor] | None = field(default=None)
+
+
+class _Evaluator:
+    """Calls the denoiser, counts evaluations, keeps the solver's working dtype."""
+
+    def __init__(self, denoiser: Denoiser, dtype: torch.dtype) -> None:
+        self.denoiser = denoiser
+        self.dtype = dtype
+        self.nfe = 0
+
+    def __call__(self, x: Tensor, knot: Knot) -> Tensor:
+        self.nfe += 1
+        out = self.denoiser(x, knot)
+        return out if out.dtype == self.dtype else out.to(self.dtype)
+
+
+class _FiniteMonitor:
+    """Detects NaN/Inf without a host sync per step (``"end"``): each step stores a
+    per-sample sum on the device (NaN/Inf propagate into it) and the log is read once."""
+
+    def __init__(self, mode: CheckFinite, knots: tuple[Knot, ...]) -> None:
+        self.mode = check_choice("check_finite", mode, ("end", "step", "off"))
+        self.knots = knots
+        self.sums: list[Tensor] = []
+
+    def _raise(self, step: int, bad: Tensor) -> None:
+        k = self.knots[step + 1]
+        raise NonFiniteError(step, k.t, k.sigma, torch.nonzero(bad).flatten().tolist())
+
+    def record(self, step: int, x: Tensor) -> None:
+        if self.mode == "off":
+            return
+        total = x.reshape(x.shape[0], -1).sum(1)
+        if self.mode == "step":
+            bad = ~torch.isfinite(total)
+            if bool(bad.any()):
+                self._raise(step, bad)
+        else:
+            self.sums.append(total)
+
+    def finish(self) -> None:
+        if not self.sums:
+            return
+        bad = ~torch.isfinite(torch.stack(self.sums))
+        if bool(bad.any()):
+            step = int(torch.nonzero(bad.any(1)).flatten()[0])
+            self._raise(step, bad[step])
+
+
+def _effective_orders(solver: Solver, grid: TimeGrid, orders: list[int]) -> list[int]:
+    if len(orders) != grid.steps:
+        raise ValueError(f"orders has {len(orders)} entries but the grid has {grid.steps} steps")
+    out = []
+    for i, o in enumerate(orders):
+        check_int(f"orders[{i}]", o, minimum=1)
+        if o > solver.order:
+            raise ValueError(f"orders[{i}]={o} exceeds the solver's order {solver.order}")
+        s, t = grid.knots[i], grid.knots[i + 1]
+        # Out of pure noise and into sigma = 0 only the first-order update is defined.
+        out.append(1 if math.isinf(s.lam) or math.isinf(t.lam) else o)
+    return out
+
+
+def _adaptive_interval(
+    solver: AdaptiveDPMSolver,
+    ev: _Evaluator,
+    x: Tensor,
+    x0: Tensor,
+    s: Knot,
+    end: Knot,
+    schedule: NoiseSchedule,
+    index: int,
+) -> Tensor:
+    """Integrate from ``s`` to ``end`` with DPM-Solver-12/23 step control."""
+    direction = 1.0 if end.lam > s.lam else -1.0
+    cur, x_prev = s, x
+    h = solver.h_init
+    m: Tensor | None = x0
+    for _ in range(100_000):
+        if cur is end:
+            return x
+        remaining = abs(end.lam - cur.lam)
+        nxt = end if h >= remaining else schedule.knot_at_lambda(cur.lam + direction * h)
+        if m is None:
+            m = ev(x, cur)
+        ctx = StepContext(index, cur, nxt, solver.order, ev, schedule)
+        x_high, x_low = solver.attempt(ctx, x, m)
+        err = solver.error(x_high, x_low, x_prev)
+        if not math.isfinite(err):
+            raise NonFiniteError(index, nxt.t, nxt.sigma, list(range(x.shape[0])))
+        if err <= 1.0:
+            x_prev, x, cur, m = x_low, x_high, nxt, None
+        h = solver.next_h(h, err, abs(end.lam - cur.lam))
+        if cur is not end and h < 1e-10:
+            raise RuntimeError(f"adaptive step size collapsed at t={cur.t:.6g}; loosen rtol/atol")
+    raise RuntimeError("adaptive solver did not finish in 100000 attempts")
+
+
+def solve(
+    denoiser: Denoiser,
+    x: Tensor,
+    grid: TimeGrid,
+    solver: Solver,
+    *,
+    orders: list[int] | None = None,
+    lower_order_final: bool | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    xt_corrector: Callable[[Tensor, Knot, int], Tensor] | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool = False,
+    return_intermediates: bool = False,
+    check_finite: CheckFinite = "end",
+) -> SampleResult:
+    """Run ``solver`` over ``grid`` starting from the state ``x`` at ``grid.knots[0]``.
+
+    Args:
+        denoiser: ``x0_hat = denoiser(x, knot)``.
+        x: initial state (any float dtype; solver arithmetic runs in at least float32).
+        grid: the time grid (sampling or inversion).
+        solver: a :class:`~dpmsolver.solvers.Solver`.
+        orders: order per grid step (default: ``solver.plan``).
+        lower_order_final: lower the order of the last steps (default: when fewer than 15
+            steps, as diffusers does).
+        noise_sampler: ``noise_sampler(x) -> standard normal like x`` for stochastic solvers.
+        xt_corrector: ``xt_corrector(x, knot, step) -> x`` applied after each step.
+        callback: called with a :class:`StepInfo` after each step.
+        progress: show a progress bar on stderr (default False).
+        return_intermediates: keep every state and data prediction (memory grows).
+        check_finite: ``"end"`` (default; one host sync at the end), ``"step"`` (stop at
+            the first bad step) or ``"off"``. A NaN/Inf raises :class:`NonFiniteError`.
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
+    if solver.stochastic and noise_sampler is None:
+        raise ValueError(f"{type(solver).__name__} is stochastic: pass noise_sampler")
+    schedule = grid.schedule
+    if orders is None:
+        lof = grid.steps < 15 if lower_order_final is None else bool(lower_order_final)
+        orders = solver.plan(steps=grid.steps, nfe=None, final_zero=grid.final_zero, lower_order_final=lof)
+    orders = _effective_orders(solver, grid, orders)
+    adaptive = isinstance(solver, AdaptiveDPMSolver)
+    planned = None if adaptive else sum(
+        1 if math.isinf(grid.knots[i + 1].lam) else solver.evals_per_step(o)
+        for i, o in enumerate(orders)
+    )
+
+    in_dtype = x.dtype
+    work = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(work)
+    ev = _Evaluator(denoiser, work)
+    monitor = _FiniteMonitor(check_finite, grid.knots)
+    bar = Progress(grid.steps, enabled=progress)
+    trajectory: list[Tensor] | None = [] if return_intermediates else None
+    denoised: list[Tensor] | None = [] if return_intermediates else None
+    state = solver.init_state()
+    try:
+        for i, order in enumerate(orders):
+            s, t = grid.knots[i], grid.knots[i + 1]
+            x0 = ev(x, s)
+            if math.isinf(t.lam):
+                # Final step to sigma = 0: x = x0_hat (DPM-Solver++, Sec. 3.1, lambda -> inf).
+                x_next = x0
+            elif adaptive:
+                assert isinstance(solver, AdaptiveDPMSolver)
+                x_next = _adaptive_interval(solver, ev, x, x0, s, t, schedule, i)
+            else:
+                noise = None if noise_sampler is None else _bind(noise_sampler, x)
+                ctx = StepContext(i, s, t, order, ev, schedule, noise)
+                x_next, state = solver.step(ctx, x, x0, state)
+            if xt_corrector is not None and not math.isinf(t.lam):
+                x_next = xt_corrector(x_next, t, i)
+            monitor.record(i, x_next)
+            if trajectory is not None and denoised is not None:
+                trajectory.append(x_next)
+                denoised.append(x0)
+            if callback is not None:
+                callback(StepInfo(i, x_next, x0, s.t, t.t, s.sigma, t.sigma, ev.nfe))
+            x = x_next
+            bar.update()
+        monitor.finish()
+    finally:
+        bar.close()
+    return SampleResult(
+        x=x.to(in_dtype),
+        nfe=ev.nfe,
+        planned_nfe=planned,
+        grid=grid,
+        orders=orders,
+        trajectory=trajectory,
+        denoised=denoised,
+    )
+
+
+def _bind(noise_sampler: NoiseSampler, x: Tensor) -> Callable[[], Tensor]:
+    return lambda: noise_sampler(x)
+
+
+def build_denoiser(
+    model: Network,
+    *,
+    prediction: Prediction = "eps",
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | Tensor = 1.0,
+    classifier: Callable[..., Tensor] | None = None,
+    classifier_scale: float | Tensor = 1.0,
+    classifier_kwargs: Mapping[str, Any] | None = None,
+    thresholding: bool = False,
+    thresholding_ratio: float = 0.995,
+    thresholding_max_value: float = 1.0,
+    x0_corrector: Callable[[Tensor, Tensor, Knot], Tensor] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    model_dtype: torch.dtype | None = None,
+) -> Denoiser:
+    """Compose network -> (classifier-free guidance) -> parameterization -> (classifier
+    guidance) -> (dynamic thresholding) -> (x0 corrector). Arguments as in :func:`sample`."""
+    network: Network = model
+    kwargs = dict(model_kwargs or {})
+    guided = isinstance(guidance_scale, Tensor) or float(guidance_scale) != 1.0
+    if guided or uncond is not None:
+        if cond is None or uncond is None:
+            raise ValueError("classifier-free guidance (guidance_scale != 1) needs both cond and uncond")
+        network = ClassifierFreeGuidance(model, guidance_scale, cond, uncond)
+    elif cond is not None:
+        overlap = set(cond) & set(kwargs)
+        if overlap:
+            raise ValueError(f"cond and model_kwargs both set {sorted(overlap)}")
+        kwargs.update(cond)
+    den: Denoiser = ModelDenoiser(network, prediction, model_kwargs=kwargs, model_dtype=model_dtype)
+    if classifier is not None:
+        den = ClassifierGuidance(den, classifier, classifier_scale, classifier_kwargs)
+    if thresholding:
+        den = DynamicThresholding(den, thresholding_ratio, thresholding_max_value)
+    if x0_corrector is not None:
+        den = X0Corrector(den, x0_corrector)
+    return den
+
+
+def _resolve(
+    schedule: NoiseSchedule,
+    solver: Solver,
+    *,
+    steps: int | None,
+    nfe: int | None,
+    grid: GridKind,
+    t_start: float | None,
+    t_end: float | None,
+    final: Final,
+    rho: float | None,
+    timesteps: Any,
+    sigmas: Any,
+    lower_order_final: bool | None,
+) -> tuple[TimeGrid, list[int]]:
+    """Build the grid and per-step orders from user arguments."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    custom = timesteps is not None or sigmas is not None
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("give at most one of timesteps and sigmas")
+    if steps is not None and nfe is not None:
+        raise ValueError("give at most one of steps and nfe")
+    if steps is not None:
+        check_int("steps", steps, minimum=1)
+    if nfe is not None:
+        check_int("nfe", nfe, minimum=1)
+    if isinstance(solver, AdaptiveDPMSolver):
+        if steps is not None or nfe is not None or custom:
+            raise ValueError("adaptive solvers choose their own steps: do not pass steps, nfe, timesteps or sigmas (tune rtol/atol)")
+        g = make_grid(schedule, 2 if final == "zero" else 1, "logsnr", t_start=t_start, t_end=t_end, final=final)
+        return g, [solver.order] * g.steps
+    if custom:
+        if steps is not None or nfe is not None:
+            raise ValueError("steps/nfe are implied by timesteps/sigmas; do not pass both")
+        g = grid_from_sigmas(schedule, sigmas) if sigmas is not None else grid_from_timesteps(schedule, timesteps, final=final)
+        steps = g.steps
+    if steps is None and nfe is None:
+        steps = 20
+    final_zero = final == "zero"
+    lof_n = steps if steps is not None else nfe
+    assert lof_n is not None
+    lof = lof_n < 15 if lower_order_final is None else bool(lower_order_final)
+    if custom:
+        orders = solver.plan(steps=steps, nfe=None, final_zero=g.final_zero, lower_order_final=lof)
+        return g, orders
+    orders = solver.plan(steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lof)
+    g = make_grid(schedule, len(orders), grid, t_start=t_start, t_end=t_end, final=final, rho=rho)
+    return g, orders
+
+
+def sample(
+    model: Network,
+    noise: Tensor,
+    *,
+    schedule: NoiseSchedule,
+    prediction: Prediction = "eps",
+    solver: str = "dpmpp_2m",
+    order: int | None = None,
+    solver_options: Mapping[str, Any] | None = None,
+    steps: int | None = None,
+    nfe: int | None = None,
+    grid: GridKind = "logsnr",
+    t_start: float | None = None,
+    t_end: float | None = None,
+    final: Final = "zero",
+    rho: float | None = None,
+    timesteps: Any = None,
+    sigmas: Any = None,
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | Tensor = 1.0,
+    classifier: Callable[..., Tensor] | None = None,
+    classifier_scale: float | Tensor = 1.0,
+    classifier_kwargs: Mapping[str, Any] | None = None,
+    thresholding: bool = False,
+    thresholding_ratio: float = 0.995,
+    thresholding_max_value: float = 1.0,
+    x0_corrector: Callable[[Tensor, Tensor, Knot], Tensor] | None = None,
+    xt_corrector: Callable[[Tensor, Knot, int], Tensor] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    model_dtype: torch.dtype | None = None,
+    lower_order_final: bool | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool = False,
+    return_intermediates: bool = False,
+    check_finite: CheckFinite = "end",
+) -> SampleResult:
+    """Sample from a diffusion model: ``x_T = sigma_T * noise`` integrated to the data.
+
+    Args:
+        model: network ``model(x, t, **kwargs) -> output`` (``t``: ``(B,)`` network times).
+        noise: standard normal noise of the sample shape; scaled by sigma at ``t_start``.
+        schedule: the network's :class:`~dpmsolver.schedules.NoiseSchedule`.
+        prediction: ``"eps"`` (default), ``"x0"``, ``"v"``, ``"score"`` or ``"flow"``.
+        solver: registry name or alias (default ``"dpmpp_2m"``; see ``dpmsolver.solvers``).
+        order: solver order (default: the solver's default).
+        solver_options: extra solver options (e.g. ``{"variant": "heun"}``).
+        steps: number of grid steps (default 20 when neither steps nor nfe is given).
+        nfe: network-evaluation budget instead of steps (exact for every solver that can
+            spend it; ``fast`` solvers mix orders to do so).
+        grid: time spacing (default ``"logsnr"``); see :mod:`dpmsolver.timegrid`.
+        t_start, t_end: start time and last noisy time (default: the schedule's range).
+        final: ``"zero"`` (default) ends with the data-prediction step to sigma = 0;
+            ``"t_min"`` stops at ``t_end``.
+        rho: exponent for ``karras`` / ``polyexponential`` grids.
+        timesteps, sigmas: a custom grid (schedule times, or k-diffusion sigmas with an
+            optional trailing 0) instead of ``steps``/``grid``.
+        cond, uncond: network keyword arguments for the conditional and unconditional
+            calls (classifier-free guidance batches them in one call).
+        guidance_scale: classifier-free guidance weight (default 1 = no guidance).
+        classifier: ``classifier(x, t, **classifier_kwargs) -> (B,)`` log-probabilities for
+            classifier guidance; ``classifier_scale`` its weight (default 1).
+        thresholding: dynamic thresholding of x0 (default False), with
+            ``thresholding_ratio`` (0.995) and ``thresholding_max_value`` (1.0).
+        x0_corrector: ``fn(x0, x, knot) -> x0`` applied to every data prediction.
+        xt_corrector: ``fn(x, knot, step) -> x`` applied after every step.
+        model_kwargs: extra network keyword arguments for every call.
+        model_dtype: dtype for the network call (default: the noise's dtype if it is
+            float16/bfloat16, else the state's).
+        lower_order_final: lower-order final steps (default: when fewer than 15 steps).
+        noise_sampler: noise source for stochastic solvers.
+        callback, progress, return_intermediates, check_finite: see :func:`solve`.
+
+    Returns:
+        A :class:`SampleResult`; ``result.x`` is the sample, ``result.nfe`` the network
+        evaluations spent.
+    """
+    solver_obj = get_solver(solver, order, **dict(solver_options or {}))
+    g, orders = _resolve(
+        schedule, solver_obj, steps=steps, nfe=nfe, grid=grid, t_start=t_start, t_end=t_end,
+        final=final, rho=rho, timesteps=timesteps, sigmas=sigmas, lower_order_final=lower_order_final,
+    )
+    if model_dtype is None and noise.dtype in (torch.float16, torch.bfloat16):
+        model_dtype = noise.dtype
+    den = build_denoiser(
+        model, prediction=prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+        classifier=classifier, classifier_scale=classifier_scale, classifier_kwargs=classifier_kwargs,
+        thresholding=thresholding, thresholding_ratio=thresholding_ratio,
+        thresholding_max_value=thresholding_max_value, x0_corrector=x0_corrector,
+        model_kwargs=model_kwargs, model_dtype=model_dtype,
+    )
+    x_start = noise * g.knots[0].sigma
+    return solve(
+        den, x_start, g, solver_obj, orders=orders, noise_sampler=noise_sampler,
+        xt_corrector=xt_corrector, callback=callback, progress=progress,
+        return_intermediates=return_intermediates, check_finite=check_finite,
+    )
+
+
+def invert(
+    model: Network,
+    x: Tensor,
+    *,
+    schedule: NoiseSchedule,
+    prediction: Prediction = "eps",
+    solver: str = "dpmpp_2m",
+    order: int | None = None,
+    solver_options: Mapping[str, Any] | None = None,
+    steps: int | None = None,
+    nfe: int | None = None,
+    grid: GridKind = "logsnr",
+    t_start: float | None = None,
+    t_end: float | None = None,
+    rho: float | None = None,
+    timesteps: Any = None,
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | Tensor = 1.0,
+    model_kwargs: Mapping[str, Any] | None = None,
+    model_dtype: torch.dtype | None = None,
+    lower_order_final: bool | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool = False,
+    check_finite: CheckFinite = "end",
+) -> SampleResult:
+    """Invert data to noise: integrate the probability-flow ODE from ``t_end`` (where ``x``
+    is taken as the state) up to ``t_start``, with the same solvers run backwards
+    (DDIM inversion generalised; Lu et al. 2022 Sec. 3 holds for h < 0).
+
+    ``result.x`` is normalized like :func:`sample`'s ``noise`` (state / sigma at
+    ``t_start``), so ``sample(model, result.x, ..., final="t_min")`` with the same settings
+    maps it back to ``x``. Arguments mean what they mean in :func:`sample`; the grid is the
+    sampling grid with ``final="t_min"``, reversed.
+    """
+    solver_obj = get_solver(solver, order, **dict(solver_options or {}))
+    g, orders = _resolve(
+        schedule, solver_obj, steps=steps, nfe=nfe, grid=grid, t_start=t_start, t_end=t_end,
+        final="t_min", rho=rho, timesteps=timesteps, sigmas=None, lower_order_final=False,
+    )
+    g = g.reversed()
+    if solver_obj.kind == "multistep":
+        lof = g.steps < 15 if lower_order_final is None else lower_order_final
+        orders = solver_obj.plan(steps=g.steps, nfe=None, final_zero=False, lower_order_final=lof)
+    else:
+        orders = orders[::-1]
+    if model_dtype is None and x.dtype in (torch.float16, torch.bfloat16):
+        model_dtype = x.dtype
+    den = build_denoiser(
+        model, prediction=prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+        model_kwargs=model_kwargs, model_dtype=model_dtype,
+    )
+    res = solve(den, x, g, solver_obj, orders=orders, callback=callback, progress=progress, check_finite=check_finite)
+    res.x = res.x / g.knots[-1].sigma
+    return res
