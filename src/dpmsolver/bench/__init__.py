@@ -1,0 +1,1 @@
+"""Benchmarks whose output the README quotes; each runs with one command."""
