@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_finite_float
 from .base import Form, Solver, StepContext
+from .registry import SolverInfo, family, register
 from .singlestep import singlestep_update
 
 __all__ = ["AdaptiveDPMSolver"]
@@ -83,3 +84,18 @@ class AdaptiveDPMSolver(Solver):
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         x_high, _ = self.attempt(ctx, x, x0)
         return x_high, state
+
+
+for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
+    register(
+        SolverInfo(
+            name=f"{_prefix}_adaptive",
+            build=family(_form, AdaptiveDPMSolver),
+            orders=(2, 3),
+            default_order=3,
+            description=f"{_label}-12/23 adaptive step size with rtol/atol error control",
+            reference="Lu et al. 2022, DPM-Solver Sec. 4.2, Alg. 4",
+            configurations=({"order": 2}, {"order": 3}),
+            options=("rtol", "atol", "h_init", "theta"),
+        )
+    )

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .._validate import check_choice
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
+from .registry import SolverInfo, family, register
 
 __all__ = ["MultistepDPMSolver", "MultistepState"]
 
@@ -119,3 +120,38 @@ class MultistepDPMSolver(Solver):
             lams=((s.lam, *state.lams))[:keep], preds=((m0, *state.preds))[:keep]
         )
         return x_t, new_state
+
+
+for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
+    register(
+        SolverInfo(
+            name=f"{_prefix}_multistep",
+            build=family(_form, MultistepDPMSolver),
+            orders=(1, 2, 3),
+            default_order=2,
+            description=f"{_label} multistep ({_form.value} prediction); order 3 uses the full "
+            "second-derivative term (third order, unlike the published 3M)",
+            reference="Lu et al. 2022, DPM-Solver++ Alg. 2 / App. B (multistep)",
+            configurations=(
+                {"order": 1},
+                {"order": 2, "variant": "midpoint"},
+                {"order": 2, "variant": "heun"},
+                {"order": 3},
+                {"order": 3, "third_order": "legacy"},
+            ),
+            options=("variant", "third_order"),
+        ),
+        aliases={f"{_prefix}_2m": {"order": 2}, f"{_prefix}_3m": {"order": 3}},
+    )
+
+register(
+    SolverInfo(
+        name="ddim",
+        build=family(Form.DATA, MultistepDPMSolver),
+        orders=(1,),
+        default_order=1,
+        description="DDIM (deterministic, eta = 0) = first-order DPM-Solver(++)",
+        reference="Song et al. 2021, DDIM Eq. 12; DPM-Solver++ Eq. 11",
+        configurations=({"order": 1},),
+    )
+)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_int
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
+from .registry import SolverInfo, family, register
 
 __all__ = ["FastDPMSolver", "SinglestepDPMSolver", "singlestep_update"]
 
@@ -200,3 +201,37 @@ class FastDPMSolver(SinglestepDPMSolver):
         if final_zero and orders[-1] != 1:
             orders = [*fast_orders(budget - 1, self.order), 1]
         return orders
+
+
+for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
+    register(
+        SolverInfo(
+            name=f"{_prefix}_singlestep",
+            build=family(_form, SinglestepDPMSolver),
+            orders=(1, 2, 3),
+            default_order=2,
+            description=f"{_label} singlestep ({_form.value} prediction), order k costs k evaluations",
+            reference="Lu et al. 2022, DPM-Solver Alg. 1-2; DPM-Solver++ Alg. 1 (2S)",
+            configurations=(
+                {"order": 1},
+                {"order": 2, "variant": "midpoint"},
+                {"order": 2, "variant": "heun"},
+                {"order": 3, "variant": "midpoint"},
+                {"order": 3, "variant": "heun"},
+            ),
+            options=("variant", "r1", "r2"),
+        ),
+        aliases={f"{_prefix}_2s": {"order": 2}, f"{_prefix}_3s": {"order": 3}},
+    )
+    register(
+        SolverInfo(
+            name=f"{_prefix}_fast",
+            build=family(_form, FastDPMSolver),
+            orders=(2, 3),
+            default_order=3,
+            description=f"{_label}-fast: singlestep orders mixed to spend exactly the NFE budget",
+            reference="Lu et al. 2022, DPM-Solver Sec. 3.4, App. D.2",
+            configurations=({"order": 2}, {"order": 3}),
+            options=("variant", "r1", "r2"),
+        )
+    )

@@ -1,0 +1,97 @@
+"""The solver registry: every solver the library offers, its orders and options, and the
+configurations the order tests run. The registry *is* the test list, so a registered
+solver cannot skip its convergence check (tests/test_order.py). Each solver module
+registers its own families when imported."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._validate import check_choice
+from .base import Form, Solver
+
+__all__ = ["ALIASES", "REGISTRY", "SolverInfo", "configurations", "family", "get_solver", "register"]
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """A registered solver family.
+
+    Attributes:
+        name: registry key.
+        build: ``build(order=..., **options) -> Solver``.
+        orders: accepted ``order`` values; ``default_order`` is used when none is given.
+        description: one line for ``dpmsolver solvers`` and the README.
+        reference: paper and algorithm/equation it implements.
+        configurations: option sets (each with ``order``) the order tests run.
+        options: accepted extra option names.
+    """
+
+    name: str
+    build: Callable[..., Solver]
+    orders: tuple[int, ...]
+    default_order: int
+    description: str
+    reference: str
+    configurations: tuple[Mapping[str, Any], ...]
+    options: tuple[str, ...] = field(default=())
+
+
+REGISTRY: dict[str, SolverInfo] = {}
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def register(info: SolverInfo, aliases: Mapping[str, Mapping[str, Any]] | None = None) -> SolverInfo:
+    """Add a solver family (and short aliases that fix some options) to the registry."""
+    if info.name in REGISTRY or info.name in ALIASES:
+        raise ValueError(f"solver {info.name!r} is already registered")
+    if info.default_order not in info.orders or not info.configurations:
+        raise ValueError(f"solver {info.name!r}: default order and configurations are required")
+    for cfg in info.configurations:
+        info.build(**cfg)  # fail at import time, not in the order test
+    REGISTRY[info.name] = info
+    for alias, fixed in (aliases or {}).items():
+        ALIASES[alias] = (info.name, dict(fixed))
+    return info
+
+
+def get_solver(name: str, order: int | None = None, **options: Any) -> Solver:
+    """Build a solver by registry name or alias, validating ``order`` and options."""
+    check_choice("solver", name, sorted(REGISTRY) + sorted(ALIASES))
+    if name in ALIASES:
+        base, fixed = ALIASES[name]
+        if order is not None and "order" in fixed and order != fixed["order"]:
+            raise ValueError(
+                f"solver {name!r} has order {fixed['order']}; got order={order} "
+                f"(use solver={base!r} to choose the order)"
+            )
+        clash = {k for k in options if k in fixed and options[k] != fixed[k]}
+        if clash:
+            raise ValueError(f"solver {name!r} fixes {sorted(clash)}; use solver={base!r}")
+        options = {**fixed, **options}
+        order = options.pop("order", order)
+        name = base
+    info = REGISTRY[name]
+    order = info.default_order if order is None else order
+    check_choice(f"order (for solver {name!r})", order, info.orders)
+    for key in options:
+        check_choice(f"option of solver {name!r}", key, info.options)
+    return info.build(order=order, **options)
+
+
+def configurations() -> Iterator[tuple[str, Mapping[str, Any], Solver]]:
+    """Every (registry name, options, solver) the order tests must check."""
+    for name, info in REGISTRY.items():
+        for cfg in info.configurations:
+            yield name, cfg, info.build(**cfg)
+
+
+def family(form: Form, cls: type[Solver]) -> Callable[..., Solver]:
+    """A builder for ``cls`` with its prediction ``form`` fixed."""
+
+    def build(**kwargs: Any) -> Solver:
+        return cls(form=form, **kwargs)  # type: ignore[call-arg]
+
+    return build
