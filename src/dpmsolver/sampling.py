@@ -23,6 +23,7 @@ from torch import Tensor
 from ._validate import check_choice, check_int
 from .denoiser import Denoiser, ModelDenoiser, Network
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding, X0Corrector
+from .noise import SeededNoise
 from .parameterization import Prediction
 from .progress import Progress
 from .schedules import Knot, NoiseSchedule
@@ -462,7 +463,9 @@ def sample(
         model_dtype: dtype for the network call (default: the noise's dtype if it is
             float16/bfloat16, else the state's).
         lower_order_final: lower-order final steps (default: when fewer than 15 steps).
-        noise_sampler: noise source for stochastic solvers.
+        noise_sampler: noise source for stochastic solvers, ``noise_sampler(x) -> noise like
+            x`` (default: a :class:`~dpmsolver.noise.SeededNoise` with per-sample seeds drawn
+            from torch's global generator).
         callback, progress, return_intermediates, check_finite: see :func:`solve`.
 
     Returns:
@@ -483,6 +486,9 @@ def sample(
         thresholding_max_value=thresholding_max_value, x0_corrector=x0_corrector,
         model_kwargs=model_kwargs, model_dtype=model_dtype,
     )
+    if solver_obj.stochastic and noise_sampler is None:
+        # Per-sample streams seeded from torch's global RNG (torch.manual_seed controls them).
+        noise_sampler = SeededNoise(torch.randint(0, 2**62, (noise.shape[0],)).tolist())
     x_start = noise * g.knots[0].sigma
     return solve(
         den, x_start, g, solver_obj, orders=orders, noise_sampler=noise_sampler,

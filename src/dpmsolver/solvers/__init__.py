@@ -9,22 +9,26 @@ module here.
 
 from __future__ import annotations
 
-from . import adaptive, multistep, singlestep  # noqa: F401  (registration side effects)
+from . import adaptive, multistep, sde, singlestep  # noqa: F401  (registration side effects)
 from .adaptive import AdaptiveDPMSolver
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
 from .multistep import MultistepDPMSolver, MultistepState
 from .registry import ALIASES, REGISTRY, SolverInfo, configurations, get_solver, register
+from .sde import AncestralSolver, MultistepSDESolver, SinglestepSDESolver
 from .singlestep import FastDPMSolver, SinglestepDPMSolver
 
 __all__ = [
     "ALIASES",
     "REGISTRY",
     "AdaptiveDPMSolver",
+    "AncestralSolver",
     "FastDPMSolver",
     "Form",
     "MultistepDPMSolver",
+    "MultistepSDESolver",
     "MultistepState",
     "SinglestepDPMSolver",
+    "SinglestepSDESolver",
     "Solver",
     "SolverInfo",
     "StepContext",

@@ -147,9 +147,13 @@ class Solver(ABC):
     """
 
     kind: ClassVar[str] = "multistep"  # "multistep", "singlestep" or "adaptive"
-    stochastic: ClassVar[bool] = False
 
     order: int
+
+    @property
+    def stochastic(self) -> bool:
+        """True if steps draw noise (``ctx.noise`` must then be set)."""
+        return False
 
     @property
     def claimed_order(self) -> float:

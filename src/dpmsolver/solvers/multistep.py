@@ -31,10 +31,11 @@ from typing import Literal
 from torch import Tensor
 
 from .._validate import check_choice
+from ..schedules import Knot
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
 from .registry import SolverInfo, family, register
 
-__all__ = ["MultistepDPMSolver", "MultistepState"]
+__all__ = ["MultistepDPMSolver", "MultistepState", "multistep_terms"]
 
 Variant = Literal["midpoint", "heun"]
 ThirdOrder = Literal["taylor", "legacy"]
@@ -80,46 +81,69 @@ class MultistepDPMSolver(Solver):
     def init_state(self) -> MultistepState:
         return MultistepState()
 
+    def effective_order(self, ctx: StepContext, state: MultistepState) -> int:
+        """The order this step can use: the plan's, capped by the usable history.
+        Predictions at pure noise (lambda = -inf) carry no derivative information."""
+        if not math.isfinite(ctx.s.lam):
+            return 1
+        usable = sum(1 for lam in state.lams if math.isfinite(lam))
+        return min(ctx.order, usable + 1)
+
+    def push(self, state: MultistepState, lam: float, m: Tensor) -> MultistepState:
+        """State after a step: the newest prediction first, at most ``order - 1`` kept."""
+        keep = self.order - 1
+        return MultistepState((lam, *state.lams)[:keep], (m, *state.preds)[:keep])
+
     def step(
         self, ctx: StepContext, x: Tensor, x0: Tensor, state: MultistepState
     ) -> tuple[Tensor, MultistepState]:
         s, t = ctx.s, ctx.t
         m0 = self.form.prediction(x0, x, s)
-        # Predictions at pure noise (lambda = -inf) carry no derivative information.
-        usable = sum(1 for lam in state.lams if math.isfinite(lam))
-        k = min(ctx.order, usable + 1) if math.isfinite(s.lam) else 1
+        k = self.effective_order(ctx, state)
         if k == 1:
             x_t = first_order_step(self.form, x, x0, m0, s, t)
         else:
             ratio, b, h = self.form.coefficients(s, t)
-            phi_1, phi_2, phi_3 = phi_functions(h)
-            sign = 1.0 if self.form is Form.DATA else -1.0  # lambda runs backwards for eps
-            r0 = sign * (s.lam - state.lams[0]) / h
-            m1 = state.preds[0]
-            if k == 2:
-                # D1_0 = (m0 - m1) / r0
-                c_d1 = -0.5 * b * phi_1 if self.variant == "midpoint" else b * phi_2
-                x_t = combine(x, ratio, [(-b * phi_1 + c_d1 / r0, m0), (-c_d1 / r0, m1)])
-            else:
-                r1 = sign * (state.lams[0] - state.lams[1]) / h
-                m2 = state.preds[1]
-                c_d2 = (2.0 if self.third_order == "taylor" else 1.0) * -b * phi_3
-                # Expand b phi_2 D1 + c_d2 D2 over (m0, m1, m2):
-                # D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1,
-                # D1 = (1 + w) D1_0 - w D1_1 with w = r0/(r0 + r1), D2 = (D1_0 - D1_1)/(r0 + r1)
-                w = r0 / (r0 + r1)
-                a0 = b * phi_2 * (1.0 + w) + c_d2 / (r0 + r1)  # coefficient of D1_0
-                a1 = -b * phi_2 * w - c_d2 / (r0 + r1)  # coefficient of D1_1
-                x_t = combine(
-                    x,
-                    ratio,
-                    [(-b * phi_1 + a0 / r0, m0), (-a0 / r0 + a1 / r1, m1), (-a1 / r1, m2)],
-                )
-        keep = self.order - 1
-        new_state = MultistepState(
-            lams=((s.lam, *state.lams))[:keep], preds=((m0, *state.preds))[:keep]
-        )
-        return x_t, new_state
+            x_t = combine(x, ratio, multistep_terms(self, k, s, h, b, m0, state, h_ratio=h))
+        return x_t, self.push(state, s.lam, m0)
+
+
+def multistep_terms(
+    solver: MultistepDPMSolver,
+    k: int,
+    s: Knot,
+    h_phi: float,
+    b: float,
+    m0: Tensor,
+    state: MultistepState,
+    *,
+    h_ratio: float | None = None,
+) -> list[tuple[float, Tensor]]:
+    """The prediction terms ``[(c_j, m_j)]`` of an order-``k`` multistep update (the part
+    after ``ratio * x``), with the phi functions at ``h_phi`` and step ratios ``r = h_i / h``
+    measured with ``h_ratio`` (= ``h_phi`` for the ODE; the SDE solver scales only the
+    former, as in DPM-Solver++ App. B)."""
+    h = h_phi if h_ratio is None else h_ratio
+    phi_1, phi_2, phi_3 = phi_functions(h_phi)
+    if k == 1:
+        return [(-b * phi_1, m0)]
+    sign = 1.0 if solver.form is Form.DATA else -1.0  # lambda runs backwards for eps
+    r0 = sign * (s.lam - state.lams[0]) / h
+    m1 = state.preds[0]
+    if k == 2:
+        # D1_0 = (m0 - m1) / r0
+        c_d1 = -0.5 * b * phi_1 if solver.variant == "midpoint" else b * phi_2
+        return [(-b * phi_1 + c_d1 / r0, m0), (-c_d1 / r0, m1)]
+    r1 = sign * (state.lams[0] - state.lams[1]) / h
+    m2 = state.preds[1]
+    c_d2 = (2.0 if solver.third_order == "taylor" else 1.0) * -b * phi_3
+    # Expand b phi_2 D1 + c_d2 D2 over (m0, m1, m2):
+    # D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1,
+    # D1 = (1 + w) D1_0 - w D1_1 with w = r0/(r0 + r1), D2 = (D1_0 - D1_1)/(r0 + r1)
+    w = r0 / (r0 + r1)
+    a0 = b * phi_2 * (1.0 + w) + c_d2 / (r0 + r1)  # coefficient of D1_0
+    a1 = -b * phi_2 * w - c_d2 / (r0 + r1)  # coefficient of D1_1
+    return [(-b * phi_1 + a0 / r0, m0), (-a0 / r0 + a1 / r1, m1), (-a1 / r1, m2)]
 
 
 for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
