@@ -9,62 +9,27 @@ import pytest
 import torch
 
 import dpmsolver as dp
+from dpmsolver.bench.convergence import SDE_MIXTURE, marginal_samples, sde_end_samples, sliced_w2
 from dpmsolver.noise import SeededNoise
 from dpmsolver.solvers import configurations
 
 SD = dp.DiscreteVPSchedule()
-MIX = dp.GaussianMixture(
-    means=torch.tensor([[-0.6, 0.4], [0.5, 0.5], [0.0, -0.6]]),
-    stds=torch.tensor([[0.15, 0.1], [0.1, 0.2], [0.2, 0.1]]),
-    weights=torch.tensor([0.3, 0.3, 0.4]),
-    labels=torch.tensor([0, 1, 1]),
-    num_classes=2,
-)
-N = 3000
+MIX = SDE_MIXTURE
 STOCHASTIC = [(name, dict(cfg)) for name, cfg, s in configurations() if s.stochastic]
 
 
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int = 64) -> float:
-    """Sliced 2-Wasserstein distance between two equal-size point clouds."""
-    g = torch.Generator().manual_seed(123)
-    dirs = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, _ = torch.sort(a.double() @ dirs, dim=0)
-    pb, _ = torch.sort(b.double() @ dirs, dim=0)
-    return float(((pa - pb) ** 2).mean().sqrt())
-
-
-def true_samples(seed: int, knot: dp.Knot | None = None) -> torch.Tensor:
-    """Exact samples of the marginal at ``knot`` (the data if None)."""
-    g = torch.Generator().manual_seed(seed)
-    x0 = MIX.sample(N, generator=g)
-    if knot is None:
-        return x0
-    return knot.alpha * x0 + knot.sigma * torch.randn(N, 2, generator=g, dtype=torch.float64)
-
-
-def run(name: str, cfg: dict, steps: int = 20, *, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """Sample from the exact marginal at t=999 down to t=0 (no final denoising step), so the
-    exact answer is the marginal at t=0 and only the solver can introduce error."""
+def run(name: str, cfg: dict, *, scale: float = 1.0) -> torch.Tensor:
     cfg = dict(cfg)
-    solver = dp.get_solver(name, cfg.pop("order"), **cfg)
-    grid = dp.make_grid(SD, steps, "logsnr", final="t_min")
-    x_start = true_samples(10 + seed, grid.knots[0])
-    base = SeededNoise(list(range(seed * N, (seed + 1) * N)))
-
-    def noise(x: torch.Tensor) -> torch.Tensor:
-        return scale * base(x)
-
-    return dp.solve(dp.MixtureDenoiser(MIX), x_start, grid, solver, noise_sampler=noise).x
+    return sde_end_samples(dp.get_solver(name, cfg.pop("order"), **cfg), noise_scale=scale)
 
 
 def target(seed: int) -> torch.Tensor:
-    return true_samples(seed, SD.knot(0.0))
+    return marginal_samples(seed, SD.knot(0.0))
 
 
 @pytest.fixture(scope="module")
 def floor() -> float:
-    """Distance between two independent true sample sets: the test's resolution."""
+    """Distance between two independent exact sample sets: the test's resolution."""
     return sliced_w2(target(1), target(2))
 
 

@@ -9,9 +9,10 @@ module here.
 
 from __future__ import annotations
 
-from . import adaptive, multistep, sde, singlestep  # noqa: F401  (registration side effects)
+from . import adaptive, momentum, multistep, sde, singlestep  # noqa: F401  (registration side effects)
 from .adaptive import AdaptiveDPMSolver
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
+from .momentum import GHVB, HeavyBall
 from .multistep import MultistepDPMSolver, MultistepState
 from .registry import ALIASES, REGISTRY, SolverInfo, configurations, get_solver, register
 from .sde import AncestralSolver, MultistepSDESolver, SinglestepSDESolver
@@ -19,11 +20,13 @@ from .singlestep import FastDPMSolver, SinglestepDPMSolver
 
 __all__ = [
     "ALIASES",
+    "GHVB",
     "REGISTRY",
     "AdaptiveDPMSolver",
     "AncestralSolver",
     "FastDPMSolver",
     "Form",
+    "HeavyBall",
     "MultistepDPMSolver",
     "MultistepSDESolver",
     "MultistepState",
