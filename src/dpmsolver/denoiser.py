@@ -28,7 +28,7 @@ Network = Callable[..., Tensor]
 class Denoiser(Protocol):
     """Anything that maps a noisy state at a resolved noise level to a data prediction."""
 
-    def __call__(self, x: Tensor, knot: Knot) -> Tensor: ...
+    def __call__(self, x: Tensor, knot: Knot, /) -> Tensor: ...
 
 
 def time_tensor(x: Tensor, value: float) -> Tensor:

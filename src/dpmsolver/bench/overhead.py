@@ -25,6 +25,7 @@ from ..sampling import solve
 from ..schedules import DiscreteVPSchedule, Knot
 from ..solvers import get_solver
 from ..timegrid import grid_from_timesteps
+from .peers import optional_import
 
 __all__ = ["main", "measure_overhead"]
 
@@ -56,14 +57,10 @@ def measure_overhead(
     schedule = DiscreteVPSchedule()
     out: dict[str, float] = {}
 
-    try:
-        from diffusers import DPMSolverMultistepScheduler
-    except ImportError:  # benchmark extra
-        DPMSolverMultistepScheduler = None
-
+    diffusers = optional_import("diffusers")  # benchmark extra
     timesteps: list[float]
-    if DPMSolverMultistepScheduler is not None:
-        sched = DPMSolverMultistepScheduler(
+    if diffusers is not None:
+        sched = diffusers.DPMSolverMultistepScheduler(
             beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, solver_order=2,
             final_sigmas_type="zero", lower_order_final=True,
         )
