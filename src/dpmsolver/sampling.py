@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._validate import check_choice, check_int
+from .auto import recommend
 from .denoiser import Denoiser, ModelDenoiser, Network
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding, X0Corrector
 from .noise import SeededNoise
@@ -419,7 +420,7 @@ def sample(
     solver_options: Mapping[str, Any] | None = None,
     steps: int | None = None,
     nfe: int | None = None,
-    grid: GridKind = "logsnr",
+    grid: GridKind | None = None,
     t_start: float | None = None,
     t_end: float | None = None,
     final: Final = "zero",
@@ -445,7 +446,7 @@ def sample(
     progress: bool = False,
     return_intermediates: bool = False,
     check_finite: CheckFinite = "end",
-    final_step: FinalStep = "denoise",
+    final_step: FinalStep | None = None,
 ) -> SampleResult:
     """Sample from a diffusion model: ``x_T = sigma_T * noise`` integrated to the data.
 
@@ -454,7 +455,10 @@ def sample(
         noise: standard normal noise of the sample shape; scaled by sigma at ``t_start``.
         schedule: the network's :class:`~dpmsolver.schedules.NoiseSchedule`.
         prediction: ``"eps"`` (default), ``"x0"``, ``"v"``, ``"score"`` or ``"flow"``.
-        solver: registry name or alias (default ``"dpmpp_2m"``; see ``dpmsolver.solvers``).
+        solver: registry name or alias (default ``"dpmpp_2m"``; see ``dpmsolver.solvers``),
+            or ``"auto"``: the measured recommendation for this budget and guidance scale
+            (:func:`dpmsolver.auto.recommend`; ``steps`` is then read as the NFE budget, and
+            arguments left at None take the recipe's values).
         order: solver order (default: the solver's default).
         solver_options: extra solver options (e.g. ``{"variant": "heun"}``).
         steps: number of grid steps (default 20 when neither steps nor nfe is given).
@@ -490,9 +494,22 @@ def sample(
         A :class:`SampleResult`; ``result.x`` is the sample, ``result.nfe`` the network
         evaluations spent.
     """
+    if solver == "auto":
+        if timesteps is not None or sigmas is not None:
+            raise ValueError("solver='auto' chooses its own grid: do not pass timesteps or sigmas")
+        budget = nfe if nfe is not None else (steps if steps is not None else 20)
+        w = float(guidance_scale.max()) if isinstance(guidance_scale, Tensor) else float(guidance_scale)
+        recipe = recommend(budget, w)
+        solver, steps, nfe = recipe.solver, None, budget
+        solver_options = {**recipe.options, **dict(solver_options or {})}
+        order = solver_options.pop("order", order)
+        grid = grid if grid is not None else recipe.grid  # type: ignore[assignment]
+        rho = rho if rho is not None else recipe.rho
+        t_end = t_end if t_end is not None else recipe.t_end(schedule)
+        final_step = final_step if final_step is not None else recipe.final_step  # type: ignore[assignment]
     solver_obj = get_solver(solver, order, **dict(solver_options or {}))
     g, orders = _resolve(
-        schedule, solver_obj, steps=steps, nfe=nfe, grid=grid, t_start=t_start, t_end=t_end,
+        schedule, solver_obj, steps=steps, nfe=nfe, grid=grid or "logsnr", t_start=t_start, t_end=t_end,
         final=final, rho=rho, timesteps=timesteps, sigmas=sigmas, lower_order_final=lower_order_final,
     )
     if model_dtype is None and noise.dtype in (torch.float16, torch.bfloat16):
@@ -511,7 +528,8 @@ def sample(
     return solve(
         den, x_start, g, solver_obj, orders=orders, noise_sampler=noise_sampler,
         xt_corrector=xt_corrector, callback=callback, progress=progress,
-        return_intermediates=return_intermediates, check_finite=check_finite, final_step=final_step,
+        return_intermediates=return_intermediates, check_finite=check_finite,
+        final_step=final_step or "denoise",
     )
 
 
