@@ -54,7 +54,7 @@ def test_nfe_spent_equals_nfe_claimed(name: str, cfg: dict, final: str, steps: i
     r = dp.sample(net, noise(), schedule=SD, solver=name, order=order, solver_options=cfg, steps=steps, final=final)  # type: ignore[arg-type]
     assert r.nfe == r.planned_nfe == net.calls
     solver = dp.get_solver(name, order, **cfg)
-    per_step = [1 if (final == "zero" and i == steps - 1) else solver.evals_per_step(o) for i, o in enumerate(r.orders)]
+    per_step = [1 if (final == "zero" and i == steps - 1) else solver.step_evals(i, o) for i, o in enumerate(r.orders)]
     assert r.nfe == sum(per_step)
     assert torch.isfinite(r.x).all()
 

@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from . import adaptive, multistep, singlestep  # noqa: F401  (registration side effects)
 from .adaptive import AdaptiveDPMSolver
-from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
+from .base import (
+    Form,
+    Solver,
+    StepContext,
+    combine,
+    exponential_moments,
+    first_order_step,
+    lagrange_weights,
+    phi_functions,
+    phi_sequence,
+)
 from .multistep import MultistepDPMSolver, MultistepState
 from .registry import ALIASES, REGISTRY, SolverInfo, configurations, get_solver, register
 from .singlestep import FastDPMSolver, SinglestepDPMSolver
@@ -30,8 +40,11 @@ __all__ = [
     "StepContext",
     "combine",
     "configurations",
+    "exponential_moments",
     "first_order_step",
     "get_solver",
+    "lagrange_weights",
     "phi_functions",
+    "phi_sequence",
     "register",
 ]

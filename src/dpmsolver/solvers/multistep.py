@@ -25,16 +25,18 @@ kept as ``third_order="legacy"`` for reproducing other implementations.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import Tensor
 
 from .._validate import check_choice
+from ..schedules import Knot
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
 from .registry import SolverInfo, family, register
 
-__all__ = ["MultistepDPMSolver", "MultistepState"]
+__all__ = ["MultistepDPMSolver", "MultistepState", "history_order"]
 
 Variant = Literal["midpoint", "heun"]
 ThirdOrder = Literal["taylor", "legacy"]
@@ -46,6 +48,21 @@ class MultistepState:
 
     lams: tuple[float, ...] = ()
     preds: tuple[Tensor, ...] = ()
+
+    def push(self, lam: float, pred: Tensor, keep: int) -> MultistepState:
+        """The state after a step that started at ``lam`` with prediction ``pred``,
+        holding at most ``keep`` entries."""
+        return MultistepState(lams=(lam, *self.lams)[:keep], preds=(pred, *self.preds)[:keep])
+
+
+def history_order(order: int, s: Knot, lams: Sequence[float]) -> int:
+    """The order a multistep step from ``s`` can use with stored predictions at ``lams``:
+    ``order`` capped by the history (warm-up). Predictions at pure noise (lambda = -inf)
+    carry no derivative information, and a step out of pure noise is first order."""
+    if not math.isfinite(s.lam):
+        return 1
+    usable = sum(1 for lam in lams if math.isfinite(lam))
+    return min(order, usable + 1)
 
 
 @dataclass(frozen=True)
@@ -85,9 +102,7 @@ class MultistepDPMSolver(Solver):
     ) -> tuple[Tensor, MultistepState]:
         s, t = ctx.s, ctx.t
         m0 = self.form.prediction(x0, x, s)
-        # Predictions at pure noise (lambda = -inf) carry no derivative information.
-        usable = sum(1 for lam in state.lams if math.isfinite(lam))
-        k = min(ctx.order, usable + 1) if math.isfinite(s.lam) else 1
+        k = history_order(ctx.order, s, state.lams)
         if k == 1:
             x_t = first_order_step(self.form, x, x0, m0, s, t)
         else:
@@ -115,11 +130,7 @@ class MultistepDPMSolver(Solver):
                     ratio,
                     [(-b * phi_1 + a0 / r0, m0), (-a0 / r0 + a1 / r1, m1), (-a1 / r1, m2)],
                 )
-        keep = self.order - 1
-        new_state = MultistepState(
-            lams=((s.lam, *state.lams))[:keep], preds=((m0, *state.preds))[:keep]
-        )
-        return x_t, new_state
+        return x_t, state.push(s.lam, m0, self.order - 1)
 
 
 for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
