@@ -9,7 +9,12 @@ module here.
 
 from __future__ import annotations
 
-from . import adaptive, multistep, singlestep  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    adaptive,
+    edm,
+    multistep,
+    singlestep,
+)
 from .adaptive import AdaptiveDPMSolver
 from .base import (
     Form,
@@ -22,6 +27,7 @@ from .base import (
     phi_functions,
     phi_sequence,
 )
+from .edm import Heun
 from .multistep import MultistepDPMSolver, MultistepState
 from .registry import ALIASES, REGISTRY, SolverInfo, configurations, get_solver, register
 from .singlestep import FastDPMSolver, SinglestepDPMSolver
@@ -32,6 +38,7 @@ __all__ = [
     "AdaptiveDPMSolver",
     "FastDPMSolver",
     "Form",
+    "Heun",
     "MultistepDPMSolver",
     "MultistepState",
     "SinglestepDPMSolver",

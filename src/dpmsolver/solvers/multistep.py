@@ -161,8 +161,13 @@ register(
         build=family(Form.DATA, MultistepDPMSolver),
         orders=(1,),
         default_order=1,
-        description="DDIM (deterministic, eta = 0) = first-order DPM-Solver(++)",
-        reference="Song et al. 2021, DDIM Eq. 12; DPM-Solver++ Eq. 11",
+        description="DDIM (deterministic, eta = 0) = first-order DPM-Solver(++) = Euler in "
+        "(sigma/alpha, x/alpha)",
+        reference="Song et al. 2021, DDIM Eq. 12; DPM-Solver++ Eq. 11; Karras et al. 2022, EDM Alg. 1",
         configurations=({"order": 1},),
-    )
+    ),
+    # EDM's / k-diffusion's Euler step x~ += (sigma~_t - sigma~_s) (x~ - D)/sigma~_s, with
+    # x~ = x/alpha and sigma~ = sigma/alpha, is DDIM written in those variables: the same
+    # update, so it is a name for this solver rather than a second implementation.
+    aliases={"euler": {"order": 1}},
 )
