@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import (  # noqa: F401  (registration side effects)
     adaptive,
+    deis,
     edm,
     multistep,
     singlestep,
@@ -27,6 +28,7 @@ from .base import (
     phi_functions,
     phi_sequence,
 )
+from .deis import DEIS
 from .edm import Heun
 from .multistep import MultistepDPMSolver, MultistepState
 from .registry import ALIASES, REGISTRY, SolverInfo, configurations, get_solver, register
@@ -34,6 +36,7 @@ from .singlestep import FastDPMSolver, SinglestepDPMSolver
 
 __all__ = [
     "ALIASES",
+    "DEIS",
     "REGISTRY",
     "AdaptiveDPMSolver",
     "FastDPMSolver",
