@@ -15,6 +15,7 @@ from . import (  # noqa: F401  (registration side effects)
     edm,
     multistep,
     singlestep,
+    unipc,
 )
 from .adaptive import AdaptiveDPMSolver
 from .base import (
@@ -33,6 +34,7 @@ from .edm import Heun
 from .multistep import MultistepDPMSolver, MultistepState
 from .registry import ALIASES, REGISTRY, SolverInfo, configurations, get_solver, register
 from .singlestep import FastDPMSolver, SinglestepDPMSolver
+from .unipc import UniPC, UniPCState
 
 __all__ = [
     "ALIASES",
@@ -48,6 +50,8 @@ __all__ = [
     "Solver",
     "SolverInfo",
     "StepContext",
+    "UniPC",
+    "UniPCState",
     "combine",
     "configurations",
     "exponential_moments",
