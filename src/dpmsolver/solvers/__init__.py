@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (registration side effects)
     adaptive,
     deis,
     edm,
+    linear_multistep,
     multistep,
     singlestep,
     unipc,
@@ -31,6 +32,7 @@ from .base import (
 )
 from .deis import DEIS
 from .edm import Heun
+from .linear_multistep import PNDM, LinearMultistep
 from .multistep import MultistepDPMSolver, MultistepState
 from .registry import ALIASES, REGISTRY, SolverInfo, configurations, get_solver, register
 from .singlestep import FastDPMSolver, SinglestepDPMSolver
@@ -39,11 +41,13 @@ from .unipc import UniPC, UniPCState
 __all__ = [
     "ALIASES",
     "DEIS",
+    "PNDM",
     "REGISTRY",
     "AdaptiveDPMSolver",
     "FastDPMSolver",
     "Form",
     "Heun",
+    "LinearMultistep",
     "MultistepDPMSolver",
     "MultistepState",
     "SinglestepDPMSolver",
