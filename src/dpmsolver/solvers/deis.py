@@ -1,7 +1,7 @@
 """DEIS, the time-Adams-Bashforth exponential integrator on the noise prediction.
 
 Zhang & Chen 2022, "Fast Sampling of Diffusion Models with Exponential Integrator"
-(arXiv 2204.13902), Sec. 4 and Eq. 13-15 (tAB-DEIS): the linear part of the
+(arXiv 2204.13902), the time-Adams-Bashforth method tAB-DEIS: the linear part of the
 probability-flow ODE is integrated exactly and ``eps_hat`` is replaced by the polynomial
 through its last ``k`` values, whose product with the exponential weight is integrated
 exactly. diffusers' ``DEISMultistepScheduler`` (``algorithm_type="deis"``,
@@ -86,7 +86,7 @@ register(
         default_order=2,
         description="DEIS tAB: exponential integrator on eps with exactly integrated "
         "Lagrange polynomials (= diffusers' DEISMultistepScheduler)",
-        reference="Zhang & Chen 2022, DEIS Sec. 4, Eq. 13-15 (tAB)",
+        reference="Zhang & Chen 2022, DEIS (arXiv 2204.13902), tAB-DEIS",
         configurations=({"order": 1}, {"order": 2}, {"order": 3}),
     )
 )

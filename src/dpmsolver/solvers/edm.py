@@ -11,8 +11,9 @@ state ``x = alpha x~`` the sampling loop carries,
     x_t = (alpha_t / alpha_s) x_s + alpha_t sum_j c_j d_j              (:func:`sigma_step`)
 
 Euler (``c = sigma~_t - sigma~_s``) is DDIM in these variables and is registered as the
-``euler`` alias of ``ddim``. Heun (EDM Alg. 1 with ``S_churn = 0``, lines 5-8) adds the
-trapezoidal correction with a second evaluation at the end of the step:
+``euler`` alias of ``ddim``. Heun (EDM Alg. 1, the deterministic sampler; Alg. 2 with
+``S_churn = 0``) adds the trapezoidal correction with a second evaluation at the end of the
+step:
 
     x~' = x~_s + (sigma~_t - sigma~_s) d_s,   d' = d(x~', sigma~_t)
     x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d') / 2
@@ -46,7 +47,7 @@ def sigma_step(
 
 
 def heun_update(ctx: StepContext, x: Tensor, d_s: Tensor) -> Tensor:
-    """One Heun step from ``ctx.s`` to ``ctx.t`` (EDM Alg. 1, lines 5-8) given
+    """One Heun step from ``ctx.s`` to ``ctx.t`` (EDM Alg. 1) given
     ``d_s = eps_hat(x, s)``; evaluates the denoiser once, at the Euler point."""
     s, t = ctx.s, ctx.t
     dsig = t.ksigma - s.ksigma
@@ -57,8 +58,8 @@ def heun_update(ctx: StepContext, x: Tensor, d_s: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Heun(Solver):
-    """EDM's deterministic second-order Heun sampler (Karras et al. 2022, Alg. 1 with
-    ``S_churn = 0``; k-diffusion's ``sample_heun``): 2 evaluations per step.
+    """EDM's deterministic second-order Heun sampler (Karras et al. 2022, Alg. 1;
+    k-diffusion's ``sample_heun`` with ``s_churn = 0``): 2 evaluations per step.
 
     Args:
         order: 2 (the only order; a step out of pure noise falls back to Euler = DDIM).
@@ -94,7 +95,7 @@ register(
         default_order=2,
         description="EDM Heun: Euler predictor + trapezoidal corrector in sigma/alpha, "
         "2 evaluations per step",
-        reference="Karras et al. 2022, EDM Alg. 1 (S_churn = 0)",
+        reference="Karras et al. 2022, EDM Alg. 1 (deterministic Heun)",
         configurations=({"order": 2},),
     )
 )

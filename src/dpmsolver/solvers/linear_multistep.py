@@ -28,11 +28,11 @@ order after warm-up. Two choices of nodes:
   9.9e-3 variable; at 100 steps 1.4e-4 vs 4.9e-5), as they extrapolate less aggressively
   after the steps shrink; hence both are offered, variable by default.
 
-PNDM (Liu et al. 2022, "Pseudo numerical methods", Eq. 9-13) is written as "gradient part"
+PNDM (Liu et al. 2022, "Pseudo numerical methods", arXiv 2202.09778) is written as "gradient part"
 (the linear multistep combination ``e'`` of noise predictions) plus "transfer part" (the
 DDIM step with ``e'`` in place of eps, their Eq. 9). DDIM is Euler in ``(sigma~, x~)``, so
 PLMS is exactly the fixed-coefficient Adams-Bashforth step above; the PNDM family differs
-only in its warm-up (:class:`PNDM`). iPNDM (Zhang & Chen 2022, DEIS Sec. 5 / App.) replaces
+only in its warm-up (:class:`PNDM`). iPNDM (Zhang & Chen 2022, in the DEIS paper) replaces
 PNDM's Runge-Kutta warm-up by lower-order Adams-Bashforth steps, so every step costs one
 evaluation.
 """
@@ -120,9 +120,9 @@ class LinearMultistep(Solver):
 @dataclass(frozen=True)
 class PNDM(LinearMultistep):
     """PNDM / PLMS (Liu et al. 2022): fourth-order linear multistep "gradient part" with
-    the DDIM "transfer part" (their Eq. 9-13), after a warm-up that fills the history:
+    the DDIM "transfer part" (their Eq. 9), after a warm-up that fills the history:
 
-    - ``warmup="prk"`` (PNDM, their Eq. 13): three pseudo Runge-Kutta steps, each with
+    - ``warmup="prk"`` (the paper's PNDM): three pseudo Runge-Kutta steps, each with
       evaluations at the start, twice at the midpoint (in schedule time, as the paper and
       diffusers place it) and at the end, combined as ``(e1 + 2 e2 + 2 e3 + e4)/6``:
       4 evaluations per warm-up step, 12 in all.
@@ -204,7 +204,7 @@ class PNDM(LinearMultistep):
 
     @staticmethod
     def _prk_update(ctx: StepContext, x: Tensor, e1: Tensor) -> Tensor:
-        """Pseudo Runge-Kutta step (PNDM Eq. 13): every stage transfers from ``x`` at ``s``."""
+        """PNDM's pseudo Runge-Kutta step: every stage transfers from ``x`` at ``s``."""
         s, t = ctx.s, ctx.t
         mid = ctx.schedule.knot(0.5 * (s.t + t.t))
 
@@ -230,7 +230,7 @@ register(
         default_order=4,
         description="iPNDM / LMS: Adams-Bashforth on eps in sigma/alpha with lower-order "
         "warm-up; variable-step weights (default) or the classical fixed ones",
-        reference="Zhang & Chen 2022, DEIS (iPNDM); Liu et al. 2022, PNDM Eq. 12; "
+        reference="Zhang & Chen 2022, DEIS (iPNDM); Liu et al. 2022, PNDM (PLMS); "
         "k-diffusion sample_lms",
         configurations=(
             {"order": 1},
@@ -252,7 +252,7 @@ register(
         default_order=4,
         description="PNDM: pseudo Runge-Kutta warm-up (12 evaluations) then PLMS (fixed AB4 "
         "weights + DDIM transfer); warmup='heun' is PLMS",
-        reference="Liu et al. 2022, PNDM Eq. 9-13; diffusers PNDMScheduler",
+        reference="Liu et al. 2022, PNDM (arXiv 2202.09778), Eq. 9 transfer; PRK / PLMS",
         configurations=(
             {"order": 4, "warmup": "prk"},
             {"order": 4, "warmup": "heun"},

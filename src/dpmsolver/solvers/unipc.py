@@ -1,7 +1,8 @@
 """UniPC: the unified predictor-corrector multistep solver.
 
-Zhao et al. 2023, "UniPC" (arXiv 2302.04867), Alg. 1-3 (UniP-p, UniC-p, UniPC-p with the
-B(h) forms of Sec. 3.3 and App. C). In the notation of :mod:`dpmsolver.solvers.base`
+Zhao et al. 2023, "UniPC" (arXiv 2302.04867): the predictor UniP-p, the corrector UniC-p and
+UniPC-p, with the B(h) choices "bh1" and "bh2" of the paper and its official code (and
+diffusers' ``UniPCMultistepScheduler``). In the notation of :mod:`dpmsolver.solvers.base`
 (``ratio``, ``b``, ``h`` of the solver's :class:`~dpmsolver.solvers.base.Form`, ``phi_1 =
 expm1(-h)``), from a start point with prediction ``m0`` and other predictions ``m_k`` at
 ``r_k = (lambda_k - lambda_s)/(lambda_t - lambda_s)``:
@@ -23,7 +24,8 @@ evaluation the loop makes at the start of step i + 1; so each step first correct
 incoming state with that evaluation and then predicts from the corrected state, reusing the
 same evaluation (no extra network call). The prediction is *not* re-evaluated at the
 corrected point. UniC after UniP-p uses the same p (p - 1 old predictions plus the new
-one) and raises the order to p + 1 (paper Thm. 3.3): UniPC-p converges with order p + 1.
+one) and raises the order to p + 1, as the paper shows: UniPC-p converges with order p + 1
+(measured; README).
 The last step is left uncorrected (no evaluation follows it), and a step into sigma = 0 is
 the loop's data-prediction step, whatever B(h) is (diffusers' bh1 returns NaN there).
 """
@@ -177,7 +179,7 @@ register(
         default_order=2,
         description="UniPC-p: multistep predictor UniP-p + corrector UniC-p reusing the new "
         "evaluation (order p + 1); B(h) = h (bh1) or expm1(h) (bh2)",
-        reference="Zhao et al. 2023, UniPC Alg. 1-3, Sec. 3.3",
+        reference="Zhao et al. 2023, UniPC (arXiv 2302.04867): UniP-p + UniC-p, B(h)",
         configurations=(
             {"order": 1, "variant": "bh1"},
             {"order": 2, "variant": "bh1"},
