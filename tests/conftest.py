@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import dpmsolver as dp
 from dpmsolver.bench.convergence import ExactProblem, exact_problem
+
+# Every test works on tiny tensors, where intra-op threads only cost: on a busy machine a
+# one-element log_sigmoid waits ~10 ms for its thread pool (measured: the NFE tests of
+# two solver families take 9.1 s with 2 threads, 2.0 s with 1). pytest-xdist already
+# runs one worker per core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

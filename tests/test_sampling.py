@@ -54,7 +54,7 @@ def test_nfe_spent_equals_nfe_claimed(name: str, cfg: dict, final: str, steps: i
     r = dp.sample(net, noise(), schedule=SD, solver=name, order=order, solver_options=cfg, steps=steps, final=final)  # type: ignore[arg-type]
     assert r.nfe == r.planned_nfe == net.calls
     solver = dp.get_solver(name, order, **cfg)
-    per_step = [1 if (final == "zero" and i == steps - 1) else solver.evals_per_step(o) for i, o in enumerate(r.orders)]
+    per_step = [1 if (final == "zero" and i == steps - 1) else solver.step_evals(i, o) for i, o in enumerate(r.orders)]
     assert r.nfe == sum(per_step)
     assert torch.isfinite(r.x).all()
 
@@ -95,6 +95,42 @@ def test_warm_up_and_lower_order_final_orders() -> None:
     assert dp.sample(net, noise(), schedule=SD, solver="dpmpp_3m", steps=16, lower_order_final=True).orders[-3:] == [3, 2, 1]
 
 
+def test_pndm_warm_up_plans_and_budgets() -> None:
+    """PNDM's warm-up costs extra evaluations: 3 pseudo Runge-Kutta steps of 4 (PNDM) or one
+    pseudo improved Euler step of 2 (PLMS); budgets must fit whole steps."""
+    pndm, plms = dp.get_solver("pndm"), dp.get_solver("plms")
+    plan = pndm.plan(steps=6, nfe=None, final_zero=True, lower_order_final=True)
+    assert plan == [4, 4, 4, 4, 4, 1]
+    assert [pndm.step_evals(i, o) for i, o in enumerate(plan)] == [4, 4, 4, 1, 1, 1]
+    plan = plms.plan(steps=6, nfe=None, final_zero=False, lower_order_final=True)
+    assert plan == [2, 2, 3, 4, 4, 4]
+    assert [plms.step_evals(i, o) for i, o in enumerate(plan)] == [2, 1, 1, 1, 1, 1]
+    net = dp.MixtureNetwork(MIX, SD)
+    cases = (("pndm", 20, [4] * 10 + [1]), ("pndm", 4, [4]), ("plms", 7, [2, 2, 3, 4, 4, 1]))
+    for name, budget, orders in cases:
+        net.calls = 0
+        final = "zero" if orders[-1] == 1 else "t_min"
+        r = dp.sample(net, noise(), schedule=SD, solver=name, nfe=budget, final=final)
+        assert r.orders == orders and r.nfe == budget == net.calls
+    with pytest.raises(ValueError, match="nfe=6 cannot be spent by whole PNDM steps"):
+        dp.sample(net, noise(), schedule=SD, solver="pndm", nfe=6)
+
+
+def test_unipc_corrector_reuses_the_next_evaluation() -> None:
+    """UniPC's corrector costs nothing: same NFE as the predictor alone, and only the states
+    after the first step differ (the last step's output is never corrected)."""
+    den = dp.MixtureDenoiser(MIX)
+    grid = dp.make_grid(SD, 6, final="t_min")
+    x = noise() * grid.knots[0].sigma
+    with_c = dp.solve(den, x, grid, dp.get_solver("unipc", 3), return_intermediates=True)
+    unip = dp.get_solver("unipc", 3, use_corrector=False)
+    without = dp.solve(den, x, grid, unip, return_intermediates=True)
+    assert with_c.nfe == without.nfe == 6
+    assert with_c.trajectory is not None and without.trajectory is not None
+    assert torch.equal(with_c.trajectory[0], without.trajectory[0])
+    assert not torch.allclose(with_c.trajectory[1], without.trajectory[1])
+
+
 def test_warm_up_steps_equal_the_lower_order_updates() -> None:
     """Step 1 of 3M is DDIM and step 2 is the 2M update (shared history)."""
     den = dp.MixtureDenoiser(MIX)
@@ -117,7 +153,11 @@ def test_final_step_to_zero_is_the_data_prediction() -> None:
     assert torch.isfinite(r.x).all()
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "dpm_2m", "dpmpp_2s", "dpmpp_3s"])
+PURE_NOISE_SOLVERS = ["dpmpp_2m", "dpmpp_3m", "dpm_2m", "dpmpp_2s", "dpmpp_3s"]
+PURE_NOISE_SOLVERS += ["unipc", "unipc_bh1", "deis", "euler", "heun", "ipndm", "pndm", "plms"]
+
+
+@pytest.mark.parametrize("name", PURE_NOISE_SOLVERS)
 def test_starting_from_pure_noise_is_finite(name: str) -> None:
     """Rectified flow at t = 1 (alpha = 0, lambda = -inf): first-order step out of it."""
     flow = dp.RectifiedFlowSchedule(t_max=1.0)

@@ -255,7 +255,7 @@ def solve(
     orders = _effective_orders(solver, grid, orders)
     adaptive = isinstance(solver, AdaptiveDPMSolver)
     planned = None if adaptive else sum(
-        1 if math.isinf(grid.knots[i + 1].lam) else solver.evals_per_step(o)
+        1 if math.isinf(grid.knots[i + 1].lam) else solver.step_evals(i, o)
         for i, o in enumerate(orders)
     )
 

@@ -9,24 +9,52 @@ module here.
 
 from __future__ import annotations
 
-from . import adaptive, momentum, multistep, sde, singlestep  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    adaptive,
+    deis,
+    edm,
+    linear_multistep,
+    momentum,
+    multistep,
+    sde,
+    singlestep,
+    unipc,
+)
 from .adaptive import AdaptiveDPMSolver
-from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
+from .base import (
+    Form,
+    Solver,
+    StepContext,
+    combine,
+    exponential_moments,
+    first_order_step,
+    lagrange_weights,
+    phi_functions,
+    phi_sequence,
+)
+from .deis import DEIS
+from .edm import Heun
+from .linear_multistep import PNDM, LinearMultistep
 from .momentum import GHVB, HeavyBall
 from .multistep import MultistepDPMSolver, MultistepState
 from .registry import ALIASES, REGISTRY, SolverInfo, configurations, get_solver, register
 from .sde import AncestralSolver, MultistepSDESolver, SinglestepSDESolver
 from .singlestep import FastDPMSolver, SinglestepDPMSolver
+from .unipc import UniPC, UniPCState
 
 __all__ = [
     "ALIASES",
+    "DEIS",
     "GHVB",
+    "PNDM",
     "REGISTRY",
     "AdaptiveDPMSolver",
     "AncestralSolver",
     "FastDPMSolver",
     "Form",
     "HeavyBall",
+    "Heun",
+    "LinearMultistep",
     "MultistepDPMSolver",
     "MultistepSDESolver",
     "MultistepState",
@@ -35,10 +63,15 @@ __all__ = [
     "Solver",
     "SolverInfo",
     "StepContext",
+    "UniPC",
+    "UniPCState",
     "combine",
     "configurations",
+    "exponential_moments",
     "first_order_step",
     "get_solver",
+    "lagrange_weights",
     "phi_functions",
+    "phi_sequence",
     "register",
 ]

@@ -35,8 +35,11 @@ __all__ = [
     "Solver",
     "StepContext",
     "combine",
+    "exponential_moments",
     "first_order_step",
+    "lagrange_weights",
     "phi_functions",
+    "phi_sequence",
 ]
 
 
@@ -68,29 +71,84 @@ def s_ratio(num: float, den: float) -> float:
     return 0.0 if num == 0.0 else num / den
 
 
-def phi_functions(h: float) -> tuple[float, float, float]:
-    """``(phi_1, phi_2, phi_3)`` at ``h`` in the notation above, accurate for small ``|h|``.
+def phi_sequence(h: float, n: int) -> tuple[float, ...]:
+    """``(phi_1, ..., phi_n)`` at ``h`` in the notation above, accurate for small ``|h|``.
 
-    For ``|h| < 0.1`` the recursions lose digits to cancellation (``phi_3`` loses about
-    ``1/h^3`` ulps), so the Taylor series is summed instead.
+    ``phi_1 = expm1(-h)`` and ``phi_{k+1} = phi_k/h - (-1)^k/k!`` (so ``phi_2 = phi_1/h + 1``,
+    ``phi_3 = phi_2/h - 1/2``, ``phi_4 = phi_3/h + 1/6``); ``phi_{k+1}`` multiplies the k-th
+    derivative term of the expansion. For ``|h| < 0.1`` the recursion loses digits to
+    cancellation (``phi_k`` loses about ``1/h^(k-1)`` ulps), so the Taylor series
+    ``phi_k = (-1)^(k+1) sum_{j>=1} (-h)^j/(j+k-1)!`` is summed instead.
     """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     if math.isinf(h):
         if h > 0:
-            return -1.0, 1.0, -0.5
+            # lambda_t = +inf: phi_k -> (-1)^k/(k-1)!
+            return tuple((-1.0) ** k / math.factorial(k - 1) for k in range(1, n + 1))
         raise ValueError("phi functions are undefined at h = -inf")
     if abs(h) >= 0.1:
-        p1 = math.expm1(-h)
-        p2 = p1 / h + 1.0
-        return p1, p2, p2 / h - 0.5
-    # phi_1 = sum_{k>=1} (-h)^k/k!, phi_2 = -sum_{k>=1} (-h)^k/(k+1)!, phi_3 = sum (-h)^k/(k+2)!
-    p1 = p2 = p3 = 0.0
-    term = 1.0  # (-h)^k / k!
-    for k in range(1, 14):
-        term *= -h / k
-        p1 += term
-        p2 -= term / (k + 1)
-        p3 += term / ((k + 1) * (k + 2))
+        out = [math.expm1(-h)]
+        for k in range(1, n):
+            out.append(out[-1] / h - (-1.0) ** k / math.factorial(k))
+        return tuple(out)
+    sums = [0.0] * n
+    term = 1.0  # (-h)^j / j!
+    for j in range(1, 14):
+        term *= -h / j
+        for k in range(1, n + 1):
+            # (-h)^j / (j + k - 1)!  with the divisor (j+1)...(j+k-1) formed exactly
+            part = term if k == 1 else term / math.prod(range(j + 1, j + k))
+            sums[k - 1] = sums[k - 1] + part if k % 2 == 1 else sums[k - 1] - part
+    return tuple(sums)
+
+
+def phi_functions(h: float) -> tuple[float, float, float]:
+    """``(phi_1, phi_2, phi_3)`` at ``h`` (see :func:`phi_sequence`)."""
+    p1, p2, p3 = phi_sequence(h, 3)
     return p1, p2, p3
+
+
+def exponential_moments(h: float, n: int) -> list[float]:
+    """``mu_0, ..., mu_{n-1}``: the exponential integrator of ``tau^i`` over one step.
+
+    With ``tau = (lambda - lambda_s)/(lambda_t - lambda_s)`` (0 at the start, 1 at the end)
+    and a prediction that is the polynomial ``m(tau) = sum_i a_i tau^i``, the exact update
+    is ``x_t = ratio x_s + b sum_i mu_i a_i`` (``ratio``, ``b``, ``h`` from
+    :meth:`Form.coefficients`), where ``mu_i = h Int_0^1 e^{-h (1 - tau)} tau^i dtau
+    = (-1)^(i+1) i! phi_{i+1}(h)``; ``mu_0 = -phi_1`` is DDIM's coefficient.
+    """
+    phis = phi_sequence(h, n)
+    return [(-1.0) ** (i + 1) * math.factorial(i) * phis[i] for i in range(n)]
+
+
+def lagrange_weights(nodes: Sequence[float], moments: Sequence[float]) -> list[float]:
+    """Quadrature weights from interpolation: ``w_j = sum_i c_ji moments[i]`` where
+    ``sum_i c_ji tau^i`` is the Lagrange basis polynomial of node ``j``.
+
+    For values ``m_j`` at distinct ``nodes``, ``sum_j w_j m_j = sum_i moments[i] a_i`` with
+    ``sum_i a_i tau^i`` the polynomial through ``(nodes[j], m_j)``; equivalently the ``w_j``
+    solve ``sum_j w_j nodes[j]^i = moments[i]`` for ``i < len(nodes)`` (a transposed
+    Vandermonde system). With plain moments ``1/(i+1)`` these are Adams-Bashforth
+    weights; with :func:`exponential_moments` exponential-integrator ones. Host floats.
+    """
+    n = len(nodes)
+    if len(moments) < n:
+        raise ValueError(f"need {n} moments for {n} nodes, got {len(moments)}")
+    weights = []
+    for j, tj in enumerate(nodes):
+        coef = [1.0]  # monomial coefficients of prod_{k != j} (tau - t_k)/(t_j - t_k)
+        for k, tk in enumerate(nodes):
+            if k == j:
+                continue
+            den = tj - tk
+            if den == 0.0:
+                raise ValueError(f"interpolation nodes must be distinct, got {list(nodes)}")
+            shifted = [0.0, *coef]  # tau * p
+            padded = [*coef, 0.0]
+            coef = [(shifted[i] - tk * padded[i]) / den for i in range(len(shifted))]
+        weights.append(sum(c * mu for c, mu in zip(coef, moments, strict=False)))
+    return weights
 
 
 def combine(x: Tensor, ratio: float, terms: Sequence[tuple[float, Tensor]]) -> Tensor:
@@ -163,6 +221,12 @@ class Solver(ABC):
     def evals_per_step(self, order: int) -> int:
         """Network evaluations of one step of this order (the loop's own one included)."""
         return 1
+
+    def step_evals(self, index: int, order: int) -> int:
+        """Network evaluations of grid step ``index`` run at ``order`` (the loop's one
+        included). ``evals_per_step(order)`` unless a solver's warm-up steps cost more than
+        its later steps of the same order (PNDM's Runge-Kutta warm-up)."""
+        return self.evals_per_step(order)
 
     def init_state(self) -> Any:
         """State before the first step."""

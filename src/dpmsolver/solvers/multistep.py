@@ -25,6 +25,7 @@ kept as ``third_order="legacy"`` for reproducing other implementations.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +36,7 @@ from ..schedules import Knot
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
 from .registry import SolverInfo, family, register
 
-__all__ = ["MultistepDPMSolver", "MultistepState", "multistep_terms"]
+__all__ = ["MultistepDPMSolver", "MultistepState", "history_order", "multistep_terms"]
 
 Variant = Literal["midpoint", "heun"]
 ThirdOrder = Literal["taylor", "legacy"]
@@ -47,6 +48,21 @@ class MultistepState:
 
     lams: tuple[float, ...] = ()
     preds: tuple[Tensor, ...] = ()
+
+    def push(self, lam: float, pred: Tensor, keep: int) -> MultistepState:
+        """The state after a step that started at ``lam`` with prediction ``pred``,
+        holding at most ``keep`` entries."""
+        return MultistepState(lams=(lam, *self.lams)[:keep], preds=(pred, *self.preds)[:keep])
+
+
+def history_order(order: int, s: Knot, lams: Sequence[float]) -> int:
+    """The order a multistep step from ``s`` can use with stored predictions at ``lams``:
+    ``order`` capped by the history (warm-up). Predictions at pure noise (lambda = -inf)
+    carry no derivative information, and a step out of pure noise is first order."""
+    if not math.isfinite(s.lam):
+        return 1
+    usable = sum(1 for lam in lams if math.isfinite(lam))
+    return min(order, usable + 1)
 
 
 @dataclass(frozen=True)
@@ -81,31 +97,18 @@ class MultistepDPMSolver(Solver):
     def init_state(self) -> MultistepState:
         return MultistepState()
 
-    def effective_order(self, ctx: StepContext, state: MultistepState) -> int:
-        """The order this step can use: the plan's, capped by the usable history.
-        Predictions at pure noise (lambda = -inf) carry no derivative information."""
-        if not math.isfinite(ctx.s.lam):
-            return 1
-        usable = sum(1 for lam in state.lams if math.isfinite(lam))
-        return min(ctx.order, usable + 1)
-
-    def push(self, state: MultistepState, lam: float, m: Tensor) -> MultistepState:
-        """State after a step: the newest prediction first, at most ``order - 1`` kept."""
-        keep = self.order - 1
-        return MultistepState((lam, *state.lams)[:keep], (m, *state.preds)[:keep])
-
     def step(
         self, ctx: StepContext, x: Tensor, x0: Tensor, state: MultistepState
     ) -> tuple[Tensor, MultistepState]:
         s, t = ctx.s, ctx.t
         m0 = self.form.prediction(x0, x, s)
-        k = self.effective_order(ctx, state)
+        k = history_order(ctx.order, s, state.lams)
         if k == 1:
             x_t = first_order_step(self.form, x, x0, m0, s, t)
         else:
             ratio, b, h = self.form.coefficients(s, t)
-            x_t = combine(x, ratio, multistep_terms(self, k, s, h, b, m0, state, h_ratio=h))
-        return x_t, self.push(state, s.lam, m0)
+            x_t = combine(x, ratio, multistep_terms(self, k, s, h, b, m0, state))
+        return x_t, state.push(s.lam, m0, self.order - 1)
 
 
 def multistep_terms(
@@ -121,8 +124,8 @@ def multistep_terms(
 ) -> list[tuple[float, Tensor]]:
     """The prediction terms ``[(c_j, m_j)]`` of an order-``k`` multistep update (the part
     after ``ratio * x``), with the phi functions at ``h_phi`` and step ratios ``r = h_i / h``
-    measured with ``h_ratio`` (= ``h_phi`` for the ODE; the SDE solver scales only the
-    former, as in DPM-Solver++ App. B)."""
+    measured with ``h_ratio`` (default ``h_phi``; the SDE solver scales only the former, as
+    in DPM-Solver++ App. B)."""
     h = h_phi if h_ratio is None else h_ratio
     phi_1, phi_2, phi_3 = phi_functions(h_phi)
     if k == 1:
@@ -144,7 +147,6 @@ def multistep_terms(
     a0 = b * phi_2 * (1.0 + w) + c_d2 / (r0 + r1)  # coefficient of D1_0
     a1 = -b * phi_2 * w - c_d2 / (r0 + r1)  # coefficient of D1_1
     return [(-b * phi_1 + a0 / r0, m0), (-a0 / r0 + a1 / r1, m1), (-a1 / r1, m2)]
-
 
 for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
     register(
@@ -174,8 +176,13 @@ register(
         build=family(Form.DATA, MultistepDPMSolver),
         orders=(1,),
         default_order=1,
-        description="DDIM (deterministic, eta = 0) = first-order DPM-Solver(++)",
-        reference="Song et al. 2021, DDIM Eq. 12; DPM-Solver++ Eq. 11",
+        description="DDIM (deterministic, eta = 0) = first-order DPM-Solver(++) = Euler in "
+        "(sigma/alpha, x/alpha)",
+        reference="Song et al. 2021, DDIM Eq. 12; DPM-Solver++ Eq. 11; Karras et al. 2022, EDM Alg. 1",
         configurations=({"order": 1},),
-    )
+    ),
+    # EDM's / k-diffusion's Euler step x~ += (sigma~_t - sigma~_s) (x~ - D)/sigma~_s, with
+    # x~ = x/alpha and sigma~ = sigma/alpha, is DDIM written in those variables: the same
+    # update, so it is a name for this solver rather than a second implementation.
+    aliases={"euler": {"order": 1}},
 )

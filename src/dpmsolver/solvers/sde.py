@@ -34,7 +34,7 @@ from torch import Tensor
 from .._validate import check_choice, check_finite_float
 from ..schedules import Knot
 from .base import Form, Solver, StepContext, combine, phi_functions
-from .multistep import MultistepDPMSolver, MultistepState, multistep_terms
+from .multistep import MultistepDPMSolver, MultistepState, history_order, multistep_terms
 from .registry import SolverInfo, register
 from .singlestep import SinglestepDPMSolver
 
@@ -81,12 +81,12 @@ class MultistepSDESolver(MultistepDPMSolver):
         if self.eta == 0:
             return super().step(ctx, x, x0, state)
         h = t.lam - s.lam  # inf out of pure noise: then x_t = alpha_t x0 + sigma_t z
-        k = self.effective_order(ctx, state)
+        k = history_order(ctx.order, s, state.lams)
         ratio = (t.sigma / s.sigma) * math.exp(-self.eta * h)
         terms = multistep_terms(self, k, s, (1.0 + self.eta) * h, t.alpha, x0, state, h_ratio=h)
         out = combine(x, ratio, terms)
         out = out.add(_noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
-        return out, self.push(state, s.lam, x0)
+        return out, state.push(s.lam, x0, self.order - 1)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from .._validate import check_choice, check_int
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
 from .registry import SolverInfo, family, register
 
-__all__ = ["FastDPMSolver", "SinglestepDPMSolver", "singlestep_update"]
+__all__ = ["FastDPMSolver", "SinglestepDPMSolver", "singlestep_plan", "singlestep_update"]
 
 Variant = Literal["midpoint", "heun"]
 
@@ -133,23 +133,7 @@ class SinglestepDPMSolver(Solver):
     def plan(
         self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool
     ) -> list[int]:
-        k = self.order
-        if steps is None:
-            assert nfe is not None
-            body = nfe - 1 if final_zero else nfe
-            if body % k != 0:
-                raise ValueError(
-                    f"nfe={nfe} cannot be spent by whole order-{k} singlestep steps"
-                    f"{' plus the final step to sigma=0' if final_zero else ''}; pass steps=, "
-                    "or use a 'fast' solver, which mixes orders to spend any budget"
-                )
-            steps = body // k + (1 if final_zero else 0)
-            if steps < 1:
-                raise ValueError(f"nfe={nfe} is too small")
-        orders = [k] * steps
-        if final_zero:
-            orders[-1] = 1
-        return orders
+        return singlestep_plan(self.order, steps=steps, nfe=nfe, final_zero=final_zero)
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         r1, r2 = self.fractions(ctx.order)
@@ -157,6 +141,27 @@ class SinglestepDPMSolver(Solver):
             ctx, self.form, x, x0, ctx.order, r1=r1, r2=r2, variant=self.variant
         )
         return x_t, state
+
+
+def singlestep_plan(k: int, *, steps: int | None, nfe: int | None, final_zero: bool) -> list[int]:
+    """Every step at order ``k`` (``k`` evaluations each); a final step to ``sigma = 0`` is
+    the loop's one-evaluation data-prediction step. Given ``nfe``, the budget must fit."""
+    if steps is None:
+        assert nfe is not None
+        body = nfe - 1 if final_zero else nfe
+        if body % k != 0:
+            raise ValueError(
+                f"nfe={nfe} cannot be spent by whole order-{k} singlestep steps"
+                f"{' plus the final step to sigma=0' if final_zero else ''}; pass steps=, "
+                "or use a 'fast' solver, which mixes orders to spend any budget"
+            )
+        steps = body // k + (1 if final_zero else 0)
+        if steps < 1:
+            raise ValueError(f"nfe={nfe} is too small")
+    orders = [k] * steps
+    if final_zero:
+        orders[-1] = 1
+    return orders
 
 
 def fast_orders(nfe: int, order: int) -> list[int]:
