@@ -172,7 +172,8 @@ def flowmatch_sigmas(
             as the diffusers config.
         mu: exponent of the dynamic shift (required with ``use_dynamic_shifting``).
         sigma_spacing: ``"karras"`` / ``"exponential"`` respace the levels (in flow sigma,
-            as diffusers does); ``"timesteps"`` keeps them.
+            as diffusers does), ``"logsnr"`` uniformly in lambda (needs a first level below
+            1); ``"timesteps"`` keeps them.
         sigmas: custom (unshifted) levels, as Flux passes them.
     """
     if use_dynamic_shifting and mu is None:
@@ -203,8 +204,17 @@ def flowmatch_sigmas(
         values = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
     if sigma_spacing == "karras":
         values = _karras(float(values[0]), float(values[-1]), n)
-    elif sigma_spacing in ("exponential", "logsnr"):
+    elif sigma_spacing == "exponential":
         values = np.exp(np.linspace(math.log(values[0]), math.log(values[-1]), n))
+    elif sigma_spacing == "logsnr":
+        if values[0] >= 1.0:
+            raise ValueError(
+                "use_lu_lambdas needs a first flow sigma below 1 (the log-SNR of sigma = 1 is "
+                "-inf); pass sigmas starting below 1, or use use_karras_sigmas"
+            )
+        # Uniform in lambda = log((1 - sigma) / sigma), i.e. sigma = sigmoid(-lambda).
+        lams = np.linspace(math.log((1 - values[0]) / values[0]), math.log((1 - values[-1]) / values[-1]), n)
+        values = 1.0 / (1.0 + np.exp(lams))
     return np.asarray(values, dtype=np.float64)
 
 
