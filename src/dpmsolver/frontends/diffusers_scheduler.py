@@ -316,12 +316,14 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if config is None:
             raise ValueError("from_config needs a config (e.g. pipe.scheduler.config)")
         cfg = dict(config)
-        # diffusers lists the keys a scheduler left at its defaults and from_config then
-        # drops them, so that the new class applies its own defaults. Here the source's
-        # values are its behaviour (DPMSolverSinglestepScheduler's default
-        # lower_order_final=False must survive), so every key is taken as given.
-        cfg.pop("_use_default_values", None)
         source = _source_class(cfg)
+        # diffusers lists the keys a scheduler left at its defaults, and from_config drops
+        # them so that the new class applies its own (SD v1's PNDM config thus gives
+        # DPMSolver's "linspace" spacing, not PNDM's "leading"); so does this scheduler.
+        # A DPM-Solver config is translated to the same algorithm, so there its values
+        # are the behaviour to keep (DPMSolverSinglestepScheduler's lower_order_final=False).
+        if any(source == cls for cls, _ in PEER_SOLVERS):
+            cfg.pop("_use_default_values", None)
         if "solver" not in kwargs and "solver" not in cfg:
             key = (source, str(cfg.get("algorithm_type", "dpmsolver++")))
             if key in PEER_SOLVERS:
