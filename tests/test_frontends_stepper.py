@@ -5,7 +5,11 @@ rules match the sampling loop's. No diffusers needed."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -181,3 +185,22 @@ def test_singlestep_groups_cover_the_grid(order: int, lof: bool, final_zero: boo
         assert sum(groups) == n and all(1 <= g <= order for g in groups)
         if final_zero:
             assert groups[-1] == 1
+
+
+def test_diffusers_stays_optional() -> None:
+    """Without diffusers, dpmsolver and the k-diffusion front end import, and the scheduler
+    module says how to get it (run in a fresh interpreter with diffusers blocked)."""
+    code = (
+        "import sys\n"
+        "sys.modules['diffusers'] = None\n"
+        "import dpmsolver, dpmsolver.frontends, dpmsolver.frontends.kdiffusion\n"
+        "try:\n"
+        "    import dpmsolver.frontends.diffusers_scheduler\n"
+        "except ImportError as e:\n"
+        "    print('IMPORT-ERROR:', e)\n"
+    )
+    src = str(Path(dp.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORT-ERROR:" in out.stdout and "pip install diffusers" in out.stdout
