@@ -486,3 +486,15 @@ def test_bad_calls_name_the_problem() -> None:
     grid_layout.set_begin_index(1)
     with pytest.raises(ValueError, match="intermediate point of a singlestep step"):
         grid_layout.step(noise(), grid_layout.timesteps[1], noise())
+
+
+def test_custom_timesteps_match_diffusers() -> None:
+    custom = [999, 850, 600, 400, 250, 120, 40]
+    peer = diffusers.DPMSolverMultistepScheduler(**SD_BETAS)
+    ours = DPMSolverScheduler.from_config(peer.config)
+    net = exact_network(ours)
+    x = noise()
+    theirs = denoise(peer, net, x, timesteps=custom)
+    mine = denoise(ours, net, x, timesteps=custom)
+    assert ours.timesteps.tolist() == custom
+    assert (mine - theirs).abs().max() < 1e-5

@@ -159,3 +159,38 @@ def test_flow_matching_pipeline(sd3_parts: dict[str, Any], config: dict[str, Any
     assert scheduler.config.prediction_type == "flow_prediction"
     assert image.shape == (1, 3, SIZE, SIZE) and torch.isfinite(image).all()
     assert (image - reference).abs().max() > 1e-4  # a different solver, not a no-op
+
+
+def test_flux_pipeline_passes_sigmas_and_mu() -> None:
+    """Flux passes its own sigmas and a resolution-dependent mu to set_timesteps."""
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4),
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=32, shift_factor=0.06, scaling_factor=1.5,
+    )
+    euler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+    pipe = diffusers.FluxPipeline(
+        scheduler=euler, vae=vae, transformer=transformer, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def image() -> torch.Tensor:
+        g = torch.Generator().manual_seed(1)
+        return pipe(
+            prompt_embeds=torch.randn(1, 5, 16, generator=g), pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+            num_inference_steps=4, height=32, width=32, guidance_scale=3.5, output_type="pt",
+            generator=torch.Generator().manual_seed(2),
+        ).images
+
+    reference = image()
+    pipe.scheduler = DPMSolverScheduler.from_config(euler.config, solver="ddim")
+    assert (image() - reference).abs().max() < 1e-4
+    pipe.scheduler = DPMSolverScheduler.from_config(euler.config, solver="dpmpp_2m")
+    out = image()
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all() and (out - reference).abs().max() > 1e-4

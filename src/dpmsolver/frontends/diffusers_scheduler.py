@@ -322,7 +322,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         # DPMSolver's "linspace" spacing, not PNDM's "leading"); so does this scheduler.
         # A DPM-Solver config is translated to the same algorithm, so there its values
         # are the behaviour to keep (DPMSolverSinglestepScheduler's lower_order_final=False).
-        if any(source == cls for cls, _ in PEER_SOLVERS):
+        if any(source == peer for peer, _ in PEER_SOLVERS):
             cfg.pop("_use_default_values", None)
         if "solver" not in kwargs and "solver" not in cfg:
             key = (source, str(cfg.get("algorithm_type", "dpmsolver++")))
@@ -346,7 +346,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         name: str, order: int | None, options: Mapping[str, Any] | None, solver_type: str | None
     ) -> Solver:
         opts = dict(options or {})
-        registered = _base_name(name) if name in ALIASES else name
+        registered = _base_name(name)
         if solver_type is not None and registered in REGISTRY and "variant" in REGISTRY[registered].options:
             if registered.startswith("dpm"):
                 check_choice("solver_type", solver_type, tuple(_DPM_SOLVER_TYPES))
