@@ -33,6 +33,12 @@ from dpmsolver.frontends.diffusers_scheduler import (  # noqa: E402
 )
 
 diffusers_logging.set_verbosity_error()
+# diffusers' own deprecation notices (numpy 2's __array__ copy keyword, its deprecated
+# algorithm_type="dpmsolver") are not about this code.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
+    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
+]
 
 SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 _BASE = dp.default_mixture(dim=16, num_classes=2, components_per_class=2, seed=3, shape=(1, 4, 4))

@@ -18,6 +18,12 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from dpmsolver.frontends.diffusers_scheduler import DPMSolverScheduler  # noqa: E402
 
 diffusers_logging.set_verbosity_error()
+# diffusers' own deprecation notices (numpy 2's __array__ copy keyword, its deprecated
+# algorithm_type="dpmsolver") are not about this code.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
+    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
+]
 
 SIZE = 16  # pixels; the one-level VAE keeps latents at 16x16
 
