@@ -25,6 +25,7 @@ from dpmsolver.frontends.stepper import (
     probed_plan,
     supports_fractions,
 )
+from dpmsolver.noise import SeededNoise
 from dpmsolver.solvers import Solver, StepContext, configurations, first_order_step
 from dpmsolver.solvers.base import Form
 
@@ -56,9 +57,13 @@ def test_replayed_steps_equal_the_sampling_loop(name: str, cfg: dict[str, Any], 
     grid = dp.make_grid(SD, 5, final=final)  # type: ignore[arg-type]
     orders = solver.plan(steps=grid.steps, nfe=None, final_zero=grid.final_zero, lower_order_final=True)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * grid.knots[0].sigma
-    expected = dp.solve(DEN, x, grid, solver, orders=orders)
+    # Stochastic solvers: both drivers draw from identical per-sample streams.
+    def noise() -> SeededNoise | None:
+        return SeededNoise([11, 12, 13]) if solver.stochastic else None
+
+    expected = dp.solve(DEN, x, grid, solver, orders=orders, noise_sampler=noise())
     plan = probed_plan(solver, grid.knots, orders, SD)
-    out, calls = drive(OneEvaluationStepper(plan, SD), x)
+    out, calls = drive(OneEvaluationStepper(plan, SD), x, noise=noise())
     assert calls == expected.nfe
     assert torch.allclose(out, expected.x, atol=1e-12, rtol=0)
 

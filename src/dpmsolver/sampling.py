@@ -28,7 +28,7 @@ from .noise import SeededNoise
 from .parameterization import Prediction
 from .progress import Progress
 from .schedules import Knot, NoiseSchedule
-from .solvers import AdaptiveDPMSolver, Solver, StepContext, get_solver
+from .solvers import AdaptiveDPMSolver, Solver, StepContext, boundary_update, get_solver, step_order
 from .timegrid import Final, GridKind, TimeGrid, grid_from_sigmas, grid_from_timesteps, make_grid
 
 __all__ = [
@@ -160,9 +160,7 @@ def _effective_orders(solver: Solver, grid: TimeGrid, orders: list[int]) -> list
         check_int(f"orders[{i}]", o, minimum=1)
         if o > solver.order:
             raise ValueError(f"orders[{i}]={o} exceeds the solver's order {solver.order}")
-        s, t = grid.knots[i], grid.knots[i + 1]
-        # Out of pure noise and into sigma = 0 only the first-order update is defined.
-        out.append(1 if math.isinf(s.lam) or math.isinf(t.lam) else o)
+        out.append(step_order(solver, grid.knots[i], grid.knots[i + 1], o))
     return out
 
 
@@ -255,7 +253,7 @@ def solve(
     orders = _effective_orders(solver, grid, orders)
     adaptive = isinstance(solver, AdaptiveDPMSolver)
     planned = None if adaptive else sum(
-        1 if math.isinf(grid.knots[i + 1].lam) else solver.step_evals(i, o)
+        1 if (math.isinf(grid.knots[i + 1].lam) and not solver.steps_into_zero) else solver.step_evals(i, o)
         for i, o in enumerate(orders)
     )
 
@@ -275,10 +273,10 @@ def solve(
         for i, order in enumerate(orders):
             s, t = grid.knots[i], grid.knots[i + 1]
             x0 = ev(x, s)
-            if math.isinf(t.lam):
-                # Final step to sigma = 0: x = x0_hat (DPM-Solver++, Sec. 3.1, lambda -> inf).
-                x_next = x0
-                if extrapolate and prev is not None and prev[1].ksigma > s.ksigma:
+            boundary = boundary_update(solver, x, x0, s, t)
+            if boundary is not None:
+                x_next = boundary
+                if extrapolate and t.lam == math.inf and prev is not None and prev[1].ksigma > s.ksigma:
                     s0, s1 = s.ksigma**2, prev[1].ksigma ** 2
                     x_next = x0.add(x0 - prev[0], alpha=s0 / (s1 - s0))
             elif adaptive:

@@ -30,9 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..parameterization import to_noise
 from ..schedules import Knot, NoiseSchedule
-from ..solvers import Solver, StepContext
+from ..solvers import Solver, StepContext, boundary_update, is_boundary_step, step_order
 
 __all__ = [
     "OneEvaluationStepper",
@@ -120,11 +119,6 @@ class PlannedStep:
     evals: tuple[Knot, ...]
 
 
-def _forced_first_order(s: Knot, t: Knot) -> bool:
-    """Out of pure noise, into sigma = 0 / pure noise, or a zero-length step."""
-    return math.isinf(s.lam) or math.isinf(t.lam) or s.lam == t.lam
-
-
 def supports_fractions(solver: Solver) -> bool:
     """True for singlestep solvers whose intermediate points are the options ``r1``/``r2``
     (fractions of the step in lambda), which a grid can therefore dictate."""
@@ -166,7 +160,7 @@ def grouped_plan(solver: Solver, knots: Sequence[Knot], groups: Sequence[int]) -
     return steps
 
 
-def _probe(solver: Solver, s: Knot, t: Knot, order: int, schedule: NoiseSchedule) -> tuple[Knot, ...]:
+def _probe(solver: Solver, s: Knot, t: Knot, order: int, schedule: NoiseSchedule, index: int = 0) -> tuple[Knot, ...]:
     """Where a step evaluates the network: run it once on a dummy state and record every
     knot it asks for. The points of every solver here depend on ``s``, ``t`` and its
     options only, never on the state, so the dummy run finds the real ones."""
@@ -177,7 +171,7 @@ def _probe(solver: Solver, s: Knot, t: Knot, order: int, schedule: NoiseSchedule
         seen.append(knot)
         return torch.zeros_like(x)
 
-    ctx = StepContext(0, s, t, order, evaluate, schedule, lambda: torch.zeros_like(dummy))
+    ctx = StepContext(index, s, t, order, evaluate, schedule, lambda: torch.zeros_like(dummy))
     solver.step(ctx, dummy, dummy, solver.init_state())
     return tuple(seen)
 
@@ -192,11 +186,11 @@ def probed_plan(
     steps = []
     for i, o in enumerate(orders):
         s, t = knots[i], knots[i + 1]
-        order = 1 if _forced_first_order(s, t) else o
-        if _forced_first_order(s, t) or solver.evals_per_step(order) == 1:
+        order = step_order(solver, s, t, o)
+        if is_boundary_step(solver, s, t) or solver.step_evals(i, order) == 1:
             evals: tuple[Knot, ...] = (s,)
         else:
-            evals = _probe(solver, s, t, order, schedule)
+            evals = _probe(solver, s, t, order, schedule, i)
         steps.append(PlannedStep(s, t, order, solver, evals))
     return steps
 
@@ -281,12 +275,9 @@ class OneEvaluationStepper:
     def _run(self, index: int, step: PlannedStep, draw_noise: NoiseDraw | None) -> Tensor:
         assert self._x is not None and self._x0 is not None
         x, x0, s, t = self._x, self._x0, step.s, step.t
-        if t.lam == math.inf:
-            return x0  # the step to sigma = 0 is the data prediction (DPM-Solver++, Sec. 3.1)
-        if t.lam == -math.inf:
-            return to_noise(x0, x, s.alpha, s.sigma)  # inversion into pure noise: x = eps_hat
-        if t.lam == s.lam:
-            return x  # zero-length step (diffusers' grids that repeat sigma_min)
+        boundary = boundary_update(step.solver, x, x0, s, t)
+        if boundary is not None:  # sigma = 0, pure noise, or diffusers' repeated sigma_min
+            return boundary
         if step.solver.stochastic and draw_noise is None:
             raise ValueError(f"{type(step.solver).__name__} is stochastic: a noise source is required")
         cache, noises = self._cache, self._noise

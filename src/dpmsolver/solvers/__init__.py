@@ -25,12 +25,15 @@ from .base import (
     Form,
     Solver,
     StepContext,
+    boundary_update,
     combine,
     exponential_moments,
     first_order_step,
+    is_boundary_step,
     lagrange_weights,
     phi_functions,
     phi_sequence,
+    step_order,
 )
 from .deis import DEIS
 from .edm import Heun
@@ -65,13 +68,16 @@ __all__ = [
     "StepContext",
     "UniPC",
     "UniPCState",
+    "boundary_update",
     "combine",
     "configurations",
     "exponential_moments",
     "first_order_step",
     "get_solver",
+    "is_boundary_step",
     "lagrange_weights",
     "phi_functions",
     "phi_sequence",
     "register",
+    "step_order",
 ]

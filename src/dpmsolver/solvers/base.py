@@ -205,6 +205,9 @@ class Solver(ABC):
     """
 
     kind: ClassVar[str] = "multistep"  # "multistep", "singlestep" or "adaptive"
+    #: True if :meth:`step` can integrate into sigma = 0 itself (methods in sigma~, where
+    #: that end point is regular); otherwise drivers take that step as ``x = x0_hat``.
+    steps_into_zero: ClassVar[bool] = False
 
     order: int
 
@@ -252,10 +255,44 @@ class Solver(ABC):
         orders = [min(self.order, i + 1) for i in range(n)]
         if lower_order_final:
             orders = [min(o, n - i) for i, o in enumerate(orders)]
-        if final_zero:
+        if final_zero and not self.steps_into_zero:
             orders[-1] = 1
         return orders
 
     @abstractmethod
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Advance ``x`` from ``ctx.s`` to ``ctx.t`` given ``x0 = D(x, ctx.s)``."""
+
+
+# ----------------------------------------------------------------------------------------
+# Rules every driver (the sampling loop, the one-evaluation-at-a-time front ends) applies
+# ----------------------------------------------------------------------------------------
+
+
+def step_order(solver: Solver, s: Knot, t: Knot, order: int) -> int:
+    """The order a step from ``s`` to ``t`` may use: first order out of pure noise, into the
+    clean end (unless the solver integrates into it) and for a zero-length step."""
+    if math.isinf(s.lam) or s.lam == t.lam:
+        return 1
+    if math.isinf(t.lam) and not (t.lam > 0 and solver.steps_into_zero):
+        return 1
+    return order
+
+
+def is_boundary_step(solver: Solver, s: Knot, t: Knot) -> bool:
+    """True if a driver takes the step from ``s`` to ``t`` itself (:func:`boundary_update`)."""
+    return (t.lam == math.inf and not solver.steps_into_zero) or t.lam == -math.inf or t.lam == s.lam
+
+
+def boundary_update(solver: Solver, x: Tensor, x0: Tensor, s: Knot, t: Knot) -> Tensor | None:
+    """The update a driver makes itself at the ends of the noise range, or None if the
+    solver takes the step: into sigma = 0, ``x = x0_hat`` (DPM-Solver++ Sec. 3.1, lambda ->
+    inf); into pure noise (inverting a flow schedule), ``x = eps_hat``; a zero-length step
+    leaves ``x`` as it is."""
+    if not is_boundary_step(solver, s, t):
+        return None
+    if t.lam == math.inf:
+        return x0
+    if t.lam == -math.inf:
+        return (x - x0 * s.alpha) / s.sigma
+    return x

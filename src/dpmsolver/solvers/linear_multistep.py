@@ -83,6 +83,10 @@ class LinearMultistep(Solver):
             sigma~, see the module docstring).
     """
 
+    # Adams-Bashforth in sigma~ is regular at sigma~ = 0, so the last step keeps its order
+    # (k-diffusion's sample_lms integrates its polynomial down to 0 as well).
+    steps_into_zero = True
+
     order: int = 4
     coefficients: Coefficients = "variable"
 
