@@ -119,11 +119,11 @@ class DigitsUNet(nn.Module):
 
     def __init__(
         self,
-        channels: int = 64,
-        channel_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 2,
+        channels: int = 48,
+        channel_mult: tuple[int, ...] = (1, 1, 1),
+        num_res_blocks: int = 1,
         num_classes: int = 10,
-        emb_dim: int = 256,
+        emb_dim: int = 128,
         dropout: float = 0.0,
         attn_heads: int = 4,
     ) -> None:
