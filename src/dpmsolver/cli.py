@@ -79,10 +79,10 @@ def _device(text: str) -> torch.device:
     return dev
 
 
-def _check_solver(name: str) -> None:
+def _check_solver(name: str, option: str = "--solver") -> None:
     if name != "auto" and name not in REGISTRY and name not in ALIASES:
         choices = ", ".join(["auto", *sorted(REGISTRY), *sorted(ALIASES)])
-        raise UsageError(f"--solver {name!r} is not a solver; choose one of: {choices}")
+        raise UsageError(f"{option}: {name!r} is not a solver; choose one of: {choices}")
 
 
 def _check_output(path: Path, option: str) -> None:
@@ -295,8 +295,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         atomic_write(out_npz, write)
     written = ", ".join(str(p) for p in (out_png, out_npz) if p is not None)
-    print(f"{n} samples from {model.name} with {args.solver} at {args.nfe} NFE, guidance {args.guidance:g}: "
-          f"{spent} network evaluations in {elapsed:.1f}s -> {written}")
+    print(f"{n} samples from {model.name} with {args.solver}, guidance {args.guidance:g}: "
+          f"{args.nfe} network evaluations per sample ({spent} batched calls) in {elapsed:.1f}s -> {written}")
     return 0
 
 
@@ -317,7 +317,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not solvers:
         raise UsageError("--solvers must not be empty")
     for s in solvers:
-        _check_solver(s)
+        _check_solver(s, "--solvers")
     nfes = _int_list("--nfe", args.nfe, lo=1)
     out = Path(args.out)
     _check_output(out, "--out")
