@@ -459,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("solvers", help="list the registered solvers")
     v.add_argument("--verbose", action="store_true", help="also print each solver's paper reference")
     v.set_defaults(func=cmd_solvers)
+
+    from .generate import add_parser as add_generate  # imports this module, hence here
+
+    add_generate(sub)
     return p
 
 
