@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,24 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
     assert two.stdout.count("50 of 50 samples") == 1  # rank 0 reports
     assert files(tmp_path / "one") == files(tmp_path / "two")  # manifest included
 
+
+
+def test_torchrun_a_failing_process_stops_all_without_a_hang(tmp_path: Path) -> None:
+    """Sample 25 (class 7) turns NaN in process 1's shard: both processes stop with an
+    error, process 0's finished shard is kept and recorded, the bad shard is not written."""
+    labels = ",".join("7" if i == 25 else "0" for i in range(40))
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "dpmsolver.cli", "generate", "--num-samples", "40", "--out", str(out),
+         "--model", "tests.generate_models:nan_model", "--labels", labels, *CLI_RUN],
+        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert run.returncode != 0
+    assert re.search(r"indices 25 \(step \d\)", run.stderr), run.stderr
+    assert "stopped because process 1 of 2 failed" in run.stderr
+    assert [s.status for s in gen.Manifest.load(out).shards] == ["complete", "pending"]
+    assert not (out / "shard-000001.npz").exists()
 
 # ----------------------------------------------------------------------------------------
 # resume and refusal
