@@ -894,9 +894,9 @@ def add_parser(sub: Any) -> None:
         "Multi-process: torchrun --nproc_per_node K -m dpmsolver.cli generate ...",
     )
     # --num-samples first: torchrun's own parser takes a bare --num for its --numa-binding.
-    g.add_argument("--num-samples", "--num", dest="num", type=_positive_int("--num"), required=True,
+    g.add_argument("--num-samples", "--num", dest="num", metavar="N", type=_positive_int("--num"), required=True,
                    help="number of samples (write --num-samples under torchrun)")
-    g.add_argument("--out", required=True, help="output directory (created if missing)")
+    g.add_argument("--out", metavar="DIR", required=True, help="output directory (created if missing)")
     g.add_argument("--model", default="builtin", help="'builtin' (default), a diffusers model directory, or module:function returning a LoadedModel")
     g.add_argument("--solver", default="auto", help="solver name or alias, or 'auto' (default); not adaptive solvers")
     g.add_argument("--nfe", type=_positive_int("--nfe"), default=10, help="network evaluations per sample (default 10)")
