@@ -417,6 +417,15 @@ def cmd_solvers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.run import run
+
+    out = Path(args.out)
+    if not out.is_dir():
+        raise UsageError(f"--out: directory {str(out)!r} does not exist")
+    return run(args)
+
+
 # ----------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------
@@ -455,6 +464,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto")
     c.add_argument("--out", default="compare.png")
     c.set_defaults(func=cmd_compare)
+
+    b = sub.add_parser("bench", help="error-vs-NFE and sample-quality benchmarks", description="Error against exact solutions by NFE and guidance (ours and peers side by side), sample quality on the built-in model, thresholding study; CSV + markdown + plots.")
+    from .bench.run import add_arguments
+
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
 
     v = sub.add_parser("solvers", help="list the registered solvers")
     v.add_argument("--verbose", action="store_true", help="also print each solver's paper reference")

@@ -34,7 +34,7 @@ from ..solvers import get_solver
 from ..timegrid import make_grid
 from .peers import load_kdiffusion_sampling, optional_import
 
-__all__ = ["GuidedProblem", "Method", "mixture_problem", "our_methods", "peer_methods", "rmse"]
+__all__ = ["GuidedProblem", "Method", "digits_problem", "mixture_problem", "our_methods", "peer_methods", "rmse"]
 
 NFES = (5, 6, 8, 10, 12, 15, 20, 25, 50)
 GUIDANCE = (1.0, 3.0, 7.5, 15.0)
@@ -57,6 +57,7 @@ class GuidedProblem:
     x_T: Tensor
     reference: Tensor
     name: str
+    guidance: float = 1.0
     calls: list[int] = field(default_factory=lambda: [0])
 
     def counted(self) -> Denoiser:
@@ -120,7 +121,48 @@ def mixture_problem(guidance: float, *, thresholding: bool = False, batch: int =
     z = torch.randn(batch, 16, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64)
     x_T = z * sched.knot(sched.t_max).sigma
     name = f"mixture w={guidance:g}" + (" thresholded" if thresholding else "")
-    return GuidedProblem(sched, den, x_T, exact_end(den, x_T, sched), name)
+    return GuidedProblem(sched, den, x_T, exact_end(den, x_T, sched), name, guidance)
+
+
+def digits_problem(
+    guidance: float,
+    *,
+    thresholding: bool = False,
+    batch: int = 32,
+    seed: int = 0,
+    rtol: float = 1e-6,
+    device: str = "cpu",
+) -> GuidedProblem:
+    """The built-in digits network at guidance ``guidance`` (labels cycling 0..9).
+
+    The network is only defined on its training times t in [0, 999], so the reference is
+    the solution of its probability-flow ODE from t = 999 to t = 0 (Dormand-Prince at
+    ``rtol``) followed by its data prediction there, which is where every sampler's last
+    step aims (``final_step="denoise"``).
+    """
+    from ..cli import load_builtin
+    from ..noise import sample_seeds, seeded_randn
+    from ..sampling import build_denoiser
+
+    model = load_builtin(torch.device(device))
+    sched = model.schedule
+    y = torch.arange(batch, device=device) % 10
+    den = build_denoiser(
+        model.network, prediction="eps", cond={"y": y}, uncond={"y": torch.full_like(y, 10)},
+        guidance_scale=guidance, thresholding=thresholding,
+    )
+    z = seeded_randn(sample_seeds(1000 + seed, range(batch)), model.shape, device=device, dtype=torch.float64)
+    start, end = sched.knot(sched.t_max), sched.knot(sched.t_min)
+    x_T = z * start.sigma
+
+    def den64(x: Tensor, knot: Knot) -> Tensor:
+        return den(x.float(), knot).double()
+
+    with torch.no_grad():
+        x_end = reference_solve(den64, x_T, start, end, sched, rtol=rtol, atol=rtol * 1e-2)
+        ref = den64(x_end, end)
+    name = f"digits w={guidance:g}" + (" thresholded" if thresholding else "")
+    return GuidedProblem(sched, den64, x_T, ref, name, guidance)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,294 @@
+"""``dpmsolver bench``: the benchmarks behind every number in the README, in one command.
+
+1. *Error vs NFE* against the exact answer, ours and peers side by side, by guidance scale:
+   on the exact Gaussian mixture (:func:`~.accuracy.mixture_problem`) and on the built-in
+   digits network (:func:`~.accuracy.digits_problem`, reference from a Dormand-Prince
+   solution of its ODE). Output: CSV, a markdown table of ``auto`` against the best peer
+   configuration in every (NFE, guidance) cell, and an error-vs-NFE plot.
+2. *Sample quality* on the digits network: class accuracy of conditional samples and the
+   Frechet distance to held-out real digits (:mod:`~.quality`), by NFE and guidance.
+3. *Thresholding and parameterization under strong guidance*: noise- vs data-prediction
+   multistep solvers, with and without dynamic thresholding (each scored against the
+   solution of its own ODE), the DPM-Solver++ paper's stability claim.
+
+``--quick`` shrinks every size so the whole command runs in seconds (used by the tests);
+the recorded results in ``benchmarks/`` come from the full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..auto import recommend
+from ..io import atomic_write, atomic_write_text
+from ..sampling import NonFiniteError, solve
+from ..solvers import get_solver
+from ..timegrid import make_grid
+from .accuracy import GuidedProblem, Method, digits_problem, evaluate, mixture_problem, peer_methods
+
+__all__ = ["auto_method", "main", "ours_method"]
+
+
+def _run_recipe(p: GuidedProblem, nfe: int, solver: str, options: dict[str, Any], grid: str, rho: float | None,
+                t_end: float | None, final_step: str) -> Tensor | None:
+    s = get_solver(solver, **options)
+    try:
+        orders = s.plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=nfe < 15)
+    except ValueError:
+        return None
+    g = make_grid(p.schedule, len(orders), grid, final="zero", rho=rho, t_end=t_end)  # type: ignore[arg-type]
+    try:
+        return solve(p.counted(), p.x_T, g, s, orders=orders, check_finite="off", final_step=final_step).x  # type: ignore[arg-type]
+    except NonFiniteError:
+        return None
+
+
+def auto_method() -> Method:
+    """``solver="auto"``: the recipe for each (NFE, guidance) cell."""
+
+    def run(p: GuidedProblem, nfe: int) -> Tensor | None:
+        r = recommend(nfe, p.guidance)
+        return _run_recipe(p, nfe, r.solver, dict(r.options), r.grid, r.rho, r.t_end(p.schedule), r.final_step)
+
+    return Method("auto", "ours", run)
+
+
+def ours_method(solver: str, grid: str = "logsnr", **options: Any) -> Method:
+    """One of our solvers on one grid (to the schedule's t_min, plain final step)."""
+
+    def run(p: GuidedProblem, nfe: int) -> Tensor | None:
+        return _run_recipe(p, nfe, solver, options, grid, None, None, "denoise")
+
+    opts = "".join(f" {k}={v}" for k, v in options.items())
+    return Method(f"{solver}{opts} [{grid}]", "ours", run)
+
+
+# ----------------------------------------------------------------------------------------
+# tables and plots
+# ----------------------------------------------------------------------------------------
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def cell_table(rows: list[dict[str, Any]], nfes: Sequence[int]) -> str:
+    """Markdown: per problem and NFE, auto's error, the best peer configuration's, ratio."""
+    lines = []
+    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    lines.append("| problem | NFE | auto | best peer | peer configuration | auto / peer |")
+    lines.append("|---|---|---|---|---|---|")
+    for prob in problems:
+        for nfe in nfes:
+            cell = [r for r in rows if r["problem"] == prob and r["nfe"] == nfe]
+            ours = [r for r in cell if r["method"] == "auto"]
+            peers = [r for r in cell if r["source"] != "ours"]
+            if not ours or not peers:
+                continue
+            best = min(peers, key=lambda r: r["error"])
+            a, b = ours[0]["error"], best["error"]
+            ratio = a / b if b > 0 and math.isfinite(b) else math.nan
+            lines.append(f"| {prob} | {nfe} | {a:.2e} | {b:.2e} | {best['method']} | {ratio:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_errors(rows: list[dict[str, Any]], path: Path) -> None:
+    """Error vs NFE, one panel per problem: auto, the best peer per NFE, and every method faint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    fig, axes = plt.subplots(1, len(problems), figsize=(4.2 * len(problems), 3.6), squeeze=False)
+    for ax, prob in zip(axes[0], problems, strict=True):
+        sub = [r for r in rows if r["problem"] == prob and math.isfinite(r["error"])]
+        for m in dict.fromkeys(r["method"] for r in sub):
+            pts = sorted((r["nfe"], r["error"]) for r in sub if r["method"] == m)
+            if m == "auto":
+                ax.plot(*zip(*pts, strict=True), "o-", color="C3", lw=2, label="auto (ours)", zorder=5)
+            else:
+                color = "C0" if any(r["source"] == "ours" for r in sub if r["method"] == m) else "0.6"
+                ax.plot(*zip(*pts, strict=True), "-", color=color, lw=0.6, alpha=0.5)
+        best: dict[int, float] = {}
+        for r in sub:
+            if r["source"] != "ours" and (r["nfe"] not in best or r["error"] < best[r["nfe"]]):
+                best[r["nfe"]] = r["error"]
+        if best:
+            ax.plot(*zip(*sorted(best.items()), strict=True), "s--", color="k", label="best peer per NFE")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(prob, fontsize=9)
+        ax.set_xlabel("NFE")
+        ax.set_ylim(top=min(10.0, ax.get_ylim()[1]))
+    axes[0][0].set_ylabel("RMS error vs exact")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=100)
+
+    atomic_write(path, write)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Everything ``--quick`` shrinks."""
+
+    nfes: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25, 50)
+    guidance: tuple[float, ...] = (1.0, 3.0, 7.5, 15.0)
+    mixture_batch: int = 64
+    mixture_seeds: tuple[int, ...] = (2,)
+    digits_batch: int = 32
+    digits_rtol: float = 1e-5
+    quality_per_class: int = 50
+    quality_nfes: tuple[int, ...] = (5, 10, 20, 100)
+    quality_guidance: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
+
+
+QUICK = Sizes(
+    nfes=(5, 10), guidance=(1.0, 7.5), mixture_batch=8, digits_batch=4, digits_rtol=1e-3,
+    quality_per_class=2, quality_nfes=(5, 10), quality_guidance=(3.0,),
+)
+
+
+def _baselines() -> list[Method]:
+    return [ours_method("dpmpp_2m"), ours_method("dpmpp_3m"), ours_method("unipc", order=2)]
+
+
+def accuracy_section(problems: Iterable[GuidedProblem], sizes: Sizes, out: Path, stem: str) -> str:
+    methods = [auto_method(), *_baselines(), *peer_methods()]
+    rows = evaluate(methods, problems, sizes.nfes)
+    atomic_write_text(out / f"{stem}.csv", _csv(rows))
+    table = cell_table(rows, sizes.nfes)
+    atomic_write_text(out / f"{stem}.md", table)
+    try:
+        plot_errors(rows, out / f"{stem}.png")
+    except ImportError:  # matplotlib is a demo/bench extra
+        pass
+    return table
+
+
+def quality_section(sizes: Sizes, out: Path) -> str:
+    """Class accuracy and Frechet distance of auto's digits by NFE and guidance."""
+    from ..cli import load_builtin, run_sampling
+    from ..digits import load_classifier
+    from .quality import classify, frechet_distance, real_digits
+
+    device = torch.device("cpu")
+    model = load_builtin(device)
+    clf = load_classifier(device)
+    real_x, _ = real_digits()
+    _, real_f = classify(clf, real_x)
+    labels = torch.arange(10).repeat_interleave(sizes.quality_per_class)
+    rows = []
+    for w in sizes.quality_guidance:
+        for nfe in sizes.quality_nfes:
+            t0 = time.perf_counter()
+            x, spent = run_sampling(model, labels, len(labels), solver="auto", nfe=nfe, guidance=w, seed=0, batch=250, device=device)
+            pred, feats = classify(clf, x)
+            rows.append({
+                "guidance": w, "nfe": nfe, "spent": spent // math.ceil(len(labels) / 250),
+                "class_accuracy": float((pred == labels.numpy()).mean()),
+                "frechet_distance": frechet_distance(feats, real_f),
+                "seconds": round(time.perf_counter() - t0, 2),
+            })
+    atomic_write_text(out / "quality_digits.csv", _csv(rows))
+    lines = ["| guidance | NFE | class accuracy | Frechet distance (classifier features) |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['guidance']:g} | {r['nfe']} | {r['class_accuracy']:.3f} | {r['frechet_distance']:.3f} |")
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(out / "quality_digits.md", table)
+    return table
+
+
+def thresholding_section(sizes: Sizes, out: Path) -> str:
+    """Noise- vs data-prediction multistep at strong guidance, with and without dynamic
+    thresholding; each run is scored against the exact solution of its own ODE."""
+    w = max(sizes.guidance)
+    methods = [ours_method(n, g) for n in ("dpm_2m", "dpm_3m", "dpmpp_2m", "dpmpp_3m") for g in ("logsnr", "time_uniform")]
+    rows: list[dict[str, Any]] = []
+    for thresholded in (False, True):
+        probs = [mixture_problem(w, thresholding=thresholded, batch=sizes.mixture_batch),
+                 digits_problem(w, thresholding=thresholded, batch=sizes.digits_batch, rtol=sizes.digits_rtol)]
+        rows += evaluate(methods, probs, sizes.nfes)
+    atomic_write_text(out / "thresholding.csv", _csv(rows))
+    lines = ["| problem | method | " + " | ".join(f"NFE {n}" for n in sizes.nfes) + " |",
+             "|---|---|" + "---|" * len(sizes.nfes)]
+    for prob in dict.fromkeys(r["problem"] for r in rows):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            errs = {r["nfe"]: r["error"] for r in rows if r["problem"] == prob and r["method"] == m}
+            lines.append(f"| {prob} | {m} | " + " | ".join(f"{errs.get(n, math.nan):.2e}" for n in sizes.nfes) + " |")
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(out / "thresholding.md", table)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks and write their outputs under ``--out``."""
+    p = argparse.ArgumentParser(prog="dpmsolver bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``bench`` options (shared by ``dpmsolver bench`` and ``python -m``)."""
+    p.add_argument("--out", default="benchmarks", help="output directory (default benchmarks/)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, not minutes (for tests)")
+    p.add_argument(
+        "--only", default="mixture,digits,quality,thresholding",
+        help="comma-separated sections: mixture, digits, quality, thresholding (default: all)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute the sections named in ``args.only``."""
+    out = Path(args.out)
+    if not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is not a directory")
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    known = ("mixture", "digits", "quality", "thresholding")
+    for s in sections:
+        if s not in known:
+            raise ValueError(f"--only: unknown section {s!r}; accepted: {', '.join(known)}")
+    sizes = QUICK if args.quick else Sizes()
+    report = []
+    if "mixture" in sections:
+        probs = [mixture_problem(w, batch=sizes.mixture_batch, seed=sd) for w in sizes.guidance for sd in sizes.mixture_seeds]
+        report.append("## Exact mixture\n\n" + accuracy_section(probs, sizes, out, "accuracy_mixture"))
+    if "digits" in sections:
+        probs = [digits_problem(w, batch=sizes.digits_batch, rtol=sizes.digits_rtol) for w in sizes.guidance]
+        report.append("## Digits network\n\n" + accuracy_section(probs, sizes, out, "accuracy_digits"))
+    if "quality" in sections:
+        report.append("## Digits sample quality (auto)\n\n" + quality_section(sizes, out))
+    if "thresholding" in sections:
+        report.append("## Thresholding at strong guidance\n\n" + thresholding_section(sizes, out))
+    text = "\n".join(report)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
