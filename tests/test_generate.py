@@ -89,6 +89,35 @@ def test_batch_size_does_not_change_a_bit(tmp_path: Path, solver: str) -> None:
     assert not np.array_equal(a["samples"], b["samples"])
 
 
+def builtin_model() -> Any:
+    """The built-in digits model, or a skip where its weights are not in this checkout."""
+    from dpmsolver.cli import load_builtin
+
+    try:
+        return load_builtin(torch.device("cpu"))
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"built-in digits model unavailable: {e}")
+
+
+def test_builtin_model_batch_sizes_agree_bit_for_bit(tmp_path: Path) -> None:
+    """The real U-Net (whose CPU kernels depend on the row count) through the CLI: batch
+    sizes 1, 7 and 64 give byte-identical shards; the manifest names its weight file's
+    sha256."""
+    import hashlib
+
+    builtin_model()
+    from dpmsolver.digits import load as digits
+
+    for batch in (1, 7, 64):
+        args = ["generate", "--num", "24", "--out", str(tmp_path / f"b{batch}"), "--batch", str(batch),
+                "--nfe", "4", "--shard-size", "24", "--micro-batch", "8", "--device", "cpu", "--no-progress"]
+        assert main(args) == 0
+    assert files(tmp_path / "b1") == files(tmp_path / "b7") == files(tmp_path / "b64")
+    weights = (digits.WEIGHTS_DIR / digits.DENOISER_FILE).read_bytes()
+    model_id = gen.Manifest.load(tmp_path / "b1").config["model"]["id"]
+    assert model_id["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert np.isfinite(gen.read_samples(tmp_path / "b1")["samples"]).all()
+
 def test_micro_batching_keeps_the_exact_model_unchanged(reference: Path) -> None:
     """The exact model is batch-invariant, so grouping its calls changes nothing: the
     shards equal plain batched sampling of the same indices."""
