@@ -26,8 +26,9 @@ part of the configuration: they do not change the output.
 
 Determinism: sample i's initial noise and its stochastic-solver noise are drawn from
 streams seeded by ``(seed, i)`` (:mod:`dpmsolver.noise`) and its label depends only on i.
-Networks are not batch-invariant in general (measured: the built-in U-Net on CPU gives
-different last bits for batches below 16 rows than above), so the network is always
+Networks are not batch-invariant in general (measured: on CPU a row of the built-in
+U-Net's output changes in the last bits with the number of rows in its call, for calls
+below 16 rows), so the network is always
 called on the same rows: each shard is cut into micro-batches of ``micro_batch`` samples
 aligned at the shard's start, and every network call holds exactly one micro-batch
 (both halves of it under classifier-free guidance). The solver arithmetic between calls
