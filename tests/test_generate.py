@@ -27,7 +27,7 @@ from tests import generate_models as models
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough to be quick, large enough for several shards, a short last shard and a
-# short last micro-batch in each shard (16 = 8 + 8, 72 = 4 * 16 + 8, 20 = 8 + 8 + 4).
+# short last micro-batch in each shard (72 = 3 * 20 + 12, 20 = 8 + 8 + 4, 12 = 8 + 4).
 RUN: dict[str, Any] = dict(guidance=3.0, nfe=6, shard_size=20, micro_batch=8)
 NUM = 72
 CLI_RUN = ["--guidance", "3", "--nfe", "6", "--shard-size", "20", "--micro-batch", "8", "--no-progress"]
