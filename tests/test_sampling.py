@@ -204,6 +204,30 @@ def test_nan_is_reported_with_step_time_and_samples() -> None:
     assert calls["n"] == 6  # stopped at the bad step
 
 
+def test_nan_error_lists_every_bad_sample_and_keeps_the_finite_ones() -> None:
+    """check_finite="end": each sample that went bad is mapped to its own first bad step,
+    and the final state is attached so the finite rows are not lost."""
+    base = dp.MixtureNetwork(MIX, SD)
+
+    def bad(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = base(x, t).clone()
+        if float(t[0]) < 800:
+            out[2] = float("inf")
+        if float(t[0]) < 500:
+            out[0] = float("nan")
+        return out
+
+    clean = dp.sample(base, noise(), schedule=SD, steps=10, grid="time_uniform")
+    with pytest.raises(dp.NonFiniteError) as info:
+        dp.sample(bad, noise(), schedule=SD, steps=10, grid="time_uniform")
+    err = info.value
+    assert err.step == 2 and err.samples == [2]
+    assert err.sample_steps == {0: 5, 2: 2}
+    assert err.x is not None and torch.equal(err.x[1], clean.x[1])
+    with pytest.raises(dp.NonFiniteError) as info:
+        dp.sample(bad, noise(), schedule=SD, steps=10, grid="time_uniform", check_finite="step")
+    assert info.value.sample_steps == {2: 2} and info.value.x is None
+
 def test_multistep_memory_is_bounded() -> None:
     """History holds at most order-1 predictions; live state tensors do not grow with steps."""
     den = dp.MixtureDenoiser(MIX)

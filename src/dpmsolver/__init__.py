@@ -10,6 +10,7 @@ The pieces, one module each:
 - :mod:`dpmsolver.solvers`           the step functions and their registry
 - :mod:`dpmsolver.sampling`          the one sampling loop: ``sample``, ``invert``, ``solve``
 - :mod:`dpmsolver.analytic`          exact Gaussian-mixture models and a reference ODE solver
+- :mod:`dpmsolver.generate`          large sharded, resumable, multi-process generation
 """
 
 from .analytic import (

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import __version__
 from .io import atomic_write
-from .sampling import sample
+from .sampling import SampleResult, sample
 from .schedules import DiscreteVPSchedule
 from .solvers import ALIASES, REGISTRY, configurations
 
@@ -219,6 +219,45 @@ def _labels(args: argparse.Namespace, model: LoadedModel) -> Tensor | None:
     return torch.tensor(labels, dtype=torch.long)
 
 
+def sample_indices(
+    model: LoadedModel,
+    indices: Sequence[int],
+    labels: Tensor | None,
+    *,
+    solver: str,
+    nfe: int,
+    guidance: float,
+    seed: int,
+    device: torch.device,
+    grid: str | None = None,
+    progress: bool = False,
+    dtype: torch.dtype = torch.float32,
+    network: Callable[..., Tensor] | None = None,
+) -> SampleResult:
+    """Sample the run's samples ``indices`` (with class ``labels``, one per index) as one
+    batch. Sample i's initial noise and its stochastic-solver noise (a separate stream)
+    come only from ``(seed, i)``, so a sample does not depend on which batch it is in.
+
+    Args:
+        dtype: dtype of the initial noise and state (float16/bfloat16 run the network in
+            that dtype, see :func:`dpmsolver.sample`).
+        network: call this instead of ``model.network`` (e.g. a wrapper that fixes how the
+            rows are grouped into network calls).
+    """
+    from .noise import SeededNoise, sample_seeds, seeded_randn
+
+    seeds = sample_seeds(seed, indices)
+    noise = seeded_randn(seeds, model.shape, device=device, dtype=dtype)
+    y = labels.to(device) if labels is not None else None
+    kwargs = model.conditioning(y, guidance)
+    with torch.no_grad():
+        return sample(
+            network if network is not None else model.network, noise, schedule=model.schedule,
+            prediction=model.prediction, solver=solver, nfe=nfe, grid=grid, progress=progress,  # type: ignore[arg-type]
+            noise_sampler=SeededNoise(seeds), **kwargs,
+        )
+
+
 def run_sampling(
     model: LoadedModel,
     labels: Tensor | None,
@@ -235,20 +274,13 @@ def run_sampling(
 ) -> tuple[Tensor, int]:
     """Samples in batches; sample i uses noise seeded by ``(seed, i)`` so results do not
     depend on the batch size. Returns (samples on CPU, evaluations spent)."""
-    from .noise import sample_seeds, seeded_randn
-
     out, spent = [], 0
     for start in range(0, n, batch):
         idx = list(range(start, min(n, start + batch)))
-        seeds = sample_seeds(seed, idx)
-        noise = seeded_randn(seeds, model.shape, device=device)
-        y = labels[idx].to(device) if labels is not None else None
-        kwargs = model.conditioning(y, guidance)
-        with torch.no_grad():
-            r = sample(
-                model.network, noise, schedule=model.schedule, prediction=model.prediction,  # type: ignore[arg-type]
-                solver=solver, nfe=nfe, grid=grid, progress=progress, **kwargs,  # type: ignore[arg-type]
-            )
+        r = sample_indices(
+            model, idx, labels[idx] if labels is not None else None, solver=solver, nfe=nfe,
+            guidance=guidance, seed=seed, device=device, grid=grid, progress=progress,
+        )
         out.append(r.x.float().cpu())
         spent += r.nfe
     return torch.cat(out), spent
@@ -442,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("solvers", help="list the registered solvers")
     v.add_argument("--verbose", action="store_true", help="also print each solver's paper reference")
     v.set_defaults(func=cmd_solvers)
+
+    from .generate import add_parser as add_generate  # imports this module, hence here
+
+    add_generate(sub)
     return p
 
 
@@ -459,4 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # `python -m dpmsolver.cli` (and torchrun -m) runs this file as __main__, a second copy
+    # of the module: dispatch to the package's copy so the UsageError that other modules
+    # import from dpmsolver.cli is the class main() catches.
+    from dpmsolver.cli import main as _main
+
+    raise SystemExit(_main())

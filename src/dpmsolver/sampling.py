@@ -47,10 +47,32 @@ NoiseSampler = Callable[[Tensor], Tensor]
 
 
 class NonFiniteError(FloatingPointError):
-    """NaN or Inf appeared in the state; names the first step, its time and the samples."""
+    """NaN or Inf appeared in the state; names the first step, its time and the samples.
 
-    def __init__(self, step: int, t: float, sigma: float, samples: list[int]) -> None:
+    Attributes:
+        step, t, sigma: the first step that produced a non-finite value, and where it went.
+        samples: batch positions that were non-finite after that step.
+        sample_steps: every batch position that went non-finite, mapped to the first step
+            it did (with ``check_finite="end"`` this covers the whole run; with ``"step"``
+            the run stopped, so only ``samples``).
+        x: with ``check_finite="end"``, the final state (as :func:`solve` would have
+            returned it); rows not in ``sample_steps`` stayed finite at every step, so a
+            caller can keep them. None with ``"step"``.
+    """
+
+    def __init__(
+        self,
+        step: int,
+        t: float,
+        sigma: float,
+        samples: list[int],
+        *,
+        sample_steps: dict[int, int] | None = None,
+        x: Tensor | None = None,
+    ) -> None:
         self.step, self.t, self.sigma, self.samples = step, t, sigma, samples
+        self.sample_steps = sample_steps if sample_steps is not None else dict.fromkeys(samples, step)
+        self.x = x
         shown = samples[:20]
         more = f" (+{len(samples) - len(shown)} more)" if len(samples) > len(shown) else ""
         super().__init__(
@@ -128,9 +150,12 @@ class _FiniteMonitor:
         self.knots = knots
         self.sums: list[Tensor] = []
 
-    def _raise(self, step: int, bad: Tensor) -> None:
+    def _raise(
+        self, step: int, bad: Tensor, sample_steps: dict[int, int] | None = None, x: Tensor | None = None
+    ) -> None:
         k = self.knots[step + 1]
-        raise NonFiniteError(step, k.t, k.sigma, torch.nonzero(bad).flatten().tolist())
+        samples = torch.nonzero(bad).flatten().tolist()
+        raise NonFiniteError(step, k.t, k.sigma, samples, sample_steps=sample_steps, x=x)
 
     def record(self, step: int, x: Tensor) -> None:
         if self.mode == "off":
@@ -143,13 +168,19 @@ class _FiniteMonitor:
         else:
             self.sums.append(total)
 
-    def finish(self) -> None:
+    def finish(self, x: Tensor | None = None) -> None:
+        """Raise if any recorded step was non-finite; ``x`` (the final state) rides along
+        so that callers can keep the samples that stayed finite."""
         if not self.sums:
             return
-        bad = ~torch.isfinite(torch.stack(self.sums))
+        bad = ~torch.isfinite(torch.stack(self.sums))  # (steps, batch)
         if bool(bad.any()):
             step = int(torch.nonzero(bad.any(1)).flatten()[0])
-            self._raise(step, bad[step])
+            ever = bad.any(0)
+            first = bad.to(torch.int8).argmax(0)  # first True per sample
+            positions = torch.nonzero(ever).flatten().tolist()
+            sample_steps = dict(zip(positions, first[ever].tolist(), strict=True))
+            self._raise(step, bad[step], sample_steps, x)
 
 
 def _effective_orders(solver: Solver, grid: TimeGrid, orders: list[int]) -> list[int]:
@@ -297,11 +328,12 @@ def solve(
             x = x_next
             prev = (x0, s)
             bar.update()
-        monitor.finish()
+        out = x.to(in_dtype)
+        monitor.finish(out)
     finally:
         bar.close()
     return SampleResult(
-        x=x.to(in_dtype),
+        x=out,
         nfe=ev.nfe,
         planned_nfe=planned,
         grid=grid,
