@@ -90,13 +90,10 @@ def test_batch_size_does_not_change_a_bit(tmp_path: Path, solver: str) -> None:
 
 
 def builtin_model() -> Any:
-    """The built-in digits model, or a skip where its weights are not in this checkout."""
+    """The built-in digits model (shipped with the package)."""
     from dpmsolver.cli import load_builtin
 
-    try:
-        return load_builtin(torch.device("cpu"))
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"built-in digits model unavailable: {e}")
+    return load_builtin(torch.device("cpu"))
 
 
 def test_builtin_model_batch_sizes_agree_bit_for_bit(tmp_path: Path) -> None:

@@ -434,6 +434,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpmsolver", description="Fast, measured diffusion sampling (DPM-Solver++ and family).")
     p.add_argument("--version", action="version", version=f"dpmsolver {__version__}")
+    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1; 0 = PyTorch's default)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="sample a grid of images", description="Sample from the built-in digits model (default) or a local diffusers model directory.")
@@ -485,6 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dpmsolver`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads < 0:
+        parser.exit(2, f"dpmsolver: error: --threads must be >= 0, got {args.threads}\n")
+    if args.threads:
+        # For small models extra intra-op threads mostly wait on each other, badly so on a
+        # busy machine; 0 keeps PyTorch's default.
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
     except UsageError as e:

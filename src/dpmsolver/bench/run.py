@@ -166,11 +166,14 @@ class Sizes:
     quality_per_class: int = 50
     quality_nfes: tuple[int, ...] = (5, 10, 20, 100)
     quality_guidance: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
+    max_peers: int | None = None
+    threshold_solvers: tuple[str, ...] = ("dpm_2m", "dpm_3m", "dpmpp_2m", "dpmpp_3m")
 
 
 QUICK = Sizes(
-    nfes=(5, 10), guidance=(1.0, 7.5), mixture_batch=8, digits_batch=4, digits_rtol=1e-3,
-    quality_per_class=2, quality_nfes=(5, 10), quality_guidance=(3.0,),
+    nfes=(5, 10), guidance=(7.5,), mixture_batch=8, digits_batch=2, digits_rtol=1e-2,
+    quality_per_class=2, quality_nfes=(5, 10), quality_guidance=(3.0,), max_peers=3,
+    threshold_solvers=("dpm_2m", "dpmpp_2m"),
 )
 
 
@@ -179,7 +182,7 @@ def _baselines() -> list[Method]:
 
 
 def accuracy_section(problems: Iterable[GuidedProblem], sizes: Sizes, out: Path, stem: str) -> str:
-    methods = [auto_method(), *_baselines(), *peer_methods()]
+    methods = [auto_method(), *_baselines(), *peer_methods()[: sizes.max_peers]]
     rows = evaluate(methods, problems, sizes.nfes)
     atomic_write_text(out / f"{stem}.csv", _csv(rows))
     table = cell_table(rows, sizes.nfes)
@@ -228,7 +231,7 @@ def thresholding_section(sizes: Sizes, out: Path) -> str:
     """Noise- vs data-prediction multistep at strong guidance, with and without dynamic
     thresholding; each run is scored against the exact solution of its own ODE."""
     w = max(sizes.guidance)
-    methods = [ours_method(n, g) for n in ("dpm_2m", "dpm_3m", "dpmpp_2m", "dpmpp_3m") for g in ("logsnr", "time_uniform")]
+    methods = [ours_method(n, g) for n in sizes.threshold_solvers for g in ("logsnr", "time_uniform")]
     rows: list[dict[str, Any]] = []
     for thresholded in (False, True):
         probs = [mixture_problem(w, thresholding=thresholded, batch=sizes.mixture_batch),
@@ -274,6 +277,9 @@ def run(args: argparse.Namespace) -> int:
         if s not in known:
             raise ValueError(f"--only: unknown section {s!r}; accepted: {', '.join(known)}")
     sizes = QUICK if args.quick else Sizes()
+    # One intra-op thread on CPU: on a shared machine extra threads mostly wait on each
+    # other (10-20x slower for these small tensors), and results stay reproducible.
+    torch.set_num_threads(1)
     report = []
     if "mixture" in sections:
         probs = [mixture_problem(w, batch=sizes.mixture_batch, seed=sd) for w in sizes.guidance for sd in sizes.mixture_seeds]
