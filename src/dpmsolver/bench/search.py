@@ -2,7 +2,7 @@
 best peer configuration in every (NFE, guidance) cell.
 
 Candidates: our deterministic solvers x time grids x where to stop (the schedule's t_min,
-or k-diffusion sigma 0.07 / 0.14) x final step (denoise / sigma~^2 extrapolation). Each is
+or k-diffusion sigma 0.07 / 0.14), all ending with the data-prediction step. Each is
 run on the exact mixture (:func:`~.accuracy.mixture_problem`) for two noise seeds and
 scored by ``max over seeds of error / best peer error`` (so a configuration must beat every
 peer on both seeds to score below 1); the best few per cell are then run on the built-in
@@ -51,7 +51,7 @@ def candidates() -> list[Recipe]:
     """Every recipe the search considers."""
     out = []
     for (solver, opts), (grid, rho), end, final in itertools.product(
-        CANDIDATE_SOLVERS, CANDIDATE_GRIDS, SIGMA_ENDS, ("denoise", "extrapolate")
+        CANDIDATE_SOLVERS, CANDIDATE_GRIDS, SIGMA_ENDS, ("denoise",)
     ):
         out.append(Recipe(solver, dict(opts), grid, rho, end, final))
     return out
