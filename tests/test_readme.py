@@ -13,21 +13,32 @@ import dpmsolver as dp
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def python_block(section: str) -> str:
+def python_blocks(section: str) -> list[str]:
     text = README.read_text()
     start = text.index(f"## {section}")
-    match = re.search(r"```python\n(.*?)```", text[start:], re.S)
-    assert match, f"no python block under '## {section}'"
-    return match.group(1)
+    end = text.find("\n## ", start + 3)
+    blocks = re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], re.S)
+    assert blocks, f"no python block under '## {section}'"
+    return blocks
 
 
-def test_quick_start_snippet_runs_as_written() -> None:
+def python_block(section: str) -> str:
+    return python_blocks(section)[0]
+
+
+def test_quick_start_snippets_run_as_written() -> None:
     namespace: dict[str, object] = {}
-    exec(compile(python_block("Quick start"), str(README), "exec"), namespace)
+    first, *rest = python_blocks("Quick start")
+    exec(compile(first, str(README), "exec"), namespace)
     result = namespace["result"]
     assert isinstance(result, dp.SampleResult)
     assert result.x.shape == (2, 4, 32, 32)
     assert result.nfe == 15 and torch.isfinite(result.x).all()
+    assert rest, "the solver='auto' snippet"
+    for block in rest:  # continue in the same namespace, as a reader would
+        exec(compile(block, str(README), "exec"), namespace)
+    result = namespace["result"]
+    assert isinstance(result, dp.SampleResult) and result.nfe == 10 and torch.isfinite(result.x).all()
 
 
 def test_solver_table_lists_every_registered_solver() -> None:

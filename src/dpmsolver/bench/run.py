@@ -251,6 +251,58 @@ def thresholding_section(sizes: Sizes, out: Path) -> str:
     return table
 
 
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            try:
+                r[k] = int(v) if v.isdigit() else float(v)
+            except ValueError:
+                pass
+    return rows
+
+
+def ratio_matrix(rows: list[dict[str, Any]]) -> str:
+    """Markdown matrix, NFE by guidance: auto's error / the best peer configuration's."""
+    def guidance(prob: str) -> float:
+        return float(prob.split("w=")[1].split()[0])
+
+    probs = sorted(dict.fromkeys(r["problem"] for r in rows), key=guidance)
+    nfes = sorted({r["nfe"] for r in rows})
+    head = "| NFE | " + " | ".join(f"w = {guidance(p):g}" for p in probs) + " |"
+    lines = [head, "|---|" + "---|" * len(probs)]
+    for nfe in nfes:
+        cells = []
+        for p in probs:
+            cell = [r for r in rows if r["problem"] == p and r["nfe"] == nfe]
+            ours = [r["error"] for r in cell if r["method"] == "auto"]
+            peers = [r["error"] for r in cell if r["source"] != "ours"]
+            if not ours or not peers:
+                cells.append("")
+                continue
+            a, b = ours[0], min(peers)
+            ratio = a / b if b > 0 else math.inf
+            mark = "**" if ratio <= 0.5 else ""
+            cells.append(f"{a:.1e} / {b:.1e} = {mark}{ratio:.2f}{mark}")
+        lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+
+
+def summarize(out: Path) -> str:
+    """The README summary from the CSVs a full run left in ``out``."""
+    parts = []
+    for stem, title in (("accuracy_mixture", "Exact Gaussian mixture"), ("accuracy_digits", "Built-in digits network")):
+        path = out / f"{stem}.csv"
+        if path.exists():
+            parts.append(f"**{title}** (auto error / best peer error = ratio; bold: at most half):\n\n" + ratio_matrix(_read_csv(path)))
+    return "\n".join(parts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmarks and write their outputs under ``--out``."""
     p = argparse.ArgumentParser(prog="dpmsolver bench", description=__doc__.split("\n\n")[0])
@@ -266,6 +318,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--only", default="mixture,digits,quality,thresholding",
         help="comma-separated sections: mixture, digits, quality, thresholding (default: all)",
     )
+    p.add_argument("--readme", help="also write the summary matrices between the README's bench markers")
+    p.add_argument("--summarize", action="store_true", help="only rebuild the summary from the CSVs in --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -278,6 +332,9 @@ def run(args: argparse.Namespace) -> int:
     for s in sections:
         if s not in known:
             raise ValueError(f"--only: unknown section {s!r}; accepted: {', '.join(known)}")
+    if args.summarize:
+        _write_summary(out, args.readme)
+        return 0
     sizes = QUICK if args.quick else Sizes()
     # One intra-op thread on CPU: on a shared machine extra threads mostly wait on each
     # other (10-20x slower for these small tensors), and results stay reproducible.
@@ -295,7 +352,17 @@ def run(args: argparse.Namespace) -> int:
         report.append("## Thresholding at strong guidance\n\n" + thresholding_section(sizes, out))
     text = "\n".join(report)
     sys.stdout.write(text)
+    _write_summary(out, args.readme)
     return 0
+
+
+def _write_summary(out: Path, readme: str | None) -> None:
+    summary = summarize(out)
+    atomic_write_text(out / "summary.md", summary)
+    if readme:
+        text = Path(readme).read_text(encoding="utf-8")
+        i, j = text.index(README_START), text.index(README_END)
+        atomic_write_text(readme, text[: i + len(README_START)] + "\n" + summary + text[j:])
 
 
 if __name__ == "__main__":
