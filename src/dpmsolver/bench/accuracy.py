@@ -125,7 +125,7 @@ def mixture_problem(guidance: float, *, thresholding: bool = False, batch: int =
         den = DynamicThresholding(den, 0.995, 1.0)
     z = torch.randn(batch, 16, generator=torch.Generator().manual_seed(1000 + seed), dtype=torch.float64)
     x_T = z * sched.knot(sched.t_max).sigma
-    name = f"mixture w={guidance:g}" + (" thresholded" if thresholding else "")
+    name = f"mixture w={guidance:g} seed {seed}" + (" thresholded" if thresholding else "")
     return GuidedProblem(sched, den, x_T, exact_end(den, x_T, sched), name, guidance)
 
 
@@ -166,7 +166,7 @@ def digits_problem(
     with torch.no_grad():
         x_end = reference_solve(den64, x_T, start, end, sched, rtol=rtol, atol=rtol * 1e-2)
         ref = den64(x_end, end)
-    name = f"digits w={guidance:g}" + (" thresholded" if thresholding else "")
+    name = f"digits w={guidance:g} seed {seed}" + (" thresholded" if thresholding else "")
     return GuidedProblem(sched, den64, x_T, ref, name, guidance)
 
 
