@@ -127,9 +127,10 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
     names = {p.name for p in tmp_path.iterdir()}
     for stem in ("accuracy_mixture", "accuracy_digits"):
         assert {f"{stem}.csv", f"{stem}.md", f"{stem}.png"} <= names
-    assert {"quality_digits.csv", "quality_digits.md", "thresholding.csv", "thresholding.md"} <= names
-    assert "| auto" not in (tmp_path / "accuracy_mixture.md").read_text() or True
+    assert {"quality_digits.csv", "quality_digits.md", "thresholding.csv", "thresholding.md", "overhead.md"} <= names
     assert "auto" in (tmp_path / "accuracy_mixture.csv").read_text()
+    overhead = (tmp_path / "overhead.md").read_text()
+    assert "| (1, 4, 16, 16) |" in overhead and "n/a" not in overhead  # diffusers is a test extra
 
 
 def test_bench_rejects_unknown_sections(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -139,7 +140,7 @@ def test_bench_rejects_unknown_sections(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_every_command_has_help() -> None:
-    for cmd in ("sample", "compare", "solvers", "bench"):
+    for cmd in ("sample", "compare", "solvers", "bench", "generate"):
         r = subprocess.run([sys.executable, "-m", "dpmsolver.cli", cmd, "--help"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
 

@@ -70,3 +70,29 @@ def test_diffusers_snippet_runs_as_written() -> None:
     exec(compile(python_block("Drop-in front ends"), str(README), "exec"), namespace)
     assert type(pipe.scheduler).__name__ == "DPMSolverScheduler"
     assert pipe.scheduler.config.solver == "dpmpp_2m"
+
+
+BENCH = README.parent / "benchmarks"
+
+
+def _between(text: str, start: str, end: str) -> str:
+    return text[text.index(start) + len(start) : text.index(end)].strip()
+
+
+def test_readme_benchmark_numbers_are_the_recorded_outputs() -> None:
+    """Every benchmark number quoted in the README is the one its command wrote to benchmarks/."""
+    text = README.read_text()
+    assert _between(text, "<!-- bench:start -->", "<!-- bench:end -->") == (BENCH / "summary.md").read_text().strip()
+    assert _between(text, "<!-- orders:start -->", "<!-- orders:end -->") in (BENCH / "orders.md").read_text()
+    overhead = [line for line in (BENCH / "overhead.md").read_text().splitlines() if line.startswith("| (")]
+    assert overhead and all(line in text for line in overhead)
+    import csv
+
+    with open(BENCH / "quality_digits.csv", newline="") as f:
+        quality = {(float(r["guidance"]), int(r["nfe"])): r for r in csv.DictReader(f)}
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| [-+][\d.]+% \|$", text, re.M)
+    assert len(rows) == 4
+    for w, acc, fd10, fd100 in rows:
+        assert f"{float(quality[(float(w), 10)]['class_accuracy']):.3f}" == acc
+        assert f"{float(quality[(float(w), 10)]['frechet_distance']):.3f}" == fd10
+        assert f"{float(quality[(float(w), 100)]['frechet_distance']):.3f}" == fd100

@@ -27,7 +27,7 @@ from ..solvers import get_solver
 from ..timegrid import grid_from_timesteps
 from .peers import optional_import
 
-__all__ = ["main", "measure_overhead"]
+__all__ = ["main", "measure_overhead", "overhead_table"]
 
 
 def _sync(device: torch.device) -> None:
@@ -90,6 +90,28 @@ def measure_overhead(
     return out
 
 
+SHAPES: tuple[tuple[int, ...], ...] = ((1, 4, 64, 64), (8, 4, 64, 64), (4, 4, 128, 128))
+
+
+def overhead_table(
+    *, device: str = "cpu", steps: int = 20, shapes: Sequence[Sequence[int]] = SHAPES, repeats: int = 20
+) -> str:
+    """The markdown table of :func:`measure_overhead` over ``shapes`` (ratio = ours / diffusers)."""
+    lines = [
+        f"Per-step solver overhead, DPM-Solver++(2M), {steps} steps, device {device} "
+        f"({torch.__version__}); network excluded. Regenerate: `dpmsolver bench --only overhead` "
+        f"(or `python -m dpmsolver.bench.overhead --device {device}`)\n",
+        "| latent shape | ours (us/step) | diffusers (us/step) | ratio |",
+        "|---|---|---|---|",
+    ]
+    for shape in shapes:
+        r = measure_overhead(shape, steps=steps, device=device, repeats=repeats)
+        theirs = r.get("diffusers")
+        cells = f"{theirs:.0f} | {r['ours'] / theirs:.2f}" if theirs else "n/a (diffusers not installed) | n/a"
+        lines.append(f"| {tuple(shape)} | {r['ours']:.0f} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print (or write) the overhead table."""
     p = argparse.ArgumentParser(prog="python -m dpmsolver.bench.overhead", description=__doc__.split("\n\n")[0])
@@ -97,19 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", help="write the markdown table to this file")
     args = p.parse_args(argv)
-    lines = [
-        f"Per-step solver overhead, DPM-Solver++(2M), {args.steps} steps, device {args.device} "
-        f"({torch.__version__}); network excluded. Regenerate: `python -m dpmsolver.bench.overhead "
-        f"--device {args.device}`\n",
-        "| latent shape | ours (us/step) | diffusers (us/step) | ratio |",
-        "|---|---|---|---|",
-    ]
-    for shape in ((1, 4, 64, 64), (8, 4, 64, 64), (4, 4, 128, 128)):
-        r = measure_overhead(shape, steps=args.steps, device=args.device)
-        theirs = r.get("diffusers")
-        ratio = f"{r['ours'] / theirs:.2f}" if theirs else "n/a"
-        lines.append(f"| {tuple(shape)} | {r['ours']:.0f} | {theirs:.0f} | {ratio} |" if theirs else f"| {tuple(shape)} | {r['ours']:.0f} | n/a | n/a |")
-    text = "\n".join(lines) + "\n"
+    text = overhead_table(device=args.device, steps=args.steps)
     if args.out:
         from ..io import atomic_write_text
 

@@ -10,6 +10,8 @@
 3. *Thresholding and parameterization under strong guidance*: noise- vs data-prediction
    multistep solvers, with and without dynamic thresholding (each scored against the
    solution of its own ODE), the DPM-Solver++ paper's stability claim.
+4. *Per-step solver overhead* (network excluded) against diffusers'
+   DPMSolverMultistepScheduler on the same tensor (:mod:`~.overhead`), on ``--device``.
 
 ``--quick`` shrinks every size so the whole command runs in seconds (used by the tests);
 the recorded results in ``benchmarks/`` come from the full run.
@@ -169,13 +171,18 @@ class Sizes:
     quality_guidance: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
     max_peers: int | None = None
     threshold_solvers: tuple[str, ...] = ("dpm_2m", "dpm_3m", "dpmpp_2m", "dpmpp_3m")
+    overhead_shapes: tuple[tuple[int, ...], ...] = ((1, 4, 64, 64), (8, 4, 64, 64), (4, 4, 128, 128))
+    overhead_repeats: int = 20
 
 
 QUICK = Sizes(
     nfes=(5, 10), guidance=(7.5,), mixture_batch=8, digits_batch=2, digits_rtol=1e-2,
     quality_per_class=2, quality_nfes=(5, 10), quality_guidance=(3.0,), max_peers=3,
-    threshold_solvers=("dpm_2m", "dpmpp_2m"),
+    threshold_solvers=("dpm_2m", "dpmpp_2m"), overhead_shapes=((1, 4, 16, 16),), overhead_repeats=2,
 )
+
+
+SECTIONS = ("mixture", "digits", "quality", "thresholding", "overhead")
 
 
 def _baselines() -> list[Method]:
@@ -251,6 +258,15 @@ def thresholding_section(sizes: Sizes, out: Path) -> str:
     return table
 
 
+def overhead_section(sizes: Sizes, out: Path, device: str) -> str:
+    """Per-step solver overhead (network excluded) against diffusers' DPM-Solver++(2M)."""
+    from .overhead import overhead_table
+
+    table = overhead_table(device=device, shapes=sizes.overhead_shapes, repeats=sizes.overhead_repeats)
+    atomic_write_text(out / "overhead.md", table)
+    return table
+
+
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -315,9 +331,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks", help="output directory (default benchmarks/)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, not minutes (for tests)")
     p.add_argument(
-        "--only", default="mixture,digits,quality,thresholding",
-        help="comma-separated sections: mixture, digits, quality, thresholding (default: all)",
+        "--only", default=",".join(SECTIONS),
+        help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all)",
     )
+    p.add_argument("--device", default="cpu", help="device for the overhead section (cpu, cuda, cuda:N)")
     p.add_argument("--readme", help="also write the summary matrices between the README's bench markers")
     p.add_argument("--summarize", action="store_true", help="only rebuild the summary from the CSVs in --out")
 
@@ -328,10 +345,9 @@ def run(args: argparse.Namespace) -> int:
     if not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is not a directory")
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    known = ("mixture", "digits", "quality", "thresholding")
     for s in sections:
-        if s not in known:
-            raise ValueError(f"--only: unknown section {s!r}; accepted: {', '.join(known)}")
+        if s not in SECTIONS:
+            raise ValueError(f"--only: unknown section {s!r}; accepted: {', '.join(SECTIONS)}")
     if args.summarize:
         _write_summary(out, args.readme)
         return 0
@@ -350,6 +366,8 @@ def run(args: argparse.Namespace) -> int:
         report.append("## Digits sample quality (auto)\n\n" + quality_section(sizes, out))
     if "thresholding" in sections:
         report.append("## Thresholding at strong guidance\n\n" + thresholding_section(sizes, out))
+    if "overhead" in sections:
+        report.append("## Per-step solver overhead\n\n" + overhead_section(sizes, out, args.device))
     text = "\n".join(report)
     sys.stdout.write(text)
     _write_summary(out, args.readme)
