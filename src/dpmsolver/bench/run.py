@@ -203,10 +203,17 @@ def accuracy_section(problems: Iterable[GuidedProblem], sizes: Sizes, out: Path,
 
 
 def quality_section(sizes: Sizes, out: Path) -> str:
-    """Class accuracy and Frechet distance of auto's digits by NFE and guidance."""
+    """Class accuracy and Frechet distance of auto's digits by NFE and guidance (and the
+    real Inception FID where torch-fidelity and its weights are present)."""
     from ..cli import load_builtin, run_sampling
     from ..digits import load_classifier
-    from .quality import classify, frechet_distance, real_digits
+    from .quality import (
+        classify,
+        frechet_distance,
+        inception_fid,
+        inception_fid_unavailable,
+        real_digits,
+    )
 
     device = torch.device("cpu")
     model = load_builtin(device)
@@ -214,6 +221,7 @@ def quality_section(sizes: Sizes, out: Path) -> str:
     real_x, _ = real_digits()
     _, real_f = classify(clf, real_x)
     labels = torch.arange(10).repeat_interleave(sizes.quality_per_class)
+    no_fid = inception_fid_unavailable()
     rows = []
     for w in sizes.quality_guidance:
         for nfe in sizes.quality_nfes:
@@ -224,12 +232,17 @@ def quality_section(sizes: Sizes, out: Path) -> str:
                 "guidance": w, "nfe": nfe, "spent": spent // math.ceil(len(labels) / 250),
                 "class_accuracy": float((pred == labels.numpy()).mean()),
                 "frechet_distance": frechet_distance(feats, real_f),
+                **({} if no_fid else {"inception_fid": inception_fid(x, real_x, device=device)}),
                 "seconds": round(time.perf_counter() - t0, 2),
             })
     atomic_write_text(out / "quality_digits.csv", _csv(rows))
-    lines = ["| guidance | NFE | class accuracy | Frechet distance (classifier features) |", "|---|---|---|---|"]
+    fid_head, fid_rule = ("", "") if no_fid else (" Inception FID |", "---|")
+    lines = [f"| guidance | NFE | class accuracy | Frechet distance (classifier features) |{fid_head}", f"|---|---|---|---|{fid_rule}"]
     for r in rows:
-        lines.append(f"| {r['guidance']:g} | {r['nfe']} | {r['class_accuracy']:.3f} | {r['frechet_distance']:.3f} |")
+        fid = "" if no_fid else f" {r['inception_fid']:.2f} |"
+        lines.append(f"| {r['guidance']:g} | {r['nfe']} | {r['class_accuracy']:.3f} | {r['frechet_distance']:.3f} |{fid}")
+    if no_fid:
+        lines.append(f"\nInception FID not computed: {no_fid}.")
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "quality_digits.md", table)
     return table
