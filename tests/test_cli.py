@@ -127,7 +127,7 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
     names = {p.name for p in tmp_path.iterdir()}
     for stem in ("accuracy_mixture", "accuracy_digits"):
         assert {f"{stem}.csv", f"{stem}.md", f"{stem}.png"} <= names
-    assert {"quality_digits.csv", "quality_digits.md", "thresholding.csv", "thresholding.md", "overhead.md"} <= names
+    assert {"quality_digits.csv", "quality_digits.md", "thresholding.csv", "thresholding.md", "overhead.md", "tails.csv", "tails.md"} <= names
     assert "auto" in (tmp_path / "accuracy_mixture.csv").read_text()
     overhead = (tmp_path / "overhead.md").read_text()
     assert "| (1, 4, 16, 16) |" in overhead and "n/a" not in overhead  # diffusers is a test extra

@@ -35,7 +35,7 @@ from ..solvers import get_solver
 from ..timegrid import make_grid
 from .peers import load_kdiffusion_sampling, optional_import
 
-__all__ = ["GuidedProblem", "Method", "digits_problem", "mixture_problem", "our_methods", "peer_methods", "rmse"]
+__all__ = ["GuidedProblem", "Method", "digits_problem", "mixture_problem", "our_methods", "peer_methods", "rmse", "sample_errors"]
 
 NFES = (5, 6, 8, 10, 12, 15, 20, 25, 50)
 GUIDANCE = (1.0, 3.0, 7.5, 15.0)
@@ -292,10 +292,19 @@ def peer_methods() -> list[Method]:
     return [m for m in specs if m is not None]
 
 
+def sample_errors(a: Tensor, b: Tensor) -> Tensor:
+    """Each sample's RMS error (float64; inf where ``a`` is not finite)."""
+    err = ((a.double() - b.double()) ** 2).flatten(1).mean(1).sqrt()
+    return torch.where(torch.isfinite(a).flatten(1).all(1), err, torch.full_like(err, math.inf))
+
+
 def evaluate(
-    methods: Iterable[Method], problems: Iterable[GuidedProblem], nfes: Sequence[int] = NFES
+    methods: Iterable[Method], problems: Iterable[GuidedProblem], nfes: Sequence[int] = NFES,
+    *, per_sample: bool = False,
 ) -> list[dict[str, Any]]:
-    """One row per (problem, method, nfe) that could be run: the RMS error."""
+    """One row per (problem, method, nfe) that could be run: the RMS error, and with
+    ``per_sample`` the median of the samples' errors and the share of the total squared
+    error that the worst sample carries."""
     rows = []
     for p in problems:
         for m in methods:
@@ -304,5 +313,10 @@ def evaluate(
                     x = m.run(p, nfe)
                 if x is None:
                     continue
-                rows.append({"problem": p.name, "method": m.label, "source": m.source, "nfe": nfe, "error": rmse(x, p.reference)})
+                row = {"problem": p.name, "method": m.label, "source": m.source, "nfe": nfe, "error": rmse(x, p.reference)}
+                if per_sample:
+                    e = sample_errors(x, p.reference)
+                    row["median"] = float(e.median())
+                    row["worst_share"] = float(e.max() ** 2 / (e**2).sum()) if bool(torch.isfinite(e).all()) else 1.0
+                rows.append(row)
     return rows
