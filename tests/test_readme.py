@@ -96,3 +96,11 @@ def test_readme_benchmark_numbers_are_the_recorded_outputs() -> None:
         assert f"{float(quality[(float(w), 10)]['class_accuracy']):.3f}" == acc
         assert f"{float(quality[(float(w), 10)]['frechet_distance']):.3f}" == fd10
         assert f"{float(quality[(float(w), 100)]['frechet_distance']):.3f}" == fd100
+
+
+def test_readme_tail_counts_are_the_recorded_ones() -> None:
+    recorded = re.search(r"in (\d+) of (\d+) cells by RMS and in (\d+) of \d+ by the median", (BENCH / "tails.md").read_text())
+    assert recorded is not None
+    rms, cells, median = recorded.groups()
+    text = " ".join(README.read_text().split())
+    assert f"in {rms} of {cells} cells; by the median sample in {median} of {cells}" in text
