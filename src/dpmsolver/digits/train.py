@@ -296,7 +296,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output folder for the weights")
     p.add_argument("--only", choices=["both", "classifier", "denoiser"], default="both")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the shipped weights used 1; results depend on it)")
     p.add_argument("--steps", type=int, default=8000, help="denoiser optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="denoiser batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="denoiser peak learning rate")
