@@ -104,3 +104,12 @@ def test_readme_tail_counts_are_the_recorded_ones() -> None:
     rms, cells, median = recorded.groups()
     text = " ".join(README.read_text().split())
     assert f"in {rms} of {cells} cells; by the median sample in {median} of {cells}" in text
+
+
+def test_readme_throughput_is_the_recorded_one() -> None:
+    text = " ".join(README.read_text().split())
+    for name in ("generate.md", "generate_busy.md"):
+        rows = [line.split("|") for line in (BENCH / name).read_text().splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+        assert len(rows) == 3
+        for cells in rows:
+            assert f" {cells[5].strip()} " in text, (name, cells[1])  # samples/s

@@ -103,7 +103,11 @@ def measure(
 def _markdown(rows: list[dict[str, object]], model: str, settings: dict[str, object]) -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+        loads = os.getloadavg()
+        load = " / ".join(f"{v:.2f}" for v in loads)
+        # The runs themselves keep a core or two busy; more than that is someone else's work.
+        if loads[0] > (os.cpu_count() or 1) + 0.5:
+            load += " (the cores were shared with other work)"
     except OSError:
         load = "n/a"
     lines = [
@@ -112,7 +116,7 @@ def _markdown(rows: list[dict[str, object]], model: str, settings: dict[str, obj
         f"Model `{model}`; " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".",
         f"Machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, dpmsolver "
         f"{__version__}, {datetime.date.today().isoformat()}; load average before the runs "
-        f"{load} (the cores were shared with other work).",
+        f"{load}.",
         "",
         "Wall time from launch to exit; *fixed* is a re-run on the finished directory "
         "(interpreter and torch start-up, model load, checksum of every shard), and the "
