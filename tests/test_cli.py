@@ -139,6 +139,13 @@ def test_bench_rejects_unknown_sections(tmp_path: Path, capsys: pytest.CaptureFi
     assert e.value.code == 2 and "unknown section 'speed'" in capsys.readouterr().err
 
 
+def test_bench_rejects_a_bad_device_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        run_cli("bench", "--quick", "--out", str(tmp_path), "--device", "gpu7")
+    assert e.value.code == 2 and "--device 'gpu7' is not a device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_every_command_has_help() -> None:
     for cmd in ("sample", "compare", "solvers", "bench", "generate"):
         r = subprocess.run([sys.executable, "-m", "dpmsolver.cli", cmd, "--help"], capture_output=True, text=True, timeout=120)

@@ -42,6 +42,8 @@ from ..sampling import NonFiniteError, solve
 from ..solvers import get_solver
 from ..timegrid import make_grid
 from .accuracy import GuidedProblem, Method, digits_problem, evaluate, mixture_problem, peer_methods
+from .overhead import SHAPES as OVERHEAD_SHAPES
+from .overhead import overhead_table
 
 __all__ = ["auto_method", "main", "ours_method"]
 
@@ -174,7 +176,7 @@ class Sizes:
     quality_guidance: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
     max_peers: int | None = None
     threshold_solvers: tuple[str, ...] = ("dpm_2m", "dpm_3m", "dpmpp_2m", "dpmpp_3m")
-    overhead_shapes: tuple[tuple[int, ...], ...] = ((1, 4, 64, 64), (8, 4, 64, 64), (4, 4, 128, 128))
+    overhead_shapes: tuple[tuple[int, ...], ...] = OVERHEAD_SHAPES
     overhead_repeats: int = 20
     tails_seed: int = 9
     tails_batch: int = 512
@@ -315,8 +317,6 @@ def tails_section(sizes: Sizes, out: Path) -> str:
 
 def overhead_section(sizes: Sizes, out: Path, device: str) -> str:
     """Per-step solver overhead (network excluded) against diffusers' DPM-Solver++(2M)."""
-    from .overhead import overhead_table
-
     table = overhead_table(device=device, shapes=sizes.overhead_shapes, repeats=sizes.overhead_repeats)
     atomic_write_text(out / "overhead.md", table)
     return table
@@ -389,7 +389,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--only", default=",".join(SECTIONS),
         help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all)",
     )
-    p.add_argument("--device", default="cpu", help="device for the overhead section (cpu, cuda, cuda:N)")
+    p.add_argument("--device", default="cpu", help="device for the overhead section (cpu, cuda, cuda:N, auto)")
     p.add_argument("--readme", help="also write the summary matrices between the README's bench markers")
     p.add_argument("--summarize", action="store_true", help="only rebuild the summary from the CSVs in --out")
 
@@ -403,6 +403,9 @@ def run(args: argparse.Namespace) -> int:
     for s in sections:
         if s not in SECTIONS:
             raise ValueError(f"--only: unknown section {s!r}; accepted: {', '.join(SECTIONS)}")
+    from ..cli import _device  # the CLI's own --device rule (cpu, cuda, cuda:N, auto)
+
+    device = str(_device(args.device))  # checked before hours of work, not after
     if args.summarize:
         _write_summary(out, args.readme)
         return 0
@@ -424,7 +427,7 @@ def run(args: argparse.Namespace) -> int:
     if "tails" in sections:
         report.append("## Where the error comes from\n\n" + tails_section(sizes, out))
     if "overhead" in sections:
-        report.append("## Per-step solver overhead\n\n" + overhead_section(sizes, out, args.device))
+        report.append("## Per-step solver overhead\n\n" + overhead_section(sizes, out, device))
     text = "\n".join(report)
     sys.stdout.write(text)
     _write_summary(out, args.readme)
