@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_finite_float
 from .base import Form, Solver, StepContext
-from .registry import SolverInfo, family, register
+from .registry import FORM_FAMILIES, SolverInfo, family, register
 from .singlestep import singlestep_update
 
 __all__ = ["AdaptiveDPMSolver"]
@@ -86,7 +86,7 @@ class AdaptiveDPMSolver(Solver):
         return x_high, state
 
 
-for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
+for _prefix, _form, _label in FORM_FAMILIES:
     register(
         SolverInfo(
             name=f"{_prefix}_adaptive",

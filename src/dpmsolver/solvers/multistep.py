@@ -34,7 +34,7 @@ from torch import Tensor
 from .._validate import check_choice
 from ..schedules import Knot
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
-from .registry import SolverInfo, family, register
+from .registry import FORM_FAMILIES, SolverInfo, family, register
 
 __all__ = ["MultistepDPMSolver", "MultistepState", "history_order", "multistep_terms"]
 
@@ -148,7 +148,7 @@ def multistep_terms(
     a1 = -b * phi_2 * w - c_d2 / (r0 + r1)  # coefficient of D1_1
     return [(-b * phi_1 + a0 / r0, m0), (-a0 / r0 + a1 / r1, m1), (-a1 / r1, m2)]
 
-for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
+for _prefix, _form, _label in FORM_FAMILIES:
     register(
         SolverInfo(
             name=f"{_prefix}_multistep",

@@ -12,7 +12,7 @@ from typing import Any
 from .._validate import check_choice
 from .base import Form, Solver
 
-__all__ = ["ALIASES", "REGISTRY", "SolverInfo", "configurations", "family", "get_solver", "register"]
+__all__ = ["ALIASES", "FORM_FAMILIES", "REGISTRY", "SolverInfo", "configurations", "family", "get_solver", "register"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,11 @@ def configurations() -> Iterator[tuple[str, Mapping[str, Any], Solver]]:
     for name, info in REGISTRY.items():
         for cfg in info.configurations:
             yield name, cfg, info.build(**cfg)
+
+
+# (name prefix, prediction form, label): DPM-Solver++ works on the data prediction, the
+# original DPM-Solver on the noise prediction; each solver kind is registered once per form.
+FORM_FAMILIES: tuple[tuple[str, Form, str], ...] = (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver"))
 
 
 def family(form: Form, cls: type[Solver]) -> Callable[..., Solver]:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_int
 from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
-from .registry import SolverInfo, family, register
+from .registry import FORM_FAMILIES, SolverInfo, family, register
 
 __all__ = ["FastDPMSolver", "SinglestepDPMSolver", "singlestep_plan", "singlestep_update"]
 
@@ -208,7 +208,7 @@ class FastDPMSolver(SinglestepDPMSolver):
         return orders
 
 
-for _prefix, _form, _label in (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver")):
+for _prefix, _form, _label in FORM_FAMILIES:
     register(
         SolverInfo(
             name=f"{_prefix}_singlestep",
