@@ -22,6 +22,7 @@ Z = torch.randn(2, 6, dtype=torch.float64)
         (dict(solver="dpmpp_adaptive", order=1), ValueError, "accepted values: 2, 3"),
         (dict(solver_options={"variant": "bogus"}), ValueError, "variant='bogus'"),
         (dict(solver_options={"eta": 1.0}), ValueError, "option of solver 'dpmpp_multistep'.*'eta'"),
+        (dict(solver="unipc", order=2, solver_options={"order": 3}), ValueError, r"order=2 and solver_options\['order'\]=3 disagree"),
         (dict(steps=0), ValueError, "steps must be >= 1"),
         (dict(steps=True), TypeError, "steps must be an integer"),
         (dict(nfe=-3), ValueError, "nfe must be >= 1"),
@@ -42,6 +43,14 @@ Z = torch.randn(2, 6, dtype=torch.float64)
 def test_sample_argument_errors(kwargs: dict, exc: type[Exception], match: str) -> None:
     with pytest.raises(exc, match=match):
         dp.sample(NET, Z, schedule=SD, **kwargs)
+
+
+def test_order_may_come_inside_solver_options() -> None:
+    a = dp.sample(NET, Z, schedule=SD, solver="unipc", solver_options={"order": 3}, steps=8)
+    b = dp.sample(NET, Z, schedule=SD, solver="unipc", order=3, steps=8)
+    c = dp.sample(NET, Z, schedule=SD, solver="unipc", order=2, steps=8)
+    torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    assert not torch.equal(a.x, c.x)
 
 
 def test_model_output_shape_mismatch_is_named() -> None:

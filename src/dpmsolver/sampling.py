@@ -439,6 +439,17 @@ def _resolve(
     return g, orders
 
 
+def _build_solver(name: str, order: int | None, solver_options: Mapping[str, Any] | None) -> Solver:
+    """``get_solver`` with the order accepted either as ``order`` or inside ``solver_options``
+    (as a :class:`~dpmsolver.auto.Recipe` spells it)."""
+    options = dict(solver_options or {})
+    if "order" in options:
+        if order is not None and order != options["order"]:
+            raise ValueError(f"order={order} and solver_options['order']={options['order']} disagree; pass one of them")
+        order = options.pop("order")
+    return get_solver(name, order, **options)
+
+
 def sample(
     model: Network,
     noise: Tensor,
@@ -532,12 +543,13 @@ def sample(
         recipe = recommend(budget, w)
         solver, steps, nfe = recipe.solver, None, budget
         solver_options = {**recipe.options, **dict(solver_options or {})}
-        order = solver_options.pop("order", order)
+        if order is not None:  # the caller's order overrides the recipe's
+            solver_options.pop("order", None)
         grid = grid if grid is not None else recipe.grid  # type: ignore[assignment]
         rho = rho if rho is not None else recipe.rho
         t_end = t_end if t_end is not None else recipe.t_end(schedule)
         final_step = final_step if final_step is not None else recipe.final_step  # type: ignore[assignment]
-    solver_obj = get_solver(solver, order, **dict(solver_options or {}))
+    solver_obj = _build_solver(solver, order, solver_options)
     g, orders = _resolve(
         schedule, solver_obj, steps=steps, nfe=nfe, grid=grid or "logsnr", t_start=t_start, t_end=t_end,
         final=final, rho=rho, timesteps=timesteps, sigmas=sigmas, lower_order_final=lower_order_final,
@@ -598,7 +610,7 @@ def invert(
     maps it back to ``x``. Arguments mean what they mean in :func:`sample`; the grid is the
     sampling grid with ``final="t_min"``, reversed.
     """
-    solver_obj = get_solver(solver, order, **dict(solver_options or {}))
+    solver_obj = _build_solver(solver, order, solver_options)
     g, orders = _resolve(
         schedule, solver_obj, steps=steps, nfe=nfe, grid=grid, t_start=t_start, t_end=t_end,
         final="t_min", rho=rho, timesteps=timesteps, sigmas=None, lower_order_final=False,
