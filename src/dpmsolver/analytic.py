@@ -36,6 +36,7 @@ __all__ = [
     "MixtureDenoiser",
     "MixtureNetwork",
     "default_mixture",
+    "reference_sample",
     "reference_solve",
 ]
 
@@ -280,3 +281,16 @@ def reference_solve(
     else:
         raise RuntimeError("reference_solve did not converge")
     return (end.alpha * y).to(x.dtype)
+
+
+def reference_sample(
+    denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, *, rtol: float = 1e-9, atol: float | None = None,
+) -> Tensor:
+    """The exact sample a sampler started at ``x_T`` (at ``schedule.t_max``) aims for: the
+    probability-flow ODE solution at ``t_min`` (:func:`reference_solve`; ``atol`` defaults
+    to ``rtol / 100``) followed by the data prediction there. A discrete-time network is
+    only defined down to its last training time, so this is what "exact" can mean for it;
+    every sampler's final data-prediction step aims at it."""
+    start, end = schedule.knot(schedule.t_max), schedule.knot(schedule.t_min)
+    x_end = reference_solve(denoiser, x_T, start, end, schedule, rtol=rtol, atol=rtol * 1e-2 if atol is None else atol)
+    return denoiser(x_end, end)

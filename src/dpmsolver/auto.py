@@ -24,7 +24,8 @@ from typing import Any
 
 from ._validate import check_finite_float, check_int
 from .schedules import NoiseSchedule
-from .solvers.base import Form
+from .solvers.base import Form, Solver
+from .timegrid import TimeGrid, make_grid
 
 __all__ = ["Recipe", "recommend"]
 
@@ -55,6 +56,16 @@ class Recipe:
             return None
         t = schedule.knot_at_lambda(-math.log(self.sigma_end)).t
         return min(max(t, schedule.t_min), schedule.t_max)
+
+    def build(self, schedule: NoiseSchedule, nfe: int) -> tuple[Solver, list[int], TimeGrid]:
+        """The solver, its per-step orders and the grid that spend exactly ``nfe``
+        evaluations on ``schedule`` (ValueError if this recipe cannot)."""
+        from .solvers import get_solver  # the registry imports solver modules that use Form
+
+        solver = get_solver(self.solver, **self.options)
+        orders = solver.plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=nfe < 15)
+        grid = make_grid(schedule, len(orders), self.grid, final="zero", rho=self.rho, t_end=self.t_end(schedule))  # type: ignore[arg-type]
+        return solver, orders, grid
 
     def describe(self) -> str:
         """One line for logs and tables."""
