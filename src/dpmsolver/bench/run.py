@@ -11,9 +11,16 @@
    multistep solvers, with and without dynamic thresholding (each scored against the
    solution of its own ODE), the DPM-Solver++ paper's stability claim.
 4. *Where the error comes from*: on a fresh mixture with 512 samples per cell, auto against
-   the best peer by RMS and by the median sample, and the worst sample's share of the RMS.
+   the best peer by RMS and by the median sample, the worst sample's share of the RMS, and
+   divergence (samples farther than ``DIVERGED`` from their exact sample).
 5. *Per-step solver overhead* (network excluded) against diffusers'
    DPMSolverMultistepScheduler on the same tensor (:mod:`~.overhead`), on ``--device``.
+6. *The ceiling of the search space*: on the held-out problems of section 1, the best of
+   every candidate recipe :mod:`~.search` considers, picked on that very problem (an
+   oracle), against the best peer: what no per-cell recipe table drawn from those
+   candidates can beat.
+7. *Optimized time steps* (:mod:`dpmsolver.calibrate`): auto's recipe with its knots fitted
+   on other noise draws of the held-out mixture, scored on the benchmark's noise.
 
 ``--quick`` shrinks every size so the whole command runs in seconds (used by the tests);
 the recorded results in ``benchmarks/`` come from the full run.
@@ -36,28 +43,34 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..auto import recommend
+from ..auto import Recipe, recommend
 from ..io import atomic_write, atomic_write_text
 from ..sampling import NonFiniteError, solve
-from ..solvers import get_solver
-from ..timegrid import make_grid
-from .accuracy import GuidedProblem, Method, digits_problem, evaluate, mixture_problem, peer_methods
+from .accuracy import (
+    DIVERGED,
+    GuidedProblem,
+    Method,
+    digits_problem,
+    evaluate,
+    mixture_problem,
+    peer_methods,
+    rmse,
+)
 from .overhead import SHAPES as OVERHEAD_SHAPES
 from .overhead import overhead_table
 
-__all__ = ["auto_method", "main", "ours_method"]
+__all__ = ["auto_method", "main", "ours_method", "run_recipe"]
 
 
-def _run_recipe(p: GuidedProblem, nfe: int, solver: str, options: dict[str, Any], grid: str, rho: float | None,
-                t_end: float | None, final_step: str) -> Tensor | None:
-    s = get_solver(solver, **options)
+def run_recipe(p: GuidedProblem, nfe: int, recipe: Recipe) -> Tensor | None:
+    """``recipe``'s final sample on ``p`` with exactly ``nfe`` evaluations (None if it cannot
+    spend ``nfe`` or diverges)."""
     try:
-        orders = s.plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=nfe < 15)
+        s, orders, g = recipe.build(p.schedule, nfe)
     except ValueError:
         return None
-    g = make_grid(p.schedule, len(orders), grid, final="zero", rho=rho, t_end=t_end)  # type: ignore[arg-type]
     try:
-        return solve(p.counted(), p.x_T, g, s, orders=orders, check_finite="off", final_step=final_step).x  # type: ignore[arg-type]
+        return solve(p.counted(), p.x_T, g, s, orders=orders, check_finite="off", final_step=recipe.final_step).x  # type: ignore[arg-type]
     except NonFiniteError:
         return None
 
@@ -66,8 +79,7 @@ def auto_method() -> Method:
     """``solver="auto"``: the recipe for each (NFE, guidance) cell."""
 
     def run(p: GuidedProblem, nfe: int) -> Tensor | None:
-        r = recommend(nfe, p.guidance)
-        return _run_recipe(p, nfe, r.solver, dict(r.options), r.grid, r.rho, r.t_end(p.schedule), r.final_step)
+        return run_recipe(p, nfe, recommend(nfe, p.guidance))
 
     return Method("auto", "ours", run)
 
@@ -76,7 +88,7 @@ def ours_method(solver: str, grid: str = "logsnr", **options: Any) -> Method:
     """One of our solvers on one grid (to the schedule's t_min, plain final step)."""
 
     def run(p: GuidedProblem, nfe: int) -> Tensor | None:
-        return _run_recipe(p, nfe, solver, options, grid, None, None, "denoise")
+        return run_recipe(p, nfe, Recipe(solver, dict(options), grid))
 
     opts = "".join(f" {k}={v}" for k, v in options.items())
     return Method(f"{solver}{opts} [{grid}]", "ours", run)
@@ -180,17 +192,27 @@ class Sizes:
     overhead_repeats: int = 20
     tails_seed: int = 9
     tails_batch: int = 512
+    # The digits network costs ~30 ms per evaluation here, so its ceiling covers the
+    # issue's target cells (and the strongest guidance) only; the mixture covers them all.
+    ceiling_digits_guidance: tuple[float, ...] = (7.5, 15.0)
+    ceiling_digits_nfes: tuple[int, ...] = (5, 6, 8, 10)
+    ceiling_candidates: int | None = None
+    steps_guidance: tuple[float, ...] = (7.5, 15.0)
+    steps_nfes: tuple[int, ...] = (5, 6, 8, 10)
+    steps_batch: int = 1024
+    steps_evals: int = 800
 
 
 QUICK = Sizes(
     nfes=(5, 10), guidance=(7.5,), mixture_batch=8, digits_batch=2, digits_rtol=1e-2,
     quality_per_class=2, quality_nfes=(5, 10), quality_guidance=(3.0,), max_peers=3,
     threshold_solvers=("dpm_2m", "dpmpp_2m"), overhead_shapes=((1, 4, 16, 16),), overhead_repeats=2,
-    tails_batch=16,
+    tails_batch=16, ceiling_digits_guidance=(7.5,), ceiling_digits_nfes=(5,), ceiling_candidates=4,
+    steps_guidance=(7.5,), steps_nfes=(6,), steps_batch=8, steps_evals=20,
 )
 
 
-SECTIONS = ("mixture", "digits", "quality", "thresholding", "tails", "overhead")
+SECTIONS = ("mixture", "digits", "quality", "thresholding", "tails", "overhead", "ceiling", "steps")
 
 
 def _baselines() -> list[Method]:
@@ -288,11 +310,12 @@ def tails_section(sizes: Sizes, out: Path) -> str:
     rows = evaluate([auto_method(), *peer_methods()[: sizes.max_peers]], probs, sizes.nfes, per_sample=True)
     atomic_write_text(out / "tails.csv", _csv(rows))
     lines = [
-        "| problem | NFE | auto RMS / best peer RMS | auto median / best peer median | auto worst-sample share | best-RMS peer's worst-sample share |",
-        "|---|---|---|---|---|---|",
+        "| problem | NFE | auto RMS / best peer RMS | auto median / best peer median | auto worst-sample share | "
+        "best-RMS peer's worst-sample share | auto worst sample | peers with a diverged sample |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     wins = {"error": 0, "median": 0}
-    cells = 0
+    cells = auto_diverged = 0
     for prob in dict.fromkeys(r["problem"] for r in rows):
         for nfe in sizes.nfes:
             cell = [r for r in rows if r["problem"] == prob and r["nfe"] == nfe]
@@ -303,13 +326,17 @@ def tails_section(sizes: Sizes, out: Path) -> str:
             best = {k: min(peers, key=itemgetter(k)) for k in wins}
             ratio = {k: auto[k] / best[k][k] for k in wins}
             cells += 1
+            auto_diverged += auto["diverged"]
             for k in wins:
                 wins[k] += ratio[k] <= 1.0
+            peers_all = [r for r in cell if r["method"] != "auto"]
             lines.append(f"| {prob} | {nfe} | {ratio['error']:.2f} | {ratio['median']:.2f} | "
-                         f"{auto['worst_share']:.0%} | {best['error']['worst_share']:.0%} |")
+                         f"{auto['worst_share']:.0%} | {best['error']['worst_share']:.0%} | {auto['worst']:.2f} | "
+                         f"{sum(r['diverged'] > 0 for r in peers_all)} of {len(peers_all)} |")
     lines.append(f"\nauto is at least as good as the best peer in {wins['error']} of {cells} cells by RMS "
                  f"and in {wins['median']} of {cells} by the median sample's error "
-                 f"({sizes.tails_batch} samples per cell, mixture seed {sizes.tails_seed}).")
+                 f"({sizes.tails_batch} samples per cell, mixture seed {sizes.tails_seed}). "
+                 f"auto samples that diverged (error above {DIVERGED:g}): {auto_diverged} of {cells * sizes.tails_batch}.")
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "tails.md", table)
     return table
@@ -319,6 +346,80 @@ def overhead_section(sizes: Sizes, out: Path, device: str) -> str:
     """Per-step solver overhead (network excluded) against diffusers' DPM-Solver++(2M)."""
     table = overhead_table(device=device, shapes=sizes.overhead_shapes, repeats=sizes.overhead_repeats)
     atomic_write_text(out / "overhead.md", table)
+    return table
+
+
+def ceiling_section(sizes: Sizes, out: Path) -> str:
+    """Per held-out cell: auto's error and the lowest error of auto or any candidate recipe
+    of :func:`~.search.candidates` (chosen on the cell itself), each over the best peer's."""
+    from .search import candidates, run_recipe  # search builds on this module
+
+    recipes = candidates()[: sizes.ceiling_candidates]
+    probs = [(mixture_problem(w, batch=sizes.mixture_batch, seed=sd), sizes.nfes) for w in sizes.guidance for sd in sizes.mixture_seeds]
+    probs += [(digits_problem(w, batch=sizes.digits_batch, seed=sizes.digits_seed, rtol=sizes.digits_rtol), sizes.ceiling_digits_nfes)
+              for w in sizes.ceiling_digits_guidance]
+    rows: list[dict[str, Any]] = []
+    for p, nfes in probs:
+        peers = evaluate(peer_methods()[: sizes.max_peers], [p], nfes)
+        for nfe in nfes:
+            best_peer = min((r for r in peers if r["nfe"] == nfe), key=itemgetter("error"))
+            auto = recommend(nfe, p.guidance)
+            errors = [(run_recipe(p, r, nfe), r) for r in [auto, *recipes]]
+            best_err, best = min(((e, r) for e, r in errors if not math.isnan(e)), key=itemgetter(0))
+            rows.append({
+                "problem": p.name, "nfe": nfe, "best_peer": best_peer["error"], "best_peer_method": best_peer["method"],
+                "auto": errors[0][0], "ceiling": best_err,
+                "ceiling_recipe": best.describe(), "candidates": sum(not math.isnan(e) for e, _ in errors[1:]),
+            })
+    atomic_write_text(out / "ceiling.csv", _csv(rows))
+    lines = ["| problem | NFE | auto / best peer | best candidate / best peer | best candidate (chosen on this cell) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['problem']} | {r['nfe']} | {r['auto'] / r['best_peer']:.2f} | {r['ceiling'] / r['best_peer']:.2f} | "
+              f"`{r['ceiling_recipe']}` |" for r in rows]
+    lines.append(f"\nBest candidate: the lowest error of auto's recipe and {len(recipes)} candidate recipes; best peer = the best of {len(peer_methods()[: sizes.max_peers])} peer configurations in the cell.")
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(out / "ceiling.md", table)
+    return table
+
+
+def steps_section(sizes: Sizes, out: Path) -> str:
+    """auto's recipe with knots calibrated (:func:`dpmsolver.calibrate.calibrate_steps`) on
+    ``steps_batch`` other noises of the held-out mixture, scored on the benchmark's noise."""
+    from ..calibrate import calibrate_steps, run_calibrated
+
+    rows: list[dict[str, Any]] = []
+    for w in sizes.steps_guidance:
+        for sd in sizes.mixture_seeds:
+            p = mixture_problem(w, batch=sizes.mixture_batch, seed=sd)
+            cal = mixture_problem(w, batch=sizes.steps_batch, seed=sd, noise_seed=5000 + sd)
+            peers = evaluate(peer_methods()[: sizes.max_peers], [p], sizes.steps_nfes)
+            for nfe in sizes.steps_nfes:
+                best_peer = min((r for r in peers if r["nfe"] == nfe), key=itemgetter("error"))
+                fit = calibrate_steps(cal.denoiser, cal.x_T, cal.reference, cal.schedule, nfe, guidance_scale=w,
+                                      max_evals=sizes.steps_evals)
+                lams = [-math.log(v) for v in fit.sigmas[:-1]]
+                x_auto = run_calibrated(p.denoiser, p.x_T, p.schedule, fit.recipe, nfe)
+                x_fit = run_calibrated(p.denoiser, p.x_T, p.schedule, fit.recipe, nfe, lams)
+                rows.append({
+                    "problem": p.name, "nfe": nfe, "recipe": fit.recipe.describe(), "best_peer": best_peer["error"],
+                    "auto": math.inf if x_auto is None else rmse(x_auto, p.reference),
+                    "calibrated": math.inf if x_fit is None else rmse(x_fit, p.reference),
+                    "fit_start": fit.start_error, "fit_end": fit.error,
+                    "validation_start": fit.validation_start, "validation_end": fit.validation_error, "accepted": fit.accepted,
+                    "sigmas": " ".join(f"{v:.4g}" for v in fit.sigmas),
+                })
+    atomic_write_text(out / "steps.csv", _csv(rows))
+    lines = ["| problem | NFE | auto / best peer | calibrated auto / best peer | fit half: auto -> fitted | "
+             "validation half: auto -> fitted | fit kept | calibrated sigmas |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['problem']} | {r['nfe']} | {r['auto'] / r['best_peer']:.2f} | {r['calibrated'] / r['best_peer']:.2f} | "
+              f"{r['fit_start']:.2e} -> {r['fit_end']:.2e} | {r['validation_start']:.2e} -> {r['validation_end']:.2e} | "
+              f"{'yes' if r['accepted'] else 'no'} | {r['sigmas']} |" for r in rows]
+    lines.append(f"\nCalibration: {sizes.steps_batch} other noise draws of the same mixture (half fitted by "
+                 f"Nelder-Mead, at most {sizes.steps_evals} sampler runs; half for validation); scored on the "
+                 f"benchmark's {sizes.mixture_batch} samples.")
+    table = "\n".join(lines) + "\n"
+    atomic_write_text(out / "steps.md", table)
     return table
 
 
@@ -428,6 +529,10 @@ def run(args: argparse.Namespace) -> int:
         report.append("## Where the error comes from\n\n" + tails_section(sizes, out))
     if "overhead" in sections:
         report.append("## Per-step solver overhead\n\n" + overhead_section(sizes, out, device))
+    if "ceiling" in sections:
+        report.append("## Ceiling of the search space\n\n" + ceiling_section(sizes, out))
+    if "steps" in sections:
+        report.append("## Optimized time steps\n\n" + steps_section(sizes, out))
     text = "\n".join(report)
     sys.stdout.write(text)
     _write_summary(out, args.readme)
