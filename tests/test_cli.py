@@ -127,8 +127,17 @@ def test_bench_quick_writes_every_output(tmp_path: Path) -> None:
     names = {p.name for p in tmp_path.iterdir()}
     for stem in ("accuracy_mixture", "accuracy_digits"):
         assert {f"{stem}.csv", f"{stem}.md", f"{stem}.png"} <= names
-    assert {"quality_digits.csv", "quality_digits.md", "thresholding.csv", "thresholding.md", "overhead.md", "tails.csv", "tails.md"} <= names
+    assert {"quality_digits.csv", "quality_digits.md", "thresholding.csv", "thresholding.md", "overhead.md", "tails.csv", "tails.md",
+            "ceiling.csv", "ceiling.md", "steps.csv", "steps.md"} <= names
     assert "auto" in (tmp_path / "accuracy_mixture.csv").read_text()
+    import csv
+
+    with open(tmp_path / "ceiling.csv", newline="") as f:
+        ceiling = list(csv.DictReader(f))
+    assert ceiling and all(float(r["ceiling"]) <= float(r["auto"]) for r in ceiling)  # auto's recipe is a candidate
+    with open(tmp_path / "steps.csv", newline="") as f:
+        steps = list(csv.DictReader(f))
+    assert steps and all(float(r["fit_end"]) <= float(r["fit_start"]) for r in steps)
     overhead = (tmp_path / "overhead.md").read_text()
     assert "| (1, 4, 16, 16) |" in overhead and "n/a" not in overhead  # diffusers is a test extra
 
