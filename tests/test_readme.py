@@ -106,6 +106,17 @@ def test_readme_tail_counts_are_the_recorded_ones() -> None:
     assert f"in {rms} of {cells} cells; by the median sample in {median} of {cells}" in text
 
 
+def test_readme_divergence_counts_are_the_recorded_ones() -> None:
+    tails = (BENCH / "tails.md").read_text()
+    diverged, total = re.search(r"auto samples that diverged \(error above 1\): (\d+) of (\d+)", tails).groups()  # type: ignore[union-attr]
+    text = " ".join(README.read_text().split())
+    assert diverged == "0" and f"None of auto's {total} samples diverged" in text
+    for w, nfe in (("7.5", 5), ("15", 5)):
+        row = next(line for line in tails.splitlines() if line.startswith(f"| mixture w={w} seed 9 | {nfe} |"))
+        peers = row.rstrip(" |").split("| ")[-1]  # "14 of 22"
+        assert f"{peers} peer configurations" in text or f"({peers} at guidance {w})" in text
+
+
 def test_readme_throughput_is_the_recorded_one() -> None:
     text = " ".join(README.read_text().split())
     for name in ("generate.md", "generate_busy.md"):

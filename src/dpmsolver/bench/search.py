@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if max(rm + rn) <= 2.5:
                     scored.append((max(_geomean(rm), _geomean(rn)), _geomean(rm), _geomean(rn), recipe, worst))
             if not scored:
-                lines.append(f"| {w:g} | {nfe} | (no stable candidate under the 2.5x cap) | | | |")
+                lines.append(f"| {w:g} | {nfe} | (no candidate under the 2.5x cap) | | | |")
                 continue
             best = min(scored, key=lambda z: z[0])
             lines.append(f"| {w:g} | {nfe} | `{best[3].describe()}` | {best[1]:.2f} | {best[2]:.2f} | {best[4]:.2f} |")
