@@ -106,6 +106,56 @@ def test_readme_tail_counts_are_the_recorded_ones() -> None:
     assert f"in {rms} of {cells} cells; by the median sample in {median} of {cells}" in text
 
 
+def _wins(stem: str) -> tuple[int, int, int]:
+    """(cells auto wins with guidance <= 7.5, those cells, cells it wins in all) from a CSV."""
+    import csv
+
+    with open(BENCH / f"{stem}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cells: dict[tuple[str, str], list[dict[str, str]]] = {}
+    for r in rows:
+        cells.setdefault((r["problem"], r["nfe"]), []).append(r)
+    low = low_total = total = 0
+    for (prob, _), cell in cells.items():
+        auto = next(float(r["error"]) for r in cell if r["method"] == "auto")
+        win = auto <= min(float(r["error"]) for r in cell if r["source"] != "ours")
+        total += win
+        if float(prob.split("w=")[1].split()[0]) <= 7.5:
+            low, low_total = low + win, low_total + 1
+    return low, low_total, total
+
+
+def test_readme_win_counts_are_the_recorded_ones() -> None:
+    text = " ".join(README.read_text().split())
+    low, low_total, _ = _wins("accuracy_mixture")
+    assert f"in {low} of the {low_total} cells with guidance <= 7.5" in text
+    _, _, digits = _wins("accuracy_digits")
+    assert f"it wins {digits} of 36 cells" in text
+
+
+def test_readme_ceiling_is_the_recorded_one() -> None:
+    rows = [line.split("|")[1:-1] for line in (BENCH / "ceiling.md").read_text().splitlines() if line.startswith("| mixture") or line.startswith("| digits")]
+    best = {(cells[0].strip(), int(cells[1])): cells[3].strip() for cells in rows}
+    text = " ".join(README.read_text().split())
+    for problem, where in (("mixture w=7.5 seed 2", "on the mixture"), ("digits w=7.5 seed 2", "on the digits network")):
+        v = [best[(problem, n)] for n in (5, 6, 8, 10)]
+        assert f"{v[0]}, {v[1]}, {v[2]} and {v[3]} {where}" in text
+    top = max(float(b) for (p, _), b in best.items() if p == "mixture w=15 seed 2")
+    assert f"the ceiling is at most {top:.2f} in every guidance-15 cell" in text
+
+
+def test_readme_calibrated_steps_are_the_recorded_ones() -> None:
+    rows = [line.split("|")[1:-1] for line in (BENCH / "steps.md").read_text().splitlines() if line.startswith("| mixture")]
+    cell = {(r[0].strip(), int(r[1])): (r[2].strip(), r[3].strip(), r[6].strip()) for r in rows}
+    text = " ".join(README.read_text().split())
+    a8, c8, _ = cell[("mixture w=7.5 seed 2", 8)]
+    assert f"take 8 NFE from {a8} to {c8} of the best peer's error" in text
+    assert f"were ({cell[('mixture w=7.5 seed 2', 5)][1]}, {cell[('mixture w=7.5 seed 2', 6)][1]})" in text
+    assert cell[("mixture w=7.5 seed 2", 10)][2] == "no" and "at 10 NFE validation dropped the fit" in text
+    (a, c, _), (b, d, _) = cell[("mixture w=15 seed 2", 8)], cell[("mixture w=15 seed 2", 10)]
+    assert f"from {a} and {b} to {c} and {d}" in text
+
+
 def test_readme_divergence_counts_are_the_recorded_ones() -> None:
     tails = (BENCH / "tails.md").read_text()
     diverged, total = re.search(r"auto samples that diverged \(error above 1\): (\d+) of (\d+)", tails).groups()  # type: ignore[union-attr]
