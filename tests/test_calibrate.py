@@ -29,7 +29,7 @@ def test_calibration_never_raises_the_calibration_error_and_keeps_a_valid_grid()
     assert all(a > b for a, b in zip(fit.sigmas, fit.sigmas[1:], strict=False))
     assert math.isclose(fit.sigmas[0], grid.knots[0].ksigma, rel_tol=1e-12)
     assert fit.sigmas[-2] >= cal.schedule.knot(cal.schedule.t_min).ksigma * (1 - 1e-9)  # within the schedule
-    x = run_calibrated(cal.denoiser, cal.x_T, cal.schedule, fit.recipe, 6, [-math.log(s) for s in fit.sigmas[:-1]])
+    x = run_calibrated(cal.denoiser, cal.x_T, cal.schedule, fit.recipe, 6, fit.lams)
     assert x is not None and math.isclose(rms_error(x[0::2], cal.reference[0::2]), fit.error, rel_tol=1e-9)
     assert math.isclose(rms_error(x[1::2], cal.reference[1::2]), fit.validation_error, rel_tol=1e-9)
 
@@ -44,9 +44,8 @@ def test_calibrated_steps_help_on_noise_they_never_saw() -> None:
         cal = mixture_problem(7.5, batch=512, seed=seed, noise_seed=5000 + seed)
         test = mixture_problem(7.5, batch=256, seed=seed)
         fit = calibrate_steps(cal.denoiser, cal.x_T, cal.reference, cal.schedule, 8, guidance_scale=7.5, max_evals=150)
-        lams = [-math.log(s) for s in fit.sigmas[:-1]]
         before = run_calibrated(test.denoiser, test.x_T, test.schedule, fit.recipe, 8)
-        after = run_calibrated(test.denoiser, test.x_T, test.schedule, fit.recipe, 8, lams)
+        after = run_calibrated(test.denoiser, test.x_T, test.schedule, fit.recipe, 8, fit.lams)
         assert before is not None and after is not None
         ratios.append(rms_error(after, test.reference) / rms_error(before, test.reference))
     assert max(ratios) <= 1.2 and math.prod(ratios) ** (1 / len(ratios)) < 0.95, ratios
@@ -80,7 +79,7 @@ def test_fitted_sigmas_drive_the_public_sampler() -> None:
     r = dp.sample(net, x_T / sched.knot(sched.t_max).sigma, schedule=sched, solver=fit.recipe.solver,
                   solver_options=fit.recipe.options, sigmas=list(fit.sigmas), cond={"y": y},
                   uncond={"y": torch.full_like(y, 2)}, guidance_scale=3.0, final_step=fit.recipe.final_step)
-    direct = run_calibrated(den, x_T, sched, fit.recipe, 8, [-math.log(s) for s in fit.sigmas[:-1]])
+    direct = run_calibrated(den, x_T, sched, fit.recipe, 8, fit.lams)
     assert direct is not None and r.nfe == 8
     torch.testing.assert_close(r.x, direct, rtol=1e-6, atol=1e-6)
 

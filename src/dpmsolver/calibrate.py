@@ -70,6 +70,11 @@ class CalibratedSteps:
     validation_error: float
     accepted: bool
 
+    @property
+    def lams(self) -> list[float]:
+        """Log-SNR of the noisy knots (what :func:`run_calibrated` takes)."""
+        return [-math.log(v) for v in self.sigmas[:-1]]
+
     def grid(self, schedule: NoiseSchedule) -> TimeGrid:
         """The fitted knots as a grid of ``schedule``."""
         return grid_from_sigmas(schedule, self.sigmas)

@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from ..auto import Recipe, recommend
+from ..calibrate import run_calibrated
 from ..io import atomic_write, atomic_write_text
-from ..sampling import NonFiniteError, solve
 from .accuracy import (
     DIVERGED,
     GuidedProblem,
@@ -66,12 +66,8 @@ def run_recipe(p: GuidedProblem, nfe: int, recipe: Recipe) -> Tensor | None:
     """``recipe``'s final sample on ``p`` with exactly ``nfe`` evaluations (None if it cannot
     spend ``nfe`` or diverges)."""
     try:
-        s, orders, g = recipe.build(p.schedule, nfe)
-    except ValueError:
-        return None
-    try:
-        return solve(p.counted(), p.x_T, g, s, orders=orders, check_finite="off", final_step=recipe.final_step).x  # type: ignore[arg-type]
-    except NonFiniteError:
+        return run_calibrated(p.counted(), p.x_T, p.schedule, recipe, nfe)
+    except ValueError:  # the recipe cannot spend nfe
         return None
 
 
@@ -385,7 +381,7 @@ def ceiling_section(sizes: Sizes, out: Path) -> str:
 def steps_section(sizes: Sizes, out: Path) -> str:
     """auto's recipe with knots calibrated (:func:`dpmsolver.calibrate.calibrate_steps`) on
     ``steps_batch`` other noises of the held-out mixture, scored on the benchmark's noise."""
-    from ..calibrate import calibrate_steps, run_calibrated
+    from ..calibrate import calibrate_steps
 
     rows: list[dict[str, Any]] = []
     for w in sizes.steps_guidance:
@@ -397,9 +393,8 @@ def steps_section(sizes: Sizes, out: Path) -> str:
                 best_peer = min((r for r in peers if r["nfe"] == nfe), key=itemgetter("error"))
                 fit = calibrate_steps(cal.denoiser, cal.x_T, cal.reference, cal.schedule, nfe, guidance_scale=w,
                                       max_evals=sizes.steps_evals)
-                lams = [-math.log(v) for v in fit.sigmas[:-1]]
                 x_auto = run_calibrated(p.denoiser, p.x_T, p.schedule, fit.recipe, nfe)
-                x_fit = run_calibrated(p.denoiser, p.x_T, p.schedule, fit.recipe, nfe, lams)
+                x_fit = run_calibrated(p.denoiser, p.x_T, p.schedule, fit.recipe, nfe, fit.lams)
                 rows.append({
                     "problem": p.name, "nfe": nfe, "recipe": fit.recipe.describe(), "best_peer": best_peer["error"],
                     "auto": math.inf if x_auto is None else rmse(x_auto, p.reference),
