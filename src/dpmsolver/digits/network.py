@@ -2,10 +2,14 @@
 
 * :class:`DigitsUNet` -- a small class-conditional eps-prediction U-Net
   (8x8 -> 4x4 -> 2x2) with FiLM-style time/class conditioning in every block.
+* :class:`DigitsDiT` -- a small class-conditional DiT-style transformer (patch size 2,
+  16 tokens, adaLN-Zero conditioning) used as a rectified-flow velocity predictor.
+* :class:`DigitsEDM` -- Karras et al. 2022 ("EDM") preconditioning around a
+  :class:`DigitsUNet`: ``D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)``.
 * :class:`DigitsClassifier` -- a small CNN used to score generated digits
   (logits and penultimate features for a Frechet distance).
 
-Both take images of shape ``(B, 1, 8, 8)`` in the ``[-1, 1]`` pixel range.
+All take images of shape ``(B, 1, 8, 8)`` in the ``[-1, 1]`` pixel range.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DigitsClassifier", "DigitsUNet", "timestep_embedding"]
+__all__ = [
+    "DigitsClassifier",
+    "DigitsDiT",
+    "DigitsEDM",
+    "DigitsUNet",
+    "edm_preconditioning",
+    "timestep_embedding",
+]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -231,6 +242,244 @@ class DigitsUNet(nn.Module):
                 h = self.upsample[i](h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _as_batch(v: torch.Tensor | float, b: int, device: torch.device) -> torch.Tensor:
+    """``v`` (scalar or ``(B,)``) as a ``(B,)`` tensor on ``device``."""
+    v = torch.as_tensor(v, device=device)
+    if v.ndim == 0:
+        v = v.expand(b)
+    return v.reshape(b)
+
+
+def _sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine position embedding ``(grid * grid, dim)`` (as in DiT / MAE).
+
+    Half of the channels encode the row, half the column, each with
+    ``timestep_embedding``'s frequencies (``max_period`` 10000).
+    """
+    if dim % 4:
+        raise ValueError(f"the DiT width must be a multiple of 4, got {dim}")
+    pos = torch.arange(grid, dtype=torch.float32)
+    rows = timestep_embedding(pos.repeat_interleave(grid), dim // 2)
+    cols = timestep_embedding(pos.repeat(grid), dim // 2)
+    return torch.cat([rows, cols], dim=1)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (Peebles & Xie 2023, "DiT", Sec. 3.2).
+
+    The conditioning vector regresses per-channel shift, scale and a residual gate for
+    the attention and MLP branches; the regression layer starts at zero, so every
+    block starts as the identity.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+        )
+        self.ada = nn.Linear(dim, 6 * dim)
+        _zero_init(self.ada)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``x``: tokens ``(B, N, dim)``; ``c``: activated conditioning ``(B, dim)``."""
+        b, n, d = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        qkv = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = x + gate1 * self.proj(attn.transpose(1, 2).reshape(b, n, d))
+        h = self.norm2(x) * (1 + scale2) + shift2
+        return x + gate2 * self.mlp(h)
+
+
+class DigitsDiT(nn.Module):
+    """Small class-conditional DiT-style transformer for 8x8 digits (flow prediction).
+
+    The image is cut into ``patch_size`` x ``patch_size`` patches (16 tokens for
+    patch size 2), linearly embedded, given a fixed 2D sine-cosine position
+    embedding and passed through ``depth`` adaLN-Zero transformer blocks
+    (Peebles & Xie 2023, "DiT"). The conditioning vector is an MLP of the
+    sinusoidal embedding of the network time plus a learned class embedding
+    (label ``num_classes`` = null label for classifier-free guidance). A final
+    adaLN-modulated, zero-initialised linear layer maps tokens back to patches.
+
+    As a rectified-flow model (Liu et al. 2023; Esser et al. 2024, "SD3") it
+    predicts the velocity ``u = eps - x0`` of ``x_s = (1 - s) x0 + s eps`` and
+    takes the network time ``t = 1000 s`` (diffusers' flow-transformer convention).
+
+    Args:
+        dim: token width.
+        depth: number of transformer blocks.
+        heads: attention heads.
+        mlp_ratio: MLP hidden width / ``dim``.
+        patch_size: patch side (must divide ``image_size``).
+        image_size: image side.
+        num_classes: number of real classes; label ``num_classes`` means "null".
+    """
+
+    def __init__(
+        self,
+        dim: int = 96,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 2,
+        image_size: int = 8,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"patch size {patch_size} does not divide image size {image_size}")
+        self.config = {
+            "dim": dim,
+            "depth": depth,
+            "heads": heads,
+            "mlp_ratio": mlp_ratio,
+            "patch_size": patch_size,
+            "image_size": image_size,
+            "num_classes": num_classes,
+        }
+        self.num_classes = num_classes
+        self.null_label = num_classes
+        self.patch_size = patch_size
+        self.grid = image_size // patch_size
+        self.dim = dim
+        self.patch_embed = nn.Linear(patch_size * patch_size, dim)
+        self.register_buffer("pos_embed", _sincos_2d(dim, self.grid), persistent=False)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.class_emb = nn.Embedding(num_classes + 1, dim)
+        self.blocks = nn.ModuleList([DiTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, patch_size * patch_size)
+        _zero_init(self.ada_out)
+        _zero_init(self.out)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Predict the flow velocity ``eps - x0``.
+
+        Args:
+            x: noisy images ``(B, 1, 8, 8)``, ``x_s = (1 - s) x0 + s eps``.
+            t: network time ``1000 s`` in ``[0, 1000]`` (float), shape ``(B,)`` or scalar.
+            y: int64 labels ``(B,)`` or scalar; ``num_classes`` (10) is the null label.
+
+        Returns:
+            predicted velocity with the shape and dtype of ``x``.
+        """
+        b, _, h, w = x.shape
+        p, g = self.patch_size, self.grid
+        t = _as_batch(t, b, x.device)
+        y = _as_batch(torch.as_tensor(y, dtype=torch.long), b, x.device)
+        tokens = x.reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(b, g * g, p * p)
+        z = self.patch_embed(tokens) + self.pos_embed.to(x.dtype)
+        t_emb = timestep_embedding(t, self.dim).to(x.dtype)
+        c = F.silu(self.time_mlp(t_emb) + self.class_emb(y))
+        for block in self.blocks:
+            z = block(z, c)
+        shift, scale = self.ada_out(c)[:, None].chunk(2, dim=-1)
+        out = self.out(self.norm_out(z) * (1 + scale) + shift)
+        return out.reshape(b, g, g, p, p).permute(0, 1, 3, 2, 4).reshape(b, 1, h, w)
+
+
+def edm_preconditioning(
+    sigma: torch.Tensor, sigma_data: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM's preconditioning (Karras et al. 2022, Table 1, "Ours" column).
+
+    ``c_skip = sd^2 / (sigma^2 + sd^2)``, ``c_out = sigma sd / sqrt(sigma^2 + sd^2)``,
+    ``c_in = 1 / sqrt(sigma^2 + sd^2)``, ``c_noise = ln(sigma) / 4``.
+
+    Args:
+        sigma: noise levels (any shape, positive).
+        sigma_data: standard deviation of the data.
+
+    Returns:
+        ``(c_skip, c_out, c_in, c_noise)``, each of ``sigma``'s shape and dtype.
+    """
+    sd2 = sigma_data**2
+    s2 = sigma * sigma
+    c_skip = sd2 / (s2 + sd2)
+    c_out = sigma * sigma_data / (s2 + sd2).sqrt()
+    c_in = 1.0 / (s2 + sd2).sqrt()
+    c_noise = sigma.log() / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
+class DigitsEDM(nn.Module):
+    """Class-conditional EDM denoiser for 8x8 digits (Karras et al. 2022, Sec. 5, Table 1).
+
+    ``D(x; sigma, y) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma), y)``
+    with the raw network ``F`` a :class:`DigitsUNet` (its time input receives
+    ``c_noise = ln(sigma) / 4``, as EDM feeds its positional embedding), see
+    :func:`edm_preconditioning`. It is a variance-exploding model: ``x = x0 + sigma eps``,
+    and the call returns the denoised ``x0`` estimate ("x0 prediction") given the
+    noise level ``sigma`` itself as the time.
+
+    Args:
+        sigma_data: standard deviation of the training data (the preconditioning's ``sd``).
+        sigma_min: smallest noise level the model is meant to be sampled at.
+        sigma_max: largest noise level the model is meant to be sampled at.
+        unet: keyword arguments of the inner :class:`DigitsUNet` (default: its defaults).
+    """
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        unet: dict[str, object] | None = None,
+    ) -> None:
+        super().__init__()
+        net_kwargs = dict(unet or {})
+        if "channel_mult" in net_kwargs:
+            net_kwargs["channel_mult"] = tuple(net_kwargs["channel_mult"])  # type: ignore[arg-type]
+        self.net = DigitsUNet(**net_kwargs)  # type: ignore[arg-type]
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.num_classes = self.net.num_classes
+        self.null_label = self.net.null_label
+        self.config = {
+            "sigma_data": self.sigma_data,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "unet": self.net.config,
+        }
+
+    def preconditioning(
+        self, sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(c_skip, c_out, c_in, c_noise)`` at ``sigma`` for this model's ``sigma_data``."""
+        return edm_preconditioning(sigma, self.sigma_data)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Denoise: return ``D(x; sigma, y)``, the estimate of the clean image ``x0``.
+
+        Args:
+            x: noisy images ``x0 + sigma eps`` of shape ``(B, 1, 8, 8)``.
+            sigma: noise levels, shape ``(B,)`` or scalar (positive).
+            y: int64 labels ``(B,)`` or scalar; ``num_classes`` (10) is the null label.
+
+        Returns:
+            the denoised images, with the shape and dtype of ``x``. The coefficients are
+            computed in float32 (or float64 for float64 inputs).
+        """
+        b = x.shape[0]
+        cdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sigma = _as_batch(sigma, b, x.device).to(cdtype)
+        c_skip, c_out, c_in, c_noise = (c.view(b, 1, 1, 1) for c in self.preconditioning(sigma))
+        f = self.net((c_in * x).to(x.dtype), c_noise.reshape(b), y)
+        return (c_skip * x + c_out * f).to(x.dtype)
 
 
 class DigitsClassifier(nn.Module):
