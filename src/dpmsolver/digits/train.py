@@ -1,8 +1,15 @@
-"""Train the built-in digits demo: the classifier and the eps-prediction denoiser.
+"""Train the built-in digits demo: the classifier and the denoisers.
 
 Usage::
 
     python -m dpmsolver.digits.train --out src/dpmsolver/digits/weights
+    python -m dpmsolver.digits.train --out src/dpmsolver/digits/weights --only denoiser --model flow
+    python -m dpmsolver.digits.train --out src/dpmsolver/digits/weights --only denoiser --model edm
+
+``--model`` picks the denoiser(s): ``unet`` (default; the eps-prediction U-Net below),
+``flow`` (the rectified-flow :class:`~dpmsolver.digits.network.DigitsDiT`, see
+:func:`train_flow`), ``edm`` (the EDM-preconditioned U-Net
+:class:`~dpmsolver.digits.network.DigitsEDM`, see :func:`train_edm`) or ``all``.
 
 Data is scikit-learn's bundled ``load_digits()`` (1797 8x8 images, values
 0..16), scaled to ``x / 8 - 1`` in ``[-1, 1]``. A deterministic stratified 20%
@@ -14,8 +21,10 @@ reference set for Frechet distances.
 The denoiser uses the Stable-Diffusion "scaled_linear" discrete VP schedule
 (:data:`~dpmsolver.digits.load.DIGITS_SCHEDULE`), uniform ``t`` in ``{0..999}``,
 eps-prediction MSE, label dropout for classifier-free guidance, and an EMA of
-the weights (the EMA weights are saved). Everything is seeded; on a fixed
-thread count the run is reproducible. scikit-learn is imported lazily: it is a
+the weights (the EMA weights are saved). The flow and EDM models use the same
+data (train split, no augmentation), label dropout, optimizer, learning-rate
+schedule, gradient clipping and EMA. Everything is seeded; on a fixed
+thread count each run is reproducible. scikit-learn is imported lazily: it is a
 training/test dependency only.
 """
 
@@ -26,17 +35,38 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .load import CLASSIFIER_FILE, DENOISER_FILE, DIGITS_SCHEDULE
-from .network import DigitsClassifier, DigitsUNet
+from .load import (
+    CLASSIFIER_FILE,
+    DENOISER_FILE,
+    DIGITS_SCHEDULE,
+    EDM_FILE,
+    EDM_SCHEDULE,
+    FLOW_FILE,
+    FLOW_SCHEDULE,
+)
+from .network import DigitsClassifier, DigitsDiT, DigitsEDM, DigitsUNet
 
-__all__ = ["alphas_cumprod", "load_digits_split", "main", "train_classifier", "train_denoiser"]
+__all__ = [
+    "EDM_TRAIN",
+    "FLOW_TRAIN",
+    "alphas_cumprod",
+    "heldout_edm_loss",
+    "heldout_flow_mse",
+    "load_digits_split",
+    "main",
+    "train_classifier",
+    "train_denoiser",
+    "train_edm",
+    "train_flow",
+]
 
 SPLIT = {"test_size": 0.2, "random_state": 0, "stratify": True}
 
@@ -257,6 +287,224 @@ def train_denoiser(
     return ema, last
 
 
+#: Training settings of the shipped flow model (the ``--flow-*`` flags override some).
+FLOW_TRAIN: dict[str, Any] = {
+    "steps": 8000,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "ema_decay": 0.999,
+    "p_uncond": 0.15,
+    "config": {
+        "dim": 96,
+        "depth": 6,
+        "heads": 4,
+        "mlp_ratio": 4.0,
+        "patch_size": 2,
+        "image_size": 8,
+        "num_classes": 10,
+    },
+}
+
+#: Training settings of the shipped EDM model (the ``--edm-*`` flags override some).
+EDM_TRAIN: dict[str, Any] = {
+    "steps": 8000,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "ema_decay": 0.999,
+    "p_uncond": 0.15,
+    "config": {
+        "sigma_data": EDM_SCHEDULE["sigma_data"],
+        "sigma_min": EDM_SCHEDULE["sigma_min"],
+        "sigma_max": EDM_SCHEDULE["sigma_max"],
+        "unet": {
+            "channels": 48,
+            "channel_mult": [1, 1, 1],
+            "num_res_blocks": 1,
+            "num_classes": 10,
+            "emb_dim": 128,
+            "dropout": 0.0,
+            "attn_heads": 4,
+        },
+    },
+}
+
+
+def _fit(
+    name: str,
+    model: nn.Module,
+    ema: nn.Module,
+    batch_loss: Callable[[], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    ema_decay: float,
+    log_every: int,
+) -> float:
+    """The U-Net's optimisation loop for another model: AdamW, warmup + cosine learning
+    rate, gradient clipping at 1, EMA with warmup. ``batch_loss()`` draws a batch and
+    returns its loss. Returns the average loss of the last logging window."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ema_params: list[torch.Tensor] = list(ema.parameters())
+    params: list[torch.Tensor] = list(model.parameters())
+    warmup = min(200, steps // 10 + 1)
+    model.train()
+    t0 = time.perf_counter()
+    running, count, last = 0.0, 0, float("nan")
+    for step in range(steps):
+        _set_lr(opt, _cosine_lr(step, steps, warmup, lr, 0.02))
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+        decay = min(ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+        running += loss.item()
+        count += 1
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            elapsed = time.perf_counter() - t0
+            last = running / count
+            eta = elapsed / (step + 1) * (steps - step - 1)
+            print(
+                f"[{name}] step {step + 1:6d}/{steps} loss {last:.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {elapsed:.0f}s (eta {eta:.0f}s)",
+                flush=True,
+            )
+            running, count = 0.0, 0
+    return last
+
+
+def train_flow(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    ema_decay: float,
+    p_uncond: float,
+    config: dict[str, Any],
+    log_every: int = 250,
+) -> tuple[DigitsDiT, float]:
+    """Train :class:`DigitsDiT` by (conditional) flow matching; return the EMA model and loss.
+
+    Rectified flow (Liu et al. 2023): ``x_s = (1 - s) x0 + s eps``, regress the velocity
+    ``eps - x0`` with an unweighted MSE, ``s`` drawn from SD3's logit-normal distribution
+    (Esser et al. 2024, Sec. 3.1; :data:`~dpmsolver.digits.load.FLOW_SCHEDULE`), network
+    time ``1000 s``. Labels are replaced by the null label with probability ``p_uncond``.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = DigitsDiT(**config)
+    ema = DigitsDiT(**config)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    print(f"[flow] {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    null = int(FLOW_SCHEDULE["null_label"])
+    m, sd = float(FLOW_SCHEDULE["logit_mean"]), float(FLOW_SCHEDULE["logit_std"])
+    scale = float(FLOW_SCHEDULE["model_time_scale"])
+    n = x_train.shape[0]
+
+    def batch_loss() -> torch.Tensor:
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        x0, y = x_train[idx], y_train[idx].clone()
+        y[torch.rand(batch_size, generator=gen) < p_uncond] = null
+        s = torch.sigmoid(m + sd * torch.randn(batch_size, generator=gen))
+        eps = torch.randn(x0.shape, generator=gen)
+        sb = s.view(-1, 1, 1, 1)
+        xs = (1.0 - sb) * x0 + sb * eps
+        return F.mse_loss(model(xs, scale * s, y), eps - x0)
+
+    last = _fit(
+        "flow", model, ema, batch_loss, steps=steps, lr=lr, ema_decay=ema_decay,
+        log_every=log_every,
+    )
+    return ema, last
+
+
+def train_edm(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    seed: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    ema_decay: float,
+    p_uncond: float,
+    config: dict[str, Any],
+    log_every: int = 250,
+) -> tuple[DigitsEDM, float]:
+    """Train :class:`DigitsEDM` with EDM's loss; return the EMA model and final avg loss.
+
+    Karras et al. 2022, Table 1 / Sec. 5: ``ln sigma ~ N(P_mean, P_std^2)``, ``x = x0 +
+    sigma eps``, loss ``lambda(sigma) |D(x; sigma) - x0|^2`` with ``lambda = (sigma^2 +
+    sd^2) / (sigma sd)^2`` (so that the raw network's effective target has unit
+    weight). Labels are replaced by the null label with probability ``p_uncond``.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = DigitsEDM(**config)
+    ema = DigitsEDM(**config)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    print(f"[edm] {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    null = int(EDM_SCHEDULE["null_label"])
+    p_mean, p_std = float(EDM_SCHEDULE["P_mean"]), float(EDM_SCHEDULE["P_std"])
+    sd = model.sigma_data
+    n = x_train.shape[0]
+
+    def batch_loss() -> torch.Tensor:
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        x0, y = x_train[idx], y_train[idx].clone()
+        y[torch.rand(batch_size, generator=gen) < p_uncond] = null
+        sigma = (p_mean + p_std * torch.randn(batch_size, generator=gen)).exp()
+        eps = torch.randn(x0.shape, generator=gen)
+        weight = ((sigma**2 + sd**2) / (sigma * sd) ** 2).view(-1, 1, 1, 1)
+        denoised = model(x0 + sigma.view(-1, 1, 1, 1) * eps, sigma, y)
+        return (weight * (denoised - x0) ** 2).mean()
+
+    last = _fit(
+        "edm", model, ema, batch_loss, steps=steps, lr=lr, ema_decay=ema_decay,
+        log_every=log_every,
+    )
+    return ema, last
+
+
+@torch.no_grad()
+def heldout_flow_mse(
+    model: DigitsDiT, x0: torch.Tensor, y: torch.Tensor, levels: Sequence[float], seed: int = 0
+) -> dict[float, float]:
+    """Conditional velocity MSE of a flow model on ``x0`` at noise levels ``s``."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = float(FLOW_SCHEDULE["model_time_scale"])
+    out = {}
+    for s in levels:
+        eps = torch.randn(x0.shape, generator=gen)
+        pred = model((1 - s) * x0 + s * eps, torch.full((x0.shape[0],), scale * s), y)
+        out[s] = (pred - (eps - x0)).pow(2).mean().item()
+    return out
+
+
+@torch.no_grad()
+def heldout_edm_loss(
+    model: DigitsEDM, x0: torch.Tensor, y: torch.Tensor, sigmas: Sequence[float], seed: int = 0
+) -> dict[float, float]:
+    """Conditional EDM-weighted denoising loss of ``model`` on ``x0`` at the given sigmas."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = model.sigma_data
+    out = {}
+    for sigma in sigmas:
+        eps = torch.randn(x0.shape, generator=gen)
+        d = model(x0 + sigma * eps, torch.full((x0.shape[0],), sigma), y)
+        out[sigma] = ((sigma**2 + sd**2) / (sigma * sd) ** 2 * (d - x0).pow(2).mean()).item()
+    return out
+
+
 def _canonical_header(blob: bytes) -> bytes:
     """Re-serialize the safetensors JSON header with sorted keys.
 
@@ -288,6 +536,101 @@ def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         tmp.unlink(missing_ok=True)
 
 
+def _train_meta(
+    settings: dict[str, Any], steps: int, batch_size: int, lr: float, loss: float
+) -> str:
+    return json.dumps(
+        {
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "ema_decay": settings["ema_decay"],
+            "p_uncond": settings["p_uncond"],
+            "final_loss": round(loss, 5),
+        }
+    )
+
+
+def _train_and_save_flow(
+    args: argparse.Namespace,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    common: dict[str, str],
+) -> None:
+    t0 = time.perf_counter()
+    model, loss = train_flow(
+        x_train,
+        y_train,
+        seed=args.seed,
+        steps=args.flow_steps,
+        batch_size=args.flow_batch_size,
+        lr=args.flow_lr,
+        ema_decay=FLOW_TRAIN["ema_decay"],
+        p_uncond=FLOW_TRAIN["p_uncond"],
+        config=FLOW_TRAIN["config"],
+    )
+    wall = time.perf_counter() - t0
+    mse = heldout_flow_mse(model, x_test, y_test, [0.1, 0.3, 0.5, 0.7, 0.9])
+    print(f"[flow] done in {wall:.0f}s; final train loss {loss:.4f}")
+    print("[flow] held-out EMA velocity MSE by s: " + _fmt(mse))
+    meta = {
+        **common,
+        "model": "DigitsDiT",
+        "config": json.dumps(model.config),
+        "schedule": json.dumps(FLOW_SCHEDULE),
+        "weights": "ema",
+        "train_data": "train split only",
+        "train": _train_meta(
+            FLOW_TRAIN, args.flow_steps, args.flow_batch_size, args.flow_lr, loss
+        ),
+    }
+    _save_atomic(args.out / FLOW_FILE, model.state_dict(), meta)
+
+
+def _train_and_save_edm(
+    args: argparse.Namespace,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    common: dict[str, str],
+) -> None:
+    t0 = time.perf_counter()
+    model, loss = train_edm(
+        x_train,
+        y_train,
+        seed=args.seed,
+        steps=args.edm_steps,
+        batch_size=args.edm_batch_size,
+        lr=args.edm_lr,
+        ema_decay=EDM_TRAIN["ema_decay"],
+        p_uncond=EDM_TRAIN["p_uncond"],
+        config=EDM_TRAIN["config"],
+    )
+    wall = time.perf_counter() - t0
+    held = heldout_edm_loss(model, x_test, y_test, [0.01, 0.1, 0.5, 1.0, 5.0])
+    print(f"[edm] done in {wall:.0f}s; final train loss {loss:.4f}")
+    print("[edm] held-out EMA weighted loss by sigma: " + _fmt(held))
+    meta = {
+        **common,
+        "model": "DigitsEDM",
+        "config": json.dumps(model.config),
+        "schedule": json.dumps(EDM_SCHEDULE),
+        "weights": "ema",
+        "train_data": "train split only",
+        "train": _train_meta(
+            EDM_TRAIN, args.edm_steps, args.edm_batch_size, args.edm_lr, loss
+        ),
+    }
+    _save_atomic(args.out / EDM_FILE, model.state_dict(), meta)
+
+
+def _fmt(values: dict[float, float]) -> str:
+    return ", ".join(f"{k:g}: {v:.4f}" for k, v in values.items())
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m dpmsolver.digits.train",
@@ -295,6 +638,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for the weights")
     p.add_argument("--only", choices=["both", "classifier", "denoiser"], default="both")
+    p.add_argument(
+        "--model",
+        choices=["unet", "flow", "edm", "all"],
+        default="unet",
+        help="which denoiser(s) to train: the eps U-Net (default), the rectified-flow DiT, "
+        "the EDM U-Net, or all three",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the shipped weights used 1; results depend on it)")
     p.add_argument("--steps", type=int, default=8000, help="denoiser optimizer steps")
@@ -309,6 +659,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--attn-heads", type=int, default=4)
     p.add_argument("--clf-epochs", type=int, default=60)
+    for kind, train in (("flow", FLOW_TRAIN), ("edm", EDM_TRAIN)):
+        p.add_argument(f"--{kind}-steps", type=int, default=train["steps"])
+        p.add_argument(f"--{kind}-batch-size", type=int, default=train["batch_size"])
+        p.add_argument(f"--{kind}-lr", type=float, default=train["lr"])
     return p.parse_args(argv)
 
 
@@ -342,7 +696,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         _save_atomic(args.out / CLASSIFIER_FILE, clf.state_dict(), meta)
 
-    if args.only in ("both", "denoiser"):
+    if args.only in ("both", "denoiser") and args.model in ("unet", "all"):
         config: dict[str, object] = {
             "channels": args.channels,
             "channel_mult": list(args.channel_mult),
@@ -390,6 +744,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             ),
         }
         _save_atomic(args.out / DENOISER_FILE, ema.state_dict(), meta)
+
+    if args.only in ("both", "denoiser") and args.model in ("flow", "all"):
+        _train_and_save_flow(args, x_train, y_train, x_test, y_test, common)
+    if args.only in ("both", "denoiser") and args.model in ("edm", "all"):
+        _train_and_save_edm(args, x_train, y_train, x_test, y_test, common)
     print(f"total {time.perf_counter() - t_start:.0f}s; weights in {args.out}")
 
 
