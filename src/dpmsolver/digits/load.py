@@ -46,7 +46,12 @@ DIGITS_SCHEDULE: dict[str, Any] = {
 #: from SD3's logit-normal distribution ``s = sigmoid(n), n ~ N(logit_mean, logit_std^2)``
 #: (SD3, Sec. 3.1). ``shift`` is the recommended *sampling* time shift
 #: ``s = shift t / (1 + (shift - 1) t)`` for a time-uniform grid (SD3, Sec. 5.3.2), i.e.
-#: ``dpmsolver.RectifiedFlowSchedule(shift=FLOW_SCHEDULE["shift"])``.
+#: ``dpmsolver.RectifiedFlowSchedule(shift=FLOW_SCHEDULE["shift"])``. It is 0.5, not SD3's
+#: 3: SD3 shifts *up* for images larger than its 256^2 base (more steps at high noise),
+#: and these 8x8 images are far smaller. Measured on this model (dpmpp_2m against a
+#: 400-step solution, guidance 1 and 3, 5-20 steps), the error falls from shift 3 to 1
+#: to 0.5 (about 3-4x overall; at 5 steps and guidance 3 shift 3 samples were classified
+#: correctly 7% of the time, shift 0.5 100%); 0.4 was within 10% of 0.5.
 FLOW_SCHEDULE: dict[str, Any] = {
     "kind": "rectified_flow",
     "prediction": "flow",
@@ -54,7 +59,7 @@ FLOW_SCHEDULE: dict[str, Any] = {
     "target": "eps - x0",
     "time_input": "1000 * s",
     "model_time_scale": 1000.0,
-    "shift": 3.0,
+    "shift": 0.5,
     "grid": "time_uniform",
     "train_time_distribution": "logit_normal",
     "logit_mean": 0.0,
