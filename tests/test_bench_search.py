@@ -7,16 +7,15 @@ import math
 
 import torch
 
-from dpmsolver.auto import Recipe
-from dpmsolver.bench.accuracy import DIVERGED, mixture_problem, sample_errors
-from dpmsolver.bench.run import run_recipe
+from dpmsolver.bench.accuracy import DIVERGED, mixture_problem, recipe_sample, sample_errors
 from dpmsolver.bench.search import worst_sample
+from dpmsolver.recipe import Recipe
 
 
 def test_worst_sample_is_the_largest_sample_error_over_all_problems() -> None:
     probs = [mixture_problem(15.0, batch=8, seed=sd) for sd in (0, 1)]
     recipe = Recipe("dpmpp_2m", {}, "logsnr")
-    expected = max(float(sample_errors(run_recipe(p, 6, recipe), p.reference).max()) for p in probs)  # type: ignore[arg-type]
+    expected = max(float(sample_errors(recipe_sample(p, 6, recipe), p.reference).max()) for p in probs)  # type: ignore[arg-type]
     assert worst_sample(probs, recipe, 6) == expected > 0
 
 

@@ -24,7 +24,8 @@ def test_calibration_never_raises_the_calibration_error_and_keeps_a_valid_grid()
     assert fit.accepted == (fit.validation_error < fit.validation_start)
     if not fit.accepted:  # the recipe's own knots come back
         assert fit.validation_error == fit.validation_start and fit.error == fit.start_error
-    _, orders, grid = fit.recipe.build(cal.schedule, 6)
+    plan = fit.recipe.plan(cal.schedule, nfe=6)
+    orders, grid = plan.orders, plan.grid
     assert len(fit.sigmas) == len(orders) + 1 and fit.sigmas[-1] == 0.0
     assert all(a > b for a, b in zip(fit.sigmas, fit.sigmas[1:], strict=False))
     assert math.isclose(fit.sigmas[0], grid.knots[0].ksigma, rel_tol=1e-12)
@@ -63,7 +64,7 @@ def test_a_fit_that_does_not_carry_over_to_the_held_out_half_is_dropped() -> Non
     fit = calibrate_steps(cal.denoiser, cal.x_T, ref, cal.schedule, 8, guidance_scale=7.5, max_evals=30)
     assert fit.validation_start < 1e-12 and not fit.accepted  # zero up to the knots' round trip
     assert fit.error == fit.start_error > 0 and fit.validation_error == fit.validation_start
-    knots = recipe.build(cal.schedule, 8)[2].knots[:-1]
+    knots = recipe.plan(cal.schedule, nfe=8).grid.knots[:-1]
     torch.testing.assert_close(torch.tensor(fit.sigmas), torch.tensor([*(k.ksigma for k in knots), 0.0]), rtol=1e-12, atol=0)
 
 
@@ -76,9 +77,7 @@ def test_fitted_sigmas_drive_the_public_sampler() -> None:
     ref = dp.analytic.reference_sample(den, x_T, sched, rtol=1e-7)
     fit = calibrate_steps(den, x_T, ref, sched, 8, guidance_scale=3.0, max_evals=30)
     net = dp.MixtureNetwork(mix, sched)
-    r = dp.sample(net, x_T / sched.knot(sched.t_max).sigma, schedule=sched, solver=fit.recipe.solver,
-                  solver_options=fit.recipe.options, sigmas=list(fit.sigmas), cond={"y": y},
-                  uncond={"y": torch.full_like(y, 2)}, guidance_scale=3.0, final_step=fit.recipe.final_step)
+    r = dp.sample(net, x_T / sched.knot(sched.t_max).sigma, schedule=sched, sigmas=list(fit.sigmas), cond={"y": y}, uncond={"y": torch.full_like(y, 2)}, guidance_scale=3.0, solver=dp.Recipe(fit.recipe.solver, {**fit.recipe.options}, final_step=fit.recipe.final_step))
     direct = run_calibrated(den, x_T, sched, fit.recipe, 8, fit.lams)
     assert direct is not None and r.nfe == 8
     torch.testing.assert_close(r.x, direct, rtol=1e-6, atol=1e-6)

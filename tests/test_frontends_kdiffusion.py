@@ -203,7 +203,7 @@ def test_discrete_wrapper_samples_an_sd_style_network() -> None:
     sigmas = wrapped.get_sigmas(10).double()
     noise = start(torch.tensor([1.0]))
     x = kd.sample_dpmpp_2m(wrapped, noise * sigmas[0], sigmas, disable=True)  # type: ignore[attr-defined]
-    ref = dp.sample(net, noise, schedule=sd, solver="dpmpp_2m", sigmas=sigmas, lower_order_final=False)
+    ref = dp.sample(net, noise, schedule=sd, sigmas=sigmas, solver=dp.Recipe("dpmpp_2m", lower_order_final=False))
     assert (x - ref.x).abs().max() < 1e-6
 
 

@@ -26,7 +26,13 @@ from dpmsolver.frontends.stepper import (
     supports_fractions,
 )
 from dpmsolver.noise import SeededNoise
-from dpmsolver.solvers import Solver, StepContext, configurations, first_order_step
+from dpmsolver.solvers import (
+    AdaptiveSolver,
+    SinglestepSolver,
+    StepContext,
+    configurations,
+    first_order_step,
+)
 from dpmsolver.solvers.base import Form
 
 SD = dp.DiscreteVPSchedule()
@@ -45,7 +51,7 @@ def drive(stepper: OneEvaluationStepper, x: Tensor, denoiser: Any = DEN, noise: 
     return x, calls
 
 
-CASES = [(n, dict(c)) for n, c, s in configurations() if s.kind != "adaptive"]
+CASES = [(n, dict(c)) for n, c, s in configurations() if not isinstance(s, AdaptiveSolver)]
 
 
 @pytest.mark.parametrize(("name", "cfg"), CASES, ids=[f"{n}-{c}" for n, c in CASES])
@@ -96,16 +102,12 @@ def test_pinned_schedule_returns_grid_knots_with_their_network_time() -> None:
 
 
 @dataclass(frozen=True)
-class NoisyTwoStage(Solver):
+class NoisyTwoStage(SinglestepSolver):
     """A toy stochastic singlestep solver (test only): two evaluations and two noise draws
     per step, to check that replays reuse the draws."""
 
-    kind = "singlestep"
     stochastic = True
     order: int = 2
-
-    def evals_per_step(self, order: int) -> int:
-        return order
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         mid = ctx.schedule.knot_at_lambda(0.5 * (ctx.s.lam + ctx.t.lam))

@@ -85,7 +85,7 @@ def test_classifier_guidance_matches_its_eps_form() -> None:
         return -((x - a * target) ** 2).sum(1) / (2 * var)
 
     net = dp.MixtureNetwork(MIX, SD)
-    r = dp.sample(net, z(), schedule=SD, classifier=noisy_log_prob, classifier_scale=1.0, steps=10)
+    r = dp.sample(net, z(), schedule=SD, steps=10, options=dp.SampleOptions(classifier=noisy_log_prob, classifier_scale=1.0))
     plain = dp.sample(net, z(), schedule=SD, steps=10)
     # guidance pulls the samples towards the classifier's target
     assert torch.isfinite(r.x).all()
@@ -111,8 +111,7 @@ def test_dynamic_thresholding(dtype: torch.dtype, ratio: float, max_value: float
 def test_thresholding_keeps_samples_in_range() -> None:
     net = dp.MixtureNetwork(MIX, SD)
     y = torch.tensor([0, 1, 2, 1])
-    r = dp.sample(net, 3 * z(), schedule=SD, cond={"y": y}, uncond={"y": NULL}, guidance_scale=15.0, steps=10,
-                  thresholding=True, thresholding_max_value=1.0)
+    r = dp.sample(net, 3 * z(), schedule=SD, cond={"y": y}, uncond={"y": NULL}, guidance_scale=15.0, steps=10, options=dp.SampleOptions(thresholding=True, thresholding_max_value=1.0))
     assert r.x.abs().max() <= 1.0 + 1e-9
 
 
@@ -124,7 +123,7 @@ def test_x0_corrector_sees_every_evaluation() -> None:
         calls.append(knot.t)
         return x0.clamp(-0.5, 0.5)
 
-    r = dp.sample(net, z(), schedule=SD, solver="dpmpp_3s", steps=4, x0_corrector=corr)
+    r = dp.sample(net, z(), schedule=SD, solver="dpmpp_3s", steps=4, options=dp.SampleOptions(x0_corrector=corr))
     assert len(calls) == r.nfe == 10
     assert r.x.abs().max() <= 0.5
 
@@ -137,9 +136,9 @@ def test_x0_corrector_sees_every_evaluation() -> None:
         (dict(guidance_scale=3.0, cond={"y": Y}, uncond={"label": NULL}), "same keys"),
         (dict(guidance_scale=3.0, cond={"y": Y}, uncond={"y": NULL[:2]}), "batch 2"),
         (dict(guidance_scale=torch.tensor([1.0, 2.0]), cond={"y": Y}, uncond={"y": NULL}), "2 entries"),
-        (dict(thresholding=True, thresholding_ratio=1.5), "thresholding_ratio"),
-        (dict(thresholding=True, thresholding_max_value=0.5), "thresholding_max_value"),
-        (dict(cond={"y": Y}, model_kwargs={"y": Y}), "both set"),
+        (dict(options=dp.SampleOptions(thresholding=True, thresholding_ratio=1.5)), "thresholding_ratio"),
+        (dict(options=dp.SampleOptions(thresholding=True, thresholding_max_value=0.5)), "thresholding_max_value"),
+        (dict(cond={"y": Y}, options=dp.SampleOptions(model_kwargs={"y": Y})), "both set"),
     ],
 )
 def test_bad_guidance_arguments(kwargs: dict, match: str) -> None:

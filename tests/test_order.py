@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import dpmsolver as dp
-from dpmsolver.bench.convergence import ExactProblem, exact_problem, measure_order, run_fixed, slope
-from dpmsolver.solvers import Solver, configurations
+from dpmsolver.orders import ExactProblem, exact_problem, measure_order, run_fixed, slope
+from dpmsolver.solvers import AdaptiveSolver, MultistepSolver, Solver, configurations
 
 CONFIGS = [c for c in configurations() if not c[2].stochastic]  # SDEs: tests/test_sde.py
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in cfg.items())}" for name, cfg, _ in CONFIGS]
@@ -27,7 +27,7 @@ def test_convergence_order(sd_problem: ExactProblem, name: str, cfg: dict, solve
     nfes, errs = measure_order(sd_problem, solver)
     p = slope(nfes, errs)
     claimed = solver.claimed_order
-    if solver.kind == "adaptive":
+    if isinstance(solver, AdaptiveSolver):
         # The controller places steps where they matter, so error can fall faster with NFE
         # than the order alone predicts; it must never fall slower.
         assert p >= claimed - 0.3, (name, cfg, nfes, errs, p)
@@ -63,7 +63,7 @@ def test_order_holds_with_final_step_to_zero(sd_problem: ExactProblem, solver_na
     ke = sched.knot(sd_problem.t_end)
     target = sd_problem.denoiser(sd_problem.reference, ke)
     errs, nfes = [], []
-    for n in ([80, 160, 320] if solver.kind == "multistep" else [40, 80, 160]):
+    for n in ([80, 160, 320] if isinstance(solver, MultistepSolver) else [40, 80, 160]):
         grid = dp.make_grid(sched, n + 1, "logsnr", t_end=sd_problem.t_end, final="zero")
         r = dp.solve(sd_problem.denoiser, sd_problem.x_start, grid, solver, lower_order_final=False)
         assert r.orders[-1] == 1 and grid.final_zero

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dpmsolver as dp
-from dpmsolver.solvers import ALIASES, REGISTRY
+from dpmsolver.solvers import ALIASES, REGISTRY, AdaptiveSolver
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -42,7 +42,7 @@ MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=4)
 DETERMINISTIC = sorted(
     name for name, info in REGISTRY.items()
     if info.default_order and not info.build(order=info.default_order).stochastic
-    and info.build(order=info.default_order).kind != "adaptive"
+    and not isinstance(info.build(order=info.default_order), AdaptiveSolver)
 )
 
 
@@ -83,11 +83,7 @@ def test_valid_input_never_yields_nan_or_inf(run: dict[str, Any]) -> None:
     sched, pred = run["schedule"], run["prediction"]
     net = dp.MixtureNetwork(MIX, sched, pred)
     noise = torch.randn(3, MIX.dim, generator=torch.Generator().manual_seed(run["seed"]), dtype=run["dtype"])
-    res = dp.sample(
-        net, noise, schedule=sched, prediction=pred, solver=run["solver"], order=run["order"],
-        steps=run["steps"], grid=run["grid"], t_start=run["t_start"], t_end=run["t_end"],
-        final=run["final"],
-    )
+    res = dp.sample(net, noise, schedule=sched, prediction=pred, steps=run["steps"], grid=run["grid"], solver=dp.Recipe(run["solver"], {"order": run["order"]}, t_start=run["t_start"], t_end=run["t_end"], final=run["final"]))
     assert torch.isfinite(res.x).all(), run
     assert res.x.dtype == run["dtype"] and res.x.shape == noise.shape
 
@@ -145,12 +141,12 @@ def test_time_ranges_outside_the_schedule_are_named(sched_name: str, t: float, f
     tol = 1e-6 * max(1.0, abs(hi))
     if not math.isfinite(t) or t < lo - tol or t > hi + tol:
         with pytest.raises((ValueError, TypeError), match="t_start"):
-            dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", t_start=t)
+            dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", solver=dp.Recipe("dpmpp_2m", t_start=t))
         with pytest.raises((ValueError, TypeError), match="t_end"):
-            dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", t_end=t)
+            dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", solver=dp.Recipe("dpmpp_2m", t_end=t))
     start = lo + frac * (hi - lo)
     with pytest.raises(ValueError, match=r"t_start=.* must be greater than t_end"):
-        dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", t_start=start, t_end=start)
+        dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", solver=dp.Recipe("dpmpp_2m", t_start=start, t_end=start))
 
 
 @SETTINGS

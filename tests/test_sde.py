@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dpmsolver as dp
-from dpmsolver.bench.convergence import SDE_MIXTURE, marginal_samples, sde_end_samples, sliced_w2
 from dpmsolver.noise import SeededNoise
+from dpmsolver.orders import SDE_MIXTURE, marginal_samples, sde_end_samples, sliced_w2
 from dpmsolver.solvers import configurations
 
 SD = dp.DiscreteVPSchedule()
@@ -62,8 +62,8 @@ def test_zero_noise_is_the_ode_solver(sde: tuple[str, dict], ode: tuple[str, dic
     z = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     (sn, sc), (on, oc) = sde, ode
     sc, oc = dict(sc), dict(oc)
-    a = dp.sample(net, z, schedule=SD, solver=sn, order=sc.pop("order"), solver_options={**sc, "eta": 0.0}, steps=12)
-    b = dp.sample(net, z, schedule=SD, solver=on, order=oc.pop("order"), solver_options=oc, steps=12)
+    a = dp.sample(net, z, schedule=SD, steps=12, solver=dp.Recipe(sn, {**{**sc, "eta": 0.0}, "order": sc.pop("order")}))
+    b = dp.sample(net, z, schedule=SD, steps=12, solver=dp.Recipe(on, {**oc, "order": oc.pop("order")}))
     assert torch.equal(a.x, b.x)
 
 
@@ -72,13 +72,13 @@ def test_samples_do_not_depend_on_batch_composition(name: str) -> None:
     net = dp.MixtureNetwork(MIX, SD)
     z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     seeds = list(range(100, 108))
-    whole = dp.sample(net, z, schedule=SD, solver=name, steps=10, noise_sampler=SeededNoise(seeds)).x
+    whole = dp.sample(net, z, schedule=SD, solver=name, steps=10, options=dp.SampleOptions(noise_sampler=SeededNoise(seeds))).x
     parts = [
-        dp.sample(net, z[i : i + 3], schedule=SD, solver=name, steps=10, noise_sampler=SeededNoise(seeds[i : i + 3])).x
+        dp.sample(net, z[i : i + 3], schedule=SD, solver=name, steps=10, options=dp.SampleOptions(noise_sampler=SeededNoise(seeds[i : i + 3]))).x
         for i in (0, 3, 6)
     ]
     assert torch.equal(torch.cat(parts), whole)
-    again = dp.sample(net, z, schedule=SD, solver=name, steps=10, noise_sampler=SeededNoise(seeds)).x
+    again = dp.sample(net, z, schedule=SD, solver=name, steps=10, options=dp.SampleOptions(noise_sampler=SeededNoise(seeds))).x
     assert torch.equal(again, whole)
 
 

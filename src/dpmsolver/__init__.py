@@ -7,12 +7,17 @@ The pieces, one module each:
 - :mod:`dpmsolver.denoiser`          the one contract ``x0_hat = D(x, knot)``
 - :mod:`dpmsolver.guidance`          classifier-free / classifier guidance, thresholding
 - :mod:`dpmsolver.timegrid`          where to step
-- :mod:`dpmsolver.solvers`           the step functions and their registry
-- :mod:`dpmsolver.sampling`          the one sampling loop: ``sample``, ``invert``, ``solve``
+- :mod:`dpmsolver.solvers`           the step functions, their shapes and their registry
+- :mod:`dpmsolver.plan`              each step's order and cost (the one owner of those rules)
+- :mod:`dpmsolver.loop`              the one sampling loop, ``solve``
+- :mod:`dpmsolver.recipe`            a complete solver configuration; named policies
+- :mod:`dpmsolver.sampling`          the plain front end: ``sample``, ``invert``
+- :mod:`dpmsolver.auto`              ``solver="auto"``: the measured default policy
 - :mod:`dpmsolver.analytic`          exact Gaussian-mixture models and a reference ODE solver
 - :mod:`dpmsolver.generate`          large sharded, resumable, multi-process generation
 """
 
+from . import auto  # noqa: F401  (registers the "auto" policy)
 from .analytic import (
     GaussianMixture,
     MixtureDenoiser,
@@ -22,8 +27,11 @@ from .analytic import (
 )
 from .denoiser import Denoiser, ModelDenoiser
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding, X0Corrector
+from .loop import NonFiniteError, SampleResult, StepInfo, solve
 from .parameterization import PREDICTIONS, to_data, to_noise
-from .sampling import NonFiniteError, SampleResult, StepInfo, build_denoiser, invert, sample, solve
+from .plan import Plan, make_plan
+from .recipe import Recipe
+from .sampling import SampleOptions, build_denoiser, invert, sample
 from .schedules import (
     ContinuousVPSchedule,
     DiscreteVPSchedule,
@@ -55,7 +63,10 @@ __all__ = [
     "ModelDenoiser",
     "NoiseSchedule",
     "NonFiniteError",
+    "Plan",
+    "Recipe",
     "RectifiedFlowSchedule",
+    "SampleOptions",
     "SampleResult",
     "StepInfo",
     "TimeGrid",
@@ -68,6 +79,7 @@ __all__ = [
     "grid_from_timesteps",
     "invert",
     "make_grid",
+    "make_plan",
     "make_schedule",
     "reference_solve",
     "sample",

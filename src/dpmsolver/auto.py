@@ -1,7 +1,7 @@
 """The recommended configuration for a budget and a guidance scale (``solver="auto"``).
 
-A :class:`Recipe` is a solver, its options, a time grid and where to stop, chosen per
-(guidance, NFE) cell by :mod:`dpmsolver.bench.search`: every candidate is scored by its
+A :class:`~dpmsolver.recipe.Recipe` is a solver, its options, a time grid and where to stop,
+chosen per (guidance, NFE) cell by :mod:`dpmsolver.bench.search`: every candidate is scored by its
 error ratio to the best peer configuration (diffusers, k-diffusion) of that cell, on the
 exact Gaussian mixture and on the built-in digits network over several noise seeds
 (geometric mean per problem, the worse of the two; candidates that ever exceed 2.5x the best
@@ -20,60 +20,12 @@ smoother at high noise) and fixed-weight iPNDM win.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 from ._validate import check_finite_float, check_int
-from .schedules import NoiseSchedule
-from .solvers.base import Form, Solver
-from .timegrid import TimeGrid, make_grid
+from .recipe import PolicyRequest, Recipe, register_policy
+from .solvers import Form, get_solver
 
-__all__ = ["Recipe", "recommend"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A complete sampler configuration.
-
-    Attributes:
-        solver: registry name or alias.
-        options: solver options (order included).
-        grid: time-grid kind; ``rho`` its exponent where it has one.
-        sigma_end: k-diffusion sigma (sigma/alpha) of the last noisy knot, or None for the
-            schedule's ``t_min``; stopping earlier pays off when evaluations are scarce.
-        final_step: ``"denoise"`` or ``"extrapolate"`` (see :func:`dpmsolver.solve`).
-    """
-
-    solver: str
-    options: dict[str, Any] = field(default_factory=dict)
-    grid: str = "logsnr"
-    rho: float | None = None
-    sigma_end: float | None = None
-    final_step: str = "denoise"
-
-    def t_end(self, schedule: NoiseSchedule) -> float | None:
-        """``sigma_end`` as a time of ``schedule`` (clamped to its range), or None."""
-        if self.sigma_end is None:
-            return None
-        t = schedule.knot_at_lambda(-math.log(self.sigma_end)).t
-        return min(max(t, schedule.t_min), schedule.t_max)
-
-    def build(self, schedule: NoiseSchedule, nfe: int) -> tuple[Solver, list[int], TimeGrid]:
-        """The solver, its per-step orders and the grid that spend exactly ``nfe``
-        evaluations on ``schedule`` (ValueError if this recipe cannot)."""
-        from .solvers import get_solver  # the registry imports solver modules that use Form
-
-        solver = get_solver(self.solver, **self.options)
-        orders = solver.plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=nfe < 15)
-        grid = make_grid(schedule, len(orders), self.grid, final="zero", rho=self.rho, t_end=self.t_end(schedule))  # type: ignore[arg-type]
-        return solver, orders, grid
-
-    def describe(self) -> str:
-        """One line for logs and tables."""
-        opts = "".join(f" {k}={v}" for k, v in self.options.items())
-        extra = f" rho={self.rho}" if self.rho is not None else ""
-        stop = f" sigma_end={self.sigma_end}" if self.sigma_end is not None else ""
-        return f"{self.solver}{opts} [{self.grid}{extra}]{stop} final={self.final_step}"
+__all__ = ["recommend"]
 
 
 # (guidance, NFE) -> recipe, from `python -m dpmsolver.bench.search`. Beside each entry: the
@@ -145,10 +97,15 @@ _FALLBACK = Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07)
 
 
 def _can_spend(recipe: Recipe, nfe: int) -> bool:
-    from .solvers import get_solver
-
     try:
         get_solver(recipe.solver, **recipe.options).plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=True)
     except ValueError:
         return False
     return True
+
+
+def _policy(request: PolicyRequest) -> Recipe:
+    return recommend(request.nfe, request.guidance_scale)
+
+
+register_policy("auto", _policy)

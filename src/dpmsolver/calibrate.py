@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .auto import Recipe, recommend
+from .auto import recommend
 from .denoiser import Denoiser
-from .sampling import NonFiniteError, solve
+from .loop import NonFiniteError, solve
+from .recipe import Recipe
 from .schedules import NoiseSchedule
 from .timegrid import TimeGrid, grid_from_sigmas
 
@@ -84,7 +85,8 @@ def run_calibrated(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, rec
                    lams: Sequence[float] | None = None) -> Tensor | None:
     """``recipe``'s final sample from ``x_T`` (at ``t_max``) with ``nfe`` evaluations, on its
     own grid or through the noisy knots at log-SNR ``lams``; None if it diverges."""
-    solver, orders, grid = recipe.build(schedule, nfe)
+    plan = recipe.plan(schedule, nfe=nfe)
+    solver, orders, grid = plan.solver, plan.orders, plan.grid
     if lams is not None:
         if len(lams) != len(orders):
             raise ValueError(f"lams: nfe={nfe} with {recipe.describe()} needs {len(orders)} noisy knots, got {len(lams)}")
@@ -122,7 +124,7 @@ def calibrate_steps(
     if x_T.shape[0] < 2 or reference.shape != x_T.shape:
         raise ValueError(f"x_T and reference must have the same shape with at least 2 samples; got {tuple(x_T.shape)} and {tuple(reference.shape)}")
     recipe = recommend(nfe, guidance_scale) if recipe is None else recipe
-    lam0 = [k.lam for k in recipe.build(schedule, nfe)[2].knots[:-1]]
+    lam0 = [k.lam for k in recipe.plan(schedule, nfe=nfe).grid.knots[:-1]]
     lam_max = schedule.knot(schedule.t_min).lam
 
     def lams_of(u: Sequence[float]) -> list[float]:

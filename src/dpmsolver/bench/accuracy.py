@@ -28,15 +28,17 @@ from torch import Tensor
 
 from ..analytic import GaussianMixture, MixtureDenoiser, default_mixture, reference_sample
 from ..calibrate import rms_error as rmse
+from ..calibrate import run_calibrated
 from ..denoiser import Denoiser
 from ..guidance import DynamicThresholding
+from ..recipe import Recipe
 from ..sampling import NonFiniteError, solve
-from ..schedules import DiscreteVPSchedule, Knot
+from ..schedules import DiscreteVPSchedule, Knot, NoiseSchedule
 from ..solvers import get_solver
 from ..timegrid import make_grid
 from .peers import load_kdiffusion_sampling, optional_import
 
-__all__ = ["DIVERGED", "GuidedProblem", "Method", "digits_problem", "mixture_problem", "our_methods", "peer_methods", "rmse", "sample_errors"]
+__all__ = ["DIVERGED", "GuidedProblem", "Method", "digits_problem", "mixture_problem", "our_methods", "peer_methods", "recipe_sample", "rmse", "sample_errors"]
 
 NFES = (5, 6, 8, 10, 12, 15, 20, 25, 50)
 # A sample this far (RMS per coordinate) from its exact sample has diverged: farther than the
@@ -57,7 +59,7 @@ class GuidedProblem:
         name: for tables.
     """
 
-    schedule: DiscreteVPSchedule
+    schedule: NoiseSchedule
     denoiser: Denoiser
     x_T: Tensor
     reference: Tensor
@@ -134,16 +136,16 @@ def digits_problem(
     ``rtol``) followed by its data prediction there, which is where every sampler's last
     step aims (``final_step="denoise"``).
     """
-    from ..cli import load_builtin
+    from ..models import load_builtin
     from ..noise import sample_seeds, seeded_randn
-    from ..sampling import build_denoiser
+    from ..sampling import SampleOptions, build_denoiser
 
     model = load_builtin(torch.device(device))
     sched = model.schedule
     y = torch.arange(batch, device=device) % 10
     den = build_denoiser(
         model.network, prediction="eps", cond={"y": y}, uncond={"y": torch.full_like(y, 10)},
-        guidance_scale=guidance, thresholding=thresholding,
+        guidance_scale=guidance, options=SampleOptions(thresholding=thresholding),
     )
     z = seeded_randn(sample_seeds(1000 + seed, range(batch)), model.shape, device=device, dtype=torch.float64)
     x_T = z * sched.knot(sched.t_max).sigma
@@ -310,3 +312,12 @@ def evaluate(
                     row["diverged"] = int((e > DIVERGED).sum())
                 rows.append(row)
     return rows
+
+
+def recipe_sample(p: GuidedProblem, nfe: int, recipe: Recipe) -> Tensor | None:
+    """``recipe``'s final sample on ``p`` with exactly ``nfe`` evaluations (None if it cannot
+    spend ``nfe`` or diverges)."""
+    try:
+        return run_calibrated(p.counted(), p.x_T, p.schedule, recipe, nfe)
+    except ValueError:  # the recipe cannot spend nfe
+        return None

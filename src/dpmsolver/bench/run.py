@@ -43,9 +43,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..auto import Recipe, recommend
+from ..auto import recommend
 from ..calibrate import run_calibrated
 from ..io import atomic_write, atomic_write_text
+from ..recipe import Recipe
 from .accuracy import (
     DIVERGED,
     GuidedProblem,
@@ -54,28 +55,20 @@ from .accuracy import (
     evaluate,
     mixture_problem,
     peer_methods,
+    recipe_sample,
     rmse,
 )
 from .overhead import SHAPES as OVERHEAD_SHAPES
 from .overhead import overhead_table
 
-__all__ = ["auto_method", "main", "ours_method", "run_recipe"]
-
-
-def run_recipe(p: GuidedProblem, nfe: int, recipe: Recipe) -> Tensor | None:
-    """``recipe``'s final sample on ``p`` with exactly ``nfe`` evaluations (None if it cannot
-    spend ``nfe`` or diverges)."""
-    try:
-        return run_calibrated(p.counted(), p.x_T, p.schedule, recipe, nfe)
-    except ValueError:  # the recipe cannot spend nfe
-        return None
+__all__ = ["auto_method", "main", "ours_method"]
 
 
 def auto_method() -> Method:
     """``solver="auto"``: the recipe for each (NFE, guidance) cell."""
 
     def run(p: GuidedProblem, nfe: int) -> Tensor | None:
-        return run_recipe(p, nfe, recommend(nfe, p.guidance))
+        return recipe_sample(p, nfe, recommend(nfe, p.guidance))
 
     return Method("auto", "ours", run)
 
@@ -84,7 +77,7 @@ def ours_method(solver: str, grid: str = "logsnr", **options: Any) -> Method:
     """One of our solvers on one grid (to the schedule's t_min, plain final step)."""
 
     def run(p: GuidedProblem, nfe: int) -> Tensor | None:
-        return run_recipe(p, nfe, Recipe(solver, dict(options), grid))
+        return recipe_sample(p, nfe, Recipe(solver, dict(options), grid))  # type: ignore[arg-type]
 
     opts = "".join(f" {k}={v}" for k, v in options.items())
     return Method(f"{solver}{opts} [{grid}]", "ours", run)
@@ -231,8 +224,9 @@ def accuracy_section(problems: Iterable[GuidedProblem], sizes: Sizes, out: Path,
 def quality_section(sizes: Sizes, out: Path) -> str:
     """Class accuracy and Frechet distance of auto's digits by NFE and guidance (and the
     real Inception FID where torch-fidelity and its weights are present)."""
-    from ..cli import load_builtin, run_sampling
     from ..digits import load_classifier
+    from ..model import sample_batches
+    from ..models import load_builtin
     from .quality import (
         classify,
         frechet_distance,
@@ -252,7 +246,7 @@ def quality_section(sizes: Sizes, out: Path) -> str:
     for w in sizes.quality_guidance:
         for nfe in sizes.quality_nfes:
             t0 = time.perf_counter()
-            x, spent = run_sampling(model, labels, len(labels), solver="auto", nfe=nfe, guidance=w, seed=0, batch=250, device=device)
+            x, spent = sample_batches(model, labels, len(labels), solver="auto", nfe=nfe, guidance=w, seed=0, batch=250, device=device)
             pred, feats = classify(clf, x)
             rows.append({
                 "guidance": w, "nfe": nfe, "spent": spent // math.ceil(len(labels) / 250),
@@ -499,9 +493,9 @@ def run(args: argparse.Namespace) -> int:
     for s in sections:
         if s not in SECTIONS:
             raise ValueError(f"--only: unknown section {s!r}; accepted: {', '.join(SECTIONS)}")
-    from ..cli import _device  # the CLI's own --device rule (cpu, cuda, cuda:N, auto)
+    from ..model import resolve_device  # the CLI's own --device rule (cpu, cuda, cuda:N, auto)
 
-    device = str(_device(args.device))  # checked before hours of work, not after
+    device = str(resolve_device(args.device, "--device"))  # checked before hours of work, not after
     if args.summarize:
         _write_summary(out, args.readme)
         return 0

@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
-from ..auto import Recipe
+from ..recipe import Recipe
 from ..solvers import Form
-from . import run as _run
 from .accuracy import (
     DIVERGED,
     GuidedProblem,
@@ -41,6 +40,7 @@ from .accuracy import (
     evaluate,
     mixture_problem,
     peer_methods,
+    recipe_sample,
     rmse,
     sample_errors,
 )
@@ -79,7 +79,7 @@ def run_recipe(p: GuidedProblem, recipe: Recipe, nfe: int) -> float:
     """Error of ``recipe`` at ``nfe`` on ``p`` (inf if it diverges; NaN if it cannot spend
     exactly ``nfe``)."""
     with torch.no_grad():
-        x = _run.run_recipe(p, nfe, recipe)
+        x = recipe_sample(p, nfe, recipe)
     return math.nan if x is None else rmse(x, p.reference)
 
 
@@ -89,7 +89,7 @@ def worst_sample(problems: Sequence[GuidedProblem], recipe: Recipe, nfe: int) ->
     worst = 0.0
     for p in problems:
         with torch.no_grad():
-            x = _run.run_recipe(p, nfe, recipe)
+            x = recipe_sample(p, nfe, recipe)
         if x is None:
             return math.inf
         worst = max(worst, float(sample_errors(x, p.reference).max()))

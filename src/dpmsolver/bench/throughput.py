@@ -12,7 +12,7 @@ thread, and ``torchrun --nproc_per_node 2`` (torchrun gives each worker one thre
 
 Run ``python -m dpmsolver.bench.throughput --out benchmarks/generate.md`` (``--model
 builtin`` needs the built-in digits weights; the default ``auto`` falls back to the exact
-mixture model, ``dpmsolver.generate:exact_model``, when they are missing).
+mixture model, ``dpmsolver.models:exact_model``, when they are missing).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .. import __version__
 
 __all__ = ["main", "measure"]
 
-EXACT = "dpmsolver.generate:exact_model"
+EXACT = "dpmsolver.models:exact_model"
 
 
 def _builtin_available() -> bool:

@@ -38,13 +38,22 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 from .._validate import check_choice, check_int
 from ..guidance import DynamicThresholding
 from ..parameterization import Prediction, to_data
+from ..plan import lower_order_final_default, solver_orders
 from ..schedules import DiscreteVPSchedule, Knot, NoiseSchedule, RectifiedFlowSchedule
-from ..solvers import ALIASES, REGISTRY, FastDPMSolver, Solver, get_solver
+from ..solvers import (
+    ALIASES,
+    REGISTRY,
+    AdaptiveSolver,
+    FastDPMSolver,
+    MultistepSolver,
+    Solver,
+    get_solver,
+)
 from . import diffusers_grid as dg
 from .stepper import (
+    DrivenStep,
     OneEvaluationStepper,
     PinnedSchedule,
-    PlannedStep,
     grouped_plan,
     probed_plan,
     supports_fractions,
@@ -259,7 +268,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         check_int("num_train_timesteps", num_train_timesteps, minimum=2)
 
         self.solver: Solver = self._build_solver(solver, solver_order, solver_options, solver_type)
-        if self.solver.kind == "adaptive":
+        if isinstance(self.solver, AdaptiveSolver):
             raise ValueError(
                 f"solver={solver!r} is adaptive: it chooses its own steps, which a pipeline's "
                 "fixed list of timesteps cannot follow; choose a multistep or singlestep solver"
@@ -294,7 +303,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self.sigmas = torch.zeros(0)
         self._knots: list[Knot] | None = None
-        self._full_plan: list[PlannedStep] = []
+        self._full_plan: list[DrivenStep] = []
         self._pinned: NoiseSchedule = self.schedule
         self._stepper: OneEvaluationStepper | None = None
         self._step_index: int | None = None
@@ -356,7 +365,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return get_solver(name, order, **opts)
 
     def _resolve_layout(self, layout: str | None) -> str:
-        if self.solver.kind == "multistep":
+        if isinstance(self.solver, MultistepSolver):
             return "multistep"
         if layout is None:
             return "grid" if supports_fractions(self.solver) else "solver"
@@ -570,7 +579,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         counts = {len(st.evals) for st in self._full_plan[:-1]} or {1}
         return counts.pop() if len(counts) == 1 else 1
 
-    def _plan(self, start: int) -> list[PlannedStep]:
+    def _plan(self, start: int) -> list[DrivenStep]:
         """The steps over ``knots[start:]`` (``start`` is an interval index)."""
         assert self._knots is not None
         knots = self._knots[start:]
@@ -580,8 +589,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         lof = bool(self._cfg.lower_order_final)
         if self._layout == "grid":
             return grouped_plan(self.solver, knots, self._groups(knots, lof, final_zero))
-        steps_lof = lof and len(self._knots) - 1 < 15
-        orders = self.solver.plan(steps=n, nfe=None, final_zero=final_zero, lower_order_final=steps_lof)
+        steps_lof = lof and lower_order_final_default(len(self._knots) - 1)
+        orders = solver_orders(self.solver, steps=n, final_zero=final_zero, lower_order_final=steps_lof)
         if self._cfg.euler_at_final:
             orders[-1] = 1
         return probed_plan(self.solver, knots, orders, self._pinned)

@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_finite_float, check_int
+from ..loop import StepInfo, solve
 from ..parameterization import PREDICTIONS, Prediction, data_coefficients
-from ..sampling import StepInfo, solve
+from ..plan import solver_orders
 from ..schedules import ContinuousVPSchedule, DiscreteVPSchedule, Knot, NoiseSchedule, VESchedule
-from ..solvers import ALIASES, REGISTRY, Solver, get_solver
+from ..solvers import ALIASES, REGISTRY, AdaptiveSolver, Solver, get_solver
 from ..timegrid import GridKind, TimeGrid, grid_from_sigmas, make_grid
 
 __all__ = [
@@ -308,9 +309,9 @@ def _run(
 ) -> Tensor | tuple[Tensor, dict[str, int]]:
     options, noise_sampler, info = _route_kwargs(name, spec, kwargs)
     solver = _build(spec, options)
-    if orders is None and solver.kind != "adaptive":
+    if orders is None and not isinstance(solver, AdaptiveSolver):
         # k-diffusion's samplers keep their order to the end (only the step to 0 is Euler).
-        orders = solver.plan(steps=grid.steps, nfe=None, final_zero=grid.final_zero, lower_order_final=False)
+        orders = solver_orders(solver, steps=grid.steps, final_zero=grid.final_zero, lower_order_final=False)
     reporter = _Reporter(callback, x, sigma_values)
     result = solve(
         _KDenoiser(model, extra_args),
@@ -375,7 +376,7 @@ def _make_sampler(name: str, spec: KSampler) -> Callable[..., Any]:
             sched = _range_schedule(sigma_min, sigma_max)
             options, _, _ = _route_kwargs(name, spec, kwargs)
             nfe = check_int("n", n, minimum=1)
-            orders = _build(spec, options).plan(steps=None, nfe=nfe, final_zero=False, lower_order_final=False)
+            orders = solver_orders(_build(spec, options), nfe=nfe, final_zero=False, lower_order_final=False)
             grid = make_grid(sched, len(orders), "logsnr", final="t_min")
             values = [torch.tensor(v) for v in grid.ksigmas]
             return _run(name, spec, model, x, grid, values, extra_args=extra_args, callback=callback,

@@ -30,13 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..plan import boundary_update, is_boundary_step, plan_steps
 from ..schedules import Knot, NoiseSchedule
-from ..solvers import Solver, StepContext, boundary_update, is_boundary_step, step_order
+from ..solvers import SinglestepSolver, Solver, StepContext
 
 __all__ = [
+    "DrivenStep",
     "OneEvaluationStepper",
     "PinnedSchedule",
-    "PlannedStep",
     "grouped_plan",
     "probed_plan",
     "supports_fractions",
@@ -102,7 +103,7 @@ class PinnedSchedule(NoiseSchedule):
 
 
 @dataclass(frozen=True)
-class PlannedStep:
+class DrivenStep:
     """One solver step as a one-evaluation-at-a-time protocol sees it.
 
     Attributes:
@@ -122,13 +123,13 @@ class PlannedStep:
 def supports_fractions(solver: Solver) -> bool:
     """True for singlestep solvers whose intermediate points are the options ``r1``/``r2``
     (fractions of the step in lambda), which a grid can therefore dictate."""
-    if solver.kind != "singlestep" or not dataclasses.is_dataclass(solver):
+    if not isinstance(solver, SinglestepSolver) or not dataclasses.is_dataclass(solver):
         return False
     names = {f.name for f in dataclasses.fields(solver)}
     return {"r1", "r2"} <= names
 
 
-def grouped_plan(solver: Solver, knots: Sequence[Knot], groups: Sequence[int]) -> list[PlannedStep]:
+def grouped_plan(solver: Solver, knots: Sequence[Knot], groups: Sequence[int]) -> list[DrivenStep]:
     """Singlestep steps whose intermediate points are grid knots (diffusers'
     ``DPMSolverSinglestepScheduler`` layout): a step of order ``k`` spans ``k`` consecutive
     intervals of ``knots`` and evaluates at each knot it covers, with the fractions
@@ -143,7 +144,7 @@ def grouped_plan(solver: Solver, knots: Sequence[Knot], groups: Sequence[int]) -
             f"{type(solver).__name__} does not take its intermediate points from options r1/r2, "
             "so the grid cannot place them; use the solver's own layout"
         )
-    steps: list[PlannedStep] = []
+    steps: list[DrivenStep] = []
     i = 0
     for g in groups:
         s, t = knots[i], knots[i + g]
@@ -155,7 +156,7 @@ def grouped_plan(solver: Solver, knots: Sequence[Knot], groups: Sequence[int]) -
             fractions = [(knots[i + j].lam - s.lam) / h for j in range(1, g)]
             r2 = fractions[1] if g == 3 else None
             step_solver = dataclasses.replace(solver, order=g, r1=fractions[0], r2=r2)  # type: ignore[type-var]
-        steps.append(PlannedStep(s, t, g, step_solver, tuple(knots[i : i + g])))
+        steps.append(DrivenStep(s, t, g, step_solver, tuple(knots[i : i + g])))
         i += g
     return steps
 
@@ -178,20 +179,16 @@ def _probe(solver: Solver, s: Knot, t: Knot, order: int, schedule: NoiseSchedule
 
 def probed_plan(
     solver: Solver, knots: Sequence[Knot], orders: Sequence[int], schedule: NoiseSchedule
-) -> list[PlannedStep]:
+) -> list[DrivenStep]:
     """One step per interval of ``knots`` with the given orders; each step's evaluation
     points are the ones the solver itself chooses (found by a dry run)."""
-    if len(orders) != len(knots) - 1:
-        raise ValueError(f"{len(orders)} orders for {len(knots) - 1} grid intervals")
     steps = []
-    for i, o in enumerate(orders):
-        s, t = knots[i], knots[i + 1]
-        order = step_order(solver, s, t, o)
-        if is_boundary_step(solver, s, t) or solver.step_evals(i, order) == 1:
-            evals: tuple[Knot, ...] = (s,)
+    for st in plan_steps(solver, knots, orders):
+        if st.evals == 1:
+            evals: tuple[Knot, ...] = (st.s,)
         else:
-            evals = _probe(solver, s, t, order, schedule, i)
-        steps.append(PlannedStep(s, t, order, solver, evals))
+            evals = _probe(solver, st.s, st.t, st.order, schedule, st.index)
+        steps.append(DrivenStep(st.s, st.t, st.order, solver, evals))
     return steps
 
 
@@ -218,7 +215,7 @@ class OneEvaluationStepper:
         offset: position of the first evaluation (default 0).
     """
 
-    def __init__(self, steps: Sequence[PlannedStep], schedule: NoiseSchedule, offset: int = 0) -> None:
+    def __init__(self, steps: Sequence[DrivenStep], schedule: NoiseSchedule, offset: int = 0) -> None:
         if not steps:
             raise ValueError("the plan has no steps")
         self.steps = list(steps)
@@ -247,7 +244,7 @@ class OneEvaluationStepper:
         """True once the last step has finished."""
         return self._next == self.offset + len(self._where)
 
-    def locate(self, position: int) -> tuple[PlannedStep, int]:
+    def locate(self, position: int) -> tuple[DrivenStep, int]:
         """The step holding evaluation ``position`` and its index among the step's evaluations."""
         p, j = self._where[position - self.offset]
         return self.steps[p], j
@@ -272,12 +269,11 @@ class OneEvaluationStepper:
         self._next += 1
         return out
 
-    def _run(self, index: int, step: PlannedStep, draw_noise: NoiseDraw | None) -> Tensor:
+    def _run(self, index: int, step: DrivenStep, draw_noise: NoiseDraw | None) -> Tensor:
         assert self._x is not None and self._x0 is not None
         x, x0, s, t = self._x, self._x0, step.s, step.t
-        boundary = boundary_update(step.solver, x, x0, s, t)
-        if boundary is not None:  # sigma = 0, pure noise, or diffusers' repeated sigma_min
-            return boundary
+        if is_boundary_step(step.solver, s, t):  # sigma = 0, pure noise, or a repeated knot
+            return boundary_update(x, x0, s, t)
         if step.solver.stochastic and draw_noise is None:
             raise ValueError(f"{type(step.solver).__name__} is stochastic: a noise source is required")
         cache, noises = self._cache, self._noise

@@ -37,9 +37,12 @@ __all__ = [
     "combine",
     "exponential_moments",
     "first_order_step",
+    "heun_update",
     "lagrange_weights",
     "phi_functions",
     "phi_sequence",
+    "s_ratio",
+    "sigma_step",
 ]
 
 
@@ -173,6 +176,16 @@ def first_order_step(form: Form, x: Tensor, x0: Tensor, m: Tensor, s: Knot, t: K
     return combine(x, ratio, [(-b * math.expm1(-h), m)])
 
 
+def sigma_step(
+    x: Tensor, s_alpha: float, t_alpha: float, terms: Sequence[tuple[float, Tensor]]
+) -> Tensor:
+    """An update in k-diffusion's variables ``x~ = x / alpha``, ``sigma~ = sigma / alpha``
+    (Karras et al. 2022, EDM Sec. 2): ``x~_t = x~_s + sum c d`` on the state ``x = alpha x~``
+    is ``(alpha_t/alpha_s) x + sum (alpha_t c) d`` for ``terms = [(c, d), ...]`` (``c`` in
+    units of sigma~, ``d = eps_hat``, since ``dx~/dsigma~ = (x~ - D)/sigma~ = eps_hat``)."""
+    return combine(x, s_ratio(t_alpha, s_alpha), [(t_alpha * c, d) for c, d in terms])
+
+
 @dataclass(frozen=True)
 class StepContext:
     """Everything a step needs besides the state: where it goes and how to evaluate.
@@ -196,15 +209,25 @@ class StepContext:
     noise: Callable[[], Tensor] | None = None
 
 
+def heun_update(ctx: StepContext, x: Tensor, d_s: Tensor) -> Tensor:
+    """One Heun step from ``ctx.s`` to ``ctx.t`` (EDM Alg. 1, the trapezoidal rule in
+    sigma~) given ``d_s = eps_hat(x, s)``; evaluates the denoiser once, at the Euler point."""
+    s, t = ctx.s, ctx.t
+    dsig = t.ksigma - s.ksigma
+    x_euler = sigma_step(x, s.alpha, t.alpha, [(dsig, d_s)])
+    d_t = Form.NOISE.prediction(ctx.evaluate(x_euler, t), x_euler, t)
+    return sigma_step(x, s.alpha, t.alpha, [(0.5 * dsig, d_s), (0.5 * dsig, d_t)])
+
+
 class Solver(ABC):
     """Base class of every registered solver.
 
-    Subclasses are frozen dataclasses of their parameters and implement :meth:`step`.
-    ``order`` is the nominal order; ``claimed_order`` the convergence order the tests
+    Subclasses are frozen dataclasses of their parameters and implement :meth:`step`;
+    they derive from one of the shapes in :mod:`.shapes` (multistep, singlestep,
+    adaptive), which own planning and cost. ``order`` is the nominal order; ``claimed_order`` the convergence order the tests
     must measure (equal to ``order`` unless the method is known to fall short of it).
     """
 
-    kind: ClassVar[str] = "multistep"  # "multistep", "singlestep" or "adaptive"
     #: True if :meth:`step` can integrate into sigma = 0 itself (methods in sigma~, where
     #: that end point is regular); otherwise drivers take that step as ``x = x0_hat``.
     steps_into_zero: ClassVar[bool] = False
@@ -235,6 +258,7 @@ class Solver(ABC):
         """State before the first step."""
         return None
 
+    @abstractmethod
     def plan(
         self,
         *,
@@ -245,54 +269,12 @@ class Solver(ABC):
     ) -> list[int]:
         """Order of each grid step; its length is the number of grid steps.
 
-        Exactly one of ``steps`` and ``nfe`` is given. The default plan is multistep's:
-        one evaluation per step, warm-up ``min(order, i + 1)``, and with
-        ``lower_order_final`` the last steps at ``min(order, steps - i)`` (DPM-Solver,
-        App. D.2). A final step to ``sigma = 0`` is always first order.
+        Exactly one of ``steps`` and ``nfe`` is given; ``final_zero`` says the last step is
+        the loop's data-prediction step to ``sigma = 0``. Each solver shape
+        (:mod:`.shapes`) owns its rule; :func:`dpmsolver.plan.make_plan` applies the rules
+        at the ends of the noise range on top.
         """
-        n = steps if steps is not None else nfe
-        assert n is not None
-        orders = [min(self.order, i + 1) for i in range(n)]
-        if lower_order_final:
-            orders = [min(o, n - i) for i, o in enumerate(orders)]
-        if final_zero and not self.steps_into_zero:
-            orders[-1] = 1
-        return orders
 
     @abstractmethod
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Advance ``x`` from ``ctx.s`` to ``ctx.t`` given ``x0 = D(x, ctx.s)``."""
-
-
-# ----------------------------------------------------------------------------------------
-# Rules every driver (the sampling loop, the one-evaluation-at-a-time front ends) applies
-# ----------------------------------------------------------------------------------------
-
-
-def step_order(solver: Solver, s: Knot, t: Knot, order: int) -> int:
-    """The order a step from ``s`` to ``t`` may use: first order out of pure noise, into the
-    clean end (unless the solver integrates into it) and for a zero-length step."""
-    if math.isinf(s.lam) or s.lam == t.lam:
-        return 1
-    if math.isinf(t.lam) and not (t.lam > 0 and solver.steps_into_zero):
-        return 1
-    return order
-
-
-def is_boundary_step(solver: Solver, s: Knot, t: Knot) -> bool:
-    """True if a driver takes the step from ``s`` to ``t`` itself (:func:`boundary_update`)."""
-    return (t.lam == math.inf and not solver.steps_into_zero) or t.lam == -math.inf or t.lam == s.lam
-
-
-def boundary_update(solver: Solver, x: Tensor, x0: Tensor, s: Knot, t: Knot) -> Tensor | None:
-    """The update a driver makes itself at the ends of the noise range, or None if the
-    solver takes the step: into sigma = 0, ``x = x0_hat`` (DPM-Solver++ Sec. 3.1, lambda ->
-    inf); into pure noise (inverting a flow schedule), ``x = eps_hat``; a zero-length step
-    leaves ``x`` as it is."""
-    if not is_boundary_step(solver, s, t):
-        return None
-    if t.lam == math.inf:
-        return x0
-    if t.lam == -math.inf:
-        return (x - x0 * s.alpha) / s.sigma
-    return x

@@ -27,23 +27,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .._validate import check_choice
-from .base import (
-    Form,
-    Solver,
-    StepContext,
-    combine,
-    exponential_moments,
-    first_order_step,
-    lagrange_weights,
-)
-from .multistep import MultistepState, history_order
+from .base import Form, StepContext, combine, exponential_moments, lagrange_weights
 from .registry import SolverInfo, register
+from .shapes import MultistepSolver, MultistepState
 
 __all__ = ["DEIS"]
 
 
 @dataclass(frozen=True)
-class DEIS(Solver):
+class DEIS(MultistepSolver):
     """tAB-DEIS of order 1-3 on the noise prediction (multistep, one evaluation per step,
     warm-up and lower-order final steps as the other multistep solvers).
 
@@ -56,32 +48,25 @@ class DEIS(Solver):
     def __post_init__(self) -> None:
         check_choice("order", self.order, (1, 2, 3))
 
-    def init_state(self) -> MultistepState:
-        return MultistepState()
+    def history_form(self) -> Form:
+        return Form.NOISE
 
-    def step(
-        self, ctx: StepContext, x: Tensor, x0: Tensor, state: MultistepState
-    ) -> tuple[Tensor, MultistepState]:
-        form = Form.NOISE
+    def update(
+        self, ctx: StepContext, k: int, x: Tensor, m0: Tensor, state: MultistepState
+    ) -> Tensor:
         s, t = ctx.s, ctx.t
-        m0 = form.prediction(x0, x, s)
-        k = history_order(ctx.order, s, state.lams)
-        if k == 1:
-            x_t = first_order_step(form, x, x0, m0, s, t)
-        else:
-            ratio, b, h = form.coefficients(s, t)
-            step = t.lam - s.lam
-            nodes = [0.0] + [(lam - s.lam) / step for lam in state.lams[: k - 1]]
-            w = lagrange_weights(nodes, exponential_moments(h, k))
-            preds = (m0, *state.preds[: k - 1])
-            x_t = combine(x, ratio, [(b * wj, m) for wj, m in zip(w, preds, strict=True)])
-        return x_t, state.push(s.lam, m0, self.order - 1)
+        ratio, b, h = Form.NOISE.coefficients(s, t)
+        step = t.lam - s.lam
+        nodes = [0.0] + [(lam - s.lam) / step for lam in state.lams[: k - 1]]
+        w = lagrange_weights(nodes, exponential_moments(h, k))
+        preds = (m0, *state.preds[: k - 1])
+        return combine(x, ratio, [(b * wj, m) for wj, m in zip(w, preds, strict=True)])
 
 
 register(
     SolverInfo(
         name="deis",
-        build=DEIS,
+        cls=DEIS,
         orders=(1, 2, 3),
         default_order=2,
         description="DEIS tAB: exponential integrator on eps with exactly integrated "

@@ -47,10 +47,9 @@ from torch import Tensor
 
 from .._validate import check_choice
 from ..schedules import Knot
-from .base import Form, Solver, StepContext, first_order_step, lagrange_weights
-from .edm import heun_update, sigma_step
-from .multistep import MultistepState, history_order
+from .base import Form, StepContext, heun_update, lagrange_weights, sigma_step
 from .registry import SolverInfo, register
+from .shapes import MultistepSolver, MultistepState
 
 __all__ = ["PNDM", "LinearMultistep", "adams_weights"]
 
@@ -71,7 +70,7 @@ def adams_weights(ksigmas: list[float], target: float, coefficients: Coefficient
 
 
 @dataclass(frozen=True)
-class LinearMultistep(Solver):
+class LinearMultistep(MultistepSolver):
     """Adams-Bashforth on ``d = eps_hat`` in ``sigma~`` with lower-order warm-up: iPNDM
     (``coefficients="fixed"``, ComfyUI's ``sample_ipndm``) and its variable-step form
     (default; = iPNDM_v = k-diffusion's ``sample_lms``). One evaluation per step.
@@ -102,23 +101,16 @@ class LinearMultistep(Solver):
             return 2.0
         return float(self.order)
 
-    def init_state(self) -> MultistepState:
-        return MultistepState()
+    def history_form(self) -> Form:
+        return Form.NOISE
 
-    def step(
-        self, ctx: StepContext, x: Tensor, x0: Tensor, state: MultistepState
-    ) -> tuple[Tensor, MultistepState]:
+    def update(
+        self, ctx: StepContext, k: int, x: Tensor, m0: Tensor, state: MultistepState
+    ) -> Tensor:
         s, t = ctx.s, ctx.t
-        d0 = Form.NOISE.prediction(x0, x, s)
-        k = history_order(ctx.order, s, state.lams)
-        if k == 1:
-            x_t = first_order_step(Form.NOISE, x, x0, d0, s, t)
-        else:
-            ksigmas = [s.ksigma] + [math.exp(-lam) for lam in state.lams[: k - 1]]
-            c = adams_weights(ksigmas, t.ksigma, self.coefficients)
-            terms = list(zip(c, (d0, *state.preds[: k - 1]), strict=True))
-            x_t = sigma_step(x, s.alpha, t.alpha, terms)
-        return x_t, state.push(s.lam, d0, self.order - 1)
+        ksigmas = [s.ksigma] + [math.exp(-lam) for lam in state.lams[: k - 1]]
+        c = adams_weights(ksigmas, t.ksigma, self.coefficients)
+        return sigma_step(x, s.alpha, t.alpha, list(zip(c, (m0, *state.preds[: k - 1]), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -192,19 +184,17 @@ class PNDM(LinearMultistep):
             orders[-1] = 1
         return orders
 
-    def step(
-        self, ctx: StepContext, x: Tensor, x0: Tensor, state: MultistepState
-    ) -> tuple[Tensor, MultistepState]:
+    def advance(
+        self, ctx: StepContext, k: int, x: Tensor, x0: Tensor, m0: Tensor, state: MultistepState
+    ) -> Tensor:
+        """A warm-up step of more than one evaluation (PRK, or the pseudo improved Euler
+        step of PLMS) from ``m0 = eps_hat``; afterwards the Adams-Bashforth step."""
         evals = self.step_evals(ctx.index, ctx.order)
         if evals == 1:
-            return super().step(ctx, x, x0, state)
-        s = ctx.s
-        e1 = Form.NOISE.prediction(x0, x, s)
+            return super().advance(ctx, k, x, x0, m0, state)
         if evals == 2:
-            x_t = heun_update(ctx, x, e1)
-        else:
-            x_t = self._prk_update(ctx, x, e1)
-        return x_t, state.push(s.lam, e1, self.order - 1)
+            return heun_update(ctx, x, m0)
+        return self._prk_update(ctx, x, m0)
 
     @staticmethod
     def _prk_update(ctx: StepContext, x: Tensor, e1: Tensor) -> Tensor:
@@ -229,7 +219,7 @@ class PNDM(LinearMultistep):
 register(
     SolverInfo(
         name="ipndm",
-        build=LinearMultistep,
+        cls=LinearMultistep,
         orders=(1, 2, 3, 4),
         default_order=4,
         description="iPNDM / LMS: Adams-Bashforth on eps in sigma/alpha with lower-order "
@@ -243,7 +233,6 @@ register(
             {"order": 4},
             {"order": 4, "coefficients": "fixed"},
         ),
-        options=("coefficients",),
     ),
     aliases={"ipndm_v": {"coefficients": "variable"}, "lms": {"coefficients": "variable"}},
 )
@@ -251,7 +240,7 @@ register(
 register(
     SolverInfo(
         name="pndm",
-        build=PNDM,
+        cls=PNDM,
         orders=(4,),
         default_order=4,
         description="PNDM: pseudo Runge-Kutta warm-up (12 evaluations) then PLMS (fixed AB4 "
@@ -262,7 +251,6 @@ register(
             {"order": 4, "warmup": "heun"},
             {"order": 4, "warmup": "prk", "coefficients": "variable"},
         ),
-        options=("warmup", "coefficients"),
     ),
     aliases={"plms": {"warmup": "heun"}},
 )

@@ -34,8 +34,9 @@ from torch import Tensor
 from .._validate import check_choice, check_finite_float
 from ..schedules import Knot
 from .base import Form, Solver, StepContext, combine, phi_functions
-from .multistep import MultistepDPMSolver, MultistepState, history_order, multistep_terms
+from .multistep import MultistepDPMSolver, multistep_terms
 from .registry import SolverInfo, register
+from .shapes import MultistepState, SinglestepSolver
 from .singlestep import SinglestepDPMSolver
 
 __all__ = ["AncestralSolver", "MultistepSDESolver", "SinglestepSDESolver", "ancestral_knots"]
@@ -76,29 +77,27 @@ class MultistepSDESolver(MultistepDPMSolver):
     def stochastic(self) -> bool:
         return self.eta > 0
 
-    def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: MultistepState) -> tuple[Tensor, MultistepState]:
-        s, t = ctx.s, ctx.t
+    def advance(
+        self, ctx: StepContext, k: int, x: Tensor, x0: Tensor, m0: Tensor, state: MultistepState
+    ) -> Tensor:
         if self.eta == 0:
-            return super().step(ctx, x, x0, state)
+            return super().advance(ctx, k, x, x0, m0, state)
+        s, t = ctx.s, ctx.t
         h = t.lam - s.lam  # inf out of pure noise: then x_t = alpha_t x0 + sigma_t z
-        k = history_order(ctx.order, s, state.lams)
         ratio = (t.sigma / s.sigma) * math.exp(-self.eta * h)
         terms = multistep_terms(self, k, s, (1.0 + self.eta) * h, t.alpha, x0, state, h_ratio=h)
         out = combine(x, ratio, terms)
-        out = out.add(_noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
-        return out, state.push(s.lam, x0, self.order - 1)
+        return out.add(_noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
 
 
 @dataclass(frozen=True)
-class SinglestepSDESolver(Solver):
+class SinglestepSDESolver(SinglestepSolver):
     """SDE-DPM-Solver++(2S): one intermediate evaluation at ``r1 h``, consistent noise.
 
     Args:
         eta: noise fraction (default 1.0; 0 gives DPM-Solver++(2S) midpoint exactly).
         r1: intermediate point as a fraction of the step (default 1/2).
     """
-
-    kind = "singlestep"
 
     order: int = 2
     form: Form = Form.DATA
@@ -114,14 +113,6 @@ class SinglestepSDESolver(Solver):
     @property
     def stochastic(self) -> bool:
         return self.eta > 0
-
-    def evals_per_step(self, order: int) -> int:
-        return order
-
-    def plan(self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool) -> list[int]:
-        return SinglestepDPMSolver(order=self.order).plan(
-            steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lower_order_final
-        )
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         s, t = ctx.s, ctx.t
@@ -160,7 +151,7 @@ def ancestral_knots(ctx: StepContext, eta: float) -> tuple[Knot, float]:
 
 
 @dataclass(frozen=True)
-class AncestralSolver(Solver):
+class AncestralSolver(SinglestepSolver):
     """Ancestral sampling around a singlestep base solver: deterministic step to
     ``sigma_down`` then ``sigma_up`` noise (k-diffusion ``sample_euler_ancestral`` /
     ``sample_dpmpp_2s_ancestral``).
@@ -169,8 +160,6 @@ class AncestralSolver(Solver):
         base: ``"ddim"`` (Euler ancestral) or ``"dpmpp_2s"`` (DPM-Solver++(2S) ancestral).
         eta: ancestral noise fraction (default 1.0; 0 gives the base solver).
     """
-
-    kind = "singlestep"
 
     order: int = 1
     base: Literal["ddim", "dpmpp_2s"] = "ddim"
@@ -188,12 +177,6 @@ class AncestralSolver(Solver):
     def _base(self) -> Solver:
         return SinglestepDPMSolver(order=self.order)
 
-    def evals_per_step(self, order: int) -> int:
-        return order
-
-    def plan(self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool) -> list[int]:
-        return self._base().plan(steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lower_order_final)
-
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         if self.eta == 0:
             return self._base().step(ctx, x, x0, state)
@@ -205,17 +188,11 @@ class AncestralSolver(Solver):
         return out.add(_noise(ctx), alpha=ctx.t.alpha * up), state
 
 
-def _sde_family(**fixed: Any) -> Any:
-    def build(**kwargs: Any) -> Solver:
-        return MultistepSDESolver(**{**fixed, **kwargs})
-
-    return build
-
-
 register(
     SolverInfo(
         name="dpmpp_multistep_sde",
-        build=_sde_family(),
+        cls=MultistepSDESolver,
+        fixed={"form": Form.DATA},
         orders=(1, 2, 3),
         default_order=2,
         description="SDE-DPM-Solver++ multistep (2M SDE, 3M SDE); eta = 0 is the ODE solver, "
@@ -228,43 +205,42 @@ register(
             {"order": 3},
             {"order": 2, "eta": 0.5},
         ),
-        options=("eta", "variant", "third_order"),
     ),
     aliases={"dpmpp_2m_sde": {"order": 2}, "dpmpp_3m_sde": {"order": 3}, "ddpm": {"order": 1}},
 )
 register(
     SolverInfo(
         name="dpmpp_2s_sde",
-        build=lambda **kw: SinglestepSDESolver(**kw),
+        cls=SinglestepSDESolver,
+        fixed={"form": Form.DATA},
         orders=(1, 2),
         default_order=2,
         description="SDE-DPM-Solver++(2S) singlestep with Brownian-consistent noise",
         reference="Lu et al. 2022, DPM-Solver++ App. B; DPM-Solver-v3 App. (SDE singlestep)",
         configurations=({"order": 2}, {"order": 2, "eta": 0.5}),
-        options=("eta", "r1"),
     )
 )
 register(
     SolverInfo(
         name="euler_ancestral",
-        build=lambda **kw: AncestralSolver(base="ddim", **kw),
+        cls=AncestralSolver,
+        fixed={"base": "ddim"},
         orders=(1,),
         default_order=1,
         description="Euler ancestral (k-diffusion): DDIM to sigma_down plus sigma_up noise",
         reference="Karras et al. 2022 / k-diffusion sample_euler_ancestral",
         configurations=({"order": 1},),
-        options=("eta",),
     )
 )
 register(
     SolverInfo(
         name="dpmpp_2s_ancestral",
-        build=lambda **kw: AncestralSolver(base="dpmpp_2s", **kw),
+        cls=AncestralSolver,
+        fixed={"base": "dpmpp_2s"},
         orders=(1, 2),
         default_order=2,
         description="DPM-Solver++(2S) ancestral (k-diffusion)",
         reference="Lu et al. 2022, DPM-Solver++ Alg. 1; k-diffusion sample_dpmpp_2s_ancestral",
         configurations=({"order": 2},),
-        options=("eta",),
     )
 )
