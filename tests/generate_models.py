@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from dpmsolver.analytic import MixtureNetwork
-from dpmsolver.cli import LoadedModel
-from dpmsolver.generate import exact_model
+from dpmsolver.model import LoadedModel
+from dpmsolver.models import exact_model
 
 
 class SlowExact(MixtureNetwork):

@@ -2,7 +2,7 @@
 process counts, checksummed shards, refused configuration changes, NaN policies.
 
 All runs use the exact Gaussian-mixture "network" in the built-in model's format
-(``dpmsolver.generate.exact_model``) or variants of it (tests/generate_models.py).
+(``dpmsolver.models.exact_model``) or variants of it (tests/generate_models.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from dpmsolver import generate as gen
 from dpmsolver.cli import main
+from dpmsolver.models import exact_model
 from tests import generate_models as models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def assert_all_samples_once(out: Path, num: int) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted single-process run."""
     out = tmp_path_factory.mktemp("reference")
-    manifest = gen.generate(gen.exact_model(), NUM, out, batch_size=64, **RUN)
+    manifest = gen.generate(exact_model(), NUM, out, batch_size=64, **RUN)
     assert manifest.complete and manifest.samples == NUM and len(manifest.shards) == 4
     assert_all_samples_once(out, NUM)
     return out
@@ -91,7 +92,7 @@ def test_batch_size_does_not_change_a_bit(tmp_path: Path, solver: str) -> None:
 
 def builtin_model() -> Any:
     """The built-in digits model (shipped with the package)."""
-    from dpmsolver.cli import load_builtin
+    from dpmsolver.models import load_builtin
 
     return load_builtin(torch.device("cpu"))
 
@@ -118,10 +119,10 @@ def test_builtin_model_batch_sizes_agree_bit_for_bit(tmp_path: Path) -> None:
 def test_micro_batching_keeps_the_exact_model_unchanged(reference: Path) -> None:
     """The exact model is batch-invariant, so grouping its calls changes nothing: the
     shards equal plain batched sampling of the same indices."""
-    from dpmsolver.cli import sample_indices
+    from dpmsolver.model import sample_indices
 
     data = gen.read_samples(reference)
-    model = gen.exact_model()
+    model = exact_model()
     direct = sample_indices(
         model, list(range(NUM)), torch.arange(NUM) % 10, solver="auto", nfe=6, guidance=3.0,
         seed=0, device=torch.device("cpu"),
@@ -155,7 +156,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, referen
 
 
 def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
-    common = ["generate", "--num-samples", "50", "--model", "dpmsolver.generate:exact_model", *CLI_RUN]
+    common = ["generate", "--num-samples", "50", "--model", "dpmsolver.models:exact_model", *CLI_RUN]
     one = subprocess.run([sys.executable, "-m", "dpmsolver.cli", *common, "--out", str(tmp_path / "one")],
                          env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr
@@ -194,7 +195,7 @@ def test_torchrun_a_failing_process_stops_all_without_a_hang(tmp_path: Path) -> 
 
 def test_damaged_shards_are_detected_and_regenerated(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "run"
-    gen.generate(gen.exact_model(), NUM, out, batch_size=16, **RUN)
+    gen.generate(exact_model(), NUM, out, batch_size=16, **RUN)
     original = files(out)
     flipped = bytearray((out / "shard-000000.npz").read_bytes())
     flipped[len(flipped) // 2] ^= 0x01
@@ -206,7 +207,7 @@ def test_damaged_shards_are_detected_and_regenerated(tmp_path: Path, reference: 
     with pytest.raises(ValueError, match=r"shard-000000.npz does not match its sha256"):
         gen.read_samples(out)
 
-    manifest = gen.generate(gen.exact_model(), NUM, out, batch_size=32, **RUN)
+    manifest = gen.generate(exact_model(), NUM, out, batch_size=32, **RUN)
     assert manifest.complete and manifest.samples == NUM
     assert (out / "shard-000003.npz").stat().st_mtime_ns == untouched
     assert files(out) == original
@@ -226,29 +227,29 @@ def test_damaged_shards_are_detected_and_regenerated(tmp_path: Path, reference: 
 )
 def test_a_changed_configuration_is_refused(tmp_path: Path, change: dict[str, Any], named: str) -> None:
     out = tmp_path / "run"
-    gen.generate(gen.exact_model(), NUM, out, **RUN)
+    gen.generate(exact_model(), NUM, out, **RUN)
     before = files(out)
-    args: dict[str, Any] = {"model": gen.exact_model(), "num": NUM, **RUN, **change}
+    args: dict[str, Any] = {"model": exact_model(), "num": NUM, **RUN, **change}
     with pytest.raises(gen.ConfigMismatchError, match=named):
         gen.generate(args.pop("model"), args.pop("num"), out, **args)
     assert files(out) == before
     # What does not change the output may change: batch size, progress.
-    gen.generate(gen.exact_model(), NUM, out, batch_size=3, progress=True, **RUN)
+    gen.generate(exact_model(), NUM, out, batch_size=3, progress=True, **RUN)
     assert files(out) == before
 
 
 def test_shards_of_another_run_are_not_overwritten_without_a_manifest(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    gen.generate(gen.exact_model(), NUM, out, **RUN)
+    gen.generate(exact_model(), NUM, out, **RUN)
     (out / "manifest.json").unlink()
     with pytest.raises(gen.ConfigMismatchError, match=r"shard-000000\.json from a run with a different configuration"):
-        gen.generate(gen.exact_model(), NUM, out, **{**RUN, "seed": 5})
-    manifest = gen.generate(gen.exact_model(), NUM, out, **RUN)  # same run: manifest rebuilt
+        gen.generate(exact_model(), NUM, out, **{**RUN, "seed": 5})
+    manifest = gen.generate(exact_model(), NUM, out, **RUN)  # same run: manifest rebuilt
     assert manifest.complete and (out / "manifest.json").exists()
 
 
 def test_cli_refuses_a_changed_configuration_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["generate", "--num", "10", "--out", str(tmp_path), "--model", "dpmsolver.generate:exact_model", *CLI_RUN]
+    args = ["generate", "--num", "10", "--out", str(tmp_path), "--model", "dpmsolver.models:exact_model", *CLI_RUN]
     assert main(args) == 0
     assert "10 of 10 samples" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
@@ -316,7 +317,7 @@ def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, referen
 )
 def test_bad_arguments_fail_before_anything_is_written(tmp_path: Path, kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:
     with pytest.raises(exc, match=match):
-        gen.generate(gen.exact_model(), 10, tmp_path / "run", **kwargs)
+        gen.generate(exact_model(), 10, tmp_path / "run", **kwargs)
     assert not (tmp_path / "run").exists()
 
 

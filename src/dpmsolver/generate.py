@@ -58,14 +58,11 @@ failed samples; resuming such a directory with ``"stop"`` raises, naming them.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import math
 import os
-import sys
-import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,22 +77,15 @@ from torch import Tensor
 
 from . import __version__
 from ._validate import check_choice, check_finite_float, check_int
-from .analytic import MixtureNetwork, default_mixture
-from .cli import (
-    LoadedModel,
-    UsageError,
-    _check_solver,
-    _device,
-    _int_list,
-    _positive_int,
-    load_model,
-    sample_indices,
-)
+from .analytic import MixtureNetwork
 from .io import atomic_write_bytes, atomic_write_text
+from .loop import NonFiniteError
+from .model import LoadedModel, sample_indices
 from .progress import Progress
-from .sampling import NonFiniteError, sample
-from .schedules import DiscreteVPSchedule, NoiseSchedule
-from .solvers import ALIASES, REGISTRY, AdaptiveDPMSolver, get_solver
+from .recipe import POLICIES
+from .sampling import sample
+from .schedules import NoiseSchedule
+from .solvers import ALIASES, REGISTRY, AdaptiveSolver, get_solver
 
 __all__ = [
     "FORMAT",
@@ -104,11 +94,11 @@ __all__ = [
     "GenerationError",
     "Manifest",
     "ShardRecord",
-    "add_parser",
-    "exact_model",
+    "files_sha256",
     "generate",
     "model_fingerprint",
     "read_samples",
+    "sha256_file",
 ]
 
 FORMAT = "dpmsolver-generate/1"
@@ -236,7 +226,8 @@ def _config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(config).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -305,10 +296,11 @@ def _schedule_identity(schedule: NoiseSchedule) -> dict[str, Any]:
     return {"type": type(schedule).__name__, "sha256": h.hexdigest()}
 
 
-def _files_sha256(files: Sequence[Path], root: Path) -> str:
+def files_sha256(files: Sequence[Path], root: Path) -> str:
+    """One sha256 over ``files``: their paths relative to ``root`` and their sha256s."""
     h = hashlib.sha256()
     for f in sorted(files):
-        h.update(f"{f.relative_to(root).as_posix()}|{_sha256_file(f)}\n".encode())
+        h.update(f"{f.relative_to(root).as_posix()}|{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -473,7 +465,7 @@ def _valid_record(job: _Job, planned: ShardRecord) -> ShardRecord | None:
     if (rec.shard, rec.start, rec.stop, rec.file) != (planned.shard, planned.start, planned.stop, planned.file):
         return None
     try:
-        return rec if _sha256_file(job.out / rec.file) == rec.sha256 else None
+        return rec if sha256_file(job.out / rec.file) == rec.sha256 else None
     except OSError:
         return None
 
@@ -665,7 +657,7 @@ def generate(
     calls this with the same arguments.
 
     Args:
-        model: the model (:class:`dpmsolver.cli.LoadedModel`), on ``device``.
+        model: the model (:class:`dpmsolver.model.LoadedModel`), on ``device``.
         num: number of samples (>= 1).
         out_dir: output directory (created if missing).
         seed: run seed (>= 0); sample i's noise depends only on ``(seed, i)``. Default 0.
@@ -707,8 +699,8 @@ def generate(
     check_choice("on_nonfinite", on_nonfinite, ("stop", "skip"))
     check_choice("dtype", dtype, list(_DTYPES.values()))
     guidance = check_finite_float("guidance", guidance)
-    check_choice("solver", solver, ["auto", *sorted(REGISTRY), *sorted(ALIASES)])
-    if solver != "auto" and isinstance(get_solver(solver), AdaptiveDPMSolver):
+    check_choice("solver", solver, [*POLICIES, *sorted(REGISTRY), *sorted(ALIASES)])
+    if solver not in POLICIES and isinstance(get_solver(solver), AdaptiveSolver):
         raise ValueError(
             f"solver={solver!r} is adaptive: its step sizes come from the whole batch's error, "
             "so a sample would depend on its batch; choose a fixed-step solver or 'auto'"
@@ -784,131 +776,9 @@ def read_samples(out_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         if rec.status == "pending":
             continue
         path = out / rec.file
-        if _sha256_file(path) != rec.sha256:
+        if sha256_file(path) != rec.sha256:
             raise ValueError(f"{path} does not match its sha256 in {out / MANIFEST}; rerun generate to repair it")
         with np.load(path) as z:
             for key in z.files:
                 parts.setdefault(key, []).append(z[key])
     return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def exact_model(device: torch.device | str = "cpu") -> LoadedModel:
-    """The exact Gaussian-mixture "network" in the built-in model's format (1x8x8 samples,
-    10 classes with null label 10, Stable Diffusion's discrete schedule, eps prediction):
-    a stand-in without weights for tests and benchmarks
-    (``--model dpmsolver.generate:exact_model``). ``device`` is unused: it computes on the
-    input's device."""
-    schedule = DiscreteVPSchedule()
-    mix = default_mixture(dim=64, num_classes=10, components_per_class=2, seed=0, shape=(1, 8, 8))
-    return LoadedModel(MixtureNetwork(mix, schedule, "eps"), schedule, "eps", (1, 8, 8),
-                       num_classes=10, null_label=10, name="exact mixture (8x8, 10 classes)")
-
-
-# ----------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------
-
-
-def _load_for_cli(spec: str, device: torch.device) -> tuple[LoadedModel, dict[str, Any]]:
-    """The model named by ``--model`` and what identifies it: the sha256 of the built-in
-    model's weight file, of a model directory's files, or of a factory's network."""
-    if spec == "builtin":
-        model = load_model(spec, device)
-        from .digits import load as digits
-
-        weights = digits.WEIGHTS_DIR / digits.DENOISER_FILE
-        return model, {"builtin": weights.name, "sha256": _sha256_file(weights)}
-    path = Path(spec)
-    if path.is_dir():
-        model = load_model(spec, device)
-        files = [f for sub in ("unet", "scheduler") for f in (path / sub).rglob("*") if f.is_file()]
-        return model, {"directory": str(path.resolve()), "sha256": _files_sha256(files, path)}
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"--model {spec!r}: use 'builtin', a diffusers model directory, or module:function")
-    import importlib
-
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"--model {spec!r}: cannot import it ({e})") from None
-    model = factory(device)
-    if not isinstance(model, LoadedModel):
-        raise UsageError(f"--model {spec!r} must return a LoadedModel, got {type(model).__name__}")
-    try:
-        ident = model_fingerprint(model.network)
-    except ValueError as e:
-        raise UsageError(f"--model {spec!r}: {e}") from None
-    return model, {"factory": spec, **ident}
-
-
-def _rank_device(device: torch.device) -> torch.device:
-    """Under torchrun, a CUDA device without an index means this process's GPU."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    """``dpmsolver generate``."""
-    _check_solver(args.solver)
-    if args.guidance < 0 or not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
-    device = _rank_device(_device(args.device))
-    model, model_id = _load_for_cli(args.model, device)
-    if args.labels == "cycle":
-        labels: Literal["cycle"] | list[int] = "cycle"
-    elif model.num_classes is None:
-        raise UsageError("--labels given but the model is not class-conditional")
-    else:
-        labels = _int_list("--labels", args.labels, lo=0, hi=model.num_classes - 1)
-    t0 = time.perf_counter()
-    try:
-        manifest = generate(
-            model, args.num, out, seed=args.seed, solver=args.solver, nfe=args.nfe,
-            guidance=args.guidance, labels=labels, grid=args.grid, batch_size=args.batch,
-            micro_batch=args.micro_batch, shard_size=args.shard_size,
-            on_nonfinite=args.on_nonfinite, device=device, model_id=model_id,
-            progress=not args.no_progress,
-        )
-    except GenerationError as e:
-        print(f"dpmsolver: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        elapsed = time.perf_counter() - t0
-        failed = len(manifest.failed)
-        note = f"; {failed} samples went non-finite and were skipped (listed in the manifest)" if failed else ""
-        print(f"{manifest.samples} of {args.num} samples from {model.name} in {out} "
-              f"({len(manifest.shards)} shards, {elapsed:.1f}s){note}")
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``dpmsolver generate`` on the CLI's subparsers."""
-    g = sub.add_parser(
-        "generate", help="large sharded, resumable, multi-process generation",
-        description="Generate NUM samples into DIR as checksummed shards with a manifest. "
-        "Re-running the same command resumes; a different configuration is refused. "
-        "Multi-process: torchrun --nproc_per_node K -m dpmsolver.cli generate ...",
-    )
-    # --num-samples first: torchrun's own parser takes a bare --num for its --numa-binding.
-    g.add_argument("--num-samples", "--num", dest="num", metavar="N", type=_positive_int("--num"), required=True,
-                   help="number of samples (write --num-samples under torchrun)")
-    g.add_argument("--out", metavar="DIR", required=True, help="output directory (created if missing)")
-    g.add_argument("--model", default="builtin", help="'builtin' (default), a diffusers model directory, or module:function returning a LoadedModel")
-    g.add_argument("--solver", default="auto", help="solver name or alias, or 'auto' (default); not adaptive solvers")
-    g.add_argument("--nfe", type=_positive_int("--nfe"), default=10, help="network evaluations per sample (default 10)")
-    g.add_argument("--grid", default=None, help="time grid (default: the solver's recommendation, else logsnr)")
-    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3; 1 = none)")
-    g.add_argument("--labels", default="cycle", help="'cycle' (default: sample i has class i mod num_classes) or comma-separated classes cycled the same way")
-    g.add_argument("--seed", type=int, default=0, help="seed; sample i depends only on (seed, i) (default 0)")
-    g.add_argument("--batch", type=_positive_int("--batch"), default=64, help="samples integrated together (default 64); does not change the output")
-    g.add_argument("--micro-batch", type=_positive_int("--micro-batch"), default=32, help="samples per network call (default 32); part of the configuration")
-    g.add_argument("--shard-size", type=_positive_int("--shard-size"), default=1000, help="samples per shard file (default 1000)")
-    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="NaN/Inf samples: stop with an error (default) or skip and record them")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    g.set_defaults(func=cmd_generate)

@@ -1,0 +1,127 @@
+"""Loading models: the built-in ones, local diffusers model directories and factories.
+
+:func:`load_model` turns a ``--model`` value into a :class:`~dpmsolver.model.LoadedModel`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .analytic import MixtureNetwork, default_mixture
+from .model import LoadedModel
+from .parameterization import Prediction
+from .schedules import DiscreteVPSchedule
+
+__all__ = ["BUILTIN", "exact_model", "load_builtin", "load_diffusers_dir", "load_model"]
+
+#: The names of the models shipped with the package.
+BUILTIN = ("builtin",)
+
+_PREDICTIONS: dict[str, Prediction] = {
+    "epsilon": "eps",
+    "sample": "x0",
+    "v_prediction": "v",
+    "flow_prediction": "flow",
+}
+
+
+def load_builtin(device: torch.device) -> LoadedModel:
+    """The shipped digits model (8x8, 10 classes, eps prediction, SD schedule)."""
+    from .digits import DIGITS_SCHEDULE, load_default_model
+
+    net = load_default_model(device=device)
+    sched = DiscreteVPSchedule(
+        beta_schedule=DIGITS_SCHEDULE["beta_schedule"],
+        beta_start=DIGITS_SCHEDULE["beta_start"],
+        beta_end=DIGITS_SCHEDULE["beta_end"],
+        num_train_timesteps=DIGITS_SCHEDULE["num_train_timesteps"],
+    )
+    size, ch = DIGITS_SCHEDULE["image_size"], DIGITS_SCHEDULE["channels"]
+    return LoadedModel(
+        net, sched, DIGITS_SCHEDULE["prediction"], (ch, size, size),
+        num_classes=10, null_label=DIGITS_SCHEDULE["null_label"], name="built-in digits",
+    )
+
+
+def load_diffusers_dir(path: Path, device: torch.device) -> LoadedModel:
+    """A local diffusers model directory holding ``unet/`` (``UNet2DModel``, optionally
+    class-conditional) and ``scheduler/`` with a DDPM-style beta schedule."""
+    if not path.is_dir():
+        raise ValueError(f"--model {str(path)!r}: no such directory")
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("--model DIR needs diffusers: pip install diffusers") from None
+    unet_dir, cfg_file = path / "unet", path / "scheduler" / "scheduler_config.json"
+    if not unet_dir.is_dir() or not cfg_file.is_file():
+        raise ValueError(
+            f"--model {str(path)!r} must contain unet/ and scheduler/scheduler_config.json"
+        )
+    cfg = json.loads(cfg_file.read_text())
+    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir)).to(device).eval()
+    betas = cfg.get("trained_betas")
+    sched = DiscreteVPSchedule(
+        betas=torch.tensor(betas, dtype=torch.float64) if betas else None,
+        beta_schedule=cfg.get("beta_schedule", "linear"),
+        beta_start=cfg.get("beta_start", 0.0001),
+        beta_end=cfg.get("beta_end", 0.02),
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+        rescale_zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+    )
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred not in _PREDICTIONS:
+        raise ValueError(
+            f"--model: prediction_type {pred!r} is not supported ({', '.join(_PREDICTIONS)})"
+        )
+    num_classes = unet.config.get("num_class_embeds")
+
+    def network(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return unet(x, t, class_labels=y).sample
+
+    c, s = int(unet.config.in_channels), int(unet.config.sample_size)
+    return LoadedModel(
+        network, sched, _PREDICTIONS[pred], (c, s, s),
+        num_classes=num_classes, null_label=None, name=str(path),
+    )
+
+
+def exact_model(device: torch.device | str = "cpu") -> LoadedModel:
+    """The exact Gaussian-mixture "network" in the built-in model's format (1x8x8 samples,
+    10 classes with null label 10, Stable Diffusion's discrete schedule, eps prediction):
+    a stand-in without weights for tests and benchmarks
+    (``--model dpmsolver.models:exact_model``). ``device`` is unused: it computes on the
+    input's device."""
+    schedule = DiscreteVPSchedule()
+    mix = default_mixture(dim=64, num_classes=10, components_per_class=2, seed=0, shape=(1, 8, 8))
+    return LoadedModel(
+        MixtureNetwork(mix, schedule, "eps"), schedule, "eps", (1, 8, 8),
+        num_classes=10, null_label=10, name="exact mixture (8x8, 10 classes)",
+    )
+
+
+def load_model(spec: str, device: torch.device) -> LoadedModel:
+    """``"builtin"``, a diffusers model directory, or ``module:function`` (a factory called
+    with the device, returning a :class:`~dpmsolver.model.LoadedModel`)."""
+    if spec in BUILTIN:
+        return load_builtin(device)
+    path = Path(spec)
+    if path.is_dir() or ":" not in spec:
+        return load_diffusers_dir(path, device)
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"--model {spec!r}: use 'builtin', a diffusers model directory, or module:function"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--model {spec!r}: cannot import it ({e})") from None
+    model = factory(device)
+    if not isinstance(model, LoadedModel):
+        raise ValueError(f"--model {spec!r} must return a LoadedModel, got {type(model).__name__}")
+    return model
