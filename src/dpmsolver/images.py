@@ -1,7 +1,12 @@
-"""Image grids and a dependency-free PNG writer (zlib + struct), written atomically."""
+"""Image grids and PNG files, written atomically.
+
+PNG encoding uses Pillow (the ``demo`` extra installs it); where Pillow is absent a plain
+encoder (zlib + struct, PNG spec ISO/IEC 15948) keeps the core dependency-free.
+"""
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from collections.abc import Sequence
@@ -48,10 +53,22 @@ def encode_png(image: np.ndarray) -> bytes:
         raise ValueError("PNG images must be uint8")
     if image.ndim == 2:
         image = image[:, :, None]
-    h, w, c = image.shape
-    color = {1: 0, 3: 2, 4: 6}.get(c)
-    if color is None:
+    c = image.shape[2]
+    if c not in (1, 3, 4):
         raise ValueError(f"PNG needs 1, 3 or 4 channels, got {c}")
+    try:
+        from PIL import Image
+    except ImportError:
+        return _plain_png(image)
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if c == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _plain_png(image: np.ndarray) -> bytes:
+    """The fallback encoder: one IDAT chunk, filter type 0 on every row."""
+    h, w, c = image.shape
+    color = {1: 0, 3: 2, 4: 6}[c]
     raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
