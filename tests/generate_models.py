@@ -43,8 +43,15 @@ def _like_exact(cls: type[MixtureNetwork]) -> LoadedModel:
     base = exact_model()
     net = base.network
     assert isinstance(net, MixtureNetwork)
-    return LoadedModel(cls(net.mixture, net.schedule, net.prediction), base.schedule, base.prediction,
-                       base.shape, num_classes=base.num_classes, null_label=base.null_label, name=cls.__name__)
+    return LoadedModel(
+        cls(net.mixture, net.schedule, net.prediction),
+        base.schedule,
+        base.prediction,
+        base.shape,
+        num_classes=base.num_classes,
+        null_label=base.null_label,
+        name=cls.__name__,
+    )
 
 
 def slow_exact_model(device: torch.device) -> LoadedModel:

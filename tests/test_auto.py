@@ -16,8 +16,16 @@ def test_every_recipe_spends_its_budget_on_the_exact_model(key: tuple[float, int
     mix = dp.default_mixture(dim=4, num_classes=2)
     net = dp.MixtureNetwork(mix, sched)
     y = torch.tensor([0, 1, 1])
-    r = dp.sample(net, torch.randn(3, 4, dtype=torch.float64), schedule=sched, solver="auto", nfe=nfe,
-                  cond={"y": y}, uncond={"y": torch.full_like(y, 2)}, guidance_scale=w)
+    r = dp.sample(
+        net,
+        torch.randn(3, 4, dtype=torch.float64),
+        schedule=sched,
+        solver="auto",
+        nfe=nfe,
+        cond={"y": y},
+        uncond={"y": torch.full_like(y, 2)},
+        guidance_scale=w,
+    )
     assert r.nfe == nfe == net.calls and torch.isfinite(r.x).all()
 
 

@@ -75,7 +75,14 @@ def exact_network(scheduler: DPMSolverScheduler, mixture: dp.GaussianMixture = M
     return call
 
 
-def denoise(scheduler: Any, network: Network, x: Tensor, steps: int | None = None, stop: int | None = None, **kw: Any) -> Tensor:
+def denoise(
+    scheduler: Any,
+    network: Network,
+    x: Tensor,
+    steps: int | None = None,
+    stop: int | None = None,
+    **kw: Any,
+) -> Tensor:
     """A pipeline's loop: set the timesteps, then one network call and one step each."""
     scheduler.set_timesteps(steps, **kw)
     x = x * scheduler.init_noise_sigma
@@ -96,7 +103,9 @@ class PeerCase:
     tol: float
 
 
-def peer_case(peer: str, *, solver: str | None = None, steps: int = 10, tol: float = 1e-5, **config: Any) -> Any:
+def peer_case(
+    peer: str, *, solver: str | None = None, steps: int = 10, tol: float = 1e-5, **config: Any
+) -> Any:
     """One side-by-side comparison with diffusers' scheduler ``peer`` (a class name).
 
     ``solver`` names our solver when ``from_config`` should not infer it; the case is
@@ -106,7 +115,9 @@ def peer_case(peer: str, *, solver: str | None = None, steps: int = 10, tol: flo
     """
     ours = {} if solver is None else {"solver": solver}
     registered = solver is None or solver in dp.REGISTRY or solver in dp.solvers.ALIASES
-    label = f"{peer}-{steps}-" + ",".join(f"{k}={v}" for k, v in config.items() if k not in SD_BETAS)
+    label = f"{peer}-{steps}-" + ",".join(
+        f"{k}={v}" for k, v in config.items() if k not in SD_BETAS
+    )
     return pytest.param(
         PeerCase(peer, {**SD_BETAS, **config}, ours, steps, tol),
         id=label,
@@ -114,7 +125,9 @@ def peer_case(peer: str, *, solver: str | None = None, steps: int = 10, tol: flo
     )
 
 
-def side_by_side(case: PeerCase, x: Tensor | None = None) -> tuple[Tensor, Tensor, DPMSolverScheduler]:
+def side_by_side(
+    case: PeerCase, x: Tensor | None = None
+) -> tuple[Tensor, Tensor, DPMSolverScheduler]:
     peer = getattr(diffusers, case.peer)(**case.config)
     ours = DPMSolverScheduler.from_config(peer.config, **case.ours)
     net = exact_network(ours)
@@ -122,14 +135,27 @@ def side_by_side(case: PeerCase, x: Tensor | None = None) -> tuple[Tensor, Tenso
     return denoise(peer, net, x, case.steps), denoise(ours, net, x, case.steps), ours
 
 
-SPACINGS = {"default": {}, "karras": {"use_karras_sigmas": True}, "logsnr": {"use_lu_lambdas": True}}
-# The singlestep scheduler has no use_lu_lambdas; its use_exponential_sigmas gives the same (with truncated network times).
+SPACINGS = {
+    "default": {},
+    "karras": {"use_karras_sigmas": True},
+    "logsnr": {"use_lu_lambdas": True},
+}
+# The singlestep scheduler has no use_lu_lambdas; its use_exponential_sigmas gives the same
+# (with truncated network times).
 # log-SNR-uniform grid, but truncates network times computed in float32, which puts its
 # first one at 998 where ours is 999: it is compared on default and Karras spacings.
 SINGLESTEP_SPACINGS = {"default": {}, "karras": {"use_karras_sigmas": True}}
 
 CASES = [
-    peer_case(peer, solver_order=order, prediction_type=pred, final_sigmas_type=final, steps=steps, **spacing, **thr)
+    peer_case(
+        peer,
+        solver_order=order,
+        prediction_type=pred,
+        final_sigmas_type=final,
+        steps=steps,
+        **spacing,
+        **thr,
+    )
     for peer, spacings, steps in (
         ("DPMSolverMultistepScheduler", SPACINGS, 10),
         ("DPMSolverSinglestepScheduler", SINGLESTEP_SPACINGS, 9),
@@ -147,23 +173,56 @@ CASES = [
     # update, where DPM-Solver's Alg. 2 (and ours) uses the phi_2 form: both are third
     # order, and they differ by ~1e-3 at 9 steps.
     peer_case("DPMSolverSinglestepScheduler", solver_order=3, solver_type="heun", steps=9),
-    peer_case("DPMSolverSinglestepScheduler", solver_order=3, solver_type="heun", steps=12, final_sigmas_type="sigma_min"),
-    peer_case("DPMSolverMultistepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
-    peer_case("DPMSolverSinglestepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+    peer_case(
+        "DPMSolverSinglestepScheduler",
+        solver_order=3,
+        solver_type="heun",
+        steps=12,
+        final_sigmas_type="sigma_min",
+    ),
+    peer_case(
+        "DPMSolverMultistepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min"
+    ),
+    peer_case(
+        "DPMSolverSinglestepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min"
+    ),
     peer_case("DPMSolverMultistepScheduler", euler_at_final=True, final_sigmas_type="sigma_min"),
     peer_case("DPMSolverMultistepScheduler", lower_order_final=False, steps=20),
     peer_case("DPMSolverMultistepScheduler", timestep_spacing="leading", steps_offset=1, steps=7),
     peer_case(
-        "DPMSolverMultistepScheduler", timestep_spacing="trailing", rescale_betas_zero_snr=True,
-        prediction_type="v_prediction", steps=8,
+        "DPMSolverMultistepScheduler",
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+        prediction_type="v_prediction",
+        steps=8,
     ),
-    peer_case("DPMSolverMultistepScheduler", beta_schedule="linear", beta_start=0.0001, beta_end=0.02, steps=25),
     peer_case(
-        "DPMSolverMultistepScheduler", beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1,
+        "DPMSolverMultistepScheduler",
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        steps=25,
+    ),
+    peer_case(
+        "DPMSolverMultistepScheduler",
+        beta_schedule="squaredcos_cap_v2",
+        lambda_min_clipped=-5.1,
         prediction_type="v_prediction",
     ),
-    peer_case("DPMSolverMultistepScheduler", solver_order=1, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-    peer_case("DPMSolverMultistepScheduler", solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    peer_case(
+        "DPMSolverMultistepScheduler",
+        solver_order=1,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+    ),
+    peer_case(
+        "DPMSolverMultistepScheduler",
+        solver_order=2,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+    ),
     peer_case("DPMSolverMultistepScheduler", solver_order=2, steps=1),
     peer_case("DPMSolverSinglestepScheduler", solver_order=2, steps=1),
 ]
@@ -203,7 +262,9 @@ def test_orders_follow_diffusers_lower_order_rules() -> None:
     peer = diffusers.DPMSolverSinglestepScheduler(solver_order=3, lower_order_final=True)
     for n in range(1, 13):
         for final_zero in (True, False):
-            peer.register_to_config(final_sigmas_type="zero" if final_zero else "sigma_min", lower_order_final=True)
+            peer.register_to_config(
+                final_sigmas_type="zero" if final_zero else "sigma_min", lower_order_final=True
+            )
             listed = peer.get_order_list(n)
             groups = singlestep_groups(n, 3, lower_order_final=True, final_zero=final_zero)
             # diffusers lists each step's order at each of its timesteps: 1, 2, .., k.
@@ -241,7 +302,9 @@ def test_third_order_is_closer_to_the_exact_solution_than_diffusers() -> None:
     for steps in (20, 40):
         peer = diffusers.DPMSolverMultistepScheduler(**config)
         ours = DPMSolverScheduler.from_config(peer.config)
-        legacy = DPMSolverScheduler.from_config(peer.config, solver_options={"third_order": "legacy"})
+        legacy = DPMSolverScheduler.from_config(
+            peer.config, solver_options={"third_order": "legacy"}
+        )
         theirs = denoise(peer, at_grid_level(peer), x, steps, stop=-1)
         mine = denoise(ours, at_grid_level(ours), x, steps, stop=-1)
         published = denoise(legacy, at_grid_level(legacy), x, steps, stop=-1)
@@ -268,7 +331,9 @@ def test_solver_layout_equals_the_sampling_loop(solver: str) -> None:
     net = dp.MixtureNetwork(dataclasses.replace(MIX), s.schedule)
     out = denoise(s, exact_network(s), x, 6)
     grid = dp.TimeGrid(tuple(s.knots), s.schedule)
-    ref = dp.solve(dp.ModelDenoiser(net), x, grid, s.solver, orders=[st.order for st in s._full_plan])
+    ref = dp.solve(
+        dp.ModelDenoiser(net), x, grid, s.solver, orders=[st.order for st in s._full_plan]
+    )
     assert ref.nfe == len(s.timesteps)
     # Not bit-exact only because timesteps are float32 (diffusers' convention), so the
     # network sees intermediate times rounded to float32.
@@ -353,8 +418,14 @@ def test_flow_grids_match_flow_match_euler() -> None:
     sigmas) give the same timesteps and noise levels."""
     cases = [
         ({"shift": 3.0}, {"num_inference_steps": 6}),
-        ({"use_dynamic_shifting": True, "shift_terminal": 0.1}, {"sigmas": np.linspace(1.0, 1 / 6, 6), "mu": 0.7}),
-        ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, {"sigmas": np.linspace(1.0, 1 / 5, 5), "mu": 1.2}),
+        (
+            {"use_dynamic_shifting": True, "shift_terminal": 0.1},
+            {"sigmas": np.linspace(1.0, 1 / 6, 6), "mu": 0.7},
+        ),
+        (
+            {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+            {"sigmas": np.linspace(1.0, 1 / 5, 5), "mu": 1.2},
+        ),
         ({"shift": 2.0, "use_karras_sigmas": True}, {"num_inference_steps": 7}),
     ]
     for config, call in cases:
@@ -393,7 +464,9 @@ def test_forward_process_matches_diffusers() -> None:
         s.set_timesteps(8)
         s.set_begin_index(2)
     t = flow.timesteps[2:3]
-    assert torch.allclose(ours_flow.scale_noise(data, t, eps), flow.scale_noise(data, t, eps), atol=1e-6)
+    assert torch.allclose(
+        ours_flow.scale_noise(data, t, eps), flow.scale_noise(data, t, eps), atol=1e-6
+    )
 
 
 def test_from_config_translates_peer_configs() -> None:
@@ -406,7 +479,9 @@ def test_from_config_translates_peer_configs() -> None:
     # An explicit alias that fixes the order wins over the config's solver_order.
     two = DPMSolverScheduler.from_config(single.config, solver="dpmpp_2m")
     assert two.solver.order == 2
-    noise_form = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    noise_form = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver", final_sigmas_type="sigma_min"
+    )
     assert DPMSolverScheduler.from_config(noise_form.config).config.solver == "dpm_multistep"
     sde = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
     if "dpmpp_2m_sde" not in dp.REGISTRY and "dpmpp_2m_sde" not in dp.solvers.ALIASES:
@@ -422,7 +497,10 @@ def test_from_config_translates_peer_configs() -> None:
 
 def test_save_and_load_round_trip(tmp_path: Any) -> None:
     s = DPMSolverScheduler(
-        solver="dpmpp_3m", solver_options={"third_order": "legacy"}, use_karras_sigmas=True, **SD_BETAS
+        solver="dpmpp_3m",
+        solver_options={"third_order": "legacy"},
+        use_karras_sigmas=True,
+        **SD_BETAS,
     )
     s.save_pretrained(tmp_path)
     loaded = DPMSolverScheduler.from_pretrained(tmp_path)
@@ -431,7 +509,9 @@ def test_save_and_load_round_trip(tmp_path: Any) -> None:
     assert loaded.solver == s.solver
     for x in (s, loaded):
         x.set_timesteps(12)
-    assert loaded.timesteps.tolist() == s.timesteps.tolist() and torch.equal(loaded.sigmas, s.sigmas)
+    assert loaded.timesteps.tolist() == s.timesteps.tolist() and torch.equal(
+        loaded.sigmas, s.sigmas
+    )
     # The saved config also loads into diffusers' scheduler (our extra keys are ignored).
     back = diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
     assert back.config.use_karras_sigmas and back.config.beta_schedule == "scaled_linear"
@@ -453,24 +533,58 @@ def test_learned_variance_channels_are_dropped() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"prediction_type": "eps"}, ValueError, r"prediction_type='eps' is not supported; accepted values: 'epsilon'"),
-        ({"timestep_spacing": "uniform"}, ValueError, r"timestep_spacing='uniform' .*'linspace', 'leading', 'trailing'"),
-        ({"final_sigmas_type": "denoise_to_zero"}, ValueError, r"final_sigmas_type=.*'zero', 'sigma_min'"),
-        ({"use_karras_sigmas": True, "use_lu_lambdas": True}, ValueError, "set at most one of use_karras_sigmas"),
-        ({"use_beta_sigmas": True}, ValueError, r"use_beta_sigmas=True is not supported; accepted values: False"),
-        ({"stochastic_sampling": True}, ValueError, r"stochastic_sampling=True .*accepted values: False"),
+        (
+            {"prediction_type": "eps"},
+            ValueError,
+            r"prediction_type='eps' is not supported; accepted values: 'epsilon'",
+        ),
+        (
+            {"timestep_spacing": "uniform"},
+            ValueError,
+            r"timestep_spacing='uniform' .*'linspace', 'leading', 'trailing'",
+        ),
+        (
+            {"final_sigmas_type": "denoise_to_zero"},
+            ValueError,
+            r"final_sigmas_type=.*'zero', 'sigma_min'",
+        ),
+        (
+            {"use_karras_sigmas": True, "use_lu_lambdas": True},
+            ValueError,
+            "set at most one of use_karras_sigmas",
+        ),
+        (
+            {"use_beta_sigmas": True},
+            ValueError,
+            r"use_beta_sigmas=True is not supported; accepted values: False",
+        ),
+        (
+            {"stochastic_sampling": True},
+            ValueError,
+            r"stochastic_sampling=True .*accepted values: False",
+        ),
         ({"solver": "dpmpp_adaptive"}, ValueError, "is adaptive"),
-        ({"solver": "euler_maruyama"}, ValueError, r"solver='euler_maruyama' is not supported; accepted values: .*'dpmpp_2m'"),
+        (
+            {"solver": "euler_maruyama"},
+            ValueError,
+            r"solver='euler_maruyama' is not supported; accepted values: .*'dpmpp_2m'",
+        ),
         ({"solver": "dpmpp_2m", "solver_order": 3}, ValueError, "has order 2"),
         ({"solver_options": {"variant": "rk4"}}, ValueError, "variant='rk4'"),
         ({"solver_type": "bogus"}, ValueError, r"solver_type='bogus' .*'midpoint', 'heun'"),
         ({"variance_type": "learnt"}, ValueError, r"variance_type='learnt' .*'learned'"),
         ({"singlestep_layout": "auto"}, ValueError, r"singlestep_layout='auto' .*'grid', 'solver'"),
         ({"beta_schedule": "cosine"}, ValueError, r"beta_schedule='cosine' .*'squaredcos_cap_v2'"),
-        ({"time_shift_type": "log"}, ValueError, r"time_shift_type='log' .*'exponential', 'linear'"),
+        (
+            {"time_shift_type": "log"},
+            ValueError,
+            r"time_shift_type='log' .*'exponential', 'linear'",
+        ),
     ],
 )
-def test_bad_configuration_names_the_option(kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:
+def test_bad_configuration_names_the_option(
+    kwargs: dict[str, Any], exc: type[Exception], match: str
+) -> None:
     with pytest.raises(exc, match=match):
         DPMSolverScheduler(**kwargs)
 

@@ -23,7 +23,9 @@ from dpmsolver.frontends import kdiffusion as kd
 from .kdiff_loader import load_kdiffusion_external, load_kdiffusion_sampling
 
 K = load_kdiffusion_sampling()
-needs_k = pytest.mark.skipif(K is None, reason="k-diffusion (and its sampling imports) not installed")
+needs_k = pytest.mark.skipif(
+    K is None, reason="k-diffusion (and its sampling imports) not installed"
+)
 
 _BASE = dp.default_mixture(dim=8, num_classes=2, components_per_class=2, seed=4)
 MIX = dataclasses.replace(_BASE, stds=_BASE.stds * 2)
@@ -55,7 +57,10 @@ class Denoiser:
 
 
 def start(sigmas: Tensor, seed: int = 0, batch: int = 5) -> Tensor:
-    return torch.randn(batch, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * sigmas[0]
+    return (
+        torch.randn(batch, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        * sigmas[0]
+    )
 
 
 def keyed_noise(sigma: Tensor, sigma_next: Tensor) -> Tensor:
@@ -114,7 +119,9 @@ def test_published_3m_is_k_diffusion_3m_and_ours_is_closer_to_exact() -> None:
     term) is closer to the exact solution on the same sigmas."""
     sigmas = K.get_sigmas_exponential(30, 0.05, 20.0)[:-1]  # type: ignore[union-attr]
     x = start(sigmas)
-    theirs = K.sample_dpmpp_3m_sde(Denoiser(), x, sigmas, disable=True, eta=0.0, noise_sampler=keyed_noise)  # type: ignore[union-attr]
+    theirs = K.sample_dpmpp_3m_sde(
+        Denoiser(), x, sigmas, disable=True, eta=0.0, noise_sampler=keyed_noise
+    )  # type: ignore[union-attr]
     sched = dp.VESchedule(0.05, 20.0)
     grid = dp.grid_from_sigmas(sched, sigmas)
     legacy = dp.get_solver("dpmpp_multistep", 3, third_order="legacy", variant="heun")
@@ -138,19 +145,27 @@ def test_callback_matches_k_diffusion() -> None:
     for a, b in zip(seen["ours"], seen["theirs"], strict=True):
         assert set(a) == set(b) == {"x", "i", "sigma", "sigma_hat", "denoised"}
         assert a["i"] == b["i"] and float(a["sigma"]) == float(b["sigma"]) == float(a["sigma_hat"])
-        assert torch.allclose(a["x"], b["x"], atol=1e-9) and torch.allclose(a["denoised"], b["denoised"], atol=1e-9)
+        assert torch.allclose(a["x"], b["x"], atol=1e-9) and torch.allclose(
+            a["denoised"], b["denoised"], atol=1e-9
+        )
 
 
 @needs_k
 @pytest.mark.usefixtures("float64")
-@pytest.mark.parametrize("name", ["get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential"])
+@pytest.mark.parametrize(
+    "name", ["get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential"]
+)
 @pytest.mark.parametrize("n", [1, 2, 9])
 def test_sigma_grids_match_k_diffusion(name: str, n: int) -> None:
     ours, theirs = getattr(kd, name)(n, 0.03, 14.6), getattr(K, name)(n, 0.03, 14.6)
     assert ours.shape == theirs.shape == (n + 1,)
     assert torch.allclose(ours, theirs, rtol=1e-12, atol=0)
     assert torch.allclose(kd.get_sigmas_vp(n), K.get_sigmas_vp(n), rtol=1e-12)  # type: ignore[union-attr]
-    assert torch.allclose(kd.get_sigmas_polyexponential(n, 0.03, 14.6, rho=2.5), K.get_sigmas_polyexponential(n, 0.03, 14.6, rho=2.5), rtol=1e-12)  # type: ignore[union-attr]
+    assert torch.allclose(
+        kd.get_sigmas_polyexponential(n, 0.03, 14.6, rho=2.5),
+        K.get_sigmas_polyexponential(n, 0.03, 14.6, rho=2.5),
+        rtol=1e-12,
+    )  # type: ignore[union-attr]
 
 
 def test_logsnr_grid_is_uniform_in_lambda() -> None:
@@ -161,7 +176,9 @@ def test_logsnr_grid_is_uniform_in_lambda() -> None:
     sd = dp.DiscreteVPSchedule()
     uniform = kd.get_sigmas_schedule(sd, 5, "time_uniform")
     expected = [sd.knot(t).ksigma for t in (999.0, 749.25, 499.5, 249.75, 0.0)]
-    assert torch.allclose(uniform[:-1].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6)
+    assert torch.allclose(
+        uniform[:-1].double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6
+    )
 
 
 @needs_k
@@ -203,11 +220,19 @@ def test_discrete_wrapper_samples_an_sd_style_network() -> None:
     sigmas = wrapped.get_sigmas(10).double()
     noise = start(torch.tensor([1.0]))
     x = kd.sample_dpmpp_2m(wrapped, noise * sigmas[0], sigmas, disable=True)  # type: ignore[attr-defined]
-    ref = dp.sample(net, noise, schedule=sd, sigmas=sigmas, solver=dp.Recipe("dpmpp_2m", lower_order_final=False))
+    ref = dp.sample(
+        net,
+        noise,
+        schedule=sd,
+        sigmas=sigmas,
+        solver=dp.Recipe("dpmpp_2m", lower_order_final=False),
+    )
     assert (x - ref.x).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("name", ["sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpm_2", "sample_euler"])
+@pytest.mark.parametrize(
+    "name", ["sample_dpmpp_2m", "sample_dpmpp_3m", "sample_dpm_2", "sample_euler"]
+)
 def test_ascending_sigmas_invert(name: str) -> None:
     """Ascending sigmas run the same solver from data to noise; sampling back returns the
     data up to the solver's error, which shrinks with the steps."""
@@ -275,12 +300,30 @@ def test_every_available_entry_runs(name: str) -> None:
 
 def test_table_lists_every_name_once() -> None:
     names = set(kd.SAMPLERS)
-    assert set(AVAILABLE) | set(kd.UNAVAILABLE) == names and not set(AVAILABLE) & set(kd.UNAVAILABLE)
-    assert {"sample_dpmpp_2m", "sample_euler", "sample_dpm_2", "sample_dpm_fast", "sample_dpm_adaptive"} <= set(AVAILABLE)
+    assert set(AVAILABLE) | set(kd.UNAVAILABLE) == names and not set(AVAILABLE) & set(
+        kd.UNAVAILABLE
+    )
+    assert {
+        "sample_dpmpp_2m",
+        "sample_euler",
+        "sample_dpm_2",
+        "sample_dpm_fast",
+        "sample_dpm_adaptive",
+    } <= set(AVAILABLE)
     comfy = {
-        "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpmpp_2s_ancestral", "sample_uni_pc",
-        "sample_uni_pc_bh2", "sample_deis", "sample_ipndm", "sample_euler", "sample_heun", "sample_lms",
-        "sample_dpm_fast", "sample_dpm_adaptive", "sample_dpmpp_sde",
+        "sample_dpmpp_2m_sde",
+        "sample_dpmpp_3m_sde",
+        "sample_dpmpp_2s_ancestral",
+        "sample_uni_pc",
+        "sample_uni_pc_bh2",
+        "sample_deis",
+        "sample_ipndm",
+        "sample_euler",
+        "sample_heun",
+        "sample_lms",
+        "sample_dpm_fast",
+        "sample_dpm_adaptive",
+        "sample_dpmpp_sde",
     }
     assert comfy <= names
     for name, why in kd.UNAVAILABLE.items():
@@ -298,25 +341,73 @@ def test_signatures_match_k_diffusion(name: str) -> None:
     for p in theirs.parameters.values():
         if p.default is not inspect.Parameter.empty:
             d = ours.parameters[p.name].default
-            assert d == p.default or (isinstance(d, float) and math.isinf(d) and math.isinf(p.default))
+            assert d == p.default or (
+                isinstance(d, float) and math.isinf(d) and math.isinf(p.default)
+            )
 
 
 @pytest.mark.parametrize(
     ("call", "exc", "match"),
     [
-        (lambda s, x: kd.sample_euler(Denoiser(), x, s, s_churn=1.0), ValueError, r"s_churn=1.0 is not supported; accepted values: 0.0"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpmpp_2m(Denoiser(), x, s, eta=1.0), TypeError, r"unexpected keyword argument\(s\) \['eta'\]"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpm_fast(Denoiser(), x, 0.03, 20.0, 5, eta=0.5), ValueError, r"eta=0.5 is not supported"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpm_fast(Denoiser(), x, 20.0, 0.03, 5), ValueError, r"sigma_min=20.0 must be < sigma_max"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpm_fast(Denoiser(), x, 0.03, 20.0, 0), ValueError, r"n must be >= 1"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpm_adaptive(Denoiser(), x, 0.03, 20.0, pcoeff=0.3), ValueError, r"pcoeff=0.3 .*not a PID"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpm_adaptive(Denoiser(), x, 0.03, 20.0, order=4), ValueError, r"order \(for solver 'dpm_adaptive'\)=4"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpmpp_2m(Denoiser(), x, s[None]), ValueError, r"sigmas must be a 1-D sequence"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpmpp_2m(Denoiser(), x, torch.tensor([5.0, 0.0, 1.0])), ValueError, r"sigma 0 may only be the last"),  # type: ignore[attr-defined]
-        (lambda s, x: kd.sample_dpmpp_2m(Denoiser(), x, torch.tensor([5.0, 1.0, 3.0])), ValueError, "strictly monotone"),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_euler(Denoiser(), x, s, s_churn=1.0),
+            ValueError,
+            r"s_churn=1.0 is not supported; accepted values: 0.0",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpmpp_2m(Denoiser(), x, s, eta=1.0),
+            TypeError,
+            r"unexpected keyword argument\(s\) \['eta'\]",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpm_fast(Denoiser(), x, 0.03, 20.0, 5, eta=0.5),
+            ValueError,
+            r"eta=0.5 is not supported",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpm_fast(Denoiser(), x, 20.0, 0.03, 5),
+            ValueError,
+            r"sigma_min=20.0 must be < sigma_max",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpm_fast(Denoiser(), x, 0.03, 20.0, 0),
+            ValueError,
+            r"n must be >= 1",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpm_adaptive(Denoiser(), x, 0.03, 20.0, pcoeff=0.3),
+            ValueError,
+            r"pcoeff=0.3 .*not a PID",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpm_adaptive(Denoiser(), x, 0.03, 20.0, order=4),
+            ValueError,
+            r"order \(for solver 'dpm_adaptive'\)=4",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpmpp_2m(Denoiser(), x, s[None]),
+            ValueError,
+            r"sigmas must be a 1-D sequence",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpmpp_2m(Denoiser(), x, torch.tensor([5.0, 0.0, 1.0])),
+            ValueError,
+            r"sigma 0 may only be the last",
+        ),  # type: ignore[attr-defined]
+        (
+            lambda s, x: kd.sample_dpmpp_2m(Denoiser(), x, torch.tensor([5.0, 1.0, 3.0])),
+            ValueError,
+            "strictly monotone",
+        ),  # type: ignore[attr-defined]
         (lambda s, x: kd.get_sigmas_karras(0, 0.03, 20.0), ValueError, "n must be >= 1"),
         (lambda s, x: kd.get_sigmas_karras(5, 0.0, 20.0), ValueError, "sigma_min must be > 0"),
-        (lambda s, x: kd.DiscreteDDPMDenoiser(Denoiser(), dp.DiscreteVPSchedule().alphas_cumprod, "epsilon"), ValueError, r"prediction='epsilon'"),  # type: ignore[arg-type]
+        (
+            lambda s, x: kd.DiscreteDDPMDenoiser(
+                Denoiser(), dp.DiscreteVPSchedule().alphas_cumprod, "epsilon"
+            ),
+            ValueError,
+            r"prediction='epsilon'",
+        ),  # type: ignore[arg-type]
     ],
 )
 def test_bad_input_names_the_problem(call: Any, exc: type[Exception], match: str) -> None:

@@ -40,7 +40,9 @@ MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=1)
 DEN = dp.MixtureDenoiser(MIX)
 
 
-def drive(stepper: OneEvaluationStepper, x: Tensor, denoiser: Any = DEN, noise: Any = None) -> tuple[Tensor, int]:
+def drive(
+    stepper: OneEvaluationStepper, x: Tensor, denoiser: Any = DEN, noise: Any = None
+) -> tuple[Tensor, int]:
     """The pipeline's side of the protocol: evaluate at each listed knot, hand it over."""
     calls = 0
     for position, knot in enumerate(stepper.evaluations):
@@ -61,8 +63,14 @@ def test_replayed_steps_equal_the_sampling_loop(name: str, cfg: dict[str, Any], 
     points (probed in advance), reproduces dp.solve on the same grid and orders exactly."""
     solver = dp.get_solver(name, **cfg)
     grid = dp.make_grid(SD, 5, final=final)  # type: ignore[arg-type]
-    orders = solver.plan(steps=grid.steps, nfe=None, final_zero=grid.final_zero, lower_order_final=True)
-    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * grid.knots[0].sigma
+    orders = solver.plan(
+        steps=grid.steps, nfe=None, final_zero=grid.final_zero, lower_order_final=True
+    )
+    x = (
+        torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        * grid.knots[0].sigma
+    )
+
     # Stochastic solvers: both drivers draw from identical per-sample streams.
     def noise() -> SeededNoise | None:
         return SeededNoise([11, 12, 13]) if solver.stochastic else None
@@ -81,7 +89,10 @@ def test_grid_layout_puts_intermediate_points_on_the_grid() -> None:
     for order, expected_r in ((2, (0.5,)), (3, (1 / 3, 2 / 3))):
         coarse = dp.TimeGrid(fine.knots[::order], SD)
         solver = dp.get_solver("dpmpp_singlestep", order)
-        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * fine.knots[0].sigma
+        x = (
+            torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            * fine.knots[0].sigma
+        )
         ref = dp.solve(DEN, x, coarse, solver, orders=[order] * coarse.steps)
         plan = grouped_plan(solver, fine.knots, [order] * coarse.steps)
         assert plan[0].solver.r1 == pytest.approx(expected_r[0])  # type: ignore[attr-defined]
@@ -165,7 +176,9 @@ def test_inversion_into_pure_noise_returns_the_noise_prediction() -> None:
     assert torch.isfinite(out).all()
     mid = plan[0]
     x1 = dp.solve(den, x, dp.TimeGrid((mid.s, mid.t), flow), mid.solver).x
-    assert torch.allclose(out, dp.to_noise(den(x1, knots[1]), x1, knots[1].alpha, knots[1].sigma), atol=1e-12)
+    assert torch.allclose(
+        out, dp.to_noise(den(x1, knots[1]), x1, knots[1].alpha, knots[1].sigma), atol=1e-12
+    )
 
 
 def test_plans_refuse_what_they_cannot_do() -> None:
@@ -176,7 +189,9 @@ def test_plans_refuse_what_they_cannot_do() -> None:
         grouped_plan(dp.get_solver("dpmpp_2s"), knots, [2, 2])
     with pytest.raises(ValueError, match="r1/r2"):
         grouped_plan(NoisyTwoStage(), knots, [2, 2])
-    assert supports_fractions(dp.get_solver("dpmpp_fast")) and not supports_fractions(dp.get_solver("dpmpp_2m"))
+    assert supports_fractions(dp.get_solver("dpmpp_fast")) and not supports_fractions(
+        dp.get_solver("dpmpp_2m")
+    )
     stepper = OneEvaluationStepper(probed_plan(dp.get_solver("ddim"), knots, [1] * 4, SD), SD)
     drive(stepper, torch.zeros(1, 6, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="all planned steps are done"):
@@ -208,6 +223,8 @@ def test_diffusers_stays_optional() -> None:
     )
     src = str(Path(dp.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "IMPORT-ERROR:" in out.stdout and "pip install diffusers" in out.stdout

@@ -31,7 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # short last micro-batch in each shard (72 = 3 * 20 + 12, 20 = 8 + 8 + 4, 12 = 8 + 4).
 RUN: dict[str, Any] = dict(guidance=3.0, nfe=6, shard_size=20, micro_batch=8)
 NUM = 72
-CLI_RUN = ["--guidance", "3", "--nfe", "6", "--shard-size", "20", "--micro-batch", "8", "--no-progress"]
+CLI_RUN = [
+    "--guidance",
+    "3",
+    "--nfe",
+    "6",
+    "--shard-size",
+    "20",
+    "--micro-batch",
+    "8",
+    "--no-progress",
+]
 
 
 def env() -> dict[str, str]:
@@ -85,7 +95,9 @@ def test_batch_size_does_not_change_a_bit(tmp_path: Path, solver: str) -> None:
     assert files(outs[0]) == files(outs[1]) == files(outs[2])
     # The rows per call do change this network's samples: that is why the micro-batch
     # size is part of the configuration and the batch size is not.
-    gen.generate(model, 40, tmp_path / "m7", batch_size=7, solver=solver, **{**RUN, "micro_batch": 7})
+    gen.generate(
+        model, 40, tmp_path / "m7", batch_size=7, solver=solver, **{**RUN, "micro_batch": 7}
+    )
     a, b = gen.read_samples(outs[0]), gen.read_samples(tmp_path / "m7")
     assert not np.array_equal(a["samples"], b["samples"])
 
@@ -107,14 +119,31 @@ def test_builtin_model_batch_sizes_agree_bit_for_bit(tmp_path: Path) -> None:
     from dpmsolver.digits import load as digits
 
     for batch in (1, 7, 64):
-        args = ["generate", "--num", "24", "--out", str(tmp_path / f"b{batch}"), "--batch", str(batch),
-                "--nfe", "4", "--shard-size", "24", "--micro-batch", "8", "--device", "cpu", "--no-progress"]
+        args = [
+            "generate",
+            "--num",
+            "24",
+            "--out",
+            str(tmp_path / f"b{batch}"),
+            "--batch",
+            str(batch),
+            "--nfe",
+            "4",
+            "--shard-size",
+            "24",
+            "--micro-batch",
+            "8",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
         assert main(args) == 0
     assert files(tmp_path / "b1") == files(tmp_path / "b7") == files(tmp_path / "b64")
     weights = (digits.WEIGHTS_DIR / digits.DENOISER_FILE).read_bytes()
     model_id = gen.Manifest.load(tmp_path / "b1").config["model"]["id"]
     assert model_id["sha256"] == hashlib.sha256(weights).hexdigest()
     assert np.isfinite(gen.read_samples(tmp_path / "b1")["samples"]).all()
+
 
 def test_micro_batching_keeps_the_exact_model_unchanged(reference: Path) -> None:
     """The exact model is batch-invariant, so grouping its calls changes nothing: the
@@ -124,17 +153,38 @@ def test_micro_batching_keeps_the_exact_model_unchanged(reference: Path) -> None
     data = gen.read_samples(reference)
     model = exact_model()
     direct = sample_indices(
-        model, list(range(NUM)), torch.arange(NUM) % 10, solver="auto", nfe=6, guidance=3.0,
-        seed=0, device=torch.device("cpu"),
+        model,
+        list(range(NUM)),
+        torch.arange(NUM) % 10,
+        solver="auto",
+        nfe=6,
+        guidance=3.0,
+        seed=0,
+        device=torch.device("cpu"),
     ).x
     assert np.array_equal(data["samples"], direct.numpy())
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dpmsolver.cli", "generate", "--num", str(NUM), "--out", str(out),
-           "--model", "tests.generate_models:slow_exact_model", "--batch", "8", *CLI_RUN]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpmsolver.cli",
+        "generate",
+        "--num",
+        str(NUM),
+        "--out",
+        str(out),
+        "--model",
+        "tests.generate_models:slow_exact_model",
+        "--batch",
+        "8",
+        *CLI_RUN,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     while len(list(out.glob("shard-*.json"))) < 2:
         assert proc.poll() is None, proc.communicate()
@@ -156,19 +206,46 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, referen
 
 
 def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
-    common = ["generate", "--num-samples", "50", "--model", "dpmsolver.models:exact_model", *CLI_RUN]
-    one = subprocess.run([sys.executable, "-m", "dpmsolver.cli", *common, "--out", str(tmp_path / "one")],
-                         env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    common = [
+        "generate",
+        "--num-samples",
+        "50",
+        "--model",
+        "dpmsolver.models:exact_model",
+        *CLI_RUN,
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "dpmsolver.cli", *common, "--out", str(tmp_path / "one")],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "dpmsolver.cli", *common, "--out", str(tmp_path / "two")],
-        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dpmsolver.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("50 of 50 samples") == 1  # rank 0 reports
     assert files(tmp_path / "one") == files(tmp_path / "two")  # manifest included
-
 
 
 def test_torchrun_a_failing_process_stops_all_without_a_hang(tmp_path: Path) -> None:
@@ -177,16 +254,38 @@ def test_torchrun_a_failing_process_stops_all_without_a_hang(tmp_path: Path) -> 
     labels = ",".join("7" if i == 25 else "0" for i in range(40))
     out = tmp_path / "run"
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "dpmsolver.cli", "generate", "--num-samples", "40", "--out", str(out),
-         "--model", "tests.generate_models:nan_model", "--labels", labels, *CLI_RUN],
-        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dpmsolver.cli",
+            "generate",
+            "--num-samples",
+            "40",
+            "--out",
+            str(out),
+            "--model",
+            "tests.generate_models:nan_model",
+            "--labels",
+            labels,
+            *CLI_RUN,
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert run.returncode != 0
     assert re.search(r"indices 25 \(step \d\)", run.stderr), run.stderr
     assert "stopped because process 1 of 2 failed" in run.stderr
     assert [s.status for s in gen.Manifest.load(out).shards] == ["complete", "pending"]
     assert not (out / "shard-000001.npz").exists()
+
 
 # ----------------------------------------------------------------------------------------
 # resume and refusal
@@ -225,7 +324,9 @@ def test_damaged_shards_are_detected_and_regenerated(tmp_path: Path, reference: 
         (dict(model=models.call_size_sensitive_model()), "model.name"),
     ],
 )
-def test_a_changed_configuration_is_refused(tmp_path: Path, change: dict[str, Any], named: str) -> None:
+def test_a_changed_configuration_is_refused(
+    tmp_path: Path, change: dict[str, Any], named: str
+) -> None:
     out = tmp_path / "run"
     gen.generate(exact_model(), NUM, out, **RUN)
     before = files(out)
@@ -242,14 +343,28 @@ def test_shards_of_another_run_are_not_overwritten_without_a_manifest(tmp_path: 
     out = tmp_path / "run"
     gen.generate(exact_model(), NUM, out, **RUN)
     (out / "manifest.json").unlink()
-    with pytest.raises(gen.ConfigMismatchError, match=r"shard-000000\.json from a run with a different configuration"):
+    with pytest.raises(
+        gen.ConfigMismatchError,
+        match=r"shard-000000\.json from a run with a different configuration",
+    ):
         gen.generate(exact_model(), NUM, out, **{**RUN, "seed": 5})
     manifest = gen.generate(exact_model(), NUM, out, **RUN)  # same run: manifest rebuilt
     assert manifest.complete and (out / "manifest.json").exists()
 
 
-def test_cli_refuses_a_changed_configuration_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["generate", "--num", "10", "--out", str(tmp_path), "--model", "dpmsolver.models:exact_model", *CLI_RUN]
+def test_cli_refuses_a_changed_configuration_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "generate",
+        "--num",
+        "10",
+        "--out",
+        str(tmp_path),
+        "--model",
+        "dpmsolver.models:exact_model",
+        *CLI_RUN,
+    ]
     assert main(args) == 0
     assert "10 of 10 samples" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
@@ -264,7 +379,9 @@ def test_cli_refuses_a_changed_configuration_with_status_2(tmp_path: Path, capsy
 
 
 def test_nan_stop_names_the_samples_and_writes_no_bad_shard(tmp_path: Path) -> None:
-    with pytest.raises(gen.GenerationError, match=r"indices 7 \(step (\d)\), 17 \(step \1\); first at step \1") as info:
+    with pytest.raises(
+        gen.GenerationError, match=r"indices 7 \(step (\d)\), 17 \(step \1\); first at step \1"
+    ) as info:
         gen.generate(models.nan_model(), NUM, tmp_path, batch_size=64, **RUN)
     assert "Shard 0 (shard-000000.npz) was not written" in str(info.value)
     assert not (tmp_path / "shard-000000.npz").exists()
@@ -273,13 +390,17 @@ def test_nan_stop_names_the_samples_and_writes_no_bad_shard(tmp_path: Path) -> N
 
 
 def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, reference: Path) -> None:
-    manifest = gen.generate(models.nan_model(), NUM, tmp_path, batch_size=64, on_nonfinite="skip", **RUN)
+    manifest = gen.generate(
+        models.nan_model(), NUM, tmp_path, batch_size=64, on_nonfinite="skip", **RUN
+    )
     bad = [i for i in range(NUM) if i % 10 == 7]
     assert [f.index for f in manifest.failed] == bad
     assert len({f.step for f in manifest.failed}) == 1
     assert all(s.status == "partial" for s in manifest.shards) and manifest.complete
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
-    assert on_disk["summary"]["failed"] == len(bad) and on_disk["summary"]["samples"] == NUM - len(bad)
+    assert on_disk["summary"]["failed"] == len(bad) and on_disk["summary"]["samples"] == NUM - len(
+        bad
+    )
     data, ref = gen.read_samples(tmp_path), gen.read_samples(reference)
     keep = [i for i in range(NUM) if i % 10 != 7]
     assert data["indices"].tolist() == keep
@@ -288,10 +409,14 @@ def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, referen
 
     # Resuming keeps the partial shards (a retry would fail the same way) and their record.
     before = files(tmp_path)
-    again = gen.generate(models.nan_model(), NUM, tmp_path, batch_size=8, on_nonfinite="skip", **RUN)
+    again = gen.generate(
+        models.nan_model(), NUM, tmp_path, batch_size=8, on_nonfinite="skip", **RUN
+    )
     assert files(tmp_path) == before and again.failed == manifest.failed
     # ... and under "stop" the run cannot be declared finished: it names them.
-    with pytest.raises(gen.GenerationError, match=r"went non-finite in an earlier run.*7 \(step \d\), 17"):
+    with pytest.raises(
+        gen.GenerationError, match=r"went non-finite in an earlier run.*7 \(step \d\), 17"
+    ):
         gen.generate(models.nan_model(), NUM, tmp_path, **RUN)
 
 
@@ -315,7 +440,9 @@ def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, referen
         (dict(seed=-1), ValueError, "seed must be >= 0"),
     ],
 )
-def test_bad_arguments_fail_before_anything_is_written(tmp_path: Path, kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:
+def test_bad_arguments_fail_before_anything_is_written(
+    tmp_path: Path, kwargs: dict[str, Any], exc: type[Exception], match: str
+) -> None:
     with pytest.raises(exc, match=match):
         gen.generate(exact_model(), 10, tmp_path / "run", **kwargs)
     assert not (tmp_path / "run").exists()
@@ -323,6 +450,8 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path: Path, kwargs: d
 
 def test_cli_bad_model_spec_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--num", "4", "--out", str(tmp_path), "--model", "no_such_module:factory"])
+        main(
+            ["generate", "--num", "4", "--out", str(tmp_path), "--model", "no_such_module:factory"]
+        )
     assert exit_info.value.code == 2
     assert "--model 'no_such_module:factory': cannot import it" in capsys.readouterr().err

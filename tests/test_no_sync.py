@@ -42,7 +42,11 @@ def forbid_host_reads() -> Iterator[None]:
             setattr(torch.Tensor, name, fn)
 
 
-CASES = [(n, dict(c)) for n, c, s in configurations() if not isinstance(s, AdaptiveSolver) and not s.stochastic]
+CASES = [
+    (n, dict(c))
+    for n, c, s in configurations()
+    if not isinstance(s, AdaptiveSolver) and not s.stochastic
+]
 
 
 @pytest.mark.parametrize(("name", "cfg"), CASES, ids=[f"{n}-{c}" for n, c in CASES])
@@ -75,7 +79,11 @@ def test_guidance_and_thresholding_chain_never_reads_on_the_host() -> None:
 
     y = torch.tensor([1.0, 2.0])
     den = dp.build_denoiser(
-        net, prediction="v", cond={"y": y}, uncond={"y": torch.zeros(2)}, guidance_scale=5.0,
+        net,
+        prediction="v",
+        cond={"y": y},
+        uncond={"y": torch.zeros(2)},
+        guidance_scale=5.0,
         options=dp.SampleOptions(thresholding=True),
     )
     grid = dp.make_grid(dp.DiscreteVPSchedule(), 6)

@@ -44,7 +44,9 @@ def test_every_module_of_the_solver_package_is_imported_by_it() -> None:
         f"missing = [n for n in {names!r} if 'dpmsolver.solvers.' + n not in sys.modules]; "
         "print(','.join(missing))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.strip() == ""
 
 

@@ -12,7 +12,9 @@ from dpmsolver.schedules import betas_for_preset, zero_terminal_snr
 
 SCHEDULES = {
     "discrete_sd": dp.DiscreteVPSchedule(),
-    "discrete_linear": dp.DiscreteVPSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+    "discrete_linear": dp.DiscreteVPSchedule(
+        beta_schedule="linear", beta_start=1e-4, beta_end=0.02
+    ),
     "discrete_cos": dp.DiscreteVPSchedule(beta_schedule="squaredcos_cap_v2"),
     "discrete_zsnr": dp.DiscreteVPSchedule(rescale_zero_terminal_snr=True),
     "vp_linear": dp.ContinuousVPSchedule("linear"),
@@ -69,7 +71,9 @@ def test_family_identities() -> None:
     for name in ("discrete_sd", "discrete_cos", "vp_linear", "vp_cosine"):
         s = SCHEDULES[name]
         t = interior_times(s)
-        assert torch.allclose(s.alpha(t) ** 2 + s.sigma(t) ** 2, torch.ones_like(t), atol=1e-12), name
+        assert torch.allclose(s.alpha(t) ** 2 + s.sigma(t) ** 2, torch.ones_like(t), atol=1e-12), (
+            name
+        )
     ve = SCHEDULES["edm"]
     t = interior_times(ve)
     assert torch.equal(ve.alpha(t), torch.ones_like(t)) and torch.allclose(ve.sigma(t), t)
@@ -90,7 +94,9 @@ def test_discrete_knots_are_exact() -> None:
     assert torch.allclose(s.sigma(ts) ** 2, 1 - acp[idx], rtol=1e-12)
     # between knots, log(sigma/alpha) is linear in t
     mid = s.lambda_(torch.tensor(10.5, dtype=torch.float64))
-    assert float(mid) == pytest.approx(0.5 * float(s.lambda_(torch.tensor(10.0)) + s.lambda_(torch.tensor(11.0))))
+    assert float(mid) == pytest.approx(
+        0.5 * float(s.lambda_(torch.tensor(10.0)) + s.lambda_(torch.tensor(11.0)))
+    )
 
 
 def test_presets_match_their_formulas() -> None:

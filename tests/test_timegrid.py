@@ -36,9 +36,13 @@ def test_spacings_follow_their_definitions() -> None:
     d = [b.lam - a.lam for a, b in zip(g.knots, g.knots[1:], strict=False)]
     assert max(d) - min(d) < 1e-9
     g = dp.make_grid(SD, n, "time_uniform", final="t_min")
-    assert [k.t for k in g.knots] == pytest.approx(torch.linspace(999, 0, n + 1, dtype=torch.float64).tolist())
+    assert [k.t for k in g.knots] == pytest.approx(
+        torch.linspace(999, 0, n + 1, dtype=torch.float64).tolist()
+    )
     g = dp.make_grid(SD, n, "time_quadratic", final="t_min")
-    assert [math.sqrt(k.t) for k in g.knots] == pytest.approx(torch.linspace(999**0.5, 0, n + 1, dtype=torch.float64).tolist(), abs=1e-9)
+    assert [math.sqrt(k.t) for k in g.knots] == pytest.approx(
+        torch.linspace(999**0.5, 0, n + 1, dtype=torch.float64).tolist(), abs=1e-9
+    )
     # Karras (EDM Eq. 5) in k-diffusion sigmas, rho = 7
     g = dp.make_grid(SD, n, "karras", final="t_min")
     smax, smin = g.knots[0].ksigma, g.knots[-1].ksigma
@@ -48,7 +52,9 @@ def test_spacings_follow_their_definitions() -> None:
     # polyexponential with rho = 1 is logsnr, exponential is logsnr
     for other in ("exponential", "polyexponential"):
         g2 = dp.make_grid(SD, n, other, final="t_min")  # type: ignore[arg-type]
-        assert [k.lam for k in g2.knots] == pytest.approx([k.lam for k in dp.make_grid(SD, n, final="t_min").knots])
+        assert [k.lam for k in g2.knots] == pytest.approx(
+            [k.lam for k in dp.make_grid(SD, n, final="t_min").knots]
+        )
 
 
 def test_flow_shift_reproduces_sd3_spacing() -> None:
@@ -85,7 +91,10 @@ def test_custom_grids() -> None:
         (lambda: dp.grid_from_timesteps(SD, [999]), "at least 2 knots"),
         (lambda: dp.grid_from_sigmas(SD, [10.0, 0.0, 1.0]), "sigma 0 may only be the last"),
         (lambda: dp.grid_from_sigmas(SD, [10.0, -1.0]), r"sigmas\[1\]"),
-        (lambda: dp.make_grid(dp.RectifiedFlowSchedule(t_max=1.0), 10, "logsnr"), "cannot start at pure noise"),
+        (
+            lambda: dp.make_grid(dp.RectifiedFlowSchedule(t_max=1.0), 10, "logsnr"),
+            "cannot start at pure noise",
+        ),
     ],
 )
 def test_bad_grids_are_explained(call, match: str) -> None:  # type: ignore[no-untyped-def]

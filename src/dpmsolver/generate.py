@@ -156,12 +156,18 @@ class ShardRecord:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         out: dict[str, Any] = {
-            "shard": self.shard, "start": self.start, "stop": self.stop, "file": self.file,
+            "shard": self.shard,
+            "start": self.start,
+            "stop": self.stop,
+            "file": self.file,
             "status": self.status,
         }
         if self.status != "pending":
-            out.update(count=self.count, sha256=self.sha256,
-                       failed=[{"index": f.index, "step": f.step} for f in self.failed])
+            out.update(
+                count=self.count,
+                sha256=self.sha256,
+                failed=[{"index": f.index, "step": f.step} for f in self.failed],
+            )
         return out
 
     @classmethod
@@ -169,8 +175,16 @@ class ShardRecord:
         """Inverse of :meth:`to_json` (KeyError/TypeError/ValueError on malformed input)."""
         status = check_choice("status", d["status"], ("complete", "partial", "pending"))
         failed = tuple(FailedSample(int(f["index"]), int(f["step"])) for f in d.get("failed", ()))
-        return cls(int(d["shard"]), int(d["start"]), int(d["stop"]), str(d["file"]), status,
-                   int(d.get("count", 0)), d.get("sha256"), failed)
+        return cls(
+            int(d["shard"]),
+            int(d["start"]),
+            int(d["stop"]),
+            str(d["file"]),
+            status,
+            int(d.get("count", 0)),
+            d.get("sha256"),
+            failed,
+        )
 
 
 @dataclass
@@ -203,8 +217,11 @@ class Manifest:
             "config": self.config,
             "config_sha256": _config_hash(self.config),
             "summary": {
-                "complete": self.complete, "samples": self.samples, "failed": len(self.failed),
-                "shards": len(self.shards), "pending_shards": len(pending),
+                "complete": self.complete,
+                "samples": self.samples,
+                "failed": len(self.failed),
+                "shards": len(self.shards),
+                "pending_shards": len(pending),
             },
             "shards": [s.to_json() for s in self.shards],
         }
@@ -278,7 +295,9 @@ def model_fingerprint(network: Callable[..., Tensor]) -> dict[str, str]:
     if isinstance(network, MixtureNetwork):
         m = network.mixture
         h.update(f"{network.prediction}|{m.num_classes}|{m.shape}|".encode())
-        _hash_tensors(h, [("means", m.means), ("stds", m.stds), ("weights", m.weights), ("labels", m.labels)])
+        _hash_tensors(
+            h, [("means", m.means), ("stds", m.stds), ("weights", m.weights), ("labels", m.labels)]
+        )
         return {"kind": "mixture", "sha256": h.hexdigest()}
     raise ValueError(
         f"model_id: cannot fingerprint a network of type {type(network).__name__} "
@@ -291,8 +310,14 @@ def _schedule_identity(schedule: NoiseSchedule) -> dict[str, Any]:
     grid of its range, plus the range itself."""
     ts = torch.linspace(schedule.t_min, schedule.t_max, 257, dtype=torch.float64)
     h = hashlib.sha256()
-    _hash_tensors(h, [("range", torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)),
-                      ("lambda", schedule.lambda_(ts)), ("model_time", schedule.model_time(ts))])
+    _hash_tensors(
+        h,
+        [
+            ("range", torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)),
+            ("lambda", schedule.lambda_(ts)),
+            ("model_time", schedule.model_time(ts)),
+        ],
+    )
     return {"type": type(schedule).__name__, "sha256": h.hexdigest()}
 
 
@@ -330,7 +355,9 @@ class _MicroBatched:
         if key not in self._rows:
             starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
             self._rows[key] = [
-                torch.cat([torch.arange(c * self.n + o, c * self.n + o + size) for c in range(copies)]).to(device)
+                torch.cat(
+                    [torch.arange(c * self.n + o, c * self.n + o + size) for c in range(copies)]
+                ).to(device)
                 for o, size in zip(starts, self.sizes, strict=True)
             ]
         return self._rows[key]
@@ -345,10 +372,12 @@ class _MicroBatched:
             return v[idx] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == rows else v
 
         groups = self._groups(copies, x.device)
-        out = torch.cat([
-            self.network(x[idx], take(t, idx), **{k: take(v, idx) for k, v in kwargs.items()})
-            for idx in groups
-        ])
+        out = torch.cat(
+            [
+                self.network(x[idx], take(t, idx), **{k: take(v, idx) for k, v in kwargs.items()})
+                for idx in groups
+            ]
+        )
         if copies == 1:
             return out  # the groups are consecutive rows already
         result = torch.empty_like(out)
@@ -384,11 +413,15 @@ class _Group:
         self.created = False
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if launched and not dist.is_available():
-            raise RuntimeError("started by a multi-process launcher, but this torch has no torch.distributed")
+            raise RuntimeError(
+                "started by a multi-process launcher, but this torch has no torch.distributed"
+            )
         if launched and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if backend == "nccl":
-                torch.cuda.set_device(device if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(
+                    device if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+                )
             # Processes wait for each other once per round of shards; a shard may take long.
             dist.init_process_group(backend, timeout=timedelta(hours=6))
             self.created = True
@@ -462,7 +495,12 @@ def _valid_record(job: _Job, planned: ShardRecord) -> ShardRecord | None:
         return None
     if d.get("config_sha256") != job.config_sha256 or rec.status == "pending":
         return None
-    if (rec.shard, rec.start, rec.stop, rec.file) != (planned.shard, planned.start, planned.stop, planned.file):
+    if (rec.shard, rec.start, rec.stop, rec.file) != (
+        planned.shard,
+        planned.start,
+        planned.stop,
+        planned.file,
+    ):
         return None
     try:
         return rec if sha256_file(job.out / rec.file) == rec.sha256 else None
@@ -488,9 +526,17 @@ def _make_shard(job: _Job, planned: ShardRecord, bar: Progress) -> ShardRecord:
         sizes = [min(job.micro_batch, len(idx) - o) for o in range(0, len(idx), job.micro_batch)]
         try:
             x = sample_indices(
-                job.model, idx, _labels_for(job, idx), solver=job.solver, nfe=job.nfe,
-                guidance=job.guidance, seed=job.seed, device=job.device, grid=job.grid,
-                dtype=job.dtype, network=_MicroBatched(job.model.network, sizes),
+                job.model,
+                idx,
+                _labels_for(job, idx),
+                solver=job.solver,
+                nfe=job.nfe,
+                guidance=job.guidance,
+                seed=job.seed,
+                device=job.device,
+                grid=job.grid,
+                dtype=job.dtype,
+                network=_MicroBatched(job.model.network, sizes),
             ).x
             good = list(range(len(idx)))
         except NonFiniteError as e:
@@ -519,12 +565,21 @@ def _make_shard(job: _Job, planned: ShardRecord, bar: Progress) -> ShardRecord:
         arrays["labels"] = labels.numpy()
     data = _npz_bytes(arrays)
     rec = ShardRecord(
-        planned.shard, planned.start, planned.stop, planned.file,
-        "partial" if failed else "complete", len(kept), hashlib.sha256(data).hexdigest(), tuple(failed),
+        planned.shard,
+        planned.start,
+        planned.stop,
+        planned.file,
+        "partial" if failed else "complete",
+        len(kept),
+        hashlib.sha256(data).hexdigest(),
+        tuple(failed),
     )
     # The file first, then its record: a record always points at a whole file.
     atomic_write_bytes(job.out / rec.file, data)
-    atomic_write_text(_record_path(job.out, rec), json.dumps({"config_sha256": job.config_sha256, **rec.to_json()}, indent=1))
+    atomic_write_text(
+        _record_path(job.out, rec),
+        json.dumps({"config_sha256": job.config_sha256, **rec.to_json()}, indent=1),
+    )
     return rec
 
 
@@ -597,8 +652,11 @@ def _run(job: _Job, plan: list[ShardRecord], group: _Group, progress: bool) -> M
     # Deal the remaining shards out in rounds; after each round every process learns
     # whether any failed, so that all stop together.
     my_shards = todo[group.rank :: group.size]
-    bar = Progress(sum(plan[k].stop - plan[k].start for k in my_shards),
-                   enabled=progress and group.rank == 0, desc="generate")
+    bar = Progress(
+        sum(plan[k].stop - plan[k].start for k in my_shards),
+        enabled=progress and group.rank == 0,
+        desc="generate",
+    )
     error: Exception | None = None
     failures: list[tuple[int, str]] = []
     new: dict[int, ShardRecord] = {}
@@ -628,7 +686,64 @@ def _run(job: _Job, plan: list[ShardRecord], group: _Group, progress: bool) -> M
     return manifest
 
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _classes(
+    model: LoadedModel, labels: Literal["cycle"] | Sequence[int] | None
+) -> list[int] | None:
+    """The classes sample ``i`` cycles through (None for an unconditional model)."""
+    if model.num_classes is None:
+        if labels not in ("cycle", None):
+            raise ValueError("labels: the model is not class-conditional; use 'cycle' or None")
+        return None
+    if labels == "cycle" or labels is None:
+        return list(range(model.num_classes))
+    if isinstance(labels, str) or not labels:
+        raise ValueError(f"labels must be 'cycle' or a non-empty list of classes, got {labels!r}")
+    classes = [check_int(f"labels[{i}]", c, minimum=0) for i, c in enumerate(labels)]
+    if max(classes) >= model.num_classes:
+        raise ValueError(f"labels must lie in [0, {model.num_classes - 1}], got {max(classes)}")
+    return classes
+
+
+def _check_sampler(model: LoadedModel, solver: str, nfe: int, grid: str | None) -> None:
+    """Fail now, before anything is written, on a solver that cannot be used here or a
+    solver/budget/grid combination that cannot run: a one-row run through a zero network
+    costs only the grid arithmetic."""
+    check_choice("solver", solver, [*POLICIES, *sorted(REGISTRY), *sorted(ALIASES)])
+    if solver not in POLICIES and isinstance(get_solver(solver), AdaptiveSolver):
+        raise ValueError(
+            f"solver={solver!r} is adaptive: its step sizes come from the whole batch's error, "
+            "so a sample would depend on its batch; choose a fixed-step solver or 'auto'"
+        )
+    sample(
+        lambda x, t, **kw: torch.zeros_like(x),
+        torch.zeros(1, *model.shape),
+        schedule=model.schedule,
+        prediction=model.prediction,
+        solver=solver,
+        nfe=nfe,
+        grid=grid,  # type: ignore[arg-type]
+        guidance_scale=1.0,
+    )
+
+
+def _model_identity(model: LoadedModel, model_id: Mapping[str, Any] | str) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "id": model_id,
+        "prediction": model.prediction,
+        "shape": list(model.shape),
+        "num_classes": model.num_classes,
+        "null_label": model.null_label,
+        "schedule": _schedule_identity(model.schedule),
+    }
 
 
 def generate(
@@ -699,52 +814,25 @@ def generate(
     check_choice("on_nonfinite", on_nonfinite, ("stop", "skip"))
     check_choice("dtype", dtype, list(_DTYPES.values()))
     guidance = check_finite_float("guidance", guidance)
-    check_choice("solver", solver, [*POLICIES, *sorted(REGISTRY), *sorted(ALIASES)])
-    if solver not in POLICIES and isinstance(get_solver(solver), AdaptiveSolver):
-        raise ValueError(
-            f"solver={solver!r} is adaptive: its step sizes come from the whole batch's error, "
-            "so a sample would depend on its batch; choose a fixed-step solver or 'auto'"
-        )
     if guidance != 1.0 and (model.num_classes is None or model.null_label is None):
         raise ValueError(f"guidance={guidance:g} needs a class-conditional model with a null label")
-    if model.num_classes is None:
-        if labels not in ("cycle", None):
-            raise ValueError("labels: the model is not class-conditional; use 'cycle' or None")
-        classes = None
-    elif labels == "cycle" or labels is None:
-        classes = list(range(model.num_classes))
-    else:
-        if isinstance(labels, str) or not labels:
-            raise ValueError(f"labels must be 'cycle' or a non-empty list of classes, got {labels!r}")
-        classes = [check_int(f"labels[{i}]", c, minimum=0) for i, c in enumerate(labels)]
-        if max(classes) >= model.num_classes:
-            raise ValueError(f"labels must lie in [0, {model.num_classes - 1}], got {max(classes)}")
+    classes = _classes(model, labels)
     device = torch.device(device)
-    # Invalid solver/budget/grid combinations fail now, before anything is written: a
-    # one-row run through a zero network costs only the grid arithmetic.
-    sample(lambda x, t, **kw: torch.zeros_like(x), torch.zeros(1, *model.shape), schedule=model.schedule,
-           prediction=model.prediction, solver=solver, nfe=nfe, grid=grid, guidance_scale=1.0)  # type: ignore[arg-type]
-
+    _check_sampler(model, solver, nfe, grid)
     if model_id is None:
         model_id = model_fingerprint(model.network)
     config: dict[str, Any] = {
         "library_version": __version__,
         "torch_version": torch.__version__,
-        "model": {
-            "name": model.name,
-            "id": model_id,
-            "prediction": model.prediction,
-            "shape": list(model.shape),
-            "num_classes": model.num_classes,
-            "null_label": model.null_label,
-            "schedule": _schedule_identity(model.schedule),
-        },
+        "model": _model_identity(model, model_id),
         "solver": solver,
         "nfe": nfe,
         "grid": grid,
         "guidance": guidance,
         "seed": seed,
-        "labels": {"policy": "none"} if classes is None else {"policy": "cycle", "classes": classes},
+        "labels": {"policy": "none"}
+        if classes is None
+        else {"policy": "cycle", "classes": classes},
         "num": num,
         "shard_size": shard_size,
         "micro_batch": micro_batch,
@@ -753,10 +841,21 @@ def generate(
     }
     config = json.loads(_canonical(config))  # exactly what the manifest will hold
     job = _Job(
-        model=model, out=Path(out_dir), config=config, config_sha256=_config_hash(config),
-        classes=classes, seed=seed, solver=solver, nfe=nfe, guidance=guidance, grid=grid,
-        batch=max(micro_batch, batch_size // micro_batch * micro_batch), micro_batch=micro_batch,
-        on_nonfinite=on_nonfinite, device=device, dtype=dtype,
+        model=model,
+        out=Path(out_dir),
+        config=config,
+        config_sha256=_config_hash(config),
+        classes=classes,
+        seed=seed,
+        solver=solver,
+        nfe=nfe,
+        guidance=guidance,
+        grid=grid,
+        batch=max(micro_batch, batch_size // micro_batch * micro_batch),
+        micro_batch=micro_batch,
+        on_nonfinite=on_nonfinite,
+        device=device,
+        dtype=dtype,
     )
     group = _Group(device)
     try:
@@ -777,7 +876,9 @@ def read_samples(out_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             continue
         path = out / rec.file
         if sha256_file(path) != rec.sha256:
-            raise ValueError(f"{path} does not match its sha256 in {out / MANIFEST}; rerun generate to repair it")
+            raise ValueError(
+                f"{path} does not match its sha256 in {out / MANIFEST}; rerun generate to repair it"
+            )
         with np.load(path) as z:
             for key in z.files:
                 parts.setdefault(key, []).append(z[key])

@@ -28,7 +28,9 @@ def to_uint8(x: Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.nd
     return (y * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def make_grid_image(images: np.ndarray, nrow: int, *, scale: int = 1, pad: int = 1, pad_value: int = 0) -> np.ndarray:
+def make_grid_image(
+    images: np.ndarray, nrow: int, *, scale: int = 1, pad: int = 1, pad_value: int = 0
+) -> np.ndarray:
     """Tile ``(B, H, W, C)`` uint8 images into ``nrow`` columns (row-major), each upscaled by
     ``scale`` (nearest neighbour) with ``pad`` pixels between tiles."""
     if images.ndim != 4:
@@ -72,10 +74,20 @@ def _plain_png(image: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + image[y].tobytes() for y in range(h))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + tag
+            + data
+            + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
     header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
@@ -83,7 +95,9 @@ def write_png(path: str | Path, image: np.ndarray) -> None:
     atomic_write_bytes(path, encode_png(image))
 
 
-def grid_from_samples(x: Tensor, nrow: int, *, scale: int = 4, value_range: Sequence[float] = (-1.0, 1.0)) -> np.ndarray:
+def grid_from_samples(
+    x: Tensor, nrow: int, *, scale: int = 4, value_range: Sequence[float] = (-1.0, 1.0)
+) -> np.ndarray:
     """Samples ``(B, C, H, W)`` -> one uint8 grid image."""
     lo, hi = value_range
     return make_grid_image(to_uint8(x, (lo, hi)), nrow, scale=scale, pad=max(1, scale // 2))

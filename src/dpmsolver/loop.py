@@ -33,6 +33,7 @@ __all__ = [
     "CheckFinite",
     "Evaluator",
     "FinalStep",
+    "FinalStepKind",
     "FiniteMonitor",
     "NoiseSampler",
     "NonFiniteError",
@@ -234,7 +235,12 @@ class FinalStep:
     def take(self, x: Tensor, x0: Tensor, s: Knot, t: Knot) -> Tensor:
         """The boundary step from ``s`` to ``t``."""
         prev = self.prev
-        if self.extrapolate and t.lam == math.inf and prev is not None and prev[1].ksigma > s.ksigma:
+        if (
+            self.extrapolate
+            and t.lam == math.inf
+            and prev is not None
+            and prev[1].ksigma > s.ksigma
+        ):
             s0, s1 = s.ksigma**2, prev[1].ksigma ** 2
             return x0.add(x0 - prev[0], alpha=s0 / (s1 - s0))
         return boundary_update(x, x0, s, t)
@@ -251,7 +257,9 @@ class StepSizeController:
 
     MAX_ATTEMPTS = 100_000
 
-    def __init__(self, solver: AdaptiveSolver, evaluate: Evaluator, schedule: NoiseSchedule) -> None:
+    def __init__(
+        self, solver: AdaptiveSolver, evaluate: Evaluator, schedule: NoiseSchedule
+    ) -> None:
         self.solver = solver
         self.evaluate = evaluate
         self.schedule = schedule
@@ -350,7 +358,9 @@ def solve(
     recorder = Recorder(return_intermediates, callback)
     final = FinalStep(final_step, solver)
     controller = (
-        StepSizeController(solver, evaluate, schedule) if isinstance(solver, AdaptiveSolver) else None
+        StepSizeController(solver, evaluate, schedule)
+        if isinstance(solver, AdaptiveSolver)
+        else None
     )
     bar = Progress(len(plan.steps), enabled=progress)
     state = solver.init_state()

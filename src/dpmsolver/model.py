@@ -84,7 +84,9 @@ def resolve_device(spec: str, name: str = "device") -> torch.device:
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"{name} {spec!r} is not a device (use cpu, cuda, cuda:N or auto)") from None
+        raise ValueError(
+            f"{name} {spec!r} is not a device (use cpu, cuda, cuda:N or auto)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{name} {spec!r} requested but CUDA is not available")
     return dev
@@ -121,9 +123,16 @@ def sample_indices(
     kwargs = model.conditioning(y, guidance)
     with torch.no_grad():
         return sample(
-            network if network is not None else model.network, noise, schedule=model.schedule,
-            prediction=model.prediction, solver=solver, nfe=nfe, grid=grid,  # type: ignore[arg-type]
-            progress=progress, options=SampleOptions(noise_sampler=SeededNoise(seeds)), **kwargs,
+            network if network is not None else model.network,
+            noise,
+            schedule=model.schedule,
+            prediction=model.prediction,
+            solver=solver,
+            nfe=nfe,
+            grid=grid,  # type: ignore[arg-type]
+            progress=progress,
+            options=SampleOptions(noise_sampler=SeededNoise(seeds)),
+            **kwargs,
         )
 
 
@@ -147,8 +156,16 @@ def sample_batches(
     for start in range(0, n, batch):
         idx = list(range(start, min(n, start + batch)))
         r = sample_indices(
-            model, idx, labels[idx] if labels is not None else None, solver=solver, nfe=nfe,
-            guidance=guidance, seed=seed, device=device, grid=grid, progress=progress,
+            model,
+            idx,
+            labels[idx] if labels is not None else None,
+            solver=solver,
+            nfe=nfe,
+            guidance=guidance,
+            seed=seed,
+            device=device,
+            grid=grid,
+            progress=progress,
         )
         out.append(r.x.float().cpu())
         spent += r.nfe

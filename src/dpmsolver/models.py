@@ -43,8 +43,13 @@ def load_builtin(device: torch.device) -> LoadedModel:
     )
     size, ch = DIGITS_SCHEDULE["image_size"], DIGITS_SCHEDULE["channels"]
     return LoadedModel(
-        net, sched, DIGITS_SCHEDULE["prediction"], (ch, size, size),
-        num_classes=10, null_label=DIGITS_SCHEDULE["null_label"], name="built-in digits",
+        net,
+        sched,
+        DIGITS_SCHEDULE["prediction"],
+        (ch, size, size),
+        num_classes=10,
+        null_label=DIGITS_SCHEDULE["null_label"],
+        name="built-in digits",
     )
 
 
@@ -85,8 +90,13 @@ def load_diffusers_dir(path: Path, device: torch.device) -> LoadedModel:
 
     c, s = int(unet.config.in_channels), int(unet.config.sample_size)
     return LoadedModel(
-        network, sched, _PREDICTIONS[pred], (c, s, s),
-        num_classes=num_classes, null_label=None, name=str(path),
+        network,
+        sched,
+        _PREDICTIONS[pred],
+        (c, s, s),
+        num_classes=num_classes,
+        null_label=None,
+        name=str(path),
     )
 
 
@@ -99,8 +109,13 @@ def exact_model(device: torch.device | str = "cpu") -> LoadedModel:
     schedule = DiscreteVPSchedule()
     mix = default_mixture(dim=64, num_classes=10, components_per_class=2, seed=0, shape=(1, 8, 8))
     return LoadedModel(
-        MixtureNetwork(mix, schedule, "eps"), schedule, "eps", (1, 8, 8),
-        num_classes=10, null_label=10, name="exact mixture (8x8, 10 classes)",
+        MixtureNetwork(mix, schedule, "eps"),
+        schedule,
+        "eps",
+        (1, 8, 8),
+        num_classes=10,
+        null_label=10,
+        name="exact mixture (8x8, 10 classes)",
     )
 
 

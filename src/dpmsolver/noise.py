@@ -33,7 +33,7 @@ def sample_seeds(seed: int, indices: Sequence[int] | Tensor) -> list[int]:
     """Seeds for sample ``indices`` of a run seeded with ``seed``: distinct streams per
     (seed, index), independent of how samples are batched (SplitMix64 mixing)."""
     out = []
-    for i in (indices.tolist() if isinstance(indices, Tensor) else indices):
+    for i in indices.tolist() if isinstance(indices, Tensor) else indices:
         z = (int(seed) * 0x9E3779B97F4A7C15 + int(i) + 1) & 0xFFFFFFFFFFFFFFFF
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
@@ -72,6 +72,10 @@ class SeededNoise:
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[0] != len(self._gens):
-            raise ValueError(f"noise sampler has {len(self._gens)} seeds but the batch has {x.shape[0]} samples")
-        rows = [torch.randn(tuple(x.shape[1:]), generator=g, dtype=torch.float32) for g in self._gens]
+            raise ValueError(
+                f"noise sampler has {len(self._gens)} seeds but the batch has {x.shape[0]} samples"
+            )
+        rows = [
+            torch.randn(tuple(x.shape[1:]), generator=g, dtype=torch.float32) for g in self._gens
+        ]
         return torch.stack(rows).to(device=x.device, dtype=x.dtype)

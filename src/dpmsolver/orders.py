@@ -58,7 +58,9 @@ def exact_problem(
     """The exact Gaussian-mixture problem on ``schedule`` from ``t_max`` to ``t_end``
     (class-conditional with classifier-free guidance ``guidance`` if it is not 1)."""
     mix = default_mixture(dim=4, num_classes=2, components_per_class=2, seed=0)
-    noise = torch.randn(batch, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noise = torch.randn(
+        batch, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     y = torch.arange(batch) % 2 if guidance != 1.0 else None
     den = MixtureDenoiser(mix, y=y, guidance_scale=guidance)
     ks, ke = schedule.knot(schedule.t_max), schedule.knot(t_end)
@@ -72,7 +74,9 @@ def slope(nfes: Sequence[int], errs: Sequence[float]) -> float:
     xs = [math.log(n) for n in nfes]
     ys = [-math.log(e) for e in errs]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
 
 
 def run_fixed(problem: ExactProblem, solver: Solver, n: int) -> SampleResult:
@@ -88,7 +92,9 @@ def run_fixed(problem: ExactProblem, solver: Solver, n: int) -> SampleResult:
     return solve(problem.denoiser, problem.x_start, grid, solver, orders=orders)
 
 
-def measure_order(problem: ExactProblem, solver: Solver, *, finer: int = 1) -> tuple[list[int], list[float]]:
+def measure_order(
+    problem: ExactProblem, solver: Solver, *, finer: int = 1
+) -> tuple[list[int], list[float]]:
     """(NFE, max error) at three resolutions: 80/160/320 steps for multistep, 40/80/160 for
     singlestep (times ``finer``); adaptive solvers at three tolerances."""
     results: list[SampleResult] = []
@@ -96,7 +102,14 @@ def measure_order(problem: ExactProblem, solver: Solver, *, finer: int = 1) -> t
         tols = [1e-2, 1e-3, 1e-4] if solver.order == 2 else [1e-3, 1e-4, 1e-5]
         grid = make_grid(problem.schedule, 1, "logsnr", t_end=problem.t_end, final="t_min")
         for tol in tols:
-            results.append(solve(problem.denoiser, problem.x_start, grid, replace(solver, rtol=tol, atol=tol * 1e-2)))
+            results.append(
+                solve(
+                    problem.denoiser,
+                    problem.x_start,
+                    grid,
+                    replace(solver, rtol=tol, atol=tol * 1e-2),
+                )
+            )
     else:
         ns = [80, 160, 320] if isinstance(solver, MultistepSolver) else [40, 80, 160]
         results = [run_fixed(problem, solver, n * finer) for n in ns]
@@ -136,7 +149,9 @@ def marginal_samples(seed: int, knot: Knot | None = None) -> torch.Tensor:
     return knot.alpha * x0 + knot.sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
 
 
-def sde_end_samples(solver: Solver, steps: int = 20, *, noise_scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+def sde_end_samples(
+    solver: Solver, steps: int = 20, *, noise_scale: float = 1.0, seed: int = 0
+) -> torch.Tensor:
     """Run ``solver`` from exact samples of the marginal at t = 999 to t = 0 (log-SNR steps,
     no final denoising), so the exact answer is the marginal at t = 0 and any distance
     beyond sampling noise is the solver's. ``noise_scale`` mis-scales the injected noise
@@ -156,5 +171,8 @@ def sde_distance(solver: Solver, **kwargs: float) -> tuple[float, float]:
     """``(distance to the exact t = 0 marginal, resolution)``: the resolution is the distance
     between two independent exact sample sets of the same size."""
     target = marginal_samples(3, DiscreteVPSchedule().knot(0.0))
-    floor = sliced_w2(marginal_samples(1, DiscreteVPSchedule().knot(0.0)), marginal_samples(2, DiscreteVPSchedule().knot(0.0)))
+    floor = sliced_w2(
+        marginal_samples(1, DiscreteVPSchedule().knot(0.0)),
+        marginal_samples(2, DiscreteVPSchedule().knot(0.0)),
+    )
     return sliced_w2(sde_end_samples(solver, **kwargs), target), floor  # type: ignore[arg-type]

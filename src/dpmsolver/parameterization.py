@@ -44,7 +44,9 @@ def data_coefficients(prediction: Prediction, alpha: float, sigma: float) -> tup
     return 1.0 / norm, -sigma / norm
 
 
-def to_data(output: Tensor, x: Tensor, alpha: float, sigma: float, prediction: Prediction) -> Tensor:
+def to_data(
+    output: Tensor, x: Tensor, alpha: float, sigma: float, prediction: Prediction
+) -> Tensor:
     """Convert a network output to the data prediction ``x0_hat``."""
     cx, co = data_coefficients(prediction, alpha, sigma)
     if cx == 0.0:

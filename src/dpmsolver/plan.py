@@ -79,9 +79,7 @@ def step_order(solver: Solver, s: Knot, t: Knot, order: int) -> int:
 def is_boundary_step(solver: Solver, s: Knot, t: Knot) -> bool:
     """True if a driver takes the step from ``s`` to ``t`` itself (:func:`boundary_update`)."""
     return (
-        (t.lam == math.inf and not solver.steps_into_zero)
-        or t.lam == -math.inf
-        or t.lam == s.lam
+        (t.lam == math.inf and not solver.steps_into_zero) or t.lam == -math.inf or t.lam == s.lam
     )
 
 
@@ -157,7 +155,10 @@ def make_plan(
     """
     if orders is None:
         orders = solver_orders(
-            solver, steps=grid.steps, final_zero=grid.final_zero, lower_order_final=lower_order_final
+            solver,
+            steps=grid.steps,
+            final_zero=grid.final_zero,
+            lower_order_final=lower_order_final,
         )
     return Plan(solver, grid, plan_steps(solver, grid.knots, orders))
 
@@ -170,7 +171,9 @@ def plan_steps(
     :class:`~dpmsolver.timegrid.TimeGrid`: front ends that follow another library's
     timesteps may repeat a knot (a zero-length step)."""
     if len(orders) != len(knots) - 1:
-        raise ValueError(f"orders has {len(orders)} entries but the grid has {len(knots) - 1} steps")
+        raise ValueError(
+            f"orders has {len(orders)} entries but the grid has {len(knots) - 1} steps"
+        )
     steps = []
     for i, o in enumerate(orders):
         check_int(f"orders[{i}]", o, minimum=1)
@@ -179,5 +182,7 @@ def plan_steps(
         s, t = knots[i], knots[i + 1]
         order = step_order(solver, s, t, o)
         boundary = is_boundary_step(solver, s, t)
-        steps.append(PlannedStep(i, s, t, order, 1 if boundary else solver.step_evals(i, order), boundary))
+        steps.append(
+            PlannedStep(i, s, t, order, 1 if boundary else solver.step_evals(i, order), boundary)
+        )
     return tuple(steps)

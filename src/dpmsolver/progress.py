@@ -43,7 +43,9 @@ class _Plain:
             self.stream.write("\n")
         else:
             of = f"/{self.total}" if self.total else ""
-            self.stream.write(f"{self.desc}: {self.count}{of} in {time.perf_counter() - self._t0:.1f}s\n")
+            self.stream.write(
+                f"{self.desc}: {self.count}{of} in {time.perf_counter() - self._t0:.1f}s\n"
+            )
         self.stream.flush()
 
 
@@ -58,7 +60,12 @@ class Progress:
     """
 
     def __init__(
-        self, total: int | None, *, enabled: bool, desc: str = "sampling", stream: TextIO | None = None
+        self,
+        total: int | None,
+        *,
+        enabled: bool,
+        desc: str = "sampling",
+        stream: TextIO | None = None,
     ) -> None:
         self.enabled = enabled
         self._bar: Any = None

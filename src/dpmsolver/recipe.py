@@ -21,6 +21,7 @@ from typing import Any
 from torch import Tensor
 
 from ._validate import check_choice, check_int
+from .loop import FinalStepKind
 from .plan import Plan, make_plan, solver_orders
 from .schedules import NoiseSchedule
 from .solvers import AdaptiveSolver, Solver, get_solver
@@ -63,7 +64,7 @@ class Recipe:
     grid: GridKind | None = None
     rho: float | None = None
     sigma_end: float | None = None
-    final_step: str = "denoise"
+    final_step: FinalStepKind = "denoise"
     t_start: float | None = None
     t_end: float | None = None
     final: Final = "zero"
@@ -122,8 +123,12 @@ class Recipe:
                     "adaptive solvers choose their own steps: do not pass steps, nfe, "
                     "timesteps or sigmas (tune rtol/atol)"
                 )
-            g = make_grid(schedule, 2 if self.final == "zero" else 1, "logsnr", final=self.final, **ends)
-            return make_plan(solver, g, solver_orders(solver, steps=g.steps, final_zero=g.final_zero))
+            g = make_grid(
+                schedule, 2 if self.final == "zero" else 1, "logsnr", final=self.final, **ends
+            )
+            return make_plan(
+                solver, g, solver_orders(solver, steps=g.steps, final_zero=g.final_zero)
+            )
         grid: TimeGrid | None = None
         if custom:
             if steps is not None or nfe is not None:
@@ -138,7 +143,10 @@ class Recipe:
             steps = DEFAULT_STEPS
         final_zero = grid.final_zero if grid is not None else self.final == "zero"
         orders = solver_orders(
-            solver, steps=steps, nfe=None if custom else nfe, final_zero=final_zero,
+            solver,
+            steps=steps,
+            nfe=None if custom else nfe,
+            final_zero=final_zero,
             lower_order_final=self.lower_order_final,
         )
         if grid is None:

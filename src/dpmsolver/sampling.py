@@ -111,7 +111,9 @@ def build_denoiser(
         network, prediction, model_kwargs=kwargs, model_dtype=opts.model_dtype
     )
     if opts.classifier is not None:
-        den = ClassifierGuidance(den, opts.classifier, opts.classifier_scale, opts.classifier_kwargs)
+        den = ClassifierGuidance(
+            den, opts.classifier, opts.classifier_scale, opts.classifier_kwargs
+        )
     if opts.thresholding:
         den = DynamicThresholding(den, opts.thresholding_ratio, opts.thresholding_max_value)
     if opts.x0_corrector is not None:
@@ -184,14 +186,22 @@ def sample(
     opts = _model_dtype(options or _DEFAULTS, noise)
     if isinstance(solver, str) and solver in POLICIES:
         if timesteps is not None or sigmas is not None:
-            raise ValueError(f"solver={solver!r} chooses its own grid: do not pass timesteps or sigmas")
+            raise ValueError(
+                f"solver={solver!r} chooses its own grid: do not pass timesteps or sigmas"
+            )
         budget = nfe if nfe is not None else (steps if steps is not None else DEFAULT_STEPS)
-        w = float(guidance_scale.max()) if isinstance(guidance_scale, Tensor) else float(guidance_scale)
+        w = (
+            float(guidance_scale.max())
+            if isinstance(guidance_scale, Tensor)
+            else float(guidance_scale)
+        )
         recipe = resolve(solver, PolicyRequest(budget, w, schedule))
         steps, nfe = None, budget
     else:
         recipe = resolve(solver, PolicyRequest(0, 1.0, schedule))
-    plan = _with_grid(recipe, grid).plan(schedule, steps=steps, nfe=nfe, timesteps=timesteps, sigmas=sigmas)
+    plan = _with_grid(recipe, grid).plan(
+        schedule, steps=steps, nfe=nfe, timesteps=timesteps, sigmas=sigmas
+    )
     den = build_denoiser(
         model, prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale, options=opts
     )
@@ -200,10 +210,16 @@ def sample(
         # Per-sample streams seeded from torch's global RNG (torch.manual_seed controls them).
         noise_sampler = SeededNoise(torch.randint(0, 2**62, (noise.shape[0],)).tolist())
     return solve(
-        den, noise * plan.grid.knots[0].sigma, plan, noise_sampler=noise_sampler,
-        xt_corrector=opts.xt_corrector, callback=callback, progress=progress,
-        return_intermediates=opts.return_intermediates, check_finite=opts.check_finite,
-        final_step=recipe.final_step,  # type: ignore[arg-type]
+        den,
+        noise * plan.grid.knots[0].sigma,
+        plan,
+        noise_sampler=noise_sampler,
+        xt_corrector=opts.xt_corrector,
+        callback=callback,
+        progress=progress,
+        return_intermediates=opts.return_intermediates,
+        check_finite=opts.check_finite,
+        final_step=recipe.final_step,
     )
 
 
@@ -249,13 +265,22 @@ def invert(
     else:
         orders = plan.orders[::-1]
     den = build_denoiser(
-        model, prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+        model,
+        prediction,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
         options=SampleOptions(model_kwargs=opts.model_kwargs, model_dtype=opts.model_dtype),
     )
     res = solve(
-        den, x, g, plan.solver, orders=orders, callback=callback, progress=progress,
+        den,
+        x,
+        g,
+        plan.solver,
+        orders=orders,
+        callback=callback,
+        progress=progress,
         check_finite=opts.check_finite,
     )
     res.x = res.x / g.knots[-1].sigma
     return res
-

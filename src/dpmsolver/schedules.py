@@ -64,7 +64,8 @@ def _softplus(v: float) -> float:
 
 
 def _vp_alpha_sigma(lam: float) -> tuple[float, float]:
-    """VP scales from the half log-SNR: ``alpha^2 = sigmoid(2 lam)``, ``sigma^2 = sigmoid(-2 lam)``."""
+    """VP scales from the half log-SNR: ``alpha^2 = sigmoid(2 lam)``,
+    ``sigma^2 = sigmoid(-2 lam)``."""
     if lam == math.inf:
         return 1.0, 0.0
     if lam == -math.inf:
@@ -270,7 +271,6 @@ class DiscreteVPSchedule(NoiseSchedule):
         return Knot(t=t, lam=float(lam), alpha=a, sigma=s, model_t=t)
 
 
-
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Piecewise-linear interpolation on increasing ``xp``, linear extrapolation outside."""
     idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1])).clamp(1, xp.numel() - 1)
@@ -322,13 +322,17 @@ class ContinuousVPSchedule(NoiseSchedule):
         s = self._COS_S
         self._cos_log_alpha0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
         default_max = 1.0 if kind == "linear" else 0.9946
-        self.t_max = check_finite_float("t_max", default_max if t_max is None else t_max, positive=True)
+        self.t_max = check_finite_float(
+            "t_max", default_max if t_max is None else t_max, positive=True
+        )
         self.t_min = check_finite_float("t_min", t_min, positive=True)
         if self.t_min >= self.t_max:
             raise ValueError(f"t_min={t_min} must be < t_max={self.t_max}")
         if kind == "cosine" and self.t_max >= 1.0:
             raise ValueError("t_max must be < 1 for the cosine schedule (alpha reaches 0 at 1)")
-        self.model_time_scale = check_finite_float("model_time_scale", model_time_scale, positive=True)
+        self.model_time_scale = check_finite_float(
+            "model_time_scale", model_time_scale, positive=True
+        )
 
     def log_alpha(self, t: Tensor) -> Tensor:
         t = _as64(t)
@@ -343,12 +347,18 @@ class ContinuousVPSchedule(NoiseSchedule):
     def t_of_lambda(self, lam: Tensor) -> Tensor:
         lam = _as64(lam)
         if self.kind == "linear":
-            tmp = 2.0 * (self.beta_max - self.beta_min) * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+            tmp = (
+                2.0
+                * (self.beta_max - self.beta_min)
+                * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+            )
             delta = self.beta_min**2 + tmp
             return tmp / (torch.sqrt(delta) + self.beta_min) / (self.beta_max - self.beta_min)
         s = self._COS_S
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
-        return torch.arccos(torch.exp(log_alpha + self._cos_log_alpha0)) * 2.0 * (1 + s) / math.pi - s
+        return (
+            torch.arccos(torch.exp(log_alpha + self._cos_log_alpha0)) * 2.0 * (1 + s) / math.pi - s
+        )
 
     def knot_at_lambda(self, lam: float) -> Knot:
         if math.isinf(lam):
@@ -429,7 +439,9 @@ class RectifiedFlowSchedule(NoiseSchedule):
         self.t_max = check_finite_float("t_max", t_max, positive=True)
         if not (self.t_min < self.t_max <= 1.0):
             raise ValueError(f"need 0 < t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-        self.model_time_scale = check_finite_float("model_time_scale", model_time_scale, positive=True)
+        self.model_time_scale = check_finite_float(
+            "model_time_scale", model_time_scale, positive=True
+        )
 
     def shifted(self, t: Tensor) -> Tensor:
         """The shifted noise level ``s(t)`` (= sigma)."""

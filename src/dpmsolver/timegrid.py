@@ -29,9 +29,18 @@ from torch import Tensor
 from ._validate import check_choice, check_finite_float, check_int
 from .schedules import Knot, NoiseSchedule
 
-__all__ = ["GRID_KINDS", "GridKind", "TimeGrid", "grid_from_sigmas", "grid_from_timesteps", "make_grid"]
+__all__ = [
+    "GRID_KINDS",
+    "GridKind",
+    "TimeGrid",
+    "grid_from_sigmas",
+    "grid_from_timesteps",
+    "make_grid",
+]
 
-GridKind = Literal["logsnr", "exponential", "time_uniform", "time_quadratic", "karras", "polyexponential"]
+GridKind = Literal[
+    "logsnr", "exponential", "time_uniform", "time_quadratic", "karras", "polyexponential"
+]
 GRID_KINDS: tuple[GridKind, ...] = (
     "logsnr",
     "exponential",
@@ -64,7 +73,10 @@ class TimeGrid:
                 "out-of-order times); got lambdas " + ", ".join(f"{v:.4g}" for v in lams)
             )
         if dec and any(math.isinf(v) for v in lams):
-            raise ValueError("an inversion grid (noise increasing) cannot start at sigma = 0 or end at pure noise")
+            raise ValueError(
+                "an inversion grid (noise increasing) cannot start at sigma = 0 or end at pure "
+                "noise"
+            )
 
     @property
     def steps(self) -> int:

@@ -6,8 +6,8 @@ classifier-free guidance ``D = D_u + w (D_c - D_u)`` computed exactly. Every met
 from the same state ``x_T = sigma_T z`` at t = 999 and is scored by the RMS error of its
 final sample against the exact sample: the probability-flow ODE solution at t = 0 (the
 schedule's last time; :func:`dpmsolver.analytic.reference_solve`) followed by the exact data
-prediction there (:func:`dpmsolver.analytic.reference_sample`). With thresholding, the reference solves the
-thresholded ODE.
+prediction there (:func:`dpmsolver.analytic.reference_sample`). With thresholding, the
+reference solves the thresholded ODE.
 
 Methods: every deterministic registered solver of ours on several grids, diffusers'
 schedulers (stepping ``scheduler.step`` with the exact eps at the scheduler's own
@@ -38,7 +38,18 @@ from ..solvers import get_solver
 from ..timegrid import make_grid
 from .peers import load_kdiffusion_sampling, optional_import
 
-__all__ = ["DIVERGED", "GuidedProblem", "Method", "digits_problem", "mixture_problem", "our_methods", "peer_methods", "recipe_sample", "rmse", "sample_errors"]
+__all__ = [
+    "DIVERGED",
+    "GuidedProblem",
+    "Method",
+    "digits_problem",
+    "mixture_problem",
+    "our_methods",
+    "peer_methods",
+    "recipe_sample",
+    "rmse",
+    "sample_errors",
+]
 
 NFES = (5, 6, 8, 10, 12, 15, 20, 25, 50)
 # A sample this far (RMS per coordinate) from its exact sample has diverged: farther than the
@@ -102,7 +113,12 @@ class GuidedProblem:
 
 
 def mixture_problem(
-    guidance: float, *, thresholding: bool = False, batch: int = 64, seed: int = 0, noise_seed: int | None = None,
+    guidance: float,
+    *,
+    thresholding: bool = False,
+    batch: int = 64,
+    seed: int = 0,
+    noise_seed: int | None = None,
 ) -> GuidedProblem:
     """The mixture problem at guidance ``guidance`` (see module doc): ``seed`` draws the
     mixture and, unless ``noise_seed`` is given, the starting noise."""
@@ -115,9 +131,13 @@ def mixture_problem(
     noise = 1000 + seed if noise_seed is None else noise_seed
     z = torch.randn(batch, 16, generator=torch.Generator().manual_seed(noise), dtype=torch.float64)
     x_T = z * sched.knot(sched.t_max).sigma
-    name = f"mixture w={guidance:g} seed {seed}" + ("" if noise_seed is None else f" noise {noise_seed}")
+    name = f"mixture w={guidance:g} seed {seed}" + (
+        "" if noise_seed is None else f" noise {noise_seed}"
+    )
     name += " thresholded" if thresholding else ""
-    return GuidedProblem(sched, den, x_T, reference_sample(den, x_T, sched, rtol=1e-9, atol=1e-11), name, guidance)
+    return GuidedProblem(
+        sched, den, x_T, reference_sample(den, x_T, sched, rtol=1e-9, atol=1e-11), name, guidance
+    )
 
 
 def digits_problem(
@@ -144,10 +164,16 @@ def digits_problem(
     sched = model.schedule
     y = torch.arange(batch, device=device) % 10
     den = build_denoiser(
-        model.network, prediction="eps", cond={"y": y}, uncond={"y": torch.full_like(y, 10)},
-        guidance_scale=guidance, options=SampleOptions(thresholding=thresholding),
+        model.network,
+        prediction="eps",
+        cond={"y": y},
+        uncond={"y": torch.full_like(y, 10)},
+        guidance_scale=guidance,
+        options=SampleOptions(thresholding=thresholding),
     )
-    z = seeded_randn(sample_seeds(1000 + seed, range(batch)), model.shape, device=device, dtype=torch.float64)
+    z = seeded_randn(
+        sample_seeds(1000 + seed, range(batch)), model.shape, device=device, dtype=torch.float64
+    )
     x_T = z * sched.knot(sched.t_max).sigma
 
     def den64(x: Tensor, knot: Knot) -> Tensor:
@@ -244,7 +270,9 @@ def _kdiff(fn: str, label: str, sigmas: str, per_step: int, **kwargs: Any) -> Me
             sig = k.get_sigmas_exponential(n, smin, smax)
         sig = sig.double()
         start = p.calls[0]
-        x = getattr(k, fn)(p.k_denoiser(), p.x_T / sched.knot(sched.t_max).alpha, sig, disable=True, **kwargs)
+        x = getattr(k, fn)(
+            p.k_denoiser(), p.x_T / sched.knot(sched.t_max).alpha, sig, disable=True, **kwargs
+        )
         if p.calls[0] - start != nfe:
             return None
         return x
@@ -256,12 +284,32 @@ def peer_methods() -> list[Method]:
     """Peer configurations, defaults and best-known settings; missing peers are skipped."""
     specs: list[Method | None] = [
         _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++2M", solver_order=2),
-        _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++2M karras", solver_order=2, use_karras_sigmas=True),
-        _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++2M logSNR", solver_order=2, use_lu_lambdas=True),
+        _diffusers(
+            "DPMSolverMultistepScheduler",
+            "diffusers DPM++2M karras",
+            solver_order=2,
+            use_karras_sigmas=True,
+        ),
+        _diffusers(
+            "DPMSolverMultistepScheduler",
+            "diffusers DPM++2M logSNR",
+            solver_order=2,
+            use_lu_lambdas=True,
+        ),
         _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++3M", solver_order=3),
-        _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++3M karras", solver_order=3, use_karras_sigmas=True),
+        _diffusers(
+            "DPMSolverMultistepScheduler",
+            "diffusers DPM++3M karras",
+            solver_order=3,
+            use_karras_sigmas=True,
+        ),
         _diffusers("UniPCMultistepScheduler", "diffusers UniPC bh2", solver_order=2),
-        _diffusers("UniPCMultistepScheduler", "diffusers UniPC bh2 karras", solver_order=2, use_karras_sigmas=True),
+        _diffusers(
+            "UniPCMultistepScheduler",
+            "diffusers UniPC bh2 karras",
+            solver_order=2,
+            use_karras_sigmas=True,
+        ),
         _diffusers("UniPCMultistepScheduler", "diffusers UniPC bh2 o3", solver_order=3),
         _diffusers("DEISMultistepScheduler", "diffusers DEIS", solver_order=2),
         _diffusers("EulerDiscreteScheduler", "diffusers Euler"),
@@ -276,7 +324,9 @@ def peer_methods() -> list[Method]:
         _kdiff("sample_euler", "k-diffusion euler karras", "karras", 1),
         _kdiff("sample_heun", "k-diffusion heun karras", "karras", 2),
         _kdiff("sample_lms", "k-diffusion lms karras", "karras", 1),
-        _kdiff("sample_dpmpp_2s_ancestral", "k-diffusion dpmpp_2s (eta 0) karras", "karras", 2, eta=0.0),
+        _kdiff(
+            "sample_dpmpp_2s_ancestral", "k-diffusion dpmpp_2s (eta 0) karras", "karras", 2, eta=0.0
+        ),
     ]
     return [m for m in specs if m is not None]
 
@@ -288,8 +338,11 @@ def sample_errors(a: Tensor, b: Tensor) -> Tensor:
 
 
 def evaluate(
-    methods: Iterable[Method], problems: Iterable[GuidedProblem], nfes: Sequence[int] = NFES,
-    *, per_sample: bool = False,
+    methods: Iterable[Method],
+    problems: Iterable[GuidedProblem],
+    nfes: Sequence[int] = NFES,
+    *,
+    per_sample: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per (problem, method, nfe) that could be run: the RMS error, and with
     ``per_sample`` the median of the samples' errors, the share of the total squared error
@@ -303,11 +356,19 @@ def evaluate(
                     x = m.run(p, nfe)
                 if x is None:
                     continue
-                row = {"problem": p.name, "method": m.label, "source": m.source, "nfe": nfe, "error": rmse(x, p.reference)}
+                row = {
+                    "problem": p.name,
+                    "method": m.label,
+                    "source": m.source,
+                    "nfe": nfe,
+                    "error": rmse(x, p.reference),
+                }
                 if per_sample:
                     e = sample_errors(x, p.reference)
                     row["median"] = float(e.median())
-                    row["worst_share"] = float(e.max() ** 2 / (e**2).sum()) if bool(torch.isfinite(e).all()) else 1.0
+                    row["worst_share"] = (
+                        float(e.max() ** 2 / (e**2).sum()) if bool(torch.isfinite(e).all()) else 1.0
+                    )
                     row["worst"] = float(e.max())
                     row["diverged"] = int((e > DIVERGED).sum())
                 rows.append(row)

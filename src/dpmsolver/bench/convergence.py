@@ -26,13 +26,25 @@ def order_rows(problem: ExactProblem | None = None) -> list[dict[str, object]]:
     rows = []
     for name, cfg, solver in configurations():
         opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "order")
-        row: dict[str, object] = dict(solver=name, order=cfg.get("order"), options=opts, description=REGISTRY[name].description)
+        row: dict[str, object] = dict(
+            solver=name,
+            order=cfg.get("order"),
+            options=opts,
+            description=REGISTRY[name].description,
+        )
         if solver.stochastic:
             dist, floor = sde_distance(solver)
-            row.update(claimed="SDE", measured=f"W2 {dist:.3f} (floor {floor:.3f})", nfe=[], error=[])
+            row.update(
+                claimed="SDE", measured=f"W2 {dist:.3f} (floor {floor:.3f})", nfe=[], error=[]
+            )
         else:
             nfes, errs = measure_order(problem, solver)
-            row.update(claimed=solver.claimed_order, measured=round(slope(nfes, errs), 2), nfe=nfes, error=errs)
+            row.update(
+                claimed=solver.claimed_order,
+                measured=round(slope(nfes, errs), 2),
+                nfe=nfes,
+                error=errs,
+            )
         rows.append(row)
     return rows
 
@@ -48,7 +60,10 @@ def to_markdown(rows: list[dict[str, object]]) -> str:
         nfes = r["nfe"]
         assert isinstance(errs, list) and isinstance(nfes, list)
         cells = ", ".join(f"{e:.1e} @ {n}" for n, e in zip(nfes, errs, strict=True)) or "20 steps"
-        lines.append(f"| `{r['solver']}` | {r['order']} | {r['options']} | {r['claimed']} | {r['measured']} | {cells} |")
+        lines.append(
+            f"| `{r['solver']}` | {r['order']} | {r['options']} | {r['claimed']} | "
+            f"{r['measured']} | {cells} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -67,7 +82,9 @@ def update_readme(path: str, table: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print (or write) the measured-order table."""
-    p = argparse.ArgumentParser(prog="python -m dpmsolver.bench.convergence", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m dpmsolver.bench.convergence", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out", help="write the markdown table to this file")
     p.add_argument("--readme", help="also replace the table between the README's order markers")
     args = p.parse_args(argv)

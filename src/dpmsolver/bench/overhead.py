@@ -61,8 +61,12 @@ def measure_overhead(
     timesteps: list[float]
     if diffusers is not None:
         sched = diffusers.DPMSolverMultistepScheduler(
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, solver_order=2,
-            final_sigmas_type="zero", lower_order_final=True,
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            solver_order=2,
+            final_sigmas_type="zero",
+            lower_order_final=True,
         )
         sched.set_timesteps(steps, device=dev)
         timesteps = [float(t) for t in sched.timesteps]
@@ -94,7 +98,11 @@ SHAPES: tuple[tuple[int, ...], ...] = ((1, 4, 64, 64), (8, 4, 64, 64), (4, 4, 12
 
 
 def overhead_table(
-    *, device: str = "cpu", steps: int = 20, shapes: Sequence[Sequence[int]] = SHAPES, repeats: int = 20
+    *,
+    device: str = "cpu",
+    steps: int = 20,
+    shapes: Sequence[Sequence[int]] = SHAPES,
+    repeats: int = 20,
 ) -> str:
     """The markdown table of :func:`measure_overhead` over ``shapes`` (ratio = ours / diffusers)."""
     lines = [
@@ -107,14 +115,20 @@ def overhead_table(
     for shape in shapes:
         r = measure_overhead(shape, steps=steps, device=device, repeats=repeats)
         theirs = r.get("diffusers")
-        cells = f"{theirs:.0f} | {r['ours'] / theirs:.2f}" if theirs else "n/a (diffusers not installed) | n/a"
+        cells = (
+            f"{theirs:.0f} | {r['ours'] / theirs:.2f}"
+            if theirs
+            else "n/a (diffusers not installed) | n/a"
+        )
         lines.append(f"| {tuple(shape)} | {r['ours']:.0f} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print (or write) the overhead table."""
-    p = argparse.ArgumentParser(prog="python -m dpmsolver.bench.overhead", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m dpmsolver.bench.overhead", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", help="write the markdown table to this file")

@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpmsolver", description="Fast, measured diffusion sampling (DPM-Solver++ and family)."
     )
     p.add_argument("--version", action="version", version=f"dpmsolver {__version__}")
-    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1; 0 = PyTorch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU intra-op threads (default 1; 0 = PyTorch's default)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sample.add_parsers(sub)
     bench.add_parser(sub)

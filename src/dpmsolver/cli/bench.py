@@ -23,7 +23,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register ``bench`` on the CLI's subparsers."""
     b = sub.add_parser(
-        "bench", help="error-vs-NFE and sample-quality benchmarks",
+        "bench",
+        help="error-vs-NFE and sample-quality benchmarks",
         description="Error against exact solutions by NFE and guidance (ours and peers side by "
         "side), sample quality on the built-in model, thresholding study; CSV + markdown + plots.",
     )

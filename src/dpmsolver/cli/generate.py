@@ -68,10 +68,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         manifest = generate(
-            model, args.num, out, seed=args.seed, solver=args.solver, nfe=args.nfe,
-            guidance=args.guidance, labels=labels, grid=args.grid, batch_size=args.batch,
-            micro_batch=args.micro_batch, shard_size=args.shard_size,
-            on_nonfinite=args.on_nonfinite, device=dev, model_id=model_id,
+            model,
+            args.num,
+            out,
+            seed=args.seed,
+            solver=args.solver,
+            nfe=args.nfe,
+            guidance=args.guidance,
+            labels=labels,
+            grid=args.grid,
+            batch_size=args.batch,
+            micro_batch=args.micro_batch,
+            shard_size=args.shard_size,
+            on_nonfinite=args.on_nonfinite,
+            device=dev,
+            model_id=model_id,
             progress=not args.no_progress,
         )
     except GenerationError as e:
@@ -80,35 +91,103 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         elapsed = time.perf_counter() - t0
         failed = len(manifest.failed)
-        note = f"; {failed} samples went non-finite and were skipped (listed in the manifest)" if failed else ""
-        print(f"{manifest.samples} of {args.num} samples from {model.name} in {out} "
-              f"({len(manifest.shards)} shards, {elapsed:.1f}s){note}")
+        note = (
+            f"; {failed} samples went non-finite and were skipped (listed in the manifest)"
+            if failed
+            else ""
+        )
+        print(
+            f"{manifest.samples} of {args.num} samples from {model.name} in {out} "
+            f"({len(manifest.shards)} shards, {elapsed:.1f}s){note}"
+        )
     return 0
 
 
 def add_parser(sub: Any) -> None:
     """Register ``dpmsolver generate`` on the CLI's subparsers."""
     g = sub.add_parser(
-        "generate", help="large sharded, resumable, multi-process generation",
+        "generate",
+        help="large sharded, resumable, multi-process generation",
         description="Generate NUM samples into DIR as checksummed shards with a manifest. "
         "Re-running the same command resumes; a different configuration is refused. "
         "Multi-process: torchrun --nproc_per_node K -m dpmsolver.cli generate ...",
     )
     # --num-samples first: torchrun's own parser takes a bare --num for its --numa-binding.
-    g.add_argument("--num-samples", "--num", dest="num", metavar="N", type=positive_int("--num"), required=True,
-                   help="number of samples (write --num-samples under torchrun)")
-    g.add_argument("--out", metavar="DIR", required=True, help="output directory (created if missing)")
-    g.add_argument("--model", default="builtin", help="'builtin' (default), a diffusers model directory, or module:function returning a LoadedModel")
-    g.add_argument("--solver", default="auto", help="solver name or alias, or 'auto' (default); not adaptive solvers")
-    g.add_argument("--nfe", type=positive_int("--nfe"), default=10, help="network evaluations per sample (default 10)")
-    g.add_argument("--grid", default=None, help="time grid (default: the solver's recommendation, else logsnr)")
-    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3; 1 = none)")
-    g.add_argument("--labels", default="cycle", help="'cycle' (default: sample i has class i mod num_classes) or comma-separated classes cycled the same way")
-    g.add_argument("--seed", type=int, default=0, help="seed; sample i depends only on (seed, i) (default 0)")
-    g.add_argument("--batch", type=positive_int("--batch"), default=64, help="samples integrated together (default 64); does not change the output")
-    g.add_argument("--micro-batch", type=positive_int("--micro-batch"), default=32, help="samples per network call (default 32); part of the configuration")
-    g.add_argument("--shard-size", type=positive_int("--shard-size"), default=1000, help="samples per shard file (default 1000)")
-    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="NaN/Inf samples: stop with an error (default) or skip and record them")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK")
+    g.add_argument(
+        "--num-samples",
+        "--num",
+        dest="num",
+        metavar="N",
+        type=positive_int("--num"),
+        required=True,
+        help="number of samples (write --num-samples under torchrun)",
+    )
+    g.add_argument(
+        "--out", metavar="DIR", required=True, help="output directory (created if missing)"
+    )
+    g.add_argument(
+        "--model",
+        default="builtin",
+        help="'builtin' (default), a diffusers model directory, or module:function returning a "
+        "LoadedModel",
+    )
+    g.add_argument(
+        "--solver",
+        default="auto",
+        help="solver name or alias, or 'auto' (default); not adaptive solvers",
+    )
+    g.add_argument(
+        "--nfe",
+        type=positive_int("--nfe"),
+        default=10,
+        help="network evaluations per sample (default 10)",
+    )
+    g.add_argument(
+        "--grid", default=None, help="time grid (default: the solver's recommendation, else logsnr)"
+    )
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=3.0,
+        help="classifier-free guidance scale (default 3; 1 = none)",
+    )
+    g.add_argument(
+        "--labels",
+        default="cycle",
+        help="'cycle' (default: sample i has class i mod num_classes) or comma-separated classes "
+        "cycled the same way",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed; sample i depends only on (seed, i) (default 0)"
+    )
+    g.add_argument(
+        "--batch",
+        type=positive_int("--batch"),
+        default=64,
+        help="samples integrated together (default 64); does not change the output",
+    )
+    g.add_argument(
+        "--micro-batch",
+        type=positive_int("--micro-batch"),
+        default=32,
+        help="samples per network call (default 32); part of the configuration",
+    )
+    g.add_argument(
+        "--shard-size",
+        type=positive_int("--shard-size"),
+        default=1000,
+        help="samples per shard file (default 1000)",
+    )
+    g.add_argument(
+        "--on-nonfinite",
+        choices=("stop", "skip"),
+        default="stop",
+        help="NaN/Inf samples: stop with an error (default) or skip and record them",
+    )
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK",
+    )
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate)

@@ -50,8 +50,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = len(labels) if labels is not None else args.num
     t0 = time.perf_counter()
     x, spent = sample_batches(
-        model, labels, n, solver=args.solver, nfe=args.nfe, guidance=args.guidance, seed=args.seed,
-        batch=args.batch, device=dev, grid=args.grid, progress=not args.no_progress,
+        model,
+        labels,
+        n,
+        solver=args.solver,
+        nfe=args.nfe,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch=args.batch,
+        device=dev,
+        grid=args.grid,
+        progress=not args.no_progress,
     )
     elapsed = time.perf_counter() - t0
     if not bool(torch.isfinite(x).all()):
@@ -59,10 +68,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out_png is not None:
         from ..images import grid_from_samples, write_png
 
-        nrow = model.num_classes if (labels is not None and args.labels is None and model.num_classes) else int(np.ceil(np.sqrt(n)))
+        nrow = (
+            model.num_classes
+            if (labels is not None and args.labels is None and model.num_classes)
+            else int(np.ceil(np.sqrt(n)))
+        )
         order = _column_order(labels, model) if args.labels is None and labels is not None else None
         xs = x[order] if order is not None else x
-        write_png(out_png, grid_from_samples(xs, nrow, scale=args.scale, value_range=model.value_range))
+        write_png(
+            out_png, grid_from_samples(xs, nrow, scale=args.scale, value_range=model.value_range)
+        )
     if out_npz is not None:
         arrays = {"samples": x.numpy()}
         if labels is not None:
@@ -74,8 +89,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         atomic_write(out_npz, write)
     written = ", ".join(str(p) for p in (out_png, out_npz) if p is not None)
-    print(f"{n} samples from {model.name} with {args.solver}, guidance {args.guidance:g}: "
-          f"{args.nfe} network evaluations per sample ({spent} batched calls) in {elapsed:.1f}s -> {written}")
+    print(
+        f"{n} samples from {model.name} with {args.solver}, guidance {args.guidance:g}: "
+        f"{args.nfe} network evaluations per sample ({spent} batched calls) in {elapsed:.1f}s -> "
+        f"{written}"
+    )
     return 0
 
 
@@ -106,12 +124,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("compare draws a labelled figure with matplotlib: pip install matplotlib") from None
+        raise UsageError(
+            "compare draws a labelled figure with matplotlib: pip install matplotlib"
+        ) from None
     dev = device(args.device)
     model = load_model(args.model, dev)
     labels = torch.arange(model.num_classes) if model.num_classes else None
     n = len(labels) if labels is not None else args.num
-    fig, axes = plt.subplots(len(solvers), len(nfes), figsize=(2.2 * len(nfes), 1.0 + 0.45 * len(solvers) * 2), squeeze=False)
+    fig, axes = plt.subplots(
+        len(solvers),
+        len(nfes),
+        figsize=(2.2 * len(nfes), 1.0 + 0.45 * len(solvers) * 2),
+        squeeze=False,
+    )
     from ..images import grid_from_samples
 
     for i, s in enumerate(solvers):
@@ -120,9 +145,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
             ax.set_xticks([])
             ax.set_yticks([])
             try:
-                x, _ = sample_batches(model, labels, n, solver=s, nfe=k, guidance=args.guidance, seed=args.seed, batch=n, device=dev)
+                x, _ = sample_batches(
+                    model,
+                    labels,
+                    n,
+                    solver=s,
+                    nfe=k,
+                    guidance=args.guidance,
+                    seed=args.seed,
+                    batch=n,
+                    device=dev,
+                )
                 img = grid_from_samples(x, min(n, 10), scale=2, value_range=model.value_range)
-                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
+                ax.imshow(
+                    img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255
+                )
             except ValueError as e:  # e.g. a budget a singlestep solver cannot spend
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=8)
                 print(f"{s} at {k} NFE: {e}", file=sys.stderr)
@@ -144,27 +181,87 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Register ``sample`` and ``compare`` on the CLI's subparsers."""
-    s = sub.add_parser("sample", help="sample a grid of images", description="Sample from the built-in digits model (default) or a local diffusers model directory.")
-    s.add_argument("--model", default="builtin", help="'builtin' (default) or a diffusers model directory with unet/ and scheduler/")
-    s.add_argument("--solver", default="auto", help="solver name or alias, or 'auto' (default; see `dpmsolver solvers`)")
-    s.add_argument("--nfe", type=positive_int("--nfe"), default=10, help="network evaluations per sample (default 10)")
-    s.add_argument("--grid", default=None, help="time grid (default: the solver's recommendation, else logsnr)")
-    s.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3; 1 = none)")
-    s.add_argument("--labels", default=None, help="comma-separated class labels (default: every class, --per-class each)")
-    s.add_argument("--per-class", type=positive_int("--per-class"), default=4, help="samples per class when --labels is not given (default 4)")
-    s.add_argument("--num", type=positive_int("--num"), default=16, help="samples for an unconditional model (default 16)")
-    s.add_argument("--seed", type=int, default=0, help="seed; sample i's noise depends only on (seed, i) (default 0)")
-    s.add_argument("--batch", type=positive_int("--batch"), default=64, help="batch size (default 64)")
+    s = sub.add_parser(
+        "sample",
+        help="sample a grid of images",
+        description="Sample from the built-in digits model (default) or a local diffusers model "
+        "directory.",
+    )
+    s.add_argument(
+        "--model",
+        default="builtin",
+        help="'builtin' (default) or a diffusers model directory with unet/ and scheduler/",
+    )
+    s.add_argument(
+        "--solver",
+        default="auto",
+        help="solver name or alias, or 'auto' (default; see `dpmsolver solvers`)",
+    )
+    s.add_argument(
+        "--nfe",
+        type=positive_int("--nfe"),
+        default=10,
+        help="network evaluations per sample (default 10)",
+    )
+    s.add_argument(
+        "--grid", default=None, help="time grid (default: the solver's recommendation, else logsnr)"
+    )
+    s.add_argument(
+        "--guidance",
+        type=float,
+        default=3.0,
+        help="classifier-free guidance scale (default 3; 1 = none)",
+    )
+    s.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated class labels (default: every class, --per-class each)",
+    )
+    s.add_argument(
+        "--per-class",
+        type=positive_int("--per-class"),
+        default=4,
+        help="samples per class when --labels is not given (default 4)",
+    )
+    s.add_argument(
+        "--num",
+        type=positive_int("--num"),
+        default=16,
+        help="samples for an unconditional model (default 16)",
+    )
+    s.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed; sample i's noise depends only on (seed, i) (default 0)",
+    )
+    s.add_argument(
+        "--batch", type=positive_int("--batch"), default=64, help="batch size (default 64)"
+    )
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    s.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png; '' for none)")
+    s.add_argument(
+        "--out", default="samples.png", help="PNG grid to write (default samples.png; '' for none)"
+    )
     s.add_argument("--npz", default=None, help="also write samples (and labels) to this .npz")
-    s.add_argument("--scale", type=positive_int("--scale"), default=4, help="pixel upscaling in the PNG (default 4)")
+    s.add_argument(
+        "--scale",
+        type=positive_int("--scale"),
+        default=4,
+        help="pixel upscaling in the PNG (default 4)",
+    )
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(func=cmd_sample)
 
-    c = sub.add_parser("compare", help="same seeds through several solvers and budgets", description="One labelled grid: rows are solvers, columns NFE budgets, same seeds everywhere.")
+    c = sub.add_parser(
+        "compare",
+        help="same seeds through several solvers and budgets",
+        description="One labelled grid: rows are solvers, columns NFE budgets, same seeds "
+        "everywhere.",
+    )
     c.add_argument("--model", default="builtin")
-    c.add_argument("--solvers", default="auto,dpmpp_2m,dpmpp_3m,ddim", help="comma-separated solvers")
+    c.add_argument(
+        "--solvers", default="auto,dpmpp_2m,dpmpp_3m,ddim", help="comma-separated solvers"
+    )
     c.add_argument("--nfe", default="5,10,20", help="comma-separated budgets")
     c.add_argument("--guidance", type=float, default=3.0)
     c.add_argument("--num", type=positive_int("--num"), default=10)

@@ -20,12 +20,16 @@ def cmd_solvers(args: argparse.Namespace) -> int:
         opts = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "order")
         claim = "SDE" if s.stochastic else f"{s.claimed_order:g}"
         desc = info.description if name not in seen else ""
-        print(f"{name if name not in seen else '':22s} {cfg.get('order')!s:5s} {opts:28s} {claim:8s} {desc}")
+        print(
+            f"{name if name not in seen else '':22s} {cfg.get('order')!s:5s} {opts:28s} "
+            f"{claim:8s} {desc}"
+        )
         if args.verbose and name not in seen:
             print(f"{'':66s} {info.reference}")
         seen.add(name)
     aliases = ", ".join(
-        f"{a} = {b}{''.join(f' {k}={v}' for k, v in f.items())}" for a, (b, f) in sorted(ALIASES.items())
+        f"{a} = {b}{''.join(f' {k}={v}' for k, v in f.items())}"
+        for a, (b, f) in sorted(ALIASES.items())
     )
     print(f"\naliases: {aliases}")
     for name in POLICIES:
@@ -36,5 +40,7 @@ def cmd_solvers(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register ``solvers`` on the CLI's subparsers."""
     v = sub.add_parser("solvers", help="list the registered solvers")
-    v.add_argument("--verbose", action="store_true", help="also print each solver's paper reference")
+    v.add_argument(
+        "--verbose", action="store_true", help="also print each solver's paper reference"
+    )
     v.set_defaults(func=cmd_solvers)

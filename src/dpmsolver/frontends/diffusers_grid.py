@@ -69,11 +69,18 @@ def diffusers_alphas_cumprod(
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=torch.float32).flatten()
     else:
-        check_choice("beta_schedule", beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+        check_choice(
+            "beta_schedule", beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2")
+        )
         if beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+            betas = (
+                torch.linspace(
+                    beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32
+                )
+                ** 2
+            )
         else:
             betas = betas_for_preset("squaredcos_cap_v2", num_train_timesteps).to(torch.float32)
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float64)
@@ -82,7 +89,9 @@ def diffusers_alphas_cumprod(
 def last_timestep(schedule: DiscreteVPSchedule, lambda_min_clipped: float) -> int:
     """One past the noisiest timestep whose half log-SNR is >= ``lambda_min_clipped``
     (diffusers' clipping for the cosine schedule)."""
-    clipped = int((schedule.lambda_(torch.arange(schedule.num_train_timesteps)) < lambda_min_clipped).sum())
+    clipped = int(
+        (schedule.lambda_(torch.arange(schedule.num_train_timesteps)) < lambda_min_clipped).sum()
+    )
     return schedule.num_train_timesteps - clipped
 
 
@@ -101,7 +110,9 @@ def vp_timesteps(
     return [int(v) for v in ts.astype(np.int64)]
 
 
-def _final_knot(schedule: DiscreteVPSchedule | RectifiedFlowSchedule, final: FinalSigma, sigma_min_t: float) -> Knot:
+def _final_knot(
+    schedule: DiscreteVPSchedule | RectifiedFlowSchedule, final: FinalSigma, sigma_min_t: float
+) -> Knot:
     check_choice("final_sigmas_type", final, ("zero", "sigma_min"))
     return schedule.zero_knot() if final == "zero" else schedule.knot(sigma_min_t)
 
@@ -213,7 +224,9 @@ def flowmatch_sigmas(
                 "-inf); pass sigmas starting below 1, or use use_karras_sigmas"
             )
         # Uniform in lambda = log((1 - sigma) / sigma), i.e. sigma = sigmoid(-lambda).
-        lams = np.linspace(math.log((1 - values[0]) / values[0]), math.log((1 - values[-1]) / values[-1]), n)
+        lams = np.linspace(
+            math.log((1 - values[0]) / values[0]), math.log((1 - values[-1]) / values[-1]), n
+        )
         values = 1.0 / (1.0 + np.exp(lams))
     return np.asarray(values, dtype=np.float64)
 
@@ -245,12 +258,16 @@ def flow_knots(
         if not 0.0 < v <= 1.0:
             raise ValueError(f"sigmas[{i}]={v} must lie in (0, 1] for a flow schedule")
         mt = v * num_train_timesteps
-        knots.append(dataclasses.replace(schedule.knot(v), model_t=float(math.trunc(mt)) if truncate else mt))
+        knots.append(
+            dataclasses.replace(schedule.knot(v), model_t=float(math.trunc(mt)) if truncate else mt)
+        )
     end = float(sigmas[-1]) if sigma_min is None else sigma_min
     return [*knots, _final_knot(schedule, final, end)]
 
 
-def singlestep_groups(n: int, order: int, *, lower_order_final: bool, final_zero: bool) -> list[int]:
+def singlestep_groups(
+    n: int, order: int, *, lower_order_final: bool, final_zero: bool
+) -> list[int]:
     """Orders of the singlestep steps covering ``n`` grid intervals, by
     ``DPMSolverSinglestepScheduler``'s rule: full-order steps; with ``lower_order_final`` a
     remainder of ``n mod order`` intervals becomes one last lower-order step, and when

@@ -86,7 +86,13 @@ PEER_SOLVERS: dict[tuple[str, str], str] = {
 # diffusers' ``solver_type`` names the second-order update; the DPM-Solver family calls it
 # ``variant``. diffusers' DPM schedulers read other algorithms' names (UniPC's "bh1"/"bh2",
 # DEIS' "logrho") as "midpoint", and so does this scheduler for the DPM-Solver family.
-_DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "bh1": "midpoint", "bh2": "midpoint", "logrho": "midpoint"}
+_DPM_SOLVER_TYPES = {
+    "midpoint": "midpoint",
+    "heun": "heun",
+    "bh1": "midpoint",
+    "bh2": "midpoint",
+    "logrho": "midpoint",
+}
 
 # DDPM-style configs name their sampling variance; ODE solvers use none of them, and a
 # network that learned its variance outputs extra channels, which are dropped.
@@ -130,7 +136,11 @@ def _source_class(cfg: Mapping[str, Any]) -> str:
         return str(cfg["_class_name"])
     if "algorithm_type" in cfg and "solver_order" in cfg:
         # Only the multistep schedulers have euler_at_final.
-        return "DPMSolverMultistepScheduler" if "euler_at_final" in cfg else "DPMSolverSinglestepScheduler"
+        return (
+            "DPMSolverMultistepScheduler"
+            if "euler_at_final" in cfg
+            else "DPMSolverSinglestepScheduler"
+        )
     if "shift" in cfg and "beta_schedule" not in cfg and "prediction_type" not in cfg:
         return "FlowMatchEulerDiscreteScheduler"
     return ""
@@ -183,9 +193,10 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             steps, as diffusers; default True). euler_at_final: last step first order.
         use_flow_sigmas, flow_shift: ``DPMSolverMultistepScheduler``'s flow-matching grid.
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len,
-            max_image_seq_len, time_shift_type, shift_terminal: ``FlowMatchEulerDiscreteScheduler``'s
-            flow-matching grid (pipelines read the ``*_seq_len`` / ``*_shift`` keys to
-            compute ``mu``). ``invert_sigmas`` and ``stochastic_sampling`` must be False.
+            max_image_seq_len, time_shift_type, shift_terminal:
+            ``FlowMatchEulerDiscreteScheduler``'s flow-matching grid (pipelines read the
+            ``*_seq_len`` / ``*_shift`` keys to compute ``mu``). ``invert_sigmas`` and
+            ``stochastic_sampling`` must be False.
     """
 
     _compatibles = _COMPATIBLES
@@ -290,14 +301,18 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if self.is_flow:
             # Unshifted: the grid's levels carry the shift (see diffusers_grid).
             self._flow = RectifiedFlowSchedule(
-                shift=1.0, t_min=0.5 / num_train_timesteps, model_time_scale=float(num_train_timesteps)
+                shift=1.0,
+                t_min=0.5 / num_train_timesteps,
+                model_time_scale=float(num_train_timesteps),
             )
             self.schedule = self._flow
         else:
             acp = dg.diffusers_alphas_cumprod(
                 num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
             )
-            self.schedule = DiscreteVPSchedule(alphas_cumprod=acp, rescale_zero_terminal_snr=rescale_betas_zero_snr)
+            self.schedule = DiscreteVPSchedule(
+                alphas_cumprod=acp, rescale_zero_terminal_snr=rescale_betas_zero_snr
+            )
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -313,7 +328,10 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     @classmethod
     def from_config(
-        cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any
+        cls,
+        config: Mapping[str, Any] | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """Build from any compatible diffusers config (``ConfigMixin.from_config``).
 
@@ -356,7 +374,11 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     ) -> Solver:
         opts = dict(options or {})
         registered = _base_name(name)
-        if solver_type is not None and registered in REGISTRY and "variant" in REGISTRY[registered].options:
+        if (
+            solver_type is not None
+            and registered in REGISTRY
+            and "variant" in REGISTRY[registered].options
+        ):
             if registered.startswith("dpm"):
                 check_choice("solver_type", solver_type, tuple(_DPM_SOLVER_TYPES))
                 opts.setdefault("variant", _DPM_SOLVER_TYPES[solver_type])
@@ -372,7 +394,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if layout == "grid" and not supports_fractions(self.solver):
             raise ValueError(
                 f"singlestep_layout='grid' needs a solver whose intermediate points are options "
-                f"r1/r2; {type(self.solver).__name__} places its own: use singlestep_layout='solver'"
+                f"r1/r2; {type(self.solver).__name__} places its own: use "
+                "singlestep_layout='solver'"
             )
         return layout
 
@@ -424,11 +447,17 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         return s * v / (1 + (s - 1) * v)
 
     def _grid(
-        self, n: int | None, timesteps: Sequence[float] | None, sigmas: Sequence[float] | None, mu: float | None
+        self,
+        n: int | None,
+        timesteps: Sequence[float] | None,
+        sigmas: Sequence[float] | None,
+        mu: float | None,
     ) -> list[Knot]:
         cfg, final = self._cfg, self._final()
         if timesteps is not None:
-            vals = [float(v) for v in torch.as_tensor(timesteps, dtype=torch.float64).flatten().tolist()]
+            vals = [
+                float(v) for v in torch.as_tensor(timesteps, dtype=torch.float64).flatten().tolist()
+            ]
             if self._flow is not None:
                 # Custom flow timesteps are the network times; their levels are t / N (unshifted).
                 knots = dg.flow_knots(
@@ -438,14 +467,23 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                     final=final,
                     sigma_min=self._flow_sigma_min(),
                 )
-                pinned = [dataclasses.replace(k, model_t=v) for k, v in zip(knots, vals, strict=False)]
+                pinned = [
+                    dataclasses.replace(k, model_t=v) for k, v in zip(knots, vals, strict=False)
+                ]
                 return [*pinned, knots[-1]]
-            inner = [self.schedule.knot(self.schedule.check_time(f"timesteps[{i}]", v)) for i, v in enumerate(vals)]
+            inner = [
+                self.schedule.knot(self.schedule.check_time(f"timesteps[{i}]", v))
+                for i, v in enumerate(vals)
+            ]
             return [*inner, self._vp_final(final)]
         if self._flow is not None:
             levels: Sequence[float] | np.ndarray
             if cfg.use_flow_sigmas:
-                shift = math.exp(mu) if (cfg.use_dynamic_shifting and mu is not None) else cfg.flow_shift
+                shift = (
+                    math.exp(mu)
+                    if (cfg.use_dynamic_shifting and mu is not None)
+                    else cfg.flow_shift
+                )
                 assert n is not None
                 levels = dg.dpm_flow_sigmas(n, cfg.num_train_timesteps, shift)
                 truncate = True
@@ -472,13 +510,17 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             )
         assert isinstance(self.schedule, DiscreteVPSchedule)
         if sigmas is not None:
-            vals = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()]
+            vals = [
+                float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()
+            ]
             end = self.schedule.zero_knot() if vals and vals[-1] == 0.0 else self._vp_final(final)
             vals = vals[:-1] if vals and vals[-1] == 0.0 else vals
             inner = []
             for i, v in enumerate(vals):
                 if not (math.isfinite(v) and v > 0):
-                    raise ValueError(f"sigmas[{i}]={v} must be finite and > 0 (a trailing 0 means sigma = 0)")
+                    raise ValueError(
+                        f"sigmas[{i}]={v} must be finite and > 0 (a trailing 0 means sigma = 0)"
+                    )
                 k = self.schedule.knot_at_lambda(-math.log(v))
                 self.schedule.check_time(f"sigmas[{i}] (as a timestep)", k.t)
                 inner.append(k)
@@ -543,12 +585,20 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             check_int("num_inference_steps", num_inference_steps, minimum=1)
             if custom is not None and len(custom) != num_inference_steps:
                 raise ValueError(
-                    f"num_inference_steps={num_inference_steps} but {len(custom)} custom values were given"
+                    f"num_inference_steps={num_inference_steps} but {len(custom)} custom values "
+                    "were given"
                 )
         if not self._cfg.use_dynamic_shifting:
             mu = None  # Flux passes mu whatever the config; FlowMatchEuler ignores it too
-        if self._cfg.use_dynamic_shifting and self.is_flow and mu is None and not self._cfg.use_flow_sigmas:
-            raise ValueError("use_dynamic_shifting=True needs mu in set_timesteps (as Flux / SD3 pass it)")
+        if (
+            self._cfg.use_dynamic_shifting
+            and self.is_flow
+            and mu is None
+            and not self._cfg.use_flow_sigmas
+        ):
+            raise ValueError(
+                "use_dynamic_shifting=True needs mu in set_timesteps (as Flux / SD3 pass it)"
+            )
         knots = self._orient(self._grid(num_inference_steps, timesteps, sigmas, mu))
         self._check_monotone(knots)
         self._knots = knots
@@ -557,7 +607,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         evals = [k for st in self._full_plan for k in st.evals]
         times = [k.model_t for k in evals]
         integral = not self.is_flow and all(float(v).is_integer() for v in times)
-        self.timesteps = torch.tensor(times, dtype=torch.int64 if integral else torch.float32, device=device)
+        self.timesteps = torch.tensor(
+            times, dtype=torch.int64 if integral else torch.float32, device=device
+        )
         levels = [self._level(k) for k in [*evals, knots[-1]]]
         self.sigmas = torch.tensor(levels, dtype=torch.float32)
         self.num_inference_steps = len(times)
@@ -590,7 +642,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if self._layout == "grid":
             return grouped_plan(self.solver, knots, self._groups(knots, lof, final_zero))
         steps_lof = lof and lower_order_final_default(len(self._knots) - 1)
-        orders = solver_orders(self.solver, steps=n, final_zero=final_zero, lower_order_final=steps_lof)
+        orders = solver_orders(
+            self.solver, steps=n, final_zero=final_zero, lower_order_final=steps_lof
+        )
         if self._cfg.euler_at_final:
             orders[-1] = 1
         return probed_plan(self.solver, knots, orders, self._pinned)
@@ -604,9 +658,13 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         groups: list[int] = []
         if body > 0:
             if isinstance(self.solver, FastDPMSolver):
-                groups = self.solver.plan(steps=None, nfe=body, final_zero=final_zero, lower_order_final=lof)
+                groups = self.solver.plan(
+                    steps=None, nfe=body, final_zero=final_zero, lower_order_final=lof
+                )
             else:
-                groups = dg.singlestep_groups(body, self.solver.order, lower_order_final=lof, final_zero=final_zero)
+                groups = dg.singlestep_groups(
+                    body, self.solver.order, lower_order_final=lof, final_zero=final_zero
+                )
         out = head + groups
         # A step into pure noise (inversion) is first order; so is diffusers' zero-length
         # last step, which its order list leaves alone whenever it ends in a 1.
@@ -618,7 +676,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ stepping
 
-    def index_for_timestep(self, timestep: float | Tensor, schedule_timesteps: Tensor | None = None) -> int:
+    def index_for_timestep(
+        self, timestep: float | Tensor, schedule_timesteps: Tensor | None = None
+    ) -> int:
         """Position of ``timestep`` in ``timesteps``. A repeated value is resolved to the
         first occurrence that starts a step (a solver's intermediate point at a step's end
         time, as in Heun's layout, comes just before the next step's start)."""
@@ -674,7 +734,11 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if self._knots is None or self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         if self._stepper is None or self._step_index is None:
-            start = self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+            start = (
+                self._begin_index
+                if self._begin_index is not None
+                else self.index_for_timestep(timestep)
+            )
             self._stepper = self._start(start)
             self._step_index = start
         st, j = self._stepper.locate(self._step_index)
@@ -693,7 +757,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             given = fresh.pop() if fresh else None
             if given is not None:
                 return given.to(device=like.device, dtype=like.dtype)
-            return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+            return randn_tensor(
+                like.shape, generator=generator, device=like.device, dtype=like.dtype
+            )
 
         prev = self._stepper.advance(x0, x, draw).to(model_output.dtype)
         self._step_index += 1
@@ -714,7 +780,11 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             return [self._evaluation_knot(self._begin_index)] * timesteps.numel()
         out = []
         for t in timesteps.flatten().tolist():
-            hit = (self.timesteps.cpu() == t).nonzero().flatten().tolist() if self._knots is not None else []
+            hit = (
+                (self.timesteps.cpu() == t).nonzero().flatten().tolist()
+                if self._knots is not None
+                else []
+            )
             if hit:
                 out.append(self._evaluation_knot(hit[1] if len(hit) > 1 else hit[0]))
             elif self._flow is not None:
@@ -738,7 +808,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         sigma = torch.tensor([k.sigma for k in knots], **kw).view(shape)  # type: ignore[arg-type]
         return alpha * original_samples + sigma * noise
 
-    def scale_noise(self, sample: Tensor, timestep: float | Tensor, noise: Tensor | None = None) -> Tensor:
+    def scale_noise(
+        self, sample: Tensor, timestep: float | Tensor, noise: Tensor | None = None
+    ) -> Tensor:
         """``FlowMatchEulerDiscreteScheduler``'s name for :meth:`add_noise` (flow img2img)."""
         if noise is None:
             raise ValueError("scale_noise needs noise")

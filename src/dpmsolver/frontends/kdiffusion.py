@@ -117,12 +117,17 @@ _DETERMINISTIC_ONLY = Route("only", value=0.0, why="this solver is deterministic
 
 SAMPLERS: dict[str, KSampler] = {
     "sample_euler": KSampler(
-        "ddim", {}, _CHURN, note="Euler in (sigma~, x~) is DDIM = first-order DPM-Solver (EDM Alg. 2, s_churn = 0)"
+        "ddim",
+        {},
+        _CHURN,
+        note="Euler in (sigma~, x~) is DDIM = first-order DPM-Solver (EDM Alg. 2, s_churn = 0)",
     ),
     "sample_euler_ancestral": KSampler("euler_ancestral", {}, _ANCESTRAL),
     "sample_heun": KSampler("heun", {}, _CHURN, note="EDM Alg. 1/2"),
     "sample_dpm_2": KSampler(
-        "dpm_singlestep", {"order": 2, "variant": "midpoint"}, _CHURN,
+        "dpm_singlestep",
+        {"order": 2, "variant": "midpoint"},
+        _CHURN,
         note="DPM-Solver-2 (noise prediction, r1 = 1/2, DPM-Solver Alg. 1)",
     ),
     "sample_dpm_2_ancestral": KSampler("dpm_2_ancestral", {}, _ANCESTRAL),
@@ -130,7 +135,11 @@ SAMPLERS: dict[str, KSampler] = {
     "sample_dpm_fast": KSampler(
         "dpm_fast",
         {"order": 3},
-        {"eta": (0.0, _DETERMINISTIC_ONLY), "s_noise": (1.0, Route("inert")), "noise_sampler": (None, Route("inert"))},
+        {
+            "eta": (0.0, _DETERMINISTIC_ONLY),
+            "s_noise": (1.0, Route("inert")),
+            "noise_sampler": (None, Route("inert")),
+        },
         interface="fast",
         note="DPM-Solver-fast (DPM-Solver Sec. 3.4): n evaluations on a log-SNR-uniform grid",
     ),
@@ -142,10 +151,34 @@ SAMPLERS: dict[str, KSampler] = {
             "rtol": (0.05, Route("option", "rtol")),
             "atol": (0.0078, Route("option", "atol")),
             "h_init": (0.05, Route("option", "h_init")),
-            "pcoeff": (0.0, Route("only", value=0.0, why="the step-size controller is DPM-Solver's Alg. 4, not a PID")),
-            "icoeff": (1.0, Route("only", value=1.0, why="the step-size controller is DPM-Solver's Alg. 4, not a PID")),
-            "dcoeff": (0.0, Route("only", value=0.0, why="the step-size controller is DPM-Solver's Alg. 4, not a PID")),
-            "accept_safety": (0.81, Route("only", value=0.81, why="the step-size controller is DPM-Solver's Alg. 4")),
+            "pcoeff": (
+                0.0,
+                Route(
+                    "only",
+                    value=0.0,
+                    why="the step-size controller is DPM-Solver's Alg. 4, not a PID",
+                ),
+            ),
+            "icoeff": (
+                1.0,
+                Route(
+                    "only",
+                    value=1.0,
+                    why="the step-size controller is DPM-Solver's Alg. 4, not a PID",
+                ),
+            ),
+            "dcoeff": (
+                0.0,
+                Route(
+                    "only",
+                    value=0.0,
+                    why="the step-size controller is DPM-Solver's Alg. 4, not a PID",
+                ),
+            ),
+            "accept_safety": (
+                0.81,
+                Route("only", value=0.81, why="the step-size controller is DPM-Solver's Alg. 4"),
+            ),
             "eta": (0.0, _DETERMINISTIC_ONLY),
             "s_noise": (1.0, Route("inert")),
             "noise_sampler": (None, Route("inert")),
@@ -155,12 +188,18 @@ SAMPLERS: dict[str, KSampler] = {
         note="DPM-Solver-12/23 with DPM-Solver's step-size control (Sec. 4.2, Alg. 4)",
     ),
     "sample_dpmpp_2s_ancestral": KSampler("dpmpp_2s_ancestral", {}, _ANCESTRAL),
-    "sample_dpmpp_sde": KSampler("dpmpp_sde", {}, {**_ANCESTRAL, "r": (0.5, Route("option", "r1"))}),
+    "sample_dpmpp_sde": KSampler(
+        "dpmpp_sde", {}, {**_ANCESTRAL, "r": (0.5, Route("option", "r1"))}
+    ),
     "sample_dpmpp_2m": KSampler(
-        "dpmpp_multistep", {"order": 2, "variant": "midpoint"}, note="DPM-Solver++(2M), DPM-Solver++ Alg. 2"
+        "dpmpp_multistep",
+        {"order": 2, "variant": "midpoint"},
+        note="DPM-Solver++(2M), DPM-Solver++ Alg. 2",
     ),
     "sample_dpmpp_3m": KSampler(
-        "dpmpp_multistep", {"order": 3}, note="DPM-Solver++(3M) with the full second-derivative term (third order)"
+        "dpmpp_multistep",
+        {"order": 3},
+        note="DPM-Solver++(3M) with the full second-derivative term (third order)",
     ),
     "sample_dpmpp_2m_sde": KSampler(
         "dpmpp_2m_sde", {}, {**_ANCESTRAL, "solver_type": ("midpoint", Route("option", "variant"))}
@@ -168,7 +207,11 @@ SAMPLERS: dict[str, KSampler] = {
     "sample_dpmpp_3m_sde": KSampler("dpmpp_3m_sde", {}, _ANCESTRAL),
     "sample_ipndm": KSampler("ipndm", {}, {"max_order": (4, Route("order"))}),
     "sample_ipndm_v": KSampler("ipndm_v", {}, {"max_order": (4, Route("order"))}),
-    "sample_deis": KSampler("deis", {}, {"max_order": (3, Route("order")), "deis_mode": ("tab", Route("option", "mode"))}),
+    "sample_deis": KSampler(
+        "deis",
+        {},
+        {"max_order": (3, Route("order")), "deis_mode": ("tab", Route("option", "mode"))},
+    ),
     "sample_uni_pc": KSampler("unipc", {"variant": "bh1"}),
     "sample_uni_pc_bh2": KSampler("unipc", {"variant": "bh2"}),
 }
@@ -222,7 +265,15 @@ class _Reporter:
     def __call__(self, info: StepInfo) -> None:
         if self.callback is not None:
             s = self.sigmas[info.index]
-            self.callback({"x": self.x, "i": info.index, "sigma": s, "sigma_hat": s, "denoised": info.denoised})
+            self.callback(
+                {
+                    "x": self.x,
+                    "i": info.index,
+                    "sigma": s,
+                    "sigma_hat": s,
+                    "denoised": info.denoised,
+                }
+            )
         self.x = info.x
         self.step = info.index + 1
 
@@ -243,17 +294,23 @@ def _schedule_for(levels: list[float]) -> VESchedule:
 def _sigma_list(sigmas: Tensor | list[float]) -> tuple[list[float], list[Tensor]]:
     t = torch.as_tensor(sigmas)
     if t.ndim != 1 or t.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D sequence of at least 2 values, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"sigmas must be a 1-D sequence of at least 2 values, got shape {tuple(t.shape)}"
+        )
     return [float(v) for v in t.to(torch.float64).tolist()], list(t.unbind())
 
 
-def _route_kwargs(name: str, spec: KSampler, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Any, bool]:
+def _route_kwargs(
+    name: str, spec: KSampler, kwargs: Mapping[str, Any]
+) -> tuple[dict[str, Any], Any, bool]:
     """Validate k-diffusion keywords; return (solver options incl. order, noise sampler,
     return_info)."""
     unknown = sorted(set(kwargs) - set(spec.params))
     if unknown:
         accepted = ", ".join(["extra_args", "callback", "disable", *spec.params]) or "none"
-        raise TypeError(f"{name}() got unexpected keyword argument(s) {unknown}; accepted: {accepted}")
+        raise TypeError(
+            f"{name}() got unexpected keyword argument(s) {unknown}; accepted: {accepted}"
+        )
     options: dict[str, Any] = dict(spec.fixed)
     noise_sampler, info = None, False
     for key, (default, route) in spec.params.items():
@@ -267,7 +324,10 @@ def _route_kwargs(name: str, spec: KSampler, kwargs: Mapping[str, Any]) -> tuple
         elif route.kind == "info":
             info = bool(value)
         elif route.kind == "only" and value != route.value:
-            raise ValueError(f"{name}: {key}={value!r} is not supported; accepted values: {route.value!r} ({route.why})")
+            raise ValueError(
+                f"{name}: {key}={value!r} is not supported; accepted values: {route.value!r} "
+                f"({route.why})"
+            )
     return options, noise_sampler, info
 
 
@@ -277,7 +337,9 @@ def _build(spec: KSampler, options: Mapping[str, Any]) -> Solver:
     return get_solver(spec.solver, order, **opts)
 
 
-def _noise_source(solver: Solver, sampler: Any, reporter: _Reporter, grid: TimeGrid) -> Callable[[Tensor], Tensor] | None:
+def _noise_source(
+    solver: Solver, sampler: Any, reporter: _Reporter, grid: TimeGrid
+) -> Callable[[Tensor], Tensor] | None:
     """Noise for stochastic solvers: k-diffusion's ``noise_sampler(sigma, sigma_next)`` is
     asked for the running step's ends; without one, fresh standard normal noise."""
     if not solver.stochastic:
@@ -311,7 +373,9 @@ def _run(
     solver = _build(spec, options)
     if orders is None and not isinstance(solver, AdaptiveSolver):
         # k-diffusion's samplers keep their order to the end (only the step to 0 is Euler).
-        orders = solver_orders(solver, steps=grid.steps, final_zero=grid.final_zero, lower_order_final=False)
+        orders = solver_orders(
+            solver, steps=grid.steps, final_zero=grid.final_zero, lower_order_final=False
+        )
     reporter = _Reporter(callback, x, sigma_values)
     result = solve(
         _KDenoiser(model, extra_args),
@@ -337,7 +401,9 @@ def _signature(spec: KSampler) -> inspect.Signature:
         lead += [p("sigma_min", p.POSITIONAL_OR_KEYWORD), p("sigma_max", p.POSITIONAL_OR_KEYWORD)]
         if spec.interface == "fast":
             lead.append(p("n", p.POSITIONAL_OR_KEYWORD))
-    common = [p(n, p.POSITIONAL_OR_KEYWORD, default=None) for n in ("extra_args", "callback", "disable")]
+    common = [
+        p(n, p.POSITIONAL_OR_KEYWORD, default=None) for n in ("extra_args", "callback", "disable")
+    ]
     rest = [p(k, p.KEYWORD_ONLY, default=d) for k, (d, _) in spec.params.items()]
     return inspect.Signature(lead + common + rest)
 
@@ -357,8 +423,18 @@ def _make_sampler(name: str, spec: KSampler) -> Callable[..., Any]:
         ) -> Any:
             levels, values = _sigma_list(sigmas)
             grid = grid_from_sigmas(_schedule_for(levels), levels)
-            return _run(name, spec, model, x, grid, values, extra_args=extra_args, callback=callback,
-                        disable=disable, kwargs=kwargs)
+            return _run(
+                name,
+                spec,
+                model,
+                x,
+                grid,
+                values,
+                extra_args=extra_args,
+                callback=callback,
+                disable=disable,
+                kwargs=kwargs,
+            )
 
     elif spec.interface == "fast":
 
@@ -376,11 +452,24 @@ def _make_sampler(name: str, spec: KSampler) -> Callable[..., Any]:
             sched = _range_schedule(sigma_min, sigma_max)
             options, _, _ = _route_kwargs(name, spec, kwargs)
             nfe = check_int("n", n, minimum=1)
-            orders = solver_orders(_build(spec, options), nfe=nfe, final_zero=False, lower_order_final=False)
+            orders = solver_orders(
+                _build(spec, options), nfe=nfe, final_zero=False, lower_order_final=False
+            )
             grid = make_grid(sched, len(orders), "logsnr", final="t_min")
             values = [torch.tensor(v) for v in grid.ksigmas]
-            return _run(name, spec, model, x, grid, values, extra_args=extra_args, callback=callback,
-                        disable=disable, kwargs=kwargs, orders=orders)
+            return _run(
+                name,
+                spec,
+                model,
+                x,
+                grid,
+                values,
+                extra_args=extra_args,
+                callback=callback,
+                disable=disable,
+                kwargs=kwargs,
+                orders=orders,
+            )
 
     else:
 
@@ -396,8 +485,18 @@ def _make_sampler(name: str, spec: KSampler) -> Callable[..., Any]:
         ) -> Any:
             grid = make_grid(_range_schedule(sigma_min, sigma_max), 1, "logsnr", final="t_min")
             values = [torch.tensor(v) for v in grid.ksigmas]
-            return _run(name, spec, model, x, grid, values, extra_args=extra_args, callback=callback,
-                        disable=disable, kwargs=kwargs)
+            return _run(
+                name,
+                spec,
+                model,
+                x,
+                grid,
+                values,
+                extra_args=extra_args,
+                callback=callback,
+                disable=disable,
+                kwargs=kwargs,
+            )
 
     sampler.__name__ = sampler.__qualname__ = name
     sampler.__module__ = __name__
@@ -447,7 +546,9 @@ def _with_zero(values: list[float], device: torch.device | str) -> Tensor:
     return torch.tensor([*values, 0.0], dtype=torch.get_default_dtype(), device=device)
 
 
-def _spaced(schedule: NoiseSchedule, n: int, kind: GridKind, rho: float | None = None, **ends: float) -> list[float]:
+def _spaced(
+    schedule: NoiseSchedule, n: int, kind: GridKind, rho: float | None = None, **ends: float
+) -> list[float]:
     n = check_int("n", n, minimum=1)
     if n == 1:
         return [schedule.knot(ends.get("t_start", schedule.t_max)).ksigma]
@@ -461,12 +562,16 @@ def get_sigmas_karras(
     return _with_zero(_spaced(_range_schedule(sigma_min, sigma_max), n, "karras", rho), device)
 
 
-def get_sigmas_exponential(n: int, sigma_min: float, sigma_max: float, device: torch.device | str = "cpu") -> Tensor:
+def get_sigmas_exponential(
+    n: int, sigma_min: float, sigma_max: float, device: torch.device | str = "cpu"
+) -> Tensor:
     """``n`` sigmas uniform in log sigma, then 0."""
     return _with_zero(_spaced(_range_schedule(sigma_min, sigma_max), n, "exponential"), device)
 
 
-def get_sigmas_logsnr(n: int, sigma_min: float, sigma_max: float, device: torch.device | str = "cpu") -> Tensor:
+def get_sigmas_logsnr(
+    n: int, sigma_min: float, sigma_max: float, device: torch.device | str = "cpu"
+) -> Tensor:
     """``n`` sigmas uniform in half log-SNR (DPM-Solver, Sec. 3.3), then 0. k-diffusion's
     sigma is ``exp(-lambda)`` on every schedule, so this is the exponential grid."""
     return _with_zero(_spaced(_range_schedule(sigma_min, sigma_max), n, "logsnr"), device)
@@ -476,16 +581,24 @@ def get_sigmas_polyexponential(
     n: int, sigma_min: float, sigma_max: float, rho: float = 1.0, device: torch.device | str = "cpu"
 ) -> Tensor:
     """``n`` sigmas with log sigma a ``rho``-th power ramp (``rho = 1``: exponential), then 0."""
-    return _with_zero(_spaced(_range_schedule(sigma_min, sigma_max), n, "polyexponential", rho), device)
+    return _with_zero(
+        _spaced(_range_schedule(sigma_min, sigma_max), n, "polyexponential", rho), device
+    )
 
 
 def get_sigmas_vp(
-    n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3, device: torch.device | str = "cpu"
+    n: int,
+    beta_d: float = 19.9,
+    beta_min: float = 0.1,
+    eps_s: float = 1e-3,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """The continuous VP-SDE schedule (Song et al. 2021; ``beta_max = beta_min + beta_d``)
     at ``n`` times uniform in ``[eps_s, 1]``, then 0."""
     beta_d = check_finite_float("beta_d", beta_d, positive=True)
-    sched = ContinuousVPSchedule("linear", beta_min=beta_min, beta_max=beta_min + beta_d, t_min=eps_s, t_max=1.0)
+    sched = ContinuousVPSchedule(
+        "linear", beta_min=beta_min, beta_max=beta_min + beta_d, t_min=eps_s, t_max=1.0
+    )
     return _with_zero(_spaced(sched, n, "time_uniform", t_start=1.0, t_end=eps_s), device)
 
 
@@ -500,7 +613,11 @@ def get_sigmas_schedule(
     """``n`` k-diffusion sigmas of any dpmsolver ``schedule`` spaced by ``grid`` over its
     whole range (e.g. ``"time_uniform"`` on a :class:`DiscreteVPSchedule` is k-diffusion's
     ``DiscreteSchedule.get_sigmas``), then 0."""
-    check_choice("grid", grid, ("logsnr", "exponential", "time_uniform", "time_quadratic", "karras", "polyexponential"))
+    check_choice(
+        "grid",
+        grid,
+        ("logsnr", "exponential", "time_uniform", "time_quadratic", "karras", "polyexponential"),
+    )
     return _with_zero(_spaced(schedule, n, grid, rho), device)
 
 
@@ -527,7 +644,11 @@ class DiscreteDDPMDenoiser(torch.nn.Module):
     """
 
     def __init__(
-        self, model: KModel, alphas_cumprod: Tensor, prediction: Prediction = "eps", quantize: bool = False
+        self,
+        model: KModel,
+        alphas_cumprod: Tensor,
+        prediction: Prediction = "eps",
+        quantize: bool = False,
     ) -> None:
         super().__init__()
         self.inner_model = model

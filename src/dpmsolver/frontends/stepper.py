@@ -149,7 +149,9 @@ def grouped_plan(solver: Solver, knots: Sequence[Knot], groups: Sequence[int]) -
     for g in groups:
         s, t = knots[i], knots[i + g]
         if g > 1 and (math.isinf(s.lam) or math.isinf(t.lam)):
-            raise ValueError("a singlestep step of order > 1 cannot start at pure noise or end at sigma = 0")
+            raise ValueError(
+                "a singlestep step of order > 1 cannot start at pure noise or end at sigma = 0"
+            )
         step_solver = solver
         if g > 1:
             h = t.lam - s.lam
@@ -161,7 +163,9 @@ def grouped_plan(solver: Solver, knots: Sequence[Knot], groups: Sequence[int]) -
     return steps
 
 
-def _probe(solver: Solver, s: Knot, t: Knot, order: int, schedule: NoiseSchedule, index: int = 0) -> tuple[Knot, ...]:
+def _probe(
+    solver: Solver, s: Knot, t: Knot, order: int, schedule: NoiseSchedule, index: int = 0
+) -> tuple[Knot, ...]:
     """Where a step evaluates the network: run it once on a dummy state and record every
     knot it asks for. The points of every solver here depend on ``s``, ``t`` and its
     options only, never on the state, so the dummy run finds the real ones."""
@@ -215,7 +219,9 @@ class OneEvaluationStepper:
         offset: position of the first evaluation (default 0).
     """
 
-    def __init__(self, steps: Sequence[DrivenStep], schedule: NoiseSchedule, offset: int = 0) -> None:
+    def __init__(
+        self, steps: Sequence[DrivenStep], schedule: NoiseSchedule, offset: int = 0
+    ) -> None:
         if not steps:
             raise ValueError("the plan has no steps")
         self.steps = list(steps)
@@ -275,7 +281,9 @@ class OneEvaluationStepper:
         if is_boundary_step(step.solver, s, t):  # sigma = 0, pure noise, or a repeated knot
             return boundary_update(x, x0, s, t)
         if step.solver.stochastic and draw_noise is None:
-            raise ValueError(f"{type(step.solver).__name__} is stochastic: a noise source is required")
+            raise ValueError(
+                f"{type(step.solver).__name__} is stochastic: a noise source is required"
+            )
         cache, noises = self._cache, self._noise
         used = [0, 0]  # evaluations and noise draws consumed by this replay
 
@@ -301,7 +309,9 @@ class OneEvaluationStepper:
             used[1] += 1
             return noises[n]
 
-        ctx = StepContext(index, s, t, step.order, evaluate, self.schedule, noise if draw_noise else None)
+        ctx = StepContext(
+            index, s, t, step.order, evaluate, self.schedule, noise if draw_noise else None
+        )
         try:
             x_next, new_state = step.solver.step(ctx, x, x0, self._state)
         except _NeedEvaluation as pending:

@@ -9,7 +9,8 @@ solvers make their extra evaluations through the step context.
 The exponential integrator (DPM-Solver++, Eq. 9-10). In data-prediction form,
 
     x_t = (sigma_t/sigma_s) x_s + sigma_t Int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda
-        = (sigma_t/sigma_s) x_s - alpha_t phi_1 x0 + alpha_t phi_2 (h x0') - alpha_t phi_3 (h^2 x0'') + ...
+        = (sigma_t/sigma_s) x_s - alpha_t phi_1 x0 + alpha_t phi_2 (h x0')
+          - alpha_t phi_3 (h^2 x0'') + ...
 
 with ``h = lambda_t - lambda_s``, ``phi_1 = expm1(-h)``, ``phi_2 = phi_1/h + 1``,
 ``phi_3 = phi_2/h - 1/2``. The noise-prediction form (DPM-Solver, Eq. 3.4) is the same
@@ -224,8 +225,9 @@ class Solver(ABC):
 
     Subclasses are frozen dataclasses of their parameters and implement :meth:`step`;
     they derive from one of the shapes in :mod:`.shapes` (multistep, singlestep,
-    adaptive), which own planning and cost. ``order`` is the nominal order; ``claimed_order`` the convergence order the tests
-    must measure (equal to ``order`` unless the method is known to fall short of it).
+    adaptive), which own planning and cost. ``order`` is the nominal order;
+    ``claimed_order`` the convergence order the tests must measure (equal to ``order``
+    unless the method is known to fall short of it).
     """
 
     #: True if :meth:`step` can integrate into sigma = 0 itself (methods in sigma~, where

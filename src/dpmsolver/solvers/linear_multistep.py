@@ -110,7 +110,9 @@ class LinearMultistep(MultistepSolver):
         s, t = ctx.s, ctx.t
         ksigmas = [s.ksigma] + [math.exp(-lam) for lam in state.lams[: k - 1]]
         c = adams_weights(ksigmas, t.ksigma, self.coefficients)
-        return sigma_step(x, s.alpha, t.alpha, list(zip(c, (m0, *state.preds[: k - 1]), strict=True)))
+        return sigma_step(
+            x, s.alpha, t.alpha, list(zip(c, (m0, *state.preds[: k - 1]), strict=True))
+        )
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,12 @@ class HeavyBall(MultistepSolver):
     def init_state(self) -> Any:
         return self.base.init_state(), None
 
-    def plan(self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool) -> list[int]:
-        return self.base.plan(steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lower_order_final)
+    def plan(
+        self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool
+    ) -> list[int]:
+        return self.base.plan(
+            steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lower_order_final
+        )
 
     def step(  # type: ignore[override]  # a velocity state, not MultistepState
         self, ctx: StepContext, x: Tensor, x0: Tensor, state: tuple[Any, Tensor | None]
@@ -110,7 +114,9 @@ class HeavyBallDPMSolver(HeavyBall):
     third_order: ThirdOrder = "taylor"
 
     def __post_init__(self) -> None:
-        base = MultistepDPMSolver(order=self.order, variant=self.variant, third_order=self.third_order)
+        base = MultistepDPMSolver(
+            order=self.order, variant=self.variant, third_order=self.third_order
+        )
         object.__setattr__(self, "base", base)
         super().__post_init__()
 
@@ -148,7 +154,10 @@ class GHVB(MultistepSolver):
         nu = self.effective_nu
         check_finite_float("nu", nu, positive=True)
         if not (self.order - 1 < nu <= self.order <= 4):
-            raise ValueError(f"nu must lie in (order - 1, order] with order <= 4, got nu={nu}, order={self.order}")
+            raise ValueError(
+                f"nu must lie in (order - 1, order] with order <= 4, got nu={nu}, "
+                f"order={self.order}"
+            )
 
     @property
     def effective_nu(self) -> float:
@@ -195,7 +204,11 @@ register(
         default_order=2,
         description="DPM-Solver++ multistep with heavy-ball momentum (beta = 1: no momentum)",
         reference="Wizadwongsa et al. 2023, arXiv 2307.11118, Sec. 4.1 (HB-DPM-Solver++)",
-        configurations=({"order": 2, "beta": 0.8}, {"order": 3, "beta": 0.5}, {"order": 2, "beta": 1.0}),
+        configurations=(
+            {"order": 2, "beta": 0.8},
+            {"order": 3, "beta": 0.5},
+            {"order": 2, "beta": 1.0},
+        ),
     ),
     aliases={"dpmpp_2m_hb": {"order": 2}, "dpmpp_3m_hb": {"order": 3}},
 )

@@ -12,7 +12,15 @@ from typing import Any
 from .._validate import check_choice
 from .base import Form, Solver
 
-__all__ = ["ALIASES", "FORM_FAMILIES", "REGISTRY", "SolverInfo", "configurations", "get_solver", "register"]
+__all__ = [
+    "ALIASES",
+    "FORM_FAMILIES",
+    "REGISTRY",
+    "SolverInfo",
+    "configurations",
+    "get_solver",
+    "register",
+]
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,9 @@ REGISTRY: dict[str, SolverInfo] = {}
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 
 
-def register(info: SolverInfo, aliases: Mapping[str, Mapping[str, Any]] | None = None) -> SolverInfo:
+def register(
+    info: SolverInfo, aliases: Mapping[str, Mapping[str, Any]] | None = None
+) -> SolverInfo:
     """Add a solver family (and short aliases that fix some options) to the registry."""
     if info.name in REGISTRY or info.name in ALIASES:
         raise ValueError(f"solver {info.name!r} is already registered")
@@ -107,4 +117,3 @@ FORM_FAMILIES: tuple[tuple[str, Form, str], ...] = (
     ("dpmpp", Form.DATA, "DPM-Solver++"),
     ("dpm", Form.NOISE, "DPM-Solver"),
 )
-

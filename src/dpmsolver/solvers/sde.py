@@ -126,10 +126,16 @@ class SinglestepSDESolver(SinglestepSolver):
         ratio = (t.sigma / s.sigma) * math.exp(-eta * h)
         if ctx.order == 1:
             out = combine(x, ratio, [(-t.alpha * p1, x0)])
-            return out.add(_noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * eta * h))), state
+            return out.add(
+                _noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * eta * h))
+            ), state
         s1 = ctx.schedule.knot_at_lambda(s.lam + self.r1 * h)
         z1 = _noise(ctx)
-        u = combine(x, (s1.sigma / s.sigma) * math.exp(-eta * self.r1 * h), [(-s1.alpha * phi_functions((1.0 + eta) * self.r1 * h)[0], x0)])
+        u = combine(
+            x,
+            (s1.sigma / s.sigma) * math.exp(-eta * self.r1 * h),
+            [(-s1.alpha * phi_functions((1.0 + eta) * self.r1 * h)[0], x0)],
+        )
         u = u.add(z1, alpha=s1.sigma * c1)
         m1 = ctx.evaluate(u, s1)
         # midpoint combination (DPM-Solver++ 2S) with phi at h_eta

@@ -124,7 +124,9 @@ class SinglestepDPMSolver(SinglestepSolver):
         """Intermediate points ``(r1, r2)`` used by a step of ``order``."""
         if order == 2:
             return (0.5 if self.r1 is None else self.r1), 1.0
-        return (1.0 / 3.0 if self.r1 is None else self.r1), (2.0 / 3.0 if self.r2 is None else self.r2)
+        return (1.0 / 3.0 if self.r1 is None else self.r1), (
+            2.0 / 3.0 if self.r2 is None else self.r2
+        )
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         r1, r2 = self.fractions(ctx.order)
@@ -170,7 +172,9 @@ class FastDPMSolver(SinglestepDPMSolver):
         self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool
     ) -> list[int]:
         if nfe is None:
-            return super().plan(steps=steps, nfe=None, final_zero=final_zero, lower_order_final=False)
+            return super().plan(
+                steps=steps, nfe=None, final_zero=final_zero, lower_order_final=False
+            )
         budget = check_int("nfe", nfe, minimum=1)
         orders = fast_orders(budget, self.order)
         if final_zero and orders[-1] != 1:
@@ -186,7 +190,8 @@ for _prefix, _form, _label in FORM_FAMILIES:
             fixed={"form": _form},
             orders=(1, 2, 3),
             default_order=2,
-            description=f"{_label} singlestep ({_form.value} prediction), order k costs k evaluations",
+            description=f"{_label} singlestep ({_form.value} prediction), order k costs k "
+            "evaluations",
             reference="Lu et al. 2022, DPM-Solver Alg. 1-2; DPM-Solver++ Alg. 1 (2S)",
             configurations=(
                 {"order": 1},
