@@ -123,9 +123,10 @@ class NoisyTwoStage(SinglestepSolver):
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         mid = ctx.schedule.knot_at_lambda(0.5 * (ctx.s.lam + ctx.t.lam))
         assert ctx.noise is not None
-        u = first_order_step(Form.DATA, x, x0, x0, ctx.s, mid) + 0.01 * ctx.noise()
+        u = first_order_step(Form.DATA, x, x0, x0, ctx.s, mid) + 0.01 * ctx.noise(ctx.s, mid)
         x0_mid = ctx.evaluate(u, mid)
-        out = first_order_step(Form.DATA, x, x0, x0_mid, ctx.s, ctx.t) + 0.01 * ctx.noise()
+        out = first_order_step(Form.DATA, x, x0, x0_mid, ctx.s, ctx.t)
+        out = out + 0.01 * ctx.noise(mid, ctx.t)
         return out, state
 
 
@@ -138,7 +139,7 @@ def test_noise_draws_are_replayed_not_redrawn() -> None:
         gen = torch.Generator().manual_seed(seed)
         draws: list[Tensor] = []
 
-        def draw(like: Tensor) -> Tensor:
+        def draw(like: Tensor, a: dp.Knot, b: dp.Knot) -> Tensor:
             draws.append(torch.randn(like.shape, generator=gen, dtype=like.dtype))
             return draws[-1]
 

@@ -492,3 +492,23 @@ def test_progress_in_a_log_is_one_line_without_carriage_returns(
         bar.update()
     bar.close()
     assert "\r" not in log.getvalue() and log.getvalue().startswith("sampling: 5/5 in ")
+
+
+def test_sampling_keeps_no_autograd_graph_unless_asked() -> None:
+    """A 20-step run under autograd-tracked parameters returns a plain tensor: no graph is
+    kept (a real U-Net would otherwise run out of memory); grad=True keeps it for users who
+    differentiate through the solver."""
+    weight = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    base = dp.MixtureNetwork(MIX, SD)
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return base(x, t) * weight
+
+    r = dp.sample(net, noise(), schedule=SD, steps=20)
+    assert not r.x.requires_grad and r.x.grad_fn is None
+    g = dp.sample(net, noise(), schedule=SD, steps=20, options=dp.SampleOptions(grad=True))
+    assert g.x.requires_grad
+    g.x.sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad)
+    z = dp.invert(net, noise(), schedule=SD, steps=20)
+    assert not z.x.requires_grad

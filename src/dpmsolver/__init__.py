@@ -26,6 +26,10 @@ from .analytic import (
     reference_solve,
 )
 from .denoiser import Denoiser, ModelDenoiser
+from .frontends.diffusers_grid import (
+    prediction_from_diffusers_config,
+    schedule_from_diffusers_config,
+)
 from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding, X0Corrector
 from .loop import NonFiniteError, SampleResult, StepInfo, solve
 from .parameterization import PREDICTIONS, to_data, to_noise
@@ -81,8 +85,10 @@ __all__ = [
     "make_grid",
     "make_plan",
     "make_schedule",
+    "prediction_from_diffusers_config",
     "reference_solve",
     "sample",
+    "schedule_from_diffusers_config",
     "solve",
     "to_data",
     "to_noise",

@@ -46,7 +46,7 @@ __all__ = [
 
 CheckFinite = Literal["end", "step", "off"]
 FinalStepKind = Literal["denoise", "extrapolate"]
-NoiseSampler = Callable[[Tensor], Tensor]
+NoiseSampler = Callable[[Tensor, Knot, Knot], Tensor]
 
 
 class NonFiniteError(FloatingPointError):
@@ -313,6 +313,7 @@ def solve(
     return_intermediates: bool = False,
     check_finite: CheckFinite = "end",
     final_step: FinalStepKind = "denoise",
+    grad: bool = False,
 ) -> SampleResult:
     """Run ``solver`` over ``grid`` starting from the state ``x`` at ``grid.knots[0]``.
 
@@ -325,7 +326,8 @@ def solve(
         orders: order per grid step (default: :func:`dpmsolver.plan.make_plan`'s).
         lower_order_final: lower the order of the last steps (default: when fewer than 15
             steps, as diffusers does).
-        noise_sampler: ``noise_sampler(x) -> standard normal like x`` for stochastic solvers.
+        noise_sampler: ``noise_sampler(x, s, t) -> standard normal like x`` for the
+            interval from knot ``s`` to ``t`` (stochastic solvers; :mod:`dpmsolver.noise`).
         xt_corrector: ``xt_corrector(x, knot, step) -> x`` applied after each step.
         callback: called with a :class:`StepInfo` after each step.
         progress: show a progress bar (default False).
@@ -334,6 +336,9 @@ def solve(
             the first bad step) or ``"off"``. A NaN/Inf raises :class:`NonFiniteError`.
         final_step: the step into sigma = 0, ``"denoise"`` (default) or ``"extrapolate"``
             (:class:`FinalStep`).
+        grad: keep autograd on, for gradients through the solver (default False: sampling
+            runs under ``torch.no_grad()``, as diffusers and k-diffusion pipelines do, so a
+            run keeps no graph; classifier guidance still takes its gradient).
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
@@ -362,9 +367,8 @@ def solve(
         if isinstance(solver, AdaptiveSolver)
         else None
     )
-    bar = Progress(len(plan.steps), enabled=progress)
     state = solver.init_state()
-    try:
+    with torch.set_grad_enabled(grad), Progress(len(plan.steps), enabled=progress) as bar:
         for step in plan.steps:
             s, t = step.s, step.t
             x0 = evaluate(x, s)
@@ -383,10 +387,8 @@ def solve(
             final.remember(x0, s)
             x = x_next
             bar.update()
-        out = x.to(in_dtype)
-        monitor.finish(out)
-    finally:
-        bar.close()
+    out = x.to(in_dtype)
+    monitor.finish(out)
     return SampleResult(
         x=out,
         nfe=evaluate.nfe,
@@ -398,5 +400,5 @@ def solve(
     )
 
 
-def _bind(noise_sampler: NoiseSampler, x: Tensor) -> Callable[[], Tensor]:
-    return lambda: noise_sampler(x)
+def _bind(noise_sampler: NoiseSampler, x: Tensor) -> Callable[[Knot, Knot], Tensor]:
+    return lambda a, b: noise_sampler(x, a, b)

@@ -13,21 +13,17 @@ import torch
 from torch import Tensor
 
 from .analytic import MixtureNetwork, default_mixture
+from .frontends.diffusers_grid import (
+    prediction_from_diffusers_config,
+    schedule_from_diffusers_config,
+)
 from .model import LoadedModel
-from .parameterization import Prediction
 from .schedules import DiscreteVPSchedule
 
 __all__ = ["BUILTIN", "exact_model", "load_builtin", "load_diffusers_dir", "load_model"]
 
 #: The names of the models shipped with the package.
 BUILTIN = ("builtin",)
-
-_PREDICTIONS: dict[str, Prediction] = {
-    "epsilon": "eps",
-    "sample": "x0",
-    "v_prediction": "v",
-    "flow_prediction": "flow",
-}
 
 
 def load_builtin(device: torch.device) -> LoadedModel:
@@ -69,20 +65,8 @@ def load_diffusers_dir(path: Path, device: torch.device) -> LoadedModel:
         )
     cfg = json.loads(cfg_file.read_text())
     unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir)).to(device).eval()
-    betas = cfg.get("trained_betas")
-    sched = DiscreteVPSchedule(
-        betas=torch.tensor(betas, dtype=torch.float64) if betas else None,
-        beta_schedule=cfg.get("beta_schedule", "linear"),
-        beta_start=cfg.get("beta_start", 0.0001),
-        beta_end=cfg.get("beta_end", 0.02),
-        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-        rescale_zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-    )
-    pred = cfg.get("prediction_type", "epsilon")
-    if pred not in _PREDICTIONS:
-        raise ValueError(
-            f"--model: prediction_type {pred!r} is not supported ({', '.join(_PREDICTIONS)})"
-        )
+    sched = schedule_from_diffusers_config(cfg)
+    pred = prediction_from_diffusers_config(cfg)
     num_classes = unet.config.get("num_class_embeds")
 
     def network(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -92,7 +76,7 @@ def load_diffusers_dir(path: Path, device: torch.device) -> LoadedModel:
     return LoadedModel(
         network,
         sched,
-        _PREDICTIONS[pred],
+        pred,
         (c, s, s),
         num_classes=num_classes,
         null_label=None,

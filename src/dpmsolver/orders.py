@@ -160,7 +160,7 @@ def sde_end_samples(
     grid = make_grid(sched, steps, "logsnr", final="t_min")
     base = SeededNoise(list(range(seed * SDE_SAMPLES, (seed + 1) * SDE_SAMPLES)))
 
-    def noise(x: torch.Tensor) -> torch.Tensor:
+    def noise(x: torch.Tensor, s: Knot, t: Knot) -> torch.Tensor:
         return noise_scale * base(x)
 
     x_start = marginal_samples(10 + seed, grid.knots[0])

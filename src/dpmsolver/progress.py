@@ -89,3 +89,9 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -55,12 +55,16 @@ class SampleOptions:
         model_kwargs: extra network keyword arguments for every call.
         model_dtype: dtype for the network call (default: the noise's dtype if it is
             float16/bfloat16, else the state's).
-        noise_sampler: noise source for stochastic solvers, ``noise_sampler(x) -> noise like
-            x`` (default: a :class:`~dpmsolver.noise.SeededNoise` with per-sample seeds
-            drawn from torch's global generator).
+        noise_sampler: noise source for stochastic solvers, ``noise_sampler(x, s, t) ->
+            standard normal like x`` for the interval from knot ``s`` to ``t``
+            (:class:`~dpmsolver.noise.NoiseSource`; default: a
+            :class:`~dpmsolver.noise.SeededNoise` with per-sample seeds drawn from torch's
+            global generator).
         return_intermediates: keep every state and data prediction (memory grows).
         check_finite: ``"end"`` (default), ``"step"`` or ``"off"``
             (:class:`~dpmsolver.loop.FiniteMonitor`).
+        grad: keep autograd on, for gradients through the solver (default False: the run
+            is under ``torch.no_grad()`` and keeps no graph).
     """
 
     thresholding: bool = False
@@ -76,6 +80,7 @@ class SampleOptions:
     noise_sampler: NoiseSampler | None = None
     return_intermediates: bool = False
     check_finite: CheckFinite = "end"
+    grad: bool = False
 
 
 _DEFAULTS = SampleOptions()
@@ -220,6 +225,7 @@ def sample(
         return_intermediates=opts.return_intermediates,
         check_finite=opts.check_finite,
         final_step=recipe.final_step,
+        grad=opts.grad,
     )
 
 
@@ -281,6 +287,7 @@ def invert(
         callback=callback,
         progress=progress,
         check_finite=opts.check_finite,
+        grad=opts.grad,
     )
     res.x = res.x / g.knots[-1].sigma
     return res

@@ -155,6 +155,14 @@ class NoiseSchedule(ABC):
 # --------------------------------------------------------------------------------------
 
 
+#: Each beta preset's own endpoints ``(beta_start, beta_end)``: DDPM's linear schedule (Ho
+#: et al. 2020) and Stable Diffusion's scaled-linear one (as diffusers' configs give them).
+PRESET_ENDPOINTS: dict[str, tuple[float, float]] = {
+    "linear": (0.0001, 0.02),
+    "scaled_linear": (0.00085, 0.012),
+}
+
+
 def betas_for_preset(
     beta_schedule: BetaSchedule,
     num_train_timesteps: int = 1000,
@@ -205,7 +213,9 @@ class DiscreteVPSchedule(NoiseSchedule):
         betas: per-step betas (length N). Give this, ``alphas_cumprod`` or a preset.
         alphas_cumprod: cumulative products of ``1 - beta``.
         beta_schedule: preset name (default ``"scaled_linear"``, Stable Diffusion's).
-        beta_start, beta_end: preset endpoints (default 0.00085, 0.012).
+        beta_start, beta_end: preset endpoints (default: the preset's own, as diffusers and
+            the papers define them: ``linear`` 1e-4 and 0.02 (DDPM), ``scaled_linear``
+            0.00085 and 0.012 (Stable Diffusion); unused by ``squaredcos_cap_v2``).
         num_train_timesteps: N for presets (default 1000).
         rescale_zero_terminal_snr: apply Lin et al. 2023's rescaling (default False).
     """
@@ -216,8 +226,8 @@ class DiscreteVPSchedule(NoiseSchedule):
         alphas_cumprod: Tensor | None = None,
         *,
         beta_schedule: BetaSchedule = "scaled_linear",
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
         num_train_timesteps: int = 1000,
         rescale_zero_terminal_snr: bool = False,
     ) -> None:
@@ -225,7 +235,13 @@ class DiscreteVPSchedule(NoiseSchedule):
             raise ValueError("give at most one of betas and alphas_cumprod")
         if alphas_cumprod is None:
             if betas is None:
-                betas = betas_for_preset(beta_schedule, num_train_timesteps, beta_start, beta_end)
+                start, end = PRESET_ENDPOINTS.get(beta_schedule, (0.0001, 0.02))
+                betas = betas_for_preset(
+                    beta_schedule,
+                    num_train_timesteps,
+                    start if beta_start is None else beta_start,
+                    end if beta_end is None else beta_end,
+                )
             betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
             if not bool(((betas > 0) & (betas < 1)).all()):
                 raise ValueError("betas must lie in (0, 1)")

@@ -27,15 +27,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_int
-from ..schedules import DiscreteVPSchedule, Knot, RectifiedFlowSchedule, betas_for_preset
+from ..parameterization import Prediction
+from ..schedules import (
+    DiscreteVPSchedule,
+    Knot,
+    NoiseSchedule,
+    RectifiedFlowSchedule,
+    betas_for_preset,
+)
 from ..timegrid import GridKind, make_grid
 
 __all__ = [
@@ -45,6 +52,8 @@ __all__ = [
     "dpm_flow_sigmas",
     "flow_knots",
     "flowmatch_sigmas",
+    "prediction_from_diffusers_config",
+    "schedule_from_diffusers_config",
     "singlestep_groups",
     "vp_knots",
     "vp_timesteps",
@@ -63,9 +72,11 @@ def diffusers_alphas_cumprod(
     beta_end: float,
     beta_schedule: str,
     trained_betas: Sequence[float] | Tensor | None = None,
+    rescale_zero_snr: bool = False,
 ) -> Tensor:
     """``alphas_cumprod`` as diffusers computes it: float32 betas, float32 cumulative product
-    (returned as float64 holding those float32 values)."""
+    (returned as float64 holding those float32 values), optionally rescaled to zero
+    terminal SNR."""
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=torch.float32).flatten()
     else:
@@ -83,7 +94,81 @@ def diffusers_alphas_cumprod(
             )
         else:
             betas = betas_for_preset("squaredcos_cap_v2", num_train_timesteps).to(torch.float32)
+    if rescale_zero_snr:
+        # Lin et al. 2023, Alg. 1, on the float32 betas as diffusers does it; the last value
+        # is then 2**-24, as diffusers' DPM-Solver schedulers set it, so lambda stays finite.
+        acp_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+        first, last = acp_sqrt[0].clone(), acp_sqrt[-1].clone()
+        acp_sqrt = (acp_sqrt - last) * (first / (first - last))
+        acp = acp_sqrt**2
+        betas = 1 - torch.cat([acp[0:1], acp[1:] / acp[:-1]])
+        out = torch.cumprod(1.0 - betas, dim=0)
+        out[-1] = 2.0**-24
+        return out.to(torch.float64)
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float64)
+
+
+_PREDICTIONS: dict[str, Prediction] = {
+    "epsilon": "eps",
+    "sample": "x0",
+    "v_prediction": "v",
+    "flow_prediction": "flow",
+}
+
+
+def _is_flow(config: Mapping[str, Any]) -> bool:
+    return (
+        str(config.get("_class_name", "")).startswith("FlowMatch")
+        or config.get("prediction_type") == "flow_prediction"
+        or bool(config.get("use_flow_sigmas", False))
+        or ("shift" in config and "beta_schedule" not in config)
+    )
+
+
+def prediction_from_diffusers_config(config: Mapping[str, Any]) -> Prediction:
+    """What a network behind this diffusers scheduler config predicts: its
+    ``prediction_type`` (``epsilon``/``sample``/``v_prediction``/``flow_prediction``), and
+    ``flow`` for the flow-matching schedulers (which have no such key)."""
+    if _is_flow(config) and "prediction_type" not in config:
+        return "flow"
+    pred = str(config.get("prediction_type", "epsilon"))
+    check_choice("prediction_type", pred, tuple(_PREDICTIONS))
+    return _PREDICTIONS[pred]
+
+
+def schedule_from_diffusers_config(config: Mapping[str, Any]) -> NoiseSchedule:
+    """The noise schedule a network was trained with, from its diffusers scheduler config
+    (``pipe.scheduler.config`` or a ``scheduler_config.json``).
+
+    Discrete VP (DDPM, Stable Diffusion): ``num_train_timesteps``, ``beta_schedule``
+    (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``) with ``beta_start`` /
+    ``beta_end`` (diffusers' defaults 1e-4 / 0.02 where a config omits them), or
+    ``trained_betas``; ``rescale_betas_zero_snr`` (Lin et al. 2023). The betas and their
+    product are float32, as diffusers computes them. Flow matching (``FlowMatch*``
+    configs, ``prediction_type="flow_prediction"`` or ``use_flow_sigmas``): a
+    :class:`~dpmsolver.schedules.RectifiedFlowSchedule` with the config's static shift
+    (``shift``, or ``flow_shift``) and network time ``num_train_timesteps * sigma``. A
+    dynamically shifted config (Flux) has no single schedule: pass the resolution's shift.
+    """
+    n = check_int("num_train_timesteps", int(config.get("num_train_timesteps", 1000)), minimum=2)
+    if _is_flow(config):
+        if config.get("use_dynamic_shifting", False):
+            raise ValueError(
+                "use_dynamic_shifting=True: the shift depends on the image size (mu); build "
+                "RectifiedFlowSchedule(shift=exp(mu)) for the resolution you sample at"
+            )
+        key = "flow_shift" if config.get("use_flow_sigmas", False) else "shift"
+        shift = float(config.get(key, 1.0))
+        return RectifiedFlowSchedule(shift=shift, t_min=1.0 / n, model_time_scale=float(n))
+    acp = diffusers_alphas_cumprod(
+        n,
+        float(config.get("beta_start", 0.0001)),
+        float(config.get("beta_end", 0.02)),
+        str(config.get("beta_schedule", "linear")),
+        config.get("trained_betas"),
+        bool(config.get("rescale_betas_zero_snr", False)),
+    )
+    return DiscreteVPSchedule(alphas_cumprod=acp)
 
 
 def last_timestep(schedule: DiscreteVPSchedule, lambda_min_clipped: float) -> int:

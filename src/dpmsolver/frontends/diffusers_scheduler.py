@@ -308,11 +308,14 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             self.schedule = self._flow
         else:
             acp = dg.diffusers_alphas_cumprod(
-                num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas
+                num_train_timesteps,
+                beta_start,
+                beta_end,
+                beta_schedule,
+                trained_betas,
+                rescale_betas_zero_snr,
             )
-            self.schedule = DiscreteVPSchedule(
-                alphas_cumprod=acp, rescale_zero_terminal_snr=rescale_betas_zero_snr
-            )
+            self.schedule = DiscreteVPSchedule(alphas_cumprod=acp)
 
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -753,7 +756,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             x0 = self._threshold.threshold(x0)
         fresh = [variance_noise]
 
-        def draw(like: Tensor) -> Tensor:
+        def draw(like: Tensor, a: Knot, b: Knot) -> Tensor:
             given = fresh.pop() if fresh else None
             if given is not None:
                 return given.to(device=like.device, dtype=like.dtype)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_finite_float, check_int
 from ..loop import StepInfo, solve
+from ..noise import SigmaNoise
 from ..parameterization import PREDICTIONS, Prediction, data_coefficients
 from ..plan import solver_orders
 from ..schedules import ContinuousVPSchedule, DiscreteVPSchedule, Knot, NoiseSchedule, VESchedule
@@ -337,22 +338,14 @@ def _build(spec: KSampler, options: Mapping[str, Any]) -> Solver:
     return get_solver(spec.solver, order, **opts)
 
 
-def _noise_source(
-    solver: Solver, sampler: Any, reporter: _Reporter, grid: TimeGrid
-) -> Callable[[Tensor], Tensor] | None:
+def _noise_source(solver: Solver, sampler: Any) -> Callable[[Tensor, Knot, Knot], Tensor] | None:
     """Noise for stochastic solvers: k-diffusion's ``noise_sampler(sigma, sigma_next)`` is
-    asked for the running step's ends; without one, fresh standard normal noise."""
+    asked for the interval the solver draws for; without one, fresh standard normal noise."""
     if not solver.stochastic:
         return None
     if sampler is None:
-        return torch.randn_like
-    levels = grid.ksigmas
-
-    def draw(x: Tensor) -> Tensor:
-        i = reporter.step
-        return cast(Tensor, sampler(torch.tensor(levels[i]), torch.tensor(levels[i + 1])))
-
-    return draw
+        return lambda x, s, t: torch.randn_like(x)
+    return SigmaNoise(sampler)
 
 
 def _run(
@@ -383,7 +376,7 @@ def _run(
         grid,
         solver,
         orders=orders,
-        noise_sampler=_noise_source(solver, noise_sampler, reporter, grid),
+        noise_sampler=_noise_source(solver, noise_sampler),
         callback=reporter,
         progress=_show_progress(disable),
     )

@@ -43,7 +43,7 @@ __all__ = [
     "supports_fractions",
 ]
 
-NoiseDraw = Callable[[Tensor], Tensor]
+NoiseDraw = Callable[[Tensor, Knot, Knot], Tensor]
 
 
 def _same_level(a: float, b: float) -> bool:
@@ -176,7 +176,7 @@ def _probe(
         seen.append(knot)
         return torch.zeros_like(x)
 
-    ctx = StepContext(index, s, t, order, evaluate, schedule, lambda: torch.zeros_like(dummy))
+    ctx = StepContext(index, s, t, order, evaluate, schedule, lambda a, b: torch.zeros_like(dummy))
     solver.step(ctx, dummy, dummy, solver.init_state())
     return tuple(seen)
 
@@ -301,11 +301,11 @@ class OneEvaluationStepper:
                 )
             raise _NeedEvaluation(x_eval)
 
-        def noise() -> Tensor:
+        def noise(a: Knot, b: Knot) -> Tensor:
             n = used[1]
             if n == len(noises):
                 assert draw_noise is not None
-                noises.append(draw_noise(x))
+                noises.append(draw_noise(x, a, b))
             used[1] += 1
             return noises[n]
 

@@ -197,8 +197,9 @@ class StepContext:
         order: the order to use for this step (after warm-up and final-step rules).
         evaluate: ``evaluate(x, knot) -> x0_hat``; counts network evaluations.
         schedule: for intermediate knots (``schedule.knot_at_lambda``).
-        noise: draws standard normal noise shaped like the state (stochastic solvers),
-            or None for deterministic runs.
+        noise: ``noise(a, b)``, standard normal noise shaped like the state for the
+            interval from knot ``a`` to ``b`` (stochastic solvers; the normalized Brownian
+            increment, see :mod:`dpmsolver.noise`), or None for deterministic runs.
     """
 
     index: int
@@ -207,7 +208,7 @@ class StepContext:
     order: int
     evaluate: Callable[[Tensor, Knot], Tensor]
     schedule: NoiseSchedule
-    noise: Callable[[], Tensor] | None = None
+    noise: Callable[[Knot, Knot], Tensor] | None = None
 
 
 def heun_update(ctx: StepContext, x: Tensor, d_s: Tensor) -> Tensor:

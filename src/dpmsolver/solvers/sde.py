@@ -44,10 +44,11 @@ __all__ = ["AncestralSolver", "MultistepSDESolver", "SinglestepSDESolver", "ance
 Variant = Literal["midpoint", "heun"]
 
 
-def _noise(ctx: StepContext) -> Tensor:
+def _noise(ctx: StepContext, a: Knot, b: Knot) -> Tensor:
+    """The noise of the interval from ``a`` to ``b``."""
     if ctx.noise is None:
         raise ValueError("stochastic solvers need a noise sampler (pass noise_sampler=)")
-    return ctx.noise()
+    return ctx.noise(a, b)
 
 
 def _check_eta(eta: float) -> None:
@@ -87,7 +88,9 @@ class MultistepSDESolver(MultistepDPMSolver):
         ratio = (t.sigma / s.sigma) * math.exp(-self.eta * h)
         terms = multistep_terms(self, k, s, (1.0 + self.eta) * h, t.alpha, x0, state, h_ratio=h)
         out = combine(x, ratio, terms)
-        return out.add(_noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
+        return out.add(
+            _noise(ctx, s, t), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h))
+        )
 
 
 @dataclass(frozen=True)
@@ -127,10 +130,10 @@ class SinglestepSDESolver(SinglestepSolver):
         if ctx.order == 1:
             out = combine(x, ratio, [(-t.alpha * p1, x0)])
             return out.add(
-                _noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * eta * h))
+                _noise(ctx, s, t), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * eta * h))
             ), state
         s1 = ctx.schedule.knot_at_lambda(s.lam + self.r1 * h)
-        z1 = _noise(ctx)
+        z1 = _noise(ctx, s, s1)
         u = combine(
             x,
             (s1.sigma / s.sigma) * math.exp(-eta * self.r1 * h),
@@ -142,7 +145,7 @@ class SinglestepSDESolver(SinglestepSolver):
         c = -0.5 / self.r1 * t.alpha * p1
         out = combine(x, ratio, [(-t.alpha * p1 - c, x0), (c, m1)])
         out = out.add(z1, alpha=t.sigma * math.exp(-eta * (1.0 - self.r1) * h) * c1)
-        return out.add(_noise(ctx), alpha=t.sigma * c2), state
+        return out.add(_noise(ctx, s1, t), alpha=t.sigma * c2), state
 
 
 def ancestral_knots(ctx: StepContext, eta: float) -> tuple[Knot, float]:
@@ -191,7 +194,7 @@ class AncestralSolver(SinglestepSolver):
         x_down, _ = self._base().step(replace(ctx, t=down, order=order), x, x0, state)
         # back from the sigma_down knot to t's scale: x~ is shared, x = alpha x~
         out = x_down * (ctx.t.alpha / down.alpha) if down.alpha != ctx.t.alpha else x_down
-        return out.add(_noise(ctx), alpha=ctx.t.alpha * up), state
+        return out.add(_noise(ctx, ctx.s, ctx.t), alpha=ctx.t.alpha * up), state
 
 
 register(
