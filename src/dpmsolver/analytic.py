@@ -433,14 +433,21 @@ class LowRankMixture:
         kk, dim = mu.shape
         r = u.shape[2]
         e = a * a * d + s * s  # (K, D)
-        delta = xf[None, :, :] - a * mu[:, None, :]  # (K, B, D)
-        ge = delta / e[:, None, :]  # E^{-1} delta
+        inv_e = 1.0 / e
+        # In place, in a kept buffer: allocating (K, B, D) temporaries costs more than the
+        # arithmetic on them (fresh pages on every call).
+        buf = p.get("buffer")
+        if buf is None or buf.shape != (kk, xf.shape[0], dim) or buf.dtype != xf.dtype:
+            buf = p["buffer"] = torch.empty(kk, xf.shape[0], dim, dtype=xf.dtype, device=xf.device)
+        delta = torch.sub(xf[None, :, :], mu[:, None, :], alpha=a, out=buf)  # (K, B, D)
+        # U^T E^{-1} delta, before delta is squared in place
+        q = torch.bmm(delta, u * inv_e[:, :, None]) if r > 0 else None  # (K, B, r)
         # delta^T E^{-1} delta from delta itself: expanding it in x and mu cancels badly
-        quad = torch.einsum("kbd,kbd->kb", delta, ge)
+        quad = delta.square_().mul_(inv_e[:, None, :]).sum(-1)  # (K, B)
+        del delta
         logdet = torch.log(e).sum(-1)  # (K,)
-        if r > 0:
-            q = torch.bmm(ge, u)  # (K, B, r) = U^T E^{-1} delta
-            m = torch.bmm(ut, u / e[:, :, None])  # (K, r, r) = U^T E^{-1} U
+        if q is not None:
+            m = torch.bmm(ut, u * inv_e[:, :, None])  # (K, r, r) = U^T E^{-1} U
             eye = torch.eye(r, dtype=xf.dtype, device=xf.device)
             chol = torch.linalg.cholesky(eye + (a * a) * m)  # capacitance (Woodbury)
             c = torch.cholesky_solve((a * q).transpose(1, 2), chol).transpose(1, 2)
