@@ -158,3 +158,203 @@ def test_exact_sample_is_reference_sample_where_that_applies() -> None:
     assert torch.equal(
         exact_sample(den, x, sched, rtol=1e-6), reference_sample(den, x, sched, rtol=1e-6)
     )
+
+
+# --------------------------------------------------------------------------------------
+# The suite
+# --------------------------------------------------------------------------------------
+
+from dpmsolver.bench import peer_suite, suite  # noqa: E402
+
+
+def test_every_problem_builds_and_its_reference_passes_the_two_tolerance_check() -> None:
+    assert len(suite.SPECS) >= 12
+    names = [s.name for s in suite.SPECS]
+    assert len(set(names)) == len(names)
+    for p in suite.suite_problems():
+        z = p.noise(2)
+        assert z.shape == (2, *p.shape) and torch.equal(z, p.noise(2))
+        assert not torch.equal(z, p.noise(2, seed=12345))
+        x_T = p.x_T(z)
+        den = p.denoiser(3.0, p.labels(2))
+        if p.family == "flow":
+            assert torch.equal(x_T, z)  # pure noise at t = 1
+        # Tolerances ten times looser than the driver's (1e-9 / 1e-8), to keep the test short; the
+        # driver refuses to run on a reference that fails its own check.
+        check = p.check_reference(den, x_T, rtol=1e-8, loose_rtol=1e-7)
+        assert check.passed, (p.name, check.error, check.tolerance)
+        assert check.sample.shape == x_T.shape and bool(torch.isfinite(check.sample).all())
+
+
+def test_problems_span_the_stated_structure() -> None:
+    probs = suite.suite_problems()
+    dims = [p.features["dim"] for p in probs]
+    comps = [p.features["components"] for p in probs]
+    stds = [p.data_std for p in probs]
+    assert min(dims) == 2 and max(dims) == 1024
+    assert min(comps) == 2 and max(comps) >= 48
+    assert min(stds) == pytest.approx(0.3) and max(stds) == pytest.approx(3.0)
+    assert len({p.num_classes for p in probs}) >= 4
+    assert {p.features["schedule"] for p in probs} == {
+        "sd",
+        "vp_linear",
+        "vp_cosine",
+        "edm",
+        "flow",
+        "flow_shift3",
+    }
+    for p in probs:  # the data scale is what the spec says
+        if not p.spec.today:  # type: ignore[attr-defined]
+            assert p.data_std == pytest.approx(p.spec.data_std, rel=1e-9)  # type: ignore[attr-defined]
+    ill = [p.features["condition"] for p in probs if p.features["covariance"] == "illcond"]
+    assert min(ill) > 1e3
+
+
+def test_selection_and_held_out_are_disjoint_and_each_covers_every_feature_level() -> None:
+    sel = suite.suite_problems("selection")
+    held = suite.suite_problems("held_out")
+    assert {p.name for p in sel}.isdisjoint({p.name for p in held})
+    assert len(sel) + len(held) == len(suite.SPECS)
+    for feature in suite.FEATURES:
+        levels = {p.features[feature] for p in sel + held}
+        assert {p.features[feature] for p in sel} == levels, feature
+        assert {p.features[feature] for p in held} == levels, feature
+    # choices were already made on today's mixture and the digits network
+    assert suite.get_problem("mix16-sd").split == "selection"
+    assert suite.NETWORK_PROBLEMS["digits-unet-sd"]().split == "selection"
+
+
+def test_todays_problem_is_todays_mixture() -> None:
+    p = suite.get_problem("mix16-sd")
+    diag = default_mixture(dim=16, num_classes=4, components_per_class=3, seed=0)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    k = p.schedule.knot(300.0)
+    y = torch.arange(4)
+    assert torch.allclose(p.denoiser(7.5, y)(x, k), MixtureDenoiser(diag, y, 7.5)(x, k), atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["iso2-sd", "iso2-vplin", "ill256-edm", "iso8-flow"])
+def test_every_peer_configuration_spends_exactly_the_nfe_or_is_skipped(name: str) -> None:
+    p = suite.get_problem(name)
+    labels = p.labels(2)
+    x_T = p.x_T(p.noise(2))
+    configs = peer_suite.peer_configs(p.family)
+    assert len(configs) >= 40
+    for nfe in (5, 6):
+        results = peer_suite.run_peers(p, 3.0, labels, x_T, nfe)
+        assert [r.label for r in results] == [c.label for c in configs]
+        ran = [r for r in results if r.sample is not None]
+        assert all(r.nfe == nfe for r in ran)
+        assert all(r.sample is None for r in results if r.nfe != nfe)
+        assert len(ran) >= (30 if nfe == 6 else 40)
+
+
+def test_peer_nfe_counts_are_the_calls_made_and_odd_only_for_two_stage_samplers() -> None:
+    p = suite.get_problem("iso2-sd")
+    den = p.denoiser(1.0, p.labels(2))
+    task = peer_suite.PeerTask(p, den, p.x_T(p.noise(2)))
+    by = {c.label: c for c in peer_suite.peer_configs()}
+    heun = by["k-diffusion heun karras"]
+    assert peer_suite.run_peer(heun, task, 7).nfe == 7
+    assert peer_suite.run_peer(heun, task, 8).sample is None  # 2 per step, 1 on the last
+    for label in (
+        "diffusers DPM++2M karras",
+        "diffusers Heun",
+        "diffusers PLMS trailing",
+        "k-diffusion dpm_fast + denoise",
+        "diffusers EDM DPM++2M karras",
+    ):
+        start = task.calls
+        r = peer_suite.run_peer(by[label], task, 9)
+        assert r.nfe == task.calls - start == 9 and r.sample is not None, label
+
+
+@pytest.mark.parametrize(
+    ("name", "labels"),
+    [
+        (
+            "iso2-vplin",
+            (
+                "diffusers DPM++2M karras",
+                "diffusers EDM DPM++2M karras",
+                "k-diffusion dpmpp_2m exponential",
+            ),
+        ),
+        ("ill3-vplin", ("diffusers UniPC bh2 karras", "diffusers Euler karras")),
+        (
+            "iso8-flow",
+            (
+                "diffusers FlowMatch Euler",
+                "diffusers UniPC bh2 flow",
+                "k-diffusion dpmpp_2m own",
+                "k-diffusion dpmpp_2m flow-sigma own",
+            ),
+        ),
+    ],
+)
+def test_peers_converge_to_the_exact_sample(name: str, labels: tuple[str, ...]) -> None:
+    """A wrong conversion (time, scaling, parameterization) would leave an error that does
+    not shrink with the step count."""
+    p = suite.get_problem(name)
+    y = p.labels(4)
+    x_T = p.x_T(p.noise(4))
+    den = p.denoiser(3.0, y)
+    ref = p.reference(den, x_T, 1e-8)
+    by = {c.label: c for c in peer_suite.peer_configs()}
+    for label in labels:
+        errs = []
+        for nfe in (15, 60):
+            out = peer_suite.run_peers(p, 3.0, y, x_T, nfe, configs=[by[label]], denoiser=den)[0]
+            assert out.sample is not None, label
+            errs.append(float(((out.sample - ref) ** 2).mean().sqrt()) / p.data_std)
+        assert errs[1] < 0.35 * errs[0], (label, errs)  # at least first order
+
+
+def test_ours_runs_on_every_family_including_flow_from_pure_noise() -> None:
+    for name in ("iso2-sd", "iso2-vplin", "ill256-edm", "iso8-flow"):
+        p = suite.get_problem(name)
+        x_T = p.x_T(p.noise(2))
+        x, made = suite.run_ours(p, p.denoiser(3.0, p.labels(2)), x_T, 8)
+        assert made == 8 and x is not None and bool(torch.isfinite(x).all())
+
+
+def test_the_digits_network_fits_the_problem_interface() -> None:
+    p = suite.get_problem("digits-unet-sd")
+    assert p.kind == "network" and p.family == "discrete" and p.num_classes == 10
+    y = p.labels(2)
+    x_T = p.x_T(p.noise(2))
+    den = p.denoiser(3.0, y)
+    out = den(x_T, p.schedule.knot(500.0))
+    assert out.shape == (2, 1, 8, 8) and out.dtype == torch.float64
+    x, made = suite.run_ours(p, den, x_T, 5)
+    assert made == 5 and x is not None
+    by = {c.label: c for c in peer_suite.peer_configs()}
+    r = peer_suite.run_peers(p, 3.0, y, x_T, 5, configs=[by["diffusers DPM++2M karras"]])[0]
+    assert r.nfe == 5 and r.sample is not None and r.sample.shape == x_T.shape
+
+
+def test_baseline_driver_writes_its_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "b.md"
+    csv = tmp_path / "b.csv"
+    assert (
+        suite.main(
+            [
+                "--problems",
+                "iso2-sd",
+                "--guidance",
+                "3",
+                "--nfe",
+                "5",
+                "--batch",
+                "2",
+                "--out",
+                str(out),
+                "--csv",
+                str(csv),
+            ]
+        )
+        == 0
+    )
+    text = out.read_text()
+    assert "| iso2-sd |" in text and "ours / peer" in text and "Peer configurations" in text
+    assert csv.read_text().count("\n") > 30

@@ -100,14 +100,18 @@ class GaussianMixture:
         a = alpha.view(-1, 1, 1)
         var = a * a * s2 + (sigma * sigma).view(-1, 1, 1)  # (B, K, D)
         diff = xf[:, None, :] - a * mu  # (B, K, D)
-        logp = torch.log(self.weights.to(xf)) - 0.5 * ((diff * diff / var) + torch.log(2 * math.pi * var)).sum(-1)
+        logp = torch.log(self.weights.to(xf)) - 0.5 * (
+            (diff * diff / var) + torch.log(2 * math.pi * var)
+        ).sum(-1)
         if y is not None:
             y = y.to(xf.device).view(-1, 1)
             allowed = (self.labels.to(xf.device).view(1, -1) == y) | (y == self.num_classes)
             logp = logp.masked_fill(~allowed, -math.inf)
         return logp, var
 
-    def x0(self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float, y: Tensor | None = None) -> Tensor:
+    def x0(
+        self, x: Tensor, alpha: Tensor | float, sigma: Tensor | float, y: Tensor | None = None
+    ) -> Tensor:
         """Exact posterior mean ``E[x0 | x_t = x]`` (class-conditional if ``y`` is given;
         rows with ``y == num_classes`` are unconditional). Computed in float64."""
         b = x.shape[0]
@@ -125,7 +129,9 @@ class GaussianMixture:
         out = (w[:, :, None] * post).sum(1)
         return out.reshape(x.shape).to(x.dtype)
 
-    def log_prob(self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0, y: Tensor | None = None) -> Tensor:
+    def log_prob(
+        self, x: Tensor, alpha: float = 1.0, sigma: float = 0.0, y: Tensor | None = None
+    ) -> Tensor:
         """Exact log-density of the noisy marginal at ``x`` (``(B,)``, float64)."""
         b = x.shape[0]
         xf = x.reshape(b, -1).to(torch.float64)
@@ -134,7 +140,9 @@ class GaussianMixture:
         logp, _ = self._log_resp_terms(xf, al, sg, y)
         return torch.logsumexp(logp, dim=1)
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None) -> Tensor:
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None
+    ) -> Tensor:
         """Draw ``n`` data samples (of class ``y[i]`` if given), float64 on the CPU."""
         check_int("n", n, minimum=1)
         if y is None:
@@ -180,7 +188,9 @@ class MixtureDenoiser:
     """Exact (optionally guided) denoiser of a :class:`GaussianMixture`:
     ``D = D_u + w (D_c - D_u)`` for labels ``y`` and guidance weight ``w``."""
 
-    def __init__(self, mixture: GaussianMixture, y: Tensor | None = None, guidance_scale: float = 1.0) -> None:
+    def __init__(
+        self, mixture: GaussianMixture, y: Tensor | None = None, guidance_scale: float = 1.0
+    ) -> None:
         self.mixture = mixture
         self.y = y
         self.guidance_scale = float(guidance_scale)
@@ -204,7 +214,9 @@ class MixtureNetwork:
         prediction: output type (default ``"eps"``).
     """
 
-    def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule, prediction: Prediction = "eps") -> None:
+    def __init__(
+        self, mixture: GaussianMixture, schedule: NoiseSchedule, prediction: Prediction = "eps"
+    ) -> None:
         self.mixture = mixture
         self.schedule = schedule
         self.prediction: Prediction = check_choice("prediction", prediction, PREDICTIONS)
@@ -212,7 +224,9 @@ class MixtureNetwork:
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         self.calls += 1
-        tt = self.schedule.t_of_model_time(torch.as_tensor(t, dtype=torch.float64).cpu().reshape(-1))
+        tt = self.schedule.t_of_model_time(
+            torch.as_tensor(t, dtype=torch.float64).cpu().reshape(-1)
+        )
         alpha = self.schedule.alpha(tt).expand(x.shape[0])
         sigma = self.schedule.sigma(tt).expand(x.shape[0])
         x0 = self.mixture.x0(x, alpha, sigma, y).to(torch.float64)
@@ -288,7 +302,12 @@ def reference_solve(
 
 
 def reference_sample(
-    denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, *, rtol: float = 1e-9, atol: float | None = None,
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    rtol: float = 1e-9,
+    atol: float | None = None,
 ) -> Tensor:
     """The exact sample a sampler started at ``x_T`` (at ``schedule.t_max``) aims for: the
     probability-flow ODE solution at ``t_min`` (:func:`reference_solve`; ``atol`` defaults
@@ -296,8 +315,11 @@ def reference_sample(
     only defined down to its last training time, so this is what "exact" can mean for it;
     every sampler's final data-prediction step aims at it."""
     start, end = schedule.knot(schedule.t_max), schedule.knot(schedule.t_min)
-    x_end = reference_solve(denoiser, x_T, start, end, schedule, rtol=rtol, atol=rtol * 1e-2 if atol is None else atol)
+    x_end = reference_solve(
+        denoiser, x_T, start, end, schedule, rtol=rtol, atol=rtol * 1e-2 if atol is None else atol
+    )
     return denoiser(x_end, end)
+
 
 # --------------------------------------------------------------------------------------
 # Mixtures with low-rank-plus-diagonal covariances
@@ -440,14 +462,15 @@ class LowRankMixture:
         if buf is None or buf.shape != (kk, xf.shape[0], dim) or buf.dtype != xf.dtype:
             buf = p["buffer"] = torch.empty(kk, xf.shape[0], dim, dtype=xf.dtype, device=xf.device)
         delta = torch.sub(xf[None, :, :], mu[:, None, :], alpha=a, out=buf)  # (K, B, D)
+        uie = u * inv_e[:, :, None] if r > 0 else u  # E^{-1} U
         # U^T E^{-1} delta, before delta is squared in place
-        q = torch.bmm(delta, u * inv_e[:, :, None]) if r > 0 else None  # (K, B, r)
+        q = torch.bmm(delta, uie) if r > 0 else None  # (K, B, r)
         # delta^T E^{-1} delta from delta itself: expanding it in x and mu cancels badly
-        quad = delta.square_().mul_(inv_e[:, None, :]).sum(-1)  # (K, B)
+        quad = delta.mul_(delta).mul_(inv_e[:, None, :]).sum(-1)  # (K, B)
         del delta
         logdet = torch.log(e).sum(-1)  # (K,)
         if q is not None:
-            m = torch.bmm(ut, u * inv_e[:, :, None])  # (K, r, r) = U^T E^{-1} U
+            m = torch.bmm(ut, uie)  # (K, r, r) = U^T E^{-1} U
             eye = torch.eye(r, dtype=xf.dtype, device=xf.device)
             chol = torch.linalg.cholesky(eye + (a * a) * m)  # capacitance (Woodbury)
             c = torch.cholesky_solve((a * q).transpose(1, 2), chol).transpose(1, 2)
@@ -467,20 +490,25 @@ class LowRankMixture:
         With ``C^{-1} delta = E^{-1} (delta - a U c)`` and ``Sigma = U U^T + diag(d)`` every
         term is a contraction over components (and ranks) of ``(B, K)`` or ``(B, K r)``
         weights with ``(K, D)`` or ``(K r, D)`` tables: no ``(K, B, D)`` tensor is formed.
+        ``w`` may hold several weightings of the same rows side by side (``(K, n B)``).
         """
         p = self._on(xf.device)
-        mu, u, d = p["mu"], p["u"], p["d"]
+        mu, ut, d = p["mu"], p["ut"], p["d"]
+        kk, r, dim = ut.shape
+        reps = w.shape[1] // xf.shape[0]
+        xs = xf if reps == 1 else xf.repeat(reps, 1)
         de = d / e  # (K, D)
-        wt = w.T  # (B, K)
+        wt = w.T  # (n B, K)
         # d * E^{-1} delta = (d/e) x - a (d/e) mu
-        out = wt @ mu + a * (xf * (wt @ de) - a * (wt @ (de * mu)))
-        if u.shape[2] > 0:
-            kr = u.shape[0] * u.shape[2]
-            ud = (u * de[:, :, None]).permute(0, 2, 1).reshape(kr, -1)  # rows (k, r): U d/e
-            uu = u.permute(0, 2, 1).reshape(kr, -1)  # rows (k, r): U
-            wc = (w[:, :, None] * c).permute(1, 0, 2).reshape(-1, kr)  # (B, K r)
-            wu = (w[:, :, None] * ug).permute(1, 0, 2).reshape(-1, kr)
-            out = out + a * (wu @ uu - a * (wc @ ud))
+        out = wt @ mu + a * (xs * (wt @ de) - a * (wt @ (de * mu)))
+        if r > 0:
+            c, ug = (c, ug) if reps == 1 else (c.repeat(1, reps, 1), ug.repeat(1, reps, 1))
+            # rows (k, r) of the tables: U^T and U^T diag(d/e); columns of the weights: w u - a w c
+            table_u = ut.reshape(kk * r, dim)
+            table_ud = (ut * de[:, None, :]).reshape(kk * r, dim)
+            wu = (w[:, :, None] * ug).permute(1, 0, 2).reshape(-1, kk * r)  # (n B, K r)
+            wc = (w[:, :, None] * c).permute(1, 0, 2).reshape(-1, kk * r)
+            out = out + a * (wu @ table_u - a * (wc @ table_ud))
         return out
 
     def _weights(self, logp: Tensor, y: Tensor | None) -> Tensor:
@@ -541,10 +569,13 @@ class LowRankMixture:
                 else (y.to(xf.device) if len(rows) == b else y.to(xf.device)[rows])
             )
             logp, e, c, ug = self._components(xr, a, s)
-            cond = self._assemble(xr, self._weights(logp, yr), e, c, ug, a)
             if yr is not None and w_scale != 1.0:
-                uncond = self._assemble(xr, self._weights(logp, None), e, c, ug, a)
+                # both weightings in one pass: the components' terms are shared
+                both = torch.cat([self._weights(logp, yr), self._weights(logp, None)], dim=1)
+                cond, uncond = self._assemble(xr, both, e, c, ug, a).chunk(2)
                 cond = uncond + w_scale * (cond - uncond)
+            else:
+                cond = self._assemble(xr, self._weights(logp, yr), e, c, ug, a)
             if len(rows) == b:
                 out = cond
             else:
