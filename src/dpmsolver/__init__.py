@@ -13,11 +13,13 @@ The pieces, one module each:
 - :mod:`dpmsolver.recipe`            a complete solver configuration; named policies
 - :mod:`dpmsolver.sampling`          the plain front end: ``sample``, ``invert``
 - :mod:`dpmsolver.auto`              ``solver="auto"``: the measured default policy
+- :mod:`dpmsolver.tune`              ``tune``: the sampler fitted to one model (a ``Profile``)
 - :mod:`dpmsolver.analytic`          exact Gaussian-mixture models and a reference ODE solver
 - :mod:`dpmsolver.generate`          large sharded, resumable, multi-process generation
 """
 
 from . import auto  # noqa: F401  (registers the "auto" policy)
+from ._version import __version__
 from .analytic import (
     GaussianMixture,
     MixtureDenoiser,
@@ -47,8 +49,7 @@ from .schedules import (
 )
 from .solvers import REGISTRY, get_solver
 from .timegrid import GRID_KINDS, TimeGrid, grid_from_sigmas, grid_from_timesteps, make_grid
-
-__version__ = "0.1.0"
+from .tune import Profile, tune
 
 __all__ = [
     "GRID_KINDS",
@@ -68,6 +69,7 @@ __all__ = [
     "NoiseSchedule",
     "NonFiniteError",
     "Plan",
+    "Profile",
     "Recipe",
     "RectifiedFlowSchedule",
     "SampleOptions",
@@ -76,6 +78,7 @@ __all__ = [
     "TimeGrid",
     "VESchedule",
     "X0Corrector",
+    "__version__",
     "build_denoiser",
     "default_mixture",
     "get_solver",
@@ -92,4 +95,5 @@ __all__ = [
     "solve",
     "to_data",
     "to_noise",
+    "tune",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 
@@ -35,7 +35,15 @@ from .timegrid import (
     make_grid,
 )
 
-__all__ = ["POLICIES", "Policy", "PolicyRequest", "Recipe", "register_policy", "resolve"]
+__all__ = [
+    "POLICIES",
+    "Policy",
+    "PolicyRequest",
+    "Recipe",
+    "RecipeSource",
+    "register_policy",
+    "resolve",
+]
 
 DEFAULT_STEPS = 20
 
@@ -57,6 +65,9 @@ class Recipe:
         final: ``"zero"`` (default) ends with the data-prediction step to sigma = 0;
             ``"t_min"`` stops at the last noisy knot.
         lower_order_final: lower the last orders (default: below 15 steps).
+        timesteps: fixed noisy knots (schedule times, first to last) instead of a grid
+            kind; the recipe then spends what its solver plans for them (a tuned profile's
+            knots, :mod:`dpmsolver.tune`).
     """
 
     solver: str = "dpmpp_2m"
@@ -69,6 +80,7 @@ class Recipe:
     t_end: float | None = None
     final: Final = "zero"
     lower_order_final: bool | None = None
+    timesteps: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -107,6 +119,10 @@ class Recipe:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         solver = self.build_solver() if solver is None else solver
+        if self.timesteps is not None:
+            if timesteps is not None or sigmas is not None:
+                raise ValueError("the recipe fixes its knots: do not pass timesteps or sigmas")
+            timesteps = self.timesteps
         custom = timesteps is not None or sigmas is not None
         if timesteps is not None and sigmas is not None:
             raise ValueError("give at most one of timesteps and sigmas")
@@ -183,6 +199,18 @@ class PolicyRequest:
 
 
 Policy = Callable[[PolicyRequest], Recipe]
+
+
+class RecipeSource(Protocol):
+    """Recipes fitted to one model (:class:`dpmsolver.tune.Profile`): the recipe for a
+    budget and guidance scale, checked against the schedule and prediction it was made
+    for."""
+
+    def recipe(
+        self, nfe: int, guidance_scale: float, schedule: NoiseSchedule, prediction: str
+    ) -> Recipe: ...
+
+
 POLICIES: dict[str, Policy] = {}
 
 

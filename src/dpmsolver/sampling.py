@@ -23,7 +23,7 @@ from .loop import CheckFinite, NoiseSampler, NonFiniteError, SampleResult, StepI
 from .noise import SeededNoise
 from .parameterization import Prediction
 from .plan import solver_orders
-from .recipe import DEFAULT_STEPS, POLICIES, PolicyRequest, Recipe, resolve
+from .recipe import DEFAULT_STEPS, POLICIES, PolicyRequest, Recipe, RecipeSource, resolve
 from .schedules import Knot, NoiseSchedule
 from .solvers import MultistepSolver
 from .timegrid import GridKind
@@ -153,6 +153,7 @@ def sample(
     cond: Mapping[str, Any] | None = None,
     uncond: Mapping[str, Any] | None = None,
     guidance_scale: float | Tensor = 1.0,
+    profile: RecipeSource | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     progress: bool = False,
     options: SampleOptions | None = None,
@@ -180,6 +181,11 @@ def sample(
             calls (classifier-free guidance batches them in one call).
         guidance_scale: classifier-free guidance weight (default 1 = no guidance; a
             ``(B,)`` tensor gives each sample its own).
+        profile: with ``solver="auto"``, recipes fitted to this model
+            (:class:`dpmsolver.tune.Profile`, from :func:`dpmsolver.tune.tune`): the one for
+            this budget and guidance scale (a budget the profile lacks falls back to the
+            default recipe with a warning; a profile of another schedule or prediction is an
+            error).
         callback: called with a :class:`~dpmsolver.loop.StepInfo` after each step.
         progress: show a progress bar (default False).
         options: the rest (:class:`SampleOptions`).
@@ -200,9 +206,15 @@ def sample(
             if isinstance(guidance_scale, Tensor)
             else float(guidance_scale)
         )
-        recipe = resolve(solver, PolicyRequest(budget, w, schedule))
-        steps, nfe = None, budget
+        if profile is not None and solver == "auto":
+            recipe = profile.recipe(budget, w, schedule, prediction)
+        else:
+            recipe = resolve(solver, PolicyRequest(budget, w, schedule))
+        # fitted knots imply the budget
+        steps, nfe = None, (None if recipe.timesteps is not None else budget)
     else:
+        if profile is not None:
+            raise ValueError(f"profile= is used with solver='auto', not solver={solver!r}")
         recipe = resolve(solver, PolicyRequest(0, 1.0, schedule))
     plan = _with_grid(recipe, grid).plan(
         schedule, steps=steps, nfe=nfe, timesteps=timesteps, sigmas=sigmas
