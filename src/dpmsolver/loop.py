@@ -340,21 +340,8 @@ def solve(
             runs under ``torch.no_grad()``, as diffusers and k-diffusion pipelines do, so a
             run keeps no graph; classifier guidance still takes its gradient).
     """
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
-    if x.ndim < 1 or x.shape[0] < 1:
-        raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
-    if isinstance(grid, Plan):
-        plan = grid
-    else:
-        if solver is None:
-            raise TypeError("solve() needs a solver when given a grid")
-        plan = make_plan(solver, grid, orders, lower_order_final=lower_order_final)
-    solver = plan.solver
-    if solver.stochastic and noise_sampler is None:
-        raise ValueError(f"{type(solver).__name__} is stochastic: pass noise_sampler")
-    schedule = plan.grid.schedule
-
+    plan = _checked_plan(x, grid, solver, orders, lower_order_final, noise_sampler)
+    solver, schedule = plan.solver, plan.grid.schedule
     in_dtype = x.dtype
     work = torch.promote_types(x.dtype, torch.float32)
     x = x.to(work)
@@ -370,21 +357,20 @@ def solve(
     state = solver.init_state()
     with torch.set_grad_enabled(grad), Progress(len(plan.steps), enabled=progress) as bar:
         for step in plan.steps:
-            s, t = step.s, step.t
-            x0 = evaluate(x, s)
+            x0 = evaluate(x, step.s)
             if step.boundary:
-                x_next = final.take(x, x0, s, t)
+                x_next = final.take(x, x0, step.s, step.t)
             elif controller is not None:
-                x_next = controller.integrate(x, x0, s, t, step.index)
+                x_next = controller.integrate(x, x0, step.s, step.t, step.index)
             else:
                 noise = None if noise_sampler is None else _bind(noise_sampler, x)
-                ctx = StepContext(step.index, s, t, step.order, evaluate, schedule, noise)
+                ctx = StepContext(step.index, step.s, step.t, step.order, evaluate, schedule, noise)
                 x_next, state = solver.step(ctx, x, x0, state)
-            if xt_corrector is not None and not math.isinf(t.lam):
-                x_next = xt_corrector(x_next, t, step.index)
+            if xt_corrector is not None and not math.isinf(step.t.lam):
+                x_next = xt_corrector(x_next, step.t, step.index)
             monitor.record(step.index, x_next)
             recorder.record(step, x_next, x0, evaluate.nfe)
-            final.remember(x0, s)
+            final.remember(x0, step.s)
             x = x_next
             bar.update()
     out = x.to(in_dtype)
@@ -398,6 +384,30 @@ def solve(
         trajectory=recorder.trajectory,
         denoised=recorder.denoised,
     )
+
+
+def _checked_plan(
+    x: Tensor,
+    grid: TimeGrid | Plan,
+    solver: Solver | None,
+    orders: list[int] | None,
+    lower_order_final: bool | None,
+    noise_sampler: NoiseSampler | None,
+) -> Plan:
+    """The plan :func:`solve` runs, after checking its inputs."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a batch dimension, got shape {tuple(x.shape)}")
+    if isinstance(grid, Plan):
+        plan = grid
+    elif solver is None:
+        raise TypeError("solve() needs a solver when given a grid")
+    else:
+        plan = make_plan(solver, grid, orders, lower_order_final=lower_order_final)
+    if plan.solver.stochastic and noise_sampler is None:
+        raise ValueError(f"{type(plan.solver).__name__} is stochastic: pass noise_sampler")
+    return plan
 
 
 def _bind(noise_sampler: NoiseSampler, x: Tensor) -> Callable[[Knot, Knot], Tensor]:

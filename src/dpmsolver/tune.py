@@ -20,10 +20,13 @@ own model, guidance included:
    is screened on a few calibration rows, the best few on all of them; the winner must beat
    the default recipe (:mod:`dpmsolver.auto`).
 4. *(b) Time steps*, for the selected solver: dynamic programming over a fine log-SNR grid
-   of the reference trajectories with first-order local errors (GITS, Chen et al. 2024),
-   which also chooses where the grid stops before the final data-prediction step, then
-   Nelder-Mead on the log-SNR increments against the solver's actual error (as Align Your
-   Steps / optimized time steps, Xue et al. 2024).
+   of the reference trajectories in which every candidate step is the solver's own step
+   from the best path's own state (as the "optimal stepsize" search does; GITS, Chen et al.
+   2024, scores first-order local errors instead, which here gave knots 3x worse than the
+   solver's default grid), which also chooses where the grid stops before the final
+   data-prediction step; then Nelder-Mead on the log-SNR increments against the solver's
+   actual error (as optimized time steps, Xue et al. 2024), from the better of those knots
+   and the solver's own grid.
 5. Otherwise the default recipe stays.
 
 The result is a :class:`Profile`: per (guidance, budget) the chosen solver, its options and
@@ -62,7 +65,7 @@ from .progress import Progress
 from .recipe import PolicyRequest, Recipe, resolve
 from .sampling import SampleOptions, build_denoiser
 from .schedules import Knot, NoiseSchedule
-from .solvers import Form, MultistepSolver, StepContext, first_order_step
+from .solvers import MultistepSolver, StepContext
 from .timegrid import make_grid
 
 __all__ = [
@@ -454,35 +457,7 @@ def tune(
     Returns:
         A :class:`Profile`.
     """
-    names = {f.name for f in dataclasses.fields(TuneOptions)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"tune() got unknown option(s) {unknown}; accepted: {sorted(names)}")
-    opts = TuneOptions(**options)
-    if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1:
-        raise TypeError("noise must be a floating-point tensor with a batch dimension")
-    if noise.shape[0] < 4:
-        raise ValueError(
-            f"noise: the pilot needs at least 4 noises (half are held out), got {noise.shape[0]}"
-        )
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction={prediction!r} is not supported; accepted: {PREDICTIONS}")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    budgets = [check_int(f"nfe[{i}]", n, minimum=1) for i, n in enumerate(nfe)]
-    if not budgets:
-        raise ValueError("nfe: give at least one budget")
-    scales = (
-        [float(guidance_scale)]
-        if isinstance(guidance_scale, (int, float))
-        else [float(w) for w in guidance_scale]
-    )
-    for w in scales:
-        check_finite_float("guidance_scale", w)
-    try:
-        from scipy.optimize import minimize  # noqa: F401
-    except ImportError as e:  # pragma: no cover - scipy is in the demo and test extras
-        raise ImportError("tune needs scipy: pip install scipy") from e
+    opts, budgets, scales = _arguments(noise, schedule, prediction, guidance_scale, nfe, options)
     sample_options = opts.sample_options or SampleOptions()
     if sample_options.model_dtype is None:
         # the pilot's dtype is the network's; the tuning arithmetic runs in float64
@@ -527,6 +502,47 @@ def tune(
         evaluations=rows,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _arguments(
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    prediction: str,
+    guidance_scale: float | Sequence[float],
+    nfe: Sequence[int],
+    options: Mapping[str, Any],
+) -> tuple[TuneOptions, list[int], list[float]]:
+    """:func:`tune`'s arguments, checked: the options, budgets and guidance scales."""
+    names = {f.name for f in dataclasses.fields(TuneOptions)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"tune() got unknown option(s) {unknown}; accepted: {sorted(names)}")
+    opts = TuneOptions(**options)
+    if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1:
+        raise TypeError("noise must be a floating-point tensor with a batch dimension")
+    if noise.shape[0] < 4:
+        raise ValueError(
+            f"noise: the pilot needs at least 4 noises (half are held out), got {noise.shape[0]}"
+        )
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction={prediction!r} is not supported; accepted: {PREDICTIONS}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    budgets = [check_int(f"nfe[{i}]", n, minimum=1) for i, n in enumerate(nfe)]
+    if not budgets:
+        raise ValueError("nfe: give at least one budget")
+    scales = (
+        [float(guidance_scale)]
+        if isinstance(guidance_scale, (int, float))
+        else [float(w) for w in guidance_scale]
+    )
+    for w in scales:
+        check_finite_float("guidance_scale", w)
+    try:
+        from scipy.optimize import minimize  # noqa: F401
+    except ImportError as e:  # pragma: no cover - scipy is in the demo and test extras
+        raise ImportError("tune needs scipy: pip install scipy") from e
+    return opts, budgets, scales
 
 
 class _RowDenoiser:
@@ -672,12 +688,9 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     if steps is not None and steps >= 2 and prob.fine:
         own = [k.lam for k in best.recipe.plan(prob.schedule, nfe=nfe).grid.knots[:-1]]
         starts = [own]
-        for dp in (
-            _oss_knots(prob, best.recipe, nfe, prob.cal[: opts.screen_rows]),
-            _dp_knots(prob, steps - 1),
-        ):
-            if dp is not None and len(dp) == len(own):
-                starts.append(dp)
+        dp = _oss_knots(prob, best.recipe, nfe, prob.cal[: opts.screen_rows])
+        if dp is not None and len(dp) == len(own):
+            starts.append(dp)
         fitted = _refine(prob, best.recipe, nfe, starts, opts.refine_runs)
         if fitted is not None and _accept(fitted, best, prob):
             best = fitted
@@ -722,66 +735,6 @@ def _accept(new: _Choice, old: _Choice, prob: _Problem) -> bool:
     if not bool(torch.isfinite(new.held).all()) or float(new.held.max()) > prob.spread:
         return False
     return paired_better(new.held, old.held)
-
-
-def _dp_knots(prob: _Problem, intervals: int) -> list[float] | None:
-    """GITS-style dynamic programming (Chen et al. 2024) over the fine grid: the
-    ``intervals`` noisy steps (first knot fixed, last knot free) that minimize the summed
-    local errors along the reference trajectories plus the error of the final
-    data-prediction step, on the calibration rows. The local error of a step is that of
-    the second-order multistep update (DPM-Solver++(2M), from the reference state and the
-    data predictions at the step's start and at the previous knot), first order for the
-    first step, so the path suits the multistep solvers that dominate the candidates; it
-    is only the start of the refinement."""
-    cal = prob.cal
-    knots, f = prob.fine, len(prob.fine)
-    if intervals > f - 1:
-        return None
-    xs = [x[cal] for x in prob.fine_x]
-    x0s = [x[cal] for x in prob.fine_x0]
-    ref = prob.reference[cal]
-    inf = math.inf
-
-    def step1(i: int, j: int) -> float:
-        return _rms(first_order_step(Form.DATA, xs[i], x0s[i], x0s[i], knots[i], knots[j]), xs[j])
-
-    def step2(p: int, i: int, j: int) -> float:
-        s_, t_ = knots[i], knots[j]
-        ratio, b, h = Form.DATA.coefficients(s_, t_)
-        r = (s_.lam - knots[p].lam) / h
-        phi1 = math.expm1(-h)
-        m = x0s[i] * (1.0 + 0.5 / r) - x0s[p] * (0.5 / r)
-        return _rms(xs[i] * ratio - m * (b * phi1), xs[j])
-
-    first = [step1(0, j) if j > 0 else inf for j in range(f)]
-    final = [_rms(x0s[j], ref) for j in range(f)]
-    # best[(p, i)]: cheapest path of k intervals ending with the step p -> i
-    best: dict[tuple[int, int], float] = {(0, j): first[j] for j in range(1, f)}
-    back: list[dict[tuple[int, int], int]] = [{}]
-    cost2: dict[tuple[int, int, int], float] = {}
-    for _ in range(1, intervals):
-        nxt: dict[tuple[int, int], float] = {}
-        arg: dict[tuple[int, int], int] = {}
-        for (p, i), v in best.items():
-            if not math.isfinite(v) or math.isinf(knots[i].lam):
-                continue
-            for j in range(i + 1, f):
-                key = (p, i, j)
-                if key not in cost2:
-                    cost2[key] = step2(p, i, j) if math.isfinite(knots[p].lam) else step1(i, j)
-                c = v + cost2[key]
-                if c < nxt.get((i, j), inf):
-                    nxt[(i, j)], arg[(i, j)] = c, p
-        best = nxt
-        back.append(arg)
-    if not best:
-        return None
-    end = min(best, key=lambda pi: best[pi] + final[pi[1]])
-    path = [end[1], end[0]]
-    for k in range(len(back) - 1, 0, -1):
-        path.append(back[k][(path[-1], path[-2])])
-    path = path[: intervals + 1]
-    return [knots[j].lam for j in reversed(path)]
 
 
 def _oss_knots(prob: _Problem, recipe: Recipe, nfe: int, rows: Sequence[int]) -> list[float] | None:
