@@ -48,7 +48,14 @@ from .schedules import (
     make_schedule,
 )
 from .solvers import REGISTRY, get_solver
-from .timegrid import GRID_KINDS, TimeGrid, grid_from_sigmas, grid_from_timesteps, make_grid
+from .timegrid import (
+    GRID_KINDS,
+    TimeGrid,
+    default_grid,
+    grid_from_sigmas,
+    grid_from_timesteps,
+    make_grid,
+)
 from .tune import Profile, tune
 
 __all__ = [
@@ -80,6 +87,7 @@ __all__ = [
     "X0Corrector",
     "__version__",
     "build_denoiser",
+    "default_grid",
     "default_mixture",
     "get_solver",
     "grid_from_sigmas",

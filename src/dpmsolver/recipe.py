@@ -30,6 +30,7 @@ from .timegrid import (
     Final,
     GridKind,
     TimeGrid,
+    default_grid,
     grid_from_sigmas,
     grid_from_timesteps,
     make_grid,
@@ -55,7 +56,8 @@ class Recipe:
     Attributes:
         solver: registry name or alias.
         options: solver options (``order`` included).
-        grid: time-grid kind (None: ``"logsnr"``); ``rho`` its exponent where it has one.
+        grid: time-grid kind (None: the schedule family's,
+            :func:`~dpmsolver.timegrid.default_grid`); ``rho`` its exponent where it has one.
         sigma_end: k-diffusion sigma (sigma/alpha) of the last noisy knot, or None for
             ``t_end`` / the schedule's ``t_min``; stopping earlier pays off when
             evaluations are scarce.
@@ -166,7 +168,7 @@ class Recipe:
             lower_order_final=self.lower_order_final,
         )
         if grid is None:
-            kind: GridKind = self.grid if self.grid is not None else "logsnr"
+            kind = self.grid if self.grid is not None else default_grid(schedule)
             grid = make_grid(schedule, len(orders), kind, final=self.final, rho=self.rho, **ends)
         return make_plan(solver, grid, orders)
 

@@ -138,6 +138,25 @@ def _with_grid(recipe: Recipe, grid: GridKind | None) -> Recipe:
     return replace(recipe, grid=grid)
 
 
+def _off_pure_noise(
+    recipe: Recipe, schedule: NoiseSchedule, prediction: Prediction, budget: int | None
+) -> Recipe:
+    """A noise or score prediction says nothing about the data at pure noise (``alpha = 0``,
+    rectified flow at ``t = 1``: there ``eps = x`` whatever the data), so with those
+    predictions a schedule that starts there is started one time-uniform step later, from
+    ``sigma * noise`` (which leaves out that knot's ``alpha x0``, a relative bias of its
+    ``alpha``; pass the recipe a ``t_start`` to choose)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if prediction not in ("eps", "score") or recipe.t_start is not None or recipe.timesteps:
+        return recipe
+    start = schedule.knot(schedule.t_max)
+    if start.alpha != 0.0:
+        return recipe
+    n = max(budget or DEFAULT_STEPS, 2)
+    return replace(recipe, t_start=schedule.t_max - (schedule.t_max - schedule.t_min) / n)
+
+
 def sample(
     model: Network,
     noise: Tensor,
@@ -216,9 +235,8 @@ def sample(
         if profile is not None:
             raise ValueError(f"profile= is used with solver='auto', not solver={solver!r}")
         recipe = resolve(solver, PolicyRequest(0, 1.0, schedule))
-    plan = _with_grid(recipe, grid).plan(
-        schedule, steps=steps, nfe=nfe, timesteps=timesteps, sigmas=sigmas
-    )
+    recipe = _off_pure_noise(_with_grid(recipe, grid), schedule, prediction, steps or nfe)
+    plan = recipe.plan(schedule, steps=steps, nfe=nfe, timesteps=timesteps, sigmas=sigmas)
     den = build_denoiser(
         model, prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale, options=opts
     )
