@@ -73,7 +73,17 @@ def load_diffusers_dir(
             f"--model {str(path)!r} must contain unet/ and scheduler/scheduler_config.json"
         )
     cfg = json.loads(cfg_file.read_text())
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir)).to(device).eval()
+    from diffusers.utils import is_accelerate_available
+
+    # Without accelerate, diffusers' default (low_cpu_mem_usage=True) prints a six-line
+    # warning before falling back to False; ask for what it can do.
+    unet = (
+        diffusers.UNet2DModel.from_pretrained(
+            str(unet_dir), low_cpu_mem_usage=is_accelerate_available()
+        )
+        .to(device)
+        .eval()
+    )
     sched = schedule_from_diffusers_config(cfg)
     pred = prediction_from_diffusers_config(cfg)
     num_classes = unet.config.get("num_class_embeds")
