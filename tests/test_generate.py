@@ -205,6 +205,90 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, referen
     assert_all_samples_once(out, NUM)
 
 
+def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(
+    tmp_path: Path, reference: Path
+) -> None:
+    """SIGINT (Ctrl-C) part-way: exit status 130, one line on stderr saying how to resume,
+    no traceback, no temporary files; the same command finishes the run, byte-identical
+    to an uninterrupted one."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpmsolver.cli",
+        "generate",
+        "--num",
+        str(NUM),
+        "--out",
+        str(out),
+        "--model",
+        "tests.generate_models:slow_exact_model",
+        "--batch",
+        "8",
+        *CLI_RUN,
+    ]
+    # A process started in the background by a shell without job control ignores SIGINT;
+    # give the child Python's usual handler whatever started the tests.
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.glob("shard-*.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no shard appeared in 60 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr == (
+        f"dpmsolver: interrupted; the finished shards in {out} are kept: run the same command "
+        "again to resume\n"
+    )
+    assert stdout == ""
+    done = {p.with_suffix(".npz").name for p in out.glob("shard-*.json")}
+    assert 1 <= len(done) < 4, "the run was not interrupted part-way"
+    assert not list(out.glob(".*.tmp"))
+
+    resumed = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{NUM} of {NUM} samples" in resumed.stdout
+    assert npz_files(out) == npz_files(reference)
+    assert_all_samples_once(out, NUM)
+
+
+def test_steps_instead_of_nfe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """heun: 5 steps cost 9 evaluations, so steps=5 writes the samples nfe=9 does; steps
+    are part of the configuration when given (and absent otherwise, so that directories of
+    earlier runs stay resumable)."""
+    common: dict[str, Any] = {**RUN, "solver": "heun"}
+    del common["nfe"]
+    by_steps = gen.generate(exact_model(), 30, tmp_path / "steps", steps=5, **common)
+    by_nfe = gen.generate(exact_model(), 30, tmp_path / "nfe", nfe=9, **common)
+    assert by_steps.config["steps"] == 5 and by_steps.config["nfe"] is None
+    assert "steps" not in by_nfe.config
+    assert npz_files(tmp_path / "steps") == npz_files(tmp_path / "nfe")
+    with pytest.raises(gen.ConfigMismatchError, match="steps: directory has 5, this run 6"):
+        gen.generate(exact_model(), 30, tmp_path / "steps", steps=6, **common)
+    # The CLI: --steps, and a default budget heun can spend (9, the largest up to 10).
+    cli = ["generate", "--num", "30", "--model", "dpmsolver.models:exact_model", "--solver"]
+    cli += ["heun", "--guidance", "3", "--shard-size", "20", "--micro-batch", "8"]
+    assert main([*cli, "--out", str(tmp_path / "cli_steps"), "--steps", "5", "--no-progress"]) == 0
+    assert "9 network evaluations per sample on 5 steps" in capsys.readouterr().out
+    assert main([*cli, "--out", str(tmp_path / "cli_nfe"), "--no-progress"]) == 0
+    assert "heun cannot spend the default 10 evaluations exactly; it spends 9" in (
+        capsys.readouterr().out
+    )
+    assert gen.Manifest.load(tmp_path / "cli_nfe").config["nfe"] == 9
+    for name in ("cli_steps", "cli_nfe"):
+        assert npz_files(tmp_path / name) == npz_files(tmp_path / "nfe")
+
+
 def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
     common = [
         "generate",
@@ -431,6 +515,8 @@ def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, referen
         (dict(solver="dpmpp_adaptive"), ValueError, "solver='dpmpp_adaptive' is adaptive"),
         (dict(solver="nope"), ValueError, "solver='nope' is not supported"),
         (dict(solver="dpmpp_3s", nfe=8), ValueError, "nfe=8 cannot be spent"),
+        (dict(nfe=5, steps=3), ValueError, "give at most one of nfe and steps"),
+        (dict(steps=0), ValueError, "steps must be >= 1"),
         (dict(micro_batch=0), ValueError, "micro_batch must be >= 1"),
         (dict(shard_size=2.5), TypeError, "shard_size must be an integer"),
         (dict(on_nonfinite="retry"), ValueError, "on_nonfinite='retry'"),

@@ -80,10 +80,9 @@ from ._validate import check_choice, check_finite_float, check_int
 from .analytic import MixtureNetwork
 from .io import atomic_write_bytes, atomic_write_text
 from .loop import NonFiniteError
-from .model import LoadedModel, sample_indices
+from .model import LoadedModel, evaluations, sample_indices
 from .progress import Progress
 from .recipe import POLICIES
-from .sampling import sample
 from .schedules import NoiseSchedule
 from .solvers import ALIASES, REGISTRY, AdaptiveSolver, get_solver
 
@@ -396,7 +395,8 @@ class _Job:
     classes: list[int] | None
     seed: int
     solver: str
-    nfe: int
+    nfe: int | None
+    steps: int | None
     guidance: float
     grid: str | None
     batch: int
@@ -531,6 +531,7 @@ def _make_shard(job: _Job, planned: ShardRecord, bar: Progress) -> ShardRecord:
                 _labels_for(job, idx),
                 solver=job.solver,
                 nfe=job.nfe,
+                steps=job.steps,
                 guidance=job.guidance,
                 seed=job.seed,
                 device=job.device,
@@ -712,7 +713,9 @@ def _classes(
     return classes
 
 
-def _check_sampler(model: LoadedModel, solver: str, nfe: int, grid: str | None) -> None:
+def _check_sampler(
+    model: LoadedModel, solver: str, nfe: int | None, steps: int | None, grid: str | None
+) -> None:
     """Fail now, before anything is written, on a solver that cannot be used here or a
     solver/budget/grid combination that cannot run: a one-row run through a zero network
     costs only the grid arithmetic."""
@@ -722,16 +725,7 @@ def _check_sampler(model: LoadedModel, solver: str, nfe: int, grid: str | None) 
             f"solver={solver!r} is adaptive: its step sizes come from the whole batch's error, "
             "so a sample would depend on its batch; choose a fixed-step solver or 'auto'"
         )
-    sample(
-        lambda x, t, **kw: torch.zeros_like(x),
-        torch.zeros(1, *model.shape),
-        schedule=model.schedule,
-        prediction=model.prediction,
-        solver=solver,
-        nfe=nfe,
-        grid=grid,  # type: ignore[arg-type]
-        guidance_scale=1.0,
-    )
+    evaluations(model, solver, nfe=nfe, steps=steps, grid=grid)
 
 
 def _model_identity(model: LoadedModel, model_id: Mapping[str, Any] | str) -> dict[str, Any]:
@@ -753,7 +747,7 @@ def generate(
     *,
     seed: int = 0,
     solver: str = "auto",
-    nfe: int = 10,
+    nfe: int | None = None,
     guidance: float = 1.0,
     labels: Literal["cycle"] | Sequence[int] | None = "cycle",
     grid: str | None = None,
@@ -765,6 +759,7 @@ def generate(
     dtype: torch.dtype = torch.float32,
     model_id: Mapping[str, Any] | str | None = None,
     progress: bool = False,
+    steps: int | None = None,
 ) -> Manifest:
     """Generate samples ``0 .. num-1`` into ``out_dir`` as checksummed shards with a
     manifest, resuming whatever a previous run of the same configuration left (see the
@@ -777,7 +772,7 @@ def generate(
         out_dir: output directory (created if missing).
         seed: run seed (>= 0); sample i's noise depends only on ``(seed, i)``. Default 0.
         solver: solver name, alias or ``"auto"`` (default); adaptive solvers are refused.
-        nfe: network evaluations per sample (default 10).
+        nfe: network evaluations per sample (default 10 when ``steps`` is not given).
         guidance: classifier-free guidance scale (default 1 = none; needs a conditional
             model with a null label otherwise).
         labels: class of sample i for conditional models: ``"cycle"`` (default; None
@@ -795,6 +790,8 @@ def generate(
         model_id: what identifies the model in the configuration (default:
             :func:`model_fingerprint` of ``model.network``).
         progress: progress bar on stderr (rank 0 only).
+        steps: grid steps instead of an ``nfe`` budget (at most one of the two; part of
+            the configuration only when given).
 
     Returns:
         The :class:`Manifest` as written.
@@ -807,7 +804,12 @@ def generate(
         raise TypeError(f"model must be a LoadedModel, got {type(model).__name__}")
     num = check_int("num", num, minimum=1)
     seed = check_int("seed", seed, minimum=0)
-    nfe = check_int("nfe", nfe, minimum=1)
+    if nfe is not None and steps is not None:
+        raise ValueError("give at most one of nfe and steps")
+    if steps is not None:
+        steps = check_int("steps", steps, minimum=1)
+    else:
+        nfe = check_int("nfe", 10 if nfe is None else nfe, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     micro_batch = check_int("micro_batch", micro_batch, minimum=1)
     shard_size = check_int("shard_size", shard_size, minimum=1)
@@ -818,7 +820,7 @@ def generate(
         raise ValueError(f"guidance={guidance:g} needs a class-conditional model with a null label")
     classes = _classes(model, labels)
     device = torch.device(device)
-    _check_sampler(model, solver, nfe, grid)
+    _check_sampler(model, solver, nfe, steps, grid)
     if model_id is None:
         model_id = model_fingerprint(model.network)
     config: dict[str, Any] = {
@@ -839,6 +841,8 @@ def generate(
         "dtype": str(dtype).removeprefix("torch."),
         "device_type": device.type,
     }
+    if steps is not None:  # absent otherwise: directories of earlier runs stay resumable
+        config["steps"] = steps
     config = json.loads(_canonical(config))  # exactly what the manifest will hold
     job = _Job(
         model=model,
@@ -849,6 +853,7 @@ def generate(
         seed=seed,
         solver=solver,
         nfe=nfe,
+        steps=steps,
         guidance=guidance,
         grid=grid,
         batch=max(micro_batch, batch_size // micro_batch * micro_batch),

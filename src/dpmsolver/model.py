@@ -23,7 +23,7 @@ from .recipe import Recipe
 from .sampling import SampleOptions, sample
 from .schedules import NoiseSchedule
 
-__all__ = ["LoadedModel", "resolve_device", "sample_batches", "sample_indices"]
+__all__ = ["LoadedModel", "evaluations", "resolve_device", "sample_batches", "sample_indices"]
 
 
 class LoadedModel:
@@ -98,7 +98,7 @@ def sample_indices(
     labels: Tensor | None,
     *,
     solver: str | Recipe,
-    nfe: int,
+    nfe: int | None,
     guidance: float,
     seed: int,
     device: torch.device,
@@ -106,12 +106,15 @@ def sample_indices(
     progress: bool = False,
     dtype: torch.dtype = torch.float32,
     network: Callable[..., Tensor] | None = None,
+    steps: int | None = None,
 ) -> SampleResult:
     """Sample the run's samples ``indices`` (with class ``labels``, one per index) as one
     batch. Sample i's initial noise and its stochastic-solver noise (a separate stream)
     come only from ``(seed, i)``, so a sample does not depend on which batch it is in.
 
     Args:
+        nfe, steps: the budget in network evaluations, or in grid steps (at most one;
+            neither for an adaptive solver), as :func:`dpmsolver.sample` takes them.
         dtype: dtype of the initial noise and state (float16/bfloat16 run the network in
             that dtype, see :func:`dpmsolver.sample`).
         network: call this instead of ``model.network`` (e.g. a wrapper that fixes how the
@@ -129,6 +132,7 @@ def sample_indices(
             prediction=model.prediction,
             solver=solver,
             nfe=nfe,
+            steps=steps,
             grid=grid,  # type: ignore[arg-type]
             progress=progress,
             options=SampleOptions(noise_sampler=SeededNoise(seeds)),
@@ -142,13 +146,14 @@ def sample_batches(
     n: int,
     *,
     solver: str | Recipe,
-    nfe: int,
+    nfe: int | None,
     guidance: float,
     seed: int,
     batch: int,
     device: torch.device,
     grid: str | None = None,
     progress: bool = False,
+    steps: int | None = None,
 ) -> tuple[Tensor, int]:
     """Samples ``0 .. n-1`` in batches of ``batch`` (:func:`sample_indices`, so the result
     does not depend on the batch size). Returns (samples on CPU, evaluations spent)."""
@@ -161,6 +166,7 @@ def sample_batches(
             labels[idx] if labels is not None else None,
             solver=solver,
             nfe=nfe,
+            steps=steps,
             guidance=guidance,
             seed=seed,
             device=device,
@@ -170,3 +176,29 @@ def sample_batches(
         out.append(r.x.float().cpu())
         spent += r.nfe
     return torch.cat(out), spent
+
+
+def evaluations(
+    model: LoadedModel,
+    solver: str | Recipe,
+    *,
+    nfe: int | None = None,
+    steps: int | None = None,
+    grid: str | None = None,
+) -> int:
+    """The network evaluations one sample costs with this solver and budget, found by a
+    one-row run through a zero network (grid arithmetic only, nothing of the model runs).
+    Raises what :func:`dpmsolver.sample` raises, e.g. a ValueError naming ``nfe`` for a
+    budget a singlestep solver cannot spend. Not meaningful for adaptive solvers, whose
+    cost depends on the network."""
+    with torch.no_grad():
+        return sample(
+            lambda x, t, **kw: torch.zeros_like(x),
+            torch.zeros(1, *model.shape),
+            schedule=model.schedule,
+            prediction=model.prediction,
+            solver=solver,
+            nfe=nfe,
+            steps=steps,
+            grid=grid,  # type: ignore[arg-type]
+        ).nfe

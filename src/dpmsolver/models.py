@@ -49,9 +49,18 @@ def load_builtin(device: torch.device) -> LoadedModel:
     )
 
 
-def load_diffusers_dir(path: Path, device: torch.device) -> LoadedModel:
+def load_diffusers_dir(
+    path: Path, device: torch.device, *, null_label: int | None = None
+) -> LoadedModel:
     """A local diffusers model directory holding ``unet/`` (``UNet2DModel``, optionally
-    class-conditional) and ``scheduler/`` with a DDPM-style beta schedule."""
+    class-conditional) and ``scheduler/`` with a DDPM-style beta schedule.
+
+    A class-conditional ``UNet2DModel`` (``num_class_embeds = K``) records no label that
+    means "no class", so classifier-free guidance needs ``null_label``: the embedding the
+    model was trained with for dropped labels. It must be the last one, ``K - 1``; the
+    classes are then ``0 .. K-2`` (the layout of the built-in model, DiT and most
+    class-conditional training scripts). Other layouts: load the model with a
+    ``module:function`` factory that builds the :class:`~dpmsolver.model.LoadedModel`."""
     if not path.is_dir():
         raise ValueError(f"--model {str(path)!r}: no such directory")
     try:
@@ -64,10 +73,33 @@ def load_diffusers_dir(path: Path, device: torch.device) -> LoadedModel:
             f"--model {str(path)!r} must contain unet/ and scheduler/scheduler_config.json"
         )
     cfg = json.loads(cfg_file.read_text())
-    unet = diffusers.UNet2DModel.from_pretrained(str(unet_dir)).to(device).eval()
+    from diffusers.utils import is_accelerate_available
+
+    # Without accelerate, diffusers' default (low_cpu_mem_usage=True) prints a six-line
+    # warning before falling back to False; ask for what it can do.
+    unet = (
+        diffusers.UNet2DModel.from_pretrained(
+            str(unet_dir), low_cpu_mem_usage=is_accelerate_available()
+        )
+        .to(device)
+        .eval()
+    )
     sched = schedule_from_diffusers_config(cfg)
     pred = prediction_from_diffusers_config(cfg)
     num_classes = unet.config.get("num_class_embeds")
+    if null_label is not None:
+        if num_classes is None:
+            raise ValueError(
+                f"--null-label: the model in {str(path)!r} is not class-conditional "
+                "(its unet has no num_class_embeds)"
+            )
+        if null_label != num_classes - 1:
+            raise ValueError(
+                f"--null-label {null_label}: the null label must be the model's last class "
+                f"embedding, {num_classes - 1} (classes 0..{num_classes - 2}); for another "
+                "layout load the model with --model module:function"
+            )
+        num_classes -= 1
 
     def network(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         return unet(x, t, class_labels=y).sample
@@ -79,7 +111,7 @@ def load_diffusers_dir(path: Path, device: torch.device) -> LoadedModel:
         pred,
         (c, s, s),
         num_classes=num_classes,
-        null_label=None,
+        null_label=null_label,
         name=str(path),
     )
 
@@ -103,14 +135,22 @@ def exact_model(device: torch.device | str = "cpu") -> LoadedModel:
     )
 
 
-def load_model(spec: str, device: torch.device) -> LoadedModel:
+def load_model(spec: str, device: torch.device, *, null_label: int | None = None) -> LoadedModel:
     """``"builtin"``, a diffusers model directory, or ``module:function`` (a factory called
-    with the device, returning a :class:`~dpmsolver.model.LoadedModel`)."""
+    with the device, returning a :class:`~dpmsolver.model.LoadedModel`). ``null_label``
+    applies to a model directory only (:func:`load_diffusers_dir`); the other kinds name
+    their own."""
+    path = Path(spec)
+    is_dir = spec not in BUILTIN and (path.is_dir() or ":" not in spec)
+    if null_label is not None and not is_dir:
+        raise ValueError(
+            f"--null-label applies to a diffusers model directory only; --model {spec!r} "
+            "names its own null label"
+        )
     if spec in BUILTIN:
         return load_builtin(device)
-    path = Path(spec)
-    if path.is_dir() or ":" not in spec:
-        return load_diffusers_dir(path, device)
+    if is_dir:
+        return load_diffusers_dir(path, device, null_label=null_label)
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(

@@ -611,7 +611,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` options (shared by ``dpmsolver bench`` and ``python -m``)."""
-    p.add_argument("--out", default="benchmarks", help="output directory (default benchmarks/)")
+    p.add_argument(
+        "--out",
+        default="benchmarks",
+        help="output directory (default benchmarks/; created, parents too, if missing)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes: seconds, not minutes (for tests)"
     )
@@ -624,7 +628,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--device", default="cpu", help="device for the overhead section (cpu, cuda, cuda:N, auto)"
     )
     p.add_argument(
-        "--readme", help="also write the summary matrices between the README's bench markers"
+        "--readme",
+        help=f"also write the summary matrices into this file, between its {README_START} and "
+        f"{README_END} lines",
     )
     p.add_argument(
         "--summarize", action="store_true", help="only rebuild the summary from the CSVs in --out"
@@ -634,8 +640,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Execute the sections named in ``args.only``."""
     out = Path(args.out)
-    if not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is not a directory")
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     for s in sections:
         if s not in SECTIONS:
@@ -643,6 +647,27 @@ def run(args: argparse.Namespace) -> int:
     from ..model import resolve_device  # the CLI's own --device rule (cpu, cuda, cuda:N, auto)
 
     device = str(resolve_device(args.device, "--device"))  # checked before hours of work, not after
+    # Every output location too: the summary goes into --readme after all the work.
+    from ..io import check_writable_dir, check_writable_file
+
+    if args.readme:
+        readme = Path(args.readme)
+        if not readme.is_file():
+            raise ValueError(f"--readme: {str(readme)!r} is not a file")
+        check_writable_file(readme, "--readme")
+        try:
+            text = readme.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--readme: cannot read {str(readme)!r} ({e})") from None
+        i, j = text.find(README_START), text.find(README_END)
+        if i < 0 or j < i:
+            raise ValueError(
+                f"--readme: {str(readme)!r} lacks the {README_START} ... {README_END} lines "
+                "that the summary goes between"
+            )
+    if args.summarize and not out.is_dir():
+        raise ValueError(f"--out: {str(out)!r} is not a directory (--summarize reads its CSVs)")
+    check_writable_dir(out, "--out", create=True)
     if args.summarize:
         _write_summary(out, args.readme)
         return 0

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from ..bench.run import add_arguments, run
-from .options import UsageError
 
 __all__ = ["add_parser", "cmd_bench"]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the selected benchmark sections into ``--out``."""
-    out = Path(args.out)
-    if not out.is_dir():
-        raise UsageError(f"--out: directory {str(out)!r} does not exist")
+    """Run the selected benchmark sections into ``--out`` (created if missing); every
+    option, ``--out`` and ``--readme`` included, is checked before any work."""
     return run(args)
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    return f"; the files of the sections that finished are in {args.out}"
 
 
 def add_parser(sub: Any) -> None:
@@ -29,4 +29,4 @@ def add_parser(sub: Any) -> None:
         "side), sample quality on the built-in model, thresholding study; CSV + markdown + plots.",
     )
     add_arguments(b)
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, interrupted=_interrupted)

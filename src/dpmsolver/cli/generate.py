@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +16,22 @@ import torch
 from ..generate import GenerationError, files_sha256, generate, model_fingerprint, sha256_file
 from ..model import LoadedModel
 from ..models import BUILTIN, load_model
-from .options import UsageError, check_solver, device, int_list, positive_int
+from .options import (
+    UsageError,
+    add_budget_options,
+    add_guidance,
+    add_null_label,
+    check_budget_options,
+    check_guidance,
+    check_output_dir,
+    describe,
+    device,
+    int_list,
+    positive_int,
+    resolve_budget,
+    resolve_guidance,
+    solver_help,
+)
 
 __all__ = ["add_parser", "cmd_generate", "model_identity"]
 
@@ -48,16 +63,20 @@ def _rank_device(device: torch.device) -> torch.device:
     return device
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    return f"; the finished shards in {args.out} are kept: run the same command again to resume"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """``dpmsolver generate``."""
-    check_solver(args.solver)
-    if args.guidance < 0 or not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    check_budget_options(args, adaptive_ok=False)
+    check_guidance(args.guidance)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
+    check_output_dir(out, "--out")
     dev = _rank_device(device(args.device))
-    model = load_model(args.model, dev)
+    model = load_model(args.model, dev, null_label=args.null_label)
+    guidance = resolve_guidance(model, args.guidance)
+    budget = resolve_budget(model, args)
     model_id = model_identity(args.model, model)
     if args.labels == "cycle":
         labels: Literal["cycle"] | list[int] = "cycle"
@@ -73,8 +92,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out,
             seed=args.seed,
             solver=args.solver,
-            nfe=args.nfe,
-            guidance=args.guidance,
+            nfe=budget.nfe,
+            steps=budget.steps,
+            guidance=guidance,
             labels=labels,
             grid=args.grid,
             batch_size=args.batch,
@@ -96,9 +116,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if failed
             else ""
         )
+        if budget.note:
+            note += f"; {budget.note}"
         print(
             f"{manifest.samples} of {args.num} samples from {model.name} in {out} "
-            f"({len(manifest.shards)} shards, {elapsed:.1f}s){note}"
+            f"({len(manifest.shards)} shards, {describe(budget, args)}, guidance {guidance:g}, "
+            f"{elapsed:.1f}s){note}"
         )
     return 0
 
@@ -108,9 +131,14 @@ def add_parser(sub: Any) -> None:
     g = sub.add_parser(
         "generate",
         help="large sharded, resumable, multi-process generation",
-        description="Generate NUM samples into DIR as checksummed shards with a manifest. "
-        "Re-running the same command resumes; a different configuration is refused. "
-        "Multi-process: torchrun --nproc_per_node K -m dpmsolver.cli generate ...",
+        description=textwrap.fill(
+            "Generate NUM samples into DIR as checksummed shards with a manifest. "
+            "Re-running the same command resumes (after Ctrl-C or a crash); a different "
+            "configuration is refused. "
+            "Multi-process: torchrun --nproc_per_node K -m dpmsolver.cli generate ..."
+        ),
+        epilog=solver_help(adaptive=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # --num-samples first: torchrun's own parser takes a bare --num for its --numa-binding.
     g.add_argument(
@@ -131,26 +159,14 @@ def add_parser(sub: Any) -> None:
         help="'builtin' (default), a diffusers model directory, or module:function returning a "
         "LoadedModel",
     )
+    add_null_label(g)
     g.add_argument(
         "--solver",
         default="auto",
-        help="solver name or alias, or 'auto' (default); not adaptive solvers",
+        help="solver name or alias, or 'auto' (default); not adaptive solvers; listed below",
     )
-    g.add_argument(
-        "--nfe",
-        type=positive_int("--nfe"),
-        default=10,
-        help="network evaluations per sample (default 10)",
-    )
-    g.add_argument(
-        "--grid", default=None, help="time grid (default: the solver's recommendation, else logsnr)"
-    )
-    g.add_argument(
-        "--guidance",
-        type=float,
-        default=3.0,
-        help="classifier-free guidance scale (default 3; 1 = none)",
-    )
+    add_budget_options(g, adaptive=False)
+    add_guidance(g)
     g.add_argument(
         "--labels",
         default="cycle",
@@ -190,4 +206,4 @@ def add_parser(sub: Any) -> None:
         help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK",
     )
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, interrupted=_interrupted)

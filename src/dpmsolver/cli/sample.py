@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,28 @@ import torch
 from torch import Tensor
 
 from ..io import atomic_write
-from ..model import LoadedModel, sample_batches
+from ..model import LoadedModel, evaluations, sample_batches
 from ..models import load_model
-from .options import UsageError, check_output, check_solver, device, int_list, positive_int
+from ..recipe import POLICIES
+from .options import (
+    UsageError,
+    add_budget_options,
+    add_guidance,
+    add_null_label,
+    budget_problem,
+    check_budget_options,
+    check_guidance,
+    check_output,
+    check_solver,
+    describe,
+    device,
+    int_list,
+    is_adaptive,
+    positive_int,
+    resolve_budget,
+    resolve_guidance,
+    solver_help,
+)
 
 __all__ = ["add_parsers", "cmd_compare", "cmd_sample"]
 
@@ -34,9 +54,8 @@ def _labels(args: argparse.Namespace, model: LoadedModel) -> Tensor | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    check_solver(args.solver)
-    if args.guidance < 0 or not np.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    check_budget_options(args)
+    check_guidance(args.guidance)
     out_png = Path(args.out) if args.out else None
     out_npz = Path(args.npz) if args.npz else None
     if out_png is None and out_npz is None:
@@ -45,17 +64,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if p is not None:
             check_output(p, opt)
     dev = device(args.device)
-    model = load_model(args.model, dev)
+    model = load_model(args.model, dev, null_label=args.null_label)
+    guidance = resolve_guidance(model, args.guidance)
     labels = _labels(args, model)
+    budget = resolve_budget(model, args)
     n = len(labels) if labels is not None else args.num
     t0 = time.perf_counter()
     x, spent = sample_batches(
         model,
         labels,
         n,
-        solver=args.solver,
-        nfe=args.nfe,
-        guidance=args.guidance,
+        solver=budget.solver,
+        nfe=budget.nfe,
+        steps=budget.steps,
+        guidance=guidance,
         seed=args.seed,
         batch=args.batch,
         device=dev,
@@ -64,7 +86,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - t0
     if not bool(torch.isfinite(x).all()):
-        raise RuntimeError("sampling produced NaN/Inf; nothing was written")
+        print("dpmsolver: error: sampling produced NaN/Inf; nothing was written", file=sys.stderr)
+        return 1
     if out_png is not None:
         from ..images import grid_from_samples, write_png
 
@@ -89,9 +112,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
         atomic_write(out_npz, write)
     written = ", ".join(str(p) for p in (out_png, out_npz) if p is not None)
+    note = f" ({budget.note})" if budget.note else ""
     print(
-        f"{n} samples from {model.name} with {args.solver}, guidance {args.guidance:g}: "
-        f"{args.nfe} network evaluations per sample ({spent} batched calls) in {elapsed:.1f}s -> "
+        f"{n} samples from {model.name} with {args.solver}, guidance {guidance:g}: "
+        f"{describe(budget, args)}{note}, {spent} batched network calls in {elapsed:.1f}s -> "
         f"{written}"
     )
     return 0
@@ -115,7 +139,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UsageError("--solvers must not be empty")
     for s in solvers:
         check_solver(s, "--solvers")
-    nfes = int_list("--nfe", args.nfe, lo=1)
+        if is_adaptive(s):
+            raise UsageError(
+                f"--solvers: {s} is adaptive (it chooses its own budget), so it has no column "
+                f"in a comparison by budget; sample it with `dpmsolver sample --solver {s}`"
+            )
+    check_guidance(args.guidance)
+    if args.steps is not None:
+        budgets = [("steps", k) for k in int_list("--steps", args.steps, lo=1)]
+    else:
+        budgets = [("nfe", k) for k in int_list("--nfe", args.nfe or "5,10,20", lo=1)]
     out = Path(args.out)
     check_output(out, "--out")
     try:
@@ -128,46 +161,50 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "compare draws a labelled figure with matplotlib: pip install matplotlib"
         ) from None
     dev = device(args.device)
-    model = load_model(args.model, dev)
+    model = load_model(args.model, dev, null_label=args.null_label)
+    guidance = resolve_guidance(model, args.guidance)
     labels = torch.arange(model.num_classes) if model.num_classes else None
     n = len(labels) if labels is not None else args.num
     fig, axes = plt.subplots(
         len(solvers),
-        len(nfes),
-        figsize=(2.2 * len(nfes), 1.0 + 0.45 * len(solvers) * 2),
+        len(budgets),
+        figsize=(2.2 * len(budgets), 1.0 + 0.45 * len(solvers) * 2),
         squeeze=False,
     )
     from ..images import grid_from_samples
 
     for i, s in enumerate(solvers):
-        for j, k in enumerate(nfes):
+        for j, (kind, k) in enumerate(budgets):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
-            try:
+            title = f"{k} NFE" if kind == "nfe" else f"{k} steps"
+            why = _cell_problem(model, s, kind, k)
+            if why is None:
                 x, _ = sample_batches(
                     model,
                     labels,
                     n,
                     solver=s,
-                    nfe=k,
-                    guidance=args.guidance,
+                    guidance=guidance,
                     seed=args.seed,
                     batch=n,
                     device=dev,
+                    nfe=k if kind == "nfe" else None,
+                    steps=k if kind == "steps" else None,
                 )
                 img = grid_from_samples(x, min(n, 10), scale=2, value_range=model.value_range)
                 ax.imshow(
                     img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255
                 )
-            except ValueError as e:  # e.g. a budget a singlestep solver cannot spend
+            else:
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", fontsize=8)
-                print(f"{s} at {k} NFE: {e}", file=sys.stderr)
+                print(f"compare: {s} at {title}: n/a: {why}", file=sys.stderr)
             if i == 0:
-                ax.set_title(f"{k} NFE", fontsize=9)
+                ax.set_title(title, fontsize=9)
             if j == 0:
                 ax.set_ylabel(s, fontsize=8, rotation=0, ha="right", va="center")
-    fig.suptitle(f"{model.name}, guidance {args.guidance:g}, seed {args.seed}", fontsize=9)
+    fig.suptitle(f"{model.name}, guidance {guidance:g}, seed {args.seed}", fontsize=9)
     fig.tight_layout()
 
     def write(tmp: str) -> None:
@@ -175,8 +212,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     atomic_write(out, write)
     plt.close(fig)
-    print(f"compared {len(solvers)} solvers x {len(nfes)} budgets -> {out}")
+    print(f"compared {len(solvers)} solvers x {len(budgets)} budgets -> {out}")
     return 0
+
+
+def _cell_problem(model: LoadedModel, solver: str, kind: str, k: int) -> str | None:
+    """Why ``solver`` cannot run a compare cell (None if it can)."""
+    if kind == "nfe":
+        return budget_problem(model, solver, k, None)[0]
+    if solver in POLICIES:
+        return f"{solver} chooses its steps for an evaluation budget (compare with --nfe)"
+    try:
+        evaluations(model, solver, steps=k)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="builtin",
+        help="'builtin' (default), a diffusers model directory with unet/ and scheduler/, or "
+        "module:function returning a LoadedModel",
+    )
+    add_null_label(p)
 
 
 def add_parsers(sub: Any) -> None:
@@ -184,34 +244,21 @@ def add_parsers(sub: Any) -> None:
     s = sub.add_parser(
         "sample",
         help="sample a grid of images",
-        description="Sample from the built-in digits model (default) or a local diffusers model "
-        "directory.",
+        description=textwrap.fill(
+            "Sample from the built-in digits model (default), a local diffusers model "
+            "directory or a model factory."
+        ),
+        epilog=solver_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument(
-        "--model",
-        default="builtin",
-        help="'builtin' (default) or a diffusers model directory with unet/ and scheduler/",
-    )
+    _add_model(s)
     s.add_argument(
         "--solver",
         default="auto",
-        help="solver name or alias, or 'auto' (default; see `dpmsolver solvers`)",
+        help="solver name or alias, or 'auto' (default); listed below",
     )
-    s.add_argument(
-        "--nfe",
-        type=positive_int("--nfe"),
-        default=10,
-        help="network evaluations per sample (default 10)",
-    )
-    s.add_argument(
-        "--grid", default=None, help="time grid (default: the solver's recommendation, else logsnr)"
-    )
-    s.add_argument(
-        "--guidance",
-        type=float,
-        default=3.0,
-        help="classifier-free guidance scale (default 3; 1 = none)",
-    )
+    add_budget_options(s, adaptive=True)
+    add_guidance(s)
     s.add_argument(
         "--labels",
         default=None,
@@ -255,17 +302,27 @@ def add_parsers(sub: Any) -> None:
     c = sub.add_parser(
         "compare",
         help="same seeds through several solvers and budgets",
-        description="One labelled grid: rows are solvers, columns NFE budgets, same seeds "
-        "everywhere.",
+        description=textwrap.fill(
+            "One labelled grid: rows are solvers, columns budgets (NFE or steps), same "
+            "seeds everywhere. A cell a solver cannot run is marked n/a, with the reason on stderr."
+        ),
+        epilog=solver_help(adaptive=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    c.add_argument("--model", default="builtin")
+    _add_model(c)
     c.add_argument(
-        "--solvers", default="auto,dpmpp_2m,dpmpp_3m,ddim", help="comma-separated solvers"
+        "--solvers",
+        default="auto,dpmpp_2m,dpmpp_3m,ddim",
+        help="comma-separated solvers, not adaptive ones (default auto,dpmpp_2m,dpmpp_3m,ddim)",
     )
-    c.add_argument("--nfe", default="5,10,20", help="comma-separated budgets")
-    c.add_argument("--guidance", type=float, default=3.0)
+    budgets = c.add_mutually_exclusive_group()
+    budgets.add_argument("--nfe", default=None, help="comma-separated budgets (default 5,10,20)")
+    budgets.add_argument(
+        "--steps", default=None, help="comma-separated grid steps instead of --nfe budgets"
+    )
+    add_guidance(c)
     c.add_argument("--num", type=positive_int("--num"), default=10)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")
-    c.add_argument("--out", default="compare.png")
+    c.add_argument("--out", default="compare.png", help="PNG to write (default compare.png)")
     c.set_defaults(func=cmd_compare)
