@@ -146,5 +146,5 @@ def test_custom_sigmas_follow_the_family_convention() -> None:
         ValueError, match=r"sigmas\[0\]=30 is outside this schedule's sigma .k-diffusion"
     ):
         dp.grid_from_sigmas(SD, [30.0, 1.0, 0.0])
-    with pytest.raises(ValueError, match="t_start=1.5 is outside"):
+    with pytest.raises(ValueError, match=r"t_start=1\.5 is outside"):
         dp.make_grid(flow, 4, t_start=1.5)
