@@ -19,6 +19,7 @@ from . import (  # noqa: F401  (registration side effects)
     sde,
     singlestep,
     unipc,
+    v3,
 )
 from .adaptive import AdaptiveDPMSolver
 from .base import (
