@@ -612,11 +612,40 @@ def _data_digest(data: Tensor) -> str:
     return hashlib.sha256(flat).hexdigest()[:32]
 
 
+States = Literal["noised", "trajectory"]
+
+
+class _Trajectories:
+    """States of the model's own probability-flow ODE on the grid, per sample.
+
+    The grid doubles as the integration grid: the data prediction the estimator takes at
+    grid point ``j`` advances the state to ``j + 1`` with DPM-Solver++(3M) (exponential
+    Adams-Bashforth of order 3, warm-up orders 1 and 2; no extra evaluation). ``x`` holds
+    the states, ``h`` the predictions at the two previous grid points."""
+
+    def __init__(self, start: Tensor) -> None:
+        self.x = start.clone()
+        self.h = torch.zeros(2, *start.shape, dtype=start.dtype, device=start.device)
+
+    def advance(self, knots: Sequence[Knot], j: int, x0: Tensor, rows: slice) -> None:
+        from .solvers.v3 import apply_update, update_coefficients
+
+        back = min(2, j)
+        nodes = [knots[j].lam, *(knots[j - 1 - i].lam for i in range(back))]
+        coef = update_coefficients(None, knots[j], knots[j + 1], nodes, pseudo=False)
+        x = self.x[rows]
+        fs = [-x0.to(x.dtype), *(-self.h[i, rows] for i in range(back))]
+        self.x[rows] = apply_update(coef, x, fs)
+        self.h[1, rows] = self.h[0, rows]
+        self.h[0, rows] = x0.to(x.dtype)
+
+
 def estimate_ems(
     denoiser: Denoiser,
-    data: Tensor,
     schedule: NoiseSchedule,
     *,
+    data: Tensor | None = None,
+    noise: Tensor | None = None,
     prediction: str,
     guidance_scale: float,
     points: int = 200,
@@ -630,49 +659,69 @@ def estimate_ems(
     jvp: Literal["forward", "double_backward"] = "forward",
     progress: bool = False,
 ) -> EMS:
-    """Estimate the EMS of a (guided) denoiser from data samples (App. C.1.1).
+    """Estimate the EMS of a (guided) denoiser (App. C.1.1).
 
-    For each point ``lambda_j`` of a uniform grid the samples are noised,
-    ``x = alpha x0 + sigma z``, and per sample the estimator takes ``x0_hat = D(x)`` and
+    Where the expectations are taken (give exactly one of ``data`` and ``noise``):
+
+    - ``data``: clean samples of the model itself (or data), noised along the grid,
+      ``x = alpha x0 + sigma z`` (the paper's recipe). For an unguided model whose
+      denoiser is exact these are the ODE's marginals.
+    - ``noise``: standard-normal noise that starts the model's own ODE at the grid's first
+      point (``x = sigma noise``, as :func:`dpmsolver.sample` starts); the expectations are
+      over the states of its trajectories, which the estimator integrates along the grid
+      with the predictions it takes anyway (DPM-Solver++(3M), no extra evaluation). With
+      guidance the ODE's marginals are not the noised samples' distribution, and only these
+      states are distributed like the ones a sampler meets (measured in
+      :mod:`dpmsolver.bench.v3_study`: at guidance 7.5 statistics of noised samples make
+      v3 worse than DPM-Solver++, trajectory statistics make it better).
+
+    At each grid point ``lambda_j`` the estimator takes, per sample, ``x0_hat = D(x)`` and
     ``v * (grad_x D v)`` with one Jacobian-vector product per Rademacher probe ``v``, and
     ``dx0_hat/dlambda`` along the ODE by a central difference (two more evaluations). The
-    same ``z`` and ``v`` serve every grid point (common random numbers, module docstring).
-    ``l`` follows from the mean diagonal, ``s, b`` from the moments (module docstring).
+    same noise ``z`` and probes ``v`` serve every grid point (common random numbers,
+    module docstring). ``l`` follows from the mean diagonal, ``s, b`` from the moments.
 
-    The denoiser is always called with batches of exactly ``batch_size`` rows in data
+    The denoiser is always called with batches of exactly ``batch_size`` rows in sample
     order, so conditioning built for ``batch_size`` rows (labels, prompts of a guided
-    denoiser) lines up with ``data[k * batch_size:(k + 1) * batch_size]``.
+    denoiser) lines up with rows ``k * batch_size .. (k + 1) * batch_size - 1``.
 
-    Memory: the sums for ``chunk`` grid points live on the data's device; finished points
-    go to the host (9 float64 values per point and dimension). With ``checkpoint`` the
-    finished points are written there (atomically) after every chunk, and a rerun with the
-    same arguments skips them; a checkpoint of another run raises a ValueError.
+    Memory: the sums for ``chunk`` grid points live on the samples' device; finished points
+    go to the host (9 float64 values per point and dimension); trajectories keep three
+    sample-sized tensors. With ``checkpoint`` the finished points (and trajectory states)
+    are written there atomically after every chunk, and a rerun with the same arguments
+    skips them; a checkpoint of another run raises a ValueError.
 
     Args:
         denoiser: ``x0_hat = denoiser(x, knot)``, guidance included; differentiable in ``x``.
-        data: ``(N, *shape)`` samples of the model itself (or data), ``N`` a multiple of
-            ``batch_size``.
         schedule: the model's schedule.
+        data: ``(N, *shape)`` clean samples (noised mode).
+        noise: ``(N, *shape)`` standard-normal starting noise (trajectory mode).
         prediction: the network's parameterization (recorded in the fingerprint).
         guidance_scale: the guidance weight inside ``denoiser`` (recorded; 1 if none).
         points: grid points (default 200).
         lam_range: ``(lambda_min, lambda_max)`` (default: the schedule's ``t_max``..``t_min``).
-        batch_size: rows per network call (default 64).
+        batch_size: rows per network call (default 64); must divide ``N``.
         probes: Rademacher probes per sample for the Jacobian diagonal (default 1).
         chunk: grid points per checkpoint (default 8).
         checkpoint: file for partial results (default None: no checkpointing).
-        seed: seed of the noise and probes (default 0).
-        fd_step: ``lambda`` step of the central difference (default 1e-3 for float64 data,
+        seed: seed of the noise ``z`` (noised mode) and the probes (default 0).
+        fd_step: ``lambda`` step of the central difference (default 1e-3 for float64,
             1e-2 otherwise).
         jvp: ``"forward"`` (``torch.func.jvp``, default) or ``"double_backward"``.
         progress: show a progress bar on stderr.
     """
-    if not isinstance(data, Tensor) or not data.is_floating_point() or data.ndim < 1:
-        raise TypeError("data must be a floating-point tensor of shape (N, *shape)")
-    n = data.shape[0]
+    if (data is None) == (noise is None):
+        raise ValueError("give exactly one of data (noised samples) and noise (trajectories)")
+    mode: States = "noised" if data is not None else "trajectory"
+    base = data if data is not None else noise
+    assert base is not None
+    name = "data" if mode == "noised" else "noise"
+    if not isinstance(base, Tensor) or not base.is_floating_point() or base.ndim < 1:
+        raise TypeError(f"{name} must be a floating-point tensor of shape (N, *shape)")
+    n = base.shape[0]
     bs = check_int("batch_size", batch_size, minimum=1)
     if n < bs or n % bs:
-        raise ValueError(f"batch_size={bs} must divide the number of data samples N={n}")
+        raise ValueError(f"batch_size={bs} must divide the number of samples N={n} ({name})")
     m = check_int("points", points, minimum=4)
     check_int("probes", probes, minimum=1)
     ck = check_int("chunk", chunk, minimum=1)
@@ -682,52 +731,64 @@ def estimate_ems(
     lo, hi = _grid_range(schedule, lam_range)
     lams = torch.linspace(lo, hi, m, dtype=torch.float64)
     if fd_step is None:
-        step = _default_fd_step(data.dtype)
+        step = _default_fd_step(base.dtype)
     else:
         step = check_finite_float("fd_step", fd_step, positive=True)
     fingerprint = EMSFingerprint(schedule_fingerprint(schedule), pred, w)
-    shape = tuple(data.shape[1:])
+    shape = tuple(base.shape[1:])
+    knots = [schedule.knot_at_lambda(float(lam)) for lam in lams]
 
     key = _run_key(
         dict(
             schedule=fingerprint.schedule, prediction=pred, guidance=w, points=m, lo=lo, hi=hi,
-            batch_size=bs, probes=probes, seed=seed, fd_step=step, jvp=jvp,
-            data=_data_digest(data), shape=shape, dtype=str(data.dtype),
+            batch_size=bs, probes=probes, seed=seed, fd_step=step, jvp=jvp, mode=mode,
+            samples=_data_digest(base), shape=shape, dtype=str(base.dtype),
         )
     )
     sums = torch.zeros(m, len(_MOMENTS), *shape, dtype=torch.float64)
     done = torch.zeros(m, dtype=torch.bool)
+    traj = _Trajectories(base * knots[0].sigma) if mode == "trajectory" else None
     if checkpoint is not None and os.path.exists(checkpoint):
         tensors, meta = _read_safetensors(checkpoint, "checkpoint")
         if meta.get("format") != _CHECKPOINT_FORMAT or meta.get("run") != key:
             raise ValueError(
                 f"checkpoint {os.fspath(checkpoint)!r} was written by another EMS run (other "
-                "data, schedule, grid or settings); delete it or pass another checkpoint path"
+                "samples, schedule, grid or settings); delete it or pass another checkpoint path"
             )
         sums, done = tensors["sums"].to(torch.float64), tensors["done"].to(torch.bool)
+        if traj is not None and bool(done.any()):
+            traj.x = tensors["traj_x"].to(base.device, base.dtype)
+            traj.h = tensors["traj_h"].to(base.device, base.dtype)
 
     gen = torch.Generator().manual_seed(seed)
-    dev, dt = data.device, data.dtype
-    noise = torch.randn(data.shape, generator=gen, dtype=torch.float64).to(dev, dt)
-    signs = torch.randint(0, 2, (probes, *data.shape), generator=gen).to(dev, dt) * 2 - 1
+    dev, dt = base.device, base.dtype
+    z = torch.randn(base.shape, generator=gen, dtype=torch.float64).to(dev, dt)
+    signs = torch.randint(0, 2, (probes, *base.shape), generator=gen).to(dev, dt) * 2 - 1
     todo = [j for j in range(m) if not bool(done[j])]
-    knots = [schedule.knot_at_lambda(float(lam)) for lam in lams]
     bar = Progress(len(todo) * (n // bs), enabled=progress, desc="EMS")
     try:
         for start in range(0, len(todo), ck):
             block = todo[start : start + ck]
             acc = torch.zeros(
-                len(block), len(_MOMENTS), *shape, dtype=torch.float64, device=data.device
+                len(block), len(_MOMENTS), *shape, dtype=torch.float64, device=dev
             )
             for k in range(0, n, bs):
-                x0b, zb, vb = data[k : k + bs], noise[k : k + bs], signs[:, k : k + bs]
+                rows = slice(k, k + bs)
                 for i, j in enumerate(block):
-                    acc[i] += _point_sums(denoiser, schedule, knots[j], x0b, zb, vb, step, jvp)
+                    kn = knots[j]
+                    if traj is None:
+                        x = base[rows] * kn.alpha + z[rows] * kn.sigma
+                    else:
+                        x = traj.x[rows]
+                    part, x0 = _point_sums(denoiser, schedule, kn, x, signs[:, rows], step, jvp)
+                    acc[i] += part
+                    if traj is not None and j + 1 < m:
+                        traj.advance(knots, j, x0, rows)
                     bar.update()
             sums[block] = acc.cpu()
             done[block] = True
             if checkpoint is not None:
-                _write_checkpoint(checkpoint, sums, done, key)
+                _write_checkpoint(checkpoint, sums, done, key, traj)
     finally:
         bar.close()
     alphas = [k.alpha for k in knots]
@@ -739,14 +800,13 @@ def _point_sums(
     den: Denoiser,
     schedule: NoiseSchedule,
     knot: Knot,
-    x0b: Tensor,
-    zb: Tensor,
+    x: Tensor,
     vb: Tensor,
     step: float,
     how: str,
-) -> Tensor:
-    """The nine per-dimension sums of one batch at one grid point (``_MOMENTS`` order)."""
-    x = x0b * knot.alpha + zb * knot.sigma
+) -> tuple[Tensor, Tensor]:
+    """The nine per-dimension sums of one batch at one grid point (``_MOMENTS`` order) and
+    the data prediction ``x0_hat`` there."""
 
     def fn(xx: Tensor) -> Tensor:
         return den(xx, knot)
@@ -770,15 +830,20 @@ def _point_sums(
     d = ((dp - dm) / (2.0 * step)).to(torch.float64)
     y64, c = y.to(torch.float64), pred.detach().to(torch.float64)
     parts = (diag, y64, c, d, y64 * y64, y64 * c, y64 * d, c * c, c * d)
-    return torch.stack([p.sum(0) for p in parts])
+    return torch.stack([p.sum(0) for p in parts]), pred.detach()
 
 
-def _write_checkpoint(path: str | os.PathLike[str], sums: Tensor, done: Tensor, key: str) -> None:
+def _write_checkpoint(
+    path: str | os.PathLike[str], sums: Tensor, done: Tensor, key: str, traj: _Trajectories | None
+) -> None:
     st = _safetensors()
     from .io import atomic_write
 
     meta = {"format": _CHECKPOINT_FORMAT, "format_version": str(FORMAT_VERSION), "run": key}
     tensors = {"sums": sums.contiguous(), "done": done.to(torch.uint8).contiguous()}
+    if traj is not None:
+        tensors["traj_x"] = traj.x.detach().cpu().contiguous()
+        tensors["traj_h"] = traj.h.detach().cpu().contiguous()
     atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=meta))
 
 
@@ -859,11 +924,13 @@ def mixture_ems(
     *,
     guidance_scale: float = 1.0,
     conditional: bool | None = None,
+    states: States = "noised",
     prediction: str = "eps",
     points: int = 200,
     lam_range: tuple[float, float] | None = None,
     samples: int = 16384,
     batch_size: int = 4096,
+    substeps: int = 4,
     seed: int = 0,
 ) -> EMS:
     """The EMS of an exact mixture denoiser, computed without probes or differences.
@@ -871,30 +938,42 @@ def mixture_ems(
     The denoiser is :class:`~dpmsolver.analytic.MixtureDenoiser` with labels cycling over
     the classes (``y_i = i mod C``, as :func:`dpmsolver.bench.accuracy.mixture_problem`
     builds it) when ``conditional`` (default: when ``guidance_scale != 1``), else the
-    unconditional one. The expectation is over the data distribution noised along the
-    grid: exact samples ``x0`` of each row's class, common noise ``z`` (so the curves are
-    smooth). Per sample the Jacobian diagonal is closed form and ``dx0_hat/dlambda`` is
-    exact forward-mode AD through ``alpha(lambda), sigma(lambda)``; the only error left is
-    the Monte Carlo average over ``samples`` data points (its standard error is
-    ``O(samples^-1/2)``, far below the estimator's at the same count, which adds probe and
-    difference noise).
+    unconditional one. The expectation is over (as :func:`estimate_ems`):
+
+    - ``states="noised"``: exact samples ``x0`` of each row's class noised along the grid
+      with common noise ``z``;
+    - ``states="trajectory"``: the guided ODE's own states, started at ``sigma z`` on the
+      grid's first point and integrated with DPM-Solver++(3M) on ``substeps`` sub-steps per
+      grid interval (local errors far below the Monte Carlo error).
+
+    Per sample the Jacobian diagonal is closed form (:func:`mixture_x0_and_diag`) and
+    ``dx0_hat/dlambda`` is exact forward-mode AD through ``alpha(lambda), sigma(lambda)``;
+    the only error left is the Monte Carlo average over ``samples`` points (its standard
+    error is ``O(samples^-1/2)``, below the estimator's at the same count, which adds probe
+    and difference noise).
 
     Args:
         mixture: the data distribution.
         schedule: a VP, VE or flow schedule of the library.
         guidance_scale: classifier-free guidance weight ``w`` (default 1).
         conditional: use the class-conditional denoiser (default: ``guidance_scale != 1``).
+        states: ``"noised"`` (default) or ``"trajectory"``.
         prediction: recorded in the fingerprint (the mixture network's, default ``"eps"``).
         points, lam_range: the grid (as :func:`estimate_ems`).
-        samples: data samples of the average (default 16384).
+        samples: Monte Carlo samples (default 16384).
         batch_size: rows per evaluation (default 4096).
+        substeps: integration steps per grid interval in trajectory mode (default 4).
         seed: seed of the samples and noise.
     """
+    from .solvers.v3 import apply_update, update_coefficients
+
     w = check_finite_float("guidance_scale", guidance_scale)
     cond = (w != 1.0) if conditional is None else bool(conditional)
+    check_choice("states", states, ("noised", "trajectory"))
     n = check_int("samples", samples, minimum=1)
     bs = min(check_int("batch_size", batch_size, minimum=1), n)
     m = check_int("points", points, minimum=4)
+    sub = check_int("substeps", substeps, minimum=1)
     lo, hi = _grid_range(schedule, lam_range)
     lams = torch.linspace(lo, hi, m, dtype=torch.float64)
     alpha_sigma = _alpha_sigma_fn(schedule)
@@ -903,26 +982,44 @@ def mixture_ems(
     x0 = mixture.sample(n, generator=gen, y=labels).reshape(n, -1)
     z = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
     sums = torch.zeros(m, len(_MOMENTS), mixture.dim, dtype=torch.float64)
-    alphas = []
-    for j, lam in enumerate(lams):
-        lam_t = lam.reshape(1)
-        al, sg = (v.item() for v in alpha_sigma(lam_t))
-        alphas.append(al)
-        for k in range(0, n, bs):
-            x0b, zb = x0[k : k + bs], z[k : k + bs]
-            yb = None if labels is None else labels[k : k + bs]
-            x = al * x0b + sg * zb
+    fine = torch.linspace(lo, hi, (m - 1) * sub + 1, dtype=torch.float64)
+    fine_knots = [schedule.knot_at_lambda(float(v)) for v in fine]
+
+    def scales(lam: Tensor) -> tuple[float, float]:
+        al, sg = alpha_sigma(lam.reshape(1))
+        return float(al), float(sg)
+
+    alphas = [scales(v)[0] for v in lams]
+    for k in range(0, n, bs):
+        rows = slice(k, k + bs)
+        yb = None if labels is None else labels[rows]
+        hist: list[tuple[float, Tensor]] = []
+        x = z[rows] * scales(lams[0])[1]
+        for i, kn in enumerate(fine_knots):
+            lam = fine[i]
+            al, sg = scales(lam)
+            if states == "noised":
+                if i % sub:
+                    continue
+                x = al * x0[rows] + sg * z[rows]
             pred, diag = mixture_x0_and_diag(mixture, x, al, sg, yb, w)
-            yv = x / al
+            if i % sub == 0:
+                yv = x / al
+                lam_t = lam.reshape(1)
 
-            def psi(yy: Tensor, ll: Tensor, yb: Tensor | None = yb) -> Tensor:
-                a_, s_ = alpha_sigma(ll)
-                a_b, s_b = a_.expand(yy.shape[0]), s_.expand(yy.shape[0])
-                return mixture_x0_and_diag(mixture, yy * a_b.view(-1, 1), a_b, s_b, yb, w)[0]
+                def psi(yy: Tensor, ll: Tensor, yb: Tensor | None = yb) -> Tensor:
+                    a_, s_ = alpha_sigma(ll)
+                    a_b, s_b = a_.expand(yy.shape[0]), s_.expand(yy.shape[0])
+                    return mixture_x0_and_diag(mixture, yy * a_b.view(-1, 1), a_b, s_b, yb, w)[0]
 
-            d = torch.func.jvp(psi, (yv, lam_t), (pred - yv, torch.ones_like(lam_t)))[1]
-            parts = (diag, yv, pred, d, yv * yv, yv * pred, yv * d, pred * pred, pred * d)
-            sums[j] += torch.stack([p.sum(0) for p in parts])
+                d = torch.func.jvp(psi, (yv, lam_t), (pred - yv, torch.ones_like(lam_t)))[1]
+                parts = (diag, yv, pred, d, yv * yv, yv * pred, yv * d, pred * pred, pred * d)
+                sums[i // sub] += torch.stack([p.sum(0) for p in parts])
+            if states == "trajectory" and i + 1 < len(fine_knots):
+                nodes = [kn.lam, *(h[0] for h in hist[:2])]
+                coef = update_coefficients(None, kn, fine_knots[i + 1], nodes, pseudo=False)
+                x = apply_update(coef, x, [-pred, *(-h[1] for h in hist[:2])])
+                hist = [(kn.lam, pred), *hist][:2]
     l_, s_, b_ = _finalize(sums, n, lams, alphas)
     shape = mixture.shape
     fp = EMSFingerprint(schedule_fingerprint(schedule), prediction, w)

@@ -112,6 +112,7 @@ __all__ = [
 
 Corrector = Literal["auto", "off", "same", "pseudo", "full"]
 _GL_X, _GL_W = (list(map(float, a)) for a in np.polynomial.legendre.leggauss(4))
+_MAX_PIECE = 0.25
 
 # ----------------------------------------------------------------------------------------
 # Coefficient math: pure functions of host floats and the statistics' spline tables
@@ -129,14 +130,23 @@ def remainder(spline: EMSSpline | None, knot: Knot, x: Tensor, x0: Tensor) -> Te
 
 
 def _pieces(spline: EMSSpline, a: float, c: float) -> list[tuple[float, float]]:
-    """``[a, c]`` (either direction) cut at the grid points inside it."""
+    """``[a, c]`` (either direction) cut at the grid points inside it, and further into
+    pieces no longer than ``_MAX_PIECE`` (4-node Gauss-Legendre is then exact to rounding
+    for the smooth integrands here: its error is ``5.6e-10 L^9 max|f^(8)|``)."""
     lo, hi = min(a, c), max(a, c)
     first = math.floor((lo - spline.lam0) / spline.delta) + 1
     last = math.ceil((hi - spline.lam0) / spline.delta) - 1
     inner = [spline.lam0 + j * spline.delta for j in range(first, last + 1)]
     inner = [p for p in inner if lo < p < hi]
     pts = [a, *(inner if c > a else inner[::-1]), c]
-    return [(p, q) for p, q in itertools.pairwise(pts) if p != q]
+    out = []
+    for p, q in itertools.pairwise(pts):
+        if p == q:
+            continue
+        cuts = max(1, math.ceil(abs(q - p) / _MAX_PIECE))
+        edges = [p + (q - p) * i / cuts for i in range(cuts)] + [q]
+        out += list(itertools.pairwise(edges))
+    return out
 
 
 def _gauss(p: float, q: float) -> tuple[list[float], list[float]]:
