@@ -92,6 +92,7 @@ __all__ = [
     "FORMAT_VERSION",
     "EMSFingerprint",
     "EMSSpline",
+    "States",
     "estimate_ems",
     "mixture_ems",
     "mixture_x0_and_diag",
@@ -593,12 +594,18 @@ def _default_fd_step(dtype: torch.dtype) -> float:
 
 
 def _jvp(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, how: str) -> tuple[Tensor, Tensor]:
-    """``(fn(x), J v)``: forward mode, or the double-backward trick for functions forward
-    mode cannot trace."""
+    """``(fn(x), J v)`` by forward mode or the double-backward trick, or ``(fn(x), J^T v)``
+    (``how="vjp"``: one reverse pass; ``v * J^T v`` has the same expectation as
+    ``v * J v``, the diagonal, since ``diag(J^T) = diag(J)``)."""
     if how == "forward":
         res = torch.func.jvp(fn, (x,), (v,))
         return res[0], res[1]
     with torch.enable_grad():
+        if how == "vjp":
+            xx = x.detach().requires_grad_(True)
+            out = fn(xx)
+            (tangent,) = torch.autograd.grad(out, xx, v)
+            return out.detach(), tangent
         out, tangent = torch.autograd.functional.jvp(fn, x, v)
     return out.detach(), tangent.detach()
 
@@ -656,7 +663,7 @@ def estimate_ems(
     checkpoint: str | os.PathLike[str] | None = None,
     seed: int = 0,
     fd_step: float | None = None,
-    jvp: Literal["forward", "double_backward"] = "forward",
+    jvp: Literal["forward", "double_backward", "vjp"] = "forward",
     progress: bool = False,
 ) -> EMS:
     """Estimate the EMS of a (guided) denoiser (App. C.1.1).
@@ -707,7 +714,10 @@ def estimate_ems(
         seed: seed of the noise ``z`` (noised mode) and the probes (default 0).
         fd_step: ``lambda`` step of the central difference (default 1e-3 for float64,
             1e-2 otherwise).
-        jvp: ``"forward"`` (``torch.func.jvp``, default) or ``"double_backward"``.
+        jvp: how the probes meet the Jacobian: ``"forward"`` (``torch.func.jvp``, default),
+            ``"double_backward"`` (``torch.autograd.functional.jvp``, for functions forward
+            mode cannot trace) or ``"vjp"`` (one reverse pass, ``v * J^T v``: the same
+            expectation; measured 2x cheaper than forward mode on the digits network, CPU).
         progress: show a progress bar on stderr.
     """
     if (data is None) == (noise is None):
@@ -725,7 +735,7 @@ def estimate_ems(
     m = check_int("points", points, minimum=4)
     check_int("probes", probes, minimum=1)
     ck = check_int("chunk", chunk, minimum=1)
-    check_choice("jvp", jvp, ("forward", "double_backward"))
+    check_choice("jvp", jvp, ("forward", "double_backward", "vjp"))
     pred = str(prediction)
     w = check_finite_float("guidance_scale", guidance_scale)
     lo, hi = _grid_range(schedule, lam_range)
