@@ -94,6 +94,7 @@ __all__ = [
     "EMSSpline",
     "States",
     "estimate_ems",
+    "host_to_device",
     "mixture_ems",
     "mixture_x0_and_diag",
     "schedule_fingerprint",
@@ -470,6 +471,18 @@ def _natural_spline(values: Tensor, delta: float) -> Tensor:
     return torch.stack([c0, c1, c2, c3], dim=1)
 
 
+def host_to_device(
+    values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Host numbers as a tensor on ``device`` without a host-device synchronisation: on
+    CUDA through pinned memory with ``non_blocking=True`` (a plain copy from pageable
+    memory would wait for the work queued before it, e.g. the last network call)."""
+    t = torch.tensor(list(values), dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(frozen=True)
 class EMSSpline:
     """``l, s, b`` as functions of ``lambda`` (natural cubic splines through the grid) with
@@ -528,8 +541,8 @@ class EMSSpline:
         """``(values, integrals)`` at the points ``lambda_j + off``: values ``(3, P, *shape)``
         of l, s, b and integrals ``(2, P, *shape)`` of ``L, S`` (from the grid start)."""
         dev, dt = self.coef.device, self.coef.dtype
-        index = torch.tensor(list(idx), dtype=torch.long, device=dev)
-        d = torch.tensor(list(off), dtype=dt, device=dev).view(1, -1, *([1] * (self.coef.ndim - 3)))
+        index = host_to_device(idx, torch.long, dev)
+        d = host_to_device(off, dt, dev).view(1, -1, *([1] * (self.coef.ndim - 3)))
         c = self.coef[:, index]  # (3, P, 4, *shape)
         c0, c1, c2, c3 = c[:, :, 0], c[:, :, 1], c[:, :, 2], c[:, :, 3]
         values = c0 + d * (c1 + d * (c2 + d * c3))

@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_finite_float, check_int
-from ..ems import EMS, EMSSpline
+from ..ems import EMS, EMSSpline, host_to_device
 from ..schedules import Knot, NoiseSchedule
 from .base import (
     Form,
@@ -155,8 +155,9 @@ def _gauss(p: float, q: float) -> tuple[list[float], list[float]]:
 
 
 def _column(values: Sequence[float], like: Tensor) -> Tensor:
-    """Host floats as a ``(P, 1, ..., 1)`` tensor broadcasting against ``like[0]``."""
-    t = torch.tensor(list(values), dtype=like.dtype, device=like.device)
+    """Host floats as a ``(P, 1, ..., 1)`` tensor broadcasting against ``like[0]`` (copied
+    without a host-device synchronisation, :func:`~dpmsolver.ems.host_to_device`)."""
+    t = host_to_device(values, like.dtype, like.device)
     return t.view(-1, *([1] * (like.ndim - 1)))
 
 
