@@ -15,6 +15,8 @@
 (c) The built-in digits network (eps prediction, SD schedule, guidance 3, null label 10):
     cost of an EMS pass (network calls, seconds, peak memory) and error against its
     reference sample (:func:`dpmsolver.bench.accuracy.digits_problem`) by NFE.
+(d) v3's settings (order 2/3, each corrector) on the mixture problem at guidance 1 and 7.5
+    with estimated trajectory statistics, beside UniPC of orders 2 and 3.
 
 The paper (abstract) claims a 15%~30% speed-up over the previous best training-free
 solvers at 5~10 NFE; the "speed-up" columns give, for each v3 error, how many more NFE the
@@ -298,6 +300,40 @@ def section_b(sizes: Sizes, log: Callable[[str], None]) -> str:
     return "".join(out)
 
 
+def section_d(sizes: Sizes, log: Callable[[str], None]) -> str:
+    """v3's settings (order, corrector) with trajectory statistics, beside UniPC-3."""
+    out = [
+        "### (d) Settings, mixture problem, estimated trajectory statistics\n\n"
+        "Same problem and statistics as (b) (est. traj.). `pseudo`/`same` are the official "
+        "correctors (`c_pseudo` True/False), `full` the UniC-like one (p + 1 nodes).\n"
+    ]
+    for w in (1.0, 7.5):
+        t0 = time.perf_counter()
+        problem = mixture_problem(w, seed=2)
+        mix = problem.denoiser.mixture  # type: ignore[attr-defined]
+        sched = problem.schedule
+        rng = (sched.knot(sched.t_max).lam, sched.knot(sched.t_min).lam)
+        den = MixtureDenoiser(mix, y=torch.arange(64) % mix.num_classes, guidance_scale=w)
+        noise = torch.randn(sizes.b_est, mix.dim, generator=torch.Generator().manual_seed(32),
+                            dtype=torch.float64)
+        ems = estimate_ems(den, sched, noise=noise, prediction="eps", guidance_scale=w,
+                           batch_size=64, points=sizes.b_points, lam_range=rng)
+        rows = []
+        for order in (2, 3):
+            for corrector in ("off", "pseudo", "same", "full"):
+                solver = get_solver("dpmv3", order, ems=ems, corrector=corrector)
+                rows.append([f"v3 order {order}, corrector {corrector}",
+                             *(_fmt(run_solver(problem, solver, n)) for n in sizes.b_nfes)])
+        for order in (2, 3):
+            solver = get_solver("unipc", order)
+            rows.append([f"unipc order {order}",
+                         *(_fmt(run_solver(problem, solver, n)) for n in sizes.b_nfes)])
+        out.append(f"\n**guidance {w:g}** (NFE across)\n\n"
+                   + _table(["method", *map(str, sizes.b_nfes)], rows))
+        log(f"(d) w={w:g}: {time.perf_counter() - t0:.0f}s")
+    return "".join(out)
+
+
 # ----------------------------------------------------------------------------------------
 # (c) the digits network
 # ----------------------------------------------------------------------------------------
@@ -422,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = (__doc__ or "").split("\n\n")[0]
     p = argparse.ArgumentParser(prog="python -m dpmsolver.bench.v3_study", description=doc)
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    p.add_argument("--sections", default="abc", help="which sections to run (default abc)")
+    p.add_argument("--sections", default="abcd", help="which sections to run (default abcd)")
     p.add_argument("--out", help="also write the markdown to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -434,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parts = ["## DPM-Solver-v3 study\n\nRegenerate: `python -m dpmsolver.bench.v3_study"
              + (" --quick" if args.quick else "") + "`\n"]
-    sections = {"a": section_a, "b": section_b, "c": section_c}
+    sections = {"a": section_a, "b": section_b, "c": section_c, "d": section_d}
     for key in args.sections:
         parts.append("\n" + sections[key](sizes, log))
     text = "".join(parts)
