@@ -35,13 +35,21 @@ When ``l = 1, s = b = 0`` the formulation is DPM-Solver++'s data-prediction one 
 A.2; the official code's ``degenerated=True``).
 
 Equation numbers. We could not read the paper's full text from this workplace (only its
-abstract, the official repository ``thu-ml/DPM-Solver-v3`` and the EMS-computation script
-that accompanies it), so definitions are cited by section and by the official code's names
-(``l``, ``s``, ``b``, ``f``, ``f_d``, ``L``, ``S``, ``B``, ``I``, ``C``). The one number we
-could confirm is Eq. (8), the (n+1)-th order local approximation with coefficients a, b, c
-(Fig. 2's caption refers to it), which :mod:`dpmsolver.solvers.v3` implements.
+abstract, the official repository ``thu-ml/DPM-Solver-v3``, whose ``dpm_solver_v3.py``
+consumes precomputed ``l.npz``/``sb.npz``, and a public EMS-computation script in the
+score_sde codebase's layout that follows App. C.1.1: ``l`` from Rademacher JVPs, ``l'`` by
+smoothed central differences, ``s, b`` by least squares), so definitions are cited by
+section and by the official code's names (``l``, ``s``, ``b``, ``f``, ``f_d``, ``L``, ``S``,
+``B``, ``I``, ``C``). The one number we could confirm is Eq. (8), the (n+1)-th order local
+approximation with coefficients a, b, c (Fig. 2's caption refers to it), which
+:mod:`dpmsolver.solvers.v3` implements.
 
-Where we differ from the official EMS computation (deliberately, documented here):
+Where we differ from that computation (deliberately, documented here):
+
+- Where the expectations are taken: besides the paper's noised samples
+  (``x_lambda = alpha x0 + sigma z``), :func:`estimate_ems` can take them over the states
+  of the model's own ODE trajectories (``noise=``). With guidance the two differ, and only
+  the trajectories are what a sampler meets (``benchmarks/v3_study.md``, (b)).
 
 - Common random numbers: every grid point uses the same data samples, the same noise ``z``
   and the same probes ``v`` (``x_lambda = alpha x0 + sigma z``), so the estimates are smooth
@@ -691,9 +699,10 @@ def estimate_ems(
       over the states of its trajectories, which the estimator integrates along the grid
       with the predictions it takes anyway (DPM-Solver++(3M), no extra evaluation). With
       guidance the ODE's marginals are not the noised samples' distribution, and only these
-      states are distributed like the ones a sampler meets (measured in
-      :mod:`dpmsolver.bench.v3_study`: at guidance 7.5 statistics of noised samples make
-      v3 worse than DPM-Solver++, trajectory statistics make it better).
+      states are distributed like the ones a sampler meets. Measured on the exact guided
+      mixture (:mod:`dpmsolver.bench.v3_study`, (b)): at guidance 7.5 and 15, from 8 NFE
+      on, v3 with statistics of noised own samples is less accurate than DPM-Solver++(2M)
+      (12x at 7.5, 25 NFE); with trajectory statistics it is more accurate at every NFE.
 
     At each grid point ``lambda_j`` the estimator takes, per sample, ``x0_hat = D(x)`` and
     ``v * (grad_x D v)`` with one Jacobian-vector product per Rademacher probe ``v``, and

@@ -23,8 +23,9 @@ solvers at 5~10 NFE; the "speed-up" columns give, for each v3 error, how many mo
 better of dpmpp_2m / unipc needs to reach it (log-log interpolation of its best-so-far
 curve; ">" where it never does within 25 NFE).
 
-Run ``python -m dpmsolver.bench.v3_study [--quick] [--out FILE]`` (one thread; about
-15 minutes on one CPU core, ``--quick`` about one).
+Run ``python -m dpmsolver.bench.v3_study [--quick] [--sections abcd] [--out FILE]`` (one
+thread; the full run took 25 minutes on a shared CPU core, the digits reference sample
+alone 5 of them; ``--quick`` about 4).
 """
 
 from __future__ import annotations
@@ -74,12 +75,13 @@ class Sizes:
     b_nfes: tuple[int, ...] = NFES
     c_points: int = 60
     c_samples: int = 192
+    c_batch: int = 32
     c_nfes: tuple[int, ...] = NFES
 
 
 QUICK = Sizes(
     a_points=20, a_exact=1024, a_counts=(64, 256), b_points=40, b_exact=256, b_est=128,
-    b_nfes=(5, 10), c_points=12, c_samples=64, c_nfes=(5, 10),
+    b_nfes=(5, 10), c_points=12, c_samples=64, c_batch=4, c_nfes=(5, 10),
 )
 
 
@@ -419,7 +421,7 @@ def section_c(sizes: Sizes, log: Callable[[str], None], w: float = 3.0) -> str:
             ])
             log(f"(c) EMS pass {kind} {how}: {seconds:.0f}s")
     t0 = time.perf_counter()
-    problem = digits_problem(w, batch=32)
+    problem = digits_problem(w, batch=sizes.c_batch)
     log(f"(c) reference {time.perf_counter() - t0:.0f}s")
     methods: dict[str, Callable[[int], Solver]] = {
         "dpmpp_2m": lambda n: get_solver("dpmpp_2m"),
@@ -447,7 +449,7 @@ def section_c(sizes: Sizes, log: Callable[[str], None], w: float = 3.0) -> str:
         "``vjp`` passes):\n\n"
         + _table(["states", "probes by", "samples", "grid points", "denoiser calls",
                   "sample-evaluations", "seconds", "peak RSS increase", "peak RSS"], cost_rows)
-        + "\nRMS error against the reference sample (`digits_problem(3, batch=32)`, "
+        + f"\nRMS error against the reference sample (`digits_problem(3, batch={sizes.c_batch})`, "
         "Dormand-Prince at rtol 1e-6):\n\n"
         + _table(["NFE", *methods, "speed-up traj.", "speed-up noised"], rows)
     )
