@@ -168,7 +168,8 @@ def ancestral_knots(ctx: StepContext, eta: float) -> tuple[Knot, float]:
         return ctx.t, 0.0
     up = min(s_to, eta * math.sqrt(max(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0)))
     down = math.sqrt(max(s_to**2 - up**2, 0.0))
-    return ctx.schedule.knot_at_lambda(-math.log(down)), up
+    # eta > 1 can take all of sigma_to as noise: the deterministic part goes to sigma = 0.
+    return ctx.schedule.knot_at_lambda(-math.log(down) if down > 0 else math.inf), up
 
 
 @dataclass(frozen=True)
