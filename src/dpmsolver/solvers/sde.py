@@ -20,7 +20,10 @@ so that the noise injected on the way to ``s1`` is part of the noise of the whol
 **Ancestral** steps (k-diffusion's ``get_ancestral_step``): in k-diffusion sigmas,
 ``sigma_up = min(sigma', eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2))`` and
 ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``; a deterministic step to ``sigma_down`` is
-followed by ``sigma_up`` noise. Used by ``euler_ancestral`` and ``dpmpp_2s_ancestral``.
+followed by ``sigma_up`` noise. Used by ``euler_ancestral``, ``dpmpp_2s_ancestral`` and
+``dpm_2_ancestral``.
+
+``s_noise`` (k-diffusion's name) scales the injected noise; 1 (the default) is the method.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def _check_eta(eta: float) -> None:
         raise ValueError(f"eta must be >= 0, got {eta}")
 
 
+def _check_s_noise(s_noise: float) -> None:
+    check_finite_float("s_noise", s_noise)
+    if s_noise < 0:
+        raise ValueError(f"s_noise must be >= 0, got {s_noise}")
+
+
 @dataclass(frozen=True)
 class MultistepSDESolver(MultistepDPMSolver):
     """SDE-DPM-Solver++ multistep (data prediction), orders 1-3 (2M SDE, 3M SDE).
@@ -64,13 +73,17 @@ class MultistepSDESolver(MultistepDPMSolver):
     Args:
         order, variant, third_order: as :class:`~.multistep.MultistepDPMSolver`.
         eta: noise fraction (default 1.0; 0 gives the ODE solver exactly).
+        s_noise: scale of the injected noise (default 1.0, the method; k-diffusion's
+            ``s_noise``).
     """
 
     eta: float = 1.0
+    s_noise: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_eta(self.eta)
+        _check_s_noise(self.s_noise)
         if self.form is not Form.DATA:
             raise ValueError("the SDE solvers integrate the data prediction (form=Form.DATA)")
 
@@ -88,9 +101,8 @@ class MultistepSDESolver(MultistepDPMSolver):
         ratio = (t.sigma / s.sigma) * math.exp(-self.eta * h)
         terms = multistep_terms(self, k, s, (1.0 + self.eta) * h, t.alpha, x0, state, h_ratio=h)
         out = combine(x, ratio, terms)
-        return out.add(
-            _noise(ctx, s, t), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h))
-        )
+        amplitude = t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)) * self.s_noise
+        return out.add(_noise(ctx, s, t), alpha=amplitude)
 
 
 @dataclass(frozen=True)
@@ -156,27 +168,33 @@ def ancestral_knots(ctx: StepContext, eta: float) -> tuple[Knot, float]:
         return ctx.t, 0.0
     up = min(s_to, eta * math.sqrt(max(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0)))
     down = math.sqrt(max(s_to**2 - up**2, 0.0))
-    return ctx.schedule.knot_at_lambda(-math.log(down)), up
+    # eta > 1 can take all of sigma_to as noise: the deterministic part goes to sigma = 0.
+    return ctx.schedule.knot_at_lambda(-math.log(down) if down > 0 else math.inf), up
 
 
 @dataclass(frozen=True)
 class AncestralSolver(SinglestepSolver):
     """Ancestral sampling around a singlestep base solver: deterministic step to
     ``sigma_down`` then ``sigma_up`` noise (k-diffusion ``sample_euler_ancestral`` /
-    ``sample_dpmpp_2s_ancestral``).
+    ``sample_dpmpp_2s_ancestral`` / ``sample_dpm_2_ancestral``).
 
     Args:
-        base: ``"ddim"`` (Euler ancestral) or ``"dpmpp_2s"`` (DPM-Solver++(2S) ancestral).
+        base: ``"ddim"`` (Euler ancestral), ``"dpmpp_2s"`` (DPM-Solver++(2S) ancestral) or
+            ``"dpm_2"`` (DPM-Solver-2 ancestral: the noise-prediction singlestep solver with
+            ``r1 = 1/2``, i.e. k-diffusion's ``sample_dpm_2`` step).
         eta: ancestral noise fraction (default 1.0; 0 gives the base solver).
+        s_noise: scale of the injected noise (default 1.0; k-diffusion's ``s_noise``).
     """
 
     order: int = 1
-    base: Literal["ddim", "dpmpp_2s"] = "ddim"
+    base: Literal["ddim", "dpmpp_2s", "dpm_2"] = "ddim"
     eta: float = 1.0
+    s_noise: float = 1.0
 
     def __post_init__(self) -> None:
-        check_choice("base", self.base, ("ddim", "dpmpp_2s"))
+        check_choice("base", self.base, ("ddim", "dpmpp_2s", "dpm_2"))
         _check_eta(self.eta)
+        _check_s_noise(self.s_noise)
         check_choice("order", self.order, (1,) if self.base == "ddim" else (1, 2))
 
     @property
@@ -184,6 +202,8 @@ class AncestralSolver(SinglestepSolver):
         return self.eta > 0
 
     def _base(self) -> Solver:
+        if self.base == "dpm_2":
+            return SinglestepDPMSolver(order=self.order, form=Form.NOISE)
         return SinglestepDPMSolver(order=self.order)
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
@@ -194,7 +214,7 @@ class AncestralSolver(SinglestepSolver):
         x_down, _ = self._base().step(replace(ctx, t=down, order=order), x, x0, state)
         # back from the sigma_down knot to t's scale: x~ is shared, x = alpha x~
         out = x_down * (ctx.t.alpha / down.alpha) if down.alpha != ctx.t.alpha else x_down
-        return out.add(_noise(ctx, ctx.s, ctx.t), alpha=ctx.t.alpha * up), state
+        return out.add(_noise(ctx, ctx.s, ctx.t), alpha=ctx.t.alpha * up * self.s_noise), state
 
 
 register(
@@ -250,6 +270,19 @@ register(
         default_order=2,
         description="DPM-Solver++(2S) ancestral (k-diffusion)",
         reference="Lu et al. 2022, DPM-Solver++ Alg. 1; k-diffusion sample_dpmpp_2s_ancestral",
+        configurations=({"order": 2},),
+    )
+)
+register(
+    SolverInfo(
+        name="dpm_2_ancestral",
+        cls=AncestralSolver,
+        fixed={"base": "dpm_2"},
+        orders=(1, 2),
+        default_order=2,
+        description="DPM-Solver-2 ancestral (k-diffusion): noise-prediction DPM-Solver-2 "
+        "(r1 = 1/2) to sigma_down plus sigma_up noise",
+        reference="Lu et al. 2022, DPM-Solver Alg. 1; k-diffusion sample_dpm_2_ancestral",
         configurations=({"order": 2},),
     )
 )
