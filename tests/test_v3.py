@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import dpmsolver as dp
-from dpmsolver.orders import ExactProblem, exact_problem, measure_order, run_fixed, slope
 from dpmsolver.ems import (
     EMS,
     EMSFingerprint,
@@ -24,6 +23,7 @@ from dpmsolver.ems import (
     mixture_x0_and_diag,
     schedule_fingerprint,
 )
+from dpmsolver.orders import ExactProblem, exact_problem, measure_order, run_fixed, slope
 from dpmsolver.solvers.v3 import (
     DPMSolverV3,
     interpolation_matrix,

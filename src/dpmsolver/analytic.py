@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._validate import check_choice, check_int
 from .denoiser import Denoiser
-from .parameterization import PREDICTIONS, Prediction, data_coefficients
+from .parameterization import PREDICTIONS, Prediction, from_data
 from .schedules import Knot, NoiseSchedule
 
 __all__ = [
@@ -231,8 +231,8 @@ class MixtureNetwork:
         sigma = self.schedule.sigma(tt).expand(x.shape[0])
         x0 = self.mixture.x0(x, alpha, sigma, y).to(torch.float64)
         shape = (-1,) + (1,) * (x.ndim - 1)
-        cx, co = data_coefficients(self.prediction, alpha.view(shape), sigma.view(shape))  # type: ignore[arg-type]
-        out = (x0 - cx * x.to(torch.float64)) / co
+        a, s = alpha.view(shape), sigma.view(shape)
+        out = from_data(x0, x.to(torch.float64), a, s, self.prediction)  # type: ignore[arg-type]
         return out.to(x.dtype)
 
 
