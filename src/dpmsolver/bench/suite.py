@@ -31,6 +31,7 @@ guidance scale and NFE, the best peer configuration (:mod:`.peer_suite`) against
 from __future__ import annotations
 
 import argparse
+import gzip
 import math
 import sys
 import time
@@ -927,6 +928,25 @@ def _ratio(r: BaselineRow) -> float:
     return max(r.ours, 1e-300) / max(r.best_peer, 1e-300)
 
 
+def _read_text(path: str) -> str:
+    """A text file, gunzipped if its name ends in ``.gz``."""
+    if path.endswith(".gz"):
+        with gzip.open(path, "rt") as f:
+            return f.read()
+    with open(path) as f:
+        return f.read()
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write a text file, gzipped (reproducibly: no name or time stamp) if ``.gz``."""
+    if path.endswith(".gz"):
+        with open(path, "wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as f:
+            f.write(text.encode())
+        return
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dpmsolver.bench.suite [--quick] [--out FILE.md] [--csv FILE.csv] ...``:
     the baseline table as markdown on stdout (and in ``--out``), every error in ``--csv``."""
@@ -938,13 +958,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--guidance", default=None, help="comma-separated (default 1,3,7.5,15)")
     ap.add_argument("--nfe", default=None, help="comma-separated (default 5,...,25)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
-    ap.add_argument("--csv", default=None, help="write every configuration's error here")
+    ap.add_argument(
+        "--csv", default=None, help="write every configuration's error here (.gz: gzipped)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--from-csv", default=None, help="re-render a run's CSV; run nothing")
     args = ap.parse_args(argv)
     if args.from_csv:
-        with open(args.from_csv) as f:
-            old_rows = rows_from_csv(f.read())
+        old_rows = rows_from_csv(_read_text(args.from_csv))
         names = list(dict.fromkeys(r.problem for r in old_rows))
         print(baseline_markdown(old_rows, [get_problem(n) for n in names]))
         return 0
@@ -992,8 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.out, "w") as f:
             f.write(text)
     if args.csv:
-        with open(args.csv, "w") as f:
-            f.write(baseline_csv(rows))
+        _write_text(args.csv, baseline_csv(rows))
     return 0
 
 
