@@ -204,8 +204,9 @@ def test_problems_span_the_stated_structure() -> None:
         "flow_shift3",
     }
     for p in probs:  # the data scale is what the spec says
-        if not p.spec.today:  # type: ignore[attr-defined]
-            assert p.data_std == pytest.approx(p.spec.data_std, rel=1e-9)  # type: ignore[attr-defined]
+        spec = p.spec  # type: ignore[attr-defined]
+        if not spec.today:
+            assert p.data_std == pytest.approx(spec.data_std, rel=1e-9)
     ill = [p.features["condition"] for p in probs if p.features["covariance"] == "illcond"]
     assert min(ill) > 1e3
 
@@ -335,7 +336,7 @@ def test_the_digits_network_fits_the_problem_interface() -> None:
 
 def test_baseline_driver_writes_its_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "b.md"
-    csv = tmp_path / "b.csv"
+    csv = tmp_path / "b.csv.gz"
     assert (
         suite.main(
             [
@@ -357,4 +358,15 @@ def test_baseline_driver_writes_its_table(tmp_path) -> None:  # type: ignore[no-
     )
     text = out.read_text()
     assert "| iso2-sd |" in text and "ours / peer" in text and "Peer configurations" in text
-    assert csv.read_text().count("\n") > 30
+    assert "## Timing" in text
+    assert suite._read_text(str(csv)).count("\n") > 30
+    rows = suite.rows_from_csv(suite._read_text(str(csv)))
+    assert len(rows) == 1 and rows[0].problem == "iso2-sd" and rows[0].peers_run > 30
+    assert rows[0].best_peer == min(rows[0].errors.values())
+
+
+def test_missing_peer_packages_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peer_suite, "optional_import", lambda name: None)
+    assert {c.source for c in peer_suite._build_configs()} == {"k-diffusion"}
+    monkeypatch.setattr(peer_suite, "load_kdiffusion_sampling", lambda: None)
+    assert peer_suite._build_configs() == []

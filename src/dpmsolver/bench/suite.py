@@ -31,6 +31,7 @@ guidance scale and NFE, the best peer configuration (:mod:`.peer_suite`) against
 from __future__ import annotations
 
 import argparse
+import gzip
 import math
 import sys
 import time
@@ -54,12 +55,14 @@ from ..schedules import (
     VESchedule,
 )
 from ..timegrid import GridKind
+from .peers import optional_import
 
 __all__ = [
     "FEATURES",
     "GUIDANCE",
     "NFES",
     "SPECS",
+    "BaselineRow",
     "MixtureProblem",
     "MixtureSpec",
     "NetworkProblem",
@@ -72,6 +75,7 @@ __all__ = [
     "get_problem",
     "main",
     "make_schedule_named",
+    "rows_from_csv",
     "run_ours",
     "schedule_family",
     "suite_problems",
@@ -83,6 +87,7 @@ ScheduleName = Literal["sd", "vp_linear", "vp_cosine", "edm", "flow", "flow_shif
 Covariance = Literal["isotropic", "diagonal", "lowrank", "illcond"]
 
 GUIDANCE = (1.0, 3.0, 7.5, 15.0)
+OURS = "ours dpmpp_2m"
 NFES = (5, 6, 8, 10, 12, 15, 20, 25)
 
 
@@ -622,6 +627,10 @@ class BaselineRow:
         best_peer, best_label: the best peer configuration's error and label.
         peers_run: configurations that could spend exactly ``nfe``.
         reference_error: the reference's two-tolerance difference.
+        errors: every peer configuration's error (by label).
+        reference_evals, reference_seconds: what the two reference solves cost (shared by
+            the NFEs of one problem and guidance scale).
+        seconds: this cell's share of the time its problem and guidance scale took.
     """
 
     problem: str
@@ -636,6 +645,9 @@ class BaselineRow:
     reference_error: float
     data_std: float
     errors: dict[str, float] = field(default_factory=dict, repr=False)
+    reference_evals: int = 0
+    reference_seconds: float = 0.0
+    seconds: float = 0.0
 
 
 def baseline(
@@ -667,6 +679,7 @@ def baseline(
                     f"(> {check.tolerance:.2e})"
                 )
             ref = check.sample
+            first = len(rows)
             for nfe in nfes:
                 x, _ = run_ours(p, den, x_T, nfe)
                 ours = math.inf if x is None else _rms(x, ref)
@@ -692,6 +705,10 @@ def baseline(
                         errors,
                     )
                 )
+            took = time.perf_counter() - t0
+            for r in rows[first:]:
+                r.reference_evals, r.reference_seconds = check.evaluations, check.seconds
+                r.seconds = took / len(nfes)
             if log is not None:
                 log(
                     f"{p.name} w={w:g}: reference {check.evaluations} evals, error "
@@ -716,12 +733,15 @@ def baseline_markdown(rows: Sequence[BaselineRow], problems: Sequence[Problem]) 
     out = ["## Summary: our dpmpp_2m's error / the best peer's error\n"]
     out.append(
         "Geometric means over cells (a cell: problem, guidance, NFE); < 1 means ours is more "
-        'accurate. "ours non-finite" counts cells where our run went NaN/Inf.\n'
+        'accurate. "ours better" / "tied" count cells where ours is more accurate by more '
+        'than 1% / within 1%; "ours > 10x" cells where ours is over ten times less '
+        "accurate.\n"
     )
     out.append(
-        "| split | cells | geo-mean | median | worst | cells ours better | ours non-finite |"
+        "| split | cells | geo-mean | median | worst | ours better | tied | ours > 10x "
+        "| ours non-finite |"
     )
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for split in ("selection", "held_out", "all"):
         ratios = sorted(_ratio(r) for r in cells if split in ("all", r.split))
         if not ratios:
@@ -729,7 +749,9 @@ def baseline_markdown(rows: Sequence[BaselineRow], problems: Sequence[Problem]) 
         nonfinite = sum(not math.isfinite(v) for v in ratios)
         out.append(
             f"| {split} | {len(ratios)} | {_geomean(ratios)} | {ratios[len(ratios) // 2]:.2f} "
-            f"| {ratios[-1]:.3g} | {sum(v < 1 for v in ratios)} | {nonfinite} |"
+            f"| {ratios[-1]:.3g} | {sum(v < 0.99 for v in ratios)} "
+            f"| {sum(0.99 <= v <= 1.01 for v in ratios)} | {sum(v > 10 for v in ratios)} "
+            f"| {nonfinite} |"
         )
     for title, key, values in (
         ("NFE", "nfe", sorted({r.nfe for r in cells})),
@@ -762,6 +784,7 @@ def baseline_markdown(rows: Sequence[BaselineRow], problems: Sequence[Problem]) 
     out.append("|---|---|")
     for label, n in sorted(wins.items(), key=lambda kv: -kv[1])[:20]:
         out.append(f"| {label} | {n} |")
+    out += _fixed_peer_section(cells)
     out.append("\n## Problems\n")
     out.append(
         "| problem | split | schedule | dim | K | classes | covariance | rank | modes "
@@ -777,6 +800,16 @@ def baseline_markdown(rows: Sequence[BaselineRow], problems: Sequence[Problem]) 
             f"| {f.get('rank', '')} | {f.get('modes', '')} | {p.data_std:.2f} "
             f"| {'-' if not math.isfinite(cond) else f'{cond:.1e}'} |"
         )
+    if any(r.seconds > 0 for r in rows):
+        out.append("\n## Timing (one CPU thread)\n")
+        out.append("| problem | reference evaluations (per guidance) | reference s | total s |")
+        out.append("|---|---|---|---|")
+        for p in problems:
+            rs = [r for r in rows if r.problem == p.name]
+            by_w = {r.guidance: r for r in rs}
+            evals = ", ".join(str(r.reference_evals) for r in by_w.values())
+            ref_s = sum(r.reference_seconds for r in by_w.values())
+            out.append(f"| {p.name} | {evals} | {ref_s:.0f} | {sum(r.seconds for r in rs):.0f} |")
     for p in problems:
         rs = [r for r in rows if r.problem == p.name]
         if not rs:
@@ -799,22 +832,119 @@ def baseline_markdown(rows: Sequence[BaselineRow], problems: Sequence[Problem]) 
     return "\n".join(out) + "\n"
 
 
+CSV_COLUMNS = "problem,split,family,guidance,nfe,method,error,reference_error,data_std"
+
+
+def _fixed_peer_section(cells: Sequence[BaselineRow]) -> list[str]:
+    """The best peer of each cell is an oracle over ~55 configurations. The fairer
+    opponent: per schedule family, the one peer configuration that does best on the
+    selection half (geometric mean of its error over the per-cell best, among those that
+    can spend every NFE), scored on the held-out half."""
+    out = [
+        "\n### One peer configuration per family, chosen on the selection half\n",
+        "The per-cell best peer above is an oracle (the best of ~55 configurations in each "
+        "cell). Here one configuration per schedule family is chosen on the selection cells "
+        "(smallest geometric mean of its error / the cell's best; only configurations that "
+        "spend every NFE) and scored on the held-out cells.\n",
+        "| family | chosen on selection | selection: it / oracle | held out: it / oracle "
+        "| held out: ours / it | held out: ours / oracle |",
+        "|---|---|---|---|---|---|",
+    ]
+    for family in sorted({r.family for r in cells}):
+        sel = [r for r in cells if r.family == family and r.split == "selection"]
+        held = [r for r in cells if r.family == family and r.split == "held_out"]
+        if not sel or not held:
+            continue
+        common = set.intersection(*(set(r.errors) for r in sel))
+        if not common:
+            continue
+
+        def score(label: str, rows: Sequence[BaselineRow]) -> float:
+            vals = [r.errors.get(label, math.inf) / max(r.best_peer, 1e-300) for r in rows]
+            if not all(math.isfinite(v) and v > 0 for v in vals):
+                return math.inf
+            return math.exp(sum(math.log(v) for v in vals) / len(vals))
+
+        label = min(sorted(common), key=lambda c: score(c, sel))
+        mine = [r.ours / max(r.errors.get(label, math.inf), 1e-300) for r in held]
+        out.append(
+            f"| {family} | {label} | {score(label, sel):.2f} | {score(label, held):.2f} "
+            f"| {_geomean(mine)} | {_geomean([_ratio(r) for r in held])} |"
+        )
+    return out
+
+
 def baseline_csv(rows: Sequence[BaselineRow]) -> str:
-    """Every error of every cell as CSV: ``problem,split,family,guidance,nfe,method,error``
-    (our ``dpmpp_2m`` is the method ``ours dpmpp_2m``)."""
-    lines = ["problem,split,family,guidance,nfe,method,error"]
+    """Every error of every cell as CSV (:data:`CSV_COLUMNS`; our ``dpmpp_2m`` is the
+    method ``ours dpmpp_2m``)."""
+    lines = [CSV_COLUMNS]
     for r in rows:
         head = f"{r.problem},{r.split},{r.family},{r.guidance:g},{r.nfe}"
-        lines.append(f"{head},ours dpmpp_2m,{r.ours:.4g}")
+        tail = f"{r.reference_error:.3g},{r.data_std:.6g}"
+        lines.append(f"{head},{OURS},{r.ours:.4g},{tail}")
         for label, err in r.errors.items():
-            lines.append(f"{head},{label},{err:.4g}")
+            lines.append(f"{head},{label},{err:.4g},{tail}")
     return "\n".join(lines) + "\n"
+
+
+def rows_from_csv(text: str) -> list[BaselineRow]:
+    """The rows :func:`baseline_csv` wrote (to re-render or re-analyse a run)."""
+    lines = text.strip().splitlines()
+    if lines[0] != CSV_COLUMNS:
+        raise ValueError(f"expected the header {CSV_COLUMNS!r}")
+    cells: dict[tuple[str, float, int], BaselineRow] = {}
+    for line in lines[1:]:
+        problem, split, family, w, nfe, method, err, ref_err, std = line.split(",")
+        key = (problem, float(w), int(nfe))
+        if key not in cells:
+            cells[key] = BaselineRow(
+                problem,
+                split,
+                family,
+                float(w),
+                int(nfe),
+                math.inf,
+                math.inf,
+                "none",
+                0,
+                float(ref_err),
+                float(std),
+            )
+        row = cells[key]
+        if method == OURS:
+            row.ours = float(err)
+        else:
+            row.errors[method] = float(err)
+    for row in cells.values():
+        row.peers_run = len(row.errors)
+        if row.errors:
+            row.best_label, row.best_peer = min(row.errors.items(), key=lambda kv: kv[1])
+    return list(cells.values())
 
 
 def _ratio(r: BaselineRow) -> float:
     if not math.isfinite(r.ours):
         return math.inf
     return max(r.ours, 1e-300) / max(r.best_peer, 1e-300)
+
+
+def _read_text(path: str) -> str:
+    """A text file, gunzipped if its name ends in ``.gz``."""
+    if path.endswith(".gz"):
+        with gzip.open(path, "rt") as f:
+            return f.read()
+    with open(path) as f:
+        return f.read()
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write a text file, gzipped (reproducibly: no name or time stamp) if ``.gz``."""
+    if path.endswith(".gz"):
+        with open(path, "wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as f:
+            f.write(text.encode())
+        return
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -828,10 +958,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--guidance", default=None, help="comma-separated (default 1,3,7.5,15)")
     ap.add_argument("--nfe", default=None, help="comma-separated (default 5,...,25)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
-    ap.add_argument("--csv", default=None, help="write every configuration's error here")
+    ap.add_argument(
+        "--csv", default=None, help="write every configuration's error here (.gz: gzipped)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--from-csv", default=None, help="re-render a run's CSV; run nothing")
     args = ap.parse_args(argv)
+    if args.from_csv:
+        old_rows = rows_from_csv(_read_text(args.from_csv))
+        names = list(dict.fromkeys(r.problem for r in old_rows))
+        print(baseline_markdown(old_rows, [get_problem(n) for n in names]))
+        return 0
     torch.set_num_threads(args.threads)
+    diffusers = optional_import("diffusers")
+    if diffusers is not None:  # its schedulers warn on every construction in some configs
+        diffusers.utils.logging.set_verbosity_error()
     batch = args.batch or (64 if args.quick else 256)
     if args.problems:
         problems = [get_problem(n.strip()) for n in args.problems.split(",")]
@@ -872,8 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.out, "w") as f:
             f.write(text)
     if args.csv:
-        with open(args.csv, "w") as f:
-            f.write(baseline_csv(rows))
+        _write_text(args.csv, baseline_csv(rows))
     return 0
 
 
