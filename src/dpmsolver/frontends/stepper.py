@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..plan import boundary_update, is_boundary_step, plan_steps
 from ..schedules import Knot, NoiseSchedule
-from ..solvers import MultistepState, SinglestepSolver, Solver, StepContext
+from ..solvers import MultistepSolver, MultistepState, SinglestepSolver, Solver, StepContext
 
 __all__ = [
     "Combination",
@@ -44,6 +44,7 @@ __all__ = [
     "OneEvaluationStepper",
     "PinnedSchedule",
     "Program",
+    "boundary_take",
     "combine_registers",
     "compile_steps",
     "grouped_plan",
@@ -216,6 +217,27 @@ def probed_plan(
     return steps
 
 
+def boundary_take(
+    step: DrivenStep, index: int, x: Tensor, x0: Tensor, schedule: NoiseSchedule, state: Any
+) -> Tensor:
+    """A boundary step (:func:`dpmsolver.plan.boundary_update`) as a driver of diffusers'
+    timesteps takes it. A zero-length step (the repeated last level of diffusers'
+    ``"sigma_min"`` Karras and flow grids) moves nothing, but its evaluation is the model
+    output at the previous step's end, which a predictor-corrector solver uses to correct
+    that step (UniC after the last UniP, as ``UniPCMultistepScheduler`` does there); other
+    solvers leave the state as it is."""
+    s, t = step.s, step.t
+    if s.lam == t.lam and math.isfinite(s.lam) and isinstance(step.solver, MultistepSolver):
+        ctx = StepContext(index, s, t, 1, _no_evaluation, schedule)
+        m0 = step.solver.history_form().prediction(x0, x, s)
+        return step.solver.correct(ctx, x, m0, step.incoming(state))
+    return boundary_update(x, x0, s, t)
+
+
+def _no_evaluation(x: Tensor, knot: Knot) -> Tensor:
+    raise RuntimeError("a boundary step evaluates nothing")
+
+
 class _NeedEvaluation(Exception):  # control flow, not an error
     """Raised inside a replayed step at the first evaluation not yet received."""
 
@@ -299,7 +321,7 @@ class OneEvaluationStepper:
         assert self._x is not None and self._x0 is not None
         x, x0, s, t = self._x, self._x0, step.s, step.t
         if is_boundary_step(step.solver, s, t):  # sigma = 0, pure noise, or a repeated knot
-            return boundary_update(x, x0, s, t)
+            return boundary_take(step, index, x, x0, self.schedule, self._state)
         if step.solver.stochastic and draw_noise is None:
             raise ValueError(
                 f"{type(step.solver).__name__} is stochastic: a noise source is required"
@@ -602,7 +624,8 @@ class _Compiler:
         sym_state = _map_leaves(step.incoming(state), enter)
         x, x0 = basis.vector(samples[0]), x0_vector(0)
         if is_boundary_step(step.solver, step.s, step.t):
-            x_next, new_state = boundary_update(x, x0, step.s, step.t), sym_state
+            x_next = boundary_take(step, index, x, x0, self.schedule, state=sym_state)
+            new_state = sym_state
         else:
             ctx = StepContext(
                 index,
