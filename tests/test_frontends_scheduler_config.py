@@ -317,3 +317,18 @@ def test_a_start_inside_a_singlestep_step_finishes_it_first_order() -> None:
             calls += 1
         assert calls == len(scheduler.timesteps) - begin == scheduler.step_index - begin
         assert torch.isfinite(x).all()
+
+
+def test_set_timesteps_reuses_its_plan_until_the_config_changes() -> None:
+    """Pipelines set the same timesteps for every generation: the compiled plan is kept
+    for repeated arguments, and rebuilt when the arguments or the config change."""
+    scheduler = DPMSolverScheduler(solver="auto", **SD)
+    scheduler.set_timesteps(8)
+    first = scheduler._compiled[0]
+    scheduler.set_timesteps(10)
+    scheduler.set_timesteps(8)
+    assert scheduler._compiled[0] is first
+    scheduler.register_to_config(guidance_scale=1.0)
+    scheduler.set_timesteps(8)
+    assert scheduler._compiled[0] is not first
+    assert scheduler.solver == recommend(8, 1.0).build_solver() != recommend(8, 7.5).build_solver()

@@ -245,6 +245,29 @@ def _no_denoiser(x: Tensor, knot: Knot) -> Tensor:
     raise RuntimeError("the scheduler thresholds data predictions it is given; it never denoises")
 
 
+def _values(seq: Sequence[float] | None) -> tuple[float, ...] | None:
+    if seq is None:
+        return None
+    return tuple(torch.as_tensor(seq, dtype=torch.float64).flatten().tolist())
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What ``set_timesteps`` builds for one set of arguments under one config."""
+
+    config: Any
+    solver: Solver
+    layout: str
+    orders: list[int] | None
+    knots: list[Knot]
+    pinned: NoiseSchedule
+    full_plan: list[DrivenStep]
+    compiled: dict[int, Program]
+    times: list[float]
+    levels: list[float]
+    order: int
+
+
 class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     """A diffusers scheduler running any registered dpmsolver solver.
 
@@ -474,6 +497,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._orders: list[int] | None = None
         self._pinned: NoiseSchedule = self.schedule
         self._compiled: dict[int, Program] = {}
+        self._prepared: dict[tuple[Any, ...], _Prepared] = {}
         self._stepper: CompiledStepper | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
@@ -825,6 +849,38 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             raise ValueError(
                 "use_dynamic_shifting=True needs mu in set_timesteps (as Flux / SD3 pass it)"
             )
+        key = (num_inference_steps, _values(timesteps), _values(sigmas), mu)
+        prepared = self._prepared.get(key)
+        if prepared is None or prepared.config is not self.config:
+            prepared = self._prepare(num_inference_steps, timesteps, sigmas, mu)
+            self._prepared = {**dict(list(self._prepared.items())[-3:]), key: prepared}
+        (self.solver, self._layout, self._orders, self._knots, self._pinned) = (
+            prepared.solver,
+            prepared.layout,
+            prepared.orders,
+            prepared.knots,
+            prepared.pinned,
+        )
+        self._full_plan, self._compiled = prepared.full_plan, prepared.compiled
+        integral = not self.is_flow and all(float(v).is_integer() for v in prepared.times)
+        self.timesteps = torch.tensor(
+            prepared.times, dtype=torch.int64 if integral else torch.float32, device=device
+        )
+        self.sigmas = torch.tensor(prepared.levels, dtype=torch.float32)
+        self.num_inference_steps = len(prepared.times)
+        self.order = prepared.order
+        self._stepper, self._step_index, self._begin_index = None, None, None
+
+    def _prepare(
+        self,
+        num_inference_steps: int | None,
+        timesteps: Sequence[float] | None,
+        sigmas: Sequence[float] | None,
+        mu: float | None,
+    ) -> _Prepared:
+        """Grid, plan and compiled program for these arguments (cached by set_timesteps:
+        pipelines set the same timesteps for every generation)."""
+        custom = timesteps if timesteps is not None else sigmas
         self._orders = None
         recipe_knots: list[Knot] | None = None
         if self._policy:
@@ -850,17 +906,19 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._pinned = PinnedSchedule(self.schedule, knots)
         self._full_plan = self._plan(0)
         evals = [k for st in self._full_plan for k in st.evals]
-        times = [k.model_t for k in evals]
-        integral = not self.is_flow and all(float(v).is_integer() for v in times)
-        self.timesteps = torch.tensor(
-            times, dtype=torch.int64 if integral else torch.float32, device=device
+        return _Prepared(
+            config=self.config,
+            solver=self.solver,
+            layout=self._layout,
+            orders=self._orders,
+            knots=knots,
+            pinned=self._pinned,
+            full_plan=self._full_plan,
+            compiled={0: self._compile(self._full_plan)},
+            times=[k.model_t for k in evals],
+            levels=[self._level(k) for k in [*evals, knots[-1]]],
+            order=self._evaluations_per_step(),
         )
-        levels = [self._level(k) for k in [*evals, knots[-1]]]
-        self.sigmas = torch.tensor(levels, dtype=torch.float32)
-        self.num_inference_steps = len(times)
-        self.order = self._evaluations_per_step()
-        self._compiled = {0: self._compile(self._full_plan)}
-        self._stepper, self._step_index, self._begin_index = None, None, None
 
     def _own_grid_allowed(self) -> bool:
         """A policy's recipe brings its own grid when sampling (not inverting)."""

@@ -443,17 +443,22 @@ class _Reg:
     factor: float
 
 
+_ATOMS = (Knot, int, float, bool, str, type(None))
+
+
 def _map_leaves(obj: Any, fn: Callable[[Any], Any]) -> Any:
     """``obj`` with every Tensor or :class:`_Reg` leaf replaced by ``fn(leaf)`` (through
     tuples, lists and dataclasses); unchanged objects are returned as they are."""
     if isinstance(obj, (Tensor, _Reg)):
         return fn(obj)
+    if isinstance(obj, _ATOMS):
+        return obj
     if isinstance(obj, (tuple, list)):
         items = [_map_leaves(v, fn) for v in obj]
         if all(a is b for a, b in zip(items, obj, strict=True)):
             return obj
         return type(obj)(items)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, (type, Knot)):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         changes = {}
         for f in dataclasses.fields(obj):
             if not f.init:
