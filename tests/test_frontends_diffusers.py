@@ -749,3 +749,33 @@ def test_custom_timesteps_match_diffusers() -> None:
     mine = denoise(ours, net, x, timesteps=custom)
     assert ours.timesteps.tolist() == custom
     assert (mine - theirs).abs().max() < 1e-5
+
+
+def test_continuous_timesteps_match_euler_discrete() -> None:
+    """``timestep_type="continuous"`` with v-prediction (EulerDiscreteScheduler's
+    EDM-style networks take ``0.25 log(sigma~)``): our Euler (DDIM) on that config is
+    diffusers' Euler, network times included. Both start from the same state (diffusers'
+    Euler scales its initial noise by sigma_max rather than sqrt(sigma_max^2 + 1) with
+    "linspace" spacing, a convention of its own)."""
+    peer = diffusers.EulerDiscreteScheduler(
+        **SD_BETAS,
+        prediction_type="v_prediction",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    ours = DPMSolverScheduler.from_config(peer.config, solver="euler")
+
+    def net(x: Tensor, t: Tensor, i: int) -> Tensor:
+        s = math.exp(4 * float(t))
+        alpha = 1 / math.sqrt(1 + s * s)
+        x0 = MIX.x0(x, alpha, s * alpha).double()
+        return from_data(x0, x.double(), alpha, s * alpha, "v").to(x.dtype)
+
+    for s in (peer, ours):
+        s.set_timesteps(10)
+    assert torch.allclose(ours.timesteps, peer.timesteps, rtol=0, atol=1e-6)
+    x = noise()
+    theirs = x * math.sqrt(1 + float(peer.sigmas[0]) ** 2)  # x~ = x / alpha
+    for i, t in enumerate(peer.timesteps):
+        theirs = peer.step(net(peer.scale_model_input(theirs, t), t, i), t, theirs).prev_sample
+    assert (denoise(ours, net, x, 10) - theirs).abs().max() < 1e-5

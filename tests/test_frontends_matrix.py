@@ -66,6 +66,15 @@ CONFIGS.update(
             {**SD, "use_lu_lambdas": True, "final_sigmas_type": "sigma_min"},
         ),
         "beta-sigmas": ("EulerDiscreteScheduler", {**SD, "use_beta_sigmas": True}),
+        "continuous-v": (
+            "EulerDiscreteScheduler",
+            {
+                **SD,
+                "prediction_type": "v_prediction",
+                "timestep_type": "continuous",
+                "use_karras_sigmas": True,
+            },
+        ),
         "threshold-below-1": (
             "DPMSolverMultistepScheduler",
             {"thresholding": True, "sample_max_value": 0.8},

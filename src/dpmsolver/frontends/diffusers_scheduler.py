@@ -23,6 +23,10 @@ How a config maps to a solver (:meth:`DPMSolverScheduler.from_config`):
   its own default order. ``solver_type`` applies where it names the solver's update
   (DPM-Solver's ``midpoint`` / ``heun``, with diffusers' reading of ``bh1`` / ``bh2`` /
   ``logrho`` as ``midpoint``; UniPC's ``bh1`` / ``bh2``) and is ignored elsewhere.
+  Other algorithms' keys (``algorithm_type``, ``predict_x0``, ``disable_corrector``,
+  ``solver_p``, PNDM's ``skip_prk_steps``, DDIM's ``clip_sample``, ...) never reach a solver
+  that has no such option; UniPC's ``solver_p`` (another scheduler as predictor) is not
+  followed: ``"unipc"`` runs its own UniP predictor.
 - The grid is the config's whatever the solver: UniPC and DEIS configs keep their own
   timestep conventions (``grid_convention``), and a DEIS config ends where
   ``DEISMultistepScheduler`` does (the least noisy training level, ``sigma_min``).
@@ -245,6 +249,12 @@ def _no_denoiser(x: Tensor, knot: Knot) -> Tensor:
     raise RuntimeError("the scheduler thresholds data predictions it is given; it never denoises")
 
 
+def _continuous_time(knot: Knot) -> float:
+    """``timestep_type="continuous"``: the network time ``0.25 log(sigma~)``, in float32 as
+    EulerDiscreteScheduler computes it."""
+    return float(torch.tensor(knot.ksigma, dtype=torch.float32).log() * 0.25)
+
+
 def _values(seq: Sequence[float] | None) -> tuple[float, ...] | None:
     if seq is None:
         return None
@@ -330,6 +340,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             ``FlowMatchEulerDiscreteScheduler``'s flow-matching grid (pipelines read the
             ``*_seq_len`` / ``*_shift`` keys to compute ``mu``). ``invert_sigmas`` and
             ``stochastic_sampling`` must be False.
+        timestep_type: ``"discrete"`` (default) or ``"continuous"``: with
+            ``v_prediction`` the network takes ``0.25 log(sigma/alpha)`` as its time, as in
+            ``EulerDiscreteScheduler`` (EDM-style networks).
         grid_convention: whose small differences in building the grid to follow,
             ``"dpmsolver"`` (default), ``"unipc"`` or ``"deis"`` (set by ``from_config``
             from the config's scheduler): UniPC's flow levels start at ``1 - 1e-6`` and
@@ -395,6 +408,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         grid_convention: str = "dpmsolver",
         guidance_scale: float = 7.5,
         differentiable: bool = False,
+        timestep_type: str = "discrete",
     ) -> None:
         check_choice("prediction_type", prediction_type, tuple(PREDICTION_TYPES))
         check_choice("variance_type", variance_type, (None, *_FIXED_VARIANCES, *_LEARNED_VARIANCES))
@@ -404,6 +418,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         check_choice("singlestep_layout", singlestep_layout, (None, "grid", "solver"))
         check_choice("grid_convention", grid_convention, GRID_CONVENTIONS)
         check_choice("solver_type", solver_type, (None, *SOLVER_TYPES))
+        check_choice("timestep_type", timestep_type, ("discrete", "continuous"))
         check_finite_float("guidance_scale", guidance_scale)
         for name, value in (
             ("invert_sigmas", invert_sigmas),
@@ -453,6 +468,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._learned_variance = variance_type in _LEARNED_VARIANCES
 
         self.is_flow = prediction_type == "flow_prediction"
+        # EulerDiscreteScheduler's EDM-style v-prediction networks take 0.25 log(sigma~).
+        self._continuous = timestep_type == "continuous" and prediction_type == "v_prediction"
         self.schedule: NoiseSchedule
         self._flow: RectifiedFlowSchedule | None = None
         if self.is_flow:
@@ -902,8 +919,14 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             else self._grid(num_inference_steps, timesteps, sigmas, mu)
         )
         self._check_monotone(knots)
+        network_time = _continuous_time if self._continuous else None
+        if network_time is not None:
+            knots = [
+                dataclasses.replace(k, model_t=network_time(k)) if math.isfinite(k.lam) else k
+                for k in knots
+            ]
         self._knots = knots
-        self._pinned = PinnedSchedule(self.schedule, knots)
+        self._pinned = PinnedSchedule(self.schedule, knots, network_time)
         self._full_plan = self._plan(0)
         evals = [k for st in self._full_plan for k in st.evals]
         return _Prepared(
@@ -1156,6 +1179,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 out.append(self._evaluation_knot(hit[1] if len(hit) > 1 else hit[0]))
             elif self._flow is not None:
                 out.append(self._flow.knot(float(t) / self._cfg.num_train_timesteps))
+            elif self._continuous:
+                out.append(self.schedule.knot_at_lambda(-4.0 * float(t)))
             else:
                 out.append(self.schedule.knot(self.schedule.check_time("timesteps", float(t))))
         return out

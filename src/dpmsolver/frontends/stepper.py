@@ -69,11 +69,19 @@ class PinnedSchedule(NoiseSchedule):
     diffusers rounds the network time of Karras / log-SNR knots to an integer timestep while
     the solver keeps the unrounded noise level. When a singlestep solver asks for an
     intermediate point that is such a knot, it must get that knot, network time included.
-    Everything else is delegated to ``base``.
+    Everything else is delegated to ``base``, with its network time given by
+    ``network_time(knot)`` when set (a config whose network takes another time variable,
+    e.g. diffusers' ``timestep_type="continuous"``).
     """
 
-    def __init__(self, base: NoiseSchedule, pins: Sequence[Knot]) -> None:
+    def __init__(
+        self,
+        base: NoiseSchedule,
+        pins: Sequence[Knot],
+        network_time: Callable[[Knot], float] | None = None,
+    ) -> None:
         self.base = base
+        self.network_time = network_time
         self.t_min, self.t_max = base.t_min, base.t_max
         finite = sorted((k for k in pins if math.isfinite(k.lam)), key=lambda k: k.lam)
         self._pins = finite
@@ -98,7 +106,12 @@ class PinnedSchedule(NoiseSchedule):
         return self.base.t_of_model_time(model_t)
 
     def knot(self, t: float) -> Knot:
-        return self.base.knot(t)
+        return self._timed(self.base.knot(t))
+
+    def _timed(self, k: Knot) -> Knot:
+        if self.network_time is None or not math.isfinite(k.lam):
+            return k
+        return dataclasses.replace(k, model_t=self.network_time(k))
 
     def zero_knot(self) -> Knot:
         return self.base.zero_knot()
@@ -108,7 +121,7 @@ class PinnedSchedule(NoiseSchedule):
         for j in (i - 1, i):
             if 0 <= j < len(self._pins) and _same_level(self._lams[j], lam):
                 return self._pins[j]
-        return self.base.knot_at_lambda(lam)
+        return self._timed(self.base.knot_at_lambda(lam))
 
 
 @dataclass(frozen=True)
