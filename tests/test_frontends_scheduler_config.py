@@ -332,3 +332,39 @@ def test_set_timesteps_reuses_its_plan_until_the_config_changes() -> None:
     scheduler.set_timesteps(8)
     assert scheduler._compiled[0] is not first
     assert scheduler.solver == recommend(8, 1.0).build_solver() != recommend(8, 7.5).build_solver()
+
+
+def test_recorded_overhead_is_at_most_half_of_diffusers() -> None:
+    """benchmarks/overhead.md (written by ``dpmsolver bench --only overhead``): per step,
+    network excluded, the scheduler costs at most half of diffusers'
+    DPMSolverMultistepScheduler on each latent shape. A benchmark's recorded output, not a
+    timed test."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.md").read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| (")]
+    shapes = {cells[0].strip() for cells in rows}
+    assert shapes == {"(1, 4, 64, 64)", "(8, 4, 64, 64)", "(4, 4, 128, 128)"}
+    for cells in rows:
+        theirs, ours, ratio = float(cells[2]), float(cells[4]), float(cells[5])
+        # The ratio is the median of paired runs' ratios; the medians per step agree.
+        assert ratio <= 0.5 and ours / theirs <= 0.5, cells
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc", "dpmpp_3s", "dpmpp_2m_sde"])
+def test_steps_after_the_first_never_read_tensors_on_the_host(name: str) -> None:
+    """After the first ``step`` (which finds its timestep in ``timesteps``, as diffusers'
+    schedulers do), a step is tensor updates only: every host read of a float32 tensor
+    raises (a CPU-checkable proxy for CUDA synchronizations), thresholding included."""
+    from .test_no_sync import forbid_host_reads
+
+    scheduler = DPMSolverScheduler(solver=name, thresholding=True, **SD)
+    scheduler.set_timesteps(10)
+    x = torch.randn(2, 4, 4, 4)
+    generator = torch.Generator().manual_seed(0)
+    t0, *rest = scheduler.timesteps
+    x = scheduler.step(0.3 * x, t0, x, generator=generator).prev_sample
+    with forbid_host_reads():
+        for t in rest:
+            x = scheduler.step(0.3 * x, t, x, generator=generator).prev_sample
+    assert torch.isfinite(x).all()
