@@ -48,21 +48,25 @@ from ..timegrid import GridKind, make_grid
 __all__ = [
     "SIGMA_SPACINGS",
     "TIMESTEP_SPACINGS",
+    "beta_sigmas",
     "diffusers_alphas_cumprod",
+    "diffusers_times",
     "dpm_flow_sigmas",
     "flow_knots",
     "flowmatch_sigmas",
+    "knots_at",
     "prediction_from_diffusers_config",
     "schedule_from_diffusers_config",
     "singlestep_groups",
+    "unipc_flow_sigmas",
     "vp_knots",
     "vp_timesteps",
 ]
 
 TimestepSpacing = Literal["linspace", "leading", "trailing"]
-SigmaSpacing = Literal["timesteps", "karras", "exponential", "logsnr"]
+SigmaSpacing = Literal["timesteps", "karras", "exponential", "logsnr", "beta"]
 TIMESTEP_SPACINGS: tuple[TimestepSpacing, ...] = ("linspace", "leading", "trailing")
-SIGMA_SPACINGS: tuple[SigmaSpacing, ...] = ("timesteps", "karras", "exponential", "logsnr")
+SIGMA_SPACINGS: tuple[SigmaSpacing, ...] = ("timesteps", "karras", "exponential", "logsnr", "beta")
 FinalSigma = Literal["zero", "sigma_min"]
 
 
@@ -183,8 +187,28 @@ def last_timestep(schedule: DiscreteVPSchedule, lambda_min_clipped: float) -> in
 def vp_timesteps(
     n: int, num_train_timesteps: int, spacing: TimestepSpacing, steps_offset: int, last: int
 ) -> list[int]:
-    """Decreasing integer timesteps for ``n`` steps (Lin et al. 2023, Table 2)."""
+    """Decreasing integer timesteps for ``n`` steps (Lin et al. 2023, Table 2). ``n`` must
+    not exceed what the spacing can give without repeating a timestep (a one-line error
+    names the largest that works)."""
     check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    ts = _spaced(n, num_train_timesteps, spacing, steps_offset, last)
+    if len(ts) != n or len(set(ts)) != n:
+        most = min(n, last)
+        while most > 1:
+            cand = _spaced(most, num_train_timesteps, spacing, steps_offset, last)
+            if len(cand) == most and len(set(cand)) == most:
+                break
+            most -= 1
+        raise ValueError(
+            f"num_inference_steps={n} is more than timestep_spacing={spacing!r} spaces "
+            f"distinctly over {last} training timesteps; use at most {most}"
+        )
+    return ts
+
+
+def _spaced(
+    n: int, num_train_timesteps: int, spacing: TimestepSpacing, steps_offset: int, last: int
+) -> list[int]:
     if spacing == "linspace":
         ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
     elif spacing == "leading":
@@ -200,6 +224,21 @@ def _final_knot(
 ) -> Knot:
     check_choice("final_sigmas_type", final, ("zero", "sigma_min"))
     return schedule.zero_knot() if final == "zero" else schedule.knot(sigma_min_t)
+
+
+def knots_at(schedule: NoiseSchedule, times: Sequence[float]) -> list[Knot]:
+    """``[schedule.knot(t) for t in times]`` computed in one vectorized pass (a grid of
+    hundreds of timesteps resolves in well under a millisecond)."""
+    tt = torch.as_tensor([float(t) for t in times], dtype=torch.float64)
+    rows = zip(
+        tt.tolist(),
+        schedule.lambda_(tt).tolist(),
+        schedule.alpha(tt).tolist(),
+        schedule.sigma(tt).tolist(),
+        schedule.model_time(tt).tolist(),
+        strict=True,
+    )
+    return [Knot(t=t, lam=lam, alpha=a, sigma=sg, model_t=mt) for t, lam, a, sg, mt in rows]
 
 
 def vp_knots(
@@ -221,7 +260,9 @@ def vp_knots(
         spacing: timestep spacing, used when ``sigmas="timesteps"``.
         sigmas: ``"timesteps"`` (levels of the integer timesteps), ``"karras"``,
             ``"exponential"`` or ``"logsnr"`` (both uniform in lambda; they differ only in
-            how the network time is made an integer).
+            how the network time is made an integer), or ``"beta"`` (diffusers'
+            ``use_beta_sigmas``: k-diffusion sigmas at the quantiles of Beta(0.6, 0.6),
+            Lee et al. 2024; needs scipy, as in diffusers).
         steps_offset, lambda_min_clipped: as diffusers.
         truncate: truncate rather than round the network times of Karras / log-SNR knots
             (diffusers does so for ``squaredcos_cap_v2``).
@@ -233,14 +274,65 @@ def vp_knots(
     if sigmas == "timesteps":
         last = last_timestep(schedule, lambda_min_clipped)
         ts = vp_timesteps(n, schedule.num_train_timesteps, spacing, steps_offset, last)
-        return [schedule.knot(float(t)) for t in ts] + [final_knot]
-    if n == 1:
+        return [*knots_at(schedule, ts), final_knot]
+    if sigmas == "beta":
+        base = [schedule.knot_at_lambda(-math.log(v)) for v in beta_sigmas(schedule, n)]
+    elif n == 1:
         base = [schedule.knot(schedule.t_max)]
     else:
         kind: GridKind = "karras" if sigmas == "karras" else "logsnr"
         base = list(make_grid(schedule, n - 1, kind, final="t_min").knots)
-    to_int = math.trunc if truncate or sigmas == "exponential" else round
-    return [dataclasses.replace(k, model_t=float(to_int(k.t))) for k in base] + [final_knot]
+    to_int = math.trunc if truncate or sigmas in ("exponential", "beta") else round
+    times = diffusers_times(schedule, sigmas, n)
+    return [
+        dataclasses.replace(k, model_t=float(to_int(t))) for k, t in zip(base, times, strict=True)
+    ] + [final_knot]
+
+
+def diffusers_times(schedule: DiscreteVPSchedule, sigmas: SigmaSpacing, n: int) -> list[float]:
+    """The network times diffusers gives the ``n`` levels of a Karras / exponential /
+    log-SNR / Beta grid, before making them integers: its levels computed from its float32
+    sigma table, then its ``_sigma_to_t`` (piecewise-linear in log sigma against that
+    table). Reproduced operation for operation, so that a time that lands a hair below an
+    integer there (the first exponential one: 998.99..., truncated to 998) does here too;
+    the solver keeps the exact levels of the grid."""
+    acp = schedule.alphas_cumprod.to(torch.float32)
+    table = (((1 - acp) / acp) ** 0.5).numpy()  # float32, as diffusers
+    log_table = np.log(table)
+    smax, smin = table[-1].item(), table[0].item()
+    if sigmas == "karras":
+        levels = _karras(smax, smin, n)
+    elif sigmas == "beta":
+        levels = _beta_between(smax, smin, n)
+    else:  # exponential, and log-SNR (uniform in log sigma)
+        levels = np.exp(np.linspace(math.log(smax), math.log(smin), n))
+    log_sigma = np.log(np.maximum(levels, 1e-10))
+    dists = log_sigma - log_table[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[high]), 0, 1)
+    return [float(t) for t in (1 - w) * low + w * high]
+
+
+def beta_sigmas(schedule: DiscreteVPSchedule, n: int) -> list[float]:
+    """k-diffusion sigmas of diffusers' ``use_beta_sigmas`` (its ``_convert_to_beta`` with
+    alpha = beta = 0.6, Lee et al. 2024, "Beta Sampling is All You Need"), from the
+    schedule's largest to its smallest level."""
+    acp = schedule.alphas_cumprod.to(torch.float32)  # diffusers' float32 levels
+    levels = ((1 - acp) / acp) ** 0.5
+    return [float(v) for v in _beta_between(float(levels[-1]), float(levels[0]), n)]
+
+
+def _beta_between(smax: float, smin: float, n: int) -> np.ndarray:
+    """``n`` levels from ``smax`` to ``smin`` at the quantiles of Beta(0.6, 0.6)."""
+    try:
+        from scipy import stats
+    except ImportError:  # pragma: no cover - scipy is a test extra
+        raise ImportError(
+            "use_beta_sigmas needs scipy (pip install scipy), as in diffusers"
+        ) from None
+    ppf = np.array([stats.beta.ppf(q, 0.6, 0.6) for q in 1 - np.linspace(0, 1, n)])
+    return np.asarray(smin + ppf * (smax - smin), dtype=np.float64)
 
 
 def _karras(smax: float, smin: float, n: int, rho: float = 7.0) -> np.ndarray:
@@ -267,9 +359,9 @@ def flowmatch_sigmas(
         num_train_timesteps, shift, use_dynamic_shifting, time_shift_type, shift_terminal:
             as the diffusers config.
         mu: exponent of the dynamic shift (required with ``use_dynamic_shifting``).
-        sigma_spacing: ``"karras"`` / ``"exponential"`` respace the levels (in flow sigma,
-            as diffusers does), ``"logsnr"`` uniformly in lambda (needs a first level below
-            1); ``"timesteps"`` keeps them.
+        sigma_spacing: ``"karras"`` / ``"exponential"`` / ``"beta"`` respace the levels (in
+            flow sigma, as diffusers does), ``"logsnr"`` uniformly in lambda (needs a first
+            level below 1); ``"timesteps"`` keeps them.
         sigmas: custom (unshifted) levels, as Flux passes them.
     """
     if use_dynamic_shifting and mu is None:
@@ -302,6 +394,8 @@ def flowmatch_sigmas(
         values = _karras(float(values[0]), float(values[-1]), n)
     elif sigma_spacing == "exponential":
         values = np.exp(np.linspace(math.log(values[0]), math.log(values[-1]), n))
+    elif sigma_spacing == "beta":
+        values = _beta_between(float(values[0]), float(values[-1]), n)
     elif sigma_spacing == "logsnr":
         if values[0] >= 1.0:
             raise ValueError(
@@ -321,6 +415,46 @@ def dpm_flow_sigmas(n: int, num_train_timesteps: int, flow_shift: float) -> np.n
     n = check_int("num_inference_steps", n, minimum=1)
     s = 1.0 - np.linspace(1, 1 / num_train_timesteps, n + 1)
     return np.flip(flow_shift * s / (1 + (flow_shift - 1) * s))[:-1].copy()
+
+
+def unipc_flow_sigmas(
+    n: int | None,
+    *,
+    num_train_timesteps: int,
+    flow_shift: float = 1.0,
+    use_dynamic_shifting: bool = False,
+    mu: float | None = None,
+    time_shift_type: Literal["exponential", "linear"] = "exponential",
+    shift_terminal: float | None = None,
+    sigmas: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Noise levels of ``UniPCMultistepScheduler`` with ``use_flow_sigmas`` (no final level):
+    ``n`` levels spaced linearly from 1 down to ``1/N`` (or custom ``sigmas``), shifted
+    (statically by ``flow_shift``, or by ``mu``), optionally stretched to
+    ``shift_terminal``, and a first level of 1 moved to ``1 - 1e-6`` as diffusers does to
+    keep its log-SNR finite."""
+    if sigmas is None:
+        n = check_int("num_inference_steps", n, minimum=1)
+        values = np.linspace(1, 1 / num_train_timesteps, n + 1)[:-1]
+    else:
+        values = np.asarray(sigmas, dtype=np.float64)
+    if use_dynamic_shifting:
+        if mu is None:
+            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
+        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        if time_shift_type == "exponential":
+            values = math.exp(mu) / (math.exp(mu) + (1 / values - 1))
+        else:
+            values = mu / (mu + (1 / values - 1))
+    else:
+        values = flow_shift * values / (1 + (flow_shift - 1) * values)
+    if shift_terminal:
+        one_minus = 1 - values
+        values = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    values = np.array(values, dtype=np.float64)
+    if abs(values[0] - 1) < 1e-6:
+        values[0] -= 1e-6
+    return values
 
 
 def flow_knots(
