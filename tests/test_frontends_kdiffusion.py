@@ -81,7 +81,7 @@ COMFY_NAMES = [
     "sample_dpmpp_3m_sde_gpu",
     "sample_dpmpp_sde_gpu",
 ]
-ALL_NAMES = [*K_NAMES, *COMFY_NAMES, "sample_dpmpp_3m"]
+ALL_NAMES = [*K_NAMES, *COMFY_NAMES, "sample_dpmpp_3m", "sample_dpmv3"]
 
 
 @pytest.fixture

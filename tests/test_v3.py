@@ -475,3 +475,47 @@ def test_per_dimension_statistics_never_read_tensors_on_the_host() -> None:
             check_finite="off",
         )
     assert out.x.dtype == torch.float32 and torch.isfinite(out.x).all()
+
+
+def test_v3_with_statistics_runs_through_the_front_ends(tmp_path: Path) -> None:
+    """The diffusers scheduler (statistics as a file path in solver_options, replayed since
+    the coefficients are per dimension) and the k-diffusion-style function give what the
+    loop gives on the same knots."""
+    diffusers = pytest.importorskip("diffusers")
+    from dpmsolver.frontends import kdiffusion as kd
+    from dpmsolver.frontends.diffusers_scheduler import DPMSolverScheduler
+
+    sched_cfg = diffusers.DPMSolverMultistepScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+    ).config
+    schedule = dp.schedule_from_diffusers_config(sched_cfg)
+    mix = dp.default_mixture(dim=4, num_classes=2, components_per_class=2, seed=0)
+    ems = mixture_ems(mix, schedule, points=64, samples=256)
+    path = tmp_path / "ems.safetensors"
+    ems.save(path)
+    s = DPMSolverScheduler.from_config(
+        sched_cfg, solver="dpmv3", solver_options={"ems": str(path), "corrector": "pseudo"}
+    )
+    s.set_timesteps(8)
+    net = dp.MixtureNetwork(mix, schedule, "eps")
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = z * s._knots[0].sigma
+    for t in s.timesteps:
+        x = s.step(net(x, torch.full((3,), float(t), dtype=torch.float64)), t, x).prev_sample
+    solver = dp.get_solver("dpmv3", 2, ems=ems, corrector="pseudo")
+    # the scheduler's own knots (their network times are diffusers' integer timesteps)
+    grid = dp.TimeGrid(tuple(s._knots), schedule)
+    ref = dp.solve(dp.ModelDenoiser(net), z * grid.knots[0].sigma, grid, solver)
+    assert torch.isfinite(x).all() and float((x - ref.x).abs().max()) < 1e-6
+    # k-diffusion: the same statistics in k-diffusion's variables
+    sigmas = kd.get_sigmas_karras(7, 0.05, 14.0).double()
+    ve = dp.VESchedule(0.01, 20.0)
+
+    def kmodel(xk: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        k = schedule.knot_at_lambda(-math.log(float(sigma.flatten()[0])))
+        return dp.MixtureDenoiser(mix)(xk * k.alpha, k)
+
+    out = kd.sample_dpmv3(kmodel, z * sigmas[0], sigmas, disable=True, ems=ems, corrector="off")
+    plain = kd.sample_dpmv3(kmodel, z * sigmas[0], sigmas, disable=True, corrector="off")
+    assert torch.isfinite(out).all() and not torch.equal(out, plain)
+    assert ve.t_min < 0.05  # the VE view the function builds covers these sigmas

@@ -71,6 +71,7 @@ natural cubic spline through them (:class:`EMSSpline`), whose integrals it takes
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -304,6 +305,16 @@ class EMS:
                 )
         if lam_range is not None:
             self.check_covers(*lam_range)
+
+    def in_any_schedule(self) -> EMS:
+        """These statistics without their schedule fingerprint. The statistics live in
+        half log-SNR and in ``y = x / alpha``, so they are the same in every variables of
+        the same model (k-diffusion's ``x / alpha, sigma / alpha`` included); a front end
+        that runs the model on another schedule object of the same noise levels uses
+        this. The prediction and guidance scale still describe the model."""
+        return dataclasses.replace(
+            self, fingerprint=dataclasses.replace(self.fingerprint, schedule=None)
+        )
 
     def check_covers(self, lam_a: float, lam_b: float) -> None:
         """Raise a ValueError if ``[lam_a, lam_b]`` (either order) leaves the grid."""

@@ -275,12 +275,13 @@ def grid_from_sigmas(
                 raise ValueError("sigma 0 may only be the last entry of sigmas")
             knots.append(schedule.zero_knot())
             continue
-        tol = 1e-9 * max(1.0, abs(hi)) if math.isfinite(hi) else 0.0
-        if not (lo * (1 - 1e-9) <= v <= hi + tol):
+        # float32 copies of the schedule's own levels (diffusers lists them so) belong to it
+        if not (lo * (1 - 1e-6) <= v <= hi * (1 + 1e-6)):
             raise ValueError(
                 f"sigmas[{i}]={v:g} is outside this schedule's {what} range "
                 f"[{lo:g}, {hi:g}] ({type(schedule).__name__})"
             )
+        v = min(max(v, lo), hi)
         if flow:
             lam = math.log((1.0 - v) / v) if v < 1.0 else -math.inf
             knots.append(first if v >= 1.0 else schedule.knot_at_lambda(lam))

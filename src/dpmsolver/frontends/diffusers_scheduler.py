@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, cast
 
@@ -80,6 +81,7 @@ from .stepper import (
     DrivenStep,
     PinnedSchedule,
     Program,
+    ReplayingStepper,
     compile_steps,
     grouped_plan,
     probed_plan,
@@ -515,7 +517,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._pinned: NoiseSchedule = self.schedule
         self._compiled: dict[int, Program] = {}
         self._prepared: dict[tuple[Any, ...], _Prepared] = {}
-        self._stepper: CompiledStepper | None = None
+        self._stepper: CompiledStepper | ReplayingStepper | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._generator: torch.Generator | None = None
@@ -616,6 +618,11 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 opts.setdefault("variant", _DPM_SOLVER_TYPES[solver_type])
             elif registered == "unipc" and solver_type in ("bh1", "bh2"):
                 opts.setdefault("variant", solver_type)
+        if isinstance(opts.get("ems"), (str, os.PathLike)):
+            # DPM-Solver-v3's statistics: a path keeps the config JSON (save_pretrained)
+            from ..ems import EMS
+
+            opts["ems"] = EMS.load(opts["ems"])
         return get_solver(name, order, **opts)
 
     def _use(self, solver: Solver, layout: str | None) -> None:
@@ -937,7 +944,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             knots=knots,
             pinned=self._pinned,
             full_plan=self._full_plan,
-            compiled={0: self._compile(self._full_plan)},
+            compiled={0: self._compile(self._full_plan)} if self.solver.scalar_coefficients else {},
             times=[k.model_t for k in evals],
             levels=[self._level(k) for k in [*evals, knots[-1]]],
             order=self._evaluations_per_step(),
@@ -1050,9 +1057,18 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         starts = set(itertools.accumulate((len(st.evals) for st in self._full_plan), initial=0))
         return int(next((h for h in hits if h in starts), hits[0]))
 
-    def _start(self, position: int) -> CompiledStepper:
+    def _start(self, position: int) -> CompiledStepper | ReplayingStepper:
         """The compiled run from evaluation ``position`` (the first timestep this run
-        denoises): warm-up and the singlestep grouping restart there, as in diffusers."""
+        denoises): warm-up and the singlestep grouping restart there, as in diffusers.
+        Solvers whose coefficients are per-dimension tensors are replayed instead."""
+        if not self.solver.scalar_coefficients:
+            prediction = self._prediction
+
+            def data(knot: Knot) -> tuple[float, float]:
+                return data_coefficients(prediction, knot.alpha, knot.sigma)
+
+            steps = self._plan_from(position)
+            return ReplayingStepper(steps, self._pinned, data, offset=position)
         if position not in self._compiled:
             self._compiled[position] = self._compile(self._plan_from(position))
         return CompiledStepper(self._compiled[position], offset=position)
@@ -1080,7 +1096,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             first += len(st.evals)
         raise AssertionError("unreachable: position checked above")
 
-    def _begin(self, timestep: float | Tensor) -> CompiledStepper:
+    def _begin(self, timestep: float | Tensor) -> CompiledStepper | ReplayingStepper:
         if self._knots is None or self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         start = (
@@ -1131,7 +1147,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
 
-    def _advance(self, stepper: CompiledStepper, model_output: Tensor, sample: Tensor) -> Tensor:
+    def _advance(
+        self, stepper: CompiledStepper | ReplayingStepper, model_output: Tensor, sample: Tensor
+    ) -> Tensor:
         dtype = sample.dtype
         work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         x = sample if dtype == work else sample.to(work)

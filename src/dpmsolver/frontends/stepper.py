@@ -44,6 +44,7 @@ __all__ = [
     "OneEvaluationStepper",
     "PinnedSchedule",
     "Program",
+    "ReplayingStepper",
     "boundary_take",
     "combine_registers",
     "compile_steps",
@@ -815,3 +816,52 @@ class CompiledStepper:
             regs[r] = None
         self._next += 1
         return out
+
+
+class ReplayingStepper:
+    """:class:`CompiledStepper`'s interface over :class:`OneEvaluationStepper`, for plans a
+    program cannot hold: solvers whose coefficients are per-dimension tensors
+    (:attr:`~dpmsolver.solvers.Solver.scalar_coefficients` False) are replayed step by step.
+
+    Args:
+        steps: the plan.
+        schedule: the schedule the solvers see.
+        data: ``data(knot) -> (cx, co)`` with ``x0 = cx * x + co * output``.
+        offset: position of the first evaluation.
+    """
+
+    def __init__(
+        self,
+        steps: Sequence[DrivenStep],
+        schedule: NoiseSchedule,
+        data: Callable[[Knot], tuple[float, float]],
+        offset: int = 0,
+    ) -> None:
+        self._inner = OneEvaluationStepper(steps, schedule, offset)
+        self._data = data
+
+    @property
+    def next_position(self) -> int:
+        """The position whose network output :meth:`advance` expects next."""
+        return self._inner.next_position
+
+    @property
+    def done(self) -> bool:
+        """True once the last step has finished."""
+        return self._inner.done
+
+    def advance(
+        self,
+        sample: Tensor,
+        output: Tensor,
+        draw_noise: NoiseDraw | None = None,
+        transform_x0: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """As :meth:`CompiledStepper.advance`."""
+        step, j = self._inner.locate(self._inner.next_position)
+        knot = step.evals[j]
+        cx, co = self._data(knot)
+        x0 = output * co if cx == 0.0 else sample * cx + output * co
+        if transform_x0 is not None:
+            x0 = transform_x0(x0)
+        return self._inner.advance(x0, sample, draw_noise)

@@ -247,6 +247,13 @@ class Solver(ABC):
         """Convergence order a test must measure on an exact problem."""
         return float(self.order)
 
+    @property
+    def scalar_coefficients(self) -> bool:
+        """True if every step combines its tensors with host scalars only (so a step is a
+        fixed linear combination a front end can precompute); False for solvers whose
+        coefficients are per-dimension tensors (DPM-Solver-v3 with statistics)."""
+        return True
+
     def evals_per_step(self, order: int) -> int:
         """Network evaluations of one step of this order (the loop's own one included)."""
         return 1

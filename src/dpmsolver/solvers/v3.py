@@ -387,6 +387,10 @@ class DPMSolverV3(MultistepSolver):
         check_choice("half_corrector", self.half_corrector, (True, False))
 
     @property
+    def scalar_coefficients(self) -> bool:
+        return self.ems is None  # the statistics make the coefficients per dimension
+
+    @property
     def corrector_mode(self) -> Literal["off", "same", "pseudo", "full"]:
         """The corrector in use (``"auto"`` resolved against the statistics' guidance scale)."""
         if self.corrector != "auto":
