@@ -45,6 +45,19 @@ __all__ = [
 ]
 
 
+def _draw_components(
+    weights: Tensor, labels: Tensor, n: int, generator: torch.Generator | None, y: Tensor | None
+) -> Tensor:
+    """The mixture component of each of ``n`` data samples, drawn with the mixture
+    weights; with labels ``y``, row ``i`` among the components of class ``y[i]`` (the first
+    draws of :meth:`GaussianMixture.sample` and :meth:`LowRankMixture.sample`)."""
+    check_int("n", n, minimum=1)
+    if y is None:
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+    w = weights[None, :] * (labels[None, :] == y.view(-1, 1).cpu())
+    return torch.multinomial(w, 1, generator=generator).flatten()
+
+
 @dataclass(frozen=True)
 class GaussianMixture:
     """A class-labelled diagonal Gaussian mixture on flattened vectors of size ``dim``.
@@ -144,12 +157,7 @@ class GaussianMixture:
         self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None
     ) -> Tensor:
         """Draw ``n`` data samples (of class ``y[i]`` if given), float64 on the CPU."""
-        check_int("n", n, minimum=1)
-        if y is None:
-            comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        else:
-            w = self.weights[None, :] * (self.labels[None, :] == y.view(-1, 1).cpu())
-            comp = torch.multinomial(w, 1, generator=generator).flatten()
+        comp = _draw_components(self.weights, self.labels, n, generator, y)
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         return (self.means[comp] + self.stds[comp] * z).reshape(n, *self.shape)
 
@@ -622,12 +630,7 @@ class LowRankMixture:
         self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None
     ) -> Tensor:
         """Draw ``n`` data samples (of class ``y[i]`` if given), float64 on the CPU."""
-        check_int("n", n, minimum=1)
-        if y is None:
-            comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        else:
-            w = self.weights[None, :] * (self.labels[None, :] == y.view(-1, 1).cpu())
-            comp = torch.multinomial(w, 1, generator=generator).flatten()
+        comp = _draw_components(self.weights, self.labels, n, generator, y)
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         zr = torch.randn(n, self.rank, 1, dtype=torch.float64, generator=generator)
         low = torch.bmm(self.factors[comp], zr)[:, :, 0] if self.rank > 0 else 0.0
