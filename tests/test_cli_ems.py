@@ -324,6 +324,8 @@ def _foreign(tmp_path: Path, **fingerprint: Any) -> Path:
         (["sample", "--ems", "{schedule}"], "was computed for schedule another but the sampl"),
         (["sample", "--ems", "{prediction}"], "was computed for prediction='v' but the sampling"),
         (["sample", "--ems", "{narrow}"], "ems grid covers lambda in [-1, 1] but the sampling"),
+        (["generate", "--num", "2", "--ems", "{w2}"], "--ems {w2}: ems was computed for guid"),
+        (["generate", "--num", "2", "--ems", "{w2}", "--solver", "ddim"], "--ems: the statis"),
     ],
 )
 def test_ems_that_does_not_fit_the_run_exits_2_naming_ems(
@@ -352,8 +354,9 @@ def test_ems_that_does_not_fit_the_run_exits_2_naming_ems(
         args = [a.replace(key, value) for a in args]
         message = message.replace(key, value)
     before = sorted(tmp_path.rglob("*"))
+    out = tmp_path / ("run" if args[0] == "generate" else "o.png")
     with pytest.raises(SystemExit) as e:
-        run_cli(*args, "--out", str(tmp_path / "o.png"), "--device", "cpu")
+        run_cli(*args, "--out", str(out), "--device", "cpu")
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err, err
     assert err.startswith("dpmsolver: error: --ems") and err.count("\n") == 1, err
@@ -381,3 +384,36 @@ def test_compare_with_ems_adds_a_dpmv3_row_on_the_statistics(
     assert used[0] == "dpmpp_2m" and len(used) == 2
     assert isinstance(used[1], Recipe) and used[1].solver == "dpmv3"
     assert used[1].options["ems"].fingerprint == EMS.load(ems_w2).fingerprint
+
+
+def test_generate_with_ems_records_the_statistics_in_its_configuration(
+    ems_w2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run is dpmv3 on the statistics (other samples than dpmv3 without them), its
+    manifest identifies them, and resuming the directory with other statistics is refused."""
+    import json
+
+    from dpmsolver.generate import read_samples
+
+    common = ["generate", "--num", "3", "--guidance", "2", "--nfe", "5", "--no-progress"]
+    common += ["--device", "cpu"]
+    run = tmp_path / "run"
+    assert run_cli(*common, "--ems", str(ems_w2), "--out", str(run)) == 0
+    assert f"statistics {ems_w2}" in capsys.readouterr().out
+    config = json.loads((run / "manifest.json").read_text())["config"]
+    assert config["solver"] == "dpmv3" and config["ems"]["samples"] == 8
+    assert config["ems"]["points"] == 6 and len(config["ems"]["sha256"]) == 64
+    plain = tmp_path / "plain"
+    assert run_cli(*common, "--solver", "dpmv3", "--out", str(plain)) == 0
+    assert "ems" not in json.loads((plain / "manifest.json").read_text())["config"]
+    x, y = read_samples(run)["samples"], read_samples(plain)["samples"]
+    assert np.isfinite(x).all() and not np.allclose(x, y)
+
+    other = tmp_path / "other.st"
+    ems = EMS.load(ems_w2)
+    EMS(ems.lams, ems.l, ems.s * 0.5, ems.b, ems.fingerprint, samples=8).save(other)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(*common, "--ems", str(other), "--out", str(run))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "ems.sha256" in err, err
