@@ -6,6 +6,8 @@ Every output file is written atomically, and every output location is checked be
 work. Exit status: 0 done; 2 a bad option, one line on stderr naming it (:mod:`.options`);
 1 a failure while working (one line); 130 interrupted (Ctrl-C, one line; ``generate``
 resumes when the same command is run again).
+
+``ems`` (:mod:`.ems`) estimates DPM-Solver-v3's model statistics for ``sample --ems FILE``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import __version__
-from . import bench, generate, sample, solvers
+from . import bench, ems, generate, sample, solvers
 from .options import Parser, add_threads
 
 __all__ = ["build_parser", "main"]
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     solvers.add_parser(sub)
     generate.add_parser(sub)
+    ems.add_parser(sub)
     for command in sub.choices.values():
         add_threads(command, top=False)  # `dpmsolver sample --threads 2` means the same
     return p
