@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -82,9 +82,12 @@ from .io import atomic_write_bytes, atomic_write_text
 from .loop import NonFiniteError
 from .model import LoadedModel, evaluations, sample_indices
 from .progress import Progress
-from .recipe import POLICIES
+from .recipe import POLICIES, RecipeSource
 from .schedules import NoiseSchedule
 from .solvers import ALIASES, REGISTRY, AdaptiveSolver, get_solver
+
+if TYPE_CHECKING:
+    from .tune import Profile
 
 __all__ = [
     "FORMAT",
@@ -404,6 +407,7 @@ class _Job:
     on_nonfinite: OnNonFinite
     device: torch.device
     dtype: torch.dtype
+    profile: RecipeSource | None = None
 
 
 class _Group:
@@ -538,6 +542,7 @@ def _make_shard(job: _Job, planned: ShardRecord, bar: Progress) -> ShardRecord:
                 grid=job.grid,
                 dtype=job.dtype,
                 network=_MicroBatched(job.model.network, sizes),
+                profile=job.profile,
             ).x
             good = list(range(len(idx)))
         except NonFiniteError as e:
@@ -760,6 +765,7 @@ def generate(
     model_id: Mapping[str, Any] | str | None = None,
     progress: bool = False,
     steps: int | None = None,
+    profile: Profile | None = None,
 ) -> Manifest:
     """Generate samples ``0 .. num-1`` into ``out_dir`` as checksummed shards with a
     manifest, resuming whatever a previous run of the same configuration left (see the
@@ -792,6 +798,11 @@ def generate(
         progress: progress bar on stderr (rank 0 only).
         steps: grid steps instead of an ``nfe`` budget (at most one of the two; part of
             the configuration only when given).
+        profile: with ``solver="auto"``, a profile fitted to this model
+            (:func:`dpmsolver.tune`); its choice for ``nfe`` and ``guidance`` runs (a
+            profile of another schedule or prediction is an error; a budget it lacks falls
+            back to the default recipe with a warning). Part of the configuration (its
+            sha256) only when given.
 
     Returns:
         The :class:`Manifest` as written.
@@ -821,6 +832,10 @@ def generate(
     classes = _classes(model, labels)
     device = torch.device(device)
     _check_sampler(model, solver, nfe, steps, grid)
+    if profile is not None:
+        if solver != "auto":
+            raise ValueError(f"profile= is used with solver='auto', not solver={solver!r}")
+        profile.check(model.schedule, model.prediction)
     if model_id is None:
         model_id = model_fingerprint(model.network)
     config: dict[str, Any] = {
@@ -843,6 +858,9 @@ def generate(
     }
     if steps is not None:  # absent otherwise: directories of earlier runs stay resumable
         config["steps"] = steps
+    if profile is not None:  # likewise
+        text = json.dumps(profile.to_json(), sort_keys=True).encode()
+        config["profile"] = {"sha256": hashlib.sha256(text).hexdigest()}
     config = json.loads(_canonical(config))  # exactly what the manifest will hold
     job = _Job(
         model=model,
@@ -861,6 +879,7 @@ def generate(
         on_nonfinite=on_nonfinite,
         device=device,
         dtype=dtype,
+        profile=profile,
     )
     group = _Group(device)
     try:

@@ -32,6 +32,7 @@ from .options import (
     resolve_guidance,
     solver_help,
 )
+from .tune import add_profile_option, resolve_profile
 
 __all__ = ["add_parser", "cmd_generate", "model_identity"]
 
@@ -76,7 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dev = _rank_device(device(args.device))
     model = load_model(args.model, dev, null_label=args.null_label)
     guidance = resolve_guidance(model, args.guidance)
-    budget = resolve_budget(model, args)
+    profile, tuned = resolve_profile(args, model, guidance)
+    budget = tuned or resolve_budget(model, args)
     model_id = model_identity(args.model, model)
     if args.labels == "cycle":
         labels: Literal["cycle"] | list[int] = "cycle"
@@ -104,6 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             device=dev,
             model_id=model_id,
             progress=not args.no_progress,
+            profile=profile,
         )
     except GenerationError as e:
         print(f"dpmsolver: error: {e}", file=sys.stderr)
@@ -205,5 +208,6 @@ def add_parser(sub: Any) -> None:
         default="auto",
         help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK",
     )
+    add_profile_option(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate, interrupted=_interrupted)
