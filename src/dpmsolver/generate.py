@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -83,10 +83,13 @@ from .io import atomic_write_bytes, atomic_write_text
 from .loop import NonFiniteError
 from .model import LoadedModel, evaluations, sample_indices
 from .progress import Progress
-from .recipe import POLICIES, Recipe
+from .recipe import POLICIES, Recipe, RecipeSource
 from .schedules import NoiseSchedule
 from .solvers import ALIASES, REGISTRY, AdaptiveSolver, get_solver
 from .solvers.v3 import recommended_options
+
+if TYPE_CHECKING:
+    from .tune import Profile
 
 __all__ = [
     "FORMAT",
@@ -406,6 +409,7 @@ class _Job:
     on_nonfinite: OnNonFinite
     device: torch.device
     dtype: torch.dtype
+    profile: RecipeSource | None = None
 
 
 class _Group:
@@ -540,6 +544,7 @@ def _make_shard(job: _Job, planned: ShardRecord, bar: Progress) -> ShardRecord:
                 grid=job.grid,
                 dtype=job.dtype,
                 network=_MicroBatched(job.model.network, sizes),
+                profile=job.profile,
             ).x
             good = list(range(len(idx)))
         except NonFiniteError as e:
@@ -797,6 +802,7 @@ def generate(
     progress: bool = False,
     steps: int | None = None,
     ems: EMS | None = None,
+    profile: Profile | None = None,
 ) -> Manifest:
     """Generate samples ``0 .. num-1`` into ``out_dir`` as checksummed shards with a
     manifest, resuming whatever a previous run of the same configuration left (see the
@@ -834,6 +840,11 @@ def generate(
             ``"auto"`` (which then means dpmv3), and the run uses the official settings for
             the budget (:func:`~dpmsolver.solvers.v3.recommended_options`). Part of the
             configuration (a digest of the statistics) only when given.
+        profile: with ``solver="auto"``, a profile fitted to this model
+            (:func:`dpmsolver.tune`); its choice for ``nfe`` and ``guidance`` runs (a
+            profile of another schedule or prediction is an error; a budget it lacks falls
+            back to the default recipe with a warning). Part of the configuration (its
+            sha256) only when given.
 
     Returns:
         The :class:`Manifest` as written.
@@ -862,9 +873,15 @@ def generate(
         raise ValueError(f"guidance={guidance:g} needs a class-conditional model with a null label")
     classes = _classes(model, labels)
     device = torch.device(device)
+    if ems is not None and profile is not None:
+        raise ValueError("ems= and profile= exclude each other: a profile picks its own solver")
     if ems is not None:
         solver = _check_ems(model, solver, guidance, ems)
     _check_sampler(model, solver, nfe, steps, grid)
+    if profile is not None:
+        if solver != "auto":
+            raise ValueError(f"profile= is used with solver='auto', not solver={solver!r}")
+        profile.check(model.schedule, model.prediction)
     if model_id is None:
         model_id = model_fingerprint(model.network)
     config: dict[str, Any] = {
@@ -894,6 +911,9 @@ def generate(
         cond = model.num_classes is not None
         options = recommended_options(guidance, budget or 10, conditional=cond)
         run_solver = Recipe("dpmv3", {"ems": ems, **options})
+    if profile is not None:  # likewise
+        text = json.dumps(profile.to_json(), sort_keys=True).encode()
+        config["profile"] = {"sha256": hashlib.sha256(text).hexdigest()}
     config = json.loads(_canonical(config))  # exactly what the manifest will hold
     job = _Job(
         model=model,
@@ -912,6 +932,7 @@ def generate(
         on_nonfinite=on_nonfinite,
         device=device,
         dtype=dtype,
+        profile=profile,
     )
     group = _Group(device)
     try:

@@ -35,6 +35,7 @@ from .options import (
     resolve_guidance,
     solver_help,
 )
+from .tune import add_profile_option, resolve_profile
 
 __all__ = ["add_parser", "cmd_generate", "model_identity"]
 
@@ -80,9 +81,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dev = _rank_device(device(args.device))
     model = load_model(args.model, dev, null_label=args.null_label)
     guidance = resolve_guidance(model, args.guidance)
+    profile, tuned = resolve_profile(args, model, guidance)
     if ems is not None:
         check_ems(ems, args.ems, model, guidance)
-    budget = resolve_budget(model, args)
+    budget = tuned or resolve_budget(model, args)
     model_id = model_identity(args.model, model)
     if args.labels == "cycle":
         labels: Literal["cycle"] | list[int] = "cycle"
@@ -111,6 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             model_id=model_id,
             progress=not args.no_progress,
             ems=ems,
+            profile=profile,
         )
     except GenerationError as e:
         print(f"dpmsolver: error: {e}", file=sys.stderr)
@@ -215,5 +218,6 @@ def add_parser(sub: Any) -> None:
         default="auto",
         help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK",
     )
+    add_profile_option(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate, interrupted=_interrupted)

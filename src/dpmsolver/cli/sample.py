@@ -43,6 +43,7 @@ from .options import (
     resolve_guidance,
     solver_help,
 )
+from .tune import add_profile_option, resolve_profile
 
 __all__ = ["add_parsers", "cmd_compare", "cmd_sample"]
 
@@ -74,7 +75,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.model, dev, null_label=args.null_label)
     guidance = resolve_guidance(model, args.guidance)
     labels = _labels(args, model)
-    budget = resolve_budget(model, args)
+    profile, tuned = resolve_profile(args, model, guidance)
+    budget = tuned or resolve_budget(model, args)
     if ems is not None:
         budget = ems_budget(budget, ems, args.ems, model, guidance)
     n = len(labels) if labels is not None else args.num
@@ -92,6 +94,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         device=dev,
         grid=args.grid,
         progress=not args.no_progress,
+        profile=profile,
     )
     elapsed = time.perf_counter() - t0
     if not bool(torch.isfinite(x).all()):
@@ -304,6 +307,7 @@ def add_parsers(sub: Any) -> None:
         default=4,
         help="pixel upscaling in the PNG (default 4)",
     )
+    add_profile_option(s)
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(func=cmd_sample)
 
