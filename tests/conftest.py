@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dpmsolver as dp
-from dpmsolver.bench.convergence import ExactProblem, exact_problem
+from dpmsolver.orders import ExactProblem, exact_problem
 
 # Every test works on tiny tensors, where intra-op threads only cost: on a busy machine a
 # one-element log_sigmoid waits ~10 ms for its thread pool (measured: the NFE tests of

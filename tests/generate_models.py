@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from dpmsolver.analytic import MixtureNetwork
-from dpmsolver.cli import LoadedModel
-from dpmsolver.generate import exact_model
+from dpmsolver.model import LoadedModel
+from dpmsolver.models import exact_model
 
 
 class SlowExact(MixtureNetwork):
@@ -43,8 +43,15 @@ def _like_exact(cls: type[MixtureNetwork]) -> LoadedModel:
     base = exact_model()
     net = base.network
     assert isinstance(net, MixtureNetwork)
-    return LoadedModel(cls(net.mixture, net.schedule, net.prediction), base.schedule, base.prediction,
-                       base.shape, num_classes=base.num_classes, null_label=base.null_label, name=cls.__name__)
+    return LoadedModel(
+        cls(net.mixture, net.schedule, net.prediction),
+        base.schedule,
+        base.prediction,
+        base.shape,
+        num_classes=base.num_classes,
+        null_label=base.null_label,
+        name=cls.__name__,
+    )
 
 
 def slow_exact_model(device: torch.device) -> LoadedModel:
@@ -60,3 +67,22 @@ def call_size_sensitive_model(device: torch.device | None = None) -> LoadedModel
 def nan_model(device: torch.device | None = None) -> LoadedModel:
     """:class:`NaNForClass` in the format of :func:`dpmsolver.generate.exact_model`."""
     return _like_exact(NaNForClass)
+
+
+#: How often :func:`counting_model` was loaded and its network called, in this process.
+COUNTS = {"loads": 0, "calls": 0}
+
+
+class Counting(MixtureNetwork):
+    """The exact network, counting its calls in :data:`COUNTS`."""
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        COUNTS["calls"] += 1
+        return super().__call__(x, t, y)
+
+
+def counting_model(device: torch.device | None = None) -> LoadedModel:
+    """:class:`Counting` in the format of :func:`dpmsolver.generate.exact_model`; counts
+    its loads in :data:`COUNTS` too, so a test can tell that no work began."""
+    COUNTS["loads"] += 1
+    return _like_exact(Counting)

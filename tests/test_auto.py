@@ -16,8 +16,16 @@ def test_every_recipe_spends_its_budget_on_the_exact_model(key: tuple[float, int
     mix = dp.default_mixture(dim=4, num_classes=2)
     net = dp.MixtureNetwork(mix, sched)
     y = torch.tensor([0, 1, 1])
-    r = dp.sample(net, torch.randn(3, 4, dtype=torch.float64), schedule=sched, solver="auto", nfe=nfe,
-                  cond={"y": y}, uncond={"y": torch.full_like(y, 2)}, guidance_scale=w)
+    r = dp.sample(
+        net,
+        torch.randn(3, 4, dtype=torch.float64),
+        schedule=sched,
+        solver="auto",
+        nfe=nfe,
+        cond={"y": y},
+        uncond={"y": torch.full_like(y, 2)},
+        guidance_scale=w,
+    )
     assert r.nfe == nfe == net.calls and torch.isfinite(r.x).all()
 
 
@@ -25,11 +33,8 @@ def test_every_recipe_spends_its_budget_on_the_exact_model(key: tuple[float, int
 def test_any_budget_gets_a_recipe_that_can_spend_it(w: float) -> None:
     sched = dp.DiscreteVPSchedule()
     for nfe in range(1, 61):
-        recipe = recommend(nfe, w)
-        solver = dp.get_solver(recipe.solver, **recipe.options)
-        orders = solver.plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=nfe < 15)
-        grid = dp.make_grid(sched, len(orders), recipe.grid, rho=recipe.rho, t_end=recipe.t_end(sched))  # type: ignore[arg-type]
-        assert grid.steps == len(orders)
+        plan = recommend(nfe, w).plan(sched, nfe=nfe)
+        assert plan.nfe == nfe and plan.grid.steps == len(plan.steps)
 
 
 def test_auto_uses_the_guidance_bucket_and_budget() -> None:

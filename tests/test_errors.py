@@ -16,28 +16,66 @@ Z = torch.randn(2, 6, dtype=torch.float64)
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        (dict(solver="dpmpp_4m"), ValueError, r"solver='dpmpp_4m' is not supported; accepted values: .*'dpmpp_2m'"),
-        (dict(solver="dpmpp_multistep", order=4), ValueError, r"order \(for solver 'dpmpp_multistep'\)=4 .*accepted values: 1, 2, 3"),
-        (dict(solver="dpmpp_2m", order=3), ValueError, "has order 2"),
-        (dict(solver="dpmpp_adaptive", order=1), ValueError, "accepted values: 2, 3"),
-        (dict(solver_options={"variant": "bogus"}), ValueError, "variant='bogus'"),
-        (dict(solver_options={"eta": 1.0}), ValueError, "option of solver 'dpmpp_multistep'.*'eta'"),
-        (dict(solver="unipc", order=2, solver_options={"order": 3}), ValueError, r"order=2 and solver_options\['order'\]=3 disagree"),
+        (
+            dict(solver="dpmpp_4m"),
+            ValueError,
+            r"solver='dpmpp_4m' is not supported; accepted values: .*'dpmpp_2m'",
+        ),
+        (
+            dict(solver=dp.Recipe("dpmpp_multistep", {"order": 4})),
+            ValueError,
+            r"order \(for solver 'dpmpp_multistep'\)=4 .*accepted values: 1, 2, 3",
+        ),
+        (dict(solver=dp.Recipe("dpmpp_2m", {"order": 3})), ValueError, "has order 2"),
+        (
+            dict(solver=dp.Recipe("dpmpp_adaptive", {"order": 1})),
+            ValueError,
+            "accepted values: 2, 3",
+        ),
+        (
+            dict(solver=dp.Recipe("dpmpp_multistep", {"variant": "bogus"})),
+            ValueError,
+            "variant='bogus'",
+        ),
+        (
+            dict(solver=dp.Recipe("dpmpp_multistep", {"eta": 1.0})),
+            ValueError,
+            "option of solver 'dpmpp_multistep'.*'eta'",
+        ),
         (dict(steps=0), ValueError, "steps must be >= 1"),
         (dict(steps=True), TypeError, "steps must be an integer"),
         (dict(nfe=-3), ValueError, "nfe must be >= 1"),
         (dict(steps=10, nfe=10), ValueError, "at most one of steps and nfe"),
         (dict(grid="linear"), ValueError, "grid='linear'"),
         (dict(prediction="epsilon"), ValueError, "prediction='epsilon'"),
-        (dict(final="none"), ValueError, "final='none'"),
-        (dict(t_start=2000.0), ValueError, "t_start=2000"),
+        (dict(solver=dp.Recipe(t_start=2000.0)), ValueError, "t_start=2000"),
         (dict(timesteps=[999, 10, 500]), ValueError, "strictly monotone"),
-        (dict(timesteps=[999, 10], sigmas=[10.0, 0.0]), ValueError, "at most one of timesteps and sigmas"),
+        (
+            dict(timesteps=[999, 10], sigmas=[10.0, 0.0]),
+            ValueError,
+            "at most one of timesteps and sigmas",
+        ),
         (dict(timesteps=[999, 10], steps=5), ValueError, "implied by timesteps"),
-        (dict(solver="dpmpp_adaptive", steps=10), ValueError, "adaptive solvers choose their own steps"),
+        (
+            dict(solver="dpmpp_adaptive", steps=10),
+            ValueError,
+            "adaptive solvers choose their own steps",
+        ),
         (dict(solver="dpmpp_3s", nfe=8), ValueError, "nfe=8 cannot be spent"),
-        (dict(check_finite="sometimes"), ValueError, "check_finite='sometimes'"),
-        (dict(guidance_scale=float("inf"), cond={"y": torch.zeros(2, dtype=torch.long)}, uncond={"y": torch.full((2,), 3)}), ValueError, "guidance_scale must be finite"),
+        (
+            dict(options=dp.SampleOptions(check_finite="sometimes")),
+            ValueError,
+            "check_finite='sometimes'",
+        ),
+        (
+            dict(
+                guidance_scale=float("inf"),
+                cond={"y": torch.zeros(2, dtype=torch.long)},
+                uncond={"y": torch.full((2,), 3)},
+            ),
+            ValueError,
+            "guidance_scale must be finite",
+        ),
     ],
 )
 def test_sample_argument_errors(kwargs: dict, exc: type[Exception], match: str) -> None:
@@ -45,10 +83,24 @@ def test_sample_argument_errors(kwargs: dict, exc: type[Exception], match: str) 
         dp.sample(NET, Z, schedule=SD, **kwargs)
 
 
-def test_order_may_come_inside_solver_options() -> None:
-    a = dp.sample(NET, Z, schedule=SD, solver="unipc", solver_options={"order": 3}, steps=8)
-    b = dp.sample(NET, Z, schedule=SD, solver="unipc", order=3, steps=8)
-    c = dp.sample(NET, Z, schedule=SD, solver="unipc", order=2, steps=8)
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(final="none"), "final='none'"),
+        (dict(grid="linear"), "grid='linear'"),
+        (dict(final_step="halfway"), "final_step='halfway'"),
+        (dict(t_end=10.0, sigma_end=0.1), "at most one of t_end and sigma_end"),
+    ],
+)
+def test_recipe_errors_are_raised_when_it_is_made(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dp.Recipe("dpmpp_2m", **kwargs)
+
+
+def test_the_order_is_a_recipe_option() -> None:
+    a = dp.sample(NET, Z, schedule=SD, steps=8, solver=dp.Recipe("dpmpp_multistep", {"order": 3}))
+    b = dp.sample(NET, Z, schedule=SD, steps=8, solver="dpmpp_3m")
+    c = dp.sample(NET, Z, schedule=SD, steps=8, solver=dp.Recipe("dpmpp_multistep", {"order": 2}))
     torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
     assert not torch.equal(a.x, c.x)
 
@@ -57,7 +109,10 @@ def test_model_output_shape_mismatch_is_named() -> None:
     def bad(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return x[:, :3]
 
-    with pytest.raises(ValueError, match=r"model output must be a tensor of the input's shape \(2, 6\), got \(2, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model output must be a tensor of the input's shape \(2, 6\), got \(2, 3\)",
+    ):
         dp.sample(bad, Z, schedule=SD, steps=3)
 
 
@@ -65,7 +120,12 @@ def test_non_tensor_noise_and_schedule_type() -> None:
     with pytest.raises(TypeError, match="schedule must be a NoiseSchedule"):
         dp.sample(NET, Z, schedule="discrete", steps=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        dp.solve(dp.MixtureDenoiser(MIX), torch.zeros(2, 6, dtype=torch.long), dp.make_grid(SD, 3), dp.get_solver("ddim"))
+        dp.solve(
+            dp.MixtureDenoiser(MIX),
+            torch.zeros(2, 6, dtype=torch.long),
+            dp.make_grid(SD, 3),
+            dp.get_solver("ddim"),
+        )
     with pytest.raises(TypeError, match="model must be callable"):
         dp.ModelDenoiser("unet")  # type: ignore[arg-type]
 

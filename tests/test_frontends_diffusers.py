@@ -1,10 +1,12 @@
 """The diffusers scheduler front end against diffusers' own schedulers, side by side on the
 same exact network (``MixtureNetwork`` on the scheduler's schedule) and the same noise.
 
-Where the algorithm is the same the results agree to 1e-5 (diffusers computes its
-coefficients in float32); where we differ on purpose (third-order multistep) ours is
-closer to the exact ODE solution. Comparisons with other peers are one line each, see
-:func:`peer_case`.
+Every config is switched by ``from_config`` (naming the solver where the config is another
+algorithm's). Where the algorithm is the same the results agree to 1e-5 over the whole
+loop (diffusers computes its coefficients in float32; where that alone exceeds 1e-5,
+diffusers runs on float64 levels and agrees to 1e-10); where we differ on purpose
+(third-order multistep) ours is closer to the exact ODE solution. Comparisons with other
+peers are one line each, see :func:`peer_case`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ _BASE = dp.default_mixture(dim=16, num_classes=2, components_per_class=2, seed=3
 MIX = dataclasses.replace(_BASE, means=_BASE.means * 2)
 PREDICTION = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow"}
 THRESHOLD = {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5}
+THRESHOLD_BELOW_1 = {
+    "thresholding": True,
+    "dynamic_thresholding_ratio": 0.9,
+    "sample_max_value": 0.8,
+}
 
 
 def noise(batch: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0) -> Tensor:
@@ -75,7 +82,14 @@ def exact_network(scheduler: DPMSolverScheduler, mixture: dp.GaussianMixture = M
     return call
 
 
-def denoise(scheduler: Any, network: Network, x: Tensor, steps: int | None = None, stop: int | None = None, **kw: Any) -> Tensor:
+def denoise(
+    scheduler: Any,
+    network: Network,
+    x: Tensor,
+    steps: int | None = None,
+    stop: int | None = None,
+    **kw: Any,
+) -> Tensor:
     """A pipeline's loop: set the timesteps, then one network call and one step each."""
     scheduler.set_timesteps(steps, **kw)
     x = x * scheduler.init_noise_sigma
@@ -96,7 +110,9 @@ class PeerCase:
     tol: float
 
 
-def peer_case(peer: str, *, solver: str | None = None, steps: int = 10, tol: float = 1e-5, **config: Any) -> Any:
+def peer_case(
+    peer: str, *, solver: str | None = None, steps: int = 10, tol: float = 1e-5, **config: Any
+) -> Any:
     """One side-by-side comparison with diffusers' scheduler ``peer`` (a class name).
 
     ``solver`` names our solver when ``from_config`` should not infer it; the case is
@@ -106,7 +122,9 @@ def peer_case(peer: str, *, solver: str | None = None, steps: int = 10, tol: flo
     """
     ours = {} if solver is None else {"solver": solver}
     registered = solver is None or solver in dp.REGISTRY or solver in dp.solvers.ALIASES
-    label = f"{peer}-{steps}-" + ",".join(f"{k}={v}" for k, v in config.items() if k not in SD_BETAS)
+    label = f"{peer}-{steps}-" + ",".join(
+        f"{k}={v}" for k, v in config.items() if k not in SD_BETAS
+    )
     return pytest.param(
         PeerCase(peer, {**SD_BETAS, **config}, ours, steps, tol),
         id=label,
@@ -114,7 +132,9 @@ def peer_case(peer: str, *, solver: str | None = None, steps: int = 10, tol: flo
     )
 
 
-def side_by_side(case: PeerCase, x: Tensor | None = None) -> tuple[Tensor, Tensor, DPMSolverScheduler]:
+def side_by_side(
+    case: PeerCase, x: Tensor | None = None
+) -> tuple[Tensor, Tensor, DPMSolverScheduler]:
     peer = getattr(diffusers, case.peer)(**case.config)
     ours = DPMSolverScheduler.from_config(peer.config, **case.ours)
     net = exact_network(ours)
@@ -122,51 +142,162 @@ def side_by_side(case: PeerCase, x: Tensor | None = None) -> tuple[Tensor, Tenso
     return denoise(peer, net, x, case.steps), denoise(ours, net, x, case.steps), ours
 
 
-SPACINGS = {"default": {}, "karras": {"use_karras_sigmas": True}, "logsnr": {"use_lu_lambdas": True}}
-# The singlestep scheduler has no use_lu_lambdas; its use_exponential_sigmas gives the same (with truncated network times).
+SPACINGS = {
+    "default": {},
+    "karras": {"use_karras_sigmas": True},
+    "logsnr": {"use_lu_lambdas": True},
+}
+# The singlestep scheduler has no use_lu_lambdas; its use_exponential_sigmas gives the same
+# (with truncated network times).
 # log-SNR-uniform grid, but truncates network times computed in float32, which puts its
 # first one at 998 where ours is 999: it is compared on default and Karras spacings.
 SINGLESTEP_SPACINGS = {"default": {}, "karras": {"use_karras_sigmas": True}}
 
-CASES = [
-    peer_case(peer, solver_order=order, prediction_type=pred, final_sigmas_type=final, steps=steps, **spacing, **thr)
-    for peer, spacings, steps in (
-        ("DPMSolverMultistepScheduler", SPACINGS, 10),
-        ("DPMSolverSinglestepScheduler", SINGLESTEP_SPACINGS, 9),
-    )
-    for order in (1, 2)
-    for pred in ("epsilon", "sample", "v_prediction")
-    for spacing in spacings.values()
-    for final in ("zero", "sigma_min")
-    for thr in ({}, THRESHOLD)
-] + [
-    peer_case("DPMSolverMultistepScheduler", solver_type="heun", steps=12),
-    peer_case("DPMSolverSinglestepScheduler", solver_type="heun", steps=8),
-    # Third-order singlestep agrees in the "heun" (Taylor) form. In the "midpoint" form
-    # diffusers computes the second intermediate point with its midpoint second-order
-    # update, where DPM-Solver's Alg. 2 (and ours) uses the phi_2 form: both are third
-    # order, and they differ by ~1e-3 at 9 steps.
-    peer_case("DPMSolverSinglestepScheduler", solver_order=3, solver_type="heun", steps=9),
-    peer_case("DPMSolverSinglestepScheduler", solver_order=3, solver_type="heun", steps=12, final_sigmas_type="sigma_min"),
-    peer_case("DPMSolverMultistepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
-    peer_case("DPMSolverSinglestepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
-    peer_case("DPMSolverMultistepScheduler", euler_at_final=True, final_sigmas_type="sigma_min"),
-    peer_case("DPMSolverMultistepScheduler", lower_order_final=False, steps=20),
-    peer_case("DPMSolverMultistepScheduler", timestep_spacing="leading", steps_offset=1, steps=7),
-    peer_case(
-        "DPMSolverMultistepScheduler", timestep_spacing="trailing", rescale_betas_zero_snr=True,
-        prediction_type="v_prediction", steps=8,
-    ),
-    peer_case("DPMSolverMultistepScheduler", beta_schedule="linear", beta_start=0.0001, beta_end=0.02, steps=25),
-    peer_case(
-        "DPMSolverMultistepScheduler", beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1,
-        prediction_type="v_prediction",
-    ),
-    peer_case("DPMSolverMultistepScheduler", solver_order=1, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-    peer_case("DPMSolverMultistepScheduler", solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-    peer_case("DPMSolverMultistepScheduler", solver_order=2, steps=1),
-    peer_case("DPMSolverSinglestepScheduler", solver_order=2, steps=1),
-]
+CASES = (
+    [
+        peer_case(
+            peer,
+            solver_order=order,
+            prediction_type=pred,
+            final_sigmas_type=final,
+            steps=steps,
+            **spacing,
+            **thr,
+        )
+        for peer, spacings, steps in (
+            ("DPMSolverMultistepScheduler", SPACINGS, 10),
+            ("DPMSolverSinglestepScheduler", SINGLESTEP_SPACINGS, 9),
+        )
+        for order in (1, 2)
+        for pred in ("epsilon", "sample", "v_prediction")
+        for spacing in spacings.values()
+        for final in ("zero", "sigma_min")
+        for thr in ({}, THRESHOLD)
+    ]
+    + [
+        peer_case("DPMSolverMultistepScheduler", solver_type="heun", steps=12),
+        peer_case("DPMSolverSinglestepScheduler", solver_type="heun", steps=8),
+        # Third-order singlestep agrees in the "heun" (Taylor) form. In the "midpoint" form
+        # diffusers computes the second intermediate point with its midpoint second-order
+        # update, where DPM-Solver's Alg. 2 (and ours) uses the phi_2 form: both are third
+        # order, and they differ by ~1e-3 at 9 steps.
+        peer_case("DPMSolverSinglestepScheduler", solver_order=3, solver_type="heun", steps=9),
+        peer_case(
+            "DPMSolverSinglestepScheduler",
+            solver_order=3,
+            solver_type="heun",
+            steps=12,
+            final_sigmas_type="sigma_min",
+        ),
+        peer_case(
+            "DPMSolverMultistepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min"
+        ),
+        peer_case(
+            "DPMSolverSinglestepScheduler",
+            algorithm_type="dpmsolver",
+            final_sigmas_type="sigma_min",
+        ),
+        peer_case(
+            "DPMSolverMultistepScheduler", euler_at_final=True, final_sigmas_type="sigma_min"
+        ),
+        peer_case("DPMSolverMultistepScheduler", lower_order_final=False, steps=20),
+        peer_case(
+            "DPMSolverMultistepScheduler", timestep_spacing="leading", steps_offset=1, steps=7
+        ),
+        peer_case(
+            "DPMSolverMultistepScheduler",
+            timestep_spacing="trailing",
+            rescale_betas_zero_snr=True,
+            prediction_type="v_prediction",
+            steps=8,
+        ),
+        peer_case(
+            "DPMSolverMultistepScheduler",
+            beta_schedule="linear",
+            beta_start=0.0001,
+            beta_end=0.02,
+            steps=25,
+        ),
+        peer_case(
+            "DPMSolverMultistepScheduler",
+            beta_schedule="squaredcos_cap_v2",
+            lambda_min_clipped=-5.1,
+            prediction_type="v_prediction",
+        ),
+        peer_case(
+            "DPMSolverMultistepScheduler",
+            solver_order=1,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=3.0,
+        ),
+        peer_case(
+            "DPMSolverMultistepScheduler",
+            solver_order=2,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=3.0,
+        ),
+        peer_case("DPMSolverMultistepScheduler", solver_order=2, steps=1),
+        peer_case("DPMSolverSinglestepScheduler", solver_order=2, steps=1),
+        # diffusers accepts sample_max_value below 1: a fixed clip to [-max, max], rescaled.
+        peer_case("DPMSolverMultistepScheduler", **THRESHOLD_BELOW_1),
+        peer_case("DPMSolverSinglestepScheduler", **THRESHOLD_BELOW_1, steps=9),
+        peer_case("DPMSolverMultistepScheduler", use_exponential_sigmas=True),
+        peer_case("DPMSolverMultistepScheduler", use_beta_sigmas=True),
+        peer_case("DPMSolverSinglestepScheduler", use_beta_sigmas=True, steps=9),
+    ]
+    + [
+        # UniPC configs switched to solver="unipc": orders, B(h), x0 / eps prediction, the
+        # corrector switched off at some steps, the lower-order rule at any number of steps,
+        # and the corrector at the zero-length last step of a "sigma_min" Karras / flow grid.
+        # Into sigma = 0 diffusers' bh1 and eps forms return NaN (tests/test_peers.py), so
+        # those run with "sigma_min".
+        peer_case("UniPCMultistepScheduler", solver="unipc", solver_order=order, steps=steps)
+        for order, steps in ((1, 10), (2, 10), (3, 10), (2, 25), (3, 25))
+    ]
+    + [
+        peer_case("UniPCMultistepScheduler", solver="unipc", **config)
+        for config in (
+            {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+            {"predict_x0": False, "solver_order": 3, "final_sigmas_type": "sigma_min"},
+            {"disable_corrector": [0, 3, 9]},
+            {"use_karras_sigmas": True},
+            {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min", "solver_order": 3},
+            {"use_exponential_sigmas": True},
+            {"timestep_spacing": "leading", "steps_offset": 1, "prediction_type": "v_prediction"},
+            {
+                "timestep_spacing": "trailing",
+                "rescale_betas_zero_snr": True,
+                "prediction_type": "v_prediction",
+            },
+            {**THRESHOLD},
+            {**THRESHOLD_BELOW_1},
+            # Wan-style flow configs: UniPC's own flow levels (first at 1 - 1e-6).
+            {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+            {
+                "prediction_type": "flow_prediction",
+                "use_flow_sigmas": True,
+                "flow_shift": 5.0,
+                "final_sigmas_type": "sigma_min",
+            },
+        )
+    ]
+    + [
+        # DEIS configs switched to solver="deis"; DEIS ends at the least noisy training level.
+        peer_case("DEISMultistepScheduler", solver="deis", **config)
+        for config in (
+            {"solver_order": 1},
+            {"solver_order": 2},
+            {"solver_order": 2, "steps": 20},
+            {"solver_order": 3, "use_karras_sigmas": True},
+            {"timestep_spacing": "trailing", "prediction_type": "v_prediction", "steps": 8},
+            {"timestep_spacing": "leading", "steps_offset": 1, "solver_order": 3},
+            {"use_exponential_sigmas": True},
+            {**THRESHOLD_BELOW_1},
+        )
+    ]
+)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -175,6 +306,58 @@ def test_reproduces_diffusers_where_the_algorithm_is_the_same(case: PeerCase) ->
     assert torch.isfinite(ours).all()
     assert scheduler.timesteps.tolist() == _peer_timesteps(case)
     assert (ours - theirs).abs().max().item() < case.tol
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"solver_order": 3},
+        {"solver_order": 3, "timestep_spacing": "trailing"},
+        {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0},
+    ],
+    ids=["order-3", "order-3-trailing", "flow"],
+)
+def test_deis_is_diffusers_deis_on_float64_levels(config: dict[str, Any]) -> None:
+    """Where diffusers' float32 coefficients alone differ from ours by 1-3e-5 (third-order
+    DEIS over 20 steps, DEIS on flow sigmas), diffusers run on float64 noise levels of the
+    same grid (ours) with float64 states agrees with ours to 1e-10: the algorithm is the same,
+    the difference is diffusers' rounding."""
+    peer = diffusers.DEISMultistepScheduler(**SD_BETAS, **config)
+    ours = DPMSolverScheduler.from_config(peer.config, solver="deis")
+    assert ours.config.final_sigmas_type == "sigma_min"  # where DEIS ends
+    for s in (peer, ours):
+        s.set_timesteps(20)
+    assert ours.timesteps.tolist() == peer.timesteps.tolist()
+    levels = torch.tensor([ours._level(k) for k in ours.knots], dtype=torch.float64)
+    assert torch.allclose(levels, peer.sigmas.double(), rtol=1e-6, atol=1e-7)
+    peer.sigmas = levels
+    net = exact_network(ours)
+    x = noise(dtype=torch.float64)
+    theirs = x
+    for i, t in enumerate(peer.timesteps):
+        theirs = peer.step(net(theirs, t, i), t, theirs).prev_sample
+    assert (denoise(ours, net, x, 20) - theirs).abs().max() < 1e-10
+
+
+def test_sde_dpmsolver_draws_the_noise_diffusers_draws() -> None:
+    """SDE-DPM-Solver++ (orders 1, 2) from an ``algorithm_type="sde-dpmsolver++"`` config:
+    one ``randn_tensor`` per step with the pipeline's generator, as diffusers, so the same
+    generator gives the same samples."""
+    for order in (1, 2):
+        peer = diffusers.DPMSolverMultistepScheduler(
+            **SD_BETAS, algorithm_type="sde-dpmsolver++", solver_order=order
+        )
+        ours = DPMSolverScheduler.from_config(peer.config)
+        assert ours.config.solver == "dpmpp_multistep_sde" and ours.solver.order == order
+        net = exact_network(ours)
+        outs = []
+        for s in (peer, ours):
+            s.set_timesteps(12)
+            g, x = torch.Generator().manual_seed(3), noise()
+            for i, t in enumerate(s.timesteps):
+                x = s.step(net(x, t, i), t, x, generator=g).prev_sample
+            outs.append(x)
+        assert (outs[0] - outs[1]).abs().max() < 1e-5
 
 
 def _peer_timesteps(case: PeerCase) -> list[Any]:
@@ -203,7 +386,9 @@ def test_orders_follow_diffusers_lower_order_rules() -> None:
     peer = diffusers.DPMSolverSinglestepScheduler(solver_order=3, lower_order_final=True)
     for n in range(1, 13):
         for final_zero in (True, False):
-            peer.register_to_config(final_sigmas_type="zero" if final_zero else "sigma_min", lower_order_final=True)
+            peer.register_to_config(
+                final_sigmas_type="zero" if final_zero else "sigma_min", lower_order_final=True
+            )
             listed = peer.get_order_list(n)
             groups = singlestep_groups(n, 3, lower_order_final=True, final_zero=final_zero)
             # diffusers lists each step's order at each of its timesteps: 1, 2, .., k.
@@ -241,7 +426,9 @@ def test_third_order_is_closer_to_the_exact_solution_than_diffusers() -> None:
     for steps in (20, 40):
         peer = diffusers.DPMSolverMultistepScheduler(**config)
         ours = DPMSolverScheduler.from_config(peer.config)
-        legacy = DPMSolverScheduler.from_config(peer.config, solver_options={"third_order": "legacy"})
+        legacy = DPMSolverScheduler.from_config(
+            peer.config, solver_options={"third_order": "legacy"}
+        )
         theirs = denoise(peer, at_grid_level(peer), x, steps, stop=-1)
         mine = denoise(ours, at_grid_level(ours), x, steps, stop=-1)
         published = denoise(legacy, at_grid_level(legacy), x, steps, stop=-1)
@@ -268,7 +455,9 @@ def test_solver_layout_equals_the_sampling_loop(solver: str) -> None:
     net = dp.MixtureNetwork(dataclasses.replace(MIX), s.schedule)
     out = denoise(s, exact_network(s), x, 6)
     grid = dp.TimeGrid(tuple(s.knots), s.schedule)
-    ref = dp.solve(dp.ModelDenoiser(net), x, grid, s.solver, orders=[st.order for st in s._full_plan])
+    ref = dp.solve(
+        dp.ModelDenoiser(net), x, grid, s.solver, orders=[st.order for st in s._full_plan]
+    )
     assert ref.nfe == len(s.timesteps)
     # Not bit-exact only because timesteps are float32 (diffusers' convention), so the
     # network sees intermediate times rounded to float32.
@@ -353,8 +542,14 @@ def test_flow_grids_match_flow_match_euler() -> None:
     sigmas) give the same timesteps and noise levels."""
     cases = [
         ({"shift": 3.0}, {"num_inference_steps": 6}),
-        ({"use_dynamic_shifting": True, "shift_terminal": 0.1}, {"sigmas": np.linspace(1.0, 1 / 6, 6), "mu": 0.7}),
-        ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, {"sigmas": np.linspace(1.0, 1 / 5, 5), "mu": 1.2}),
+        (
+            {"use_dynamic_shifting": True, "shift_terminal": 0.1},
+            {"sigmas": np.linspace(1.0, 1 / 6, 6), "mu": 0.7},
+        ),
+        (
+            {"use_dynamic_shifting": True, "time_shift_type": "linear"},
+            {"sigmas": np.linspace(1.0, 1 / 5, 5), "mu": 1.2},
+        ),
         ({"shift": 2.0, "use_karras_sigmas": True}, {"num_inference_steps": 7}),
     ]
     for config, call in cases:
@@ -393,7 +588,9 @@ def test_forward_process_matches_diffusers() -> None:
         s.set_timesteps(8)
         s.set_begin_index(2)
     t = flow.timesteps[2:3]
-    assert torch.allclose(ours_flow.scale_noise(data, t, eps), flow.scale_noise(data, t, eps), atol=1e-6)
+    assert torch.allclose(
+        ours_flow.scale_noise(data, t, eps), flow.scale_noise(data, t, eps), atol=1e-6
+    )
 
 
 def test_from_config_translates_peer_configs() -> None:
@@ -406,7 +603,9 @@ def test_from_config_translates_peer_configs() -> None:
     # An explicit alias that fixes the order wins over the config's solver_order.
     two = DPMSolverScheduler.from_config(single.config, solver="dpmpp_2m")
     assert two.solver.order == 2
-    noise_form = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    noise_form = diffusers.DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver", final_sigmas_type="sigma_min"
+    )
     assert DPMSolverScheduler.from_config(noise_form.config).config.solver == "dpm_multistep"
     sde = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
     if "dpmpp_2m_sde" not in dp.REGISTRY and "dpmpp_2m_sde" not in dp.solvers.ALIASES:
@@ -422,7 +621,10 @@ def test_from_config_translates_peer_configs() -> None:
 
 def test_save_and_load_round_trip(tmp_path: Any) -> None:
     s = DPMSolverScheduler(
-        solver="dpmpp_3m", solver_options={"third_order": "legacy"}, use_karras_sigmas=True, **SD_BETAS
+        solver="dpmpp_3m",
+        solver_options={"third_order": "legacy"},
+        use_karras_sigmas=True,
+        **SD_BETAS,
     )
     s.save_pretrained(tmp_path)
     loaded = DPMSolverScheduler.from_pretrained(tmp_path)
@@ -431,7 +633,9 @@ def test_save_and_load_round_trip(tmp_path: Any) -> None:
     assert loaded.solver == s.solver
     for x in (s, loaded):
         x.set_timesteps(12)
-    assert loaded.timesteps.tolist() == s.timesteps.tolist() and torch.equal(loaded.sigmas, s.sigmas)
+    assert loaded.timesteps.tolist() == s.timesteps.tolist() and torch.equal(
+        loaded.sigmas, s.sigmas
+    )
     # The saved config also loads into diffusers' scheduler (our extra keys are ignored).
     back = diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path)
     assert back.config.use_karras_sigmas and back.config.beta_schedule == "scaled_linear"
@@ -453,24 +657,61 @@ def test_learned_variance_channels_are_dropped() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"prediction_type": "eps"}, ValueError, r"prediction_type='eps' is not supported; accepted values: 'epsilon'"),
-        ({"timestep_spacing": "uniform"}, ValueError, r"timestep_spacing='uniform' .*'linspace', 'leading', 'trailing'"),
-        ({"final_sigmas_type": "denoise_to_zero"}, ValueError, r"final_sigmas_type=.*'zero', 'sigma_min'"),
-        ({"use_karras_sigmas": True, "use_lu_lambdas": True}, ValueError, "set at most one of use_karras_sigmas"),
-        ({"use_beta_sigmas": True}, ValueError, r"use_beta_sigmas=True is not supported; accepted values: False"),
-        ({"stochastic_sampling": True}, ValueError, r"stochastic_sampling=True .*accepted values: False"),
-        ({"solver": "dpmpp_adaptive"}, ValueError, "is adaptive"),
-        ({"solver": "euler_maruyama"}, ValueError, r"solver='euler_maruyama' is not supported; accepted values: .*'dpmpp_2m'"),
+        (
+            {"prediction_type": "eps"},
+            ValueError,
+            r"prediction_type='eps' is not supported; accepted values: 'epsilon'",
+        ),
+        (
+            {"timestep_spacing": "uniform"},
+            ValueError,
+            r"timestep_spacing='uniform' .*'linspace', 'leading', 'trailing'",
+        ),
+        (
+            {"final_sigmas_type": "denoise_to_zero"},
+            ValueError,
+            r"final_sigmas_type=.*'zero', 'sigma_min'",
+        ),
+        (
+            {"use_karras_sigmas": True, "use_lu_lambdas": True},
+            ValueError,
+            "set at most one of use_karras_sigmas",
+        ),
+        (
+            {"use_beta_sigmas": True, "use_karras_sigmas": True},
+            ValueError,
+            "set at most one of use_karras_sigmas",
+        ),
+        (
+            {"stochastic_sampling": True},
+            ValueError,
+            r"stochastic_sampling=True .*accepted values: False",
+        ),
+        ({"solver": "auto", "solver_order": 2}, ValueError, "chooses the solver"),
+        ({"grid_convention": "k-diffusion"}, ValueError, r"grid_convention=.*'unipc'"),
+        ({"disable_corrector": [-1]}, ValueError, r"disable_corrector\[0\] must be >= 0"),
+        ({"thresholding": True, "sample_max_value": 0.0}, ValueError, "sample_max_value"),
+        (
+            {"solver": "euler_maruyama"},
+            ValueError,
+            r"solver='euler_maruyama' is not supported; accepted values: .*'dpmpp_2m'",
+        ),
         ({"solver": "dpmpp_2m", "solver_order": 3}, ValueError, "has order 2"),
         ({"solver_options": {"variant": "rk4"}}, ValueError, "variant='rk4'"),
-        ({"solver_type": "bogus"}, ValueError, r"solver_type='bogus' .*'midpoint', 'heun'"),
+        ({"solver_type": "bogus"}, ValueError, r"solver_type='bogus' .*'midpoint', 'heun', 'bh1'"),
         ({"variance_type": "learnt"}, ValueError, r"variance_type='learnt' .*'learned'"),
         ({"singlestep_layout": "auto"}, ValueError, r"singlestep_layout='auto' .*'grid', 'solver'"),
         ({"beta_schedule": "cosine"}, ValueError, r"beta_schedule='cosine' .*'squaredcos_cap_v2'"),
-        ({"time_shift_type": "log"}, ValueError, r"time_shift_type='log' .*'exponential', 'linear'"),
+        (
+            {"time_shift_type": "log"},
+            ValueError,
+            r"time_shift_type='log' .*'exponential', 'linear'",
+        ),
     ],
 )
-def test_bad_configuration_names_the_option(kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:
+def test_bad_configuration_names_the_option(
+    kwargs: dict[str, Any], exc: type[Exception], match: str
+) -> None:
     with pytest.raises(exc, match=match):
         DPMSolverScheduler(**kwargs)
 
@@ -493,11 +734,9 @@ def test_bad_calls_name_the_problem() -> None:
     flow = DPMSolverScheduler(prediction_type="flow_prediction", use_dynamic_shifting=True)
     with pytest.raises(ValueError, match="needs mu"):
         flow.set_timesteps(4)
-    grid_layout = DPMSolverScheduler(solver="dpmpp_2s", singlestep_layout="solver", **SD_BETAS)
-    grid_layout.set_timesteps(4)
-    grid_layout.set_begin_index(1)
-    with pytest.raises(ValueError, match="intermediate point of a singlestep step"):
-        grid_layout.step(noise(), grid_layout.timesteps[1], noise())
+    s.set_begin_index(4)
+    with pytest.raises(ValueError, match="begin_index=4 is past the last of 4 timesteps"):
+        s.step(noise(), s.timesteps[0], noise())
 
 
 def test_custom_timesteps_match_diffusers() -> None:
@@ -510,3 +749,33 @@ def test_custom_timesteps_match_diffusers() -> None:
     mine = denoise(ours, net, x, timesteps=custom)
     assert ours.timesteps.tolist() == custom
     assert (mine - theirs).abs().max() < 1e-5
+
+
+def test_continuous_timesteps_match_euler_discrete() -> None:
+    """``timestep_type="continuous"`` with v-prediction (EulerDiscreteScheduler's
+    EDM-style networks take ``0.25 log(sigma~)``): our Euler (DDIM) on that config is
+    diffusers' Euler, network times included. Both start from the same state (diffusers'
+    Euler scales its initial noise by sigma_max rather than sqrt(sigma_max^2 + 1) with
+    "linspace" spacing, a convention of its own)."""
+    peer = diffusers.EulerDiscreteScheduler(
+        **SD_BETAS,
+        prediction_type="v_prediction",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    ours = DPMSolverScheduler.from_config(peer.config, solver="euler")
+
+    def net(x: Tensor, t: Tensor, i: int) -> Tensor:
+        s = math.exp(4 * float(t))
+        alpha = 1 / math.sqrt(1 + s * s)
+        x0 = MIX.x0(x, alpha, s * alpha).double()
+        return from_data(x0, x.double(), alpha, s * alpha, "v").to(x.dtype)
+
+    for s in (peer, ours):
+        s.set_timesteps(10)
+    assert torch.allclose(ours.timesteps, peer.timesteps, rtol=0, atol=1e-6)
+    x = noise()
+    theirs = x * math.sqrt(1 + float(peer.sigmas[0]) ** 2)  # x~ = x / alpha
+    for i, t in enumerate(peer.timesteps):
+        theirs = peer.step(net(peer.scale_model_input(theirs, t), t, i), t, theirs).prev_sample
+    assert (denoise(ours, net, x, 10) - theirs).abs().max() < 1e-5

@@ -4,6 +4,7 @@ rules match the sampling loop's. No diffusers needed."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -19,14 +20,24 @@ from torch import Tensor
 import dpmsolver as dp
 from dpmsolver.frontends.diffusers_grid import singlestep_groups
 from dpmsolver.frontends.stepper import (
+    CompiledStepper,
+    DrivenStep,
     OneEvaluationStepper,
     PinnedSchedule,
+    compile_steps,
     grouped_plan,
     probed_plan,
     supports_fractions,
 )
 from dpmsolver.noise import SeededNoise
-from dpmsolver.solvers import Solver, StepContext, configurations, first_order_step
+from dpmsolver.parameterization import data_coefficients, from_data
+from dpmsolver.solvers import (
+    AdaptiveSolver,
+    SinglestepSolver,
+    StepContext,
+    configurations,
+    first_order_step,
+)
 from dpmsolver.solvers.base import Form
 
 SD = dp.DiscreteVPSchedule()
@@ -34,7 +45,9 @@ MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=1)
 DEN = dp.MixtureDenoiser(MIX)
 
 
-def drive(stepper: OneEvaluationStepper, x: Tensor, denoiser: Any = DEN, noise: Any = None) -> tuple[Tensor, int]:
+def drive(
+    stepper: OneEvaluationStepper, x: Tensor, denoiser: Any = DEN, noise: Any = None
+) -> tuple[Tensor, int]:
     """The pipeline's side of the protocol: evaluate at each listed knot, hand it over."""
     calls = 0
     for position, knot in enumerate(stepper.evaluations):
@@ -45,7 +58,7 @@ def drive(stepper: OneEvaluationStepper, x: Tensor, denoiser: Any = DEN, noise: 
     return x, calls
 
 
-CASES = [(n, dict(c)) for n, c, s in configurations() if s.kind != "adaptive"]
+CASES = [(n, dict(c)) for n, c, s in configurations() if not isinstance(s, AdaptiveSolver)]
 
 
 @pytest.mark.parametrize(("name", "cfg"), CASES, ids=[f"{n}-{c}" for n, c in CASES])
@@ -55,8 +68,14 @@ def test_replayed_steps_equal_the_sampling_loop(name: str, cfg: dict[str, Any], 
     points (probed in advance), reproduces dp.solve on the same grid and orders exactly."""
     solver = dp.get_solver(name, **cfg)
     grid = dp.make_grid(SD, 5, final=final)  # type: ignore[arg-type]
-    orders = solver.plan(steps=grid.steps, nfe=None, final_zero=grid.final_zero, lower_order_final=True)
-    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * grid.knots[0].sigma
+    orders = solver.plan(
+        steps=grid.steps, nfe=None, final_zero=grid.final_zero, lower_order_final=True
+    )
+    x = (
+        torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        * grid.knots[0].sigma
+    )
+
     # Stochastic solvers: both drivers draw from identical per-sample streams.
     def noise() -> SeededNoise | None:
         return SeededNoise([11, 12, 13]) if solver.stochastic else None
@@ -68,6 +87,113 @@ def test_replayed_steps_equal_the_sampling_loop(name: str, cfg: dict[str, Any], 
     assert torch.allclose(out, expected.x, atol=1e-12, rtol=0)
 
 
+# Solvers whose coefficients are per-dimension tensors cannot be compiled (the scheduler
+# replays them: tests/test_frontends_diffusers.py).
+ALL_CASES = [(n, dict(c)) for n, c, s in configurations() if s.scalar_coefficients]
+
+
+def run_compiled(
+    plan: list[DrivenStep], x: Tensor, noise: Any = None, prediction: str = "eps"
+) -> tuple[Tensor, int]:
+    """A pipeline's loop over a compiled plan: the network's raw output (``prediction``)
+    at each listed knot, handed over with the state it saw."""
+    program = compile_steps(
+        plan,
+        SD,
+        lambda k: data_coefficients(prediction, k.alpha, k.sigma),  # type: ignore[arg-type]
+    )
+    stepper = CompiledStepper(program)
+    for op in program.ops:
+        k = op.knot
+        out = from_data(DEN(x, k), x, k.alpha, k.sigma, prediction)  # type: ignore[arg-type]
+        x = stepper.advance(x, out, noise)
+    assert stepper.done
+    return x, len(program.ops)
+
+
+@pytest.mark.parametrize(("name", "cfg"), ALL_CASES, ids=[f"{n}-{c}" for n, c in ALL_CASES])
+def test_compiled_plans_equal_replayed_steps(name: str, cfg: dict[str, Any]) -> None:
+    """Every registered solver (adaptive ones at fixed steps, stochastic ones with the same
+    draws), compiled into fixed combinations once, gives what its replayed steps give:
+    the coefficients come from its own step, so a solver whose step is not linear in its
+    inputs would fail here."""
+    solver = dp.get_solver(name, **cfg)
+    for final, prediction in (("zero", "eps"), ("t_min", "v")):
+        grid = dp.make_grid(SD, 6, final=final)  # type: ignore[arg-type]
+        orders = solver.plan(
+            steps=grid.steps, nfe=None, final_zero=grid.final_zero, lower_order_final=True
+        )
+        plan = probed_plan(solver, grid.knots, orders, SD)
+        x = (
+            torch.randn(3, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+            * grid.knots[0].sigma
+        )
+
+        def noise() -> SeededNoise | None:
+            return SeededNoise([11, 12, 13]) if solver.stochastic else None
+
+        replayed, calls = drive(OneEvaluationStepper(plan, SD), x, noise=noise())
+        compiled, evals = run_compiled(plan, x, noise(), prediction)
+        assert evals == calls
+        assert torch.allclose(compiled, replayed, atol=1e-12, rtol=0), (final, prediction)
+
+
+def test_compiled_multistep_steps_are_a_few_fused_terms() -> None:
+    """DPM-Solver++(2M) in the middle of a run: the new data prediction is one register
+    (sample + c * output) and the update three terms (state, newest and previous
+    prediction); nothing is replayed."""
+    solver = dp.get_solver("dpmpp_2m")
+    grid = dp.make_grid(SD, 10, final="zero")
+    plan = probed_plan(solver, grid.knots, [1] + [2] * 8 + [1], SD)
+    program = compile_steps(plan, SD, lambda k: data_coefficients("eps", k.alpha, k.sigma))
+    op = program.ops[5]
+    assert len(op.result) == 3 and [len(c.terms) for c in op.store] == [2]
+    assert op.store[0].terms[0] == (op.sample, 1.0)
+
+
+def test_disabled_corrector_skips_one_correction_only() -> None:
+    """A step marked ``corrector=False`` starts from the uncorrected state (diffusers'
+    UniPC ``disable_corrector``); the next step corrects again."""
+    solver = dp.get_solver("unipc", 2)
+    grid = dp.make_grid(SD, 6, final="t_min")
+    plan = probed_plan(solver, grid.knots, [1, 2, 2, 2, 2, 2], SD)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    full, _ = drive(OneEvaluationStepper(plan, SD), x)
+    off = [dataclasses.replace(st, corrector=i != 3) for i, st in enumerate(plan)]
+    skipped, _ = drive(OneEvaluationStepper(off, SD), x)
+    compiled, _ = run_compiled(off, x)
+    assert (skipped - full).abs().max() > 1e-6
+    assert torch.allclose(compiled, skipped, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["unipc", "dpmpp_2m"])
+def test_a_repeated_last_knot_corrects_and_moves_nothing(name: str) -> None:
+    """diffusers' "sigma_min" Karras and flow grids repeat their last level: the step
+    between the copies moves nothing, but a predictor-corrector solver uses the evaluation
+    there to correct the previous step (as UniPCMultistepScheduler does); a solver without
+    a corrector returns the state unchanged. Replayed and compiled agree."""
+    solver = dp.get_solver(name)
+    grid = dp.make_grid(SD, 20, "karras", final="t_min")
+    knots = [*grid.knots, grid.knots[-1]]
+    plan = probed_plan(solver, knots, [1] + [2] * 19 + [1], SD)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    x = x * knots[0].sigma
+    states = []
+    stepper = OneEvaluationStepper(plan, SD)
+    for knot in stepper.evaluations:
+        states.append(x)
+        x = stepper.advance(DEN(x, knot), x)
+    compiled, _ = run_compiled(plan, states[0])
+    assert torch.allclose(compiled, x, atol=1e-12, rtol=0)
+    if name == "unipc":
+        # The correction moves the state towards the exact solution at the last knot
+        # (measured: 3.6e-3 against 4.3e-3 uncorrected).
+        exact = dp.reference_solve(DEN, states[0], knots[0], knots[-1], SD)
+        assert (x - exact).abs().max() < 0.9 * (states[-1] - exact).abs().max()
+    else:
+        assert torch.equal(x, states[-1])
+
+
 def test_grid_layout_puts_intermediate_points_on_the_grid() -> None:
     """A singlestep step of order k spanning k intervals of a log-SNR-uniform grid is the
     solver's own step with r = 1/k (DPM-Solver's defaults) on the coarse grid."""
@@ -75,7 +201,10 @@ def test_grid_layout_puts_intermediate_points_on_the_grid() -> None:
     for order, expected_r in ((2, (0.5,)), (3, (1 / 3, 2 / 3))):
         coarse = dp.TimeGrid(fine.knots[::order], SD)
         solver = dp.get_solver("dpmpp_singlestep", order)
-        x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * fine.knots[0].sigma
+        x = (
+            torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            * fine.knots[0].sigma
+        )
         ref = dp.solve(DEN, x, coarse, solver, orders=[order] * coarse.steps)
         plan = grouped_plan(solver, fine.knots, [order] * coarse.steps)
         assert plan[0].solver.r1 == pytest.approx(expected_r[0])  # type: ignore[attr-defined]
@@ -96,23 +225,20 @@ def test_pinned_schedule_returns_grid_knots_with_their_network_time() -> None:
 
 
 @dataclass(frozen=True)
-class NoisyTwoStage(Solver):
+class NoisyTwoStage(SinglestepSolver):
     """A toy stochastic singlestep solver (test only): two evaluations and two noise draws
     per step, to check that replays reuse the draws."""
 
-    kind = "singlestep"
     stochastic = True
     order: int = 2
-
-    def evals_per_step(self, order: int) -> int:
-        return order
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         mid = ctx.schedule.knot_at_lambda(0.5 * (ctx.s.lam + ctx.t.lam))
         assert ctx.noise is not None
-        u = first_order_step(Form.DATA, x, x0, x0, ctx.s, mid) + 0.01 * ctx.noise()
+        u = first_order_step(Form.DATA, x, x0, x0, ctx.s, mid) + 0.01 * ctx.noise(ctx.s, mid)
         x0_mid = ctx.evaluate(u, mid)
-        out = first_order_step(Form.DATA, x, x0, x0_mid, ctx.s, ctx.t) + 0.01 * ctx.noise()
+        out = first_order_step(Form.DATA, x, x0, x0_mid, ctx.s, ctx.t)
+        out = out + 0.01 * ctx.noise(mid, ctx.t)
         return out, state
 
 
@@ -125,7 +251,7 @@ def test_noise_draws_are_replayed_not_redrawn() -> None:
         gen = torch.Generator().manual_seed(seed)
         draws: list[Tensor] = []
 
-        def draw(like: Tensor) -> Tensor:
+        def draw(like: Tensor, a: dp.Knot, b: dp.Knot) -> Tensor:
             draws.append(torch.randn(like.shape, generator=gen, dtype=like.dtype))
             return draws[-1]
 
@@ -163,7 +289,9 @@ def test_inversion_into_pure_noise_returns_the_noise_prediction() -> None:
     assert torch.isfinite(out).all()
     mid = plan[0]
     x1 = dp.solve(den, x, dp.TimeGrid((mid.s, mid.t), flow), mid.solver).x
-    assert torch.allclose(out, dp.to_noise(den(x1, knots[1]), x1, knots[1].alpha, knots[1].sigma), atol=1e-12)
+    assert torch.allclose(
+        out, dp.to_noise(den(x1, knots[1]), x1, knots[1].alpha, knots[1].sigma), atol=1e-12
+    )
 
 
 def test_plans_refuse_what_they_cannot_do() -> None:
@@ -174,7 +302,9 @@ def test_plans_refuse_what_they_cannot_do() -> None:
         grouped_plan(dp.get_solver("dpmpp_2s"), knots, [2, 2])
     with pytest.raises(ValueError, match="r1/r2"):
         grouped_plan(NoisyTwoStage(), knots, [2, 2])
-    assert supports_fractions(dp.get_solver("dpmpp_fast")) and not supports_fractions(dp.get_solver("dpmpp_2m"))
+    assert supports_fractions(dp.get_solver("dpmpp_fast")) and not supports_fractions(
+        dp.get_solver("dpmpp_2m")
+    )
     stepper = OneEvaluationStepper(probed_plan(dp.get_solver("ddim"), knots, [1] * 4, SD), SD)
     drive(stepper, torch.zeros(1, 6, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="all planned steps are done"):
@@ -206,6 +336,8 @@ def test_diffusers_stays_optional() -> None:
     )
     src = str(Path(dp.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "IMPORT-ERROR:" in out.stdout and "pip install diffusers" in out.stdout

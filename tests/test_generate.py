@@ -2,7 +2,7 @@
 process counts, checksummed shards, refused configuration changes, NaN policies.
 
 All runs use the exact Gaussian-mixture "network" in the built-in model's format
-(``dpmsolver.generate.exact_model``) or variants of it (tests/generate_models.py).
+(``dpmsolver.models.exact_model``) or variants of it (tests/generate_models.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from dpmsolver import generate as gen
 from dpmsolver.cli import main
+from dpmsolver.models import exact_model
 from tests import generate_models as models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # short last micro-batch in each shard (72 = 3 * 20 + 12, 20 = 8 + 8 + 4, 12 = 8 + 4).
 RUN: dict[str, Any] = dict(guidance=3.0, nfe=6, shard_size=20, micro_batch=8)
 NUM = 72
-CLI_RUN = ["--guidance", "3", "--nfe", "6", "--shard-size", "20", "--micro-batch", "8", "--no-progress"]
+CLI_RUN = [
+    "--guidance",
+    "3",
+    "--nfe",
+    "6",
+    "--shard-size",
+    "20",
+    "--micro-batch",
+    "8",
+    "--no-progress",
+]
 
 
 def env() -> dict[str, str]:
@@ -56,7 +67,7 @@ def assert_all_samples_once(out: Path, num: int) -> None:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted single-process run."""
     out = tmp_path_factory.mktemp("reference")
-    manifest = gen.generate(gen.exact_model(), NUM, out, batch_size=64, **RUN)
+    manifest = gen.generate(exact_model(), NUM, out, batch_size=64, **RUN)
     assert manifest.complete and manifest.samples == NUM and len(manifest.shards) == 4
     assert_all_samples_once(out, NUM)
     return out
@@ -84,14 +95,16 @@ def test_batch_size_does_not_change_a_bit(tmp_path: Path, solver: str) -> None:
     assert files(outs[0]) == files(outs[1]) == files(outs[2])
     # The rows per call do change this network's samples: that is why the micro-batch
     # size is part of the configuration and the batch size is not.
-    gen.generate(model, 40, tmp_path / "m7", batch_size=7, solver=solver, **{**RUN, "micro_batch": 7})
+    gen.generate(
+        model, 40, tmp_path / "m7", batch_size=7, solver=solver, **{**RUN, "micro_batch": 7}
+    )
     a, b = gen.read_samples(outs[0]), gen.read_samples(tmp_path / "m7")
     assert not np.array_equal(a["samples"], b["samples"])
 
 
 def builtin_model() -> Any:
     """The built-in digits model (shipped with the package)."""
-    from dpmsolver.cli import load_builtin
+    from dpmsolver.models import load_builtin
 
     return load_builtin(torch.device("cpu"))
 
@@ -106,8 +119,24 @@ def test_builtin_model_batch_sizes_agree_bit_for_bit(tmp_path: Path) -> None:
     from dpmsolver.digits import load as digits
 
     for batch in (1, 7, 64):
-        args = ["generate", "--num", "24", "--out", str(tmp_path / f"b{batch}"), "--batch", str(batch),
-                "--nfe", "4", "--shard-size", "24", "--micro-batch", "8", "--device", "cpu", "--no-progress"]
+        args = [
+            "generate",
+            "--num",
+            "24",
+            "--out",
+            str(tmp_path / f"b{batch}"),
+            "--batch",
+            str(batch),
+            "--nfe",
+            "4",
+            "--shard-size",
+            "24",
+            "--micro-batch",
+            "8",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
         assert main(args) == 0
     assert files(tmp_path / "b1") == files(tmp_path / "b7") == files(tmp_path / "b64")
     weights = (digits.WEIGHTS_DIR / digits.DENOISER_FILE).read_bytes()
@@ -115,25 +144,47 @@ def test_builtin_model_batch_sizes_agree_bit_for_bit(tmp_path: Path) -> None:
     assert model_id["sha256"] == hashlib.sha256(weights).hexdigest()
     assert np.isfinite(gen.read_samples(tmp_path / "b1")["samples"]).all()
 
+
 def test_micro_batching_keeps_the_exact_model_unchanged(reference: Path) -> None:
     """The exact model is batch-invariant, so grouping its calls changes nothing: the
     shards equal plain batched sampling of the same indices."""
-    from dpmsolver.cli import sample_indices
+    from dpmsolver.model import sample_indices
 
     data = gen.read_samples(reference)
-    model = gen.exact_model()
+    model = exact_model()
     direct = sample_indices(
-        model, list(range(NUM)), torch.arange(NUM) % 10, solver="auto", nfe=6, guidance=3.0,
-        seed=0, device=torch.device("cpu"),
+        model,
+        list(range(NUM)),
+        torch.arange(NUM) % 10,
+        solver="auto",
+        nfe=6,
+        guidance=3.0,
+        seed=0,
+        device=torch.device("cpu"),
     ).x
     assert np.array_equal(data["samples"], direct.numpy())
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "dpmsolver.cli", "generate", "--num", str(NUM), "--out", str(out),
-           "--model", "tests.generate_models:slow_exact_model", "--batch", "8", *CLI_RUN]
-    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpmsolver.cli",
+        "generate",
+        "--num",
+        str(NUM),
+        "--out",
+        str(out),
+        "--model",
+        "tests.generate_models:slow_exact_model",
+        "--batch",
+        "8",
+        *CLI_RUN,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     while len(list(out.glob("shard-*.json"))) < 2:
         assert proc.poll() is None, proc.communicate()
@@ -154,20 +205,131 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path: Path, referen
     assert_all_samples_once(out, NUM)
 
 
+def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(
+    tmp_path: Path, reference: Path
+) -> None:
+    """SIGINT (Ctrl-C) part-way: exit status 130, one line on stderr saying how to resume,
+    no traceback, no temporary files; the same command finishes the run, byte-identical
+    to an uninterrupted one."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpmsolver.cli",
+        "generate",
+        "--num",
+        str(NUM),
+        "--out",
+        str(out),
+        "--model",
+        "tests.generate_models:slow_exact_model",
+        "--batch",
+        "8",
+        *CLI_RUN,
+    ]
+    # A process started in the background by a shell without job control ignores SIGINT;
+    # give the child Python's usual handler whatever started the tests.
+    proc = subprocess.Popen(
+        cmd,
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 60
+    while not list(out.glob("shard-*.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no shard appeared in 60 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr == (
+        f"dpmsolver: interrupted; the finished shards in {out} are kept: run the same command "
+        "again to resume\n"
+    )
+    assert stdout == ""
+    done = {p.with_suffix(".npz").name for p in out.glob("shard-*.json")}
+    assert 1 <= len(done) < 4, "the run was not interrupted part-way"
+    assert not list(out.glob(".*.tmp"))
+
+    resumed = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{NUM} of {NUM} samples" in resumed.stdout
+    assert npz_files(out) == npz_files(reference)
+    assert_all_samples_once(out, NUM)
+
+
+def test_steps_instead_of_nfe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """heun: 5 steps cost 9 evaluations, so steps=5 writes the samples nfe=9 does; steps
+    are part of the configuration when given (and absent otherwise, so that directories of
+    earlier runs stay resumable)."""
+    common: dict[str, Any] = {**RUN, "solver": "heun"}
+    del common["nfe"]
+    by_steps = gen.generate(exact_model(), 30, tmp_path / "steps", steps=5, **common)
+    by_nfe = gen.generate(exact_model(), 30, tmp_path / "nfe", nfe=9, **common)
+    assert by_steps.config["steps"] == 5 and by_steps.config["nfe"] is None
+    assert "steps" not in by_nfe.config
+    assert npz_files(tmp_path / "steps") == npz_files(tmp_path / "nfe")
+    with pytest.raises(gen.ConfigMismatchError, match="steps: directory has 5, this run 6"):
+        gen.generate(exact_model(), 30, tmp_path / "steps", steps=6, **common)
+    # The CLI: --steps, and a default budget heun can spend (9, the largest up to 10).
+    cli = ["generate", "--num", "30", "--model", "dpmsolver.models:exact_model", "--solver"]
+    cli += ["heun", "--guidance", "3", "--shard-size", "20", "--micro-batch", "8"]
+    assert main([*cli, "--out", str(tmp_path / "cli_steps"), "--steps", "5", "--no-progress"]) == 0
+    assert "9 network evaluations per sample on 5 steps" in capsys.readouterr().out
+    assert main([*cli, "--out", str(tmp_path / "cli_nfe"), "--no-progress"]) == 0
+    assert "heun cannot spend the default 10 evaluations exactly; it spends 9" in (
+        capsys.readouterr().out
+    )
+    assert gen.Manifest.load(tmp_path / "cli_nfe").config["nfe"] == 9
+    for name in ("cli_steps", "cli_nfe"):
+        assert npz_files(tmp_path / name) == npz_files(tmp_path / "nfe")
+
+
 def test_torchrun_two_processes_equal_one(tmp_path: Path) -> None:
-    common = ["generate", "--num-samples", "50", "--model", "dpmsolver.generate:exact_model", *CLI_RUN]
-    one = subprocess.run([sys.executable, "-m", "dpmsolver.cli", *common, "--out", str(tmp_path / "one")],
-                         env=env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    common = [
+        "generate",
+        "--num-samples",
+        "50",
+        "--model",
+        "dpmsolver.models:exact_model",
+        *CLI_RUN,
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "dpmsolver.cli", *common, "--out", str(tmp_path / "one")],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "dpmsolver.cli", *common, "--out", str(tmp_path / "two")],
-        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dpmsolver.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("50 of 50 samples") == 1  # rank 0 reports
     assert files(tmp_path / "one") == files(tmp_path / "two")  # manifest included
-
 
 
 def test_torchrun_a_failing_process_stops_all_without_a_hang(tmp_path: Path) -> None:
@@ -176,16 +338,38 @@ def test_torchrun_a_failing_process_stops_all_without_a_hang(tmp_path: Path) -> 
     labels = ",".join("7" if i == 25 else "0" for i in range(40))
     out = tmp_path / "run"
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "dpmsolver.cli", "generate", "--num-samples", "40", "--out", str(out),
-         "--model", "tests.generate_models:nan_model", "--labels", labels, *CLI_RUN],
-        env=env(), cwd=ROOT, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "dpmsolver.cli",
+            "generate",
+            "--num-samples",
+            "40",
+            "--out",
+            str(out),
+            "--model",
+            "tests.generate_models:nan_model",
+            "--labels",
+            labels,
+            *CLI_RUN,
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert run.returncode != 0
     assert re.search(r"indices 25 \(step \d\)", run.stderr), run.stderr
     assert "stopped because process 1 of 2 failed" in run.stderr
     assert [s.status for s in gen.Manifest.load(out).shards] == ["complete", "pending"]
     assert not (out / "shard-000001.npz").exists()
+
 
 # ----------------------------------------------------------------------------------------
 # resume and refusal
@@ -194,7 +378,7 @@ def test_torchrun_a_failing_process_stops_all_without_a_hang(tmp_path: Path) -> 
 
 def test_damaged_shards_are_detected_and_regenerated(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "run"
-    gen.generate(gen.exact_model(), NUM, out, batch_size=16, **RUN)
+    gen.generate(exact_model(), NUM, out, batch_size=16, **RUN)
     original = files(out)
     flipped = bytearray((out / "shard-000000.npz").read_bytes())
     flipped[len(flipped) // 2] ^= 0x01
@@ -206,7 +390,7 @@ def test_damaged_shards_are_detected_and_regenerated(tmp_path: Path, reference: 
     with pytest.raises(ValueError, match=r"shard-000000.npz does not match its sha256"):
         gen.read_samples(out)
 
-    manifest = gen.generate(gen.exact_model(), NUM, out, batch_size=32, **RUN)
+    manifest = gen.generate(exact_model(), NUM, out, batch_size=32, **RUN)
     assert manifest.complete and manifest.samples == NUM
     assert (out / "shard-000003.npz").stat().st_mtime_ns == untouched
     assert files(out) == original
@@ -224,31 +408,47 @@ def test_damaged_shards_are_detected_and_regenerated(tmp_path: Path, reference: 
         (dict(model=models.call_size_sensitive_model()), "model.name"),
     ],
 )
-def test_a_changed_configuration_is_refused(tmp_path: Path, change: dict[str, Any], named: str) -> None:
+def test_a_changed_configuration_is_refused(
+    tmp_path: Path, change: dict[str, Any], named: str
+) -> None:
     out = tmp_path / "run"
-    gen.generate(gen.exact_model(), NUM, out, **RUN)
+    gen.generate(exact_model(), NUM, out, **RUN)
     before = files(out)
-    args: dict[str, Any] = {"model": gen.exact_model(), "num": NUM, **RUN, **change}
+    args: dict[str, Any] = {"model": exact_model(), "num": NUM, **RUN, **change}
     with pytest.raises(gen.ConfigMismatchError, match=named):
         gen.generate(args.pop("model"), args.pop("num"), out, **args)
     assert files(out) == before
     # What does not change the output may change: batch size, progress.
-    gen.generate(gen.exact_model(), NUM, out, batch_size=3, progress=True, **RUN)
+    gen.generate(exact_model(), NUM, out, batch_size=3, progress=True, **RUN)
     assert files(out) == before
 
 
 def test_shards_of_another_run_are_not_overwritten_without_a_manifest(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    gen.generate(gen.exact_model(), NUM, out, **RUN)
+    gen.generate(exact_model(), NUM, out, **RUN)
     (out / "manifest.json").unlink()
-    with pytest.raises(gen.ConfigMismatchError, match=r"shard-000000\.json from a run with a different configuration"):
-        gen.generate(gen.exact_model(), NUM, out, **{**RUN, "seed": 5})
-    manifest = gen.generate(gen.exact_model(), NUM, out, **RUN)  # same run: manifest rebuilt
+    with pytest.raises(
+        gen.ConfigMismatchError,
+        match=r"shard-000000\.json from a run with a different configuration",
+    ):
+        gen.generate(exact_model(), NUM, out, **{**RUN, "seed": 5})
+    manifest = gen.generate(exact_model(), NUM, out, **RUN)  # same run: manifest rebuilt
     assert manifest.complete and (out / "manifest.json").exists()
 
 
-def test_cli_refuses_a_changed_configuration_with_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["generate", "--num", "10", "--out", str(tmp_path), "--model", "dpmsolver.generate:exact_model", *CLI_RUN]
+def test_cli_refuses_a_changed_configuration_with_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "generate",
+        "--num",
+        "10",
+        "--out",
+        str(tmp_path),
+        "--model",
+        "dpmsolver.models:exact_model",
+        *CLI_RUN,
+    ]
     assert main(args) == 0
     assert "10 of 10 samples" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
@@ -263,7 +463,9 @@ def test_cli_refuses_a_changed_configuration_with_status_2(tmp_path: Path, capsy
 
 
 def test_nan_stop_names_the_samples_and_writes_no_bad_shard(tmp_path: Path) -> None:
-    with pytest.raises(gen.GenerationError, match=r"indices 7 \(step (\d)\), 17 \(step \1\); first at step \1") as info:
+    with pytest.raises(
+        gen.GenerationError, match=r"indices 7 \(step (\d)\), 17 \(step \1\); first at step \1"
+    ) as info:
         gen.generate(models.nan_model(), NUM, tmp_path, batch_size=64, **RUN)
     assert "Shard 0 (shard-000000.npz) was not written" in str(info.value)
     assert not (tmp_path / "shard-000000.npz").exists()
@@ -272,13 +474,17 @@ def test_nan_stop_names_the_samples_and_writes_no_bad_shard(tmp_path: Path) -> N
 
 
 def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, reference: Path) -> None:
-    manifest = gen.generate(models.nan_model(), NUM, tmp_path, batch_size=64, on_nonfinite="skip", **RUN)
+    manifest = gen.generate(
+        models.nan_model(), NUM, tmp_path, batch_size=64, on_nonfinite="skip", **RUN
+    )
     bad = [i for i in range(NUM) if i % 10 == 7]
     assert [f.index for f in manifest.failed] == bad
     assert len({f.step for f in manifest.failed}) == 1
     assert all(s.status == "partial" for s in manifest.shards) and manifest.complete
     on_disk = json.loads((tmp_path / "manifest.json").read_text())
-    assert on_disk["summary"]["failed"] == len(bad) and on_disk["summary"]["samples"] == NUM - len(bad)
+    assert on_disk["summary"]["failed"] == len(bad) and on_disk["summary"]["samples"] == NUM - len(
+        bad
+    )
     data, ref = gen.read_samples(tmp_path), gen.read_samples(reference)
     keep = [i for i in range(NUM) if i % 10 != 7]
     assert data["indices"].tolist() == keep
@@ -287,10 +493,14 @@ def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, referen
 
     # Resuming keeps the partial shards (a retry would fail the same way) and their record.
     before = files(tmp_path)
-    again = gen.generate(models.nan_model(), NUM, tmp_path, batch_size=8, on_nonfinite="skip", **RUN)
+    again = gen.generate(
+        models.nan_model(), NUM, tmp_path, batch_size=8, on_nonfinite="skip", **RUN
+    )
     assert files(tmp_path) == before and again.failed == manifest.failed
     # ... and under "stop" the run cannot be declared finished: it names them.
-    with pytest.raises(gen.GenerationError, match=r"went non-finite in an earlier run.*7 \(step \d\), 17"):
+    with pytest.raises(
+        gen.GenerationError, match=r"went non-finite in an earlier run.*7 \(step \d\), 17"
+    ):
         gen.generate(models.nan_model(), NUM, tmp_path, **RUN)
 
 
@@ -305,6 +515,8 @@ def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, referen
         (dict(solver="dpmpp_adaptive"), ValueError, "solver='dpmpp_adaptive' is adaptive"),
         (dict(solver="nope"), ValueError, "solver='nope' is not supported"),
         (dict(solver="dpmpp_3s", nfe=8), ValueError, "nfe=8 cannot be spent"),
+        (dict(nfe=5, steps=3), ValueError, "give at most one of nfe and steps"),
+        (dict(steps=0), ValueError, "steps must be >= 1"),
         (dict(micro_batch=0), ValueError, "micro_batch must be >= 1"),
         (dict(shard_size=2.5), TypeError, "shard_size must be an integer"),
         (dict(on_nonfinite="retry"), ValueError, "on_nonfinite='retry'"),
@@ -314,14 +526,18 @@ def test_nan_skip_records_the_samples_and_keeps_the_rest(tmp_path: Path, referen
         (dict(seed=-1), ValueError, "seed must be >= 0"),
     ],
 )
-def test_bad_arguments_fail_before_anything_is_written(tmp_path: Path, kwargs: dict[str, Any], exc: type[Exception], match: str) -> None:
+def test_bad_arguments_fail_before_anything_is_written(
+    tmp_path: Path, kwargs: dict[str, Any], exc: type[Exception], match: str
+) -> None:
     with pytest.raises(exc, match=match):
-        gen.generate(gen.exact_model(), 10, tmp_path / "run", **kwargs)
+        gen.generate(exact_model(), 10, tmp_path / "run", **kwargs)
     assert not (tmp_path / "run").exists()
 
 
 def test_cli_bad_model_spec_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--num", "4", "--out", str(tmp_path), "--model", "no_such_module:factory"])
+        main(
+            ["generate", "--num", "4", "--out", str(tmp_path), "--model", "no_such_module:factory"]
+        )
     assert exit_info.value.code == 2
     assert "--model 'no_such_module:factory': cannot import it" in capsys.readouterr().err

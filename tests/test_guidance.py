@@ -21,11 +21,25 @@ def z() -> torch.Tensor:
 def test_cfg_equals_exact_guided_denoiser(prediction: str) -> None:
     """Guidance on raw outputs of any parameterization = guidance on x0 (affine maps)."""
     net = dp.MixtureNetwork(MIX, SD, prediction)  # type: ignore[arg-type]
-    r = dp.sample(net, z(), schedule=SD, prediction=prediction, cond={"y": Y}, uncond={"y": NULL},  # type: ignore[arg-type]
-                  guidance_scale=5.0, steps=15, solver="dpmpp_3m")
+    r = dp.sample(
+        net,
+        z(),
+        schedule=SD,
+        prediction=prediction,
+        cond={"y": Y},
+        uncond={"y": NULL},  # type: ignore[arg-type]
+        guidance_scale=5.0,
+        steps=15,
+        solver="dpmpp_3m",
+    )
     grid = r.grid
-    exact = dp.solve(dp.MixtureDenoiser(MIX, y=Y, guidance_scale=5.0), z() * grid.knots[0].sigma, grid,
-                     dp.get_solver("dpmpp_3m"), orders=r.orders)
+    exact = dp.solve(
+        dp.MixtureDenoiser(MIX, y=Y, guidance_scale=5.0),
+        z() * grid.knots[0].sigma,
+        grid,
+        dp.get_solver("dpmpp_3m"),
+        orders=r.orders,
+    )
     assert torch.allclose(r.x, exact.x, atol=1e-9)
 
 
@@ -37,27 +51,50 @@ def test_cfg_is_one_batched_call_and_scale_one_skips_uncond() -> None:
         batches.append(x.shape[0])
         return base(x, t, y)
 
-    r = dp.sample(net, z(), schedule=SD, cond={"y": Y}, uncond={"y": NULL}, guidance_scale=4.0, steps=6)
+    r = dp.sample(
+        net, z(), schedule=SD, cond={"y": Y}, uncond={"y": NULL}, guidance_scale=4.0, steps=6
+    )
     assert r.nfe == 6 and batches == [8] * 6
     batches.clear()
-    r = dp.sample(net, z(), schedule=SD, cond={"y": Y}, uncond={"y": NULL}, guidance_scale=1.0, steps=6)
+    r = dp.sample(
+        net, z(), schedule=SD, cond={"y": Y}, uncond={"y": NULL}, guidance_scale=1.0, steps=6
+    )
     assert r.nfe == 6 and batches == [4] * 6
 
 
 def test_per_sample_guidance_scales() -> None:
     net = dp.MixtureNetwork(MIX, SD)
     scales = torch.tensor([1.0, 2.0, 5.0, 7.5], dtype=torch.float64)
-    r = dp.sample(net, z(), schedule=SD, cond={"y": Y}, uncond={"y": NULL}, guidance_scale=scales, steps=8)
+    r = dp.sample(
+        net, z(), schedule=SD, cond={"y": Y}, uncond={"y": NULL}, guidance_scale=scales, steps=8
+    )
     for i, w in enumerate(scales.tolist()):
-        one = dp.sample(net, z()[i : i + 1], schedule=SD, cond={"y": Y[i : i + 1]}, uncond={"y": NULL[i : i + 1]},
-                        guidance_scale=w, steps=8)
+        one = dp.sample(
+            net,
+            z()[i : i + 1],
+            schedule=SD,
+            cond={"y": Y[i : i + 1]},
+            uncond={"y": NULL[i : i + 1]},
+            guidance_scale=w,
+            steps=8,
+        )
         assert torch.allclose(one.x[0], r.x[i], atol=1e-12)
 
 
 def test_unconditional_rows_can_broadcast() -> None:
     net = dp.MixtureNetwork(MIX, SD)
-    a = dp.sample(net, z(), schedule=SD, cond={"y": Y}, uncond={"y": torch.tensor([3])}, guidance_scale=2.0, steps=5).x
-    b = dp.sample(net, z(), schedule=SD, cond={"y": Y}, uncond={"y": NULL}, guidance_scale=2.0, steps=5).x
+    a = dp.sample(
+        net,
+        z(),
+        schedule=SD,
+        cond={"y": Y},
+        uncond={"y": torch.tensor([3])},
+        guidance_scale=2.0,
+        steps=5,
+    ).x
+    b = dp.sample(
+        net, z(), schedule=SD, cond={"y": Y}, uncond={"y": NULL}, guidance_scale=2.0, steps=5
+    ).x
     assert torch.equal(a, b)
 
 
@@ -85,7 +122,13 @@ def test_classifier_guidance_matches_its_eps_form() -> None:
         return -((x - a * target) ** 2).sum(1) / (2 * var)
 
     net = dp.MixtureNetwork(MIX, SD)
-    r = dp.sample(net, z(), schedule=SD, classifier=noisy_log_prob, classifier_scale=1.0, steps=10)
+    r = dp.sample(
+        net,
+        z(),
+        schedule=SD,
+        steps=10,
+        options=dp.SampleOptions(classifier=noisy_log_prob, classifier_scale=1.0),
+    )
     plain = dp.sample(net, z(), schedule=SD, steps=10)
     # guidance pulls the samples towards the classifier's target
     assert torch.isfinite(r.x).all()
@@ -94,7 +137,11 @@ def test_classifier_guidance_matches_its_eps_form() -> None:
 
 def naive_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     flat = x0.float().reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, max_value).view(-1, *([1] * (x0.ndim - 1)))
+    s = (
+        torch.quantile(flat.abs(), ratio, dim=1)
+        .clamp(1.0, max_value)
+        .view(-1, *([1] * (x0.ndim - 1)))
+    )
     return (torch.clamp(x0.float(), -s, s) / s).to(x0.dtype)
 
 
@@ -105,14 +152,26 @@ def test_dynamic_thresholding(dtype: torch.dtype, ratio: float, max_value: float
     th = dp.DynamicThresholding(lambda x, k: x, ratio, max_value)
     out = th(x0, SD.knot(10.0))
     assert out.dtype == dtype and out.abs().max() <= 1.0
-    assert torch.allclose(out.float(), naive_threshold(x0, ratio, max_value).float(), atol=1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.allclose(
+        out.float(),
+        naive_threshold(x0, ratio, max_value).float(),
+        atol=1e-6 if dtype == torch.float32 else 1e-2,
+    )
 
 
 def test_thresholding_keeps_samples_in_range() -> None:
     net = dp.MixtureNetwork(MIX, SD)
     y = torch.tensor([0, 1, 2, 1])
-    r = dp.sample(net, 3 * z(), schedule=SD, cond={"y": y}, uncond={"y": NULL}, guidance_scale=15.0, steps=10,
-                  thresholding=True, thresholding_max_value=1.0)
+    r = dp.sample(
+        net,
+        3 * z(),
+        schedule=SD,
+        cond={"y": y},
+        uncond={"y": NULL},
+        guidance_scale=15.0,
+        steps=10,
+        options=dp.SampleOptions(thresholding=True, thresholding_max_value=1.0),
+    )
     assert r.x.abs().max() <= 1.0 + 1e-9
 
 
@@ -124,7 +183,14 @@ def test_x0_corrector_sees_every_evaluation() -> None:
         calls.append(knot.t)
         return x0.clamp(-0.5, 0.5)
 
-    r = dp.sample(net, z(), schedule=SD, solver="dpmpp_3s", steps=4, x0_corrector=corr)
+    r = dp.sample(
+        net,
+        z(),
+        schedule=SD,
+        solver="dpmpp_3s",
+        steps=4,
+        options=dp.SampleOptions(x0_corrector=corr),
+    )
     assert len(calls) == r.nfe == 10
     assert r.x.abs().max() <= 0.5
 
@@ -132,14 +198,26 @@ def test_x0_corrector_sees_every_evaluation() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(guidance_scale=float("nan"), cond={"y": Y}, uncond={"y": NULL}), "guidance_scale must be finite"),
+        (
+            dict(guidance_scale=float("nan"), cond={"y": Y}, uncond={"y": NULL}),
+            "guidance_scale must be finite",
+        ),
         (dict(guidance_scale=3.0, cond={"y": Y}), "needs both cond and uncond"),
         (dict(guidance_scale=3.0, cond={"y": Y}, uncond={"label": NULL}), "same keys"),
         (dict(guidance_scale=3.0, cond={"y": Y}, uncond={"y": NULL[:2]}), "batch 2"),
-        (dict(guidance_scale=torch.tensor([1.0, 2.0]), cond={"y": Y}, uncond={"y": NULL}), "2 entries"),
-        (dict(thresholding=True, thresholding_ratio=1.5), "thresholding_ratio"),
-        (dict(thresholding=True, thresholding_max_value=0.5), "thresholding_max_value"),
-        (dict(cond={"y": Y}, model_kwargs={"y": Y}), "both set"),
+        (
+            dict(guidance_scale=torch.tensor([1.0, 2.0]), cond={"y": Y}, uncond={"y": NULL}),
+            "2 entries",
+        ),
+        (
+            dict(options=dp.SampleOptions(thresholding=True, thresholding_ratio=1.5)),
+            "thresholding_ratio",
+        ),
+        (
+            dict(options=dp.SampleOptions(thresholding=True, thresholding_max_value=0.5)),
+            "thresholding_max_value",
+        ),
+        (dict(cond={"y": Y}, options=dp.SampleOptions(model_kwargs={"y": Y})), "both set"),
     ],
 )
 def test_bad_guidance_arguments(kwargs: dict, match: str) -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import dpmsolver as dp
-from dpmsolver.sampling import _FiniteMonitor
-from dpmsolver.solvers import configurations
+from dpmsolver.loop import FiniteMonitor
+from dpmsolver.solvers import AdaptiveSolver, configurations
 
 HOST_READS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "numpy", "cpu")
 
@@ -42,7 +42,11 @@ def forbid_host_reads() -> Iterator[None]:
             setattr(torch.Tensor, name, fn)
 
 
-CASES = [(n, dict(c)) for n, c, s in configurations() if s.kind != "adaptive" and not s.stochastic]
+CASES = [
+    (n, dict(c))
+    for n, c, s in configurations()
+    if not isinstance(s, AdaptiveSolver) and not s.stochastic
+]
 
 
 @pytest.mark.parametrize(("name", "cfg"), CASES, ids=[f"{n}-{c}" for n, c in CASES])
@@ -58,7 +62,7 @@ def test_steps_never_read_tensors_on_the_host(name: str, cfg: dict) -> None:
 
     with forbid_host_reads():
         out = dp.solve(denoiser, x, grid, solver, check_finite="off")
-        monitor = _FiniteMonitor("end", grid.knots)
+        monitor = FiniteMonitor("end", grid.knots)
         monitor.record(0, out.x)  # the per-step NaN bookkeeping stays on the device
     monitor.finish()  # the one host read, after the loop
     assert torch.isfinite(out.x).all()
@@ -75,7 +79,12 @@ def test_guidance_and_thresholding_chain_never_reads_on_the_host() -> None:
 
     y = torch.tensor([1.0, 2.0])
     den = dp.build_denoiser(
-        net, prediction="v", cond={"y": y}, uncond={"y": torch.zeros(2)}, guidance_scale=5.0, thresholding=True
+        net,
+        prediction="v",
+        cond={"y": y},
+        uncond={"y": torch.zeros(2)},
+        guidance_scale=5.0,
+        options=dp.SampleOptions(thresholding=True),
     )
     grid = dp.make_grid(dp.DiscreteVPSchedule(), 6)
     x = torch.randn(2, 3, 4, 4)

@@ -8,7 +8,9 @@ import torch
 from dpmsolver.parameterization import PREDICTIONS, from_data, to_data, to_noise
 
 
-def definition(prediction: str, x0: torch.Tensor, eps: torch.Tensor, a: float, s: float) -> torch.Tensor:
+def definition(
+    prediction: str, x0: torch.Tensor, eps: torch.Tensor, a: float, s: float
+) -> torch.Tensor:
     """The network target written from its definition."""
     return {
         "eps": eps,
@@ -20,7 +22,9 @@ def definition(prediction: str, x0: torch.Tensor, eps: torch.Tensor, a: float, s
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize(("alpha", "sigma"), [(0.9, 0.4358898943540674), (0.05, 0.998749), (1.0, 3.0), (0.3, 0.7)])
+@pytest.mark.parametrize(
+    ("alpha", "sigma"), [(0.9, 0.4358898943540674), (0.05, 0.998749), (1.0, 3.0), (0.3, 0.7)]
+)
 def test_conversions(prediction: str, alpha: float, sigma: float) -> None:
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 5, dtype=torch.float64, generator=g)

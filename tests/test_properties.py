@@ -19,12 +19,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dpmsolver as dp
-from dpmsolver.solvers import ALIASES, REGISTRY
+from dpmsolver.solvers import ALIASES, REGISTRY, AdaptiveSolver
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 SCHEDULES: dict[str, Callable[[], dp.NoiseSchedule]] = {
-    "discrete linear": lambda: dp.DiscreteVPSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+    "discrete linear": lambda: dp.DiscreteVPSchedule(
+        beta_schedule="linear", beta_start=1e-4, beta_end=0.02
+    ),
     "discrete scaled_linear": lambda: dp.DiscreteVPSchedule(),
     "discrete squaredcos_cap_v2": lambda: dp.DiscreteVPSchedule(beta_schedule="squaredcos_cap_v2"),
     "discrete zero terminal SNR": lambda: dp.DiscreteVPSchedule(rescale_zero_terminal_snr=True),
@@ -40,9 +42,11 @@ MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=4)
 # Fixed-step deterministic solvers; the adaptive ones choose their own steps (tested in
 # test_sampling), the stochastic ones need a noise source (test_sde).
 DETERMINISTIC = sorted(
-    name for name, info in REGISTRY.items()
-    if info.default_order and not info.build(order=info.default_order).stochastic
-    and info.build(order=info.default_order).kind != "adaptive"
+    name
+    for name, info in REGISTRY.items()
+    if info.default_order
+    and not info.build(order=info.default_order).stochastic
+    and not isinstance(info.build(order=info.default_order), AdaptiveSolver)
 )
 
 
@@ -82,11 +86,23 @@ def valid_runs(draw: st.DrawFn) -> dict[str, Any]:
 def test_valid_input_never_yields_nan_or_inf(run: dict[str, Any]) -> None:
     sched, pred = run["schedule"], run["prediction"]
     net = dp.MixtureNetwork(MIX, sched, pred)
-    noise = torch.randn(3, MIX.dim, generator=torch.Generator().manual_seed(run["seed"]), dtype=run["dtype"])
+    noise = torch.randn(
+        3, MIX.dim, generator=torch.Generator().manual_seed(run["seed"]), dtype=run["dtype"]
+    )
     res = dp.sample(
-        net, noise, schedule=sched, prediction=pred, solver=run["solver"], order=run["order"],
-        steps=run["steps"], grid=run["grid"], t_start=run["t_start"], t_end=run["t_end"],
-        final=run["final"],
+        net,
+        noise,
+        schedule=sched,
+        prediction=pred,
+        steps=run["steps"],
+        grid=run["grid"],
+        solver=dp.Recipe(
+            run["solver"],
+            {"order": run["order"]},
+            t_start=run["t_start"],
+            t_end=run["t_end"],
+            final=run["final"],
+        ),
     )
     assert torch.isfinite(res.x).all(), run
     assert res.x.dtype == run["dtype"] and res.x.shape == noise.shape
@@ -105,7 +121,11 @@ def raises_naming(param: str, **kwargs: Any) -> None:
 
 
 @SETTINGS
-@given(st.one_of(st.integers(max_value=0), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3)))
+@given(
+    st.one_of(
+        st.integers(max_value=0), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3)
+    )
+)
 def test_bad_steps_are_named(steps: Any) -> None:
     raises_naming("steps", steps=steps)
 
@@ -136,7 +156,11 @@ def test_unknown_names_are_named(name: str) -> None:
 
 
 @SETTINGS
-@given(st.sampled_from(sorted(SCHEDULES)), st.floats(allow_nan=True, allow_infinity=True), st.floats(0.0, 1.0))
+@given(
+    st.sampled_from(sorted(SCHEDULES)),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(0.0, 1.0),
+)
 def test_time_ranges_outside_the_schedule_are_named(sched_name: str, t: float, frac: float) -> None:
     """A start outside [t_min, t_max] (or NaN/inf), or an end at or above the start."""
     sched = BUILT[sched_name]
@@ -145,12 +169,33 @@ def test_time_ranges_outside_the_schedule_are_named(sched_name: str, t: float, f
     tol = 1e-6 * max(1.0, abs(hi))
     if not math.isfinite(t) or t < lo - tol or t > hi + tol:
         with pytest.raises((ValueError, TypeError), match="t_start"):
-            dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", t_start=t)
+            dp.sample(
+                net,
+                Z,
+                schedule=sched,
+                steps=4,
+                grid="time_uniform",
+                solver=dp.Recipe("dpmpp_2m", t_start=t),
+            )
         with pytest.raises((ValueError, TypeError), match="t_end"):
-            dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", t_end=t)
+            dp.sample(
+                net,
+                Z,
+                schedule=sched,
+                steps=4,
+                grid="time_uniform",
+                solver=dp.Recipe("dpmpp_2m", t_end=t),
+            )
     start = lo + frac * (hi - lo)
     with pytest.raises(ValueError, match=r"t_start=.* must be greater than t_end"):
-        dp.sample(net, Z, schedule=sched, steps=4, grid="time_uniform", t_start=start, t_end=start)
+        dp.sample(
+            net,
+            Z,
+            schedule=sched,
+            steps=4,
+            grid="time_uniform",
+            solver=dp.Recipe("dpmpp_2m", t_start=start, t_end=start),
+        )
 
 
 @SETTINGS

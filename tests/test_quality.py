@@ -21,7 +21,9 @@ def test_frechet_distance_matches_the_formula_with_scipy_sqrtm() -> None:
     b = rng.normal(size=(300, 5)) * 2 + 1
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * scipy.linalg.sqrtm(s_a @ s_b).real)
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(
+        s_a + s_b - 2 * scipy.linalg.sqrtm(s_a @ s_b).real
+    )
     assert quality.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
     assert quality.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
     # a pure shift costs its squared length
@@ -42,7 +44,9 @@ def test_shipped_classifier_recognises_held_out_digits() -> None:
     assert feats.shape[0] == x.shape[0] and np.isfinite(feats).all()
 
 
-def test_inception_fid_reports_why_it_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_inception_fid_reports_why_it_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails
     assert quality.inception_fid_unavailable() == "torch-fidelity is not installed"
     with pytest.raises(RuntimeError, match="real FID unavailable: torch-fidelity is not installed"):
@@ -52,7 +56,9 @@ def test_inception_fid_reports_why_it_is_unavailable(monkeypatch: pytest.MonkeyP
     assert "Inception weights are not at" in str(quality.inception_fid_unavailable())
 
 
-def test_inception_fid_hands_torch_fidelity_uint8_rgb_images(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_inception_fid_hands_torch_fidelity_uint8_rgb_images(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     seen: dict[str, Any] = {}
 
     def calculate_metrics(**kwargs: Any) -> dict[str, float]:

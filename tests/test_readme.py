@@ -11,6 +11,12 @@ import torch
 import dpmsolver as dp
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
+
+
+def all_text() -> str:
+    """The README and the pages it links in docs/: numbers may be quoted in any of them."""
+    return "\n".join(p.read_text() for p in [README, *sorted(DOCS.glob("*.md"))])
 
 
 def python_blocks(section: str) -> list[str]:
@@ -38,12 +44,14 @@ def test_quick_start_snippets_run_as_written() -> None:
     for block in rest:  # continue in the same namespace, as a reader would
         exec(compile(block, str(README), "exec"), namespace)
     result = namespace["result"]
-    assert isinstance(result, dp.SampleResult) and result.nfe == 10 and torch.isfinite(result.x).all()
+    assert (
+        isinstance(result, dp.SampleResult) and result.nfe == 10 and torch.isfinite(result.x).all()
+    )
 
 
 def test_solver_table_lists_every_registered_solver() -> None:
-    text = README.read_text()
-    table = text[text.index("## Solvers and their measured orders") :]
+    text = (DOCS / "solvers.md").read_text()
+    table = text[text.index("## Measured orders") :]
     for name in dp.REGISTRY:
         assert f"`{name}`" in table, name
 
@@ -52,7 +60,7 @@ def test_kdiffusion_snippet_runs_as_written() -> None:
     namespace: dict[str, object] = {}
     text = README.read_text()
     start = text.index("## Drop-in front ends")
-    blocks = re.findall(r"```python\n(.*?)```", text[start : text.index("## The pieces")], re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text[start : text.index("\n## ", start)], re.S)
     assert len(blocks) == 2
     exec(compile(blocks[1], str(README), "exec"), namespace)
     x = namespace["x"]
@@ -65,7 +73,9 @@ def test_diffusers_snippet_runs_as_written() -> None:
     diffusers = pytest.importorskip("diffusers")
     from types import SimpleNamespace
 
-    pipe = SimpleNamespace(scheduler=diffusers.PNDMScheduler(beta_schedule="scaled_linear", steps_offset=1))
+    pipe = SimpleNamespace(
+        scheduler=diffusers.PNDMScheduler(beta_schedule="scaled_linear", steps_offset=1)
+    )
     namespace: dict[str, object] = {"pipe": pipe}
     exec(compile(python_block("Drop-in front ends"), str(README), "exec"), namespace)
     assert type(pipe.scheduler).__name__ == "DPMSolverScheduler"
@@ -81,16 +91,26 @@ def _between(text: str, start: str, end: str) -> str:
 
 def test_readme_benchmark_numbers_are_the_recorded_outputs() -> None:
     """Every benchmark number quoted in the README is the one its command wrote to benchmarks/."""
-    text = README.read_text()
-    assert _between(text, "<!-- bench:start -->", "<!-- bench:end -->") == (BENCH / "summary.md").read_text().strip()
-    assert _between(text, "<!-- orders:start -->", "<!-- orders:end -->") in (BENCH / "orders.md").read_text()
-    overhead = [line for line in (BENCH / "overhead.md").read_text().splitlines() if line.startswith("| (")]
+    text = all_text()
+    assert (
+        _between(text, "<!-- bench:start -->", "<!-- bench:end -->")
+        == (BENCH / "summary.md").read_text().strip()
+    )
+    assert (
+        _between(text, "<!-- orders:start -->", "<!-- orders:end -->")
+        in (BENCH / "orders.md").read_text()
+    )
+    overhead = [
+        line for line in (BENCH / "overhead.md").read_text().splitlines() if line.startswith("| (")
+    ]
     assert overhead and all(line in text for line in overhead)
     import csv
 
     with open(BENCH / "quality_digits.csv", newline="") as f:
         quality = {(float(r["guidance"]), int(r["nfe"])): r for r in csv.DictReader(f)}
-    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| [-+][\d.]+% \|$", text, re.M)
+    rows = re.findall(
+        r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| [-+][\d.]+% \|$", text, re.M
+    )
     assert len(rows) == 4
     for w, acc, fd10, fd100 in rows:
         assert f"{float(quality[(float(w), 10)]['class_accuracy']):.3f}" == acc
@@ -99,10 +119,13 @@ def test_readme_benchmark_numbers_are_the_recorded_outputs() -> None:
 
 
 def test_readme_tail_counts_are_the_recorded_ones() -> None:
-    recorded = re.search(r"in (\d+) of (\d+) cells by RMS and in (\d+) of \d+ by the median", (BENCH / "tails.md").read_text())
+    recorded = re.search(
+        r"in (\d+) of (\d+) cells by RMS and in (\d+) of \d+ by the median",
+        (BENCH / "tails.md").read_text(),
+    )
     assert recorded is not None
     rms, cells, median = recorded.groups()
-    text = " ".join(README.read_text().split())
+    text = " ".join(all_text().split())
     assert f"in {rms} of {cells} cells; by the median sample in {median} of {cells}" in text
 
 
@@ -126,7 +149,7 @@ def _wins(stem: str) -> tuple[int, int, int]:
 
 
 def test_readme_win_counts_are_the_recorded_ones() -> None:
-    text = " ".join(README.read_text().split())
+    text = " ".join(all_text().split())
     low, low_total, _ = _wins("accuracy_mixture")
     assert f"in {low} of the {low_total} cells with guidance <= 7.5" in text
     _, _, digits = _wins("accuracy_digits")
@@ -134,10 +157,17 @@ def test_readme_win_counts_are_the_recorded_ones() -> None:
 
 
 def test_readme_ceiling_is_the_recorded_one() -> None:
-    rows = [line.split("|")[1:-1] for line in (BENCH / "ceiling.md").read_text().splitlines() if line.startswith("| mixture") or line.startswith("| digits")]
+    rows = [
+        line.split("|")[1:-1]
+        for line in (BENCH / "ceiling.md").read_text().splitlines()
+        if line.startswith("| mixture") or line.startswith("| digits")
+    ]
     best = {(cells[0].strip(), int(cells[1])): cells[3].strip() for cells in rows}
-    text = " ".join(README.read_text().split())
-    for problem, where in (("mixture w=7.5 seed 2", "on the mixture"), ("digits w=7.5 seed 2", "on the digits network")):
+    text = " ".join(all_text().split())
+    for problem, where in (
+        ("mixture w=7.5 seed 2", "on the mixture"),
+        ("digits w=7.5 seed 2", "on the digits network"),
+    ):
         v = [best[(problem, n)] for n in (5, 6, 8, 10)]
         assert f"{v[0]}, {v[1]}, {v[2]} and {v[3]} {where}" in text
     top = max(float(b) for (p, _), b in best.items() if p == "mixture w=15 seed 2")
@@ -145,32 +175,52 @@ def test_readme_ceiling_is_the_recorded_one() -> None:
 
 
 def test_readme_calibrated_steps_are_the_recorded_ones() -> None:
-    rows = [line.split("|")[1:-1] for line in (BENCH / "steps.md").read_text().splitlines() if line.startswith("| mixture")]
+    rows = [
+        line.split("|")[1:-1]
+        for line in (BENCH / "steps.md").read_text().splitlines()
+        if line.startswith("| mixture")
+    ]
     cell = {(r[0].strip(), int(r[1])): (r[2].strip(), r[3].strip(), r[6].strip()) for r in rows}
-    text = " ".join(README.read_text().split())
+    text = " ".join(all_text().split())
     a8, c8, _ = cell[("mixture w=7.5 seed 2", 8)]
     assert f"take 8 NFE from {a8} to {c8} of the best peer's error" in text
-    assert f"were ({cell[('mixture w=7.5 seed 2', 5)][1]}, {cell[('mixture w=7.5 seed 2', 6)][1]})" in text
-    assert cell[("mixture w=7.5 seed 2", 10)][2] == "no" and "at 10 NFE validation dropped the fit" in text
+    assert (
+        f"were ({cell[('mixture w=7.5 seed 2', 5)][1]}, {cell[('mixture w=7.5 seed 2', 6)][1]})"
+        in text
+    )
+    assert (
+        cell[("mixture w=7.5 seed 2", 10)][2] == "no"
+        and "at 10 NFE validation dropped the fit" in text
+    )
     (a, c, _), (b, d, _) = cell[("mixture w=15 seed 2", 8)], cell[("mixture w=15 seed 2", 10)]
     assert f"from {a} and {b} to {c} and {d}" in text
 
 
 def test_readme_divergence_counts_are_the_recorded_ones() -> None:
     tails = (BENCH / "tails.md").read_text()
-    diverged, total = re.search(r"auto samples that diverged \(error above 1\): (\d+) of (\d+)", tails).groups()  # type: ignore[union-attr]
-    text = " ".join(README.read_text().split())
+    diverged, total = re.search(
+        r"auto samples that diverged \(error above 1\): (\d+) of (\d+)", tails
+    ).groups()  # type: ignore[union-attr]
+    text = " ".join(all_text().split())
     assert diverged == "0" and f"None of auto's {total} samples diverged" in text
     for w, nfe in (("7.5", 5), ("15", 5)):
-        row = next(line for line in tails.splitlines() if line.startswith(f"| mixture w={w} seed 9 | {nfe} |"))
+        row = next(
+            line
+            for line in tails.splitlines()
+            if line.startswith(f"| mixture w={w} seed 9 | {nfe} |")
+        )
         peers = row.rstrip(" |").split("| ")[-1]  # "14 of 22"
         assert f"{peers} peer configurations" in text or f"({peers} at guidance {w})" in text
 
 
 def test_readme_throughput_is_the_recorded_one() -> None:
-    text = " ".join(README.read_text().split())
+    text = " ".join(all_text().split())
     for name in ("generate.md", "generate_busy.md"):
-        rows = [line.split("|") for line in (BENCH / name).read_text().splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+        rows = [
+            line.split("|")
+            for line in (BENCH / name).read_text().splitlines()
+            if line.startswith("| 1 ") or line.startswith("| 2 ")
+        ]
         assert len(rows) == 3
         for cells in rows:
             assert f" {cells[5].strip()} " in text, (name, cells[1])  # samples/s

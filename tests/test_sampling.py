@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import dpmsolver as dp
-from dpmsolver.solvers import Form, MultistepDPMSolver, configurations
+from dpmsolver.progress import Progress
+from dpmsolver.solvers import AdaptiveSolver, Form, MultistepDPMSolver, configurations
 
 SD = dp.DiscreteVPSchedule()
 MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=1)
@@ -28,8 +29,15 @@ def test_first_order_solvers_are_ddim() -> None:
     net = dp.MixtureNetwork(MIX, SD, "eps")
     z = noise()
     results = [
-        dp.sample(net, z, schedule=SD, solver=name, order=o, steps=12, final="t_min").x
-        for name, o in (("ddim", 1), ("dpmpp_multistep", 1), ("dpm_multistep", 1), ("dpmpp_singlestep", 1))
+        dp.sample(
+            net, z, schedule=SD, steps=12, solver=dp.Recipe(name, {"order": o}, final="t_min")
+        ).x
+        for name, o in (
+            ("ddim", 1),
+            ("dpmpp_multistep", 1),
+            ("dpm_multistep", 1),
+            ("dpmpp_singlestep", 1),
+        )
     ]
     grid = dp.make_grid(SD, 12, final="t_min")
     x = z * grid.knots[0].sigma
@@ -41,7 +49,9 @@ def test_first_order_solvers_are_ddim() -> None:
         assert torch.allclose(r, x, atol=1e-12, rtol=1e-10)
 
 
-NFE_CASES = [(name, dict(cfg)) for name, cfg, s in configurations() if s.kind != "adaptive"]
+NFE_CASES = [
+    (name, dict(cfg)) for name, cfg, s in configurations() if not isinstance(s, AdaptiveSolver)
+]
 
 
 @pytest.mark.parametrize(("name", "cfg"), NFE_CASES, ids=[f"{n}-{c}" for n, c in NFE_CASES])
@@ -51,10 +61,19 @@ def test_nfe_spent_equals_nfe_claimed(name: str, cfg: dict, final: str, steps: i
     net = dp.MixtureNetwork(MIX, SD)
     cfg = dict(cfg)
     order = cfg.pop("order")
-    r = dp.sample(net, noise(), schedule=SD, solver=name, order=order, solver_options=cfg, steps=steps, final=final)  # type: ignore[arg-type]
+    r = dp.sample(
+        net,
+        noise(),
+        schedule=SD,
+        steps=steps,
+        solver=dp.Recipe(name, {**cfg, "order": order}, final=final),
+    )  # type: ignore[arg-type]
     assert r.nfe == r.planned_nfe == net.calls
     solver = dp.get_solver(name, order, **cfg)
-    per_step = [1 if (final == "zero" and i == steps - 1) else solver.step_evals(i, o) for i, o in enumerate(r.orders)]
+    per_step = [
+        1 if (final == "zero" and i == steps - 1) else solver.step_evals(i, o)
+        for i, o in enumerate(r.orders)
+    ]
     assert r.nfe == sum(per_step)
     assert torch.isfinite(r.x).all()
 
@@ -64,16 +83,16 @@ def test_nfe_spent_equals_nfe_claimed(name: str, cfg: dict, final: str, steps: i
 @pytest.mark.parametrize("final", ["zero", "t_min"])
 def test_nfe_budget_is_spent_exactly(name: str, budget: int, final: str) -> None:
     net = dp.MixtureNetwork(MIX, SD)
-    r = dp.sample(net, noise(), schedule=SD, solver=name, nfe=budget, final=final)  # type: ignore[arg-type]
+    r = dp.sample(net, noise(), schedule=SD, nfe=budget, solver=dp.Recipe(name, final=final))  # type: ignore[arg-type]
     assert r.nfe == budget == net.calls
 
 
 def test_singlestep_budget_must_fit() -> None:
     net = dp.MixtureNetwork(MIX, SD)
-    r = dp.sample(net, noise(), schedule=SD, solver="dpmpp_3s", nfe=10, final="zero")
+    r = dp.sample(net, noise(), schedule=SD, nfe=10, solver=dp.Recipe("dpmpp_3s", final="zero"))
     assert r.nfe == 10 and r.orders == [3, 3, 3, 1]
     with pytest.raises(ValueError, match="nfe=11 cannot be spent"):
-        dp.sample(net, noise(), schedule=SD, solver="dpmpp_3s", nfe=11, final="zero")
+        dp.sample(net, noise(), schedule=SD, nfe=11, solver=dp.Recipe("dpmpp_3s", final="zero"))
 
 
 def test_fast_order_mix() -> None:
@@ -87,12 +106,40 @@ def test_fast_order_mix() -> None:
 
 def test_warm_up_and_lower_order_final_orders() -> None:
     s3 = dp.get_solver("dpmpp_3m")
-    assert s3.plan(steps=10, nfe=None, final_zero=False, lower_order_final=True) == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
-    assert s3.plan(steps=20, nfe=None, final_zero=True, lower_order_final=False) == [1, 2] + [3] * 17 + [1]
+    assert s3.plan(steps=10, nfe=None, final_zero=False, lower_order_final=True) == [
+        1,
+        2,
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        2,
+        1,
+    ]
+    assert s3.plan(steps=20, nfe=None, final_zero=True, lower_order_final=False) == [1, 2] + [
+        3
+    ] * 17 + [1]
     net = dp.MixtureNetwork(MIX, SD)
-    assert dp.sample(net, noise(), schedule=SD, solver="dpmpp_3m", steps=10).orders == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1]
-    assert dp.sample(net, noise(), schedule=SD, solver="dpmpp_3m", steps=16).orders == [1, 2] + [3] * 13 + [1]
-    assert dp.sample(net, noise(), schedule=SD, solver="dpmpp_3m", steps=16, lower_order_final=True).orders[-3:] == [3, 2, 1]
+    assert dp.sample(net, noise(), schedule=SD, solver="dpmpp_3m", steps=10).orders == [
+        1,
+        2,
+        3,
+        3,
+        3,
+        3,
+        3,
+        3,
+        2,
+        1,
+    ]
+    assert dp.sample(net, noise(), schedule=SD, solver="dpmpp_3m", steps=16).orders == [1, 2] + [
+        3
+    ] * 13 + [1]
+    assert dp.sample(
+        net, noise(), schedule=SD, steps=16, solver=dp.Recipe("dpmpp_3m", lower_order_final=True)
+    ).orders[-3:] == [3, 2, 1]
 
 
 def test_pndm_warm_up_plans_and_budgets() -> None:
@@ -110,7 +157,7 @@ def test_pndm_warm_up_plans_and_budgets() -> None:
     for name, budget, orders in cases:
         net.calls = 0
         final = "zero" if orders[-1] == 1 else "t_min"
-        r = dp.sample(net, noise(), schedule=SD, solver=name, nfe=budget, final=final)
+        r = dp.sample(net, noise(), schedule=SD, nfe=budget, solver=dp.Recipe(name, final=final))
         assert r.orders == orders and r.nfe == budget == net.calls
     with pytest.raises(ValueError, match="nfe=6 cannot be spent by whole PNDM steps"):
         dp.sample(net, noise(), schedule=SD, solver="pndm", nfe=6)
@@ -162,18 +209,29 @@ def test_starting_from_pure_noise_is_finite(name: str) -> None:
     """Rectified flow at t = 1 (alpha = 0, lambda = -inf): first-order step out of it."""
     flow = dp.RectifiedFlowSchedule(t_max=1.0)
     net = dp.MixtureNetwork(MIX, flow, "flow")
-    r = dp.sample(net, noise(), schedule=flow, prediction="flow", solver=name, steps=6, grid="time_uniform")
+    r = dp.sample(
+        net, noise(), schedule=flow, prediction="flow", solver=name, steps=6, grid="time_uniform"
+    )
     assert r.orders[0] == 1 and torch.isfinite(r.x).all()
 
 
-@pytest.mark.parametrize(("name", "steps", "tol"), [("ddim", 400, 2e-2), ("dpmpp_2m", 100, 5e-3), ("dpmpp_3m", 100, 1e-3), ("dpm_3m", 100, 1e-3), ("dpmpp_3s", 40, 1e-3)])
+@pytest.mark.parametrize(
+    ("name", "steps", "tol"),
+    [
+        ("ddim", 400, 2e-2),
+        ("dpmpp_2m", 100, 5e-3),
+        ("dpmpp_3m", 100, 1e-3),
+        ("dpm_3m", 100, 1e-3),
+        ("dpmpp_3s", 40, 1e-3),
+    ],
+)
 def test_inversion_then_sampling_returns_the_input(name: str, steps: int, tol: float) -> None:
     net = dp.MixtureNetwork(MIX, SD)
     data = MIX.sample(4, generator=torch.Generator().manual_seed(3))
-    kw = dict(schedule=SD, solver=name, steps=steps, t_end=20.0)
-    z = dp.invert(net, data, **kw)  # type: ignore[arg-type]
+    recipe = dp.Recipe(name, t_end=20.0, final="t_min")
+    z = dp.invert(net, data, schedule=SD, solver=recipe, steps=steps)
     assert z.grid.is_inversion and torch.isfinite(z.x).all()
-    back = dp.sample(net, z.x, final="t_min", **kw)  # type: ignore[arg-type]
+    back = dp.sample(net, z.x, schedule=SD, solver=recipe, steps=steps)
     err = float((back.x - data).abs().max())
     assert err < tol, err
 
@@ -190,7 +248,14 @@ def test_nan_is_reported_with_step_time_and_samples() -> None:
 
     for mode in ("end", "step"):
         with pytest.raises(dp.NonFiniteError, match=r"step \d+ \(to t=") as info:
-            dp.sample(bad, noise(), schedule=SD, steps=10, grid="time_uniform", check_finite=mode)  # type: ignore[arg-type]
+            dp.sample(
+                bad,
+                noise(),
+                schedule=SD,
+                steps=10,
+                grid="time_uniform",
+                options=dp.SampleOptions(check_finite=mode),
+            )  # type: ignore[arg-type]
         assert info.value.samples == [1]
         assert info.value.step == 5  # knots 999, 888, ..., 555, 444: step 5 starts below 500
     calls = {"n": 0}
@@ -200,7 +265,14 @@ def test_nan_is_reported_with_step_time_and_samples() -> None:
         return bad(x, t)
 
     with pytest.raises(dp.NonFiniteError):
-        dp.sample(counting, noise(), schedule=SD, steps=10, grid="time_uniform", check_finite="step")
+        dp.sample(
+            counting,
+            noise(),
+            schedule=SD,
+            steps=10,
+            grid="time_uniform",
+            options=dp.SampleOptions(check_finite="step"),
+        )
     assert calls["n"] == 6  # stopped at the bad step
 
 
@@ -225,8 +297,16 @@ def test_nan_error_lists_every_bad_sample_and_keeps_the_finite_ones() -> None:
     assert err.sample_steps == {0: 5, 2: 2}
     assert err.x is not None and torch.equal(err.x[1], clean.x[1])
     with pytest.raises(dp.NonFiniteError) as info:
-        dp.sample(bad, noise(), schedule=SD, steps=10, grid="time_uniform", check_finite="step")
+        dp.sample(
+            bad,
+            noise(),
+            schedule=SD,
+            steps=10,
+            grid="time_uniform",
+            options=dp.SampleOptions(check_finite="step"),
+        )
     assert info.value.sample_steps == {2: 2} and info.value.x is None
+
 
 def test_multistep_memory_is_bounded() -> None:
     """History holds at most order-1 predictions; live state tensors do not grow with steps."""
@@ -235,7 +315,9 @@ def test_multistep_memory_is_bounded() -> None:
 
     def live() -> int:
         gc.collect()
-        return sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and tuple(o.shape) == shape)
+        return sum(
+            1 for o in gc.get_objects() if type(o) is torch.Tensor and tuple(o.shape) == shape
+        )
 
     for order in (2, 3):
         counts: dict[int, int] = {}
@@ -266,7 +348,13 @@ def test_half_precision_model_outputs(model_dtype: torch.dtype) -> None:
 
     z = noise(dtype=torch.float32)
     ref = dp.sample(net, z, schedule=SD, steps=10).x
-    r = dp.sample(half_net, z.to(model_dtype), schedule=SD, steps=10, callback=lambda i: dtypes.append(i.x.dtype))
+    r = dp.sample(
+        half_net,
+        z.to(model_dtype),
+        schedule=SD,
+        steps=10,
+        callback=lambda i: dtypes.append(i.x.dtype),
+    )
     assert r.x.dtype == model_dtype
     assert set(dtypes) == {torch.float32}  # solver arithmetic stays in float32
     assert float((r.x.float() - ref).abs().max()) < 0.05
@@ -280,7 +368,13 @@ def test_full_precision_dtypes_and_device(dtype: torch.dtype) -> None:
         assert x.device.type == torch.device(DEVICE).type
         return dp.MixtureNetwork(mix, SD)(x.cpu(), t.cpu()).to(x.device)
 
-    r = dp.sample(net, noise(dtype=dtype).to(DEVICE), schedule=SD, steps=10, thresholding=True)
+    r = dp.sample(
+        net,
+        noise(dtype=dtype).to(DEVICE),
+        schedule=SD,
+        steps=10,
+        options=dp.SampleOptions(thresholding=True),
+    )
     assert r.x.dtype == dtype and r.x.device.type == torch.device(DEVICE).type
     assert torch.isfinite(r.x).all()
 
@@ -293,7 +387,9 @@ def test_batch_of_one_and_per_sample_conditioning() -> None:
     kw = dict(schedule=SD, solver="dpmpp_3m", steps=12, guidance_scale=3.0)
     batch = dp.sample(net, z, cond={"y": y}, uncond={"y": null}, **kw).x  # type: ignore[arg-type]
     for i in range(4):
-        one = dp.sample(net, z[i : i + 1], cond={"y": y[i : i + 1]}, uncond={"y": null[i : i + 1]}, **kw).x  # type: ignore[arg-type]
+        one = dp.sample(
+            net, z[i : i + 1], cond={"y": y[i : i + 1]}, uncond={"y": null[i : i + 1]}, **kw
+        ).x  # type: ignore[arg-type]
         assert torch.allclose(one[0], batch[i], atol=1e-12)
 
 
@@ -302,10 +398,20 @@ def test_callback_intermediates_and_progress() -> None:
     infos: list[dp.StepInfo] = []
     err = io.StringIO()
     with redirect_stderr(err):
-        r = dp.sample(net, noise(), schedule=SD, steps=6, callback=infos.append, progress=True, return_intermediates=True)
+        r = dp.sample(
+            net,
+            noise(),
+            schedule=SD,
+            steps=6,
+            callback=infos.append,
+            progress=True,
+            options=dp.SampleOptions(return_intermediates=True),
+        )
     assert [i.index for i in infos] == list(range(6))
     assert [i.nfe for i in infos] == list(range(1, 7))
-    assert r.trajectory is not None and len(r.trajectory) == 6 and torch.equal(r.trajectory[-1], r.x)
+    assert (
+        r.trajectory is not None and len(r.trajectory) == 6 and torch.equal(r.trajectory[-1], r.x)
+    )
     assert r.denoised is not None and len(r.denoised) == 6
     assert infos[0].t == 999.0 and "6/6" in err.getvalue()
     quiet = io.StringIO()
@@ -322,7 +428,14 @@ def test_xt_corrector_sees_every_step() -> None:
         seen.append(i)
         return x
 
-    dp.sample(net, noise(), schedule=SD, steps=5, final="t_min", xt_corrector=corr)
+    dp.sample(
+        net,
+        noise(),
+        schedule=SD,
+        steps=5,
+        solver=dp.Recipe("dpmpp_2m", final="t_min"),
+        options=dp.SampleOptions(xt_corrector=corr),
+    )
     assert seen == [0, 1, 2, 3, 4]
 
 
@@ -342,7 +455,60 @@ def test_noise_form_solver_from_state_dict_is_a_pure_step() -> None:
 
 def test_adaptive_solver_spends_what_it_counts() -> None:
     net = dp.MixtureNetwork(MIX, SD)
-    r = dp.sample(net, noise(), schedule=SD, solver="dpmpp_adaptive", solver_options={"rtol": 0.01, "atol": 1e-3})
+    r = dp.sample(
+        net,
+        noise(),
+        schedule=SD,
+        solver=dp.Recipe("dpmpp_adaptive", {**{"rtol": 0.01, "atol": 1e-3}}),
+    )
     assert r.planned_nfe is None and r.nfe == net.calls and r.nfe > 3
-    loose = dp.sample(net, noise(), schedule=SD, solver="dpmpp_adaptive", solver_options={"rtol": 0.1, "atol": 1e-2})
+    loose = dp.sample(
+        net,
+        noise(),
+        schedule=SD,
+        solver=dp.Recipe("dpmpp_adaptive", {**{"rtol": 0.1, "atol": 1e-2}}),
+    )
     assert loose.nfe < r.nfe
+
+
+def test_progress_in_a_log_is_one_line_without_carriage_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without tqdm the fallback bar draws only on a terminal; a redirected log gets one
+    summary line."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("tqdm"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    log = io.StringIO()
+    bar = Progress(5, enabled=True, stream=log)
+    for _ in range(5):
+        bar.update()
+    bar.close()
+    assert "\r" not in log.getvalue() and log.getvalue().startswith("sampling: 5/5 in ")
+
+
+def test_sampling_keeps_no_autograd_graph_unless_asked() -> None:
+    """A 20-step run under autograd-tracked parameters returns a plain tensor: no graph is
+    kept (a real U-Net would otherwise run out of memory); grad=True keeps it for users who
+    differentiate through the solver."""
+    weight = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    base = dp.MixtureNetwork(MIX, SD)
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return base(x, t) * weight
+
+    r = dp.sample(net, noise(), schedule=SD, steps=20)
+    assert not r.x.requires_grad and r.x.grad_fn is None
+    g = dp.sample(net, noise(), schedule=SD, steps=20, options=dp.SampleOptions(grad=True))
+    assert g.x.requires_grad
+    g.x.sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad)
+    z = dp.invert(net, noise(), schedule=SD, steps=20)
+    assert not z.x.requires_grad

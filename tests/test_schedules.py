@@ -12,7 +12,9 @@ from dpmsolver.schedules import betas_for_preset, zero_terminal_snr
 
 SCHEDULES = {
     "discrete_sd": dp.DiscreteVPSchedule(),
-    "discrete_linear": dp.DiscreteVPSchedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+    "discrete_linear": dp.DiscreteVPSchedule(
+        beta_schedule="linear", beta_start=1e-4, beta_end=0.02
+    ),
     "discrete_cos": dp.DiscreteVPSchedule(beta_schedule="squaredcos_cap_v2"),
     "discrete_zsnr": dp.DiscreteVPSchedule(rescale_zero_terminal_snr=True),
     "vp_linear": dp.ContinuousVPSchedule("linear"),
@@ -69,7 +71,9 @@ def test_family_identities() -> None:
     for name in ("discrete_sd", "discrete_cos", "vp_linear", "vp_cosine"):
         s = SCHEDULES[name]
         t = interior_times(s)
-        assert torch.allclose(s.alpha(t) ** 2 + s.sigma(t) ** 2, torch.ones_like(t), atol=1e-12), name
+        assert torch.allclose(s.alpha(t) ** 2 + s.sigma(t) ** 2, torch.ones_like(t), atol=1e-12), (
+            name
+        )
     ve = SCHEDULES["edm"]
     t = interior_times(ve)
     assert torch.equal(ve.alpha(t), torch.ones_like(t)) and torch.allclose(ve.sigma(t), t)
@@ -90,7 +94,9 @@ def test_discrete_knots_are_exact() -> None:
     assert torch.allclose(s.sigma(ts) ** 2, 1 - acp[idx], rtol=1e-12)
     # between knots, log(sigma/alpha) is linear in t
     mid = s.lambda_(torch.tensor(10.5, dtype=torch.float64))
-    assert float(mid) == pytest.approx(0.5 * float(s.lambda_(torch.tensor(10.0)) + s.lambda_(torch.tensor(11.0))))
+    assert float(mid) == pytest.approx(
+        0.5 * float(s.lambda_(torch.tensor(10.0)) + s.lambda_(torch.tensor(11.0)))
+    )
 
 
 def test_presets_match_their_formulas() -> None:
@@ -155,3 +161,63 @@ def test_make_schedule_builds_each_family() -> None:
 def test_time_out_of_range_is_reported() -> None:
     with pytest.raises(ValueError, match="t_start=1200"):
         dp.make_grid(dp.DiscreteVPSchedule(), 10, t_start=1200.0)
+
+
+@pytest.mark.parametrize(
+    ("preset", "start", "end"), [("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012)]
+)
+def test_each_beta_preset_has_its_own_endpoints(preset: str, start: float, end: float) -> None:
+    """DDPM's linear schedule is 1e-4..0.02, Stable Diffusion's scaled-linear 0.00085..0.012
+    (as diffusers' configs); explicit endpoints still win."""
+    sched = dp.DiscreteVPSchedule(beta_schedule=preset)  # type: ignore[arg-type]
+    explicit = dp.DiscreteVPSchedule(beta_schedule=preset, beta_start=start, beta_end=end)  # type: ignore[arg-type]
+    assert torch.equal(sched.alphas_cumprod, explicit.alphas_cumprod)
+    other = dp.DiscreteVPSchedule(beta_schedule=preset, beta_start=start * 2, beta_end=end)  # type: ignore[arg-type]
+    assert not torch.equal(sched.alphas_cumprod, other.alphas_cumprod)
+
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        dict(beta_schedule="squaredcos_cap_v2"),
+        dict(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            rescale_betas_zero_snr=True,
+        ),
+        dict(trained_betas=torch.linspace(1e-4, 0.03, 500).tolist(), num_train_timesteps=500),
+    ],
+    ids=["ddpm", "sd", "cosine", "zero-snr", "trained"],
+)
+def test_schedule_from_a_diffusers_config_is_the_one_diffusers_builds(config: dict) -> None:
+    sched = diffusers.DPMSolverMultistepScheduler(**config)
+    ours = dp.schedule_from_diffusers_config(sched.config)
+    assert isinstance(ours, dp.DiscreteVPSchedule)
+    assert torch.equal(ours.alphas_cumprod, sched.alphas_cumprod.double())
+
+
+def test_flow_configs_give_a_shifted_rectified_flow_schedule() -> None:
+    fm = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched = dp.schedule_from_diffusers_config(fm.config)
+    assert isinstance(sched, dp.RectifiedFlowSchedule) and sched.shift == 3.0
+    assert dp.prediction_from_diffusers_config(fm.config) == "flow"
+    # the flow sigma at the config's timestep t is shift*s/(1+(shift-1)s) with s = t/1000
+    k = sched.knot(0.5)
+    assert abs(k.sigma - 0.75) < 1e-12 and abs(k.model_t - 750.0) < 1e-9
+    dpm = diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction"
+    )
+    assert dp.schedule_from_diffusers_config(dpm.config).shift == 5.0  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        dp.schedule_from_diffusers_config(
+            diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
+        )
+    assert dp.prediction_from_diffusers_config({"prediction_type": "v_prediction"}) == "v"
+    with pytest.raises(ValueError, match="prediction_type='x'"):
+        dp.prediction_from_diffusers_config({"prediction_type": "x"})

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import dpmsolver as dp
-from dpmsolver.bench.convergence import SDE_MIXTURE, marginal_samples, sde_end_samples, sliced_w2
 from dpmsolver.noise import SeededNoise
+from dpmsolver.orders import SDE_MIXTURE, marginal_samples, sde_end_samples, sliced_w2
 from dpmsolver.solvers import configurations
 
 SD = dp.DiscreteVPSchedule()
@@ -51,7 +51,10 @@ def test_distribution_test_can_fail(floor: float, scale: float) -> None:
     [
         (("dpmpp_multistep_sde", {"order": 2}), ("dpmpp_multistep", {"order": 2})),
         (("dpmpp_multistep_sde", {"order": 3}), ("dpmpp_multistep", {"order": 3})),
-        (("dpmpp_multistep_sde", {"order": 2, "variant": "heun"}), ("dpmpp_multistep", {"order": 2, "variant": "heun"})),
+        (
+            ("dpmpp_multistep_sde", {"order": 2, "variant": "heun"}),
+            ("dpmpp_multistep", {"order": 2, "variant": "heun"}),
+        ),
         (("dpmpp_2s_sde", {"order": 2}), ("dpmpp_singlestep", {"order": 2})),
         (("euler_ancestral", {"order": 1}), ("ddim", {"order": 1})),
         (("dpmpp_2s_ancestral", {"order": 2}), ("dpmpp_singlestep", {"order": 2})),
@@ -62,23 +65,55 @@ def test_zero_noise_is_the_ode_solver(sde: tuple[str, dict], ode: tuple[str, dic
     z = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     (sn, sc), (on, oc) = sde, ode
     sc, oc = dict(sc), dict(oc)
-    a = dp.sample(net, z, schedule=SD, solver=sn, order=sc.pop("order"), solver_options={**sc, "eta": 0.0}, steps=12)
-    b = dp.sample(net, z, schedule=SD, solver=on, order=oc.pop("order"), solver_options=oc, steps=12)
+    a = dp.sample(
+        net,
+        z,
+        schedule=SD,
+        steps=12,
+        solver=dp.Recipe(sn, {**{**sc, "eta": 0.0}, "order": sc.pop("order")}),
+    )
+    b = dp.sample(
+        net, z, schedule=SD, steps=12, solver=dp.Recipe(on, {**oc, "order": oc.pop("order")})
+    )
     assert torch.equal(a.x, b.x)
 
 
-@pytest.mark.parametrize("name", ["dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_sde", "euler_ancestral", "dpmpp_2s_ancestral"])
+@pytest.mark.parametrize(
+    "name",
+    ["dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_2s_sde", "euler_ancestral", "dpmpp_2s_ancestral"],
+)
 def test_samples_do_not_depend_on_batch_composition(name: str) -> None:
     net = dp.MixtureNetwork(MIX, SD)
     z = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     seeds = list(range(100, 108))
-    whole = dp.sample(net, z, schedule=SD, solver=name, steps=10, noise_sampler=SeededNoise(seeds)).x
+    whole = dp.sample(
+        net,
+        z,
+        schedule=SD,
+        solver=name,
+        steps=10,
+        options=dp.SampleOptions(noise_sampler=SeededNoise(seeds)),
+    ).x
     parts = [
-        dp.sample(net, z[i : i + 3], schedule=SD, solver=name, steps=10, noise_sampler=SeededNoise(seeds[i : i + 3])).x
+        dp.sample(
+            net,
+            z[i : i + 3],
+            schedule=SD,
+            solver=name,
+            steps=10,
+            options=dp.SampleOptions(noise_sampler=SeededNoise(seeds[i : i + 3])),
+        ).x
         for i in (0, 3, 6)
     ]
     assert torch.equal(torch.cat(parts), whole)
-    again = dp.sample(net, z, schedule=SD, solver=name, steps=10, noise_sampler=SeededNoise(seeds)).x
+    again = dp.sample(
+        net,
+        z,
+        schedule=SD,
+        solver=name,
+        steps=10,
+        options=dp.SampleOptions(noise_sampler=SeededNoise(seeds)),
+    ).x
     assert torch.equal(again, whole)
 
 
@@ -87,9 +122,25 @@ def test_stochastic_solver_gets_default_noise_and_pure_noise_start() -> None:
     net = dp.MixtureNetwork(MIX, flow, "flow")
     z = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.manual_seed(0)
-    a = dp.sample(net, z, schedule=flow, prediction="flow", solver="dpmpp_2m_sde", steps=8, grid="time_uniform").x
+    a = dp.sample(
+        net,
+        z,
+        schedule=flow,
+        prediction="flow",
+        solver="dpmpp_2m_sde",
+        steps=8,
+        grid="time_uniform",
+    ).x
     torch.manual_seed(0)
-    b = dp.sample(net, z, schedule=flow, prediction="flow", solver="dpmpp_2m_sde", steps=8, grid="time_uniform").x
+    b = dp.sample(
+        net,
+        z,
+        schedule=flow,
+        prediction="flow",
+        solver="dpmpp_2m_sde",
+        steps=8,
+        grid="time_uniform",
+    ).x
     assert torch.equal(a, b) and torch.isfinite(a).all()
     with pytest.raises(ValueError, match="eta must be >= 0"):
         dp.get_solver("dpmpp_2m_sde", eta=-1.0)

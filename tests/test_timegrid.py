@@ -25,7 +25,12 @@ def test_grid_shape_and_monotone(kind: str, final: str, steps: int) -> None:
     if final == "zero":
         assert g.final_zero and g.knots[-1].sigma == 0.0
         if steps > 1:
-            assert g.knots[-2].t == pytest.approx(SD.t_min)
+            # time-spaced grids run to t = 0: the last noisy knot is one spacing before it
+            last = {
+                "time_uniform": SD.t_max / steps,
+                "time_quadratic": (SD.t_max**0.5 / steps) ** 2,
+            }.get(kind, SD.t_min)
+            assert g.knots[-2].t == pytest.approx(last)
     else:
         assert not g.final_zero and g.knots[-1].t == pytest.approx(SD.t_min)
 
@@ -36,9 +41,13 @@ def test_spacings_follow_their_definitions() -> None:
     d = [b.lam - a.lam for a, b in zip(g.knots, g.knots[1:], strict=False)]
     assert max(d) - min(d) < 1e-9
     g = dp.make_grid(SD, n, "time_uniform", final="t_min")
-    assert [k.t for k in g.knots] == pytest.approx(torch.linspace(999, 0, n + 1, dtype=torch.float64).tolist())
+    assert [k.t for k in g.knots] == pytest.approx(
+        torch.linspace(999, 0, n + 1, dtype=torch.float64).tolist()
+    )
     g = dp.make_grid(SD, n, "time_quadratic", final="t_min")
-    assert [math.sqrt(k.t) for k in g.knots] == pytest.approx(torch.linspace(999**0.5, 0, n + 1, dtype=torch.float64).tolist(), abs=1e-9)
+    assert [math.sqrt(k.t) for k in g.knots] == pytest.approx(
+        torch.linspace(999**0.5, 0, n + 1, dtype=torch.float64).tolist(), abs=1e-9
+    )
     # Karras (EDM Eq. 5) in k-diffusion sigmas, rho = 7
     g = dp.make_grid(SD, n, "karras", final="t_min")
     smax, smin = g.knots[0].ksigma, g.knots[-1].ksigma
@@ -48,7 +57,9 @@ def test_spacings_follow_their_definitions() -> None:
     # polyexponential with rho = 1 is logsnr, exponential is logsnr
     for other in ("exponential", "polyexponential"):
         g2 = dp.make_grid(SD, n, other, final="t_min")  # type: ignore[arg-type]
-        assert [k.lam for k in g2.knots] == pytest.approx([k.lam for k in dp.make_grid(SD, n, final="t_min").knots])
+        assert [k.lam for k in g2.knots] == pytest.approx(
+            [k.lam for k in dp.make_grid(SD, n, final="t_min").knots]
+        )
 
 
 def test_flow_shift_reproduces_sd3_spacing() -> None:
@@ -85,9 +96,55 @@ def test_custom_grids() -> None:
         (lambda: dp.grid_from_timesteps(SD, [999]), "at least 2 knots"),
         (lambda: dp.grid_from_sigmas(SD, [10.0, 0.0, 1.0]), "sigma 0 may only be the last"),
         (lambda: dp.grid_from_sigmas(SD, [10.0, -1.0]), r"sigmas\[1\]"),
-        (lambda: dp.make_grid(dp.RectifiedFlowSchedule(t_max=1.0), 10, "logsnr"), "cannot start at pure noise"),
+        (
+            lambda: dp.grid_from_sigmas(dp.RectifiedFlowSchedule(), [1.0, 2.0]),
+            "flow sigma range",
+        ),
     ],
 )
 def test_bad_grids_are_explained(call, match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_flow_grids_start_at_pure_noise_and_end_like_diffusers() -> None:
+    """A 10-step flow grid (shift 3) is diffusers' DPMSolverMultistep/FlowMatchEuler one:
+    uniform in time from sigma 1, the last noisy sigma 0.25, then sigma 0."""
+    flow = dp.RectifiedFlowSchedule(shift=3.0)
+    g = dp.make_grid(flow, 10, "time_uniform")
+    sig = [k.sigma for k in g.knots]
+    assert sig[0] == 1.0 and sig[-1] == 0.0 and sig[-2] == pytest.approx(0.25)
+    expected = [3 * t / (1 + 2 * t) for t in torch.linspace(1, 0, 11, dtype=torch.float64).tolist()]
+    assert sig == pytest.approx(expected, abs=1e-12)
+    assert dp.default_grid(flow) == "time_uniform" and dp.default_grid(SD) == "logsnr"
+    # grids spaced in noise level start there too: a first-order step, then their spacing
+    for kind in ("logsnr", "karras", "polyexponential"):
+        h = dp.make_grid(flow, 6, kind)  # type: ignore[arg-type]
+        assert h.knots[0].alpha == 0.0 and h.steps == 6 and h.final_zero
+
+
+@pytest.mark.parametrize("kind", ["time_uniform", "time_quadratic"])
+def test_many_steps_keep_the_last_noisy_knot_in_the_schedule(kind: str) -> None:
+    flow = dp.RectifiedFlowSchedule()
+    g = dp.make_grid(flow, 5000, kind)  # type: ignore[arg-type]
+    assert g.knots[-2].t == pytest.approx(flow.t_min)
+
+
+def test_custom_sigmas_follow_the_family_convention() -> None:
+    flow = dp.RectifiedFlowSchedule(shift=3.0)
+    g = dp.grid_from_sigmas(flow, [1.0, 0.75, 0.5, 0.25, 0.0])
+    assert [k.sigma for k in g.knots] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    k = dp.grid_from_sigmas(flow, [3.0, 1.0, 1 / 3, 0.0], convention="k")
+    assert [x.sigma for x in k.knots] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    with pytest.raises(
+        ValueError, match=r"sigmas\[1\]=1.5 is outside this schedule's flow sigma range"
+    ):
+        dp.grid_from_sigmas(flow, [1.0, 1.5, 0.0])
+    with pytest.raises(ValueError, match=r"sigmas\[0\]=-0.1 is outside"):
+        dp.grid_from_sigmas(flow, [-0.1])
+    with pytest.raises(
+        ValueError, match=r"sigmas\[0\]=30 is outside this schedule's sigma .k-diffusion"
+    ):
+        dp.grid_from_sigmas(SD, [30.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"t_start=1\.5 is outside"):
+        dp.make_grid(flow, 4, t_start=1.5)

@@ -1,7 +1,7 @@
 """The recommended configuration for a budget and a guidance scale (``solver="auto"``).
 
-A :class:`Recipe` is a solver, its options, a time grid and where to stop, chosen per
-(guidance, NFE) cell by :mod:`dpmsolver.bench.search`: every candidate is scored by its
+A :class:`~dpmsolver.recipe.Recipe` is a solver, its options, a time grid and where to stop,
+chosen per (guidance, NFE) cell by :mod:`dpmsolver.bench.search`: every candidate is scored by its
 error ratio to the best peer configuration (diffusers, k-diffusion) of that cell, on the
 exact Gaussian mixture and on the built-in digits network over several noise seeds
 (geometric mean per problem, the worse of the two; candidates that ever exceed 2.5x the best
@@ -20,60 +20,12 @@ smoother at high noise) and fixed-weight iPNDM win.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
 from ._validate import check_finite_float, check_int
-from .schedules import NoiseSchedule
-from .solvers.base import Form, Solver
-from .timegrid import TimeGrid, make_grid
+from .recipe import PolicyRequest, Recipe, register_policy
+from .solvers import Form, get_solver
 
-__all__ = ["Recipe", "recommend"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A complete sampler configuration.
-
-    Attributes:
-        solver: registry name or alias.
-        options: solver options (order included).
-        grid: time-grid kind; ``rho`` its exponent where it has one.
-        sigma_end: k-diffusion sigma (sigma/alpha) of the last noisy knot, or None for the
-            schedule's ``t_min``; stopping earlier pays off when evaluations are scarce.
-        final_step: ``"denoise"`` or ``"extrapolate"`` (see :func:`dpmsolver.solve`).
-    """
-
-    solver: str
-    options: dict[str, Any] = field(default_factory=dict)
-    grid: str = "logsnr"
-    rho: float | None = None
-    sigma_end: float | None = None
-    final_step: str = "denoise"
-
-    def t_end(self, schedule: NoiseSchedule) -> float | None:
-        """``sigma_end`` as a time of ``schedule`` (clamped to its range), or None."""
-        if self.sigma_end is None:
-            return None
-        t = schedule.knot_at_lambda(-math.log(self.sigma_end)).t
-        return min(max(t, schedule.t_min), schedule.t_max)
-
-    def build(self, schedule: NoiseSchedule, nfe: int) -> tuple[Solver, list[int], TimeGrid]:
-        """The solver, its per-step orders and the grid that spend exactly ``nfe``
-        evaluations on ``schedule`` (ValueError if this recipe cannot)."""
-        from .solvers import get_solver  # the registry imports solver modules that use Form
-
-        solver = get_solver(self.solver, **self.options)
-        orders = solver.plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=nfe < 15)
-        grid = make_grid(schedule, len(orders), self.grid, final="zero", rho=self.rho, t_end=self.t_end(schedule))  # type: ignore[arg-type]
-        return solver, orders, grid
-
-    def describe(self) -> str:
-        """One line for logs and tables."""
-        opts = "".join(f" {k}={v}" for k, v in self.options.items())
-        extra = f" rho={self.rho}" if self.rho is not None else ""
-        stop = f" sigma_end={self.sigma_end}" if self.sigma_end is not None else ""
-        return f"{self.solver}{opts} [{self.grid}{extra}]{stop} final={self.final_step}"
+__all__ = ["recommend"]
 
 
 # (guidance, NFE) -> recipe, from `python -m dpmsolver.bench.search`. Beside each entry: the
@@ -83,41 +35,91 @@ class Recipe:
 # 4 x 1024 other noises drops a candidate): (3, 5), (7.5, 6), (7.5, 8), (7.5, 10), (15, 8).
 _TABLE: dict[tuple[float, int], Recipe] = {
     (1.0, 5): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07),  # mixture 0.73, network 0.94
-    (1.0, 6): Recipe("unipc", {"order": 2, "variant": "bh1"}, "polyexponential", rho=1.5, sigma_end=0.07),  # mixture 0.76, network 1.07
-    (1.0, 8): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr", sigma_end=0.07),  # mixture 0.50, network 0.62
-    (1.0, 10): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),  # mixture 0.60, network 0.55
-    (1.0, 12): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),  # mixture 0.64, network 0.50
+    (1.0, 6): Recipe(
+        "unipc", {"order": 2, "variant": "bh1"}, "polyexponential", rho=1.5, sigma_end=0.07
+    ),  # mixture 0.76, network 1.07
+    (1.0, 8): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 2}, "logsnr", sigma_end=0.07
+    ),  # mixture 0.50, network 0.62
+    (1.0, 10): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 2}, "logsnr"
+    ),  # mixture 0.60, network 0.55
+    (1.0, 12): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 2}, "logsnr"
+    ),  # mixture 0.64, network 0.50
     (1.0, 15): Recipe("unipc", {"order": 3}, "logsnr"),  # mixture 0.64, network 0.63
-    (1.0, 20): Recipe("unipc", {"form": Form.NOISE, "order": 3}, "logsnr"),  # mixture 0.55, network 0.92
-    (1.0, 25): Recipe("unipc", {"form": Form.NOISE, "order": 3}, "logsnr"),  # mixture 0.49, network 0.94
-    (1.0, 50): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "time_quadratic"),  # mixture 0.20, network 0.72
-    (3.0, 5): Recipe("dpmpp_fast", {}, "polyexponential", rho=1.5, sigma_end=0.14),  # mixture 0.83, network 1.18
-    (3.0, 6): Recipe("unipc", {"order": 2}, "time_quadratic", sigma_end=0.14),  # mixture 0.66, network 1.15
+    (1.0, 20): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 3}, "logsnr"
+    ),  # mixture 0.55, network 0.92
+    (1.0, 25): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 3}, "logsnr"
+    ),  # mixture 0.49, network 0.94
+    (1.0, 50): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 2}, "time_quadratic"
+    ),  # mixture 0.20, network 0.72
+    (3.0, 5): Recipe(
+        "dpmpp_fast", {}, "polyexponential", rho=1.5, sigma_end=0.14
+    ),  # mixture 0.83, network 1.18
+    (3.0, 6): Recipe(
+        "unipc", {"order": 2}, "time_quadratic", sigma_end=0.14
+    ),  # mixture 0.66, network 1.15
     (3.0, 8): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07),  # mixture 0.57, network 1.01
-    (3.0, 10): Recipe("deis", {"order": 3}, "polyexponential", rho=0.7),  # mixture 0.73, network 0.76
-    (3.0, 12): Recipe("ipndm", {"coefficients": "fixed", "order": 3}, "polyexponential", rho=0.7),  # mixture 0.62, network 0.84
+    (3.0, 10): Recipe(
+        "deis", {"order": 3}, "polyexponential", rho=0.7
+    ),  # mixture 0.73, network 0.76
+    (3.0, 12): Recipe(
+        "ipndm", {"coefficients": "fixed", "order": 3}, "polyexponential", rho=0.7
+    ),  # mixture 0.62, network 0.84
     (3.0, 15): Recipe("unipc", {"order": 3}, "logsnr"),  # mixture 0.64, network 0.83
     (3.0, 20): Recipe("unipc", {"order": 3}, "logsnr"),  # mixture 0.54, network 0.62
-    (3.0, 25): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),  # mixture 0.75, network 0.93
+    (3.0, 25): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 2}, "logsnr"
+    ),  # mixture 0.75, network 0.93
     (3.0, 50): Recipe("unipc", {"order": 3}, "karras", rho=7.0),  # mixture 0.27, network 0.96
-    (7.5, 5): Recipe("dpmpp_fast", {}, "time_quadratic", sigma_end=0.14),  # mixture 0.83, network 0.91
+    (7.5, 5): Recipe(
+        "dpmpp_fast", {}, "time_quadratic", sigma_end=0.14
+    ),  # mixture 0.83, network 0.91
     (7.5, 6): Recipe("dpmpp_fast", {}, "logsnr", sigma_end=0.07),  # mixture 0.79, network 0.86
     (7.5, 8): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.14),  # mixture 0.71, network 0.95
-    (7.5, 10): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07),  # mixture 1.06, network 0.73
-    (7.5, 12): Recipe("ipndm", {"coefficients": "fixed", "order": 3}, "polyexponential", rho=0.7),  # mixture 0.89, network 0.98
+    (7.5, 10): Recipe(
+        "unipc", {"order": 2}, "logsnr", sigma_end=0.07
+    ),  # mixture 1.06, network 0.73
+    (7.5, 12): Recipe(
+        "ipndm", {"coefficients": "fixed", "order": 3}, "polyexponential", rho=0.7
+    ),  # mixture 0.89, network 0.98
     (7.5, 15): Recipe("dpm_3m", {}, "karras", rho=7.0),  # mixture 0.66, network 0.87
-    (7.5, 20): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),  # mixture 0.72, network 0.74
-    (7.5, 25): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "karras", rho=7.0),  # mixture 0.86, network 0.98
+    (7.5, 20): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 2}, "logsnr"
+    ),  # mixture 0.72, network 0.74
+    (7.5, 25): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 2}, "karras", rho=7.0
+    ),  # mixture 0.86, network 0.98
     (7.5, 50): Recipe("unipc", {"order": 3}, "karras", rho=7.0),  # mixture 0.46, network 1.12
-    (15.0, 5): Recipe("dpmpp_2s", {}, "polyexponential", rho=0.7, sigma_end=0.14),  # mixture 0.90, network 1.29; diverges on the stability set (no candidate does not)
-    (15.0, 6): Recipe("dpmpp_fast", {}, "logsnr", sigma_end=0.14),  # mixture 0.76, network 0.82; diverges on the stability set (as all 8 pooled do)
-    (15.0, 8): Recipe("dpmpp_fast", {}, "time_quadratic", sigma_end=0.14),  # mixture 1.23, network 1.04
-    (15.0, 10): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07),  # mixture 0.88, network 0.85
-    (15.0, 12): Recipe("unipc", {"order": 2}, "polyexponential", rho=0.7),  # mixture 1.03, network 1.25
+    (15.0, 5): Recipe(
+        "dpmpp_2s", {}, "polyexponential", rho=0.7, sigma_end=0.14
+    ),  # mixture 0.90, network 1.29; diverges on the stability set (no candidate does not)
+    (15.0, 6): Recipe(
+        "dpmpp_fast", {}, "logsnr", sigma_end=0.14
+    ),  # mixture 0.76, network 0.82; diverges on the stability set (as all 8 pooled do)
+    (15.0, 8): Recipe(
+        "dpmpp_fast", {}, "time_quadratic", sigma_end=0.14
+    ),  # mixture 1.23, network 1.04
+    (15.0, 10): Recipe(
+        "unipc", {"order": 2}, "logsnr", sigma_end=0.07
+    ),  # mixture 0.88, network 0.85
+    (15.0, 12): Recipe(
+        "unipc", {"order": 2}, "polyexponential", rho=0.7
+    ),  # mixture 1.03, network 1.25
     (15.0, 15): Recipe("unipc", {"order": 2}, "karras", rho=7.0),  # mixture 1.02, network 1.16
-    (15.0, 20): Recipe("unipc", {"order": 2, "variant": "bh1"}, "logsnr"),  # mixture 1.16, network 1.10
-    (15.0, 25): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),  # mixture 1.00, network 1.14
-    (15.0, 50): Recipe("unipc", {"order": 3}, "karras", rho=7.0),  # no candidate under the cap; best worst case
+    (15.0, 20): Recipe(
+        "unipc", {"order": 2, "variant": "bh1"}, "logsnr"
+    ),  # mixture 1.16, network 1.10
+    (15.0, 25): Recipe(
+        "unipc", {"form": Form.NOISE, "order": 2}, "logsnr"
+    ),  # mixture 1.00, network 1.14
+    (15.0, 50): Recipe(
+        "unipc", {"order": 3}, "karras", rho=7.0
+    ),  # no candidate under the cap; best worst case
 }
 _GUIDANCE = sorted({w for w, _ in _TABLE})
 _NFES = sorted({n for _, n in _TABLE})
@@ -145,10 +147,17 @@ _FALLBACK = Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07)
 
 
 def _can_spend(recipe: Recipe, nfe: int) -> bool:
-    from .solvers import get_solver
-
     try:
-        get_solver(recipe.solver, **recipe.options).plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=True)
+        get_solver(recipe.solver, **recipe.options).plan(
+            steps=None, nfe=nfe, final_zero=True, lower_order_final=True
+        )
     except ValueError:
         return False
     return True
+
+
+def _policy(request: PolicyRequest) -> Recipe:
+    return recommend(request.nfe, request.guidance_scale)
+
+
+register_policy("auto", _policy)

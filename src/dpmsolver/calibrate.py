@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .auto import Recipe, recommend
+from .auto import recommend
 from .denoiser import Denoiser
-from .sampling import NonFiniteError, solve
+from .loop import NonFiniteError, solve
+from .recipe import Recipe
 from .schedules import NoiseSchedule
 from .timegrid import TimeGrid, grid_from_sigmas
 
@@ -80,20 +81,42 @@ class CalibratedSteps:
         return grid_from_sigmas(schedule, self.sigmas)
 
 
-def run_calibrated(denoiser: Denoiser, x_T: Tensor, schedule: NoiseSchedule, recipe: Recipe, nfe: int,
-                   lams: Sequence[float] | None = None) -> Tensor | None:
+def run_calibrated(
+    denoiser: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    recipe: Recipe,
+    nfe: int,
+    lams: Sequence[float] | None = None,
+) -> Tensor | None:
     """``recipe``'s final sample from ``x_T`` (at ``t_max``) with ``nfe`` evaluations, on its
     own grid or through the noisy knots at log-SNR ``lams``; None if it diverges."""
-    solver, orders, grid = recipe.build(schedule, nfe)
+    plan = recipe.plan(schedule, nfe=nfe)
+    solver, orders, grid = plan.solver, plan.orders, plan.grid
     if lams is not None:
         if len(lams) != len(orders):
-            raise ValueError(f"lams: nfe={nfe} with {recipe.describe()} needs {len(orders)} noisy knots, got {len(lams)}")
+            raise ValueError(
+                f"lams: nfe={nfe} with {recipe.describe()} needs {len(orders)} noisy knots, got "
+                f"{len(lams)}"
+            )
         # the first knot stays exactly the recipe's (a sigma round trip can land past t_max)
-        knots = (grid.knots[0], *(schedule.knot_at_lambda(v) for v in lams[1:]), schedule.zero_knot())
+        knots = (
+            grid.knots[0],
+            *(schedule.knot_at_lambda(v) for v in lams[1:]),
+            schedule.zero_knot(),
+        )
         grid = TimeGrid(knots, schedule)
     try:
         with torch.no_grad():
-            return solve(denoiser, x_T, grid, solver, orders=orders, check_finite="off", final_step=recipe.final_step).x  # type: ignore[arg-type]
+            return solve(
+                denoiser,
+                x_T,
+                grid,
+                solver,
+                orders=orders,
+                check_finite="off",
+                final_step=recipe.final_step,
+            ).x
     except NonFiniteError:
         return None
 
@@ -120,9 +143,12 @@ def calibrate_steps(
     if max_evals < 1:
         raise ValueError(f"max_evals must be >= 1, got {max_evals}")
     if x_T.shape[0] < 2 or reference.shape != x_T.shape:
-        raise ValueError(f"x_T and reference must have the same shape with at least 2 samples; got {tuple(x_T.shape)} and {tuple(reference.shape)}")
+        raise ValueError(
+            "x_T and reference must have the same shape with at least 2 samples; got "
+            f"{tuple(x_T.shape)} and {tuple(reference.shape)}"
+        )
     recipe = recommend(nfe, guidance_scale) if recipe is None else recipe
-    lam0 = [k.lam for k in recipe.build(schedule, nfe)[2].knots[:-1]]
+    lam0 = [k.lam for k in recipe.plan(schedule, nfe=nfe).grid.knots[:-1]]
     lam_max = schedule.knot(schedule.t_min).lam
 
     def lams_of(u: Sequence[float]) -> list[float]:
@@ -137,14 +163,20 @@ def calibrate_steps(
         x = run_calibrated(denoiser, x_T, schedule, recipe, nfe, lams)
         if x is None:
             return 1e3, 1e3
-        return min(rms_error(x[0::2], reference[0::2]), 1e3), min(rms_error(x[1::2], reference[1::2]), 1e3)
+        return min(rms_error(x[0::2], reference[0::2]), 1e3), min(
+            rms_error(x[1::2], reference[1::2]), 1e3
+        )
 
     u0 = [math.log(b - a) for a, b in itertools.pairwise(lam0)]
     start, val_start = errors(u0)
     best, best_err, val_err = u0, start, val_start
     if u0:  # one noisy knot leaves nothing to move
-        res = minimize(lambda u: errors(u)[0], u0, method="Nelder-Mead",
-                       options={"maxfev": max_evals, "xatol": 1e-4, "fatol": 1e-7})
+        res = minimize(
+            lambda u: errors(u)[0],
+            u0,
+            method="Nelder-Mead",
+            options={"maxfev": max_evals, "xatol": 1e-4, "fatol": 1e-7},
+        )
         if float(res.fun) < start:
             best, (best_err, val_err) = list(res.x), errors(res.x)
     accepted = val_err < val_start

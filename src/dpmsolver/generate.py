@@ -58,20 +58,17 @@ failed samples; resuming such a directory with ``"stop"`` raises, naming them.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
 import math
 import os
-import sys
-import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -80,22 +77,19 @@ from torch import Tensor
 
 from . import __version__
 from ._validate import check_choice, check_finite_float, check_int
-from .analytic import MixtureNetwork, default_mixture
-from .cli import (
-    LoadedModel,
-    UsageError,
-    _check_solver,
-    _device,
-    _int_list,
-    _positive_int,
-    load_model,
-    sample_indices,
-)
+from .analytic import MixtureNetwork
+from .ems import EMS
 from .io import atomic_write_bytes, atomic_write_text
+from .loop import NonFiniteError
+from .model import LoadedModel, evaluations, sample_indices
 from .progress import Progress
-from .sampling import NonFiniteError, sample
-from .schedules import DiscreteVPSchedule, NoiseSchedule
-from .solvers import ALIASES, REGISTRY, AdaptiveDPMSolver, get_solver
+from .recipe import POLICIES, Recipe, RecipeSource
+from .schedules import NoiseSchedule
+from .solvers import ALIASES, REGISTRY, AdaptiveSolver, get_solver
+from .solvers.v3 import recommended_options
+
+if TYPE_CHECKING:
+    from .tune import Profile
 
 __all__ = [
     "FORMAT",
@@ -104,11 +98,11 @@ __all__ = [
     "GenerationError",
     "Manifest",
     "ShardRecord",
-    "add_parser",
-    "exact_model",
+    "files_sha256",
     "generate",
     "model_fingerprint",
     "read_samples",
+    "sha256_file",
 ]
 
 FORMAT = "dpmsolver-generate/1"
@@ -166,12 +160,18 @@ class ShardRecord:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         out: dict[str, Any] = {
-            "shard": self.shard, "start": self.start, "stop": self.stop, "file": self.file,
+            "shard": self.shard,
+            "start": self.start,
+            "stop": self.stop,
+            "file": self.file,
             "status": self.status,
         }
         if self.status != "pending":
-            out.update(count=self.count, sha256=self.sha256,
-                       failed=[{"index": f.index, "step": f.step} for f in self.failed])
+            out.update(
+                count=self.count,
+                sha256=self.sha256,
+                failed=[{"index": f.index, "step": f.step} for f in self.failed],
+            )
         return out
 
     @classmethod
@@ -179,8 +179,16 @@ class ShardRecord:
         """Inverse of :meth:`to_json` (KeyError/TypeError/ValueError on malformed input)."""
         status = check_choice("status", d["status"], ("complete", "partial", "pending"))
         failed = tuple(FailedSample(int(f["index"]), int(f["step"])) for f in d.get("failed", ()))
-        return cls(int(d["shard"]), int(d["start"]), int(d["stop"]), str(d["file"]), status,
-                   int(d.get("count", 0)), d.get("sha256"), failed)
+        return cls(
+            int(d["shard"]),
+            int(d["start"]),
+            int(d["stop"]),
+            str(d["file"]),
+            status,
+            int(d.get("count", 0)),
+            d.get("sha256"),
+            failed,
+        )
 
 
 @dataclass
@@ -213,8 +221,11 @@ class Manifest:
             "config": self.config,
             "config_sha256": _config_hash(self.config),
             "summary": {
-                "complete": self.complete, "samples": self.samples, "failed": len(self.failed),
-                "shards": len(self.shards), "pending_shards": len(pending),
+                "complete": self.complete,
+                "samples": self.samples,
+                "failed": len(self.failed),
+                "shards": len(self.shards),
+                "pending_shards": len(pending),
             },
             "shards": [s.to_json() for s in self.shards],
         }
@@ -236,7 +247,8 @@ def _config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(config).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -287,7 +299,9 @@ def model_fingerprint(network: Callable[..., Tensor]) -> dict[str, str]:
     if isinstance(network, MixtureNetwork):
         m = network.mixture
         h.update(f"{network.prediction}|{m.num_classes}|{m.shape}|".encode())
-        _hash_tensors(h, [("means", m.means), ("stds", m.stds), ("weights", m.weights), ("labels", m.labels)])
+        _hash_tensors(
+            h, [("means", m.means), ("stds", m.stds), ("weights", m.weights), ("labels", m.labels)]
+        )
         return {"kind": "mixture", "sha256": h.hexdigest()}
     raise ValueError(
         f"model_id: cannot fingerprint a network of type {type(network).__name__} "
@@ -300,15 +314,22 @@ def _schedule_identity(schedule: NoiseSchedule) -> dict[str, Any]:
     grid of its range, plus the range itself."""
     ts = torch.linspace(schedule.t_min, schedule.t_max, 257, dtype=torch.float64)
     h = hashlib.sha256()
-    _hash_tensors(h, [("range", torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)),
-                      ("lambda", schedule.lambda_(ts)), ("model_time", schedule.model_time(ts))])
+    _hash_tensors(
+        h,
+        [
+            ("range", torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64)),
+            ("lambda", schedule.lambda_(ts)),
+            ("model_time", schedule.model_time(ts)),
+        ],
+    )
     return {"type": type(schedule).__name__, "sha256": h.hexdigest()}
 
 
-def _files_sha256(files: Sequence[Path], root: Path) -> str:
+def files_sha256(files: Sequence[Path], root: Path) -> str:
+    """One sha256 over ``files``: their paths relative to ``root`` and their sha256s."""
     h = hashlib.sha256()
     for f in sorted(files):
-        h.update(f"{f.relative_to(root).as_posix()}|{_sha256_file(f)}\n".encode())
+        h.update(f"{f.relative_to(root).as_posix()}|{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -338,7 +359,9 @@ class _MicroBatched:
         if key not in self._rows:
             starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
             self._rows[key] = [
-                torch.cat([torch.arange(c * self.n + o, c * self.n + o + size) for c in range(copies)]).to(device)
+                torch.cat(
+                    [torch.arange(c * self.n + o, c * self.n + o + size) for c in range(copies)]
+                ).to(device)
                 for o, size in zip(starts, self.sizes, strict=True)
             ]
         return self._rows[key]
@@ -353,10 +376,12 @@ class _MicroBatched:
             return v[idx] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == rows else v
 
         groups = self._groups(copies, x.device)
-        out = torch.cat([
-            self.network(x[idx], take(t, idx), **{k: take(v, idx) for k, v in kwargs.items()})
-            for idx in groups
-        ])
+        out = torch.cat(
+            [
+                self.network(x[idx], take(t, idx), **{k: take(v, idx) for k, v in kwargs.items()})
+                for idx in groups
+            ]
+        )
         if copies == 1:
             return out  # the groups are consecutive rows already
         result = torch.empty_like(out)
@@ -374,8 +399,9 @@ class _Job:
     config_sha256: str
     classes: list[int] | None
     seed: int
-    solver: str
-    nfe: int
+    solver: str | Recipe
+    nfe: int | None
+    steps: int | None
     guidance: float
     grid: str | None
     batch: int
@@ -383,6 +409,7 @@ class _Job:
     on_nonfinite: OnNonFinite
     device: torch.device
     dtype: torch.dtype
+    profile: RecipeSource | None = None
 
 
 class _Group:
@@ -392,11 +419,15 @@ class _Group:
         self.created = False
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if launched and not dist.is_available():
-            raise RuntimeError("started by a multi-process launcher, but this torch has no torch.distributed")
+            raise RuntimeError(
+                "started by a multi-process launcher, but this torch has no torch.distributed"
+            )
         if launched and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
             if backend == "nccl":
-                torch.cuda.set_device(device if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(
+                    device if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+                )
             # Processes wait for each other once per round of shards; a shard may take long.
             dist.init_process_group(backend, timeout=timedelta(hours=6))
             self.created = True
@@ -470,10 +501,15 @@ def _valid_record(job: _Job, planned: ShardRecord) -> ShardRecord | None:
         return None
     if d.get("config_sha256") != job.config_sha256 or rec.status == "pending":
         return None
-    if (rec.shard, rec.start, rec.stop, rec.file) != (planned.shard, planned.start, planned.stop, planned.file):
+    if (rec.shard, rec.start, rec.stop, rec.file) != (
+        planned.shard,
+        planned.start,
+        planned.stop,
+        planned.file,
+    ):
         return None
     try:
-        return rec if _sha256_file(job.out / rec.file) == rec.sha256 else None
+        return rec if sha256_file(job.out / rec.file) == rec.sha256 else None
     except OSError:
         return None
 
@@ -496,9 +532,19 @@ def _make_shard(job: _Job, planned: ShardRecord, bar: Progress) -> ShardRecord:
         sizes = [min(job.micro_batch, len(idx) - o) for o in range(0, len(idx), job.micro_batch)]
         try:
             x = sample_indices(
-                job.model, idx, _labels_for(job, idx), solver=job.solver, nfe=job.nfe,
-                guidance=job.guidance, seed=job.seed, device=job.device, grid=job.grid,
-                dtype=job.dtype, network=_MicroBatched(job.model.network, sizes),
+                job.model,
+                idx,
+                _labels_for(job, idx),
+                solver=job.solver,
+                nfe=job.nfe,
+                steps=job.steps,
+                guidance=job.guidance,
+                seed=job.seed,
+                device=job.device,
+                grid=job.grid,
+                dtype=job.dtype,
+                network=_MicroBatched(job.model.network, sizes),
+                profile=job.profile,
             ).x
             good = list(range(len(idx)))
         except NonFiniteError as e:
@@ -527,12 +573,21 @@ def _make_shard(job: _Job, planned: ShardRecord, bar: Progress) -> ShardRecord:
         arrays["labels"] = labels.numpy()
     data = _npz_bytes(arrays)
     rec = ShardRecord(
-        planned.shard, planned.start, planned.stop, planned.file,
-        "partial" if failed else "complete", len(kept), hashlib.sha256(data).hexdigest(), tuple(failed),
+        planned.shard,
+        planned.start,
+        planned.stop,
+        planned.file,
+        "partial" if failed else "complete",
+        len(kept),
+        hashlib.sha256(data).hexdigest(),
+        tuple(failed),
     )
     # The file first, then its record: a record always points at a whole file.
     atomic_write_bytes(job.out / rec.file, data)
-    atomic_write_text(_record_path(job.out, rec), json.dumps({"config_sha256": job.config_sha256, **rec.to_json()}, indent=1))
+    atomic_write_text(
+        _record_path(job.out, rec),
+        json.dumps({"config_sha256": job.config_sha256, **rec.to_json()}, indent=1),
+    )
     return rec
 
 
@@ -605,8 +660,11 @@ def _run(job: _Job, plan: list[ShardRecord], group: _Group, progress: bool) -> M
     # Deal the remaining shards out in rounds; after each round every process learns
     # whether any failed, so that all stop together.
     my_shards = todo[group.rank :: group.size]
-    bar = Progress(sum(plan[k].stop - plan[k].start for k in my_shards),
-                   enabled=progress and group.rank == 0, desc="generate")
+    bar = Progress(
+        sum(plan[k].stop - plan[k].start for k in my_shards),
+        enabled=progress and group.rank == 0,
+        desc="generate",
+    )
     error: Exception | None = None
     failures: list[tuple[int, str]] = []
     new: dict[int, ShardRecord] = {}
@@ -636,7 +694,91 @@ def _run(job: _Job, plan: list[ShardRecord], group: _Group, progress: bool) -> M
     return manifest
 
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _classes(
+    model: LoadedModel, labels: Literal["cycle"] | Sequence[int] | None
+) -> list[int] | None:
+    """The classes sample ``i`` cycles through (None for an unconditional model)."""
+    if model.num_classes is None:
+        if labels not in ("cycle", None):
+            raise ValueError("labels: the model is not class-conditional; use 'cycle' or None")
+        return None
+    if labels == "cycle" or labels is None:
+        return list(range(model.num_classes))
+    if isinstance(labels, str) or not labels:
+        raise ValueError(f"labels must be 'cycle' or a non-empty list of classes, got {labels!r}")
+    classes = [check_int(f"labels[{i}]", c, minimum=0) for i, c in enumerate(labels)]
+    if max(classes) >= model.num_classes:
+        raise ValueError(f"labels must lie in [0, {model.num_classes - 1}], got {max(classes)}")
+    return classes
+
+
+def _check_sampler(
+    model: LoadedModel, solver: str, nfe: int | None, steps: int | None, grid: str | None
+) -> None:
+    """Fail now, before anything is written, on a solver that cannot be used here or a
+    solver/budget/grid combination that cannot run: a one-row run through a zero network
+    costs only the grid arithmetic."""
+    check_choice("solver", solver, [*POLICIES, *sorted(REGISTRY), *sorted(ALIASES)])
+    if solver not in POLICIES and isinstance(get_solver(solver), AdaptiveSolver):
+        raise ValueError(
+            f"solver={solver!r} is adaptive: its step sizes come from the whole batch's error, "
+            "so a sample would depend on its batch; choose a fixed-step solver or 'auto'"
+        )
+    evaluations(model, solver, nfe=nfe, steps=steps, grid=grid)
+
+
+def _check_ems(model: LoadedModel, solver: str, guidance: float, ems: EMS) -> str:
+    """The solver for a run with statistics ``ems`` (``"dpmv3"``), after checking that they
+    describe this model's schedule, prediction and range at this guidance scale."""
+    if not isinstance(ems, EMS):
+        raise TypeError(f"ems must be a dpmsolver.ems.EMS or None, got {type(ems).__name__}")
+    if solver not in ("auto", "dpmv3"):
+        raise ValueError(
+            f"ems: the statistics are DPM-Solver-v3's and solver={solver!r} does not use them; "
+            "use solver='dpmv3' or 'auto'"
+        )
+    sched = model.schedule
+    lam_a, lam_b = sched.knot(sched.t_max).lam, sched.knot(sched.t_min).lam
+    finite = math.isfinite(lam_a) and math.isfinite(lam_b)
+    ems.check(
+        schedule=sched,
+        prediction=model.prediction,
+        guidance_scale=guidance,
+        lam_range=(lam_a, lam_b) if finite else None,
+    )
+    if ems.shape not in ((), tuple(model.shape)):
+        raise ValueError(
+            f"ems describes samples of shape {ems.shape}, the model's are {tuple(model.shape)}"
+        )
+    return "dpmv3"
+
+
+def _ems_identity(ems: EMS) -> dict[str, Any]:
+    """What identifies the statistics in the run's configuration: their SHA-256 (grid and
+    values) and how they were made."""
+    h = hashlib.sha256()
+    _hash_tensors(h, [(k, getattr(ems, k)) for k in ("lams", "l", "s", "b")])
+    return {"sha256": h.hexdigest(), "points": ems.lams.numel(), "samples": ems.samples}
+
+
+def _model_identity(model: LoadedModel, model_id: Mapping[str, Any] | str) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "id": model_id,
+        "prediction": model.prediction,
+        "shape": list(model.shape),
+        "num_classes": model.num_classes,
+        "null_label": model.null_label,
+        "schedule": _schedule_identity(model.schedule),
+    }
 
 
 def generate(
@@ -646,7 +788,7 @@ def generate(
     *,
     seed: int = 0,
     solver: str = "auto",
-    nfe: int = 10,
+    nfe: int | None = None,
     guidance: float = 1.0,
     labels: Literal["cycle"] | Sequence[int] | None = "cycle",
     grid: str | None = None,
@@ -658,6 +800,9 @@ def generate(
     dtype: torch.dtype = torch.float32,
     model_id: Mapping[str, Any] | str | None = None,
     progress: bool = False,
+    steps: int | None = None,
+    ems: EMS | None = None,
+    profile: Profile | None = None,
 ) -> Manifest:
     """Generate samples ``0 .. num-1`` into ``out_dir`` as checksummed shards with a
     manifest, resuming whatever a previous run of the same configuration left (see the
@@ -665,12 +810,12 @@ def generate(
     calls this with the same arguments.
 
     Args:
-        model: the model (:class:`dpmsolver.cli.LoadedModel`), on ``device``.
+        model: the model (:class:`dpmsolver.model.LoadedModel`), on ``device``.
         num: number of samples (>= 1).
         out_dir: output directory (created if missing).
         seed: run seed (>= 0); sample i's noise depends only on ``(seed, i)``. Default 0.
         solver: solver name, alias or ``"auto"`` (default); adaptive solvers are refused.
-        nfe: network evaluations per sample (default 10).
+        nfe: network evaluations per sample (default 10 when ``steps`` is not given).
         guidance: classifier-free guidance scale (default 1 = none; needs a conditional
             model with a null label otherwise).
         labels: class of sample i for conditional models: ``"cycle"`` (default; None
@@ -688,6 +833,18 @@ def generate(
         model_id: what identifies the model in the configuration (default:
             :func:`model_fingerprint` of ``model.network``).
         progress: progress bar on stderr (rank 0 only).
+        steps: grid steps instead of an ``nfe`` budget (at most one of the two; part of
+            the configuration only when given).
+        ems: DPM-Solver-v3 statistics of this model at this guidance scale
+            (:func:`dpmsolver.ems.estimate_model_ems`): ``solver`` must be ``"dpmv3"`` or
+            ``"auto"`` (which then means dpmv3), and the run uses the official settings for
+            the budget (:func:`~dpmsolver.solvers.v3.recommended_options`). Part of the
+            configuration (a digest of the statistics) only when given.
+        profile: with ``solver="auto"``, a profile fitted to this model
+            (:func:`dpmsolver.tune`); its choice for ``nfe`` and ``guidance`` runs (a
+            profile of another schedule or prediction is an error; a budget it lacks falls
+            back to the default recipe with a warning). Part of the configuration (its
+            sha256) only when given.
 
     Returns:
         The :class:`Manifest` as written.
@@ -700,71 +857,82 @@ def generate(
         raise TypeError(f"model must be a LoadedModel, got {type(model).__name__}")
     num = check_int("num", num, minimum=1)
     seed = check_int("seed", seed, minimum=0)
-    nfe = check_int("nfe", nfe, minimum=1)
+    if nfe is not None and steps is not None:
+        raise ValueError("give at most one of nfe and steps")
+    if steps is not None:
+        steps = check_int("steps", steps, minimum=1)
+    else:
+        nfe = check_int("nfe", 10 if nfe is None else nfe, minimum=1)
     batch_size = check_int("batch_size", batch_size, minimum=1)
     micro_batch = check_int("micro_batch", micro_batch, minimum=1)
     shard_size = check_int("shard_size", shard_size, minimum=1)
     check_choice("on_nonfinite", on_nonfinite, ("stop", "skip"))
     check_choice("dtype", dtype, list(_DTYPES.values()))
     guidance = check_finite_float("guidance", guidance)
-    check_choice("solver", solver, ["auto", *sorted(REGISTRY), *sorted(ALIASES)])
-    if solver != "auto" and isinstance(get_solver(solver), AdaptiveDPMSolver):
-        raise ValueError(
-            f"solver={solver!r} is adaptive: its step sizes come from the whole batch's error, "
-            "so a sample would depend on its batch; choose a fixed-step solver or 'auto'"
-        )
     if guidance != 1.0 and (model.num_classes is None or model.null_label is None):
         raise ValueError(f"guidance={guidance:g} needs a class-conditional model with a null label")
-    if model.num_classes is None:
-        if labels not in ("cycle", None):
-            raise ValueError("labels: the model is not class-conditional; use 'cycle' or None")
-        classes = None
-    elif labels == "cycle" or labels is None:
-        classes = list(range(model.num_classes))
-    else:
-        if isinstance(labels, str) or not labels:
-            raise ValueError(f"labels must be 'cycle' or a non-empty list of classes, got {labels!r}")
-        classes = [check_int(f"labels[{i}]", c, minimum=0) for i, c in enumerate(labels)]
-        if max(classes) >= model.num_classes:
-            raise ValueError(f"labels must lie in [0, {model.num_classes - 1}], got {max(classes)}")
+    classes = _classes(model, labels)
     device = torch.device(device)
-    # Invalid solver/budget/grid combinations fail now, before anything is written: a
-    # one-row run through a zero network costs only the grid arithmetic.
-    sample(lambda x, t, **kw: torch.zeros_like(x), torch.zeros(1, *model.shape), schedule=model.schedule,
-           prediction=model.prediction, solver=solver, nfe=nfe, grid=grid, guidance_scale=1.0)  # type: ignore[arg-type]
-
+    if ems is not None and profile is not None:
+        raise ValueError("ems= and profile= exclude each other: a profile picks its own solver")
+    if ems is not None:
+        solver = _check_ems(model, solver, guidance, ems)
+    _check_sampler(model, solver, nfe, steps, grid)
+    if profile is not None:
+        if solver != "auto":
+            raise ValueError(f"profile= is used with solver='auto', not solver={solver!r}")
+        profile.check(model.schedule, model.prediction)
     if model_id is None:
         model_id = model_fingerprint(model.network)
     config: dict[str, Any] = {
         "library_version": __version__,
         "torch_version": torch.__version__,
-        "model": {
-            "name": model.name,
-            "id": model_id,
-            "prediction": model.prediction,
-            "shape": list(model.shape),
-            "num_classes": model.num_classes,
-            "null_label": model.null_label,
-            "schedule": _schedule_identity(model.schedule),
-        },
+        "model": _model_identity(model, model_id),
         "solver": solver,
         "nfe": nfe,
         "grid": grid,
         "guidance": guidance,
         "seed": seed,
-        "labels": {"policy": "none"} if classes is None else {"policy": "cycle", "classes": classes},
+        "labels": {"policy": "none"}
+        if classes is None
+        else {"policy": "cycle", "classes": classes},
         "num": num,
         "shard_size": shard_size,
         "micro_batch": micro_batch,
         "dtype": str(dtype).removeprefix("torch."),
         "device_type": device.type,
     }
+    if steps is not None:  # absent otherwise: directories of earlier runs stay resumable
+        config["steps"] = steps
+    run_solver: str | Recipe = solver
+    if ems is not None:  # likewise
+        config["ems"] = _ems_identity(ems)
+        budget = steps if nfe is None else nfe
+        cond = model.num_classes is not None
+        options = recommended_options(guidance, budget or 10, conditional=cond)
+        run_solver = Recipe("dpmv3", {"ems": ems, **options})
+    if profile is not None:  # likewise
+        text = json.dumps(profile.to_json(), sort_keys=True).encode()
+        config["profile"] = {"sha256": hashlib.sha256(text).hexdigest()}
     config = json.loads(_canonical(config))  # exactly what the manifest will hold
     job = _Job(
-        model=model, out=Path(out_dir), config=config, config_sha256=_config_hash(config),
-        classes=classes, seed=seed, solver=solver, nfe=nfe, guidance=guidance, grid=grid,
-        batch=max(micro_batch, batch_size // micro_batch * micro_batch), micro_batch=micro_batch,
-        on_nonfinite=on_nonfinite, device=device, dtype=dtype,
+        model=model,
+        out=Path(out_dir),
+        config=config,
+        config_sha256=_config_hash(config),
+        classes=classes,
+        seed=seed,
+        solver=run_solver,
+        nfe=nfe,
+        steps=steps,
+        guidance=guidance,
+        grid=grid,
+        batch=max(micro_batch, batch_size // micro_batch * micro_batch),
+        micro_batch=micro_batch,
+        on_nonfinite=on_nonfinite,
+        device=device,
+        dtype=dtype,
+        profile=profile,
     )
     group = _Group(device)
     try:
@@ -784,131 +952,11 @@ def read_samples(out_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         if rec.status == "pending":
             continue
         path = out / rec.file
-        if _sha256_file(path) != rec.sha256:
-            raise ValueError(f"{path} does not match its sha256 in {out / MANIFEST}; rerun generate to repair it")
+        if sha256_file(path) != rec.sha256:
+            raise ValueError(
+                f"{path} does not match its sha256 in {out / MANIFEST}; rerun generate to repair it"
+            )
         with np.load(path) as z:
             for key in z.files:
                 parts.setdefault(key, []).append(z[key])
     return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def exact_model(device: torch.device | str = "cpu") -> LoadedModel:
-    """The exact Gaussian-mixture "network" in the built-in model's format (1x8x8 samples,
-    10 classes with null label 10, Stable Diffusion's discrete schedule, eps prediction):
-    a stand-in without weights for tests and benchmarks
-    (``--model dpmsolver.generate:exact_model``). ``device`` is unused: it computes on the
-    input's device."""
-    schedule = DiscreteVPSchedule()
-    mix = default_mixture(dim=64, num_classes=10, components_per_class=2, seed=0, shape=(1, 8, 8))
-    return LoadedModel(MixtureNetwork(mix, schedule, "eps"), schedule, "eps", (1, 8, 8),
-                       num_classes=10, null_label=10, name="exact mixture (8x8, 10 classes)")
-
-
-# ----------------------------------------------------------------------------------------
-# command line
-# ----------------------------------------------------------------------------------------
-
-
-def _load_for_cli(spec: str, device: torch.device) -> tuple[LoadedModel, dict[str, Any]]:
-    """The model named by ``--model`` and what identifies it: the sha256 of the built-in
-    model's weight file, of a model directory's files, or of a factory's network."""
-    if spec == "builtin":
-        model = load_model(spec, device)
-        from .digits import load as digits
-
-        weights = digits.WEIGHTS_DIR / digits.DENOISER_FILE
-        return model, {"builtin": weights.name, "sha256": _sha256_file(weights)}
-    path = Path(spec)
-    if path.is_dir():
-        model = load_model(spec, device)
-        files = [f for sub in ("unet", "scheduler") for f in (path / sub).rglob("*") if f.is_file()]
-        return model, {"directory": str(path.resolve()), "sha256": _files_sha256(files, path)}
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"--model {spec!r}: use 'builtin', a diffusers model directory, or module:function")
-    import importlib
-
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"--model {spec!r}: cannot import it ({e})") from None
-    model = factory(device)
-    if not isinstance(model, LoadedModel):
-        raise UsageError(f"--model {spec!r} must return a LoadedModel, got {type(model).__name__}")
-    try:
-        ident = model_fingerprint(model.network)
-    except ValueError as e:
-        raise UsageError(f"--model {spec!r}: {e}") from None
-    return model, {"factory": spec, **ident}
-
-
-def _rank_device(device: torch.device) -> torch.device:
-    """Under torchrun, a CUDA device without an index means this process's GPU."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    """``dpmsolver generate``."""
-    _check_solver(args.solver)
-    if args.guidance < 0 or not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is not a directory")
-    device = _rank_device(_device(args.device))
-    model, model_id = _load_for_cli(args.model, device)
-    if args.labels == "cycle":
-        labels: Literal["cycle"] | list[int] = "cycle"
-    elif model.num_classes is None:
-        raise UsageError("--labels given but the model is not class-conditional")
-    else:
-        labels = _int_list("--labels", args.labels, lo=0, hi=model.num_classes - 1)
-    t0 = time.perf_counter()
-    try:
-        manifest = generate(
-            model, args.num, out, seed=args.seed, solver=args.solver, nfe=args.nfe,
-            guidance=args.guidance, labels=labels, grid=args.grid, batch_size=args.batch,
-            micro_batch=args.micro_batch, shard_size=args.shard_size,
-            on_nonfinite=args.on_nonfinite, device=device, model_id=model_id,
-            progress=not args.no_progress,
-        )
-    except GenerationError as e:
-        print(f"dpmsolver: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", "0")) == 0:
-        elapsed = time.perf_counter() - t0
-        failed = len(manifest.failed)
-        note = f"; {failed} samples went non-finite and were skipped (listed in the manifest)" if failed else ""
-        print(f"{manifest.samples} of {args.num} samples from {model.name} in {out} "
-              f"({len(manifest.shards)} shards, {elapsed:.1f}s){note}")
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``dpmsolver generate`` on the CLI's subparsers."""
-    g = sub.add_parser(
-        "generate", help="large sharded, resumable, multi-process generation",
-        description="Generate NUM samples into DIR as checksummed shards with a manifest. "
-        "Re-running the same command resumes; a different configuration is refused. "
-        "Multi-process: torchrun --nproc_per_node K -m dpmsolver.cli generate ...",
-    )
-    # --num-samples first: torchrun's own parser takes a bare --num for its --numa-binding.
-    g.add_argument("--num-samples", "--num", dest="num", metavar="N", type=_positive_int("--num"), required=True,
-                   help="number of samples (write --num-samples under torchrun)")
-    g.add_argument("--out", metavar="DIR", required=True, help="output directory (created if missing)")
-    g.add_argument("--model", default="builtin", help="'builtin' (default), a diffusers model directory, or module:function returning a LoadedModel")
-    g.add_argument("--solver", default="auto", help="solver name or alias, or 'auto' (default); not adaptive solvers")
-    g.add_argument("--nfe", type=_positive_int("--nfe"), default=10, help="network evaluations per sample (default 10)")
-    g.add_argument("--grid", default=None, help="time grid (default: the solver's recommendation, else logsnr)")
-    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3; 1 = none)")
-    g.add_argument("--labels", default="cycle", help="'cycle' (default: sample i has class i mod num_classes) or comma-separated classes cycled the same way")
-    g.add_argument("--seed", type=int, default=0, help="seed; sample i depends only on (seed, i) (default 0)")
-    g.add_argument("--batch", type=_positive_int("--batch"), default=64, help="samples integrated together (default 64); does not change the output")
-    g.add_argument("--micro-batch", type=_positive_int("--micro-batch"), default=32, help="samples per network call (default 32); part of the configuration")
-    g.add_argument("--shard-size", type=_positive_int("--shard-size"), default=1000, help="samples per shard file (default 1000)")
-    g.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop", help="NaN/Inf samples: stop with an error (default) or skip and record them")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    g.set_defaults(func=cmd_generate)

@@ -27,7 +27,9 @@ __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "DynamicThresholding"
 def _check_scale(name: str, scale: float | Tensor) -> float | Tensor:
     if isinstance(scale, Tensor):
         if scale.ndim != 1:
-            raise ValueError(f"{name} as a tensor must have shape (batch,), got {tuple(scale.shape)}")
+            raise ValueError(
+                f"{name} as a tensor must have shape (batch,), got {tuple(scale.shape)}"
+            )
         if not bool(torch.isfinite(scale).all()):
             raise ValueError(f"{name} must be finite, got {scale}")
         return scale
@@ -50,7 +52,9 @@ def _cat_rows(name: str, uncond: Any, cond: Any, batch: int) -> Any:
         raise ValueError(f"conditioning '{name}': cond and uncond must both be tensors or neither")
     if not isinstance(cond, Tensor):
         if cond != uncond:
-            raise ValueError(f"conditioning '{name}': non-tensor values must match in cond and uncond")
+            raise ValueError(
+                f"conditioning '{name}': non-tensor values must match in cond and uncond"
+            )
         return cond
     parts = []
     for label, v in (("uncond", uncond), ("cond", cond)):
@@ -149,7 +153,9 @@ class ClassifierGuidance:
             x_in = x.detach().requires_grad_(True)
             logp = self.log_prob(x_in, time_tensor(x, knot.model_t), **self.kwargs)
             if logp.shape != (x.shape[0],):
-                raise ValueError(f"log_prob must return shape ({x.shape[0]},), got {tuple(logp.shape)}")
+                raise ValueError(
+                    f"log_prob must return shape ({x.shape[0]},), got {tuple(logp.shape)}"
+                )
             (grad,) = torch.autograd.grad(logp.sum(), x_in)
         coef = knot.sigma * knot.sigma / knot.alpha
         return x0 + _batch_view(self.scale, x0) * coef * grad.to(x0.dtype)

@@ -5,16 +5,33 @@ noise and every stochastic-solver increment depend only on its seed: the same sa
 out whatever the batch size, batch position or number of processes (on the same device
 type and dtype). Streams are drawn on the CPU with ``torch.Generator`` (bitwise stable
 across runs) and moved to the target device.
+
+The contract of a noise source (:class:`NoiseSource`): stochastic solvers ask for the
+standard normal noise of an *interval* of the run, ``noise(x, s, t)`` for the knots ``s``
+and ``t``, the normalized Brownian increment over it. A source of fresh draws
+(:class:`SeededNoise`) ignores the interval; a Brownian tree (k-diffusion's
+``BrownianTreeNoiseSampler``, ``noise_sampler(sigma, sigma_next)``, through
+:func:`dpmsolver.frontends.kdiffusion` or :class:`SigmaNoise`) uses it, so that the
+increments of nested or repeated intervals are consistent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["SeededNoise", "sample_seeds", "seeded_randn"]
+from .schedules import Knot
+
+__all__ = ["NoiseSource", "SeededNoise", "SigmaNoise", "sample_seeds", "seeded_randn"]
+
+
+class NoiseSource(Protocol):
+    """Standard normal noise shaped like ``x`` for the interval from knot ``s`` to ``t``."""
+
+    def __call__(self, x: Tensor, s: Knot, t: Knot, /) -> Tensor: ...
 
 
 def _seed_list(seeds: Sequence[int] | Tensor) -> list[int]:
@@ -33,7 +50,7 @@ def sample_seeds(seed: int, indices: Sequence[int] | Tensor) -> list[int]:
     """Seeds for sample ``indices`` of a run seeded with ``seed``: distinct streams per
     (seed, index), independent of how samples are batched (SplitMix64 mixing)."""
     out = []
-    for i in (indices.tolist() if isinstance(indices, Tensor) else indices):
+    for i in indices.tolist() if isinstance(indices, Tensor) else indices:
         z = (int(seed) * 0x9E3779B97F4A7C15 + int(i) + 1) & 0xFFFFFFFFFFFFFFFF
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
@@ -70,8 +87,32 @@ class SeededNoise:
         # Offset the stream from the initial-noise stream of the same seed.
         self._gens = [torch.Generator().manual_seed(s ^ 0x5DEECE66D) for s in self.seeds]
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, s: Knot | None = None, t: Knot | None = None) -> Tensor:
+        """Fresh noise like ``x`` (the interval does not matter to fresh draws)."""
         if x.shape[0] != len(self._gens):
-            raise ValueError(f"noise sampler has {len(self._gens)} seeds but the batch has {x.shape[0]} samples")
-        rows = [torch.randn(tuple(x.shape[1:]), generator=g, dtype=torch.float32) for g in self._gens]
+            raise ValueError(
+                f"noise sampler has {len(self._gens)} seeds but the batch has {x.shape[0]} samples"
+            )
+        rows = [
+            torch.randn(tuple(x.shape[1:]), generator=g, dtype=torch.float32) for g in self._gens
+        ]
         return torch.stack(rows).to(device=x.device, dtype=x.dtype)
+
+
+class SigmaNoise:
+    """A noise source from a k-diffusion-style ``noise_sampler(sigma, sigma_next)`` (as
+    k-diffusion's samplers take it, e.g. its ``BrownianTreeNoiseSampler``): the interval's
+    ends are passed as k-diffusion sigmas ``sigma / alpha`` (0 for the clean end).
+
+    Args:
+        sampler: ``sampler(sigma, sigma_next) -> standard normal noise``.
+    """
+
+    def __init__(self, sampler: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.sampler = sampler
+
+    def __call__(self, x: Tensor, s: Knot, t: Knot) -> Tensor:
+        def level(k: Knot) -> Tensor:
+            return torch.tensor(0.0 if k.lam == float("inf") else k.ksigma, dtype=torch.float64)
+
+        return self.sampler(level(s), level(t))

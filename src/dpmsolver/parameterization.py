@@ -44,7 +44,9 @@ def data_coefficients(prediction: Prediction, alpha: float, sigma: float) -> tup
     return 1.0 / norm, -sigma / norm
 
 
-def to_data(output: Tensor, x: Tensor, alpha: float, sigma: float, prediction: Prediction) -> Tensor:
+def to_data(
+    output: Tensor, x: Tensor, alpha: float, sigma: float, prediction: Prediction
+) -> Tensor:
     """Convert a network output to the data prediction ``x0_hat``."""
     cx, co = data_coefficients(prediction, alpha, sigma)
     if cx == 0.0:
@@ -58,6 +60,17 @@ def to_noise(x0: Tensor, x: Tensor, alpha: float, sigma: float) -> Tensor:
 
 
 def from_data(x0: Tensor, x: Tensor, alpha: float, sigma: float, prediction: Prediction) -> Tensor:
-    """Inverse of :func:`to_data`: the network output that yields ``x0`` at ``x``."""
-    cx, co = data_coefficients(prediction, alpha, sigma)
-    return (x0 - x * cx) / co
+    """Inverse of :func:`to_data`: the network output that yields ``x0`` at ``x``. Written
+    through ``eps = (x - alpha x0) / sigma``, so it stays defined at pure noise
+    (``alpha = 0``, where ``eps = x / sigma`` whatever ``x0``)."""
+    check_choice("prediction", prediction, PREDICTIONS)
+    if prediction == "x0":
+        return x0
+    eps = (x - x0 * alpha) / sigma
+    if prediction == "eps":
+        return eps
+    if prediction == "v":
+        return eps * alpha - x0 * sigma
+    if prediction == "score":
+        return eps * (-1.0 / sigma)
+    return eps - x0

@@ -64,7 +64,8 @@ def _softplus(v: float) -> float:
 
 
 def _vp_alpha_sigma(lam: float) -> tuple[float, float]:
-    """VP scales from the half log-SNR: ``alpha^2 = sigmoid(2 lam)``, ``sigma^2 = sigmoid(-2 lam)``."""
+    """VP scales from the half log-SNR: ``alpha^2 = sigmoid(2 lam)``,
+    ``sigma^2 = sigmoid(-2 lam)``."""
     if lam == math.inf:
         return 1.0, 0.0
     if lam == -math.inf:
@@ -154,6 +155,14 @@ class NoiseSchedule(ABC):
 # --------------------------------------------------------------------------------------
 
 
+#: Each beta preset's own endpoints ``(beta_start, beta_end)``: DDPM's linear schedule (Ho
+#: et al. 2020) and Stable Diffusion's scaled-linear one (as diffusers' configs give them).
+PRESET_ENDPOINTS: dict[str, tuple[float, float]] = {
+    "linear": (0.0001, 0.02),
+    "scaled_linear": (0.00085, 0.012),
+}
+
+
 def betas_for_preset(
     beta_schedule: BetaSchedule,
     num_train_timesteps: int = 1000,
@@ -204,7 +213,9 @@ class DiscreteVPSchedule(NoiseSchedule):
         betas: per-step betas (length N). Give this, ``alphas_cumprod`` or a preset.
         alphas_cumprod: cumulative products of ``1 - beta``.
         beta_schedule: preset name (default ``"scaled_linear"``, Stable Diffusion's).
-        beta_start, beta_end: preset endpoints (default 0.00085, 0.012).
+        beta_start, beta_end: preset endpoints (default: the preset's own, as diffusers and
+            the papers define them: ``linear`` 1e-4 and 0.02 (DDPM), ``scaled_linear``
+            0.00085 and 0.012 (Stable Diffusion); unused by ``squaredcos_cap_v2``).
         num_train_timesteps: N for presets (default 1000).
         rescale_zero_terminal_snr: apply Lin et al. 2023's rescaling (default False).
     """
@@ -215,8 +226,8 @@ class DiscreteVPSchedule(NoiseSchedule):
         alphas_cumprod: Tensor | None = None,
         *,
         beta_schedule: BetaSchedule = "scaled_linear",
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
         num_train_timesteps: int = 1000,
         rescale_zero_terminal_snr: bool = False,
     ) -> None:
@@ -224,7 +235,13 @@ class DiscreteVPSchedule(NoiseSchedule):
             raise ValueError("give at most one of betas and alphas_cumprod")
         if alphas_cumprod is None:
             if betas is None:
-                betas = betas_for_preset(beta_schedule, num_train_timesteps, beta_start, beta_end)
+                start, end = PRESET_ENDPOINTS.get(beta_schedule, (0.0001, 0.02))
+                betas = betas_for_preset(
+                    beta_schedule,
+                    num_train_timesteps,
+                    start if beta_start is None else beta_start,
+                    end if beta_end is None else beta_end,
+                )
             betas = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
             if not bool(((betas > 0) & (betas < 1)).all()):
                 raise ValueError("betas must lie in (0, 1)")
@@ -268,7 +285,6 @@ class DiscreteVPSchedule(NoiseSchedule):
         t = (i - 1) + (-lam - nl[i - 1]) / (nl[i] - nl[i - 1])
         a, s = _vp_alpha_sigma(lam)
         return Knot(t=t, lam=float(lam), alpha=a, sigma=s, model_t=t)
-
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
@@ -322,13 +338,17 @@ class ContinuousVPSchedule(NoiseSchedule):
         s = self._COS_S
         self._cos_log_alpha0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
         default_max = 1.0 if kind == "linear" else 0.9946
-        self.t_max = check_finite_float("t_max", default_max if t_max is None else t_max, positive=True)
+        self.t_max = check_finite_float(
+            "t_max", default_max if t_max is None else t_max, positive=True
+        )
         self.t_min = check_finite_float("t_min", t_min, positive=True)
         if self.t_min >= self.t_max:
             raise ValueError(f"t_min={t_min} must be < t_max={self.t_max}")
         if kind == "cosine" and self.t_max >= 1.0:
             raise ValueError("t_max must be < 1 for the cosine schedule (alpha reaches 0 at 1)")
-        self.model_time_scale = check_finite_float("model_time_scale", model_time_scale, positive=True)
+        self.model_time_scale = check_finite_float(
+            "model_time_scale", model_time_scale, positive=True
+        )
 
     def log_alpha(self, t: Tensor) -> Tensor:
         t = _as64(t)
@@ -343,12 +363,18 @@ class ContinuousVPSchedule(NoiseSchedule):
     def t_of_lambda(self, lam: Tensor) -> Tensor:
         lam = _as64(lam)
         if self.kind == "linear":
-            tmp = 2.0 * (self.beta_max - self.beta_min) * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+            tmp = (
+                2.0
+                * (self.beta_max - self.beta_min)
+                * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+            )
             delta = self.beta_min**2 + tmp
             return tmp / (torch.sqrt(delta) + self.beta_min) / (self.beta_max - self.beta_min)
         s = self._COS_S
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
-        return torch.arccos(torch.exp(log_alpha + self._cos_log_alpha0)) * 2.0 * (1 + s) / math.pi - s
+        return (
+            torch.arccos(torch.exp(log_alpha + self._cos_log_alpha0)) * 2.0 * (1 + s) / math.pi - s
+        )
 
     def knot_at_lambda(self, lam: float) -> Knot:
         if math.isinf(lam):
@@ -429,7 +455,9 @@ class RectifiedFlowSchedule(NoiseSchedule):
         self.t_max = check_finite_float("t_max", t_max, positive=True)
         if not (self.t_min < self.t_max <= 1.0):
             raise ValueError(f"need 0 < t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-        self.model_time_scale = check_finite_float("model_time_scale", model_time_scale, positive=True)
+        self.model_time_scale = check_finite_float(
+            "model_time_scale", model_time_scale, positive=True
+        )
 
     def shifted(self, t: Tensor) -> Tensor:
         """The shifted noise level ``s(t)`` (= sigma)."""

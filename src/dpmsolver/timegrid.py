@@ -27,11 +27,21 @@ import torch
 from torch import Tensor
 
 from ._validate import check_choice, check_finite_float, check_int
-from .schedules import Knot, NoiseSchedule
+from .schedules import Knot, NoiseSchedule, RectifiedFlowSchedule
 
-__all__ = ["GRID_KINDS", "GridKind", "TimeGrid", "grid_from_sigmas", "grid_from_timesteps", "make_grid"]
+__all__ = [
+    "GRID_KINDS",
+    "GridKind",
+    "TimeGrid",
+    "default_grid",
+    "grid_from_sigmas",
+    "grid_from_timesteps",
+    "make_grid",
+]
 
-GridKind = Literal["logsnr", "exponential", "time_uniform", "time_quadratic", "karras", "polyexponential"]
+GridKind = Literal[
+    "logsnr", "exponential", "time_uniform", "time_quadratic", "karras", "polyexponential"
+]
 GRID_KINDS: tuple[GridKind, ...] = (
     "logsnr",
     "exponential",
@@ -64,7 +74,10 @@ class TimeGrid:
                 "out-of-order times); got lambdas " + ", ".join(f"{v:.4g}" for v in lams)
             )
         if dec and any(math.isinf(v) for v in lams):
-            raise ValueError("an inversion grid (noise increasing) cannot start at sigma = 0 or end at pure noise")
+            raise ValueError(
+                "an inversion grid (noise increasing) cannot start at sigma = 0 or end at pure "
+                "noise"
+            )
 
     @property
     def steps(self) -> int:
@@ -96,12 +109,64 @@ class TimeGrid:
         return TimeGrid(tuple(reversed(self.knots)), self.schedule)
 
 
+def default_grid(schedule: NoiseSchedule) -> GridKind:
+    """The spacing a schedule family's users expect, and the default of every recipe:
+    uniform in (shifted) time for rectified flow, as SD3, Flux and diffusers' flow
+    schedulers step; uniform in log-SNR otherwise (DPM-Solver, Sec. 3.3)."""
+    return "time_uniform" if isinstance(schedule, RectifiedFlowSchedule) else "logsnr"
+
+
 def _lambda_spaced(schedule: NoiseSchedule, lams: Tensor) -> list[Knot]:
     ts = schedule.t_of_lambda(lams)
     return [
         Knot(t=k.t, lam=float(lam), alpha=k.alpha, sigma=k.sigma, model_t=k.model_t)
         for lam, k in zip(lams.tolist(), (schedule.knot(float(t)) for t in ts), strict=True)
     ]
+
+
+def _time_spaced(
+    schedule: NoiseSchedule, n: int, kind: str, ts: float, te: float, *, to_zero: bool
+) -> list[Knot]:
+    """``n`` knots spaced uniformly in ``t`` (or ``sqrt(t)``) from ``ts`` to ``te``. With
+    ``to_zero`` (a final step to sigma = 0 and no explicit end) the spacing runs to the
+    clean end ``t = 0`` instead and the last noisy knot is one spacing before it, as SD3,
+    Flux, DDIM and diffusers space their steps: the final data-prediction step is then a
+    step like the others, not the last of a series ending where the data prediction is
+    nearly the state (at ``t_min``) after one outsized step. Where that knot would fall
+    below ``t_min`` (very many steps), the grid ends at ``te`` as without ``to_zero``."""
+
+    def spaced(a: float, b: float, count: int) -> Tensor:
+        if kind == "time_uniform":
+            return torch.linspace(a, b, count, dtype=torch.float64)
+        return torch.linspace(math.sqrt(a), math.sqrt(b), count, dtype=torch.float64) ** 2
+
+    ks, ke = schedule.knot(ts), schedule.knot(te)
+    if to_zero:
+        tgrid = spaced(ts, 0.0, n + 1)[:-1]
+        if float(tgrid[-1]) >= schedule.t_min:
+            return [ks] + [schedule.knot(float(t)) for t in tgrid[1:]]
+    tgrid = spaced(ts, te, n)
+    return [ks] + [schedule.knot(float(t)) for t in tgrid[1:-1]] + ([ke] if n > 1 else [])
+
+
+def _level_spaced(
+    schedule: NoiseSchedule, n: int, kind: str, ts: float, te: float, rho: float | None
+) -> list[Knot]:
+    """``n`` knots from ``ts`` to ``te`` spaced in noise level (log-SNR, Karras,
+    polyexponential)."""
+    ks, ke = schedule.knot(ts), schedule.knot(te)
+    l0, l1 = ks.lam, ke.lam
+    ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+    if kind in ("logsnr", "exponential"):
+        lams = l0 + ramp * (l1 - l0)
+    elif kind == "karras":
+        r = check_finite_float("rho", 7.0 if rho is None else rho, positive=True)
+        smax, smin = math.exp(-l0 / r), math.exp(-l1 / r)  # sigma~^(1/rho)
+        lams = -r * torch.log(smax + ramp * (smin - smax))
+    else:
+        r = check_finite_float("rho", 1.0 if rho is None else rho, positive=True)
+        lams = l1 + (1.0 - ramp) ** r * (l0 - l1)
+    return [ks] + _lambda_spaced(schedule, lams[1:-1]) + ([ke] if n > 1 else [])
 
 
 def make_grid(
@@ -121,9 +186,15 @@ def make_grid(
         steps: number of steps (>= 1).
         kind: spacing, one of :data:`GRID_KINDS` (default ``"logsnr"``).
         t_start: first time (default ``schedule.t_max``).
-        t_end: last noisy time (default ``schedule.t_min``).
+        t_end: last noisy time (default ``schedule.t_min``; for time-spaced grids ending
+            with the step to sigma = 0, one spacing before ``t = 0``: see
+            :func:`_time_spaced`).
         final: ``"zero"`` (default) adds a last step ``t_end -> sigma = 0``, so ``steps - 1``
             intervals lie between ``t_start`` and ``t_end``; ``"t_min"`` stops at ``t_end``.
+
+    A grid spaced in noise level that starts at pure noise (rectified flow at ``t = 1``)
+    takes a first-order step to the first knot of the time-uniform grid and is spaced in
+    noise level from there.
         rho: exponent for ``karras`` (default 7) and ``polyexponential`` (default 1).
     """
     steps = check_int("steps", steps, minimum=1)
@@ -134,31 +205,17 @@ def make_grid(
     if not ts > te:
         raise ValueError(f"t_start={ts} must be greater than t_end={te}")
     n = steps if final == "zero" else steps + 1  # noisy knots
-    ks, ke = schedule.knot(ts), schedule.knot(te)
     if kind in ("time_uniform", "time_quadratic"):
-        if kind == "time_uniform":
-            tgrid = torch.linspace(ts, te, n, dtype=torch.float64)
-        else:
-            tgrid = torch.linspace(math.sqrt(ts), math.sqrt(te), n, dtype=torch.float64) ** 2
-        knots = [ks] + [schedule.knot(float(t)) for t in tgrid[1:-1]] + ([ke] if n > 1 else [])
+        knots = _time_spaced(schedule, n, kind, ts, te, to_zero=final == "zero" and t_end is None)
     else:
-        if math.isinf(ks.lam):
-            raise ValueError(
-                f"grid={kind!r} is spaced in noise level and cannot start at pure noise "
-                f"(t_start={ts}); pass a smaller t_start or use grid='time_uniform'"
-            )
-        l0, l1 = ks.lam, ke.lam
-        ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-        if kind in ("logsnr", "exponential"):
-            lams = l0 + ramp * (l1 - l0)
-        elif kind == "karras":
-            r = check_finite_float("rho", 7.0 if rho is None else rho, positive=True)
-            smax, smin = math.exp(-l0 / r), math.exp(-l1 / r)  # sigma~^(1/rho)
-            lams = -r * torch.log(smax + ramp * (smin - smax))
+        ks = schedule.knot(ts)
+        if math.isinf(ks.lam) and n > 1:
+            # Out of pure noise only a first-order step is defined: to the first knot a
+            # time-uniform grid would take, then the spacing in noise level from there.
+            t1 = ts + (te - ts) / (n - 1)
+            knots = [ks, *_level_spaced(schedule, n - 1, kind, t1, te, rho)]
         else:
-            r = check_finite_float("rho", 1.0 if rho is None else rho, positive=True)
-            lams = l1 + (1.0 - ramp) ** r * (l0 - l1)
-        knots = [ks] + _lambda_spaced(schedule, lams[1:-1]) + ([ke] if n > 1 else [])
+            knots = _level_spaced(schedule, n, kind, ts, te, rho)
     if final == "zero":
         knots.append(schedule.zero_knot())
     return TimeGrid(tuple(knots), schedule)
@@ -177,20 +234,57 @@ def grid_from_timesteps(
     return TimeGrid(tuple(knots), schedule)
 
 
-def grid_from_sigmas(schedule: NoiseSchedule, sigmas: Sequence[float] | Tensor) -> TimeGrid:
-    """A grid through user-given k-diffusion sigmas ``sigma / alpha`` (as k-diffusion's
-    samplers take them). A trailing 0 is the clean knot."""
+SigmaConvention = Literal["family", "k"]
+
+
+def grid_from_sigmas(
+    schedule: NoiseSchedule,
+    sigmas: Sequence[float] | Tensor,
+    *,
+    convention: SigmaConvention = "family",
+) -> TimeGrid:
+    """A grid through user-given noise levels, decreasing to sample (a trailing 0 is the
+    clean knot).
+
+    Args:
+        schedule: the schedule.
+        sigmas: the noise levels.
+        convention: ``"family"`` (default): the sigma each family's tools show, the flow
+            sigma ``sigma_t`` (in ``(0, 1]``) on a rectified-flow schedule, as diffusers'
+            flow schedulers list it, and k-diffusion's ``sigma / alpha`` elsewhere (what
+            k-diffusion and diffusers' VP schedulers list; VE sigma itself). ``"k"``:
+            k-diffusion's ``sigma / alpha`` on every schedule.
+
+    A value that cannot belong to the schedule (outside its range of noise levels) is a
+    ValueError naming it and the range.
+    """
+    check_choice("convention", convention, ("family", "k"))
+    flow = convention == "family" and isinstance(schedule, RectifiedFlowSchedule)
     vals = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()]
+    first, last = schedule.knot(schedule.t_max), schedule.knot(schedule.t_min)
+    if flow:
+        lo, hi, what = last.sigma, first.sigma, "flow sigma"
+    else:
+        lo, hi, what = last.ksigma, first.ksigma, "sigma (k-diffusion's sigma/alpha)"
     knots: list[Knot] = []
     for i, v in enumerate(vals):
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"sigmas[{i}]={v} must be finite and >= 0")
+        if not math.isfinite(v) and not (v == math.inf and hi == math.inf):
+            raise ValueError(f"sigmas[{i}]={v} must be finite")
         if v == 0.0:
             if i != len(vals) - 1:
                 raise ValueError("sigma 0 may only be the last entry of sigmas")
             knots.append(schedule.zero_knot())
             continue
-        k = schedule.knot_at_lambda(-math.log(v))
-        schedule.check_time(f"sigmas[{i}] (as time)", k.t)
-        knots.append(k)
+        # float32 copies of the schedule's own levels (diffusers lists them so) belong to it
+        if not (lo * (1 - 1e-6) <= v <= hi * (1 + 1e-6)):
+            raise ValueError(
+                f"sigmas[{i}]={v:g} is outside this schedule's {what} range "
+                f"[{lo:g}, {hi:g}] ({type(schedule).__name__})"
+            )
+        v = min(max(v, lo), hi)
+        if flow:
+            lam = math.log((1.0 - v) / v) if v < 1.0 else -math.inf
+            knots.append(first if v >= 1.0 else schedule.knot_at_lambda(lam))
+        else:
+            knots.append(first if v == hi else schedule.knot_at_lambda(-math.log(v)))
     return TimeGrid(tuple(knots), schedule)

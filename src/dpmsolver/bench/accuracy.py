@@ -6,8 +6,8 @@ classifier-free guidance ``D = D_u + w (D_c - D_u)`` computed exactly. Every met
 from the same state ``x_T = sigma_T z`` at t = 999 and is scored by the RMS error of its
 final sample against the exact sample: the probability-flow ODE solution at t = 0 (the
 schedule's last time; :func:`dpmsolver.analytic.reference_solve`) followed by the exact data
-prediction there (:func:`dpmsolver.analytic.reference_sample`). With thresholding, the reference solves the
-thresholded ODE.
+prediction there (:func:`dpmsolver.analytic.reference_sample`). With thresholding, the
+reference solves the thresholded ODE.
 
 Methods: every deterministic registered solver of ours on several grids, diffusers'
 schedulers (stepping ``scheduler.step`` with the exact eps at the scheduler's own
@@ -28,15 +28,28 @@ from torch import Tensor
 
 from ..analytic import GaussianMixture, MixtureDenoiser, default_mixture, reference_sample
 from ..calibrate import rms_error as rmse
+from ..calibrate import run_calibrated
 from ..denoiser import Denoiser
 from ..guidance import DynamicThresholding
+from ..recipe import Recipe
 from ..sampling import NonFiniteError, solve
-from ..schedules import DiscreteVPSchedule, Knot
+from ..schedules import DiscreteVPSchedule, Knot, NoiseSchedule
 from ..solvers import get_solver
 from ..timegrid import make_grid
-from .peers import load_kdiffusion_sampling, optional_import
+from .peers import diffusers_class, load_kdiffusion_sampling, run_scheduler
 
-__all__ = ["DIVERGED", "GuidedProblem", "Method", "digits_problem", "mixture_problem", "our_methods", "peer_methods", "rmse", "sample_errors"]
+__all__ = [
+    "DIVERGED",
+    "GuidedProblem",
+    "Method",
+    "digits_problem",
+    "mixture_problem",
+    "our_methods",
+    "peer_methods",
+    "recipe_sample",
+    "rmse",
+    "sample_errors",
+]
 
 NFES = (5, 6, 8, 10, 12, 15, 20, 25, 50)
 # A sample this far (RMS per coordinate) from its exact sample has diverged: farther than the
@@ -57,7 +70,7 @@ class GuidedProblem:
         name: for tables.
     """
 
-    schedule: DiscreteVPSchedule
+    schedule: NoiseSchedule
     denoiser: Denoiser
     x_T: Tensor
     reference: Tensor
@@ -100,7 +113,12 @@ class GuidedProblem:
 
 
 def mixture_problem(
-    guidance: float, *, thresholding: bool = False, batch: int = 64, seed: int = 0, noise_seed: int | None = None,
+    guidance: float,
+    *,
+    thresholding: bool = False,
+    batch: int = 64,
+    seed: int = 0,
+    noise_seed: int | None = None,
 ) -> GuidedProblem:
     """The mixture problem at guidance ``guidance`` (see module doc): ``seed`` draws the
     mixture and, unless ``noise_seed`` is given, the starting noise."""
@@ -113,9 +131,13 @@ def mixture_problem(
     noise = 1000 + seed if noise_seed is None else noise_seed
     z = torch.randn(batch, 16, generator=torch.Generator().manual_seed(noise), dtype=torch.float64)
     x_T = z * sched.knot(sched.t_max).sigma
-    name = f"mixture w={guidance:g} seed {seed}" + ("" if noise_seed is None else f" noise {noise_seed}")
+    name = f"mixture w={guidance:g} seed {seed}" + (
+        "" if noise_seed is None else f" noise {noise_seed}"
+    )
     name += " thresholded" if thresholding else ""
-    return GuidedProblem(sched, den, x_T, reference_sample(den, x_T, sched, rtol=1e-9, atol=1e-11), name, guidance)
+    return GuidedProblem(
+        sched, den, x_T, reference_sample(den, x_T, sched, rtol=1e-9, atol=1e-11), name, guidance
+    )
 
 
 def digits_problem(
@@ -134,18 +156,24 @@ def digits_problem(
     ``rtol``) followed by its data prediction there, which is where every sampler's last
     step aims (``final_step="denoise"``).
     """
-    from ..cli import load_builtin
+    from ..models import load_builtin
     from ..noise import sample_seeds, seeded_randn
-    from ..sampling import build_denoiser
+    from ..sampling import SampleOptions, build_denoiser
 
     model = load_builtin(torch.device(device))
     sched = model.schedule
     y = torch.arange(batch, device=device) % 10
     den = build_denoiser(
-        model.network, prediction="eps", cond={"y": y}, uncond={"y": torch.full_like(y, 10)},
-        guidance_scale=guidance, thresholding=thresholding,
+        model.network,
+        prediction="eps",
+        cond={"y": y},
+        uncond={"y": torch.full_like(y, 10)},
+        guidance_scale=guidance,
+        options=SampleOptions(thresholding=thresholding),
     )
-    z = seeded_randn(sample_seeds(1000 + seed, range(batch)), model.shape, device=device, dtype=torch.float64)
+    z = seeded_randn(
+        sample_seeds(1000 + seed, range(batch)), model.shape, device=device, dtype=torch.float64
+    )
     x_T = z * sched.knot(sched.t_max).sigma
 
     def den64(x: Tensor, knot: Knot) -> Tensor:
@@ -200,10 +228,9 @@ def our_methods(grids: Sequence[str] = ("logsnr", "karras", "time_uniform")) -> 
 
 
 def _diffusers(cls_name: str, label: str, **config: Any) -> Method | None:
-    diffusers = optional_import("diffusers")
-    if diffusers is None:
+    cls = diffusers_class(cls_name)
+    if cls is None:
         return None
-    cls = getattr(diffusers, cls_name)
 
     def run(p: GuidedProblem, nfe: int) -> Tensor | None:
         order = getattr(cls, "order", 1)
@@ -217,9 +244,7 @@ def _diffusers(cls_name: str, label: str, **config: Any) -> Method | None:
         if not x_space:
             sample = sample / p.schedule.knot(p.schedule.t_max).alpha
         start = p.calls[0]
-        for t in sched.timesteps:
-            model_in = sched.scale_model_input(sample, t)
-            sample = sched.step(eps(model_in, t), t, sample).prev_sample
+        sample = run_scheduler(sched, eps, sample)
         if p.calls[0] - start != nfe:
             return None
         return sample
@@ -242,7 +267,9 @@ def _kdiff(fn: str, label: str, sigmas: str, per_step: int, **kwargs: Any) -> Me
             sig = k.get_sigmas_exponential(n, smin, smax)
         sig = sig.double()
         start = p.calls[0]
-        x = getattr(k, fn)(p.k_denoiser(), p.x_T / sched.knot(sched.t_max).alpha, sig, disable=True, **kwargs)
+        x = getattr(k, fn)(
+            p.k_denoiser(), p.x_T / sched.knot(sched.t_max).alpha, sig, disable=True, **kwargs
+        )
         if p.calls[0] - start != nfe:
             return None
         return x
@@ -254,12 +281,32 @@ def peer_methods() -> list[Method]:
     """Peer configurations, defaults and best-known settings; missing peers are skipped."""
     specs: list[Method | None] = [
         _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++2M", solver_order=2),
-        _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++2M karras", solver_order=2, use_karras_sigmas=True),
-        _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++2M logSNR", solver_order=2, use_lu_lambdas=True),
+        _diffusers(
+            "DPMSolverMultistepScheduler",
+            "diffusers DPM++2M karras",
+            solver_order=2,
+            use_karras_sigmas=True,
+        ),
+        _diffusers(
+            "DPMSolverMultistepScheduler",
+            "diffusers DPM++2M logSNR",
+            solver_order=2,
+            use_lu_lambdas=True,
+        ),
         _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++3M", solver_order=3),
-        _diffusers("DPMSolverMultistepScheduler", "diffusers DPM++3M karras", solver_order=3, use_karras_sigmas=True),
+        _diffusers(
+            "DPMSolverMultistepScheduler",
+            "diffusers DPM++3M karras",
+            solver_order=3,
+            use_karras_sigmas=True,
+        ),
         _diffusers("UniPCMultistepScheduler", "diffusers UniPC bh2", solver_order=2),
-        _diffusers("UniPCMultistepScheduler", "diffusers UniPC bh2 karras", solver_order=2, use_karras_sigmas=True),
+        _diffusers(
+            "UniPCMultistepScheduler",
+            "diffusers UniPC bh2 karras",
+            solver_order=2,
+            use_karras_sigmas=True,
+        ),
         _diffusers("UniPCMultistepScheduler", "diffusers UniPC bh2 o3", solver_order=3),
         _diffusers("DEISMultistepScheduler", "diffusers DEIS", solver_order=2),
         _diffusers("EulerDiscreteScheduler", "diffusers Euler"),
@@ -274,7 +321,9 @@ def peer_methods() -> list[Method]:
         _kdiff("sample_euler", "k-diffusion euler karras", "karras", 1),
         _kdiff("sample_heun", "k-diffusion heun karras", "karras", 2),
         _kdiff("sample_lms", "k-diffusion lms karras", "karras", 1),
-        _kdiff("sample_dpmpp_2s_ancestral", "k-diffusion dpmpp_2s (eta 0) karras", "karras", 2, eta=0.0),
+        _kdiff(
+            "sample_dpmpp_2s_ancestral", "k-diffusion dpmpp_2s (eta 0) karras", "karras", 2, eta=0.0
+        ),
     ]
     return [m for m in specs if m is not None]
 
@@ -286,8 +335,11 @@ def sample_errors(a: Tensor, b: Tensor) -> Tensor:
 
 
 def evaluate(
-    methods: Iterable[Method], problems: Iterable[GuidedProblem], nfes: Sequence[int] = NFES,
-    *, per_sample: bool = False,
+    methods: Iterable[Method],
+    problems: Iterable[GuidedProblem],
+    nfes: Sequence[int] = NFES,
+    *,
+    per_sample: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per (problem, method, nfe) that could be run: the RMS error, and with
     ``per_sample`` the median of the samples' errors, the share of the total squared error
@@ -301,12 +353,29 @@ def evaluate(
                     x = m.run(p, nfe)
                 if x is None:
                     continue
-                row = {"problem": p.name, "method": m.label, "source": m.source, "nfe": nfe, "error": rmse(x, p.reference)}
+                row = {
+                    "problem": p.name,
+                    "method": m.label,
+                    "source": m.source,
+                    "nfe": nfe,
+                    "error": rmse(x, p.reference),
+                }
                 if per_sample:
                     e = sample_errors(x, p.reference)
                     row["median"] = float(e.median())
-                    row["worst_share"] = float(e.max() ** 2 / (e**2).sum()) if bool(torch.isfinite(e).all()) else 1.0
+                    row["worst_share"] = (
+                        float(e.max() ** 2 / (e**2).sum()) if bool(torch.isfinite(e).all()) else 1.0
+                    )
                     row["worst"] = float(e.max())
                     row["diverged"] = int((e > DIVERGED).sum())
                 rows.append(row)
     return rows
+
+
+def recipe_sample(p: GuidedProblem, nfe: int, recipe: Recipe) -> Tensor | None:
+    """``recipe``'s final sample on ``p`` with exactly ``nfe`` evaluations (None if it cannot
+    spend ``nfe`` or diverges)."""
+    try:
+        return run_calibrated(p.counted(), p.x_T, p.schedule, recipe, nfe)
+    except ValueError:  # the recipe cannot spend nfe
+        return None

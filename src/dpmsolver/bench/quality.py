@@ -19,7 +19,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["classify", "frechet_distance", "inception_fid", "inception_fid_unavailable", "real_digits"]
+__all__ = [
+    "classify",
+    "frechet_distance",
+    "inception_fid",
+    "inception_fid_unavailable",
+    "real_digits",
+]
 
 # torch-fidelity's port of the TF Inception used by the original FID code (Heusel et al. 2017)
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
@@ -44,7 +50,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2.0 * tr_sqrt)
 
 
-def classify(classifier: torch.nn.Module, x: Tensor, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+def classify(
+    classifier: torch.nn.Module, x: Tensor, batch: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
     """``(predicted labels, penultimate features)`` of samples ``x`` (``(B, 1, 8, 8)`` in
     [-1, 1]; values are clipped to that range first, as an image would be)."""
     preds, feats = [], []
@@ -104,7 +112,11 @@ def inception_fid(samples: Tensor, real: Tensor, *, device: torch.device | str =
         raise RuntimeError(f"real FID unavailable: {reason}")
     tf = importlib.import_module("torch_fidelity")
     metrics = tf.calculate_metrics(
-        input1=_Uint8Images(samples), input2=_Uint8Images(real), fid=True,
-        cuda=torch.device(device).type == "cuda", cache=False, verbose=False,
+        input1=_Uint8Images(samples),
+        input2=_Uint8Images(real),
+        fid=True,
+        cuda=torch.device(device).type == "cuda",
+        cache=False,
+        verbose=False,
     )
     return float(metrics["frechet_inception_distance"])

@@ -43,9 +43,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..auto import Recipe, recommend
+from ..auto import recommend
 from ..calibrate import run_calibrated
 from ..io import atomic_write, atomic_write_text
+from ..recipe import Recipe
 from .accuracy import (
     DIVERGED,
     GuidedProblem,
@@ -54,28 +55,20 @@ from .accuracy import (
     evaluate,
     mixture_problem,
     peer_methods,
+    recipe_sample,
     rmse,
 )
 from .overhead import SHAPES as OVERHEAD_SHAPES
 from .overhead import overhead_table
 
-__all__ = ["auto_method", "main", "ours_method", "run_recipe"]
-
-
-def run_recipe(p: GuidedProblem, nfe: int, recipe: Recipe) -> Tensor | None:
-    """``recipe``'s final sample on ``p`` with exactly ``nfe`` evaluations (None if it cannot
-    spend ``nfe`` or diverges)."""
-    try:
-        return run_calibrated(p.counted(), p.x_T, p.schedule, recipe, nfe)
-    except ValueError:  # the recipe cannot spend nfe
-        return None
+__all__ = ["auto_method", "main", "ours_method"]
 
 
 def auto_method() -> Method:
     """``solver="auto"``: the recipe for each (NFE, guidance) cell."""
 
     def run(p: GuidedProblem, nfe: int) -> Tensor | None:
-        return run_recipe(p, nfe, recommend(nfe, p.guidance))
+        return recipe_sample(p, nfe, recommend(nfe, p.guidance))
 
     return Method("auto", "ours", run)
 
@@ -84,7 +77,7 @@ def ours_method(solver: str, grid: str = "logsnr", **options: Any) -> Method:
     """One of our solvers on one grid (to the schedule's t_min, plain final step)."""
 
     def run(p: GuidedProblem, nfe: int) -> Tensor | None:
-        return run_recipe(p, nfe, Recipe(solver, dict(options), grid))
+        return recipe_sample(p, nfe, Recipe(solver, dict(options), grid))  # type: ignore[arg-type]
 
     opts = "".join(f" {k}={v}" for k, v in options.items())
     return Method(f"{solver}{opts} [{grid}]", "ours", run)
@@ -137,16 +130,25 @@ def plot_errors(rows: list[dict[str, Any]], path: Path) -> None:
         for m in dict.fromkeys(r["method"] for r in sub):
             pts = sorted((r["nfe"], r["error"]) for r in sub if r["method"] == m)
             if m == "auto":
-                ax.plot(*zip(*pts, strict=True), "o-", color="C3", lw=2, label="auto (ours)", zorder=5)
+                ax.plot(
+                    *zip(*pts, strict=True), "o-", color="C3", lw=2, label="auto (ours)", zorder=5
+                )
             else:
-                color = "C0" if any(r["source"] == "ours" for r in sub if r["method"] == m) else "0.6"
+                color = (
+                    "C0" if any(r["source"] == "ours" for r in sub if r["method"] == m) else "0.6"
+                )
                 ax.plot(*zip(*pts, strict=True), "-", color=color, lw=0.6, alpha=0.5)
         best: dict[int, float] = {}
         for r in sub:
             if r["source"] != "ours" and (r["nfe"] not in best or r["error"] < best[r["nfe"]]):
                 best[r["nfe"]] = r["error"]
         if best:
-            ax.plot(*zip(*sorted(best.items()), strict=True), "s--", color="k", label="best peer per NFE")
+            ax.plot(
+                *zip(*sorted(best.items()), strict=True),
+                "s--",
+                color="k",
+                label="best peer per NFE",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(prob, fontsize=9)
@@ -200,11 +202,26 @@ class Sizes:
 
 
 QUICK = Sizes(
-    nfes=(5, 10), guidance=(7.5,), mixture_batch=8, digits_batch=2, digits_rtol=1e-2,
-    quality_per_class=2, quality_nfes=(5, 10), quality_guidance=(3.0,), max_peers=3,
-    threshold_solvers=("dpm_2m", "dpmpp_2m"), overhead_shapes=((1, 4, 16, 16),), overhead_repeats=2,
-    tails_batch=16, ceiling_digits_guidance=(7.5,), ceiling_digits_nfes=(5,), ceiling_candidates=4,
-    steps_guidance=(7.5,), steps_nfes=(6,), steps_batch=8, steps_evals=20,
+    nfes=(5, 10),
+    guidance=(7.5,),
+    mixture_batch=8,
+    digits_batch=2,
+    digits_rtol=1e-2,
+    quality_per_class=2,
+    quality_nfes=(5, 10),
+    quality_guidance=(3.0,),
+    max_peers=3,
+    threshold_solvers=("dpm_2m", "dpmpp_2m"),
+    overhead_shapes=((1, 4, 16, 16),),
+    overhead_repeats=2,
+    tails_batch=16,
+    ceiling_digits_guidance=(7.5,),
+    ceiling_digits_nfes=(5,),
+    ceiling_candidates=4,
+    steps_guidance=(7.5,),
+    steps_nfes=(6,),
+    steps_batch=8,
+    steps_evals=20,
 )
 
 
@@ -231,8 +248,9 @@ def accuracy_section(problems: Iterable[GuidedProblem], sizes: Sizes, out: Path,
 def quality_section(sizes: Sizes, out: Path) -> str:
     """Class accuracy and Frechet distance of auto's digits by NFE and guidance (and the
     real Inception FID where torch-fidelity and its weights are present)."""
-    from ..cli import load_builtin, run_sampling
     from ..digits import load_classifier
+    from ..model import sample_batches
+    from ..models import load_builtin
     from .quality import (
         classify,
         frechet_distance,
@@ -252,21 +270,43 @@ def quality_section(sizes: Sizes, out: Path) -> str:
     for w in sizes.quality_guidance:
         for nfe in sizes.quality_nfes:
             t0 = time.perf_counter()
-            x, spent = run_sampling(model, labels, len(labels), solver="auto", nfe=nfe, guidance=w, seed=0, batch=250, device=device)
+            x, spent = sample_batches(
+                model,
+                labels,
+                len(labels),
+                solver="auto",
+                nfe=nfe,
+                guidance=w,
+                seed=0,
+                batch=250,
+                device=device,
+            )
             pred, feats = classify(clf, x)
-            rows.append({
-                "guidance": w, "nfe": nfe, "spent": spent // math.ceil(len(labels) / 250),
-                "class_accuracy": float((pred == labels.numpy()).mean()),
-                "frechet_distance": frechet_distance(feats, real_f),
-                **({} if no_fid else {"inception_fid": inception_fid(x, real_x, device=device)}),
-                "seconds": round(time.perf_counter() - t0, 2),
-            })
+            rows.append(
+                {
+                    "guidance": w,
+                    "nfe": nfe,
+                    "spent": spent // math.ceil(len(labels) / 250),
+                    "class_accuracy": float((pred == labels.numpy()).mean()),
+                    "frechet_distance": frechet_distance(feats, real_f),
+                    **(
+                        {} if no_fid else {"inception_fid": inception_fid(x, real_x, device=device)}
+                    ),
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+            )
     atomic_write_text(out / "quality_digits.csv", _csv(rows))
     fid_head, fid_rule = ("", "") if no_fid else (" Inception FID |", "---|")
-    lines = [f"| guidance | NFE | class accuracy | Frechet distance (classifier features) |{fid_head}", f"|---|---|---|---|{fid_rule}"]
+    lines = [
+        f"| guidance | NFE | class accuracy | Frechet distance (classifier features) |{fid_head}",
+        f"|---|---|---|---|{fid_rule}",
+    ]
     for r in rows:
         fid = "" if no_fid else f" {r['inception_fid']:.2f} |"
-        lines.append(f"| {r['guidance']:g} | {r['nfe']} | {r['class_accuracy']:.3f} | {r['frechet_distance']:.3f} |{fid}")
+        lines.append(
+            f"| {r['guidance']:g} | {r['nfe']} | {r['class_accuracy']:.3f} | "
+            f"{r['frechet_distance']:.3f} |{fid}"
+        )
     if no_fid:
         lines.append(f"\nInception FID not computed: {no_fid}.")
     table = "\n".join(lines) + "\n"
@@ -278,20 +318,35 @@ def thresholding_section(sizes: Sizes, out: Path) -> str:
     """Noise- vs data-prediction multistep at strong guidance, with and without dynamic
     thresholding; each run is scored against the exact solution of its own ODE."""
     w = max(sizes.guidance)
-    methods = [ours_method(n, g) for n in sizes.threshold_solvers for g in ("logsnr", "time_uniform")]
+    methods = [
+        ours_method(n, g) for n in sizes.threshold_solvers for g in ("logsnr", "time_uniform")
+    ]
     rows: list[dict[str, Any]] = []
     for thresholded in (False, True):
-        probs = [mixture_problem(w, thresholding=thresholded, batch=sizes.mixture_batch),
-                 digits_problem(w, thresholding=thresholded, batch=sizes.digits_batch, seed=sizes.digits_seed,
-                                rtol=sizes.digits_rtol)]
+        probs = [
+            mixture_problem(w, thresholding=thresholded, batch=sizes.mixture_batch),
+            digits_problem(
+                w,
+                thresholding=thresholded,
+                batch=sizes.digits_batch,
+                seed=sizes.digits_seed,
+                rtol=sizes.digits_rtol,
+            ),
+        ]
         rows += evaluate(methods, probs, sizes.nfes)
     atomic_write_text(out / "thresholding.csv", _csv(rows))
-    lines = ["| problem | method | " + " | ".join(f"NFE {n}" for n in sizes.nfes) + " |",
-             "|---|---|" + "---|" * len(sizes.nfes)]
+    lines = [
+        "| problem | method | " + " | ".join(f"NFE {n}" for n in sizes.nfes) + " |",
+        "|---|---|" + "---|" * len(sizes.nfes),
+    ]
     for prob in dict.fromkeys(r["problem"] for r in rows):
         for m in dict.fromkeys(r["method"] for r in rows):
             errs = {r["nfe"]: r["error"] for r in rows if r["problem"] == prob and r["method"] == m}
-            lines.append(f"| {prob} | {m} | " + " | ".join(f"{errs.get(n, math.nan):.2e}" for n in sizes.nfes) + " |")
+            lines.append(
+                f"| {prob} | {m} | "
+                + " | ".join(f"{errs.get(n, math.nan):.2e}" for n in sizes.nfes)
+                + " |"
+            )
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "thresholding.md", table)
     return table
@@ -302,11 +357,16 @@ def tails_section(sizes: Sizes, out: Path) -> str:
     samples, auto against the best peer by RMS and by the median sample's error, and the
     share of the squared error carried by the single worst sample (a sample that lands in
     another mode than the exact solution dominates the RMS)."""
-    probs = [mixture_problem(w, batch=sizes.tails_batch, seed=sizes.tails_seed) for w in sizes.guidance]
-    rows = evaluate([auto_method(), *peer_methods()[: sizes.max_peers]], probs, sizes.nfes, per_sample=True)
+    probs = [
+        mixture_problem(w, batch=sizes.tails_batch, seed=sizes.tails_seed) for w in sizes.guidance
+    ]
+    rows = evaluate(
+        [auto_method(), *peer_methods()[: sizes.max_peers]], probs, sizes.nfes, per_sample=True
+    )
     atomic_write_text(out / "tails.csv", _csv(rows))
     lines = [
-        "| problem | NFE | auto RMS / best peer RMS | auto median / best peer median | auto worst-sample share | "
+        "| problem | NFE | auto RMS / best peer RMS | auto median / best peer median | auto "
+        "worst-sample share | "
         "best-RMS peer's worst-sample share | auto worst sample | peers with a diverged sample |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -326,13 +386,19 @@ def tails_section(sizes: Sizes, out: Path) -> str:
             for k in wins:
                 wins[k] += ratio[k] <= 1.0
             peers_all = [r for r in cell if r["method"] != "auto"]
-            lines.append(f"| {prob} | {nfe} | {ratio['error']:.2f} | {ratio['median']:.2f} | "
-                         f"{auto['worst_share']:.0%} | {best['error']['worst_share']:.0%} | {auto['worst']:.2f} | "
-                         f"{sum(r['diverged'] > 0 for r in peers_all)} of {len(peers_all)} |")
-    lines.append(f"\nauto is at least as good as the best peer in {wins['error']} of {cells} cells by RMS "
-                 f"and in {wins['median']} of {cells} by the median sample's error "
-                 f"({sizes.tails_batch} samples per cell, mixture seed {sizes.tails_seed}). "
-                 f"auto samples that diverged (error above {DIVERGED:g}): {auto_diverged} of {cells * sizes.tails_batch}.")
+            lines.append(
+                f"| {prob} | {nfe} | {ratio['error']:.2f} | {ratio['median']:.2f} | "
+                f"{auto['worst_share']:.0%} | {best['error']['worst_share']:.0%} | "
+                f"{auto['worst']:.2f} | "
+                f"{sum(r['diverged'] > 0 for r in peers_all)} of {len(peers_all)} |"
+            )
+    lines.append(
+        f"\nauto is at least as good as the best peer in {wins['error']} of {cells} cells by RMS "
+        f"and in {wins['median']} of {cells} by the median sample's error "
+        f"({sizes.tails_batch} samples per cell, mixture seed {sizes.tails_seed}). "
+        f"auto samples that diverged (error above {DIVERGED:g}): {auto_diverged} of "
+        f"{cells * sizes.tails_batch}."
+    )
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "tails.md", table)
     return table
@@ -340,7 +406,9 @@ def tails_section(sizes: Sizes, out: Path) -> str:
 
 def overhead_section(sizes: Sizes, out: Path, device: str) -> str:
     """Per-step solver overhead (network excluded) against diffusers' DPM-Solver++(2M)."""
-    table = overhead_table(device=device, shapes=sizes.overhead_shapes, repeats=sizes.overhead_repeats)
+    table = overhead_table(
+        device=device, shapes=sizes.overhead_shapes, repeats=sizes.overhead_repeats
+    )
     atomic_write_text(out / "overhead.md", table)
     return table
 
@@ -351,9 +419,20 @@ def ceiling_section(sizes: Sizes, out: Path) -> str:
     from .search import candidates, run_recipe  # search builds on this module
 
     recipes = candidates()[: sizes.ceiling_candidates]
-    probs = [(mixture_problem(w, batch=sizes.mixture_batch, seed=sd), sizes.nfes) for w in sizes.guidance for sd in sizes.mixture_seeds]
-    probs += [(digits_problem(w, batch=sizes.digits_batch, seed=sizes.digits_seed, rtol=sizes.digits_rtol), sizes.ceiling_digits_nfes)
-              for w in sizes.ceiling_digits_guidance]
+    probs = [
+        (mixture_problem(w, batch=sizes.mixture_batch, seed=sd), sizes.nfes)
+        for w in sizes.guidance
+        for sd in sizes.mixture_seeds
+    ]
+    probs += [
+        (
+            digits_problem(
+                w, batch=sizes.digits_batch, seed=sizes.digits_seed, rtol=sizes.digits_rtol
+            ),
+            sizes.ceiling_digits_nfes,
+        )
+        for w in sizes.ceiling_digits_guidance
+    ]
     rows: list[dict[str, Any]] = []
     for p, nfes in probs:
         peers = evaluate(peer_methods()[: sizes.max_peers], [p], nfes)
@@ -361,18 +440,38 @@ def ceiling_section(sizes: Sizes, out: Path) -> str:
             best_peer = min((r for r in peers if r["nfe"] == nfe), key=itemgetter("error"))
             auto = recommend(nfe, p.guidance)
             errors = [(run_recipe(p, r, nfe), r) for r in [auto, *recipes]]
-            best_err, best = min(((e, r) for e, r in errors if not math.isnan(e)), key=itemgetter(0))
-            rows.append({
-                "problem": p.name, "nfe": nfe, "best_peer": best_peer["error"], "best_peer_method": best_peer["method"],
-                "auto": errors[0][0], "ceiling": best_err,
-                "ceiling_recipe": best.describe(), "candidates": sum(not math.isnan(e) for e, _ in errors[1:]),
-            })
+            best_err, best = min(
+                ((e, r) for e, r in errors if not math.isnan(e)), key=itemgetter(0)
+            )
+            rows.append(
+                {
+                    "problem": p.name,
+                    "nfe": nfe,
+                    "best_peer": best_peer["error"],
+                    "best_peer_method": best_peer["method"],
+                    "auto": errors[0][0],
+                    "ceiling": best_err,
+                    "ceiling_recipe": best.describe(),
+                    "candidates": sum(not math.isnan(e) for e, _ in errors[1:]),
+                }
+            )
     atomic_write_text(out / "ceiling.csv", _csv(rows))
-    lines = ["| problem | NFE | auto / best peer | best candidate / best peer | best candidate (chosen on this cell) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['problem']} | {r['nfe']} | {r['auto'] / r['best_peer']:.2f} | {r['ceiling'] / r['best_peer']:.2f} | "
-              f"`{r['ceiling_recipe']}` |" for r in rows]
-    lines.append(f"\nBest candidate: the lowest error of auto's recipe and {len(recipes)} candidate recipes; best peer = the best of {len(peer_methods()[: sizes.max_peers])} peer configurations in the cell.")
+    lines = [
+        "| problem | NFE | auto / best peer | best candidate / best peer | best candidate (chosen "
+        "on this cell) |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['problem']} | {r['nfe']} | {r['auto'] / r['best_peer']:.2f} | "
+        f"{r['ceiling'] / r['best_peer']:.2f} | "
+        f"`{r['ceiling_recipe']}` |"
+        for r in rows
+    ]
+    lines.append(
+        f"\nBest candidate: the lowest error of auto's recipe and {len(recipes)} candidate "
+        f"recipes; best peer = the best of {len(peer_methods()[: sizes.max_peers])} peer "
+        "configurations in the cell."
+    )
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "ceiling.md", table)
     return table
@@ -391,28 +490,54 @@ def steps_section(sizes: Sizes, out: Path) -> str:
             peers = evaluate(peer_methods()[: sizes.max_peers], [p], sizes.steps_nfes)
             for nfe in sizes.steps_nfes:
                 best_peer = min((r for r in peers if r["nfe"] == nfe), key=itemgetter("error"))
-                fit = calibrate_steps(cal.denoiser, cal.x_T, cal.reference, cal.schedule, nfe, guidance_scale=w,
-                                      max_evals=sizes.steps_evals)
+                fit = calibrate_steps(
+                    cal.denoiser,
+                    cal.x_T,
+                    cal.reference,
+                    cal.schedule,
+                    nfe,
+                    guidance_scale=w,
+                    max_evals=sizes.steps_evals,
+                )
                 x_auto = run_calibrated(p.denoiser, p.x_T, p.schedule, fit.recipe, nfe)
                 x_fit = run_calibrated(p.denoiser, p.x_T, p.schedule, fit.recipe, nfe, fit.lams)
-                rows.append({
-                    "problem": p.name, "nfe": nfe, "recipe": fit.recipe.describe(), "best_peer": best_peer["error"],
-                    "auto": math.inf if x_auto is None else rmse(x_auto, p.reference),
-                    "calibrated": math.inf if x_fit is None else rmse(x_fit, p.reference),
-                    "fit_start": fit.start_error, "fit_end": fit.error,
-                    "validation_start": fit.validation_start, "validation_end": fit.validation_error, "accepted": fit.accepted,
-                    "sigmas": " ".join(f"{v:.4g}" for v in fit.sigmas),
-                })
+                rows.append(
+                    {
+                        "problem": p.name,
+                        "nfe": nfe,
+                        "recipe": fit.recipe.describe(),
+                        "best_peer": best_peer["error"],
+                        "auto": math.inf if x_auto is None else rmse(x_auto, p.reference),
+                        "calibrated": math.inf if x_fit is None else rmse(x_fit, p.reference),
+                        "fit_start": fit.start_error,
+                        "fit_end": fit.error,
+                        "validation_start": fit.validation_start,
+                        "validation_end": fit.validation_error,
+                        "accepted": fit.accepted,
+                        "sigmas": " ".join(f"{v:.4g}" for v in fit.sigmas),
+                    }
+                )
     atomic_write_text(out / "steps.csv", _csv(rows))
-    lines = ["| problem | NFE | auto / best peer | calibrated auto / best peer | fit half: auto -> fitted | "
-             "validation half: auto -> fitted | fit kept | calibrated sigmas |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['problem']} | {r['nfe']} | {r['auto'] / r['best_peer']:.2f} | {r['calibrated'] / r['best_peer']:.2f} | "
-              f"{r['fit_start']:.2e} -> {r['fit_end']:.2e} | {r['validation_start']:.2e} -> {r['validation_end']:.2e} | "
-              f"{'yes' if r['accepted'] else 'no'} | {r['sigmas']} |" for r in rows]
-    lines.append(f"\nCalibration: {sizes.steps_batch} other noise draws of the same mixture (half fitted by "
-                 f"Nelder-Mead, at most {sizes.steps_evals} sampler runs; half for validation); scored on the "
-                 f"benchmark's {sizes.mixture_batch} samples.")
+    lines = [
+        "| problem | NFE | auto / best peer | calibrated auto / best peer | fit half: auto -> "
+        "fitted | "
+        "validation half: auto -> fitted | fit kept | calibrated sigmas |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['problem']} | {r['nfe']} | {r['auto'] / r['best_peer']:.2f} | "
+        f"{r['calibrated'] / r['best_peer']:.2f} | "
+        f"{r['fit_start']:.2e} -> {r['fit_end']:.2e} | {r['validation_start']:.2e} -> "
+        f"{r['validation_end']:.2e} | "
+        f"{'yes' if r['accepted'] else 'no'} | {r['sigmas']} |"
+        for r in rows
+    ]
+    lines.append(
+        f"\nCalibration: {sizes.steps_batch} other noise draws of the same mixture (half fitted by "
+        f"Nelder-Mead, at most {sizes.steps_evals} sampler runs; half for validation); scored on "
+        "the "
+        f"benchmark's {sizes.mixture_batch} samples."
+    )
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "steps.md", table)
     return table
@@ -432,6 +557,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 def ratio_matrix(rows: list[dict[str, Any]]) -> str:
     """Markdown matrix, NFE by guidance: auto's error / the best peer configuration's."""
+
     def guidance(prob: str) -> float:
         return float(prob.split("w=")[1].split()[0])
 
@@ -463,10 +589,16 @@ README_END = "<!-- bench:end -->"
 def summarize(out: Path) -> str:
     """The README summary from the CSVs a full run left in ``out``."""
     parts = []
-    for stem, title in (("accuracy_mixture", "Exact Gaussian mixture"), ("accuracy_digits", "Built-in digits network")):
+    for stem, title in (
+        ("accuracy_mixture", "Exact Gaussian mixture"),
+        ("accuracy_digits", "Built-in digits network"),
+    ):
         path = out / f"{stem}.csv"
         if path.exists():
-            parts.append(f"**{title}** (auto error / best peer error = ratio; bold: at most half):\n\n" + ratio_matrix(_read_csv(path)))
+            parts.append(
+                f"**{title}** (auto error / best peer error = ratio; bold: at most half):\n\n"
+                + ratio_matrix(_read_csv(path))
+            )
     return "\n".join(parts)
 
 
@@ -479,29 +611,63 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``bench`` options (shared by ``dpmsolver bench`` and ``python -m``)."""
-    p.add_argument("--out", default="benchmarks", help="output directory (default benchmarks/)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: seconds, not minutes (for tests)")
     p.add_argument(
-        "--only", default=",".join(SECTIONS),
+        "--out",
+        default="benchmarks",
+        help="output directory (default benchmarks/; created, parents too, if missing)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes: seconds, not minutes (for tests)"
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
         help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all)",
     )
-    p.add_argument("--device", default="cpu", help="device for the overhead section (cpu, cuda, cuda:N, auto)")
-    p.add_argument("--readme", help="also write the summary matrices between the README's bench markers")
-    p.add_argument("--summarize", action="store_true", help="only rebuild the summary from the CSVs in --out")
+    p.add_argument(
+        "--device", default="cpu", help="device for the overhead section (cpu, cuda, cuda:N, auto)"
+    )
+    p.add_argument(
+        "--readme",
+        help=f"also write the summary matrices into this file, between its {README_START} and "
+        f"{README_END} lines",
+    )
+    p.add_argument(
+        "--summarize", action="store_true", help="only rebuild the summary from the CSVs in --out"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute the sections named in ``args.only``."""
     out = Path(args.out)
-    if not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is not a directory")
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     for s in sections:
         if s not in SECTIONS:
             raise ValueError(f"--only: unknown section {s!r}; accepted: {', '.join(SECTIONS)}")
-    from ..cli import _device  # the CLI's own --device rule (cpu, cuda, cuda:N, auto)
+    from ..model import resolve_device  # the CLI's own --device rule (cpu, cuda, cuda:N, auto)
 
-    device = str(_device(args.device))  # checked before hours of work, not after
+    device = str(resolve_device(args.device, "--device"))  # checked before hours of work, not after
+    # Every output location too: the summary goes into --readme after all the work.
+    from ..io import check_writable_dir, check_writable_file
+
+    if args.readme:
+        readme = Path(args.readme)
+        if not readme.is_file():
+            raise ValueError(f"--readme: {str(readme)!r} is not a file")
+        check_writable_file(readme, "--readme")
+        try:
+            text = readme.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--readme: cannot read {str(readme)!r} ({e})") from None
+        i, j = text.find(README_START), text.find(README_END)
+        if i < 0 or j < i:
+            raise ValueError(
+                f"--readme: {str(readme)!r} lacks the {README_START} ... {README_END} lines "
+                "that the summary goes between"
+            )
+    if args.summarize and not out.is_dir():
+        raise ValueError(f"--out: {str(out)!r} is not a directory (--summarize reads its CSVs)")
+    check_writable_dir(out, "--out", create=True)
     if args.summarize:
         _write_summary(out, args.readme)
         return 0
@@ -511,11 +677,24 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     report = []
     if "mixture" in sections:
-        probs = [mixture_problem(w, batch=sizes.mixture_batch, seed=sd) for w in sizes.guidance for sd in sizes.mixture_seeds]
-        report.append("## Exact mixture\n\n" + accuracy_section(probs, sizes, out, "accuracy_mixture"))
+        probs = [
+            mixture_problem(w, batch=sizes.mixture_batch, seed=sd)
+            for w in sizes.guidance
+            for sd in sizes.mixture_seeds
+        ]
+        report.append(
+            "## Exact mixture\n\n" + accuracy_section(probs, sizes, out, "accuracy_mixture")
+        )
     if "digits" in sections:
-        probs = [digits_problem(w, batch=sizes.digits_batch, seed=sizes.digits_seed, rtol=sizes.digits_rtol) for w in sizes.guidance]
-        report.append("## Digits network\n\n" + accuracy_section(probs, sizes, out, "accuracy_digits"))
+        probs = [
+            digits_problem(
+                w, batch=sizes.digits_batch, seed=sizes.digits_seed, rtol=sizes.digits_rtol
+            )
+            for w in sizes.guidance
+        ]
+        report.append(
+            "## Digits network\n\n" + accuracy_section(probs, sizes, out, "accuracy_digits")
+        )
     if "quality" in sections:
         report.append("## Digits sample quality (auto)\n\n" + quality_section(sizes, out))
     if "thresholding" in sections:

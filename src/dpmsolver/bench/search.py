@@ -31,9 +31,8 @@ from typing import Any
 
 import torch
 
-from ..auto import Recipe
+from ..recipe import Recipe
 from ..solvers import Form
-from . import run as _run
 from .accuracy import (
     DIVERGED,
     GuidedProblem,
@@ -41,25 +40,52 @@ from .accuracy import (
     evaluate,
     mixture_problem,
     peer_methods,
+    recipe_sample,
     rmse,
     sample_errors,
 )
 
-__all__ = ["CANDIDATE_GRIDS", "CANDIDATE_SOLVERS", "DIVERGED", "candidates", "main", "score_cells", "worst_sample"]
+__all__ = [
+    "CANDIDATE_GRIDS",
+    "CANDIDATE_SOLVERS",
+    "DIVERGED",
+    "candidates",
+    "main",
+    "score_cells",
+    "worst_sample",
+]
 
 CANDIDATE_SOLVERS: list[tuple[str, dict[str, Any]]] = [
-    ("ddim", {}), ("dpmpp_2m", {}), ("dpmpp_3m", {}), ("dpm_2m", {}), ("dpm_3m", {}),
-    ("unipc", {"order": 2}), ("unipc", {"order": 3}), ("unipc", {"order": 2, "variant": "bh1"}),
-    ("unipc", {"order": 2, "form": Form.NOISE}), ("unipc", {"order": 3, "form": Form.NOISE}),
-    ("deis", {"order": 2}), ("deis", {"order": 3}),
-    ("lms", {"order": 3}), ("lms", {"order": 4}),
-    ("ipndm", {"order": 4, "coefficients": "fixed"}), ("ipndm", {"order": 3, "coefficients": "fixed"}),
-    ("dpmpp_fast", {}), ("dpm_fast", {}), ("dpmpp_2s", {}), ("heun", {}),
-    ("ghvb", {"order": 2, "nu": 1.5}), ("dpmpp_2m_hb", {"beta": 0.8}),
+    ("ddim", {}),
+    ("dpmpp_2m", {}),
+    ("dpmpp_3m", {}),
+    ("dpm_2m", {}),
+    ("dpm_3m", {}),
+    ("unipc", {"order": 2}),
+    ("unipc", {"order": 3}),
+    ("unipc", {"order": 2, "variant": "bh1"}),
+    ("unipc", {"order": 2, "form": Form.NOISE}),
+    ("unipc", {"order": 3, "form": Form.NOISE}),
+    ("deis", {"order": 2}),
+    ("deis", {"order": 3}),
+    ("lms", {"order": 3}),
+    ("lms", {"order": 4}),
+    ("ipndm", {"order": 4, "coefficients": "fixed"}),
+    ("ipndm", {"order": 3, "coefficients": "fixed"}),
+    ("dpmpp_fast", {}),
+    ("dpm_fast", {}),
+    ("dpmpp_2s", {}),
+    ("heun", {}),
+    ("ghvb", {"order": 2, "nu": 1.5}),
+    ("dpmpp_2m_hb", {"beta": 0.8}),
 ]
 CANDIDATE_GRIDS: list[tuple[str, float | None]] = [
-    ("logsnr", None), ("karras", 7.0), ("polyexponential", 0.7), ("polyexponential", 1.5),
-    ("time_uniform", None), ("time_quadratic", None),
+    ("logsnr", None),
+    ("karras", 7.0),
+    ("polyexponential", 0.7),
+    ("polyexponential", 1.5),
+    ("time_uniform", None),
+    ("time_quadratic", None),
 ]
 SIGMA_ENDS: list[float | None] = [None, 0.07, 0.14]
 STABILITY_SEEDS = (0, 1, 3, 4)
@@ -79,7 +105,7 @@ def run_recipe(p: GuidedProblem, recipe: Recipe, nfe: int) -> float:
     """Error of ``recipe`` at ``nfe`` on ``p`` (inf if it diverges; NaN if it cannot spend
     exactly ``nfe``)."""
     with torch.no_grad():
-        x = _run.run_recipe(p, nfe, recipe)
+        x = recipe_sample(p, nfe, recipe)
     return math.nan if x is None else rmse(x, p.reference)
 
 
@@ -89,14 +115,16 @@ def worst_sample(problems: Sequence[GuidedProblem], recipe: Recipe, nfe: int) ->
     worst = 0.0
     for p in problems:
         with torch.no_grad():
-            x = _run.run_recipe(p, nfe, recipe)
+            x = recipe_sample(p, nfe, recipe)
         if x is None:
             return math.inf
         worst = max(worst, float(sample_errors(x, p.reference).max()))
     return worst
 
 
-def score_cells(problems: Sequence[GuidedProblem], recipes: Sequence[Recipe], nfes: Sequence[int]) -> dict[tuple[float, int], list[tuple[float, Recipe]]]:
+def score_cells(
+    problems: Sequence[GuidedProblem], recipes: Sequence[Recipe], nfes: Sequence[int]
+) -> dict[tuple[float, int], list[tuple[float, Recipe]]]:
     """Per (guidance, NFE): recipes sorted by their worst error ratio to the best peer over
     ``problems`` (all at that guidance)."""
     peer_rows = evaluate(peer_methods(), problems, nfes)
@@ -119,7 +147,12 @@ def score_cells(problems: Sequence[GuidedProblem], recipes: Sequence[Recipe], nf
     return cells
 
 
-def _ratios(problems: Sequence[GuidedProblem], recipe: Recipe, nfe: int, best_peer: dict[tuple[str, int], float]) -> list[float]:
+def _ratios(
+    problems: Sequence[GuidedProblem],
+    recipe: Recipe,
+    nfe: int,
+    best_peer: dict[tuple[str, int], float],
+) -> list[float]:
     out = []
     for p in problems:
         e = run_recipe(p, recipe, nfe)
@@ -127,7 +160,9 @@ def _ratios(problems: Sequence[GuidedProblem], recipe: Recipe, nfe: int, best_pe
     return out
 
 
-def _best_peer(problems: Sequence[GuidedProblem], nfes: Sequence[int]) -> dict[tuple[str, int], float]:
+def _best_peer(
+    problems: Sequence[GuidedProblem], nfes: Sequence[int]
+) -> dict[tuple[str, int], float]:
     best: dict[tuple[str, int], float] = {}
     for r in evaluate(peer_methods(), problems, nfes):
         key = (r["problem"], r["nfe"])
@@ -143,25 +178,56 @@ def _geomean(values: Sequence[float]) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the search and print (or write) the per-cell winners."""
-    p = argparse.ArgumentParser(prog="python -m dpmsolver.bench.search", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m dpmsolver.bench.search", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out", help="write the markdown report here")
-    p.add_argument("--top", type=int, default=8, help="candidates per cell checked on more seeds and the network")
-    p.add_argument("--pool", type=int, default=8, help="pre-ranked candidates per cell put through the stability filter")
-    p.add_argument("--stability-batch", type=int, default=1024, help="noises per mixture in the stability filter")
+    p.add_argument(
+        "--top",
+        type=int,
+        default=8,
+        help="candidates per cell checked on more seeds and the network",
+    )
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=8,
+        help="pre-ranked candidates per cell put through the stability filter",
+    )
+    p.add_argument(
+        "--stability-batch",
+        type=int,
+        default=1024,
+        help="noises per mixture in the stability filter",
+    )
     p.add_argument("--nfe", default="5,6,8,10,12,15,20,25,50")
     p.add_argument("--guidance", default="1,3,7.5,15")
     args = p.parse_args(argv)
     nfes = [int(v) for v in args.nfe.split(",")]
-    lines = ["| guidance | NFE | recipe | mixture (geo. mean) | network (geo. mean) | worst sample (stability set) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| guidance | NFE | recipe | mixture (geo. mean) | network (geo. mean) | worst sample "
+        "(stability set) |",
+        "|---|---|---|---|---|---|",
+    ]
     for w in (float(v) for v in args.guidance.split(",")):
-        rank = score_cells([mixture_problem(w, seed=0), mixture_problem(w, seed=1)], candidates(), nfes)
-        stability = [mixture_problem(w, batch=args.stability_batch, seed=sd, noise_seed=7000 + sd) for sd in STABILITY_SEEDS]
-        mix = [mixture_problem(w, seed=sd) for sd in ((0, 1, 3, 4, 5, 6, 7, 8) if w >= 3 else (0, 1, 3))]
+        rank = score_cells(
+            [mixture_problem(w, seed=0), mixture_problem(w, seed=1)], candidates(), nfes
+        )
+        stability = [
+            mixture_problem(w, batch=args.stability_batch, seed=sd, noise_seed=7000 + sd)
+            for sd in STABILITY_SEEDS
+        ]
+        mix = [
+            mixture_problem(w, seed=sd)
+            for sd in ((0, 1, 3, 4, 5, 6, 7, 8) if w >= 3 else (0, 1, 3))
+        ]
         net = [digits_problem(w, seed=0, rtol=1e-5), digits_problem(w, seed=1, rtol=1e-5)]
         best_peer = _best_peer(mix + net, nfes)
         for nfe in nfes:
-            pool = [(recipe, worst_sample(stability, recipe, nfe)) for _, recipe in rank[(w, nfe)][: args.pool]]
+            pool = [
+                (recipe, worst_sample(stability, recipe, nfe))
+                for _, recipe in rank[(w, nfe)][: args.pool]
+            ]
             stable = [(recipe, worst) for recipe, worst in pool if worst <= DIVERGED][: args.top]
             # Where every pooled candidate diverges somewhere (guidance 15 at 5-6 NFE), the
             # cell keeps the best of them; the table's last column says so.
@@ -170,12 +236,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for recipe, worst in stable:
                 rm, rn = _ratios(mix, recipe, nfe, best_peer), _ratios(net, recipe, nfe, best_peer)
                 if max(rm + rn) <= 2.5:
-                    scored.append((max(_geomean(rm), _geomean(rn)), _geomean(rm), _geomean(rn), recipe, worst))
+                    scored.append(
+                        (max(_geomean(rm), _geomean(rn)), _geomean(rm), _geomean(rn), recipe, worst)
+                    )
             if not scored:
                 lines.append(f"| {w:g} | {nfe} | (no candidate under the 2.5x cap) | | | |")
                 continue
             best = min(scored, key=lambda z: z[0])
-            lines.append(f"| {w:g} | {nfe} | `{best[3].describe()}` | {best[1]:.2f} | {best[2]:.2f} | {best[4]:.2f} |")
+            lines.append(
+                f"| {w:g} | {nfe} | `{best[3].describe()}` | {best[1]:.2f} | {best[2]:.2f} | "
+                f"{best[4]:.2f} |"
+            )
             sys.stdout.write(lines[-1] + "\n")
             sys.stdout.flush()
     text = "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ thread, and ``torchrun --nproc_per_node 2`` (torchrun gives each worker one thre
 
 Run ``python -m dpmsolver.bench.throughput --out benchmarks/generate.md`` (``--model
 builtin`` needs the built-in digits weights; the default ``auto`` falls back to the exact
-mixture model, ``dpmsolver.generate:exact_model``, when they are missing).
+mixture model, ``dpmsolver.models:exact_model``, when they are missing).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .. import __version__
 
 __all__ = ["main", "measure"]
 
-EXACT = "dpmsolver.generate:exact_model"
+EXACT = "dpmsolver.models:exact_model"
 
 
 def _builtin_available() -> bool:
@@ -68,15 +68,48 @@ def _shards(out: Path) -> dict[str, bytes]:
 
 
 def measure(
-    model: str, num: int, *, nfe: int, guidance: float, batch: int, micro_batch: int, shard_size: int
+    model: str,
+    num: int,
+    *,
+    nfe: int,
+    guidance: float,
+    batch: int,
+    micro_batch: int,
+    shard_size: int,
 ) -> list[dict[str, object]]:
     """Time the three configurations; one dict per configuration."""
-    args = ["generate", "--num-samples", str(num), "--model", model, "--nfe", str(nfe),
-            "--guidance", str(guidance), "--batch", str(batch), "--micro-batch", str(micro_batch),
-            "--shard-size", str(shard_size), "--device", "cpu", "--no-progress"]
+    args = [
+        "generate",
+        "--num-samples",
+        str(num),
+        "--model",
+        model,
+        "--nfe",
+        str(nfe),
+        "--guidance",
+        str(guidance),
+        "--batch",
+        str(batch),
+        "--micro-batch",
+        str(micro_batch),
+        "--shard-size",
+        str(shard_size),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     single = [sys.executable, "-m", "dpmsolver.cli", *args]
-    multi = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "dpmsolver.cli", *args]
+    multi = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dpmsolver.cli",
+        *args,
+    ]
     configs = [
         ("1 process, default threads", single, None, torch.get_num_threads()),
         ("1 process, 1 thread", single, 1, 1),
@@ -91,11 +124,17 @@ def measure(
             fixed = _timed([*cmd, "--out", str(out)], threads)  # all shards done: startup + checks
             shards = _shards(out)
             reference = reference if reference is not None else shards
-            rows.append({
-                "config": name, "threads": shown, "wall_s": total, "fixed_s": fixed,
-                "rate": num / total, "gen_rate": num / max(total - fixed, 1e-9),
-                "identical": shards == reference,
-            })
+            rows.append(
+                {
+                    "config": name,
+                    "threads": shown,
+                    "wall_s": total,
+                    "fixed_s": fixed,
+                    "rate": num / total,
+                    "gen_rate": num / max(total - fixed, 1e-9),
+                    "identical": shards == reference,
+                }
+            )
             print(f"{name}: {total:.1f} s, {num / total:.1f} samples/s", file=sys.stderr)
     return rows
 
@@ -123,7 +162,8 @@ def _markdown(rows: list[dict[str, object]], model: str, settings: dict[str, obj
         "generation rate excludes it. *Identical*: shards byte-equal to the first row's.",
         "Regenerate: `python -m dpmsolver.bench.throughput --out benchmarks/generate.md`",
         "",
-        "| configuration | threads/process | wall (s) | fixed (s) | samples/s | generation samples/s | identical |",
+        "| configuration | threads/process | wall (s) | fixed (s) | samples/s | generation "
+        "samples/s | identical |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -137,7 +177,12 @@ def _markdown(rows: list[dict[str, object]], model: str, settings: dict[str, obj
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    p.add_argument("--model", default="auto", help="'auto' (default: builtin if its weights exist, else the exact model), 'builtin' or a --model spec")
+    p.add_argument(
+        "--model",
+        default="auto",
+        help="'auto' (default: builtin if its weights exist, else the exact model), 'builtin' or "
+        "a --model spec",
+    )
     p.add_argument("--num", type=int, default=2000, help="samples per run (default 2000)")
     p.add_argument("--nfe", type=int, default=10)
     p.add_argument("--guidance", type=float, default=3.0)
@@ -148,11 +193,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     model = args.model if args.model != "auto" else ("builtin" if _builtin_available() else EXACT)
     settings: dict[str, object] = {
-        "samples": args.num, "NFE": args.nfe, "guidance": args.guidance, "solver": "auto",
-        "batch": args.batch, "micro-batch": args.micro_batch, "shard size": args.shard_size,
+        "samples": args.num,
+        "NFE": args.nfe,
+        "guidance": args.guidance,
+        "solver": "auto",
+        "batch": args.batch,
+        "micro-batch": args.micro_batch,
+        "shard size": args.shard_size,
     }
-    rows = measure(model, args.num, nfe=args.nfe, guidance=args.guidance, batch=args.batch,
-                   micro_batch=args.micro_batch, shard_size=args.shard_size)
+    rows = measure(
+        model,
+        args.num,
+        nfe=args.nfe,
+        guidance=args.guidance,
+        batch=args.batch,
+        micro_batch=args.micro_batch,
+        shard_size=args.shard_size,
+    )
     text = _markdown(rows, model, settings)
     if args.out:
         from ..io import atomic_write_text

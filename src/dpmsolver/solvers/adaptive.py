@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_finite_float
-from .base import Form, Solver, StepContext
-from .registry import FORM_FAMILIES, SolverInfo, family, register
+from .base import Form, StepContext
+from .registry import FORM_FAMILIES, SolverInfo, register
+from .shapes import AdaptiveSolver
 from .singlestep import singlestep_update
 
 __all__ = ["AdaptiveDPMSolver"]
 
 
 @dataclass(frozen=True)
-class AdaptiveDPMSolver(Solver):
+class AdaptiveDPMSolver(AdaptiveSolver):
     """DPM-Solver-12 (``order=2``) or DPM-Solver-23 (``order=3``) with error control.
 
     Args:
@@ -40,8 +40,6 @@ class AdaptiveDPMSolver(Solver):
         h_init: first trial step in lambda (default 0.05).
         theta: safety factor (default 0.9).
     """
-
-    kind = "adaptive"
 
     order: int = 3
     form: Form = Form.DATA
@@ -54,9 +52,6 @@ class AdaptiveDPMSolver(Solver):
         check_choice("order", self.order, (2, 3))
         for name in ("rtol", "atol", "h_init", "theta"):
             check_finite_float(name, getattr(self, name), positive=True)
-
-    def evals_per_step(self, order: int) -> int:
-        return order
 
     def attempt(self, ctx: StepContext, x: Tensor, x0: Tensor) -> tuple[Tensor, Tensor]:
         """One attempt from ``ctx.s`` to ``ctx.t``: ``(x_high, x_low)``."""
@@ -81,21 +76,17 @@ class AdaptiveDPMSolver(Solver):
         factor = math.inf if err == 0.0 else self.theta * err ** (-1.0 / self.order)
         return min(h * factor, remaining)
 
-    def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
-        x_high, _ = self.attempt(ctx, x, x0)
-        return x_high, state
-
 
 for _prefix, _form, _label in FORM_FAMILIES:
     register(
         SolverInfo(
             name=f"{_prefix}_adaptive",
-            build=family(_form, AdaptiveDPMSolver),
+            cls=AdaptiveDPMSolver,
+            fixed={"form": _form},
             orders=(2, 3),
             default_order=3,
             description=f"{_label}-12/23 adaptive step size with rtol/atol error control",
             reference="Lu et al. 2022, DPM-Solver Sec. 4.2, Alg. 4",
             configurations=({"order": 2}, {"order": 3}),
-            options=("rtol", "atol", "h_init", "theta"),
         )
     )

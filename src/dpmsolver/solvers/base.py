@@ -9,7 +9,8 @@ solvers make their extra evaluations through the step context.
 The exponential integrator (DPM-Solver++, Eq. 9-10). In data-prediction form,
 
     x_t = (sigma_t/sigma_s) x_s + sigma_t Int_{lambda_s}^{lambda_t} e^lambda x0(lambda) dlambda
-        = (sigma_t/sigma_s) x_s - alpha_t phi_1 x0 + alpha_t phi_2 (h x0') - alpha_t phi_3 (h^2 x0'') + ...
+        = (sigma_t/sigma_s) x_s - alpha_t phi_1 x0 + alpha_t phi_2 (h x0')
+          - alpha_t phi_3 (h^2 x0'') + ...
 
 with ``h = lambda_t - lambda_s``, ``phi_1 = expm1(-h)``, ``phi_2 = phi_1/h + 1``,
 ``phi_3 = phi_2/h - 1/2``. The noise-prediction form (DPM-Solver, Eq. 3.4) is the same
@@ -37,9 +38,14 @@ __all__ = [
     "combine",
     "exponential_moments",
     "first_order_step",
+    "heun_update",
     "lagrange_weights",
     "phi_functions",
     "phi_sequence",
+    "rescale_to",
+    "s_ratio",
+    "sigma_step",
+    "step_noise",
 ]
 
 
@@ -173,6 +179,16 @@ def first_order_step(form: Form, x: Tensor, x0: Tensor, m: Tensor, s: Knot, t: K
     return combine(x, ratio, [(-b * math.expm1(-h), m)])
 
 
+def sigma_step(
+    x: Tensor, s_alpha: float, t_alpha: float, terms: Sequence[tuple[float, Tensor]]
+) -> Tensor:
+    """An update in k-diffusion's variables ``x~ = x / alpha``, ``sigma~ = sigma / alpha``
+    (Karras et al. 2022, EDM Sec. 2): ``x~_t = x~_s + sum c d`` on the state ``x = alpha x~``
+    is ``(alpha_t/alpha_s) x + sum (alpha_t c) d`` for ``terms = [(c, d), ...]`` (``c`` in
+    units of sigma~, ``d = eps_hat``, since ``dx~/dsigma~ = (x~ - D)/sigma~ = eps_hat``)."""
+    return combine(x, s_ratio(t_alpha, s_alpha), [(t_alpha * c, d) for c, d in terms])
+
+
 @dataclass(frozen=True)
 class StepContext:
     """Everything a step needs besides the state: where it goes and how to evaluate.
@@ -183,8 +199,9 @@ class StepContext:
         order: the order to use for this step (after warm-up and final-step rules).
         evaluate: ``evaluate(x, knot) -> x0_hat``; counts network evaluations.
         schedule: for intermediate knots (``schedule.knot_at_lambda``).
-        noise: draws standard normal noise shaped like the state (stochastic solvers),
-            or None for deterministic runs.
+        noise: ``noise(a, b)``, standard normal noise shaped like the state for the
+            interval from knot ``a`` to ``b`` (stochastic solvers; the normalized Brownian
+            increment, see :mod:`dpmsolver.noise`), or None for deterministic runs.
     """
 
     index: int
@@ -193,18 +210,50 @@ class StepContext:
     order: int
     evaluate: Callable[[Tensor, Knot], Tensor]
     schedule: NoiseSchedule
-    noise: Callable[[], Tensor] | None = None
+    noise: Callable[[Knot, Knot], Tensor] | None = None
+
+
+def step_noise(ctx: StepContext, a: Knot, b: Knot) -> Tensor:
+    """``ctx.noise(a, b)``: the standard normal noise of the interval from knot ``a`` to
+    ``b`` for a stochastic solver; a ValueError naming ``noise_sampler=`` when the run has
+    none."""
+    if ctx.noise is None:
+        raise ValueError("stochastic solvers need a noise sampler (pass noise_sampler=)")
+    return ctx.noise(a, b)
+
+
+def rescale_to(x: Tensor, src: Knot, dst: Knot) -> Tensor:
+    """The state at knot ``dst`` with the same ``x~ = x / alpha`` as ``x`` at ``src``:
+    ``(alpha_dst / alpha_src) x`` (``x`` itself when the alphas are equal).
+
+    In k-diffusion's variables (Karras et al. 2022, EDM Sec. 2) a state is ``x~`` at a
+    level ``sigma~``; moving it to another level without a step keeps ``x~``. Ancestral
+    steps (k-diffusion's ``get_ancestral_step``: a deterministic step to ``sigma_down``,
+    then ``sigma_up`` noise at ``sigma~_t``) and EDM's churn (Alg. 2, lines 4-5) end this
+    way before their noise is added."""
+    return x * (dst.alpha / src.alpha) if src.alpha != dst.alpha else x
+
+
+def heun_update(ctx: StepContext, x: Tensor, d_s: Tensor) -> Tensor:
+    """One Heun step from ``ctx.s`` to ``ctx.t`` (EDM Alg. 1, the trapezoidal rule in
+    sigma~) given ``d_s = eps_hat(x, s)``; evaluates the denoiser once, at the Euler point."""
+    s, t = ctx.s, ctx.t
+    dsig = t.ksigma - s.ksigma
+    x_euler = sigma_step(x, s.alpha, t.alpha, [(dsig, d_s)])
+    d_t = Form.NOISE.prediction(ctx.evaluate(x_euler, t), x_euler, t)
+    return sigma_step(x, s.alpha, t.alpha, [(0.5 * dsig, d_s), (0.5 * dsig, d_t)])
 
 
 class Solver(ABC):
     """Base class of every registered solver.
 
-    Subclasses are frozen dataclasses of their parameters and implement :meth:`step`.
-    ``order`` is the nominal order; ``claimed_order`` the convergence order the tests
-    must measure (equal to ``order`` unless the method is known to fall short of it).
+    Subclasses are frozen dataclasses of their parameters and implement :meth:`step`;
+    they derive from one of the shapes in :mod:`.shapes` (multistep, singlestep,
+    adaptive), which own planning and cost. ``order`` is the nominal order;
+    ``claimed_order`` the convergence order the tests must measure (equal to ``order``
+    unless the method is known to fall short of it).
     """
 
-    kind: ClassVar[str] = "multistep"  # "multistep", "singlestep" or "adaptive"
     #: True if :meth:`step` can integrate into sigma = 0 itself (methods in sigma~, where
     #: that end point is regular); otherwise drivers take that step as ``x = x0_hat``.
     steps_into_zero: ClassVar[bool] = False
@@ -221,6 +270,13 @@ class Solver(ABC):
         """Convergence order a test must measure on an exact problem."""
         return float(self.order)
 
+    @property
+    def scalar_coefficients(self) -> bool:
+        """True if every step combines its tensors with host scalars only (so a step is a
+        fixed linear combination a front end can precompute); False for solvers whose
+        coefficients are per-dimension tensors (DPM-Solver-v3 with statistics)."""
+        return True
+
     def evals_per_step(self, order: int) -> int:
         """Network evaluations of one step of this order (the loop's own one included)."""
         return 1
@@ -235,6 +291,7 @@ class Solver(ABC):
         """State before the first step."""
         return None
 
+    @abstractmethod
     def plan(
         self,
         *,
@@ -245,54 +302,12 @@ class Solver(ABC):
     ) -> list[int]:
         """Order of each grid step; its length is the number of grid steps.
 
-        Exactly one of ``steps`` and ``nfe`` is given. The default plan is multistep's:
-        one evaluation per step, warm-up ``min(order, i + 1)``, and with
-        ``lower_order_final`` the last steps at ``min(order, steps - i)`` (DPM-Solver,
-        App. D.2). A final step to ``sigma = 0`` is always first order.
+        Exactly one of ``steps`` and ``nfe`` is given; ``final_zero`` says the last step is
+        the loop's data-prediction step to ``sigma = 0``. Each solver shape
+        (:mod:`.shapes`) owns its rule; :func:`dpmsolver.plan.make_plan` applies the rules
+        at the ends of the noise range on top.
         """
-        n = steps if steps is not None else nfe
-        assert n is not None
-        orders = [min(self.order, i + 1) for i in range(n)]
-        if lower_order_final:
-            orders = [min(o, n - i) for i, o in enumerate(orders)]
-        if final_zero and not self.steps_into_zero:
-            orders[-1] = 1
-        return orders
 
     @abstractmethod
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Advance ``x`` from ``ctx.s`` to ``ctx.t`` given ``x0 = D(x, ctx.s)``."""
-
-
-# ----------------------------------------------------------------------------------------
-# Rules every driver (the sampling loop, the one-evaluation-at-a-time front ends) applies
-# ----------------------------------------------------------------------------------------
-
-
-def step_order(solver: Solver, s: Knot, t: Knot, order: int) -> int:
-    """The order a step from ``s`` to ``t`` may use: first order out of pure noise, into the
-    clean end (unless the solver integrates into it) and for a zero-length step."""
-    if math.isinf(s.lam) or s.lam == t.lam:
-        return 1
-    if math.isinf(t.lam) and not (t.lam > 0 and solver.steps_into_zero):
-        return 1
-    return order
-
-
-def is_boundary_step(solver: Solver, s: Knot, t: Knot) -> bool:
-    """True if a driver takes the step from ``s`` to ``t`` itself (:func:`boundary_update`)."""
-    return (t.lam == math.inf and not solver.steps_into_zero) or t.lam == -math.inf or t.lam == s.lam
-
-
-def boundary_update(solver: Solver, x: Tensor, x0: Tensor, s: Knot, t: Knot) -> Tensor | None:
-    """The update a driver makes itself at the ends of the noise range, or None if the
-    solver takes the step: into sigma = 0, ``x = x0_hat`` (DPM-Solver++ Sec. 3.1, lambda ->
-    inf); into pure noise (inverting a flow schedule), ``x = eps_hat``; a zero-length step
-    leaves ``x`` as it is."""
-    if not is_boundary_step(solver, s, t):
-        return None
-    if t.lam == math.inf:
-        return x0
-    if t.lam == -math.inf:
-        return (x - x0 * s.alpha) / s.sigma
-    return x

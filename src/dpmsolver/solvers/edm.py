@@ -19,45 +19,28 @@ step:
     x~_t = x~_s + (sigma~_t - sigma~_s) (d_s + d') / 2
 
 The step into ``sigma = 0`` (EDM's Euler-only last step, ``x~ = D``) is the loop's
-data-prediction step, and a step out of pure noise (``sigma~ = inf``) is DDIM.
+data-prediction step, and a step out of pure noise (``sigma~ = inf``) is DDIM. The
+arithmetic in these variables (:func:`~.base.sigma_step`, :func:`~.base.heun_update`) lives
+in :mod:`.base`: PNDM's warm-up uses it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from .._validate import check_choice
-from .base import Form, Solver, StepContext, combine, first_order_step, s_ratio
+from .base import Form, StepContext, first_order_step, heun_update
 from .registry import SolverInfo, register
-from .singlestep import singlestep_plan
+from .shapes import SinglestepSolver
 
-__all__ = ["Heun", "heun_update", "sigma_step"]
-
-
-def sigma_step(
-    x: Tensor, s_alpha: float, t_alpha: float, terms: Sequence[tuple[float, Tensor]]
-) -> Tensor:
-    """``x~_t = x~_s + sum c d`` on the state ``x = alpha x~``: ``(alpha_t/alpha_s) x +
-    sum (alpha_t c) d`` for ``terms = [(c, d), ...]`` (``c`` in units of sigma~)."""
-    return combine(x, s_ratio(t_alpha, s_alpha), [(t_alpha * c, d) for c, d in terms])
-
-
-def heun_update(ctx: StepContext, x: Tensor, d_s: Tensor) -> Tensor:
-    """One Heun step from ``ctx.s`` to ``ctx.t`` (EDM Alg. 1) given
-    ``d_s = eps_hat(x, s)``; evaluates the denoiser once, at the Euler point."""
-    s, t = ctx.s, ctx.t
-    dsig = t.ksigma - s.ksigma
-    x_euler = sigma_step(x, s.alpha, t.alpha, [(dsig, d_s)])
-    d_t = Form.NOISE.prediction(ctx.evaluate(x_euler, t), x_euler, t)
-    return sigma_step(x, s.alpha, t.alpha, [(0.5 * dsig, d_s), (0.5 * dsig, d_t)])
+__all__ = ["Heun"]
 
 
 @dataclass(frozen=True)
-class Heun(Solver):
+class Heun(SinglestepSolver):
     """EDM's deterministic second-order Heun sampler (Karras et al. 2022, Alg. 1;
     k-diffusion's ``sample_heun`` with ``s_churn = 0``): 2 evaluations per step.
 
@@ -65,20 +48,10 @@ class Heun(Solver):
         order: 2 (the only order; a step out of pure noise falls back to Euler = DDIM).
     """
 
-    kind = "singlestep"
-
     order: int = 2
 
     def __post_init__(self) -> None:
         check_choice("order", self.order, (2,))
-
-    def evals_per_step(self, order: int) -> int:
-        return order
-
-    def plan(
-        self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool
-    ) -> list[int]:
-        return singlestep_plan(2, steps=steps, nfe=nfe, final_zero=final_zero)
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         d_s = Form.NOISE.prediction(x0, x, ctx.s)
@@ -90,7 +63,7 @@ class Heun(Solver):
 register(
     SolverInfo(
         name="heun",
-        build=Heun,
+        cls=Heun,
         orders=(2,),
         default_order=2,
         description="EDM Heun: Euler predictor + trapezoidal corrector in sigma/alpha, "

@@ -31,10 +31,11 @@ from torch import Tensor
 from .._validate import check_finite_float
 from ..schedules import Knot
 from .base import Form, Solver, StepContext, combine
-from .multistep import MultistepDPMSolver
+from .multistep import MultistepDPMSolver, ThirdOrder, Variant
 from .registry import SolverInfo, register
+from .shapes import MultistepSolver
 
-__all__ = ["GHVB", "HeavyBall", "ghvb_weights"]
+__all__ = ["GHVB", "HeavyBall", "HeavyBallDPMSolver", "ghvb_weights"]
 
 
 def _first_order_coefficients(form: Form, s: Knot, t: Knot) -> tuple[Form, float, float]:
@@ -47,7 +48,7 @@ def _first_order_coefficients(form: Form, s: Knot, t: Knot) -> tuple[Form, float
 
 
 @dataclass(frozen=True)
-class HeavyBall(Solver):
+class HeavyBall(MultistepSolver):
     """Polyak heavy-ball momentum around a deterministic multistep solver (HB, Sec. 4.1).
 
     Args:
@@ -62,7 +63,7 @@ class HeavyBall(Solver):
         check_finite_float("beta", self.beta, positive=True)
         if self.beta > 1.0:
             raise ValueError(f"beta must be in (0, 1], got {self.beta}")
-        if self.base.kind != "multistep" or self.base.stochastic:
+        if not isinstance(self.base, MultistepSolver) or self.base.stochastic:
             raise ValueError("HeavyBall wraps a deterministic multistep solver")
 
     @property
@@ -73,13 +74,19 @@ class HeavyBall(Solver):
     def claimed_order(self) -> float:
         return self.base.claimed_order if self.beta == 1.0 else 1.0
 
-    def init_state(self) -> tuple[Any, Tensor | None]:
+    def init_state(self) -> Any:
         return self.base.init_state(), None
 
-    def plan(self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool) -> list[int]:
-        return self.base.plan(steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lower_order_final)
+    def plan(
+        self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool
+    ) -> list[int]:
+        return self.base.plan(
+            steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lower_order_final
+        )
 
-    def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: tuple[Any, Tensor | None]) -> tuple[Tensor, Any]:
+    def step(  # type: ignore[override]  # a velocity state, not MultistepState
+        self, ctx: StepContext, x: Tensor, x0: Tensor, state: tuple[Any, Tensor | None]
+    ) -> tuple[Tensor, Any]:
         base_state, vel = state
         x_base, base_state = self.base.step(ctx, x, x0, base_state)
         if self.beta == 1.0:
@@ -89,6 +96,29 @@ class HeavyBall(Solver):
         d_eff = (x_base - x * ratio) / c
         vel = d_eff if vel is None else vel * (1.0 - self.beta) + d_eff * self.beta
         return combine(x, ratio, [(c, vel)]), (base_state, vel)
+
+
+@dataclass(frozen=True)
+class HeavyBallDPMSolver(HeavyBall):
+    """:class:`HeavyBall` around DPM-Solver++ multistep, with the base's options spelled
+    out (the registry's ``dpmpp_multistep_hb``).
+
+    Args:
+        order, variant, third_order: as :class:`~.multistep.MultistepDPMSolver`.
+        beta: momentum weight in (0, 1] (default 0.8).
+    """
+
+    base: Solver = field(init=False, repr=False, compare=False, default=MultistepDPMSolver())
+    order: int = 2
+    variant: Variant = "midpoint"
+    third_order: ThirdOrder = "taylor"
+
+    def __post_init__(self) -> None:
+        base = MultistepDPMSolver(
+            order=self.order, variant=self.variant, third_order=self.third_order
+        )
+        object.__setattr__(self, "base", base)
+        super().__post_init__()
 
 
 def ghvb_weights(k: int, b: float) -> list[float]:
@@ -108,7 +138,7 @@ def ghvb_weights(k: int, b: float) -> list[float]:
 
 
 @dataclass(frozen=True)
-class GHVB(Solver):
+class GHVB(MultistepSolver):
     """Generalized heavy ball of fractional order ``nu`` in (0, 4] on the noise prediction
     with the DDIM transfer (Sec. 4.2). Integer ``nu`` is PLMS (Adams-Bashforth) of that order.
 
@@ -124,7 +154,10 @@ class GHVB(Solver):
         nu = self.effective_nu
         check_finite_float("nu", nu, positive=True)
         if not (self.order - 1 < nu <= self.order <= 4):
-            raise ValueError(f"nu must lie in (order - 1, order] with order <= 4, got nu={nu}, order={self.order}")
+            raise ValueError(
+                f"nu must lie in (order - 1, order] with order <= 4, got nu={nu}, "
+                f"order={self.order}"
+            )
 
     @property
     def effective_nu(self) -> float:
@@ -143,10 +176,12 @@ class GHVB(Solver):
         # so orders 3-4 measure 2 (tests/test_order.py).
         return float(min(self.order, 2))
 
-    def init_state(self) -> tuple[Tensor, ...]:
+    def init_state(self) -> Any:
         return ()
 
-    def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, Any]:
+    def step(  # type: ignore[override]  # a velocity state, not MultistepState
+        self, ctx: StepContext, x: Tensor, x0: Tensor, state: tuple[Tensor, ...]
+    ) -> tuple[Tensor, Any]:
         s, t = ctx.s, ctx.t
         form, ratio, c = _first_order_coefficients(Form.NOISE, s, t)
         eps = form.prediction(x0, x, s)
@@ -164,25 +199,27 @@ class GHVB(Solver):
 register(
     SolverInfo(
         name="dpmpp_multistep_hb",
-        build=lambda order=2, beta=0.8, **kw: HeavyBall(MultistepDPMSolver(order=order, **kw), beta),
+        cls=HeavyBallDPMSolver,
         orders=(1, 2, 3),
         default_order=2,
         description="DPM-Solver++ multistep with heavy-ball momentum (beta = 1: no momentum)",
         reference="Wizadwongsa et al. 2023, arXiv 2307.11118, Sec. 4.1 (HB-DPM-Solver++)",
-        configurations=({"order": 2, "beta": 0.8}, {"order": 3, "beta": 0.5}, {"order": 2, "beta": 1.0}),
-        options=("beta", "variant", "third_order"),
+        configurations=(
+            {"order": 2, "beta": 0.8},
+            {"order": 3, "beta": 0.5},
+            {"order": 2, "beta": 1.0},
+        ),
     ),
     aliases={"dpmpp_2m_hb": {"order": 2}, "dpmpp_3m_hb": {"order": 3}},
 )
 register(
     SolverInfo(
         name="ghvb",
-        build=lambda **kw: GHVB(**kw),
+        cls=GHVB,
         orders=(1, 2, 3, 4),
         default_order=2,
         description="generalized heavy ball of fractional order nu (PLMS with momentum)",
         reference="Wizadwongsa et al. 2023, arXiv 2307.11118, Sec. 4.2, Eq. 14",
         configurations=({"order": 2, "nu": 1.8}, {"order": 3, "nu": 2.5}, {"order": 2, "nu": 2.0}),
-        options=("nu",),
     )
 )

@@ -24,8 +24,6 @@ kept as ``third_order="legacy"`` for reproducing other implementations.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,40 +31,18 @@ from torch import Tensor
 
 from .._validate import check_choice
 from ..schedules import Knot
-from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
-from .registry import FORM_FAMILIES, SolverInfo, family, register
+from .base import Form, StepContext, combine, phi_functions
+from .registry import FORM_FAMILIES, SolverInfo, register
+from .shapes import MultistepSolver, MultistepState
 
-__all__ = ["MultistepDPMSolver", "MultistepState", "history_order", "multistep_terms"]
+__all__ = ["MultistepDPMSolver", "multistep_terms"]
 
 Variant = Literal["midpoint", "heun"]
 ThirdOrder = Literal["taylor", "legacy"]
 
 
 @dataclass(frozen=True)
-class MultistepState:
-    """The last ``order - 1`` predictions (newest first) and their half log-SNRs."""
-
-    lams: tuple[float, ...] = ()
-    preds: tuple[Tensor, ...] = ()
-
-    def push(self, lam: float, pred: Tensor, keep: int) -> MultistepState:
-        """The state after a step that started at ``lam`` with prediction ``pred``,
-        holding at most ``keep`` entries."""
-        return MultistepState(lams=(lam, *self.lams)[:keep], preds=(pred, *self.preds)[:keep])
-
-
-def history_order(order: int, s: Knot, lams: Sequence[float]) -> int:
-    """The order a multistep step from ``s`` can use with stored predictions at ``lams``:
-    ``order`` capped by the history (warm-up). Predictions at pure noise (lambda = -inf)
-    carry no derivative information, and a step out of pure noise is first order."""
-    if not math.isfinite(s.lam):
-        return 1
-    usable = sum(1 for lam in lams if math.isfinite(lam))
-    return min(order, usable + 1)
-
-
-@dataclass(frozen=True)
-class MultistepDPMSolver(Solver):
+class MultistepDPMSolver(MultistepSolver):
     """Multistep DPM-Solver++ (``form=Form.DATA``) or DPM-Solver (``Form.NOISE``).
 
     Args:
@@ -94,21 +70,14 @@ class MultistepDPMSolver(Solver):
             return 2.0
         return float(self.order)
 
-    def init_state(self) -> MultistepState:
-        return MultistepState()
+    def history_form(self) -> Form:
+        return self.form
 
-    def step(
-        self, ctx: StepContext, x: Tensor, x0: Tensor, state: MultistepState
-    ) -> tuple[Tensor, MultistepState]:
-        s, t = ctx.s, ctx.t
-        m0 = self.form.prediction(x0, x, s)
-        k = history_order(ctx.order, s, state.lams)
-        if k == 1:
-            x_t = first_order_step(self.form, x, x0, m0, s, t)
-        else:
-            ratio, b, h = self.form.coefficients(s, t)
-            x_t = combine(x, ratio, multistep_terms(self, k, s, h, b, m0, state))
-        return x_t, state.push(s.lam, m0, self.order - 1)
+    def update(
+        self, ctx: StepContext, k: int, x: Tensor, m0: Tensor, state: MultistepState
+    ) -> Tensor:
+        ratio, b, h = self.form.coefficients(ctx.s, ctx.t)
+        return combine(x, ratio, multistep_terms(self, k, ctx.s, h, b, m0, state))
 
 
 def multistep_terms(
@@ -148,11 +117,13 @@ def multistep_terms(
     a1 = -b * phi_2 * w - c_d2 / (r0 + r1)  # coefficient of D1_1
     return [(-b * phi_1 + a0 / r0, m0), (-a0 / r0 + a1 / r1, m1), (-a1 / r1, m2)]
 
+
 for _prefix, _form, _label in FORM_FAMILIES:
     register(
         SolverInfo(
             name=f"{_prefix}_multistep",
-            build=family(_form, MultistepDPMSolver),
+            cls=MultistepDPMSolver,
+            fixed={"form": _form},
             orders=(1, 2, 3),
             default_order=2,
             description=f"{_label} multistep ({_form.value} prediction); order 3 uses the full "
@@ -165,7 +136,6 @@ for _prefix, _form, _label in FORM_FAMILIES:
                 {"order": 3},
                 {"order": 3, "third_order": "legacy"},
             ),
-            options=("variant", "third_order"),
         ),
         aliases={f"{_prefix}_2m": {"order": 2}, f"{_prefix}_3m": {"order": 3}},
     )
@@ -173,12 +143,14 @@ for _prefix, _form, _label in FORM_FAMILIES:
 register(
     SolverInfo(
         name="ddim",
-        build=family(Form.DATA, MultistepDPMSolver),
+        cls=MultistepDPMSolver,
+        fixed={"form": Form.DATA, "variant": "midpoint", "third_order": "taylor"},
         orders=(1,),
         default_order=1,
         description="DDIM (deterministic, eta = 0) = first-order DPM-Solver(++) = Euler in "
         "(sigma/alpha, x/alpha)",
-        reference="Song et al. 2021, DDIM Eq. 12; DPM-Solver++ Eq. 11; Karras et al. 2022, EDM Alg. 1",
+        reference="Song et al. 2021, DDIM Eq. 12; DPM-Solver++ Eq. 11; "
+        "Karras et al. 2022, EDM Alg. 1",
         configurations=({"order": 1},),
     ),
     # EDM's / k-diffusion's Euler step x~ += (sigma~_t - sigma~_s) (x~ - D)/sigma~_s, with

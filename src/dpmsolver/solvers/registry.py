@@ -5,14 +5,22 @@ registers its own families when imported."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .._validate import check_choice
 from .base import Form, Solver
 
-__all__ = ["ALIASES", "FORM_FAMILIES", "REGISTRY", "SolverInfo", "configurations", "family", "get_solver", "register"]
+__all__ = [
+    "ALIASES",
+    "FORM_FAMILIES",
+    "REGISTRY",
+    "SolverInfo",
+    "configurations",
+    "get_solver",
+    "register",
+]
 
 
 @dataclass(frozen=True)
@@ -21,29 +29,44 @@ class SolverInfo:
 
     Attributes:
         name: registry key.
-        build: ``build(order=..., **options) -> Solver``.
+        cls: the solver class; the family builds ``cls(**fixed, order=..., **options)``.
         orders: accepted ``order`` values; ``default_order`` is used when none is given.
         description: one line for ``dpmsolver solvers`` and the README.
         reference: paper and algorithm/equation it implements.
         configurations: option sets (each with ``order``) the order tests run.
-        options: accepted extra option names.
+        fixed: constructor arguments this family fixes (e.g. the prediction ``form``).
+
+    The accepted options are derived: every constructor field of ``cls`` except ``order``
+    and the fixed ones.
     """
 
     name: str
-    build: Callable[..., Solver]
+    cls: type[Solver]
     orders: tuple[int, ...]
     default_order: int
     description: str
     reference: str
     configurations: tuple[Mapping[str, Any], ...]
-    options: tuple[str, ...] = field(default=())
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Option names ``get_solver`` accepts for this family."""
+        taken = {"order", *self.fixed}
+        return tuple(f.name for f in fields(self.cls) if f.init and f.name not in taken)  # type: ignore[arg-type]
+
+    def build(self, **kwargs: Any) -> Solver:
+        """A solver of this family (``order`` and options as keyword arguments)."""
+        return self.cls(**{**self.fixed, **kwargs})
 
 
 REGISTRY: dict[str, SolverInfo] = {}
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 
 
-def register(info: SolverInfo, aliases: Mapping[str, Mapping[str, Any]] | None = None) -> SolverInfo:
+def register(
+    info: SolverInfo, aliases: Mapping[str, Mapping[str, Any]] | None = None
+) -> SolverInfo:
     """Add a solver family (and short aliases that fix some options) to the registry."""
     if info.name in REGISTRY or info.name in ALIASES:
         raise ValueError(f"solver {info.name!r} is already registered")
@@ -90,13 +113,7 @@ def configurations() -> Iterator[tuple[str, Mapping[str, Any], Solver]]:
 
 # (name prefix, prediction form, label): DPM-Solver++ works on the data prediction, the
 # original DPM-Solver on the noise prediction; each solver kind is registered once per form.
-FORM_FAMILIES: tuple[tuple[str, Form, str], ...] = (("dpmpp", Form.DATA, "DPM-Solver++"), ("dpm", Form.NOISE, "DPM-Solver"))
-
-
-def family(form: Form, cls: type[Solver]) -> Callable[..., Solver]:
-    """A builder for ``cls`` with its prediction ``form`` fixed."""
-
-    def build(**kwargs: Any) -> Solver:
-        return cls(form=form, **kwargs)  # type: ignore[call-arg]
-
-    return build
+FORM_FAMILIES: tuple[tuple[str, Form, str], ...] = (
+    ("dpmpp", Form.DATA, "DPM-Solver++"),
+    ("dpm", Form.NOISE, "DPM-Solver"),
+)

@@ -20,7 +20,10 @@ so that the noise injected on the way to ``s1`` is part of the noise of the whol
 **Ancestral** steps (k-diffusion's ``get_ancestral_step``): in k-diffusion sigmas,
 ``sigma_up = min(sigma', eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2))`` and
 ``sigma_down = sqrt(sigma'^2 - sigma_up^2)``; a deterministic step to ``sigma_down`` is
-followed by ``sigma_up`` noise. Used by ``euler_ancestral`` and ``dpmpp_2s_ancestral``.
+followed by ``sigma_up`` noise. Used by ``euler_ancestral``, ``dpmpp_2s_ancestral`` and
+``dpm_2_ancestral``.
+
+``s_noise`` (k-diffusion's name) scales the injected noise; 1 (the default) is the method.
 """
 
 from __future__ import annotations
@@ -31,28 +34,17 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from .._validate import check_choice, check_finite_float
+from .._validate import check_choice, check_non_negative
 from ..schedules import Knot
-from .base import Form, Solver, StepContext, combine, phi_functions
-from .multistep import MultistepDPMSolver, MultistepState, history_order, multistep_terms
+from .base import Form, Solver, StepContext, combine, phi_functions, rescale_to, step_noise
+from .multistep import MultistepDPMSolver, multistep_terms
 from .registry import SolverInfo, register
+from .shapes import MultistepState, SinglestepSolver
 from .singlestep import SinglestepDPMSolver
 
 __all__ = ["AncestralSolver", "MultistepSDESolver", "SinglestepSDESolver", "ancestral_knots"]
 
 Variant = Literal["midpoint", "heun"]
-
-
-def _noise(ctx: StepContext) -> Tensor:
-    if ctx.noise is None:
-        raise ValueError("stochastic solvers need a noise sampler (pass noise_sampler=)")
-    return ctx.noise()
-
-
-def _check_eta(eta: float) -> None:
-    check_finite_float("eta", eta)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
 
 
 @dataclass(frozen=True)
@@ -62,13 +54,17 @@ class MultistepSDESolver(MultistepDPMSolver):
     Args:
         order, variant, third_order: as :class:`~.multistep.MultistepDPMSolver`.
         eta: noise fraction (default 1.0; 0 gives the ODE solver exactly).
+        s_noise: scale of the injected noise (default 1.0, the method; k-diffusion's
+            ``s_noise``).
     """
 
     eta: float = 1.0
+    s_noise: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_eta(self.eta)
+        check_non_negative("eta", self.eta)
+        check_non_negative("s_noise", self.s_noise)
         if self.form is not Form.DATA:
             raise ValueError("the SDE solvers integrate the data prediction (form=Form.DATA)")
 
@@ -76,29 +72,28 @@ class MultistepSDESolver(MultistepDPMSolver):
     def stochastic(self) -> bool:
         return self.eta > 0
 
-    def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: MultistepState) -> tuple[Tensor, MultistepState]:
-        s, t = ctx.s, ctx.t
+    def advance(
+        self, ctx: StepContext, k: int, x: Tensor, x0: Tensor, m0: Tensor, state: MultistepState
+    ) -> Tensor:
         if self.eta == 0:
-            return super().step(ctx, x, x0, state)
+            return super().advance(ctx, k, x, x0, m0, state)
+        s, t = ctx.s, ctx.t
         h = t.lam - s.lam  # inf out of pure noise: then x_t = alpha_t x0 + sigma_t z
-        k = history_order(ctx.order, s, state.lams)
         ratio = (t.sigma / s.sigma) * math.exp(-self.eta * h)
         terms = multistep_terms(self, k, s, (1.0 + self.eta) * h, t.alpha, x0, state, h_ratio=h)
         out = combine(x, ratio, terms)
-        out = out.add(_noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)))
-        return out, state.push(s.lam, x0, self.order - 1)
+        amplitude = t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)) * self.s_noise
+        return out.add(step_noise(ctx, s, t), alpha=amplitude)
 
 
 @dataclass(frozen=True)
-class SinglestepSDESolver(Solver):
+class SinglestepSDESolver(SinglestepSolver):
     """SDE-DPM-Solver++(2S): one intermediate evaluation at ``r1 h``, consistent noise.
 
     Args:
         eta: noise fraction (default 1.0; 0 gives DPM-Solver++(2S) midpoint exactly).
         r1: intermediate point as a fraction of the step (default 1/2).
     """
-
-    kind = "singlestep"
 
     order: int = 2
     form: Form = Form.DATA
@@ -107,21 +102,13 @@ class SinglestepSDESolver(Solver):
 
     def __post_init__(self) -> None:
         check_choice("order", self.order, (1, 2))
-        _check_eta(self.eta)
+        check_non_negative("eta", self.eta)
         if not 0.0 < self.r1 < 1.0:
             raise ValueError(f"r1 must lie in (0, 1), got {self.r1}")
 
     @property
     def stochastic(self) -> bool:
         return self.eta > 0
-
-    def evals_per_step(self, order: int) -> int:
-        return order
-
-    def plan(self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool) -> list[int]:
-        return SinglestepDPMSolver(order=self.order).plan(
-            steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lower_order_final
-        )
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         s, t = ctx.s, ctx.t
@@ -135,17 +122,23 @@ class SinglestepSDESolver(Solver):
         ratio = (t.sigma / s.sigma) * math.exp(-eta * h)
         if ctx.order == 1:
             out = combine(x, ratio, [(-t.alpha * p1, x0)])
-            return out.add(_noise(ctx), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * eta * h))), state
+            return out.add(
+                step_noise(ctx, s, t), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * eta * h))
+            ), state
         s1 = ctx.schedule.knot_at_lambda(s.lam + self.r1 * h)
-        z1 = _noise(ctx)
-        u = combine(x, (s1.sigma / s.sigma) * math.exp(-eta * self.r1 * h), [(-s1.alpha * phi_functions((1.0 + eta) * self.r1 * h)[0], x0)])
+        z1 = step_noise(ctx, s, s1)
+        u = combine(
+            x,
+            (s1.sigma / s.sigma) * math.exp(-eta * self.r1 * h),
+            [(-s1.alpha * phi_functions((1.0 + eta) * self.r1 * h)[0], x0)],
+        )
         u = u.add(z1, alpha=s1.sigma * c1)
         m1 = ctx.evaluate(u, s1)
         # midpoint combination (DPM-Solver++ 2S) with phi at h_eta
         c = -0.5 / self.r1 * t.alpha * p1
         out = combine(x, ratio, [(-t.alpha * p1 - c, x0), (c, m1)])
         out = out.add(z1, alpha=t.sigma * math.exp(-eta * (1.0 - self.r1) * h) * c1)
-        return out.add(_noise(ctx), alpha=t.sigma * c2), state
+        return out.add(step_noise(ctx, s1, t), alpha=t.sigma * c2), state
 
 
 def ancestral_knots(ctx: StepContext, eta: float) -> tuple[Knot, float]:
@@ -156,29 +149,33 @@ def ancestral_knots(ctx: StepContext, eta: float) -> tuple[Knot, float]:
         return ctx.t, 0.0
     up = min(s_to, eta * math.sqrt(max(s_to**2 * (s_from**2 - s_to**2) / s_from**2, 0.0)))
     down = math.sqrt(max(s_to**2 - up**2, 0.0))
-    return ctx.schedule.knot_at_lambda(-math.log(down)), up
+    # eta > 1 can take all of sigma_to as noise: the deterministic part goes to sigma = 0.
+    return ctx.schedule.knot_at_lambda(-math.log(down) if down > 0 else math.inf), up
 
 
 @dataclass(frozen=True)
-class AncestralSolver(Solver):
+class AncestralSolver(SinglestepSolver):
     """Ancestral sampling around a singlestep base solver: deterministic step to
     ``sigma_down`` then ``sigma_up`` noise (k-diffusion ``sample_euler_ancestral`` /
-    ``sample_dpmpp_2s_ancestral``).
+    ``sample_dpmpp_2s_ancestral`` / ``sample_dpm_2_ancestral``).
 
     Args:
-        base: ``"ddim"`` (Euler ancestral) or ``"dpmpp_2s"`` (DPM-Solver++(2S) ancestral).
+        base: ``"ddim"`` (Euler ancestral), ``"dpmpp_2s"`` (DPM-Solver++(2S) ancestral) or
+            ``"dpm_2"`` (DPM-Solver-2 ancestral: the noise-prediction singlestep solver with
+            ``r1 = 1/2``, i.e. k-diffusion's ``sample_dpm_2`` step).
         eta: ancestral noise fraction (default 1.0; 0 gives the base solver).
+        s_noise: scale of the injected noise (default 1.0; k-diffusion's ``s_noise``).
     """
 
-    kind = "singlestep"
-
     order: int = 1
-    base: Literal["ddim", "dpmpp_2s"] = "ddim"
+    base: Literal["ddim", "dpmpp_2s", "dpm_2"] = "ddim"
     eta: float = 1.0
+    s_noise: float = 1.0
 
     def __post_init__(self) -> None:
-        check_choice("base", self.base, ("ddim", "dpmpp_2s"))
-        _check_eta(self.eta)
+        check_choice("base", self.base, ("ddim", "dpmpp_2s", "dpm_2"))
+        check_non_negative("eta", self.eta)
+        check_non_negative("s_noise", self.s_noise)
         check_choice("order", self.order, (1,) if self.base == "ddim" else (1, 2))
 
     @property
@@ -186,13 +183,9 @@ class AncestralSolver(Solver):
         return self.eta > 0
 
     def _base(self) -> Solver:
+        if self.base == "dpm_2":
+            return SinglestepDPMSolver(order=self.order, form=Form.NOISE)
         return SinglestepDPMSolver(order=self.order)
-
-    def evals_per_step(self, order: int) -> int:
-        return order
-
-    def plan(self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool) -> list[int]:
-        return self._base().plan(steps=steps, nfe=nfe, final_zero=final_zero, lower_order_final=lower_order_final)
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         if self.eta == 0:
@@ -201,21 +194,15 @@ class AncestralSolver(Solver):
         order = ctx.order if down.lam < math.inf else 1
         x_down, _ = self._base().step(replace(ctx, t=down, order=order), x, x0, state)
         # back from the sigma_down knot to t's scale: x~ is shared, x = alpha x~
-        out = x_down * (ctx.t.alpha / down.alpha) if down.alpha != ctx.t.alpha else x_down
-        return out.add(_noise(ctx), alpha=ctx.t.alpha * up), state
-
-
-def _sde_family(**fixed: Any) -> Any:
-    def build(**kwargs: Any) -> Solver:
-        return MultistepSDESolver(**{**fixed, **kwargs})
-
-    return build
+        out = rescale_to(x_down, down, ctx.t)
+        return out.add(step_noise(ctx, ctx.s, ctx.t), alpha=ctx.t.alpha * up * self.s_noise), state
 
 
 register(
     SolverInfo(
         name="dpmpp_multistep_sde",
-        build=_sde_family(),
+        cls=MultistepSDESolver,
+        fixed={"form": Form.DATA},
         orders=(1, 2, 3),
         default_order=2,
         description="SDE-DPM-Solver++ multistep (2M SDE, 3M SDE); eta = 0 is the ODE solver, "
@@ -228,43 +215,55 @@ register(
             {"order": 3},
             {"order": 2, "eta": 0.5},
         ),
-        options=("eta", "variant", "third_order"),
     ),
     aliases={"dpmpp_2m_sde": {"order": 2}, "dpmpp_3m_sde": {"order": 3}, "ddpm": {"order": 1}},
 )
 register(
     SolverInfo(
         name="dpmpp_2s_sde",
-        build=lambda **kw: SinglestepSDESolver(**kw),
+        cls=SinglestepSDESolver,
+        fixed={"form": Form.DATA},
         orders=(1, 2),
         default_order=2,
         description="SDE-DPM-Solver++(2S) singlestep with Brownian-consistent noise",
         reference="Lu et al. 2022, DPM-Solver++ App. B; DPM-Solver-v3 App. (SDE singlestep)",
         configurations=({"order": 2}, {"order": 2, "eta": 0.5}),
-        options=("eta", "r1"),
     )
 )
 register(
     SolverInfo(
         name="euler_ancestral",
-        build=lambda **kw: AncestralSolver(base="ddim", **kw),
+        cls=AncestralSolver,
+        fixed={"base": "ddim"},
         orders=(1,),
         default_order=1,
         description="Euler ancestral (k-diffusion): DDIM to sigma_down plus sigma_up noise",
         reference="Karras et al. 2022 / k-diffusion sample_euler_ancestral",
         configurations=({"order": 1},),
-        options=("eta",),
     )
 )
 register(
     SolverInfo(
         name="dpmpp_2s_ancestral",
-        build=lambda **kw: AncestralSolver(base="dpmpp_2s", **kw),
+        cls=AncestralSolver,
+        fixed={"base": "dpmpp_2s"},
         orders=(1, 2),
         default_order=2,
         description="DPM-Solver++(2S) ancestral (k-diffusion)",
         reference="Lu et al. 2022, DPM-Solver++ Alg. 1; k-diffusion sample_dpmpp_2s_ancestral",
         configurations=({"order": 2},),
-        options=("eta",),
+    )
+)
+register(
+    SolverInfo(
+        name="dpm_2_ancestral",
+        cls=AncestralSolver,
+        fixed={"base": "dpm_2"},
+        orders=(1, 2),
+        default_order=2,
+        description="DPM-Solver-2 ancestral (k-diffusion): noise-prediction DPM-Solver-2 "
+        "(r1 = 1/2) to sigma_down plus sigma_up noise",
+        reference="Lu et al. 2022, DPM-Solver Alg. 1; k-diffusion sample_dpm_2_ancestral",
+        configurations=({"order": 2},),
     )
 )

@@ -27,10 +27,11 @@ from typing import Any, Literal
 from torch import Tensor
 
 from .._validate import check_choice, check_int
-from .base import Form, Solver, StepContext, combine, first_order_step, phi_functions
-from .registry import FORM_FAMILIES, SolverInfo, family, register
+from .base import Form, StepContext, combine, first_order_step, phi_functions
+from .registry import FORM_FAMILIES, SolverInfo, register
+from .shapes import SinglestepSolver
 
-__all__ = ["FastDPMSolver", "SinglestepDPMSolver", "singlestep_plan", "singlestep_update"]
+__all__ = ["FastDPMSolver", "SinglestepDPMSolver", "fast_orders", "singlestep_update"]
 
 Variant = Literal["midpoint", "heun"]
 
@@ -92,7 +93,7 @@ def singlestep_update(
 
 
 @dataclass(frozen=True)
-class SinglestepDPMSolver(Solver):
+class SinglestepDPMSolver(SinglestepSolver):
     """Singlestep DPM-Solver++ (``Form.DATA``) / DPM-Solver (``Form.NOISE``) of fixed order.
 
     A step of order k costs k evaluations. With ``nfe=`` the budget must fit whole steps;
@@ -105,8 +106,6 @@ class SinglestepDPMSolver(Solver):
         r1, r2: intermediate points as fractions of the step in lambda (defaults 1/2 for
             order 2; 1/3 and 2/3 for order 3).
     """
-
-    kind = "singlestep"
 
     order: int = 2
     form: Form = Form.DATA
@@ -125,15 +124,9 @@ class SinglestepDPMSolver(Solver):
         """Intermediate points ``(r1, r2)`` used by a step of ``order``."""
         if order == 2:
             return (0.5 if self.r1 is None else self.r1), 1.0
-        return (1.0 / 3.0 if self.r1 is None else self.r1), (2.0 / 3.0 if self.r2 is None else self.r2)
-
-    def evals_per_step(self, order: int) -> int:
-        return order
-
-    def plan(
-        self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool
-    ) -> list[int]:
-        return singlestep_plan(self.order, steps=steps, nfe=nfe, final_zero=final_zero)
+        return (1.0 / 3.0 if self.r1 is None else self.r1), (
+            2.0 / 3.0 if self.r2 is None else self.r2
+        )
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         r1, r2 = self.fractions(ctx.order)
@@ -141,27 +134,6 @@ class SinglestepDPMSolver(Solver):
             ctx, self.form, x, x0, ctx.order, r1=r1, r2=r2, variant=self.variant
         )
         return x_t, state
-
-
-def singlestep_plan(k: int, *, steps: int | None, nfe: int | None, final_zero: bool) -> list[int]:
-    """Every step at order ``k`` (``k`` evaluations each); a final step to ``sigma = 0`` is
-    the loop's one-evaluation data-prediction step. Given ``nfe``, the budget must fit."""
-    if steps is None:
-        assert nfe is not None
-        body = nfe - 1 if final_zero else nfe
-        if body % k != 0:
-            raise ValueError(
-                f"nfe={nfe} cannot be spent by whole order-{k} singlestep steps"
-                f"{' plus the final step to sigma=0' if final_zero else ''}; pass steps=, "
-                "or use a 'fast' solver, which mixes orders to spend any budget"
-            )
-        steps = body // k + (1 if final_zero else 0)
-        if steps < 1:
-            raise ValueError(f"nfe={nfe} is too small")
-    orders = [k] * steps
-    if final_zero:
-        orders[-1] = 1
-    return orders
 
 
 def fast_orders(nfe: int, order: int) -> list[int]:
@@ -200,7 +172,9 @@ class FastDPMSolver(SinglestepDPMSolver):
         self, *, steps: int | None, nfe: int | None, final_zero: bool, lower_order_final: bool
     ) -> list[int]:
         if nfe is None:
-            return super().plan(steps=steps, nfe=None, final_zero=final_zero, lower_order_final=False)
+            return super().plan(
+                steps=steps, nfe=None, final_zero=final_zero, lower_order_final=False
+            )
         budget = check_int("nfe", nfe, minimum=1)
         orders = fast_orders(budget, self.order)
         if final_zero and orders[-1] != 1:
@@ -212,10 +186,12 @@ for _prefix, _form, _label in FORM_FAMILIES:
     register(
         SolverInfo(
             name=f"{_prefix}_singlestep",
-            build=family(_form, SinglestepDPMSolver),
+            cls=SinglestepDPMSolver,
+            fixed={"form": _form},
             orders=(1, 2, 3),
             default_order=2,
-            description=f"{_label} singlestep ({_form.value} prediction), order k costs k evaluations",
+            description=f"{_label} singlestep ({_form.value} prediction), order k costs k "
+            "evaluations",
             reference="Lu et al. 2022, DPM-Solver Alg. 1-2; DPM-Solver++ Alg. 1 (2S)",
             configurations=(
                 {"order": 1},
@@ -224,19 +200,18 @@ for _prefix, _form, _label in FORM_FAMILIES:
                 {"order": 3, "variant": "midpoint"},
                 {"order": 3, "variant": "heun"},
             ),
-            options=("variant", "r1", "r2"),
         ),
         aliases={f"{_prefix}_2s": {"order": 2}, f"{_prefix}_3s": {"order": 3}},
     )
     register(
         SolverInfo(
             name=f"{_prefix}_fast",
-            build=family(_form, FastDPMSolver),
+            cls=FastDPMSolver,
+            fixed={"form": _form},
             orders=(2, 3),
             default_order=3,
             description=f"{_label}-fast: singlestep orders mixed to spend exactly the NFE budget",
             reference="Lu et al. 2022, DPM-Solver Sec. 3.4, App. D.2",
             configurations=({"order": 2}, {"order": 3}),
-            options=("variant", "r1", "r2"),
         )
     )

@@ -41,39 +41,13 @@ from torch import Tensor
 
 from .._validate import check_choice
 from ..schedules import Knot
-from .base import (
-    Form,
-    Solver,
-    StepContext,
-    combine,
-    exponential_moments,
-    first_order_step,
-    lagrange_weights,
-)
-from .multistep import history_order
+from .base import Form, StepContext, combine, exponential_moments, lagrange_weights
 from .registry import SolverInfo, register
+from .shapes import MultistepSolver, MultistepState
 
-__all__ = ["UniPC", "UniPCState", "uni_update"]
+__all__ = ["UniPC", "uni_update"]
 
 Variant = Literal["bh1", "bh2"]
-
-
-@dataclass(frozen=True)
-class UniPCState:
-    """History of a UniPC run.
-
-    Attributes:
-        knots: starts of the last steps (newest first).
-        preds: the form's predictions there (made at the uncorrected states).
-        x_prev: the (corrected) state the last predictor started from, at ``knots[0]``;
-            None when there is nothing to correct.
-        prev_order: order of the last predictor step (the next corrector's p).
-    """
-
-    knots: tuple[Knot, ...] = ()
-    preds: tuple[Tensor, ...] = ()
-    x_prev: Tensor | None = None
-    prev_order: int = 0
 
 
 def uni_update(
@@ -103,7 +77,7 @@ def uni_update(
 
 
 @dataclass(frozen=True)
-class UniPC(Solver):
+class UniPC(MultistepSolver):
     """UniPC-p (predictor UniP-p with corrector UniC-p), multistep, one evaluation per step.
 
     Args:
@@ -134,47 +108,48 @@ class UniPC(Solver):
     def claimed_order(self) -> float:
         return float(self.order + 1 if self.use_corrector else self.order)
 
-    def init_state(self) -> UniPCState:
-        return UniPCState()
+    def history_form(self) -> Form:
+        return self.form
 
-    def step(
-        self, ctx: StepContext, x: Tensor, x0: Tensor, state: UniPCState
-    ) -> tuple[Tensor, UniPCState]:
-        s, t = ctx.s, ctx.t
-        # The model output at the incoming (predicted, uncorrected) state: used by the
-        # corrector below and, unchanged, by this step's predictor.
-        m0 = self.form.prediction(x0, x, s)
+    @property
+    def history_size(self) -> int:
+        # The corrector of the next step needs this step's p - 1 old predictions too.
+        return self.order if self.use_corrector else self.order - 1
+
+    def correct(self, ctx: StepContext, x: Tensor, m0: Tensor, state: MultistepState) -> Tensor:
+        """UniC-p: correct the incoming (predicted) state with the model output there
+        (``m0``, which this step's predictor reuses unchanged)."""
         if (
-            self.use_corrector
-            and state.x_prev is not None
-            and math.isfinite(state.knots[0].lam)
-            and math.isfinite(s.lam)
+            not self.use_corrector
+            or state.x_prev is None
+            or not math.isfinite(state.knots[0].lam)
+            or not math.isfinite(ctx.s.lam)
         ):
-            p = state.prev_order
-            others = [*zip(state.knots[1:p], state.preds[1:p], strict=True), (s, m0)]
-            x = uni_update(
-                self.form, self.variant, state.x_prev, state.knots[0], s, state.preds[0], others
-            )
-        k = history_order(ctx.order, s, [kn.lam for kn in state.knots])
-        if k == 1:
-            x_t = first_order_step(self.form, x, x0, m0, s, t)
-        else:
-            history = list(zip(state.knots[: k - 1], state.preds[: k - 1], strict=True))
-            x_t = uni_update(self.form, self.variant, x, s, t, m0, history)
-        keep = self.order if self.use_corrector else self.order - 1
-        new_state = UniPCState(
-            knots=(s, *state.knots)[:keep],
-            preds=(m0, *state.preds)[:keep],
-            x_prev=x if self.use_corrector else None,
-            prev_order=k,
+            return x
+        p = state.prev_order
+        others = [*zip(state.knots[1:p], state.preds[1:p], strict=True), (ctx.s, m0)]
+        return uni_update(
+            self.form, self.variant, state.x_prev, state.knots[0], ctx.s, state.preds[0], others
         )
-        return x_t, new_state
+
+    def update(
+        self, ctx: StepContext, k: int, x: Tensor, m0: Tensor, state: MultistepState
+    ) -> Tensor:
+        """UniP-k from the (corrected) state."""
+        history = list(zip(state.knots[: k - 1], state.preds[: k - 1], strict=True))
+        return uni_update(self.form, self.variant, x, ctx.s, ctx.t, m0, history)
+
+    def remember(
+        self, state: MultistepState, s: Knot, m0: Tensor, x: Tensor, k: int
+    ) -> MultistepState:
+        x_prev = x if self.use_corrector else None
+        return state.push(s, m0, self.history_size, x_prev=x_prev, order=k)
 
 
 register(
     SolverInfo(
         name="unipc",
-        build=UniPC,
+        cls=UniPC,
         orders=(1, 2, 3),
         default_order=2,
         description="UniPC-p: multistep predictor UniP-p + corrector UniC-p reusing the new "
@@ -192,7 +167,6 @@ register(
             {"order": 2, "variant": "bh2", "form": "noise"},
             {"order": 3, "variant": "bh2", "form": "noise"},
         ),
-        options=("variant", "use_corrector", "form"),
     ),
     aliases={"unipc_bh1": {"variant": "bh1"}, "unipc_bh2": {"variant": "bh2"}},
 )

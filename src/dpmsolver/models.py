@@ -1,0 +1,166 @@
+"""Loading models: the built-in ones, local diffusers model directories and factories.
+
+:func:`load_model` turns a ``--model`` value into a :class:`~dpmsolver.model.LoadedModel`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .analytic import MixtureNetwork, default_mixture
+from .frontends.diffusers_grid import (
+    prediction_from_diffusers_config,
+    schedule_from_diffusers_config,
+)
+from .model import LoadedModel
+from .schedules import DiscreteVPSchedule
+
+__all__ = ["BUILTIN", "exact_model", "load_builtin", "load_diffusers_dir", "load_model"]
+
+#: The names of the models shipped with the package.
+BUILTIN = ("builtin",)
+
+
+def load_builtin(device: torch.device) -> LoadedModel:
+    """The shipped digits model (8x8, 10 classes, eps prediction, SD schedule)."""
+    from .digits import DIGITS_SCHEDULE, load_default_model
+
+    net = load_default_model(device=device)
+    sched = DiscreteVPSchedule(
+        beta_schedule=DIGITS_SCHEDULE["beta_schedule"],
+        beta_start=DIGITS_SCHEDULE["beta_start"],
+        beta_end=DIGITS_SCHEDULE["beta_end"],
+        num_train_timesteps=DIGITS_SCHEDULE["num_train_timesteps"],
+    )
+    size, ch = DIGITS_SCHEDULE["image_size"], DIGITS_SCHEDULE["channels"]
+    return LoadedModel(
+        net,
+        sched,
+        DIGITS_SCHEDULE["prediction"],
+        (ch, size, size),
+        num_classes=10,
+        null_label=DIGITS_SCHEDULE["null_label"],
+        name="built-in digits",
+    )
+
+
+def load_diffusers_dir(
+    path: Path, device: torch.device, *, null_label: int | None = None
+) -> LoadedModel:
+    """A local diffusers model directory holding ``unet/`` (``UNet2DModel``, optionally
+    class-conditional) and ``scheduler/`` with a DDPM-style beta schedule.
+
+    A class-conditional ``UNet2DModel`` (``num_class_embeds = K``) records no label that
+    means "no class", so classifier-free guidance needs ``null_label``: the embedding the
+    model was trained with for dropped labels. It must be the last one, ``K - 1``; the
+    classes are then ``0 .. K-2`` (the layout of the built-in model, DiT and most
+    class-conditional training scripts). Other layouts: load the model with a
+    ``module:function`` factory that builds the :class:`~dpmsolver.model.LoadedModel`."""
+    if not path.is_dir():
+        raise ValueError(f"--model {str(path)!r}: no such directory")
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError("--model DIR needs diffusers: pip install diffusers") from None
+    unet_dir, cfg_file = path / "unet", path / "scheduler" / "scheduler_config.json"
+    if not unet_dir.is_dir() or not cfg_file.is_file():
+        raise ValueError(
+            f"--model {str(path)!r} must contain unet/ and scheduler/scheduler_config.json"
+        )
+    cfg = json.loads(cfg_file.read_text())
+    from diffusers.utils import is_accelerate_available
+
+    # Without accelerate, diffusers' default (low_cpu_mem_usage=True) prints a six-line
+    # warning before falling back to False; ask for what it can do.
+    unet = (
+        diffusers.UNet2DModel.from_pretrained(
+            str(unet_dir), low_cpu_mem_usage=is_accelerate_available()
+        )
+        .to(device)
+        .eval()
+    )
+    sched = schedule_from_diffusers_config(cfg)
+    pred = prediction_from_diffusers_config(cfg)
+    num_classes = unet.config.get("num_class_embeds")
+    if null_label is not None:
+        if num_classes is None:
+            raise ValueError(
+                f"--null-label: the model in {str(path)!r} is not class-conditional "
+                "(its unet has no num_class_embeds)"
+            )
+        if null_label != num_classes - 1:
+            raise ValueError(
+                f"--null-label {null_label}: the null label must be the model's last class "
+                f"embedding, {num_classes - 1} (classes 0..{num_classes - 2}); for another "
+                "layout load the model with --model module:function"
+            )
+        num_classes -= 1
+
+    def network(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return unet(x, t, class_labels=y).sample
+
+    c, s = int(unet.config.in_channels), int(unet.config.sample_size)
+    return LoadedModel(
+        network,
+        sched,
+        pred,
+        (c, s, s),
+        num_classes=num_classes,
+        null_label=null_label,
+        name=str(path),
+    )
+
+
+def exact_model(device: torch.device | str = "cpu") -> LoadedModel:
+    """The exact Gaussian-mixture "network" in the built-in model's format (1x8x8 samples,
+    10 classes with null label 10, Stable Diffusion's discrete schedule, eps prediction):
+    a stand-in without weights for tests and benchmarks
+    (``--model dpmsolver.models:exact_model``). ``device`` is unused: it computes on the
+    input's device."""
+    schedule = DiscreteVPSchedule()
+    mix = default_mixture(dim=64, num_classes=10, components_per_class=2, seed=0, shape=(1, 8, 8))
+    return LoadedModel(
+        MixtureNetwork(mix, schedule, "eps"),
+        schedule,
+        "eps",
+        (1, 8, 8),
+        num_classes=10,
+        null_label=10,
+        name="exact mixture (8x8, 10 classes)",
+    )
+
+
+def load_model(spec: str, device: torch.device, *, null_label: int | None = None) -> LoadedModel:
+    """``"builtin"``, a diffusers model directory, or ``module:function`` (a factory called
+    with the device, returning a :class:`~dpmsolver.model.LoadedModel`). ``null_label``
+    applies to a model directory only (:func:`load_diffusers_dir`); the other kinds name
+    their own."""
+    path = Path(spec)
+    is_dir = spec not in BUILTIN and (path.is_dir() or ":" not in spec)
+    if null_label is not None and not is_dir:
+        raise ValueError(
+            f"--null-label applies to a diffusers model directory only; --model {spec!r} "
+            "names its own null label"
+        )
+    if spec in BUILTIN:
+        return load_builtin(device)
+    if is_dir:
+        return load_diffusers_dir(path, device, null_label=null_label)
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"--model {spec!r}: use 'builtin', a diffusers model directory, or module:function"
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--model {spec!r}: cannot import it ({e})") from None
+    model = factory(device)
+    if not isinstance(model, LoadedModel):
+        raise ValueError(f"--model {spec!r} must return a LoadedModel, got {type(model).__name__}")
+    return model

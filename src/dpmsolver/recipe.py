@@ -1,0 +1,230 @@
+"""A complete solver configuration, and the named policies that choose one.
+
+A :class:`Recipe` is everything about *how* to integrate, apart from the model: the solver
+and its options, the time grid and where it ends, and how the last step is taken
+(the counterpart of a diffusers scheduler config). :meth:`Recipe.plan` turns it, a
+schedule and a budget into a :class:`~dpmsolver.plan.Plan`.
+
+A *policy* turns a request (budget, guidance scale, schedule) into a recipe; ``"auto"``
+is one (:mod:`dpmsolver.auto` registers it). :func:`resolve` is what
+:func:`dpmsolver.sample` calls with its ``solver`` argument, so sampling does not depend on
+any policy's table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from ._validate import check_choice, check_int
+from .loop import FinalStepKind
+from .plan import Plan, make_plan, solver_orders
+from .schedules import NoiseSchedule
+from .solvers import AdaptiveSolver, Solver, get_solver
+from .timegrid import (
+    GRID_KINDS,
+    Final,
+    GridKind,
+    TimeGrid,
+    default_grid,
+    grid_from_sigmas,
+    grid_from_timesteps,
+    make_grid,
+)
+
+__all__ = [
+    "POLICIES",
+    "Policy",
+    "PolicyRequest",
+    "Recipe",
+    "RecipeSource",
+    "register_policy",
+    "resolve",
+]
+
+DEFAULT_STEPS = 20
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete sampler configuration.
+
+    Attributes:
+        solver: registry name or alias.
+        options: solver options (``order`` included).
+        grid: time-grid kind (None: the schedule family's,
+            :func:`~dpmsolver.timegrid.default_grid`); ``rho`` its exponent where it has one.
+        sigma_end: k-diffusion sigma (sigma/alpha) of the last noisy knot, or None for
+            ``t_end`` / the schedule's ``t_min``; stopping earlier pays off when
+            evaluations are scarce.
+        final_step: ``"denoise"`` or ``"extrapolate"`` (see :class:`dpmsolver.loop.FinalStep`).
+        t_start: first time (default: the schedule's ``t_max``).
+        t_end: last noisy time (default: ``sigma_end``, else the schedule's ``t_min``).
+        final: ``"zero"`` (default) ends with the data-prediction step to sigma = 0;
+            ``"t_min"`` stops at the last noisy knot.
+        lower_order_final: lower the last orders (default: below 15 steps).
+        timesteps: fixed noisy knots (schedule times, first to last) instead of a grid
+            kind; the recipe then spends what its solver plans for them (a tuned profile's
+            knots, :mod:`dpmsolver.tune`).
+    """
+
+    solver: str = "dpmpp_2m"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    grid: GridKind | None = None
+    rho: float | None = None
+    sigma_end: float | None = None
+    final_step: FinalStepKind = "denoise"
+    t_start: float | None = None
+    t_end: float | None = None
+    final: Final = "zero"
+    lower_order_final: bool | None = None
+    timesteps: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.grid is not None:
+            check_choice("grid", self.grid, GRID_KINDS)
+        check_choice("final", self.final, ("zero", "t_min"))
+        check_choice("final_step", self.final_step, ("denoise", "extrapolate"))
+        if self.t_end is not None and self.sigma_end is not None:
+            raise ValueError("give at most one of t_end and sigma_end")
+
+    def build_solver(self) -> Solver:
+        """The solver (``options`` may hold its ``order``)."""
+        options = dict(self.options)
+        return get_solver(self.solver, options.pop("order", None), **options)
+
+    def end_time(self, schedule: NoiseSchedule) -> float | None:
+        """The last noisy time on ``schedule``: ``t_end``, or ``sigma_end`` as a time
+        (clamped to the schedule's range), or None for the schedule's own."""
+        if self.t_end is not None or self.sigma_end is None:
+            return self.t_end
+        t = schedule.knot_at_lambda(-math.log(self.sigma_end)).t
+        return min(max(t, schedule.t_min), schedule.t_max)
+
+    def plan(
+        self,
+        schedule: NoiseSchedule,
+        *,
+        steps: int | None = None,
+        nfe: int | None = None,
+        timesteps: Sequence[float] | Tensor | None = None,
+        sigmas: Sequence[float] | Tensor | None = None,
+        solver: Solver | None = None,
+    ) -> Plan:
+        """The plan on ``schedule`` for ``steps`` grid steps or an ``nfe`` budget (default
+        20 steps), or through custom ``timesteps`` (schedule times) / ``sigmas``
+        (k-diffusion sigmas with an optional trailing 0). ``solver`` overrides the built one."""
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        solver = self.build_solver() if solver is None else solver
+        if self.timesteps is not None:
+            if timesteps is not None or sigmas is not None:
+                raise ValueError("the recipe fixes its knots: do not pass timesteps or sigmas")
+            timesteps = self.timesteps
+        custom = timesteps is not None or sigmas is not None
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("give at most one of timesteps and sigmas")
+        if steps is not None and nfe is not None:
+            raise ValueError("give at most one of steps and nfe")
+        if steps is not None:
+            check_int("steps", steps, minimum=1)
+        if nfe is not None:
+            check_int("nfe", nfe, minimum=1)
+        ends = {"t_start": self.t_start, "t_end": self.end_time(schedule)}
+        if isinstance(solver, AdaptiveSolver):
+            if steps is not None or nfe is not None or custom:
+                raise ValueError(
+                    "adaptive solvers choose their own steps: do not pass steps, nfe, "
+                    "timesteps or sigmas (tune rtol/atol)"
+                )
+            g = make_grid(
+                schedule, 2 if self.final == "zero" else 1, "logsnr", final=self.final, **ends
+            )
+            return make_plan(
+                solver, g, solver_orders(solver, steps=g.steps, final_zero=g.final_zero)
+            )
+        grid: TimeGrid | None = None
+        if custom:
+            if steps is not None or nfe is not None:
+                raise ValueError("steps/nfe are implied by timesteps/sigmas; do not pass both")
+            if sigmas is not None:
+                grid = grid_from_sigmas(schedule, sigmas)
+            else:
+                assert timesteps is not None
+                grid = grid_from_timesteps(schedule, timesteps, final=self.final)
+            steps = grid.steps
+        if steps is None and nfe is None:
+            steps = DEFAULT_STEPS
+        final_zero = grid.final_zero if grid is not None else self.final == "zero"
+        orders = solver_orders(
+            solver,
+            steps=steps,
+            nfe=None if custom else nfe,
+            final_zero=final_zero,
+            lower_order_final=self.lower_order_final,
+        )
+        if grid is None:
+            kind = self.grid if self.grid is not None else default_grid(schedule)
+            grid = make_grid(schedule, len(orders), kind, final=self.final, rho=self.rho, **ends)
+        return make_plan(solver, grid, orders)
+
+    def describe(self) -> str:
+        """One line for logs and tables."""
+        opts = "".join(f" {k}={v}" for k, v in self.options.items())
+        extra = f" rho={self.rho}" if self.rho is not None else ""
+        stop = f" sigma_end={self.sigma_end}" if self.sigma_end is not None else ""
+        return f"{self.solver}{opts} [{self.grid}{extra}]{stop} final={self.final_step}"
+
+
+# ----------------------------------------------------------------------------------------
+# Policies
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyRequest:
+    """What a policy may base its choice on.
+
+    Attributes:
+        nfe: the evaluation budget.
+        guidance_scale: the classifier-free guidance scale (the largest, if per sample).
+        schedule: the model's schedule.
+    """
+
+    nfe: int
+    guidance_scale: float
+    schedule: NoiseSchedule
+
+
+Policy = Callable[[PolicyRequest], Recipe]
+
+
+class RecipeSource(Protocol):
+    """Recipes fitted to one model (:class:`dpmsolver.tune.Profile`): the recipe for a
+    budget and guidance scale, checked against the schedule and prediction it was made
+    for."""
+
+    def recipe(
+        self, nfe: int, guidance_scale: float, schedule: NoiseSchedule, prediction: str
+    ) -> Recipe: ...
+
+
+POLICIES: dict[str, Policy] = {}
+
+
+def register_policy(name: str, policy: Policy) -> None:
+    """Make ``solver=name`` resolve through ``policy``."""
+    POLICIES[name] = policy
+
+
+def resolve(solver: str | Recipe, request: PolicyRequest) -> Recipe:
+    """The recipe for ``solver``: a recipe as given, a policy's choice, or a registry name."""
+    if isinstance(solver, Recipe):
+        return solver
+    if solver in POLICIES:
+        return POLICIES[solver](request)
+    return Recipe(solver)

@@ -1,0 +1,897 @@
+"""Fitting the sampler to one model: ``solver="auto"`` calibrated on pilot noises.
+
+No fixed recipe is best for every model: the best solver, grid and time steps for a budget
+depend on the model and the guidance scale (measured: a table chosen on two problems was up
+to 41x the best peer on problems it never saw). Every strong few-step method fits something
+per model: GITS (dynamic programming over time steps from pilot trajectories), LD3 (learned
+discretization from ~100 samples, validated on a held-out half), Align Your Steps,
+DPM-Solver-v3's statistics. :func:`tune` does the training-free part of that on the user's
+own model, guidance included:
+
+1. *Reference.* The exact probability-flow ODE solution from every pilot noise (adaptive
+   Dormand-Prince, :func:`dpmsolver.analytic.exact_sample`), solved at two tolerances; the
+   tighter is the target, their difference is reported as its error, and the tolerance is
+   tightened until that error is at least 10x below the best candidate's.
+2. The pilot is split: even rows calibrate, odd rows are held out. Every stage below is
+   kept only if it also helps the held-out half (:func:`paired_better`: lower RMS error and
+   a lower median of the per-sample log-ratios, so a few samples cannot carry it) and no
+   held-out sample ends farther from its reference than the data's spread.
+3. *(a) Selection* among deterministic registered solvers x grid families: every candidate
+   is screened on a few calibration rows, the best few on all of them; the winner must beat
+   the default recipe (:mod:`dpmsolver.auto`).
+4. *(b) Time steps*, for the selected solver: dynamic programming over a fine log-SNR grid
+   of the reference trajectories in which every candidate step is the solver's own step
+   from the best path's own state (as the "optimal stepsize" search does; GITS, Chen et al.
+   2024, scores first-order local errors instead, which here gave knots 3x worse than the
+   solver's default grid), which also chooses where the grid stops before the final
+   data-prediction step; then Nelder-Mead on the log-SNR increments against the solver's
+   actual error (as optimized time steps, Xue et al. 2024), from the better of those knots
+   and the solver's own grid.
+5. Otherwise the default recipe stays.
+
+The result is a :class:`Profile`: per (guidance, budget) the chosen solver, its options and
+the exact knots, with the calibration and held-out errors and the cost. Use it with
+``sample(..., solver="auto", nfe=n, profile=profile)``, the diffusers scheduler
+(``profile=``) or the k-diffusion functions (``profile.sigmas(n, guidance)``); save it with
+:meth:`Profile.save`. Needs scipy (Nelder-Mead): ``pip install scipy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._validate import check_finite_float, check_int
+from ._version import __version__
+from .analytic import reference_solve
+from .denoiser import Denoiser, Network
+from .io import atomic_write_text
+from .loop import NonFiniteError, solve
+from .parameterization import PREDICTIONS, Prediction
+from .plan import solver_orders, step_order
+from .progress import Progress
+from .recipe import PolicyRequest, Recipe, resolve
+from .sampling import SampleOptions, build_denoiser
+from .schedules import Knot, NoiseSchedule
+from .solvers import MultistepSolver, StepContext
+from .timegrid import make_grid
+
+__all__ = [
+    "DEFAULT_BUDGETS",
+    "PROFILE_FORMAT",
+    "BudgetChoice",
+    "Profile",
+    "ProfileMismatchError",
+    "TuneOptions",
+    "paired_better",
+    "schedule_fingerprint",
+    "tune",
+]
+
+PROFILE_FORMAT = "dpmsolver-profile/1"
+#: The budgets :func:`tune` fits by default.
+DEFAULT_BUDGETS: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25)
+
+#: Candidates of stage (a): one configuration per deterministic method family and order.
+TUNE_SOLVERS: tuple[tuple[str, Mapping[str, Any]], ...] = (
+    ("ddim", {}),
+    ("dpmpp_multistep", {"order": 2}),
+    ("dpmpp_multistep", {"order": 3}),
+    ("dpm_multistep", {"order": 2}),
+    ("dpm_multistep", {"order": 3}),
+    ("unipc", {"order": 1}),
+    ("unipc", {"order": 2}),
+    ("unipc", {"order": 3}),
+    ("unipc", {"order": 2, "form": "noise"}),
+    ("unipc", {"order": 3, "form": "noise"}),
+    ("deis", {"order": 3}),
+    ("ipndm", {"order": 3, "coefficients": "fixed"}),
+    ("ipndm", {"order": 4}),
+    ("dpmpp_singlestep", {"order": 2}),
+    ("dpmpp_fast", {"order": 3}),
+    ("heun", {}),
+)
+#: Grid families of stage (a).
+TUNE_GRIDS: tuple[tuple[str, float | None], ...] = (
+    ("logsnr", None),
+    ("time_uniform", None),
+    ("time_quadratic", None),
+    ("karras", 7.0),
+)
+
+
+class ProfileMismatchError(ValueError):
+    """A profile was made for another schedule or prediction than it is used with."""
+
+
+def schedule_fingerprint(schedule: NoiseSchedule) -> dict[str, Any]:
+    """What identifies a schedule: its class, its time range, and a sha256 of lambda and the
+    network time on 257 points of the range."""
+    ts = torch.linspace(schedule.t_min, schedule.t_max, 257, dtype=torch.float64)
+    h = hashlib.sha256()
+    for part in (
+        torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64),
+        schedule.lambda_(ts),
+        schedule.model_time(ts),
+    ):
+        h.update(part.contiguous().numpy().tobytes())
+    return {
+        "type": type(schedule).__name__,
+        "t_min": schedule.t_min,
+        "t_max": schedule.t_max,
+        "sha256": h.hexdigest(),
+    }
+
+
+def _rms(a: Tensor, b: Tensor) -> float:
+    if not bool(torch.isfinite(a).all()):
+        return math.inf
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+def _per_sample(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample RMS error (inf where a sample is not finite)."""
+    d = (a.double() - b.double()).flatten(1)
+    err = d.pow(2).mean(1).sqrt()
+    return torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
+
+
+def paired_better(new: Tensor, old: Tensor) -> bool:
+    """Whether per-sample errors ``new`` improve on ``old`` for the same samples: a lower
+    RMS and a lower median of the per-sample log-ratios (both, so neither a few samples nor
+    a typical-sample gain that the RMS does not see decides alone)."""
+    if not bool(torch.isfinite(new).all()):
+        return False
+    rms_new, rms_old = float(new.pow(2).mean().sqrt()), float(old.pow(2).mean().sqrt())
+    ratios = torch.log(new.clamp_min(1e-300) / old.clamp_min(1e-300))
+    return rms_new < rms_old and float(ratios.median()) < 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# The profile
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What :func:`tune` chose for one guidance scale and budget.
+
+    Attributes:
+        nfe: the budget (network evaluations per sample).
+        guidance_scale: the classifier-free guidance scale.
+        solver, options: the solver (registry name) and its options (order included).
+        grid, rho, sigma_end, final_step: the recipe's grid, as
+            :class:`~dpmsolver.recipe.Recipe` (used when ``times`` is None).
+        times: schedule times of the fitted noisy knots, first to last (None: the grid's);
+            the run ends with the data-prediction step to sigma = 0.
+        stage: what the choice came from: ``"default"``, ``"selection"`` or ``"steps"``.
+        calibration_error, heldout_error: RMS error to the reference on the calibration and
+            held-out halves of the pilot.
+        default_heldout_error: the default recipe's held-out error, for comparison.
+        evaluations, seconds: what tuning this budget cost.
+    """
+
+    nfe: int
+    guidance_scale: float
+    solver: str
+    options: Mapping[str, Any]
+    grid: str | None
+    rho: float | None
+    sigma_end: float | None
+    final_step: str
+    times: tuple[float, ...] | None
+    stage: str
+    calibration_error: float
+    heldout_error: float
+    default_heldout_error: float
+    evaluations: int = 0
+    seconds: float = 0.0
+
+    def recipe(self) -> Recipe:
+        """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
+        return Recipe(
+            self.solver,
+            dict(self.options),
+            grid=self.grid,  # type: ignore[arg-type]
+            rho=self.rho,
+            sigma_end=self.sigma_end,
+            final_step=self.final_step,  # type: ignore[arg-type]
+            timesteps=self.times,
+        )
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A sampler fitted to one model (:func:`tune`), per guidance scale and budget.
+
+    Attributes:
+        schedule: the schedule's fingerprint (:func:`schedule_fingerprint`).
+        prediction: what the network predicts.
+        choices: one :class:`BudgetChoice` per (guidance scale, budget).
+        pilot: pilot noises used (half for calibration, half held out).
+        reference_rtol, reference_error: the reference's tolerance and its estimated RMS
+            error (the difference to a solve at a 10x looser tolerance).
+        evaluations, seconds: the whole tuning cost (reference included).
+        library_version: the dpmsolver version that made it.
+    """
+
+    schedule: Mapping[str, Any]
+    prediction: Prediction
+    choices: tuple[BudgetChoice, ...]
+    pilot: int
+    reference_rtol: float
+    reference_error: float
+    evaluations: int
+    seconds: float
+    library_version: str = __version__
+    format: str = PROFILE_FORMAT
+
+    # -------------------------------------------------------------- use
+
+    def check(self, schedule: NoiseSchedule, prediction: str) -> None:
+        """Raise :class:`ProfileMismatchError` naming both sides unless this profile was
+        made for ``schedule`` and ``prediction``."""
+        theirs = schedule_fingerprint(schedule)
+        if theirs["sha256"] != self.schedule["sha256"] or prediction != self.prediction:
+            raise ProfileMismatchError(
+                f"the profile was made for {self.schedule['type']} (sha256 "
+                f"{self.schedule['sha256'][:12]}) with prediction={self.prediction!r}, but it is "
+                f"used with {theirs['type']} (sha256 {theirs['sha256'][:12]}) with "
+                f"prediction={prediction!r}; tune again for this model"
+            )
+
+    def choice(self, nfe: int, guidance_scale: float) -> BudgetChoice | None:
+        """The choice for this budget and guidance scale, or None."""
+        for c in self.choices:
+            if c.nfe == nfe and math.isclose(c.guidance_scale, guidance_scale, rel_tol=1e-9):
+                return c
+        return None
+
+    def recipe(
+        self, nfe: int, guidance_scale: float, schedule: NoiseSchedule, prediction: str
+    ) -> Recipe:
+        """The recipe for ``nfe`` evaluations at ``guidance_scale`` on ``schedule``; where
+        the profile has no such budget or guidance scale, the default policy's recipe with
+        a warning naming what the profile holds."""
+        self.check(schedule, prediction)
+        c = self.choice(nfe, guidance_scale)
+        if c is not None:
+            return c.recipe()
+        held = ", ".join(f"(w={x.guidance_scale:g}, nfe={x.nfe})" for x in self.choices)
+        warnings.warn(
+            f"the profile has no choice for nfe={nfe} at guidance {guidance_scale:g} (it holds "
+            f"{held}); using the default solver='auto' recipe",
+            stacklevel=3,
+        )
+        return resolve("auto", PolicyRequest(nfe, guidance_scale, schedule))
+
+    def sigmas(self, nfe: int, guidance_scale: float, schedule: NoiseSchedule) -> list[float]:
+        """The chosen knots as k-diffusion sigmas ``sigma / alpha``, ending with 0 (for the
+        k-diffusion-style functions)."""
+        c = self.choice(nfe, guidance_scale)
+        if c is None:
+            raise KeyError(f"the profile has no choice for nfe={nfe}, guidance {guidance_scale:g}")
+        self.check(schedule, self.prediction)
+        grid = c.recipe().plan(schedule, nfe=None if c.times else nfe).grid
+        return grid.ksigmas
+
+    # -------------------------------------------------------------- files
+
+    def to_json(self) -> dict[str, Any]:
+        """The profile as JSON-compatible data."""
+        data = dataclasses.asdict(self)
+        data["choices"] = [dataclasses.asdict(c) for c in self.choices]
+        return data
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile as JSON (atomically)."""
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        """Read a profile written by :meth:`save`; a clear error for a file that is not one,
+        is damaged, or has another format version."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"profile {str(path)!r}: cannot read it ({e})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"profile {str(path)!r} is not valid JSON ({e}); tune again") from None
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"profile {str(path)!r} has format {found!r}, expected {PROFILE_FORMAT!r}; "
+                "tune again with this version"
+            )
+        try:
+            choices = tuple(
+                BudgetChoice(**{**c, "times": None if c["times"] is None else tuple(c["times"])})
+                for c in data["choices"]
+            )
+            return cls(**{**data, "choices": choices})
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"profile {str(path)!r} is damaged ({e}); tune again") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Tuning
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """Knobs of :func:`tune` (every one has a default that fits the 10-minute budget of the
+    built-in model with 128 pilot noises and 8 budgets on 2 CPU cores).
+
+    Attributes:
+        rtol: the reference's starting tolerance (tightened until its error is 10x below
+            the best candidate's). Default 1e-6.
+        solvers: stage (a)'s candidates, ``(name, options)`` pairs (default
+            :data:`TUNE_SOLVERS`).
+        grids: stage (a)'s grid families, ``(kind, rho)`` pairs (default :data:`TUNE_GRIDS`).
+        screen_rows: calibration rows every candidate is screened on (default 16).
+        finalists: candidates scored on every calibration row (default 3).
+        fine_knots: knots of the dynamic-programming grid (default 48).
+        refine_runs: sampler runs of the Nelder-Mead refinement per budget (default 40).
+        sample_options: denoiser options (thresholding, model_kwargs, ...).
+    """
+
+    rtol: float = 1e-5
+    solvers: tuple[tuple[str, Mapping[str, Any]], ...] = TUNE_SOLVERS
+    grids: tuple[tuple[str, float | None], ...] = TUNE_GRIDS
+    screen_rows: int = 8
+    finalists: int = 4
+    fine_knots: int = 48
+    refine_runs: int = 40
+    refine_rows: int = 32
+    step_bases: int = 3
+    sample_options: SampleOptions | None = None
+
+    def __post_init__(self) -> None:
+        check_finite_float("rtol", self.rtol, positive=True)
+        check_int("screen_rows", self.screen_rows, minimum=1)
+        check_int("finalists", self.finalists, minimum=1)
+        check_int("fine_knots", self.fine_knots, minimum=4)
+        check_int("refine_runs", self.refine_runs, minimum=0)
+        check_int("refine_rows", self.refine_rows, minimum=1)
+        check_int("step_bases", self.step_bases, minimum=1)
+
+
+class _Counter:
+    """Counts network calls, and the sample rows they evaluate."""
+
+    def __init__(self, denoiser: _RowDenoiser) -> None:
+        self.denoiser = denoiser
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, x: Tensor, knot: Knot, rows: list[int] | None = None) -> Tensor:
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.denoiser(x, knot, rows)
+
+
+@dataclass
+class _Problem:
+    """One guidance scale's pilot: start states, reference, rows, and the trajectory."""
+
+    denoiser: _Counter
+    schedule: NoiseSchedule
+    x_T: Tensor
+    reference: Tensor
+    cal: list[int]
+    held: list[int]
+    spread: float
+    rtol: float
+    ref_error: float
+    fine: tuple[Knot, ...] = ()
+    fine_rows: list[int] = field(default_factory=list)
+    fine_x: list[Tensor] = field(default_factory=list)
+
+    def run(self, recipe: Recipe, nfe: int, rows: Sequence[int] | None = None) -> Tensor | None:
+        """The recipe's final samples for ``rows`` (all if None); None if it cannot spend
+        exactly ``nfe``."""
+        x_T = self.x_T if rows is None else self.x_T[list(rows)]
+        den: Denoiser = self.denoiser if rows is None else _Rows(self.denoiser, list(rows))
+        try:
+            plan = recipe.plan(self.schedule, nfe=None if recipe.timesteps else nfe)
+        except ValueError:
+            return None
+        if plan.nfe != nfe:
+            return None
+        try:
+            return solve(den, x_T, plan, check_finite="off", final_step=recipe.final_step).x
+        except NonFiniteError:  # pragma: no cover - check_finite="off" does not raise
+            return None
+
+    def errors(self, x: Tensor | None, rows: Sequence[int]) -> Tensor:
+        """Per-sample errors of the rows ``rows`` of a full-batch result ``x``."""
+        if x is None:
+            return torch.full((len(rows),), math.inf, dtype=torch.float64)
+        return _per_sample(x[list(rows)], self.reference[list(rows)])
+
+
+class _Rows:
+    """The denoiser restricted to some pilot rows (conditioning is per row)."""
+
+    def __init__(self, denoiser: _Counter, rows: list[int]) -> None:
+        self.denoiser, self.rows = denoiser, rows
+
+    def __call__(self, x: Tensor, knot: Knot) -> Tensor:
+        return self.denoiser(x, knot, rows=self.rows)
+
+
+def tune(
+    model: Network,
+    noise: Tensor,
+    *,
+    schedule: NoiseSchedule,
+    prediction: Prediction = "eps",
+    cond: Mapping[str, Any] | None = None,
+    uncond: Mapping[str, Any] | None = None,
+    guidance_scale: float | Sequence[float] = 1.0,
+    nfe: Sequence[int] = DEFAULT_BUDGETS,
+    progress: bool = False,
+    **options: Any,
+) -> Profile:
+    """Fit the sampler to ``model`` on the pilot ``noise`` (module docstring).
+
+    Args:
+        model: the network, ``model(x, t, **kwargs) -> output``.
+        noise: the pilot batch of standard normal noises in the network's dtype (at least
+            4; 128 is a good size), with ``cond``/``uncond`` rows aligned to it as in
+            :func:`dpmsolver.sample`.
+        schedule, prediction, cond, uncond: as in :func:`dpmsolver.sample`.
+        guidance_scale: one classifier-free guidance scale or several (each is tuned).
+        nfe: the budgets to tune (default 5, 6, 8, 10, 12, 15, 20, 25).
+        progress: show a progress bar.
+        **options: :class:`TuneOptions` fields (``rtol``, ``solvers``, ``grids``,
+            ``screen_rows``, ``finalists``, ``fine_knots``, ``refine_runs``,
+            ``sample_options``).
+
+    Returns:
+        A :class:`Profile`.
+    """
+    opts, budgets, scales = _arguments(noise, schedule, prediction, guidance_scale, nfe, options)
+    sample_options = opts.sample_options or SampleOptions()
+    if sample_options.model_dtype is None:
+        # the pilot's dtype is the network's; the tuning arithmetic runs in float64
+        sample_options = dataclasses.replace(sample_options, model_dtype=noise.dtype)
+    t0 = time.perf_counter()
+    calls = rows = 0
+    choices: list[BudgetChoice] = []
+    rtol, ref_error = opts.rtol, 0.0
+    with Progress(len(scales) * (1 + len(budgets)), enabled=progress, desc="tuning") as bar:
+        for w in scales:
+            den = _Counter(_RowDenoiser(model, prediction, cond, uncond, w, sample_options))
+            prob = _pilot(den, schedule, noise, opts.rtol, opts.fine_knots, opts.screen_rows)
+            bar.update()
+            found = []
+            for n in budgets:
+                c0, tb = den.rows, time.perf_counter()
+                c = _tune_budget(prob, n, w, opts)
+                found.append(
+                    dataclasses.replace(
+                        c, evaluations=den.rows - c0, seconds=time.perf_counter() - tb
+                    )
+                )
+                bar.update()
+            # The reference's own error must be 10x below the best choice's: else tighten it
+            # and score the choices again against the tighter one.
+            for _ in range(3):
+                best = min(c.heldout_error for c in found)
+                if prob.ref_error <= 0.1 * best or not math.isfinite(best):
+                    break
+                prob = _pilot(den, schedule, noise, prob.rtol / 10, 0)
+                found = [_rescore(prob, c) for c in found]
+            choices += found
+            rtol, ref_error = max(rtol, prob.rtol), max(ref_error, prob.ref_error)
+            calls, rows = calls + den.calls, rows + den.rows
+    return Profile(
+        schedule=schedule_fingerprint(schedule),
+        prediction=prediction,
+        choices=tuple(choices),
+        pilot=int(noise.shape[0]),
+        reference_rtol=rtol,
+        reference_error=ref_error,
+        evaluations=rows,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _arguments(
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    prediction: str,
+    guidance_scale: float | Sequence[float],
+    nfe: Sequence[int],
+    options: Mapping[str, Any],
+) -> tuple[TuneOptions, list[int], list[float]]:
+    """:func:`tune`'s arguments, checked: the options, budgets and guidance scales."""
+    names = {f.name for f in dataclasses.fields(TuneOptions)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"tune() got unknown option(s) {unknown}; accepted: {sorted(names)}")
+    opts = TuneOptions(**options)
+    if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.ndim < 1:
+        raise TypeError("noise must be a floating-point tensor with a batch dimension")
+    if noise.shape[0] < 4:
+        raise ValueError(
+            f"noise: the pilot needs at least 4 noises (half are held out), got {noise.shape[0]}"
+        )
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction={prediction!r} is not supported; accepted: {PREDICTIONS}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    budgets = [check_int(f"nfe[{i}]", n, minimum=1) for i, n in enumerate(nfe)]
+    if not budgets:
+        raise ValueError("nfe: give at least one budget")
+    scales = (
+        [float(guidance_scale)]
+        if isinstance(guidance_scale, (int, float))
+        else [float(w) for w in guidance_scale]
+    )
+    for w in scales:
+        check_finite_float("guidance_scale", w)
+    try:
+        from scipy.optimize import minimize  # noqa: F401
+    except ImportError as e:  # pragma: no cover - scipy is in the demo and test extras
+        raise ImportError("tune needs scipy: pip install scipy") from e
+    return opts, budgets, scales
+
+
+class _RowDenoiser:
+    """The guided denoiser of the pilot, callable on a subset of its rows (the conditioning
+    is per row, so a subset needs its own conditioning)."""
+
+    def __init__(
+        self,
+        model: Network,
+        prediction: Prediction,
+        cond: Mapping[str, Any] | None,
+        uncond: Mapping[str, Any] | None,
+        guidance: float,
+        options: SampleOptions | None,
+    ) -> None:
+        self.args = (model, prediction, cond, uncond, guidance, options)
+        self.full = self._build(None)
+        self.cache: dict[tuple[int, ...], Denoiser] = {}
+
+    def _build(self, rows: list[int] | None) -> Denoiser:
+        model, prediction, cond, uncond, guidance, options = self.args
+
+        def pick(c: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+            if c is None or rows is None:
+                return c
+            return {k: v[rows] if isinstance(v, Tensor) else v for k, v in c.items()}
+
+        return build_denoiser(
+            model,
+            prediction,
+            cond=pick(cond),
+            uncond=pick(uncond),
+            guidance_scale=guidance,
+            options=options,
+        )
+
+    def __call__(self, x: Tensor, knot: Knot, rows: list[int] | None = None) -> Tensor:
+        if rows is None:
+            return self.full(x, knot)
+        key = tuple(rows)
+        if key not in self.cache:
+            self.cache[key] = self._build(rows)
+        return self.cache[key](x, knot)
+
+
+def _pilot(
+    den: _Counter,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    rtol: float,
+    fine: int,
+    fine_rows: int = 0,
+) -> _Problem:
+    """Start states, the reference at ``rtol`` with its error (against a 10x looser solve),
+    the calibration / held-out rows, and with ``fine`` > 0 the reference trajectory of the
+    first ``fine_rows`` calibration rows at ``fine`` knots (the material of the dynamic
+    programming, which runs on those rows only). The reference is the ODE solution at the
+    schedule's last time followed by the data prediction there, as
+    :func:`dpmsolver.analytic.exact_sample` defines it."""
+    from .analytic import exact_sample
+
+    start = schedule.knot(schedule.t_max)
+    x_T = noise.double() * start.sigma
+    rows = list(range(x_T.shape[0]))
+    cal, held = rows[0::2], rows[1::2]
+    with torch.no_grad():
+        ref = exact_sample(den, x_T, schedule, rtol=rtol)
+        loose = exact_sample(den, x_T, schedule, rtol=rtol * 10)
+        knots: tuple[Knot, ...] = ()
+        xs: list[Tensor] = []
+        dp_rows = cal[:fine_rows]
+        if fine > 0 and dp_rows:
+            knots = _fine_knots(schedule, fine)
+            sub = _Rows(den, dp_rows)
+            xs = [x_T[dp_rows]]
+            for a, b in itertools.pairwise(knots):
+                xs.append(_segment(sub, xs[-1], a, b, schedule, rtol))
+    spread = float((ref - ref.mean(0, keepdim=True)).pow(2).mean().sqrt())
+    return _Problem(
+        den, schedule, x_T, ref, cal, held, spread, rtol, _rms(loose, ref), knots, dp_rows, xs
+    )
+
+
+def _fine_knots(schedule: NoiseSchedule, fine: int) -> tuple[Knot, ...]:
+    """The dynamic programming's grid: ``fine`` knots uniform in log-SNR from the start to
+    the schedule's last time; from a pure-noise start (rectified flow's t = 1), the first
+    finite knot is one time-uniform step in and the rest are uniform in log-SNR after it
+    (a time-uniform grid leaves the low-noise end, where the steps matter, almost bare)."""
+    start, end = schedule.knot(schedule.t_max), schedule.knot(schedule.t_min)
+    if not math.isinf(start.lam):
+        return tuple(make_grid(schedule, fine - 1, "logsnr", final="t_min").knots)
+    first = schedule.knot(schedule.t_max - (schedule.t_max - schedule.t_min) / (fine - 1))
+    lams = torch.linspace(first.lam, end.lam, fine - 1, dtype=torch.float64).tolist()
+    inner = [schedule.knot_at_lambda(v) for v in lams[:-1]]
+    return (start, *inner, end)
+
+
+def _segment(
+    den: Denoiser, x: Tensor, a: Knot, b: Knot, schedule: NoiseSchedule, rtol: float
+) -> Tensor:
+    if math.isinf(a.lam):
+        from .analytic import solve_from_pure_noise
+
+        return solve_from_pure_noise(den, x, a, b, schedule, rtol=rtol, atol=rtol * 1e-2)
+    return reference_solve(den, x, a, b, schedule, rtol=rtol, atol=rtol * 1e-2)
+
+
+def _rescore(prob: _Problem, c: BudgetChoice) -> BudgetChoice:
+    """``c``'s errors against ``prob``'s (tighter) reference."""
+    x = prob.run(c.recipe(), c.nfe)
+    return dataclasses.replace(
+        c,
+        calibration_error=_rms_rows(prob, x, prob.cal),
+        heldout_error=float(prob.errors(x, prob.held).pow(2).mean().sqrt()),
+    )
+
+
+def _steps_of(recipe: Recipe, schedule: NoiseSchedule, nfe: int) -> int | None:
+    """How many grid steps (the noisy intervals and the final one) the recipe's solver
+    plans for ``nfe`` evaluations; None if it cannot spend them."""
+    try:
+        solver = dataclasses.replace(recipe, timesteps=None).build_solver()
+        return len(solver_orders(solver, nfe=nfe, final_zero=True))
+    except ValueError:
+        return None
+
+
+def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> BudgetChoice:
+    """Stages (a) and (b) for one budget (module docstring)."""
+    default = resolve("auto", PolicyRequest(nfe, w, prob.schedule))
+    best = default_choice = _choice(prob, default, nfe, "default")
+
+    # (a) selection: screen every candidate on a few calibration rows, then the finalists
+    screen = prob.cal[: opts.screen_rows]
+    scored: list[tuple[float, Recipe]] = []
+    for name, options in opts.solvers:
+        for kind, rho in opts.grids:
+            r = Recipe(name, dict(options), grid=kind, rho=rho)  # type: ignore[arg-type]
+            x = prob.run(r, nfe, screen)
+            if x is not None:
+                scored.append((_rms(x, prob.reference[screen]), r))
+    scored.sort(key=lambda e: e[0])
+    finalists = [_choice(prob, r, nfe, "selection") for _, r in scored[: opts.finalists]]
+    for selected in sorted(finalists, key=lambda c: c.cal):
+        if _accept(selected, best, prob):  # the best finalist that the held-out half takes
+            best = selected
+            break
+
+    # (b) time steps: the dynamic programming for the chosen solver and the next best
+    # finalists (and the default), each from its own grid's knots and its DP knots; the
+    # best of those starts on the calibration rows is refined against its actual error
+    bases: list[_Choice] = []
+    for c in [best, *sorted(finalists, key=lambda c: c.cal), default_choice]:
+        if len(bases) >= opts.step_bases:
+            break
+        if all(c.recipe != b.recipe for b in bases) and math.isfinite(c.cal):
+            steps = _steps_of(c.recipe, prob.schedule, nfe)
+            if steps is not None and steps >= 2:
+                bases.append(c)
+    starts: list[tuple[float, Recipe, list[float]]] = []
+    fits: list[tuple[float, Recipe]] = []  # the DP's knots as recipes, by calibration error
+    for c in bases if prob.fine else []:
+        own = [k.lam for k in c.recipe.plan(prob.schedule, nfe=nfe).grid.knots[:-1]]
+        starts.append((c.cal, c.recipe, own))
+        dp = _oss_knots(prob, c.recipe, nfe)
+        if dp is not None and len(dp) == len(own):
+            fit = _with_knots(prob, c.recipe, dp)
+            x = None if fit is None else prob.run(fit, nfe, prob.cal)
+            if fit is not None and x is not None:
+                err = _rms(x, prob.reference[prob.cal])
+                starts.append((err, c.recipe, dp))
+                fits.append((err, fit))
+    if starts:
+        _, base, lams = min(starts, key=lambda e: e[0])
+        fitted = _refine(prob, base, nfe, lams, opts.refine_runs, prob.cal[: opts.refine_rows])
+        if fitted is not None and _accept(fitted, best, prob):
+            best = fitted
+        else:
+            # the refined knots did not carry over to the held-out half: the DP's own may
+            for _, fit in sorted(fits, key=lambda e: e[0])[:2]:
+                dp_choice = _choice(prob, fit, nfe, "steps")
+                if _accept(dp_choice, best, prob):
+                    best = dp_choice
+                    break
+    r = best.recipe
+    return BudgetChoice(
+        nfe=nfe,
+        guidance_scale=w,
+        solver=r.solver,
+        options={k: getattr(v, "value", v) for k, v in r.options.items()},  # JSON values
+        grid=r.grid,
+        rho=r.rho,
+        sigma_end=r.sigma_end,
+        final_step=r.final_step,
+        times=r.timesteps,
+        stage=best.stage,
+        calibration_error=best.cal,
+        heldout_error=float(best.held.pow(2).mean().sqrt()),
+        default_heldout_error=float(default_choice.held.pow(2).mean().sqrt()),
+    )
+
+
+@dataclass
+class _Choice:
+    recipe: Recipe
+    stage: str
+    cal: float
+    held: Tensor
+
+
+def _choice(prob: _Problem, recipe: Recipe, nfe: int, stage: str) -> _Choice:
+    x = prob.run(recipe, nfe)
+    return _Choice(recipe, stage, _rms_rows(prob, x, prob.cal), prob.errors(x, prob.held))
+
+
+def _rms_rows(prob: _Problem, x: Tensor | None, rows: Sequence[int]) -> float:
+    return math.inf if x is None else _rms(x[list(rows)], prob.reference[list(rows)])
+
+
+def _accept(new: _Choice, old: _Choice, prob: _Problem) -> bool:
+    """Kept only if it helps the held-out half and no held-out sample diverges: ends
+    farther from its reference than the data's spread, or than the current choice's worst
+    held-out sample where that is farther (on hard cells every choice has samples beyond
+    the spread; a new one must not be worse there)."""
+    if not bool(torch.isfinite(new.held).all()):
+        return False
+    if float(new.held.max()) > max(prob.spread, float(old.held.max())):
+        return False
+    return paired_better(new.held, old.held)
+
+
+def _oss_knots(prob: _Problem, recipe: Recipe, nfe: int) -> list[float] | None:
+    """Dynamic programming with the solver's own steps (as "optimal stepsize" search, OSS):
+    knot by knot over the fine grid, each (steps taken, knot) keeps the path whose *own*
+    state there is closest to the reference trajectory, extending it with the solver's
+    actual update (its multistep history included); the last knot is free and scored by
+    the final data-prediction step. One evaluation per (steps, knot) state, on the
+    trajectory's rows. Multistep solvers only (a singlestep step would evaluate inside
+    every candidate step); None otherwise."""
+    solver = dataclasses.replace(recipe, timesteps=None).build_solver()
+    if not isinstance(solver, MultistepSolver):
+        return None
+    orders = solver_orders(solver, nfe=nfe, final_zero=True)
+    intervals = len(orders) - 1
+    knots, f = prob.fine, len(prob.fine)
+    if intervals > f - 1 or intervals < 1:
+        return None
+    rows = prob.fine_rows
+    den = _Rows(prob.denoiser, rows)
+    targets = prob.fine_x
+    ref = prob.reference[rows]
+    # paths[j] = (cost, state x at knot j, solver state, knots of the path) after k steps
+    paths: dict[int, tuple[float, Tensor, Any, list[int]]] = {
+        0: (0.0, targets[0], solver.init_state(), [0])
+    }
+    with torch.no_grad():
+        for k in range(intervals):
+            nxt: dict[int, tuple[float, Tensor, Any, list[int]]] = {}
+            last = f - (intervals - k - 1)  # leave room for the remaining steps
+            for i, (_, x_i, st_i, path) in paths.items():
+                x0 = den(x_i, knots[i])
+                for j in range(i + 1, last):
+                    ctx = StepContext(k, knots[i], knots[j], orders[k], den, prob.schedule)
+                    order = step_order(solver, knots[i], knots[j], orders[k])
+                    ctx = dataclasses.replace(ctx, order=order)
+                    x_j, st_j = solver.step(ctx, x_i, x0, st_i)
+                    c = _rms(x_j, targets[j])
+                    if c < nxt.get(j, (math.inf,))[0]:
+                        nxt[j] = (c, x_j, st_j, [*path, j])
+            paths = nxt
+        if not paths:
+            return None
+        scored = [(_rms(den(x, knots[j]), ref), path) for j, (_, x, _, path) in paths.items()]
+    _, path = min(scored, key=lambda e: e[0])
+    return [knots[j].lam for j in path]
+
+
+def _knot_times(prob: _Problem, lams: Sequence[float]) -> tuple[float, ...] | None:
+    """Schedule times of a path of noisy knots given by log-SNR (the first one the
+    schedule's start), or None if they do not decrease in time inside the schedule."""
+    sched = prob.schedule
+    start = sched.knot(sched.t_max)
+    lam_end = sched.knot(sched.t_min).lam
+    if any(v > lam_end for v in lams[1:]):
+        return None
+    times = (start.t, *(sched.knot_at_lambda(v).t for v in lams[1:]))
+    if any(b >= a for a, b in itertools.pairwise(times)):
+        return None
+    return times
+
+
+def _with_knots(prob: _Problem, base: Recipe, lams: Sequence[float]) -> Recipe | None:
+    """``base`` on the noisy knots ``lams`` (log-SNR) followed by its final step to 0."""
+    times = _knot_times(prob, lams)
+    if times is None:
+        return None
+    return dataclasses.replace(
+        base, grid=None, rho=None, sigma_end=None, t_end=None, timesteps=times, final="zero"
+    )
+
+
+def _refine(
+    prob: _Problem,
+    base: Recipe,
+    nfe: int,
+    lams: Sequence[float],
+    runs: int,
+    rows: Sequence[int],
+) -> _Choice | None:
+    """Nelder-Mead on the free noisy knots (log-SNR increments; the first finite knot
+    itself after a pure-noise start) against the solver's own error on the calibration
+    rows ``rows``, from the knots ``lams`` (log-SNRs of the noisy knots, as many as the
+    solver plans); the first knot stays the schedule's start."""
+    from scipy.optimize import minimize
+
+    pure = math.isinf(lams[0])  # a pure-noise start: the next knot is free too
+
+    def lams_of(u: Sequence[float]) -> list[float]:
+        lam = u[0] if pure else lams[0]
+        ks = [lams[0], lam] if pure else [lam]
+        for v in u[1:] if pure else u:
+            lam = lam + math.exp(v)
+            ks.append(lam)
+        return ks
+
+    def objective(u: Sequence[float]) -> float:
+        r = _with_knots(prob, base, lams_of(u))
+        x = None if r is None else prob.run(r, nfe, rows)
+        return 1e3 if x is None else min(_rms(x, prob.reference[list(rows)]), 1e3)
+
+    free = list(lams[1:] if pure else lams)
+    inc = [math.log(max(b - a, 1e-6)) for a, b in itertools.pairwise(free)]
+    u0 = [free[0], *inc] if pure else inc
+    f0 = objective(u0)
+    u = u0
+    if runs > 0 and u0:
+        res = minimize(
+            objective,
+            u0,
+            method="Nelder-Mead",
+            options={"maxfev": runs, "xatol": 1e-4, "fatol": 1e-7},
+        )
+        u = list(res.x) if float(res.fun) < f0 else u0
+    r = _with_knots(prob, base, lams_of(u))
+    return None if r is None else _choice(prob, r, nfe, "steps")

@@ -1,0 +1,163 @@
+"""Tuning the sampler to one model (dpmsolver.tune): what it chooses helps the held-out half
+of the pilot, the profile round-trips and guards its use, and sample() uses it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpmsolver as dp
+from dpmsolver.tune import PROFILE_FORMAT, ProfileMismatchError, paired_better
+
+pytest.importorskip("scipy")
+
+SD = dp.DiscreteVPSchedule()
+MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=5)
+NET = dp.MixtureNetwork(MIX, SD, "eps")
+N = 24
+Z = torch.randn(N, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+Y = torch.arange(N) % 3
+COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 3)}}
+FAST = dict(fine_knots=16, refine_runs=12, screen_rows=8, finalists=2)
+
+
+@pytest.fixture(scope="module")
+def profile() -> dp.Profile:
+    return dp.tune(NET, Z, schedule=SD, guidance_scale=[1.0, 5.0], nfe=[5, 8], **COND, **FAST)
+
+
+def test_every_choice_is_no_worse_than_the_default_on_the_held_out_half(
+    profile: dp.Profile,
+) -> None:
+    assert {(c.guidance_scale, c.nfe) for c in profile.choices} == {
+        (1.0, 5),
+        (1.0, 8),
+        (5.0, 5),
+        (5.0, 8),
+    }
+    for c in profile.choices:
+        assert c.stage in ("default", "selection", "steps")
+        assert math.isfinite(c.heldout_error) and c.heldout_error <= c.default_heldout_error
+        if c.stage == "steps":
+            assert c.times is not None and len(c.times) >= 2
+            assert all(b < a for a, b in itertools.pairwise(c.times))
+        assert c.evaluations > 0 and c.seconds >= 0
+    # the reference is 10x more accurate than the best choice
+    assert profile.reference_error <= 0.1 * min(c.heldout_error for c in profile.choices)
+    assert profile.pilot == N and profile.evaluations > 0
+
+
+def test_some_stage_beyond_the_default_is_taken(profile: dp.Profile) -> None:
+    """On this model the measured improvements are large; a tuner that never moves off the
+    default would fail here."""
+    assert any(c.stage != "default" for c in profile.choices)
+    gains = [c.default_heldout_error / c.heldout_error for c in profile.choices]
+    assert max(gains) > 1.3
+
+
+def test_sample_with_the_profile_runs_the_choice(profile: dp.Profile) -> None:
+    c = profile.choice(8, 5.0)
+    assert c is not None
+    z = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.arange(6) % 3
+    kw = dict(cond={"y": y}, uncond={"y": torch.full_like(y, 3)}, guidance_scale=5.0)
+    a = dp.sample(NET, z, schedule=SD, solver="auto", nfe=8, profile=profile, **kw)
+    b = dp.sample(NET, z, schedule=SD, solver=c.recipe(), nfe=None if c.times else 8, **kw)
+    assert a.nfe == 8 and torch.equal(a.x, b.x)
+    sig = profile.sigmas(8, 5.0, SD)
+    assert sig[-1] == 0.0 and all(x > y for x, y in itertools.pairwise(sig))
+
+
+def test_a_missing_budget_falls_back_to_the_default_with_a_warning(profile: dp.Profile) -> None:
+    with pytest.warns(UserWarning, match="no choice for nfe=6 at guidance 5"):
+        r = dp.sample(
+            NET,
+            Z[:3],
+            schedule=SD,
+            solver="auto",
+            nfe=6,
+            profile=profile,
+            cond={"y": Y[:3]},
+            uncond={"y": torch.full_like(Y[:3], 3)},
+            guidance_scale=5.0,
+        )
+    ref = dp.sample(
+        NET,
+        Z[:3],
+        schedule=SD,
+        solver="auto",
+        nfe=6,
+        cond={"y": Y[:3]},
+        uncond={"y": torch.full_like(Y[:3], 3)},
+        guidance_scale=5.0,
+    )
+    assert torch.equal(r.x, ref.x)
+
+
+def test_a_profile_of_another_schedule_or_prediction_is_refused(profile: dp.Profile) -> None:
+    flow = dp.RectifiedFlowSchedule()
+    with pytest.raises(
+        ProfileMismatchError, match=r"DiscreteVPSchedule.*prediction='eps'.*RectifiedFlowSchedule"
+    ):
+        profile.recipe(8, 5.0, flow, "eps")
+    with pytest.raises(ProfileMismatchError, match=r"prediction='eps'.*prediction='v'"):
+        dp.sample(NET, Z[:2], schedule=SD, prediction="v", solver="auto", nfe=8, profile=profile)
+    with pytest.raises(ValueError, match="profile= is used with solver='auto'"):
+        dp.sample(NET, Z[:2], schedule=SD, solver="dpmpp_2m", nfe=8, profile=profile)
+
+
+def test_profile_files_round_trip_and_bad_files_are_named(
+    profile: dp.Profile, tmp_path: Path
+) -> None:
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    assert dp.Profile.load(path) == profile
+    data = json.loads(path.read_text())
+    assert data["format"] == PROFILE_FORMAT
+    data["format"] = "dpmsolver-profile/0"
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match="format 'dpmsolver-profile/0', expected 'dpmsolver-profile/1'"
+    ):
+        dp.Profile.load(old)
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(path.read_text()[:100])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        dp.Profile.load(corrupt)
+    data["format"] = PROFILE_FORMAT
+    del data["choices"][0]["solver"]
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="damaged"):
+        dp.Profile.load(damaged)
+    with pytest.raises(ValueError, match="cannot read"):
+        dp.Profile.load(tmp_path / "missing.json")
+
+
+def test_bad_tune_arguments_are_named() -> None:
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rtoll'\]"):
+        dp.tune(NET, Z, schedule=SD, rtoll=1e-3)
+    with pytest.raises(ValueError, match="at least 4 noises"):
+        dp.tune(NET, Z[:3], schedule=SD)
+    with pytest.raises(ValueError, match="nfe\\[1\\] must be >= 1"):
+        dp.tune(NET, Z, schedule=SD, nfe=[5, 0])
+    with pytest.raises(ValueError, match="prediction='epsilon'"):
+        dp.tune(NET, Z, schedule=SD, prediction="epsilon")  # type: ignore[arg-type]
+
+
+def test_paired_comparison_needs_both_the_rms_and_the_typical_sample() -> None:
+    old = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    assert paired_better(torch.tensor([0.5, 0.5, 0.5, 0.5]), old)
+    # one sample carries a lower RMS while most samples got worse: refused
+    assert not paired_better(
+        torch.tensor([0.01, 1.1, 1.1, 1.1]), torch.tensor([2.0, 1.0, 1.0, 1.0])
+    )
+    # most samples better but the RMS worse (one blows up): refused
+    assert not paired_better(torch.tensor([0.5, 0.5, 0.5, 5.0]), old)
+    assert not paired_better(torch.tensor([0.5, math.inf, 0.5, 0.5]), old)
