@@ -62,8 +62,10 @@ def sampling_setup(kind: str, *, shift: float | None = None) -> SamplingSetup:
     if kind == "unet":
         s = DIGITS_SCHEDULE
         sched = dpmsolver.DiscreteVPSchedule(
-            beta_schedule=s["beta_schedule"], beta_start=s["beta_start"],
-            beta_end=s["beta_end"], num_train_timesteps=s["num_train_timesteps"],
+            beta_schedule=s["beta_schedule"],
+            beta_start=s["beta_start"],
+            beta_end=s["beta_end"],
+            num_train_timesteps=s["num_train_timesteps"],
         )
         return SamplingSetup(load_default_model(), sched, "eps", "logsnr", s["null_label"])
     if kind == "flow":
@@ -96,9 +98,16 @@ def sample_digits(
     noise = torch.randn(len(labels), 1, 8, 8, generator=gen)
     uncond = {"y": torch.full_like(labels, setup.null_label)} if guidance != 1.0 else None
     res = dpmsolver.sample(
-        setup.network, noise, schedule=setup.schedule, prediction=setup.prediction,
-        solver=solver, nfe=nfe, grid=setup.grid,
-        cond={"y": labels}, uncond=uncond, guidance_scale=guidance,
+        setup.network,
+        noise,
+        schedule=setup.schedule,
+        prediction=setup.prediction,
+        solver=solver,
+        nfe=nfe,
+        grid=setup.grid,
+        cond={"y": labels},
+        uncond=uncond,
+        guidance_scale=guidance,
     )
     return res.x
 

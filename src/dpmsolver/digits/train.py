@@ -420,7 +420,13 @@ def train_flow(
         return F.mse_loss(model(xs, scale * s, y), eps - x0)
 
     last = _fit(
-        "flow", model, ema, batch_loss, steps=steps, lr=lr, ema_decay=ema_decay,
+        "flow",
+        model,
+        ema,
+        batch_loss,
+        steps=steps,
+        lr=lr,
+        ema_decay=ema_decay,
         log_every=log_every,
     )
     return ema, last
@@ -469,7 +475,13 @@ def train_edm(
         return (weight * (denoised - x0) ** 2).mean()
 
     last = _fit(
-        "edm", model, ema, batch_loss, steps=steps, lr=lr, ema_decay=ema_decay,
+        "edm",
+        model,
+        ema,
+        batch_loss,
+        steps=steps,
+        lr=lr,
+        ema_decay=ema_decay,
         log_every=log_every,
     )
     return ema, last
@@ -582,9 +594,7 @@ def _train_and_save_flow(
         "schedule": json.dumps(FLOW_SCHEDULE),
         "weights": "ema",
         "train_data": "train split only",
-        "train": _train_meta(
-            FLOW_TRAIN, args.flow_steps, args.flow_batch_size, args.flow_lr, loss
-        ),
+        "train": _train_meta(FLOW_TRAIN, args.flow_steps, args.flow_batch_size, args.flow_lr, loss),
     }
     _save_atomic(args.out / FLOW_FILE, model.state_dict(), meta)
 
@@ -620,9 +630,7 @@ def _train_and_save_edm(
         "schedule": json.dumps(EDM_SCHEDULE),
         "weights": "ema",
         "train_data": "train split only",
-        "train": _train_meta(
-            EDM_TRAIN, args.edm_steps, args.edm_batch_size, args.edm_lr, loss
-        ),
+        "train": _train_meta(EDM_TRAIN, args.edm_steps, args.edm_batch_size, args.edm_lr, loss),
     }
     _save_atomic(args.out / EDM_FILE, model.state_dict(), meta)
 
@@ -646,7 +654,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the EDM U-Net, or all three",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the shipped weights used 1; results depend on it)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (the shipped weights used 1; results depend on it)",
+    )
     p.add_argument("--steps", type=int, default=8000, help="denoiser optimizer steps")
     p.add_argument("--batch-size", type=int, default=128, help="denoiser batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="denoiser peak learning rate")
