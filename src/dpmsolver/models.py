@@ -18,12 +18,22 @@ from .frontends.diffusers_grid import (
     schedule_from_diffusers_config,
 )
 from .model import LoadedModel
-from .schedules import DiscreteVPSchedule
+from .schedules import DiscreteVPSchedule, RectifiedFlowSchedule, VESchedule
 
-__all__ = ["BUILTIN", "exact_model", "load_builtin", "load_diffusers_dir", "load_model"]
+__all__ = [
+    "BUILTIN",
+    "exact_model",
+    "load_builtin",
+    "load_builtin_edm",
+    "load_builtin_flow",
+    "load_diffusers_dir",
+    "load_model",
+]
 
-#: The names of the models shipped with the package.
-BUILTIN = ("builtin",)
+#: The names of the models shipped with the package: the digits U-Net (eps prediction,
+#: DDPM-trained discrete VP schedule), the rectified-flow transformer (flow prediction)
+#: and the EDM-preconditioned U-Net (variance exploding, data prediction).
+BUILTIN = ("builtin", "builtin-flow", "builtin-edm")
 
 
 def load_builtin(device: torch.device) -> LoadedModel:
@@ -47,6 +57,53 @@ def load_builtin(device: torch.device) -> LoadedModel:
         null_label=DIGITS_SCHEDULE["null_label"],
         name="built-in digits",
     )
+
+
+def load_builtin_flow(device: torch.device) -> LoadedModel:
+    """The shipped rectified-flow digits transformer (8x8, 10 classes, flow prediction
+    ``eps - x0`` at network time ``1000 sigma``; Lipman et al. 2023, Esser et al. 2024),
+    sampled with its measured shift (:data:`~dpmsolver.digits.FLOW_SCHEDULE`)."""
+    from .digits import FLOW_SCHEDULE, load_flow_model
+
+    sched = RectifiedFlowSchedule(
+        shift=FLOW_SCHEDULE["shift"], model_time_scale=FLOW_SCHEDULE["model_time_scale"]
+    )
+    size, ch = FLOW_SCHEDULE["image_size"], FLOW_SCHEDULE["channels"]
+    return LoadedModel(
+        load_flow_model(device=device),
+        sched,
+        "flow",
+        (ch, size, size),
+        num_classes=10,
+        null_label=FLOW_SCHEDULE["null_label"],
+        name="built-in digits (rectified flow)",
+    )
+
+
+def load_builtin_edm(device: torch.device) -> LoadedModel:
+    """The shipped EDM digits model (8x8, 10 classes; Karras et al. 2022): a variance
+    exploding denoiser ``D(x0 + sigma eps, sigma) ~ x0`` (data prediction, network time
+    sigma) on EDM's sigma range (:data:`~dpmsolver.digits.EDM_SCHEDULE`)."""
+    from .digits import EDM_SCHEDULE, load_edm_model
+
+    sched = VESchedule(EDM_SCHEDULE["sigma_min"], EDM_SCHEDULE["sigma_max"])
+    size, ch = EDM_SCHEDULE["image_size"], EDM_SCHEDULE["channels"]
+    return LoadedModel(
+        load_edm_model(device=device),
+        sched,
+        "x0",
+        (ch, size, size),
+        num_classes=10,
+        null_label=EDM_SCHEDULE["null_label"],
+        name="built-in digits (EDM)",
+    )
+
+
+_BUILTIN_LOADERS = {
+    "builtin": load_builtin,
+    "builtin-flow": load_builtin_flow,
+    "builtin-edm": load_builtin_edm,
+}
 
 
 def load_diffusers_dir(
@@ -136,8 +193,9 @@ def exact_model(device: torch.device | str = "cpu") -> LoadedModel:
 
 
 def load_model(spec: str, device: torch.device, *, null_label: int | None = None) -> LoadedModel:
-    """``"builtin"``, a diffusers model directory, or ``module:function`` (a factory called
-    with the device, returning a :class:`~dpmsolver.model.LoadedModel`). ``null_label``
+    """A built-in model (:data:`BUILTIN`), a diffusers model directory, or
+    ``module:function`` (a factory called with the device, returning a
+    :class:`~dpmsolver.model.LoadedModel`). ``null_label``
     applies to a model directory only (:func:`load_diffusers_dir`); the other kinds name
     their own."""
     path = Path(spec)
@@ -148,13 +206,14 @@ def load_model(spec: str, device: torch.device, *, null_label: int | None = None
             "names its own null label"
         )
     if spec in BUILTIN:
-        return load_builtin(device)
+        return _BUILTIN_LOADERS[spec](device)
     if is_dir:
         return load_diffusers_dir(path, device, null_label=null_label)
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(
-            f"--model {spec!r}: use 'builtin', a diffusers model directory, or module:function"
+            f"--model {spec!r}: use {', '.join(BUILTIN)}, a diffusers model directory, or "
+            "module:function"
         )
     try:
         factory = getattr(importlib.import_module(module_name), attr)

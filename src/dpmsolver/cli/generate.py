@@ -21,7 +21,7 @@ from .options import (
     add_budget_options,
     add_ems,
     add_guidance,
-    add_null_label,
+    add_model,
     check_budget_options,
     check_ems,
     check_guidance,
@@ -47,7 +47,8 @@ def model_identity(spec: str, model: LoadedModel) -> dict[str, Any]:
     if spec in BUILTIN:
         from ..digits import load as digits
 
-        weights = digits.WEIGHTS_DIR / digits.DENOISER_FILE
+        name = {"builtin-flow": digits.FLOW_FILE, "builtin-edm": digits.EDM_FILE}
+        weights = digits.WEIGHTS_DIR / name.get(spec, digits.DENOISER_FILE)
         return {"builtin": weights.name, "sha256": sha256_file(weights)}
     path = Path(spec)
     if path.is_dir():
@@ -165,13 +166,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument(
         "--out", metavar="DIR", required=True, help="output directory (created if missing)"
     )
-    g.add_argument(
-        "--model",
-        default="builtin",
-        help="'builtin' (default), a diffusers model directory, or module:function returning a "
-        "LoadedModel",
-    )
-    add_null_label(g)
+    add_model(g)
     g.add_argument(
         "--solver",
         default="auto",

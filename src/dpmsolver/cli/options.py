@@ -218,8 +218,9 @@ def add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="builtin",
-        help="'builtin' (default), a diffusers model directory with unet/ and scheduler/, or "
-        "module:function returning a LoadedModel",
+        help="'builtin' (default: the digits U-Net), 'builtin-flow' (rectified-flow "
+        "transformer), 'builtin-edm' (EDM U-Net), a diffusers model directory with unet/ and "
+        "scheduler/, or module:function returning a LoadedModel",
     )
     add_null_label(p)
 

@@ -16,7 +16,7 @@ from ..models import load_model
 from ..tune import DEFAULT_BUDGETS, Profile, tune
 from .options import (
     UsageError,
-    add_null_label,
+    add_model,
     check_output,
     device,
     int_list,
@@ -118,13 +118,7 @@ def add_parser(sub: Any) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    t.add_argument(
-        "--model",
-        default="builtin",
-        help="'builtin' (default), a diffusers model directory, or module:function returning a "
-        "LoadedModel",
-    )
-    add_null_label(t)
+    add_model(t)
     t.add_argument(
         "--guidance",
         default=None,
