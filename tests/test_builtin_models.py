@@ -43,15 +43,14 @@ def test_load_model_describes_the_model(spec: str) -> None:
 @pytest.mark.parametrize("spec", ["builtin-flow", "builtin-edm"])
 def test_sample_and_generate_run_on_the_model(spec: str, tmp_path: Path) -> None:
     npz = tmp_path / "s.npz"
-    code = main(
-        ["sample", "--model", spec, "--guidance", "3", "--nfe", "8", "--per-class", "1"]
-        + ["--out", "", "--npz", str(npz), *CPU]
-    )
+    args = ["--guidance", "3", "--nfe", "8", "--per-class", "1", "--out", "", "--npz", str(npz)]
+    code = main(["sample", "--model", spec, *args, *CPU])
     assert code == 0
     x = np.load(npz)["samples"]
     assert x.shape[0] == 10 and np.isfinite(x).all()
     out = tmp_path / "run"
-    assert main(["generate", "--model", spec, "--num", "4", "--nfe", "5", "--out", str(out), *CPU]) == 0
+    args = ["--num", "4", "--nfe", "5", "--out", str(out)]
+    assert main(["generate", "--model", spec, *args, *CPU]) == 0
     ident = json.loads((out / "manifest.json").read_text())["config"]
     assert KINDS[spec][2] in json.dumps(ident)  # identified by its own weight file
 
@@ -71,10 +70,8 @@ def test_tune_fits_the_flow_model(tmp_path: Path) -> None:
         }
     )
     try:
-        code = main(
-            ["tune", "--model", "builtin-flow", "--nfe", "5", "--guidance", "3"]
-            + ["--pilot", "8", "--out", str(out), *CPU]
-        )
+        args = ["--nfe", "5", "--guidance", "3", "--pilot", "8", "--out", str(out)]
+        code = main(["tune", "--model", "builtin-flow", *args, *CPU])
     finally:
         cli_tune.OPTIONS.clear()
         cli_tune.OPTIONS.update(saved)
