@@ -164,7 +164,7 @@ def test_exact_sample_is_reference_sample_where_that_applies() -> None:
 # The suite
 # --------------------------------------------------------------------------------------
 
-from dpmsolver.bench import peer_suite, suite  # noqa: E402
+from dpmsolver.bench import peer_suite, peers, suite  # noqa: E402
 
 
 def test_every_problem_builds_and_its_reference_passes_the_two_tolerance_check() -> None:
@@ -366,7 +366,7 @@ def test_baseline_driver_writes_its_table(tmp_path) -> None:  # type: ignore[no-
 
 
 def test_missing_peer_packages_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(peer_suite, "optional_import", lambda name: None)
+    monkeypatch.setattr(peers, "optional_import", lambda name: None)  # no diffusers
     assert {c.source for c in peer_suite._build_configs()} == {"k-diffusion"}
     monkeypatch.setattr(peer_suite, "load_kdiffusion_sampling", lambda: None)
     assert peer_suite._build_configs() == []

@@ -42,3 +42,12 @@ def check_finite_float(name: str, value: Any, *, positive: bool = False) -> floa
     if positive and out <= 0:
         raise ValueError(f"{name} must be > 0, got {out}")
     return out
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite real number >= 0 (noise fractions
+    ``eta``, noise scales ``s_noise``, churn ``gamma``)."""
+    out = check_finite_float(name, value)
+    if out < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return out

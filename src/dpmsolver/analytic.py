@@ -45,6 +45,19 @@ __all__ = [
 ]
 
 
+def _draw_components(
+    weights: Tensor, labels: Tensor, n: int, generator: torch.Generator | None, y: Tensor | None
+) -> Tensor:
+    """The mixture component of each of ``n`` data samples, drawn with the mixture
+    weights; with labels ``y``, row ``i`` among the components of class ``y[i]`` (the first
+    draws of :meth:`GaussianMixture.sample` and :meth:`LowRankMixture.sample`)."""
+    check_int("n", n, minimum=1)
+    if y is None:
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+    w = weights[None, :] * (labels[None, :] == y.view(-1, 1).cpu())
+    return torch.multinomial(w, 1, generator=generator).flatten()
+
+
 @dataclass(frozen=True)
 class GaussianMixture:
     """A class-labelled diagonal Gaussian mixture on flattened vectors of size ``dim``.
@@ -144,12 +157,7 @@ class GaussianMixture:
         self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None
     ) -> Tensor:
         """Draw ``n`` data samples (of class ``y[i]`` if given), float64 on the CPU."""
-        check_int("n", n, minimum=1)
-        if y is None:
-            comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        else:
-            w = self.weights[None, :] * (self.labels[None, :] == y.view(-1, 1).cpu())
-            comp = torch.multinomial(w, 1, generator=generator).flatten()
+        comp = _draw_components(self.weights, self.labels, n, generator, y)
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         return (self.means[comp] + self.stds[comp] * z).reshape(n, *self.shape)
 
@@ -251,6 +259,50 @@ _DP_B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 _DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 
 
+def _dopri5(
+    f: Callable[[float, Tensor], Tensor],
+    y: Tensor,
+    r: float,
+    r_end: float,
+    *,
+    rtol: float,
+    atol: float,
+    h0: float,
+    name: str = "the reference ODE solve",
+) -> Tensor:
+    """Adaptive Dormand-Prince 5(4) (Dormand & Prince 1980, the tableau above) for
+    ``dy/dr = f(r, y)`` from ``r`` to ``r_end``, either direction, float64: the solver of
+    :func:`reference_solve` and of :func:`solve_from_pure_noise`'s first segment.
+
+    A step of size ``h`` (first ``h0``) is accepted when the embedded 5(4) error is below
+    ``atol + rtol max(|y|, |y5|)`` elementwise; the next size is ``h`` times
+    ``0.9 err^(-1/5)`` clipped to ``[0.2, 5]``, and the last step ends exactly at
+    ``r_end``. The 5th-order solution is propagated (local extrapolation) and its last
+    stage reused as the next step's first (FSAL). Raises a RuntimeError ("``name`` did not
+    converge") after a million attempts."""
+    direction = 1.0 if r_end > r else -1.0
+    h = direction * min(h0, abs(r_end - r))
+    k1 = f(r, y)
+    for _ in range(1_000_000):
+        if (r_end - r) * direction <= 0:
+            return y
+        if (r + h - r_end) * direction > 0:
+            h = r_end - r
+        ks = [k1]
+        for i in range(1, 7):
+            yi = y + h * sum(a * kj for a, kj in zip(_DP_A[i], ks, strict=False))
+            ks.append(f(r + _DP_C[i] * h, yi))
+        y5 = y + h * sum(b * kj for b, kj in zip(_DP_B5, ks, strict=True))
+        y4 = y + h * sum(b * kj for b, kj in zip(_DP_B4, ks, strict=True))
+        scale = atol + rtol * torch.maximum(y.abs(), y5.abs())
+        err = float(((y5 - y4) / scale).abs().max())
+        if err <= 1.0:
+            r, y, k1 = r + h, y5, ks[6]
+        factor = 0.9 * err ** (-0.2) if err > 0 else 5.0
+        h *= min(5.0, max(0.2, factor))
+    raise RuntimeError(f"{name} did not converge")
+
+
 def reference_solve(
     denoiser: Denoiser,
     x: Tensor,
@@ -275,29 +327,7 @@ def reference_solve(
         return xt - denoiser(k.alpha * xt, k).to(torch.float64)
 
     y = x.to(torch.float64) / start.alpha
-    r, r_end = -start.lam, -end.lam
-    direction = 1.0 if r_end > r else -1.0
-    h = direction * min(0.01, abs(r_end - r))
-    k1 = f(r, y)
-    for _ in range(1_000_000):
-        if (r_end - r) * direction <= 0:
-            break
-        if (r + h - r_end) * direction > 0:
-            h = r_end - r
-        ks = [k1]
-        for i in range(1, 7):
-            yi = y + h * sum(a * kj for a, kj in zip(_DP_A[i], ks, strict=False))
-            ks.append(f(r + _DP_C[i] * h, yi))
-        y5 = y + h * sum(b * kj for b, kj in zip(_DP_B5, ks, strict=True))
-        y4 = y + h * sum(b * kj for b, kj in zip(_DP_B4, ks, strict=True))
-        scale = atol + rtol * torch.maximum(y.abs(), y5.abs())
-        err = float(((y5 - y4) / scale).abs().max())
-        if err <= 1.0:
-            r, y, k1 = r + h, y5, ks[6]
-        factor = 0.9 * err ** (-0.2) if err > 0 else 5.0
-        h *= min(5.0, max(0.2, factor))
-    else:
-        raise RuntimeError("reference_solve did not converge")
+    y = _dopri5(f, y, -start.lam, -end.lam, rtol=rtol, atol=atol, h0=0.01, name="reference_solve")
     return (end.alpha * y).to(x.dtype)
 
 
@@ -600,12 +630,7 @@ class LowRankMixture:
         self, n: int, *, generator: torch.Generator | None = None, y: Tensor | None = None
     ) -> Tensor:
         """Draw ``n`` data samples (of class ``y[i]`` if given), float64 on the CPU."""
-        check_int("n", n, minimum=1)
-        if y is None:
-            comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        else:
-            w = self.weights[None, :] * (self.labels[None, :] == y.view(-1, 1).cpu())
-            comp = torch.multinomial(w, 1, generator=generator).flatten()
+        comp = _draw_components(self.weights, self.labels, n, generator, y)
         z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
         zr = torch.randn(n, self.rank, 1, dtype=torch.float64, generator=generator)
         low = torch.bmm(self.factors[comp], zr)[:, :, 0] if self.rank > 0 else 0.0
@@ -631,41 +656,6 @@ class LowRankMixtureDenoiser:
 # --------------------------------------------------------------------------------------
 # Reference solutions from pure noise (rectified flow starts at alpha = 0)
 # --------------------------------------------------------------------------------------
-
-
-def _dopri5(
-    f: Callable[[float, Tensor], Tensor],
-    y: Tensor,
-    r: float,
-    r_end: float,
-    *,
-    rtol: float,
-    atol: float,
-    h0: float,
-) -> Tensor:
-    """Adaptive Dormand-Prince 5(4) from ``r`` to ``r_end`` (local error per step below
-    ``atol + rtol |y|``, elementwise), the same controller as :func:`reference_solve`."""
-    direction = 1.0 if r_end > r else -1.0
-    h = direction * min(h0, abs(r_end - r))
-    k1 = f(r, y)
-    for _ in range(1_000_000):
-        if (r_end - r) * direction <= 0:
-            return y
-        if (r + h - r_end) * direction > 0:
-            h = r_end - r
-        ks = [k1]
-        for i in range(1, 7):
-            yi = y + h * sum(a * kj for a, kj in zip(_DP_A[i], ks, strict=False))
-            ks.append(f(r + _DP_C[i] * h, yi))
-        y5 = y + h * sum(b * kj for b, kj in zip(_DP_B5, ks, strict=True))
-        y4 = y + h * sum(b * kj for b, kj in zip(_DP_B4, ks, strict=True))
-        scale = atol + rtol * torch.maximum(y.abs(), y5.abs())
-        err = float(((y5 - y4) / scale).abs().max())
-        if err <= 1.0:
-            r, y, k1 = r + h, y5, ks[6]
-        factor = 0.9 * err ** (-0.2) if err > 0 else 5.0
-        h *= min(5.0, max(0.2, factor))
-    raise RuntimeError("the reference ODE solve did not converge")
 
 
 def solve_from_pure_noise(

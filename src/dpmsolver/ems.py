@@ -78,7 +78,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -96,13 +96,18 @@ from .schedules import (
     VESchedule,
 )
 
+if TYPE_CHECKING:  # model -> sampling -> solvers.v3 -> ems: imported where used
+    from .model import LoadedModel
+
 __all__ = [
     "EMS",
     "FORMAT_VERSION",
+    "CheckpointError",
     "EMSFingerprint",
     "EMSSpline",
     "States",
     "estimate_ems",
+    "estimate_model_ems",
     "host_to_device",
     "mixture_ems",
     "mixture_x0_and_diag",
@@ -649,6 +654,10 @@ def _jvp(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, how: str) -> tupl
     return out.detach(), tangent.detach()
 
 
+def _finite(t: Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
 def _run_key(parts: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -659,6 +668,11 @@ def _data_digest(data: Tensor) -> str:
 
 
 States = Literal["noised", "trajectory"]
+
+
+class CheckpointError(ValueError):
+    """An :func:`estimate_ems` checkpoint that this run cannot resume from: written by
+    another run (other samples, schedule, grid or settings), or not a checkpoint file."""
 
 
 class _Trajectories:
@@ -736,7 +750,9 @@ def estimate_ems(
     go to the host (9 float64 values per point and dimension); trajectories keep three
     sample-sized tensors. With ``checkpoint`` the finished points (and trajectory states)
     are written there atomically after every chunk, and a rerun with the same arguments
-    skips them; a checkpoint of another run raises a ValueError.
+    skips them; a checkpoint of another run raises a :class:`CheckpointError` (a
+    ValueError). A NaN/Inf in the denoiser's outputs raises a FloatingPointError naming the
+    grid points, before they reach the checkpoint.
 
     Args:
         denoiser: ``x0_hat = denoiser(x, knot)``, guidance included; differentiable in ``x``.
@@ -811,9 +827,12 @@ def estimate_ems(
     done = torch.zeros(m, dtype=torch.bool)
     traj = _Trajectories(base * knots[0].sigma) if mode == "trajectory" else None
     if checkpoint is not None and os.path.exists(checkpoint):
-        tensors, meta = _read_safetensors(checkpoint, "checkpoint")
+        try:
+            tensors, meta = _read_safetensors(checkpoint, "checkpoint")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         if meta.get("format") != _CHECKPOINT_FORMAT or meta.get("run") != key:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {os.fspath(checkpoint)!r} was written by another EMS run (other "
                 "samples, schedule, grid or settings); delete it or pass another checkpoint path"
             )
@@ -845,6 +864,15 @@ def estimate_ems(
                     if traj is not None and j + 1 < m:
                         traj.advance(knots, j, x0, rows)
                     bar.update()
+            # A NaN/Inf in one sample would silently poison every statistic of the point
+            # (and, through the trajectories, of every later one): stop before it is kept.
+            if not bool(torch.isfinite(acc).all()):
+                bad = [f"{float(lams[j]):.4g}" for i, j in enumerate(block) if not _finite(acc[i])]
+                raise FloatingPointError(
+                    f"estimate_ems: the denoiser's output went NaN/Inf at lambda = "
+                    f"{', '.join(bad)} (grid points finished before them are kept in the "
+                    "checkpoint, if any)"
+                )
             sums[block] = acc.cpu()
             done[block] = True
             if checkpoint is not None:
@@ -905,6 +933,97 @@ def _write_checkpoint(
         tensors["traj_x"] = traj.x.detach().cpu().contiguous()
         tensors["traj_h"] = traj.h.detach().cpu().contiguous()
     atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=meta))
+
+
+#: :func:`estimate_model_ems`'s (and ``dpmsolver ems``'s) default sample count and grid;
+#: chosen by measurement on the built-in model (:mod:`dpmsolver.cli.ems`).
+MODEL_EMS_SAMPLES = 256
+MODEL_EMS_POINTS = 100
+
+
+def estimate_model_ems(
+    model: LoadedModel,
+    *,
+    guidance: float,
+    samples: int = MODEL_EMS_SAMPLES,
+    points: int = MODEL_EMS_POINTS,
+    batch_size: int = 64,
+    probes: int = 1,
+    seed: int = 0,
+    jvp: Literal["forward", "double_backward", "vjp"] = "vjp",
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
+    network: Callable[..., Tensor] | None = None,
+    progress: bool = False,
+) -> EMS:
+    """The EMS of a loaded model over its own sampling trajectories (:func:`estimate_ems`
+    with ``noise=``), at classifier-free guidance ``guidance``, as
+    :func:`dpmsolver.model.sample_indices` samples it.
+
+    Sample ``i`` starts from the same seeded standard normal noise as sample ``i`` of a
+    sampling run with ``seed`` (:func:`dpmsolver.noise.sample_seeds`,
+    :func:`~dpmsolver.noise.seeded_randn`; float32). A class-conditional model takes the
+    labels ``0, 1, .., C - 1, 0, ..`` cycling within each batch, so every class is in every
+    network call. Trajectory statistics, because with guidance the ODE's states are not
+    distributed like noised data (``benchmarks/v3_study.md``, (b)).
+
+    Args:
+        model: the model (:class:`dpmsolver.model.LoadedModel`), on ``device``.
+        guidance: classifier-free guidance scale (1 = none; other values need a
+            class-conditional model with a null label).
+        samples: trajectories (default :data:`MODEL_EMS_SAMPLES`); a multiple of
+            ``batch_size`` when larger than it.
+        points: grid points, uniform in half log-SNR over the schedule's range (default
+            :data:`MODEL_EMS_POINTS`).
+        batch_size: samples per network call (default 64; at most ``samples``).
+        probes: Rademacher probes per sample for the Jacobian diagonal (default 1).
+        seed: sampling seed of the noises, also seeds the probes (default 0).
+        jvp: how the probes meet the Jacobian (default ``"vjp"``: one reverse pass, measured
+            2x cheaper than forward mode on the built-in model; :func:`estimate_ems`).
+        checkpoint: file for partial results; a rerun with the same arguments resumes there.
+        device: where the noise and the statistics' sums live (the model's device).
+        network: call this instead of ``model.network`` (e.g. a wrapper that counts calls).
+        progress: show a progress bar on stderr.
+    """
+    from .model import LoadedModel
+    from .noise import sample_seeds, seeded_randn
+    from .sampling import build_denoiser
+
+    if not isinstance(model, LoadedModel):
+        raise TypeError(f"model must be a LoadedModel, got {type(model).__name__}")
+    n = check_int("samples", samples, minimum=1)
+    bs = min(check_int("batch_size", batch_size, minimum=1), n)
+    if n % bs:
+        raise ValueError(
+            f"samples={n} must be a multiple of batch_size={bs} (the statistics' denoiser is "
+            "called with whole batches whose labels cycle over the classes)"
+        )
+    w = check_finite_float("guidance", guidance)
+    dev = torch.device(device)
+    labels = None
+    if model.num_classes is not None:
+        labels = torch.arange(bs, device=dev) % model.num_classes
+    kwargs: dict[str, Any] = model.conditioning(labels, w)
+    den = build_denoiser(
+        network if network is not None else model.network,
+        model.prediction,
+        **kwargs,
+    )
+    noise = seeded_randn(sample_seeds(seed, range(n)), model.shape, device=dev)
+    return estimate_ems(
+        den,
+        model.schedule,
+        noise=noise,
+        prediction=str(model.prediction),
+        guidance_scale=w,
+        points=points,
+        batch_size=bs,
+        probes=probes,
+        checkpoint=checkpoint,
+        seed=seed,
+        jvp=jvp,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------------------

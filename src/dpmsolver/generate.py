@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -78,13 +78,18 @@ from torch import Tensor
 from . import __version__
 from ._validate import check_choice, check_finite_float, check_int
 from .analytic import MixtureNetwork
+from .ems import EMS
 from .io import atomic_write_bytes, atomic_write_text
 from .loop import NonFiniteError
 from .model import LoadedModel, evaluations, sample_indices
 from .progress import Progress
-from .recipe import POLICIES
+from .recipe import POLICIES, Recipe, RecipeSource
 from .schedules import NoiseSchedule
 from .solvers import ALIASES, REGISTRY, AdaptiveSolver, get_solver
+from .solvers.v3 import recommended_options
+
+if TYPE_CHECKING:
+    from .tune import Profile
 
 __all__ = [
     "FORMAT",
@@ -394,7 +399,7 @@ class _Job:
     config_sha256: str
     classes: list[int] | None
     seed: int
-    solver: str
+    solver: str | Recipe
     nfe: int | None
     steps: int | None
     guidance: float
@@ -404,6 +409,7 @@ class _Job:
     on_nonfinite: OnNonFinite
     device: torch.device
     dtype: torch.dtype
+    profile: RecipeSource | None = None
 
 
 class _Group:
@@ -538,6 +544,7 @@ def _make_shard(job: _Job, planned: ShardRecord, bar: Progress) -> ShardRecord:
                 grid=job.grid,
                 dtype=job.dtype,
                 network=_MicroBatched(job.model.network, sizes),
+                profile=job.profile,
             ).x
             good = list(range(len(idx)))
         except NonFiniteError as e:
@@ -728,6 +735,40 @@ def _check_sampler(
     evaluations(model, solver, nfe=nfe, steps=steps, grid=grid)
 
 
+def _check_ems(model: LoadedModel, solver: str, guidance: float, ems: EMS) -> str:
+    """The solver for a run with statistics ``ems`` (``"dpmv3"``), after checking that they
+    describe this model's schedule, prediction and range at this guidance scale."""
+    if not isinstance(ems, EMS):
+        raise TypeError(f"ems must be a dpmsolver.ems.EMS or None, got {type(ems).__name__}")
+    if solver not in ("auto", "dpmv3"):
+        raise ValueError(
+            f"ems: the statistics are DPM-Solver-v3's and solver={solver!r} does not use them; "
+            "use solver='dpmv3' or 'auto'"
+        )
+    sched = model.schedule
+    lam_a, lam_b = sched.knot(sched.t_max).lam, sched.knot(sched.t_min).lam
+    finite = math.isfinite(lam_a) and math.isfinite(lam_b)
+    ems.check(
+        schedule=sched,
+        prediction=model.prediction,
+        guidance_scale=guidance,
+        lam_range=(lam_a, lam_b) if finite else None,
+    )
+    if ems.shape not in ((), tuple(model.shape)):
+        raise ValueError(
+            f"ems describes samples of shape {ems.shape}, the model's are {tuple(model.shape)}"
+        )
+    return "dpmv3"
+
+
+def _ems_identity(ems: EMS) -> dict[str, Any]:
+    """What identifies the statistics in the run's configuration: their SHA-256 (grid and
+    values) and how they were made."""
+    h = hashlib.sha256()
+    _hash_tensors(h, [(k, getattr(ems, k)) for k in ("lams", "l", "s", "b")])
+    return {"sha256": h.hexdigest(), "points": ems.lams.numel(), "samples": ems.samples}
+
+
 def _model_identity(model: LoadedModel, model_id: Mapping[str, Any] | str) -> dict[str, Any]:
     return {
         "name": model.name,
@@ -760,6 +801,8 @@ def generate(
     model_id: Mapping[str, Any] | str | None = None,
     progress: bool = False,
     steps: int | None = None,
+    ems: EMS | None = None,
+    profile: Profile | None = None,
 ) -> Manifest:
     """Generate samples ``0 .. num-1`` into ``out_dir`` as checksummed shards with a
     manifest, resuming whatever a previous run of the same configuration left (see the
@@ -792,6 +835,16 @@ def generate(
         progress: progress bar on stderr (rank 0 only).
         steps: grid steps instead of an ``nfe`` budget (at most one of the two; part of
             the configuration only when given).
+        ems: DPM-Solver-v3 statistics of this model at this guidance scale
+            (:func:`dpmsolver.ems.estimate_model_ems`): ``solver`` must be ``"dpmv3"`` or
+            ``"auto"`` (which then means dpmv3), and the run uses the official settings for
+            the budget (:func:`~dpmsolver.solvers.v3.recommended_options`). Part of the
+            configuration (a digest of the statistics) only when given.
+        profile: with ``solver="auto"``, a profile fitted to this model
+            (:func:`dpmsolver.tune`); its choice for ``nfe`` and ``guidance`` runs (a
+            profile of another schedule or prediction is an error; a budget it lacks falls
+            back to the default recipe with a warning). Part of the configuration (its
+            sha256) only when given.
 
     Returns:
         The :class:`Manifest` as written.
@@ -820,7 +873,15 @@ def generate(
         raise ValueError(f"guidance={guidance:g} needs a class-conditional model with a null label")
     classes = _classes(model, labels)
     device = torch.device(device)
+    if ems is not None and profile is not None:
+        raise ValueError("ems= and profile= exclude each other: a profile picks its own solver")
+    if ems is not None:
+        solver = _check_ems(model, solver, guidance, ems)
     _check_sampler(model, solver, nfe, steps, grid)
+    if profile is not None:
+        if solver != "auto":
+            raise ValueError(f"profile= is used with solver='auto', not solver={solver!r}")
+        profile.check(model.schedule, model.prediction)
     if model_id is None:
         model_id = model_fingerprint(model.network)
     config: dict[str, Any] = {
@@ -843,6 +904,16 @@ def generate(
     }
     if steps is not None:  # absent otherwise: directories of earlier runs stay resumable
         config["steps"] = steps
+    run_solver: str | Recipe = solver
+    if ems is not None:  # likewise
+        config["ems"] = _ems_identity(ems)
+        budget = steps if nfe is None else nfe
+        cond = model.num_classes is not None
+        options = recommended_options(guidance, budget or 10, conditional=cond)
+        run_solver = Recipe("dpmv3", {"ems": ems, **options})
+    if profile is not None:  # likewise
+        text = json.dumps(profile.to_json(), sort_keys=True).encode()
+        config["profile"] = {"sha256": hashlib.sha256(text).hexdigest()}
     config = json.loads(_canonical(config))  # exactly what the manifest will hold
     job = _Job(
         model=model,
@@ -851,7 +922,7 @@ def generate(
         config_sha256=_config_hash(config),
         classes=classes,
         seed=seed,
-        solver=solver,
+        solver=run_solver,
         nfe=nfe,
         steps=steps,
         guidance=guidance,
@@ -861,6 +932,7 @@ def generate(
         on_nonfinite=on_nonfinite,
         device=device,
         dtype=dtype,
+        profile=profile,
     )
     group = _Group(device)
     try:

@@ -19,7 +19,7 @@ from torch import Tensor
 from .loop import SampleResult
 from .noise import SeededNoise, sample_seeds, seeded_randn
 from .parameterization import Prediction
-from .recipe import Recipe
+from .recipe import Recipe, RecipeSource
 from .sampling import SampleOptions, sample
 from .schedules import NoiseSchedule
 
@@ -107,6 +107,7 @@ def sample_indices(
     dtype: torch.dtype = torch.float32,
     network: Callable[..., Tensor] | None = None,
     steps: int | None = None,
+    profile: RecipeSource | None = None,
 ) -> SampleResult:
     """Sample the run's samples ``indices`` (with class ``labels``, one per index) as one
     batch. Sample i's initial noise and its stochastic-solver noise (a separate stream)
@@ -119,6 +120,7 @@ def sample_indices(
             that dtype, see :func:`dpmsolver.sample`).
         network: call this instead of ``model.network`` (e.g. a wrapper that fixes how the
             rows are grouped into network calls).
+        profile: a tuned profile for ``solver="auto"`` (:func:`dpmsolver.tune`).
     """
     seeds = sample_seeds(seed, indices)
     noise = seeded_randn(seeds, model.shape, device=device, dtype=dtype)
@@ -135,6 +137,7 @@ def sample_indices(
             steps=steps,
             grid=grid,  # type: ignore[arg-type]
             progress=progress,
+            profile=profile,
             options=SampleOptions(noise_sampler=SeededNoise(seeds)),
             **kwargs,
         )
@@ -154,6 +157,7 @@ def sample_batches(
     grid: str | None = None,
     progress: bool = False,
     steps: int | None = None,
+    profile: RecipeSource | None = None,
 ) -> tuple[Tensor, int]:
     """Samples ``0 .. n-1`` in batches of ``batch`` (:func:`sample_indices`, so the result
     does not depend on the batch size). Returns (samples on CPU, evaluations spent)."""
@@ -172,6 +176,7 @@ def sample_batches(
             device=device,
             grid=grid,
             progress=progress,
+            profile=profile,
         )
         out.append(r.x.float().cpu())
         spent += r.nfe

@@ -69,6 +69,7 @@ from .solvers import MultistepSolver, StepContext
 from .timegrid import make_grid
 
 __all__ = [
+    "DEFAULT_BUDGETS",
     "PROFILE_FORMAT",
     "BudgetChoice",
     "Profile",
@@ -80,6 +81,8 @@ __all__ = [
 ]
 
 PROFILE_FORMAT = "dpmsolver-profile/1"
+#: The budgets :func:`tune` fits by default.
+DEFAULT_BUDGETS: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25)
 
 #: Candidates of stage (a): one configuration per deterministic method family and order.
 TUNE_SOLVERS: tuple[tuple[str, Mapping[str, Any]], ...] = (
@@ -345,13 +348,15 @@ class TuneOptions:
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
-    rtol: float = 1e-6
+    rtol: float = 1e-5
     solvers: tuple[tuple[str, Mapping[str, Any]], ...] = TUNE_SOLVERS
     grids: tuple[tuple[str, float | None], ...] = TUNE_GRIDS
-    screen_rows: int = 16
-    finalists: int = 3
+    screen_rows: int = 8
+    finalists: int = 4
     fine_knots: int = 48
     refine_runs: int = 40
+    refine_rows: int = 32
+    step_bases: int = 3
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
@@ -360,6 +365,8 @@ class TuneOptions:
         check_int("finalists", self.finalists, minimum=1)
         check_int("fine_knots", self.fine_knots, minimum=4)
         check_int("refine_runs", self.refine_runs, minimum=0)
+        check_int("refine_rows", self.refine_rows, minimum=1)
+        check_int("step_bases", self.step_bases, minimum=1)
 
 
 class _Counter:
@@ -390,8 +397,8 @@ class _Problem:
     rtol: float
     ref_error: float
     fine: tuple[Knot, ...] = ()
+    fine_rows: list[int] = field(default_factory=list)
     fine_x: list[Tensor] = field(default_factory=list)
-    fine_x0: list[Tensor] = field(default_factory=list)
 
     def run(self, recipe: Recipe, nfe: int, rows: Sequence[int] | None = None) -> Tensor | None:
         """The recipe's final samples for ``rows`` (all if None); None if it cannot spend
@@ -435,7 +442,7 @@ def tune(
     cond: Mapping[str, Any] | None = None,
     uncond: Mapping[str, Any] | None = None,
     guidance_scale: float | Sequence[float] = 1.0,
-    nfe: Sequence[int] = (5, 6, 8, 10, 12, 15, 20, 25),
+    nfe: Sequence[int] = DEFAULT_BUDGETS,
     progress: bool = False,
     **options: Any,
 ) -> Profile:
@@ -469,7 +476,7 @@ def tune(
     with Progress(len(scales) * (1 + len(budgets)), enabled=progress, desc="tuning") as bar:
         for w in scales:
             den = _Counter(_RowDenoiser(model, prediction, cond, uncond, w, sample_options))
-            prob = _pilot(den, schedule, noise, opts.rtol, opts.fine_knots)
+            prob = _pilot(den, schedule, noise, opts.rtol, opts.fine_knots, opts.screen_rows)
             bar.update()
             found = []
             for n in budgets:
@@ -589,47 +596,55 @@ class _RowDenoiser:
 
 
 def _pilot(
-    den: _Counter, schedule: NoiseSchedule, noise: Tensor, rtol: float, fine: int
+    den: _Counter,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    rtol: float,
+    fine: int,
+    fine_rows: int = 0,
 ) -> _Problem:
     """Start states, the reference at ``rtol`` with its error (against a 10x looser solve),
-    the calibration / held-out rows, and with ``fine`` > 0 the reference trajectories at
-    ``fine`` knots with their data predictions (the material of the dynamic programming).
-    The reference is the ODE solution at the schedule's last time followed by the data
-    prediction there, as :func:`dpmsolver.analytic.exact_sample` defines it."""
+    the calibration / held-out rows, and with ``fine`` > 0 the reference trajectory of the
+    first ``fine_rows`` calibration rows at ``fine`` knots (the material of the dynamic
+    programming, which runs on those rows only). The reference is the ODE solution at the
+    schedule's last time followed by the data prediction there, as
+    :func:`dpmsolver.analytic.exact_sample` defines it."""
     from .analytic import exact_sample
 
     start = schedule.knot(schedule.t_max)
     x_T = noise.double() * start.sigma
-    with torch.no_grad():
-        loose = exact_sample(den, x_T, schedule, rtol=rtol * 10)
-        if fine > 0:
-            kind = "time_uniform" if math.isinf(start.lam) else "logsnr"
-            knots = make_grid(schedule, fine - 1, kind, final="t_min").knots  # type: ignore[arg-type]
-            xs, x0s = [x_T], []
-            for a, b in itertools.pairwise(knots):
-                x0s.append(den(xs[-1], a).double())
-                xs.append(_segment(den, xs[-1], a, b, schedule, rtol))
-            x0s.append(den(xs[-1], knots[-1]).double())
-            ref = x0s[-1]
-        else:
-            knots, xs, x0s = (), [], []
-            ref = exact_sample(den, x_T, schedule, rtol=rtol)
     rows = list(range(x_T.shape[0]))
+    cal, held = rows[0::2], rows[1::2]
+    with torch.no_grad():
+        ref = exact_sample(den, x_T, schedule, rtol=rtol)
+        loose = exact_sample(den, x_T, schedule, rtol=rtol * 10)
+        knots: tuple[Knot, ...] = ()
+        xs: list[Tensor] = []
+        dp_rows = cal[:fine_rows]
+        if fine > 0 and dp_rows:
+            knots = _fine_knots(schedule, fine)
+            sub = _Rows(den, dp_rows)
+            xs = [x_T[dp_rows]]
+            for a, b in itertools.pairwise(knots):
+                xs.append(_segment(sub, xs[-1], a, b, schedule, rtol))
     spread = float((ref - ref.mean(0, keepdim=True)).pow(2).mean().sqrt())
     return _Problem(
-        den,
-        schedule,
-        x_T,
-        ref,
-        rows[0::2],
-        rows[1::2],
-        spread,
-        rtol,
-        _rms(loose, ref),
-        tuple(knots),
-        xs,
-        x0s,
+        den, schedule, x_T, ref, cal, held, spread, rtol, _rms(loose, ref), knots, dp_rows, xs
     )
+
+
+def _fine_knots(schedule: NoiseSchedule, fine: int) -> tuple[Knot, ...]:
+    """The dynamic programming's grid: ``fine`` knots uniform in log-SNR from the start to
+    the schedule's last time; from a pure-noise start (rectified flow's t = 1), the first
+    finite knot is one time-uniform step in and the rest are uniform in log-SNR after it
+    (a time-uniform grid leaves the low-noise end, where the steps matter, almost bare)."""
+    start, end = schedule.knot(schedule.t_max), schedule.knot(schedule.t_min)
+    if not math.isinf(start.lam):
+        return tuple(make_grid(schedule, fine - 1, "logsnr", final="t_min").knots)
+    first = schedule.knot(schedule.t_max - (schedule.t_max - schedule.t_min) / (fine - 1))
+    lams = torch.linspace(first.lam, end.lam, fine - 1, dtype=torch.float64).tolist()
+    inner = [schedule.knot_at_lambda(v) for v in lams[:-1]]
+    return (start, *inner, end)
 
 
 def _segment(
@@ -678,22 +693,47 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
                 scored.append((_rms(x, prob.reference[screen]), r))
     scored.sort(key=lambda e: e[0])
     finalists = [_choice(prob, r, nfe, "selection") for _, r in scored[: opts.finalists]]
-    selected = min(finalists, key=lambda c: c.cal, default=None)
-    if selected is not None and _accept(selected, best, prob):
-        best = selected
+    for selected in sorted(finalists, key=lambda c: c.cal):
+        if _accept(selected, best, prob):  # the best finalist that the held-out half takes
+            best = selected
+            break
 
-    # (b) time steps for the chosen solver: from the better of the dynamic programming's
-    # knots and its own grid's, refined against its actual error
-    steps = _steps_of(best.recipe, prob.schedule, nfe)
-    if steps is not None and steps >= 2 and prob.fine:
-        own = [k.lam for k in best.recipe.plan(prob.schedule, nfe=nfe).grid.knots[:-1]]
-        starts = [own]
-        dp = _oss_knots(prob, best.recipe, nfe, prob.cal[: opts.screen_rows])
+    # (b) time steps: the dynamic programming for the chosen solver and the next best
+    # finalists (and the default), each from its own grid's knots and its DP knots; the
+    # best of those starts on the calibration rows is refined against its actual error
+    bases: list[_Choice] = []
+    for c in [best, *sorted(finalists, key=lambda c: c.cal), default_choice]:
+        if len(bases) >= opts.step_bases:
+            break
+        if all(c.recipe != b.recipe for b in bases) and math.isfinite(c.cal):
+            steps = _steps_of(c.recipe, prob.schedule, nfe)
+            if steps is not None and steps >= 2:
+                bases.append(c)
+    starts: list[tuple[float, Recipe, list[float]]] = []
+    fits: list[tuple[float, Recipe]] = []  # the DP's knots as recipes, by calibration error
+    for c in bases if prob.fine else []:
+        own = [k.lam for k in c.recipe.plan(prob.schedule, nfe=nfe).grid.knots[:-1]]
+        starts.append((c.cal, c.recipe, own))
+        dp = _oss_knots(prob, c.recipe, nfe)
         if dp is not None and len(dp) == len(own):
-            starts.append(dp)
-        fitted = _refine(prob, best.recipe, nfe, starts, opts.refine_runs)
+            fit = _with_knots(prob, c.recipe, dp)
+            x = None if fit is None else prob.run(fit, nfe, prob.cal)
+            if fit is not None and x is not None:
+                err = _rms(x, prob.reference[prob.cal])
+                starts.append((err, c.recipe, dp))
+                fits.append((err, fit))
+    if starts:
+        _, base, lams = min(starts, key=lambda e: e[0])
+        fitted = _refine(prob, base, nfe, lams, opts.refine_runs, prob.cal[: opts.refine_rows])
         if fitted is not None and _accept(fitted, best, prob):
             best = fitted
+        else:
+            # the refined knots did not carry over to the held-out half: the DP's own may
+            for _, fit in sorted(fits, key=lambda e: e[0])[:2]:
+                dp_choice = _choice(prob, fit, nfe, "steps")
+                if _accept(dp_choice, best, prob):
+                    best = dp_choice
+                    break
     r = best.recipe
     return BudgetChoice(
         nfe=nfe,
@@ -730,21 +770,25 @@ def _rms_rows(prob: _Problem, x: Tensor | None, rows: Sequence[int]) -> float:
 
 
 def _accept(new: _Choice, old: _Choice, prob: _Problem) -> bool:
-    """Kept only if it helps the held-out half and no held-out sample diverges (ends
-    farther from its reference than the data's spread)."""
-    if not bool(torch.isfinite(new.held).all()) or float(new.held.max()) > prob.spread:
+    """Kept only if it helps the held-out half and no held-out sample diverges: ends
+    farther from its reference than the data's spread, or than the current choice's worst
+    held-out sample where that is farther (on hard cells every choice has samples beyond
+    the spread; a new one must not be worse there)."""
+    if not bool(torch.isfinite(new.held).all()):
+        return False
+    if float(new.held.max()) > max(prob.spread, float(old.held.max())):
         return False
     return paired_better(new.held, old.held)
 
 
-def _oss_knots(prob: _Problem, recipe: Recipe, nfe: int, rows: Sequence[int]) -> list[float] | None:
+def _oss_knots(prob: _Problem, recipe: Recipe, nfe: int) -> list[float] | None:
     """Dynamic programming with the solver's own steps (as "optimal stepsize" search, OSS):
     knot by knot over the fine grid, each (steps taken, knot) keeps the path whose *own*
     state there is closest to the reference trajectory, extending it with the solver's
     actual update (its multistep history included); the last knot is free and scored by
-    the final data-prediction step. One evaluation per (steps, knot) state, on ``rows``.
-    Multistep solvers only (a singlestep step would evaluate inside every candidate step);
-    None otherwise."""
+    the final data-prediction step. One evaluation per (steps, knot) state, on the
+    trajectory's rows. Multistep solvers only (a singlestep step would evaluate inside
+    every candidate step); None otherwise."""
     solver = dataclasses.replace(recipe, timesteps=None).build_solver()
     if not isinstance(solver, MultistepSolver):
         return None
@@ -753,13 +797,13 @@ def _oss_knots(prob: _Problem, recipe: Recipe, nfe: int, rows: Sequence[int]) ->
     knots, f = prob.fine, len(prob.fine)
     if intervals > f - 1 or intervals < 1:
         return None
-    rows = list(rows)
+    rows = prob.fine_rows
     den = _Rows(prob.denoiser, rows)
-    targets = [x[rows] for x in prob.fine_x]
+    targets = prob.fine_x
     ref = prob.reference[rows]
     # paths[j] = (cost, state x at knot j, solver state, knots of the path) after k steps
     paths: dict[int, tuple[float, Tensor, Any, list[int]]] = {
-        0: (0.0, prob.fine_x[0][rows], solver.init_state(), [0])
+        0: (0.0, targets[0], solver.init_state(), [0])
     }
     with torch.no_grad():
         for k in range(intervals):
@@ -783,49 +827,63 @@ def _oss_knots(prob: _Problem, recipe: Recipe, nfe: int, rows: Sequence[int]) ->
     return [knots[j].lam for j in path]
 
 
-def _refine(
-    prob: _Problem, base: Recipe, nfe: int, starts: Sequence[list[float]], runs: int
-) -> _Choice | None:
-    """Nelder-Mead on the free noisy knots (log-SNR increments; the first finite knot
-    itself after a pure-noise start) against the solver's own error on the calibration
-    rows, from the best of ``starts`` (log-SNRs of the noisy knots, each as many as the
-    solver plans); the first knot stays the schedule's start."""
-    from scipy.optimize import minimize
-
+def _knot_times(prob: _Problem, lams: Sequence[float]) -> tuple[float, ...] | None:
+    """Schedule times of a path of noisy knots given by log-SNR (the first one the
+    schedule's start), or None if they do not decrease in time inside the schedule."""
     sched = prob.schedule
     start = sched.knot(sched.t_max)
     lam_end = sched.knot(sched.t_min).lam
-    pure = math.isinf(starts[0][0])  # a pure-noise start: the next knot is free too
+    if any(v > lam_end for v in lams[1:]):
+        return None
+    times = (start.t, *(sched.knot_at_lambda(v).t for v in lams[1:]))
+    if any(b >= a for a, b in itertools.pairwise(times)):
+        return None
+    return times
 
-    def times_of(u: Sequence[float]) -> tuple[float, ...] | None:
-        lam = u[0] if pure else starts[0][0]
-        ks = [lam] if pure else []
+
+def _with_knots(prob: _Problem, base: Recipe, lams: Sequence[float]) -> Recipe | None:
+    """``base`` on the noisy knots ``lams`` (log-SNR) followed by its final step to 0."""
+    times = _knot_times(prob, lams)
+    if times is None:
+        return None
+    return dataclasses.replace(
+        base, grid=None, rho=None, sigma_end=None, t_end=None, timesteps=times, final="zero"
+    )
+
+
+def _refine(
+    prob: _Problem,
+    base: Recipe,
+    nfe: int,
+    lams: Sequence[float],
+    runs: int,
+    rows: Sequence[int],
+) -> _Choice | None:
+    """Nelder-Mead on the free noisy knots (log-SNR increments; the first finite knot
+    itself after a pure-noise start) against the solver's own error on the calibration
+    rows ``rows``, from the knots ``lams`` (log-SNRs of the noisy knots, as many as the
+    solver plans); the first knot stays the schedule's start."""
+    from scipy.optimize import minimize
+
+    pure = math.isinf(lams[0])  # a pure-noise start: the next knot is free too
+
+    def lams_of(u: Sequence[float]) -> list[float]:
+        lam = u[0] if pure else lams[0]
+        ks = [lams[0], lam] if pure else [lam]
         for v in u[1:] if pure else u:
             lam = lam + math.exp(v)
             ks.append(lam)
-        if ks and ks[-1] > lam_end:
-            return None
-        return (start.t, *(sched.knot_at_lambda(v).t for v in ks))
-
-    def recipe_of(u: Sequence[float]) -> Recipe | None:
-        times = times_of(u)
-        if times is None or any(b >= a for a, b in itertools.pairwise(times)):
-            return None
-        return dataclasses.replace(
-            base, grid=None, rho=None, sigma_end=None, t_end=None, timesteps=times, final="zero"
-        )
+        return ks
 
     def objective(u: Sequence[float]) -> float:
-        r = recipe_of(u)
-        x = None if r is None else prob.run(r, nfe, prob.cal)
-        return 1e3 if x is None else min(_rms(x, prob.reference[prob.cal]), 1e3)
+        r = _with_knots(prob, base, lams_of(u))
+        x = None if r is None else prob.run(r, nfe, rows)
+        return 1e3 if x is None else min(_rms(x, prob.reference[list(rows)]), 1e3)
 
-    def params(lams: list[float]) -> list[float]:
-        free = lams[1:] if pure else lams
-        inc = [math.log(max(b - a, 1e-6)) for a, b in itertools.pairwise(free)]
-        return [lams[1], *inc] if pure else inc
-
-    f0, u0 = min(((objective(params(v)), params(v)) for v in starts), key=lambda e: e[0])
+    free = list(lams[1:] if pure else lams)
+    inc = [math.log(max(b - a, 1e-6)) for a, b in itertools.pairwise(free)]
+    u0 = [free[0], *inc] if pure else inc
+    f0 = objective(u0)
     u = u0
     if runs > 0 and u0:
         res = minimize(
@@ -835,5 +893,5 @@ def _refine(
             options={"maxfev": runs, "xatol": 1e-4, "fatol": 1e-7},
         )
         u = list(res.x) if float(res.fun) < f0 else u0
-    r = recipe_of(u)
+    r = _with_knots(prob, base, lams_of(u))
     return None if r is None else _choice(prob, r, nfe, "steps")

@@ -36,7 +36,7 @@ from ..sampling import NonFiniteError, solve
 from ..schedules import DiscreteVPSchedule, Knot, NoiseSchedule
 from ..solvers import get_solver
 from ..timegrid import make_grid
-from .peers import load_kdiffusion_sampling, optional_import
+from .peers import diffusers_class, load_kdiffusion_sampling, run_scheduler
 
 __all__ = [
     "DIVERGED",
@@ -228,10 +228,9 @@ def our_methods(grids: Sequence[str] = ("logsnr", "karras", "time_uniform")) -> 
 
 
 def _diffusers(cls_name: str, label: str, **config: Any) -> Method | None:
-    diffusers = optional_import("diffusers")
-    if diffusers is None:
+    cls = diffusers_class(cls_name)
+    if cls is None:
         return None
-    cls = getattr(diffusers, cls_name)
 
     def run(p: GuidedProblem, nfe: int) -> Tensor | None:
         order = getattr(cls, "order", 1)
@@ -245,9 +244,7 @@ def _diffusers(cls_name: str, label: str, **config: Any) -> Method | None:
         if not x_space:
             sample = sample / p.schedule.knot(p.schedule.t_max).alpha
         start = p.calls[0]
-        for t in sched.timesteps:
-            model_in = sched.scale_model_input(sample, t)
-            sample = sched.step(eps(model_in, t), t, sample).prev_sample
+        sample = run_scheduler(sched, eps, sample)
         if p.calls[0] - start != nfe:
             return None
         return sample

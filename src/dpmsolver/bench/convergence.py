@@ -86,7 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m dpmsolver.bench.convergence", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--out", help="write the markdown table to this file")
-    p.add_argument("--readme", help="also replace the table between the README's order markers")
+    p.add_argument(
+        "--readme",
+        help="also replace the table between the order markers of this file (docs/solvers.md)",
+    )
     args = p.parse_args(argv)
     md = to_markdown(order_rows())
     header = (
@@ -95,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shown). Stochastic solvers: sliced 2-Wasserstein distance of 3000 samples (20 logSNR "
         "steps, exact start) to the exact marginal; the floor is the distance between two exact "
         "sample sets. Regenerate: `python -m dpmsolver.bench.convergence --out "
-        "benchmarks/orders.md --readme README.md`\n\n"
+        "benchmarks/orders.md --readme docs/solvers.md`\n\n"
     )
     if args.out:
         from ..io import atomic_write_text

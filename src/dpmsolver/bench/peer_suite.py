@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..denoiser import Denoiser
 from ..schedules import DiscreteVPSchedule, Knot, RectifiedFlowSchedule
-from .peers import load_kdiffusion_sampling, optional_import
+from .peers import diffusers_class, load_kdiffusion_sampling, run_scheduler
 from .suite import Family, Problem
 
 __all__ = [
@@ -362,10 +362,9 @@ def _starts_at_t_max(sched: Any, n: int) -> bool:
 
 
 def _ddpm(cls_name: str, label: str, **config: Any) -> PeerConfig | None:
-    diffusers = optional_import("diffusers")
-    if diffusers is None:
+    cls = diffusers_class(cls_name)
+    if cls is None:
         return None
-    cls = getattr(diffusers, cls_name)
 
     steps_cache: dict[int, int | None] = {}
 
@@ -386,19 +385,15 @@ def _ddpm(cls_name: str, label: str, **config: Any) -> PeerConfig | None:
         sample = task.x_T * (a0 / task.start.alpha)
         if float(getattr(sched, "init_noise_sigma", 1.0)) != 1.0:
             sample = sample / a0
-        for t in sched.timesteps:
-            model_in = sched.scale_model_input(sample, t)
-            sample = sched.step(eps(model_in, t), t, sample).prev_sample
-        return sample
+        return run_scheduler(sched, eps, sample)
 
     return PeerConfig(f"diffusers {label}", "diffusers", DDPM, run)
 
 
 def _edm(cls_name: str, label: str, **config: Any) -> PeerConfig | None:
-    diffusers = optional_import("diffusers")
-    if diffusers is None or not hasattr(diffusers, cls_name):
+    cls = diffusers_class(cls_name)
+    if cls is None:
         return None
-    cls = getattr(diffusers, cls_name)
 
     steps_cache: dict[int, int | None] = {}
 
@@ -429,10 +424,9 @@ def _edm(cls_name: str, label: str, **config: Any) -> PeerConfig | None:
 def _flow(
     cls_name: str, label: str, *, flow_sigmas: bool = False, **config: Any
 ) -> PeerConfig | None:
-    diffusers = optional_import("diffusers")
-    if diffusers is None or not hasattr(diffusers, cls_name):
+    cls = diffusers_class(cls_name)
+    if cls is None:
         return None
-    cls = getattr(diffusers, cls_name)
 
     steps_cache: dict[int, int | None] = {}
 

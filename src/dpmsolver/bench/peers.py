@@ -12,11 +12,12 @@ import importlib
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 
-__all__ = ["load_kdiffusion_sampling", "optional_import"]
+__all__ = ["diffusers_class", "load_kdiffusion_sampling", "optional_import", "run_scheduler"]
 
 
 def optional_import(name: str) -> Any:
@@ -25,6 +26,25 @@ def optional_import(name: str) -> Any:
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+def diffusers_class(name: str) -> Any:
+    """The diffusers class ``name`` (a scheduler), or None where diffusers is not
+    installed or its release lacks that class."""
+    diffusers = optional_import("diffusers")
+    if diffusers is None or not hasattr(diffusers, name):
+        return None
+    return getattr(diffusers, name)
+
+
+def run_scheduler(sched: Any, eps: Callable[[Tensor, Any], Tensor], sample: Tensor) -> Tensor:
+    """diffusers' denoising loop: a scheduler whose ``set_timesteps`` was called, stepped
+    over its timesteps from ``sample`` with the noise prediction ``eps(model_input, t)``
+    (one network call per timestep); the final sample."""
+    for t in sched.timesteps:
+        model_in = sched.scale_model_input(sample, t)
+        sample = sched.step(eps(model_in, t), t, sample).prev_sample
+    return sample
 
 
 def _append_dims(x: Tensor, target_dims: int) -> Tensor:

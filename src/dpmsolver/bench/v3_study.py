@@ -31,6 +31,7 @@ alone 5 of them; ``--quick`` about 4).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import multiprocessing as mp
@@ -48,7 +49,17 @@ from torch import Tensor
 
 from ..analytic import GaussianMixture, MixtureDenoiser, default_mixture
 from ..denoiser import Denoiser
-from ..ems import EMS, States, estimate_ems, mixture_ems
+from ..ems import (
+    EMS,
+    MODEL_EMS_POINTS,
+    MODEL_EMS_SAMPLES,
+    EMSFingerprint,
+    States,
+    estimate_ems,
+    estimate_model_ems,
+    mixture_ems,
+    schedule_fingerprint,
+)
 from ..loop import NonFiniteError, solve
 from ..schedules import DiscreteVPSchedule, Knot, NoiseSchedule
 from ..solvers import Solver, get_solver
@@ -77,6 +88,14 @@ class Sizes:
     c_samples: int = 192
     c_batch: int = 32
     c_nfes: tuple[int, ...] = NFES
+    e_samples: int = MODEL_EMS_SAMPLES
+    e_points: int = MODEL_EMS_POINTS
+    e_batch: int = 32
+    e_fd: int = 1000
+    f_block: int = 64
+    f_blocks: int = 8
+    f_points: tuple[int, ...] = (25, 50, 200)
+    f_points_blocks: int = 2
 
 
 QUICK = Sizes(
@@ -91,6 +110,14 @@ QUICK = Sizes(
     c_samples=64,
     c_batch=4,
     c_nfes=(5, 10),
+    e_samples=16,
+    e_points=12,
+    e_batch=4,
+    e_fd=100,
+    f_block=8,
+    f_blocks=4,
+    f_points=(8,),
+    f_points_blocks=2,
 )
 
 
@@ -103,17 +130,25 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
 
 
-def run_solver(problem: GuidedProblem, solver: Solver, nfe: int) -> float:
-    """RMS error of ``solver`` at ``nfe`` on ``problem`` (log-SNR grid, final step to
-    sigma = 0, lower-order final steps below 15 NFE); inf when it diverges."""
+def final_sample(
+    denoiser: Denoiser, schedule: NoiseSchedule, x_T: Tensor, solver: Solver, nfe: int
+) -> Tensor | None:
+    """``solver``'s sample from ``x_T`` at ``nfe`` (log-SNR grid, final step to sigma = 0,
+    lower-order final steps below 15 NFE); None when it diverges."""
     orders = solver.plan(steps=None, nfe=nfe, final_zero=True, lower_order_final=nfe < 15)
-    grid = make_grid(problem.schedule, len(orders), "logsnr", final="zero")
+    grid = make_grid(schedule, len(orders), "logsnr", final="zero")
     try:
         with torch.no_grad():
-            x = solve(problem.denoiser, problem.x_T, grid, solver, orders=orders).x
+            return solve(denoiser, x_T, grid, solver, orders=orders).x
     except NonFiniteError:
-        return math.inf
-    return rmse(x, problem.reference)
+        return None
+
+
+def run_solver(problem: GuidedProblem, solver: Solver, nfe: int) -> float:
+    """RMS error of ``solver`` at ``nfe`` on ``problem`` (:func:`final_sample`); inf when
+    it diverges."""
+    x = final_sample(problem.denoiser, problem.schedule, problem.x_T, solver, nfe)
+    return math.inf if x is None else rmse(x, problem.reference)
 
 
 def v3(w: float, nfe: int, ems: EMS | None) -> Solver:
@@ -588,6 +623,270 @@ def section_c(sizes: Sizes, log: Callable[[str], None], w: float = 3.0) -> str:
     )
 
 
+# ----------------------------------------------------------------------------------------
+# (e) the built-in model at guidance 7.5 with `dpmsolver ems`'s statistics
+# ----------------------------------------------------------------------------------------
+
+E_GUIDANCE = 7.5
+E_NFES = (5, 6, 8, 10)
+
+
+@functools.lru_cache(maxsize=2)
+def _digits_reference(w: float, batch: int) -> GuidedProblem:
+    """:func:`digits_problem` (noises ``sample_seeds(1000, i)``: none of the statistics'),
+    computed once for (e) and (f)."""
+    return digits_problem(w, batch=batch)
+
+
+def _e_methods(w: float, ems: EMS) -> dict[str, Callable[[int], Solver]]:
+    return {
+        "dpmv3 + EMS": lambda n: v3(w, n, ems),
+        "dpmv3 no EMS": lambda n: v3(w, n, None),
+        "dpmpp_2m": lambda n: get_solver("dpmpp_2m"),
+        "unipc": lambda n: get_solver("unipc"),
+    }
+
+
+def section_e(sizes: Sizes, log: Callable[[str], None], w: float = E_GUIDANCE) -> str:
+    """v3 with `dpmsolver ems`'s default statistics against DPM-Solver++ and UniPC on the
+    built-in model at guidance 7.5: RMS error and classifier-feature Frechet distance."""
+    from ..digits import load_classifier
+    from ..models import load_builtin
+    from ..noise import sample_seeds, seeded_randn
+    from .quality import classify, frechet_distance, real_digits
+
+    cpu = torch.device("cpu")
+    model = load_builtin(cpu)
+    calls = [0]
+
+    def network(x: Tensor, t: Tensor, **kwargs: Any) -> Tensor:
+        calls[0] += 1
+        return model.network(x, t, **kwargs)
+
+    t0 = time.perf_counter()
+    # What `dpmsolver ems --guidance 7.5` runs (its defaults; noises sample_seeds(0, i)).
+    ems = estimate_model_ems(
+        model,
+        guidance=w,
+        samples=sizes.e_samples,
+        points=sizes.e_points,
+        batch_size=min(64, sizes.e_samples),
+        network=network,
+    )
+    ems_seconds = time.perf_counter() - t0
+    log(f"(e) EMS {ems_seconds:.0f}s")
+    t0 = time.perf_counter()
+    problem = _digits_reference(w, sizes.e_batch)
+    ref_seconds = time.perf_counter() - t0
+    log(f"(e) reference {ref_seconds:.0f}s")
+    methods = _e_methods(w, ems)
+    t0 = time.perf_counter()
+    errs = {k: {n: run_solver(problem, make(n), n) for n in E_NFES} for k, make in methods.items()}
+    rms_seconds = time.perf_counter() - t0
+
+    # Quality: e_fd samples per method and budget from noises sample_seeds(2000, i) (none
+    # of the statistics' or the reference's), labels cycling 0..9 in batches of 250.
+    t0 = time.perf_counter()
+    bs = min(250, sizes.e_fd)
+    den, sched, shape = _digits_denoiser(w, bs)
+    z = seeded_randn(sample_seeds(2000, range(sizes.e_fd)), shape)
+    x_T = z * sched.knot(sched.t_max).sigma
+    labels = (torch.arange(sizes.e_fd) % bs % 10).numpy()
+    clf = load_classifier(cpu)
+    _, real_f = classify(clf, real_digits()[0])
+
+    def samples(solver: Solver, nfe: int) -> Tensor | None:
+        parts = []
+        for i in range(0, sizes.e_fd, bs):
+            x = final_sample(den, sched, x_T[i : i + bs], solver, nfe)
+            if x is None:
+                return None
+            parts.append(x)
+        return torch.cat(parts)
+
+    converged = samples(get_solver("dpmpp_3m"), 100)
+    assert converged is not None
+    _, conv_f = classify(clf, converged)
+    quality: dict[str, dict[int, tuple[float, float, float]]] = {}
+    for k, make in methods.items():
+        for n in E_NFES:
+            x = samples(make(n), n)
+            if x is None:
+                quality.setdefault(k, {})[n] = (math.inf, math.inf, math.nan)
+                continue
+            pred, feats = classify(clf, x)
+            quality.setdefault(k, {})[n] = (
+                frechet_distance(feats, real_f),
+                frechet_distance(feats, conv_f),
+                float((pred == labels).mean()),
+            )
+    conv_pred, _ = classify(clf, converged)
+    conv_row = (frechet_distance(conv_f, real_f), float((conv_pred == labels).mean()))
+    fd_seconds = time.perf_counter() - t0
+    log(f"(e) errors {rms_seconds:.0f}s, quality {fd_seconds:.0f}s")
+
+    names = list(methods)
+    base = {n: min(errs["dpmpp_2m"][n], errs["unipc"][n]) for n in E_NFES}
+    rms_rows = [
+        [
+            str(n),
+            *(_fmt(errs[k][n]) for k in names),
+            f"{errs['dpmv3 + EMS'][n] / base[n]:.2f}",
+            speedup(errs["dpmv3 + EMS"][n], n, base),
+        ]
+        for n in E_NFES
+    ]
+
+    def fd(v: float) -> str:
+        return "diverged" if not math.isfinite(v) else f"{v:.3f}"
+
+    fd_rows = [
+        [
+            str(n),
+            *(fd(quality[k][n][0]) for k in names),
+            *(fd(quality[k][n][1]) for k in names),
+            *(f"{quality[k][n][2]:.3f}" for k in names),
+        ]
+        for n in E_NFES
+    ]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    short = {"dpmv3 + EMS": "v3+EMS", "dpmv3 no EMS": "v3", "dpmpp_2m": "2M", "unipc": "UniPC"}
+    return (
+        f"### (e) Built-in model at guidance {w:g}: `dpmsolver ems` statistics\n\n"
+        f"Statistics as `dpmsolver ems --guidance {w:g}` makes them by default: "
+        f"{sizes.e_samples} trajectories from the noises of `dpmsolver sample --seed 0`, "
+        f"{sizes.e_points} log-SNR grid points, probes by `vjp`, batches of "
+        f"{min(64, sizes.e_samples)} (labels cycling 0..9): {calls[0]} network calls "
+        f"({2 * min(64, sizes.e_samples)} rows each with guidance), {ems_seconds:.0f} s on one "
+        f"CPU thread (load average {load:.1f} on the machine's 2 cores while it ran). "
+        "v3 runs the official settings at this guidance (order 2, no corrector: "
+        "`recommended_options`); all solvers on the log-SNR grid with the last step to sigma = "
+        "0 and lower-order final steps, as in (c).\n\n"
+        f"RMS error against the reference sample (`digits_problem({w:g}, batch={sizes.e_batch})`"
+        f", Dormand-Prince at rtol 1e-6, {ref_seconds:.0f} s; its noises are not the "
+        "statistics'). v3+EMS / best: v3+EMS's error over the better of dpmpp_2m and unipc "
+        "(below 1: v3 better); speed-up: extra NFE that better baseline needs for v3+EMS's "
+        "error (interpolated within these budgets; '>' where it never gets there):\n\n"
+        + _table(["NFE", *names, "v3+EMS / best", "speed-up"], rms_rows)
+        + f"\nQuality of {sizes.e_fd} samples per cell (noises `sample_seeds(2000, i)`, labels "
+        f"cycling 0..9): Frechet distance of the shipped classifier's penultimate features "
+        f"(128-d; `bench.quality`) to the {len(real_f)} held-out real digits (FD real) and to "
+        "the same noises' converged samples (DPM-Solver++(3M), 100 NFE: FD conv., the "
+        "discretisation's own effect on the distribution, free of the real set's noise), and "
+        "the fraction the classifier assigns to the requested class. The converged samples "
+        f"score FD real {conv_row[0]:.3f}, class accuracy {conv_row[1]:.3f}. "
+        f"({rms_seconds + fd_seconds:.0f} s for errors and quality.)\n\n"
+        + _table(
+            [
+                "NFE",
+                *(f"FD real {short[k]}" for k in names),
+                *(f"FD conv. {short[k]}" for k in names),
+                *(f"acc. {short[k]}" for k in names),
+            ],
+            fd_rows,
+        )
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# (f) how many samples and grid points the statistics need
+# ----------------------------------------------------------------------------------------
+
+
+def section_f(sizes: Sizes, log: Callable[[str], None], w: float = E_GUIDANCE) -> str:
+    """v3's error on the built-in model at guidance 7.5 against the statistics' sample
+    count and grid (the measurement behind `dpmsolver ems`'s defaults)."""
+    from safetensors.torch import load_file
+
+    from ..ems import _finalize, _grid_range  # the checkpoint's sums, private on purpose
+    from ..noise import sample_seeds, seeded_randn
+
+    problem = _digits_reference(w, sizes.e_batch)
+    bs = sizes.f_block
+    den, sched, shape = _digits_denoiser(w, bs)
+    total = bs * sizes.f_blocks
+    noise = seeded_randn(sample_seeds(0, range(total)), shape)
+    fp = EMSFingerprint(schedule_fingerprint(sched), "eps", w)
+    lo, hi = _grid_range(sched, None)
+    rows: list[list[str]] = []
+    per_point: list[float] = []
+
+    def score(label: str, n: int, points: int, seconds: float, ems: EMS) -> None:
+        errs = [run_solver(problem, v3(w, k, ems), k) for k in E_NFES]
+        rows.append([label, str(n), str(points), f"{seconds:.0f}", *map(_fmt, errs)])
+        per_point.append(seconds / (n * points))
+        log(f"(f) {label} n={n} points={points}: {seconds:.0f}s")
+
+    def run(rows_: slice, points: int, seed: int, ckpt: str | None) -> float:
+        t0 = time.perf_counter()
+        estimate_ems(
+            den,
+            sched,
+            noise=noise[rows_],
+            prediction="eps",
+            guidance_scale=w,
+            points=points,
+            batch_size=bs,
+            seed=seed,
+            jvp="vjp",
+            checkpoint=ckpt,
+        )
+        return time.perf_counter() - t0
+
+    # Sample counts, nested: the checkpoint's per-point sums add up over disjoint blocks
+    # of trajectories, so one pass over f_blocks blocks gives every prefix count.
+    points = sizes.e_points
+    lams = torch.linspace(lo, hi, points, dtype=torch.float64)
+    alphas = [sched.knot_at_lambda(float(v)).alpha for v in lams]
+    sums: list[Tensor] = []
+    seconds: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(sizes.f_blocks):
+            ckpt = os.path.join(tmp, f"block{k}.safetensors")
+            seconds.append(run(slice(k * bs, (k + 1) * bs), points, k, ckpt))
+            sums.append(load_file(ckpt)["sums"])
+    counts = [bs * 2**i for i in range(sizes.f_blocks.bit_length()) if 2**i <= sizes.f_blocks]
+    half = sizes.f_blocks // 2
+
+    def nested(blocks: range, label: str) -> None:
+        n = bs * len(blocks)
+        l_, s_, b_ = _finalize(torch.stack([sums[i] for i in blocks]).sum(0), n, lams, alphas)
+        ems = EMS(lams, l_, s_, b_, fp, samples=n)
+        score(label, n, points, sum(seconds[i] for i in blocks), ems)
+
+    for n in counts:
+        nested(range(n // bs), "first trajectories")
+    if half:
+        nested(range(half, sizes.f_blocks), "the other half")
+    # Grid points, on the first f_points_blocks blocks' trajectories.
+    for pts in sizes.f_points:
+        n = bs * sizes.f_points_blocks
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "run.safetensors")
+            t = run(slice(0, n), pts, 0, ckpt)
+            sm = load_file(ckpt)["sums"]
+        lams_p = torch.linspace(lo, hi, pts, dtype=torch.float64)
+        alphas_p = [sched.knot_at_lambda(float(v)).alpha for v in lams_p]
+        l_, s_, b_ = _finalize(sm, n, lams_p, alphas_p)
+        score("first trajectories", n, pts, t, EMS(lams_p, l_, s_, b_, fp, samples=n))
+    base = [
+        min(run_solver(problem, get_solver(s), k) for s in ("dpmpp_2m", "unipc")) for k in E_NFES
+    ]
+    rows.append(["better of dpmpp_2m, unipc", "-", "-", "-", *map(_fmt, base)])
+    ms = 1e3 * sorted(per_point)[len(per_point) // 2]
+    return (
+        f"### (f) Statistics size, built-in model at guidance {w:g}\n\n"
+        f"v3 (official settings) with trajectory statistics of the first n of the noises "
+        f"`sample_seeds(0, i)` (as `dpmsolver ems`), or of the other half; RMS error against "
+        f"(e)'s reference sample by NFE. Batches of {bs}, probes by `vjp`, one CPU thread; "
+        f"the median cost was {ms:.1f} ms per trajectory and grid point on this shared "
+        "machine.\n\n"
+        + _table(
+            ["trajectories", "n", "grid points", "seconds", *(f"{k} NFE" for k in E_NFES)], rows
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print (and optionally write) the study as markdown."""
     doc = (__doc__ or "").split("\n\n")[0]
@@ -606,9 +905,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = [
         "## DPM-Solver-v3 study\n\nRegenerate: `python -m dpmsolver.bench.v3_study"
         + (" --quick" if args.quick else "")
+        + (f" --sections {args.sections}" if args.sections != "abcd" else "")
         + "`\n"
     ]
-    sections = {"a": section_a, "b": section_b, "c": section_c, "d": section_d}
+    sections = {
+        "a": section_a,
+        "b": section_b,
+        "c": section_c,
+        "d": section_d,
+        "e": section_e,
+        "f": section_f,
+    }
+    unknown = sorted(set(args.sections) - set(sections))
+    if unknown:
+        p.error(f"--sections: unknown section(s) {', '.join(unknown)}; choose from abcdef")
     for key in args.sections:
         parts.append("\n" + sections[key](sizes, log))
     text = "".join(parts)

@@ -1,11 +1,14 @@
 """The ``dpmsolver`` command-line tool.
 
 Commands, one module each: ``sample`` and ``compare`` (:mod:`.sample`), ``solvers``,
-``bench`` and ``generate`` (large sharded, resumable runs; :mod:`dpmsolver.generate`).
+``bench``, ``generate`` (large sharded, resumable runs; :mod:`dpmsolver.generate`) and
+``tune`` (a profile fitted to the model for ``sample``/``generate --profile``).
 Every output file is written atomically, and every output location is checked before any
 work. Exit status: 0 done; 2 a bad option, one line on stderr naming it (:mod:`.options`);
 1 a failure while working (one line); 130 interrupted (Ctrl-C, one line; ``generate``
 resumes when the same command is run again).
+
+``ems`` (:mod:`.ems`) estimates DPM-Solver-v3's model statistics for ``sample --ems FILE``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import __version__
-from . import bench, generate, sample, solvers
+from . import bench, ems, generate, sample, solvers, tune
 from .options import Parser, add_threads
 
 __all__ = ["build_parser", "main"]
@@ -35,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     solvers.add_parser(sub)
     generate.add_parser(sub)
+    ems.add_parser(sub)
+    tune.add_parser(sub)
     for command in sub.choices.values():
         add_threads(command, top=False)  # `dpmsolver sample --threads 2` means the same
     return p

@@ -19,19 +19,23 @@ from ..models import BUILTIN, load_model
 from .options import (
     UsageError,
     add_budget_options,
+    add_ems,
     add_guidance,
     add_null_label,
     check_budget_options,
+    check_ems,
     check_guidance,
     check_output_dir,
     describe,
     device,
+    ems_option,
     int_list,
     positive_int,
     resolve_budget,
     resolve_guidance,
     solver_help,
 )
+from .tune import add_profile_option, resolve_profile
 
 __all__ = ["add_parser", "cmd_generate", "model_identity"]
 
@@ -69,6 +73,7 @@ def _interrupted(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """``dpmsolver generate``."""
+    ems = ems_option(args)  # first: with --ems, --solver auto means dpmv3
     check_budget_options(args, adaptive_ok=False)
     check_guidance(args.guidance)
     out = Path(args.out)
@@ -76,7 +81,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dev = _rank_device(device(args.device))
     model = load_model(args.model, dev, null_label=args.null_label)
     guidance = resolve_guidance(model, args.guidance)
-    budget = resolve_budget(model, args)
+    profile, tuned = resolve_profile(args, model, guidance)
+    if ems is not None:
+        check_ems(ems, args.ems, model, guidance)
+    budget = tuned or resolve_budget(model, args)
     model_id = model_identity(args.model, model)
     if args.labels == "cycle":
         labels: Literal["cycle"] | list[int] = "cycle"
@@ -104,6 +112,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             device=dev,
             model_id=model_id,
             progress=not args.no_progress,
+            ems=ems,
+            profile=profile,
         )
     except GenerationError as e:
         print(f"dpmsolver: error: {e}", file=sys.stderr)
@@ -118,6 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         if budget.note:
             note += f"; {budget.note}"
+        if ems is not None:
+            note += f"; statistics {args.ems}"
         print(
             f"{manifest.samples} of {args.num} samples from {model.name} in {out} "
             f"({len(manifest.shards)} shards, {describe(budget, args)}, guidance {guidance:g}, "
@@ -167,6 +179,7 @@ def add_parser(sub: Any) -> None:
     )
     add_budget_options(g, adaptive=False)
     add_guidance(g)
+    add_ems(g)
     g.add_argument(
         "--labels",
         default="cycle",
@@ -205,5 +218,6 @@ def add_parser(sub: Any) -> None:
         default="auto",
         help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK",
     )
+    add_profile_option(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.set_defaults(func=cmd_generate, interrupted=_interrupted)

@@ -5,6 +5,7 @@ command does (a :class:`UsageError`, reported by :func:`dpmsolver.cli.main`)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import textwrap
 from collections.abc import Callable
@@ -14,11 +15,13 @@ from typing import Any, NoReturn
 
 import torch
 
+from ..ems import EMS
 from ..io import check_writable_dir, check_writable_file
 from ..model import LoadedModel, evaluations, resolve_device
 from ..recipe import POLICIES, Recipe
 from ..solvers import ALIASES, REGISTRY, AdaptiveSolver, get_solver
 from ..solvers.adaptive import AdaptiveDPMSolver
+from ..solvers.v3 import recommended_options
 from ..timegrid import GRID_KINDS
 
 __all__ = [
@@ -29,19 +32,26 @@ __all__ = [
     "UsageError",
     "adaptive_solvers",
     "add_budget_options",
+    "add_ems",
     "add_guidance",
+    "add_model",
     "add_null_label",
     "add_threads",
     "budget_problem",
     "check_budget_options",
+    "check_ems",
     "check_guidance",
     "check_output",
     "check_output_dir",
     "check_solver",
     "describe",
     "device",
+    "ems_budget",
+    "ems_option",
+    "ems_recipe",
     "int_list",
     "is_adaptive",
+    "load_ems",
     "positive_int",
     "resolve_budget",
     "resolve_guidance",
@@ -201,6 +211,17 @@ def solver_help(*, adaptive: bool = True) -> str:
         f"grids (--grid): {', '.join(GRID_KINDS)}.",
     ]
     return "\n".join(textwrap.fill(p, 88) for p in parts)
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--null-label``."""
+    p.add_argument(
+        "--model",
+        default="builtin",
+        help="'builtin' (default), a diffusers model directory with unet/ and scheduler/, or "
+        "module:function returning a LoadedModel",
+    )
+    add_null_label(p)
 
 
 def add_null_label(p: argparse.ArgumentParser) -> None:
@@ -407,3 +428,92 @@ def describe(budget: Budget, args: Any) -> str:
         return f"adaptive steps{f' ({tol})' if tol else ''}"
     steps = f" on {budget.steps} steps" if budget.steps is not None else ""
     return f"{budget.evaluations} network evaluations per sample{steps}"
+
+
+# ----------------------------------------------------------------------------------------
+# DPM-Solver-v3 statistics (--ems)
+# ----------------------------------------------------------------------------------------
+
+
+def add_ems(p: argparse.ArgumentParser, *, rows: bool = False) -> None:
+    """``--ems FILE``: statistics written by ``dpmsolver ems`` (``rows``: for compare,
+    where they go to the dpmv3 row)."""
+    what = (
+        "the dpmv3 row (added if --solvers has none) samples with them"
+        if rows
+        else "sample with DPM-Solver-v3 (dpmv3) using them"
+    )
+    p.add_argument(
+        "--ems",
+        default=None,
+        metavar="FILE",
+        help="statistics from `dpmsolver ems` for this model and guidance scale: " + what,
+    )
+
+
+def load_ems(path: str) -> EMS:
+    """Read ``--ems FILE`` (before any work): a UsageError naming ``--ems`` for a missing,
+    corrupt or foreign file."""
+    try:
+        return EMS.load(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--ems: {e}") from None
+
+
+def ems_option(args: argparse.Namespace) -> EMS | None:
+    """``--ems`` with ``--solver`` (before any work): the statistics, or None without
+    ``--ems``. They are DPM-Solver-v3's, so ``--solver`` must be ``dpmv3`` or ``auto``,
+    which then means ``dpmv3`` (``args.solver`` is set to it)."""
+    if args.ems is None:
+        return None
+    if args.solver not in ("auto", "dpmv3"):
+        raise UsageError(
+            f"--ems: the statistics are DPM-Solver-v3's and --solver {args.solver} does not use "
+            "them; give --solver dpmv3 (or auto, or no --solver), or leave out --ems"
+        )
+    args.solver = "dpmv3"
+    return load_ems(args.ems)
+
+
+def check_ems(ems: EMS, path: str, model: LoadedModel, guidance: float) -> None:
+    """A UsageError naming ``--ems`` when the statistics describe another schedule,
+    prediction, guidance scale or sample shape than ``model`` at ``guidance``, or do not
+    cover the schedule's range."""
+    sched = model.schedule
+    lam_a, lam_b = sched.knot(sched.t_max).lam, sched.knot(sched.t_min).lam
+    try:
+        ems.check(
+            schedule=sched,
+            prediction=model.prediction,
+            guidance_scale=guidance,
+            lam_range=(lam_a, lam_b) if math.isfinite(lam_a) and math.isfinite(lam_b) else None,
+        )
+    except ValueError as e:
+        raise UsageError(
+            f"--ems {path}: {e} (make statistics for this run with `dpmsolver ems --guidance "
+            f"{guidance:g}` and the same --model)"
+        ) from None
+    if ems.shape not in ((), tuple(model.shape)):
+        raise UsageError(
+            f"--ems {path}: the statistics describe samples of shape {ems.shape}, the model's "
+            f"are {tuple(model.shape)}"
+        )
+
+
+def ems_recipe(ems: EMS, model: LoadedModel, guidance: float, nfe: int) -> Recipe:
+    """DPM-Solver-v3 with statistics ``ems`` (checked by :func:`check_ems`) and the official
+    code's settings for the budget (:func:`~dpmsolver.solvers.v3.recommended_options`)."""
+    options = recommended_options(guidance, nfe, conditional=model.num_classes is not None)
+    return Recipe("dpmv3", {"ems": ems, **options})
+
+
+def ems_budget(budget: Budget, ems: EMS, path: str, model: LoadedModel, guidance: float) -> Budget:
+    """``budget`` (of ``--solver dpmv3``) sampling with the statistics of ``--ems path``."""
+    check_ems(ems, path, model, guidance)
+    cost = budget.evaluations if budget.evaluations is not None else DEFAULT_NFE
+    note = f"{budget.note}; " if budget.note else ""
+    return dataclasses.replace(
+        budget,
+        solver=ems_recipe(ems, model, guidance, cost),
+        note=f"{note}statistics {path}",
+    )

@@ -21,22 +21,29 @@ from ..recipe import POLICIES
 from .options import (
     UsageError,
     add_budget_options,
+    add_ems,
     add_guidance,
-    add_null_label,
+    add_model,
     budget_problem,
     check_budget_options,
+    check_ems,
     check_guidance,
     check_output,
     check_solver,
     describe,
     device,
+    ems_budget,
+    ems_option,
+    ems_recipe,
     int_list,
     is_adaptive,
+    load_ems,
     positive_int,
     resolve_budget,
     resolve_guidance,
     solver_help,
 )
+from .tune import add_profile_option, resolve_profile
 
 __all__ = ["add_parsers", "cmd_compare", "cmd_sample"]
 
@@ -54,6 +61,7 @@ def _labels(args: argparse.Namespace, model: LoadedModel) -> Tensor | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    ems = ems_option(args)  # first: with --ems, --solver auto means dpmv3
     check_budget_options(args)
     check_guidance(args.guidance)
     out_png = Path(args.out) if args.out else None
@@ -67,7 +75,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = load_model(args.model, dev, null_label=args.null_label)
     guidance = resolve_guidance(model, args.guidance)
     labels = _labels(args, model)
-    budget = resolve_budget(model, args)
+    profile, tuned = resolve_profile(args, model, guidance)
+    budget = tuned or resolve_budget(model, args)
+    if ems is not None:
+        budget = ems_budget(budget, ems, args.ems, model, guidance)
     n = len(labels) if labels is not None else args.num
     t0 = time.perf_counter()
     x, spent = sample_batches(
@@ -83,6 +94,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         device=dev,
         grid=args.grid,
         progress=not args.no_progress,
+        profile=profile,
     )
     elapsed = time.perf_counter() - t0
     if not bool(torch.isfinite(x).all()):
@@ -151,6 +163,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         budgets = [("nfe", k) for k in int_list("--nfe", args.nfe or "5,10,20", lo=1)]
     out = Path(args.out)
     check_output(out, "--out")
+    ems = load_ems(args.ems) if args.ems is not None else None
+    if ems is not None and "dpmv3" not in solvers:
+        solvers.append("dpmv3")
     try:
         import matplotlib
 
@@ -163,6 +178,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     dev = device(args.device)
     model = load_model(args.model, dev, null_label=args.null_label)
     guidance = resolve_guidance(model, args.guidance)
+    if ems is not None:
+        check_ems(ems, args.ems, model, guidance)
     labels = torch.arange(model.num_classes) if model.num_classes else None
     n = len(labels) if labels is not None else args.num
     fig, axes = plt.subplots(
@@ -185,7 +202,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     model,
                     labels,
                     n,
-                    solver=s,
+                    solver=ems_recipe(ems, model, guidance, k)
+                    if ems is not None and s == "dpmv3"
+                    else s,
                     guidance=guidance,
                     seed=args.seed,
                     batch=n,
@@ -203,7 +222,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if i == 0:
                 ax.set_title(title, fontsize=9)
             if j == 0:
-                ax.set_ylabel(s, fontsize=8, rotation=0, ha="right", va="center")
+                name = f"{s} + EMS" if ems is not None and s == "dpmv3" else s
+                ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
     fig.suptitle(f"{model.name}, guidance {guidance:g}, seed {args.seed}", fontsize=9)
     fig.tight_layout()
 
@@ -229,16 +249,6 @@ def _cell_problem(model: LoadedModel, solver: str, kind: str, k: int) -> str | N
     return None
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="builtin",
-        help="'builtin' (default), a diffusers model directory with unet/ and scheduler/, or "
-        "module:function returning a LoadedModel",
-    )
-    add_null_label(p)
-
-
 def add_parsers(sub: Any) -> None:
     """Register ``sample`` and ``compare`` on the CLI's subparsers."""
     s = sub.add_parser(
@@ -251,7 +261,7 @@ def add_parsers(sub: Any) -> None:
         epilog=solver_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_model(s)
+    add_model(s)
     s.add_argument(
         "--solver",
         default="auto",
@@ -259,6 +269,7 @@ def add_parsers(sub: Any) -> None:
     )
     add_budget_options(s, adaptive=True)
     add_guidance(s)
+    add_ems(s)
     s.add_argument(
         "--labels",
         default=None,
@@ -296,6 +307,7 @@ def add_parsers(sub: Any) -> None:
         default=4,
         help="pixel upscaling in the PNG (default 4)",
     )
+    add_profile_option(s)
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(func=cmd_sample)
 
@@ -309,7 +321,7 @@ def add_parsers(sub: Any) -> None:
         epilog=solver_help(adaptive=False),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_model(c)
+    add_model(c)
     c.add_argument(
         "--solvers",
         default="auto,dpmpp_2m,dpmpp_3m,ddim",
@@ -321,6 +333,7 @@ def add_parsers(sub: Any) -> None:
         "--steps", default=None, help="comma-separated grid steps instead of --nfe budgets"
     )
     add_guidance(c)
+    add_ems(c, rows=True)
     c.add_argument("--num", type=positive_int("--num"), default=10)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default="auto")

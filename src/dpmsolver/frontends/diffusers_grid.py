@@ -340,6 +340,40 @@ def _karras(smax: float, smin: float, n: int, rho: float = 7.0) -> np.ndarray:
     return (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
 
 
+def _shift_levels(
+    values: np.ndarray,
+    *,
+    shift: float,
+    use_dynamic_shifting: bool,
+    mu: float | None,
+    time_shift_type: Literal["exponential", "linear"],
+    shift_terminal: float | None,
+) -> np.ndarray:
+    """Flow noise levels ``s`` shifted as diffusers' flow schedulers shift them (their
+    ``time_shift`` and ``stretch_shift_to_terminal``).
+
+    With ``use_dynamic_shifting`` the shift depends on the image size through ``mu``
+    (Flux): ``e^mu / (e^mu + 1/s - 1)``, or ``mu / (mu + 1/s - 1)`` for
+    ``time_shift_type="linear"``; otherwise SD3's static shift
+    ``shift s / (1 + (shift - 1) s)`` (Esser et al. 2024, as
+    :class:`~dpmsolver.schedules.RectifiedFlowSchedule`). A ``shift_terminal`` then
+    stretches ``1 - s`` so that the last level becomes ``shift_terminal``."""
+    if use_dynamic_shifting:
+        if mu is None:
+            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
+        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        if time_shift_type == "exponential":
+            values = math.exp(mu) / (math.exp(mu) + (1 / values - 1))
+        else:
+            values = mu / (mu + (1 / values - 1))
+    else:
+        values = shift * values / (1 + (shift - 1) * values)
+    if shift_terminal:
+        one_minus = 1 - values
+        values = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    return values
+
+
 def flowmatch_sigmas(
     n: int | None,
     *,
@@ -379,17 +413,14 @@ def flowmatch_sigmas(
     else:
         values = np.asarray(sigmas, dtype=np.float64)
         n = len(values)
-    if use_dynamic_shifting:
-        assert mu is not None
-        if time_shift_type == "exponential":
-            values = math.exp(mu) / (math.exp(mu) + (1 / values - 1))
-        else:
-            values = mu / (mu + (1 / values - 1))
-    else:
-        values = shift * values / (1 + (shift - 1) * values)
-    if shift_terminal:
-        one_minus = 1 - values
-        values = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    values = _shift_levels(
+        values,
+        shift=shift,
+        use_dynamic_shifting=use_dynamic_shifting,
+        mu=mu,
+        time_shift_type=time_shift_type,
+        shift_terminal=shift_terminal,
+    )
     if sigma_spacing == "karras":
         values = _karras(float(values[0]), float(values[-1]), n)
     elif sigma_spacing == "exponential":
@@ -438,19 +469,14 @@ def unipc_flow_sigmas(
         values = np.linspace(1, 1 / num_train_timesteps, n + 1)[:-1]
     else:
         values = np.asarray(sigmas, dtype=np.float64)
-    if use_dynamic_shifting:
-        if mu is None:
-            raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting=True")
-        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
-        if time_shift_type == "exponential":
-            values = math.exp(mu) / (math.exp(mu) + (1 / values - 1))
-        else:
-            values = mu / (mu + (1 / values - 1))
-    else:
-        values = flow_shift * values / (1 + (flow_shift - 1) * values)
-    if shift_terminal:
-        one_minus = 1 - values
-        values = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    values = _shift_levels(
+        values,
+        shift=flow_shift,
+        use_dynamic_shifting=use_dynamic_shifting,
+        mu=mu,
+        time_shift_type=time_shift_type,
+        shift_terminal=shift_terminal,
+    )
     values = np.array(values, dtype=np.float64)
     if abs(values[0] - 1) < 1e-6:
         values[0] -= 1e-6

@@ -257,10 +257,16 @@ def _continuous_time(knot: Knot) -> float:
     return float(torch.tensor(knot.ksigma, dtype=torch.float32).log() * 0.25)
 
 
+def _floats(seq: Sequence[float] | Tensor) -> list[float]:
+    """Custom ``timesteps`` / ``sigmas`` (a sequence or tensor of any shape) as float64
+    Python floats."""
+    return [float(v) for v in torch.as_tensor(seq, dtype=torch.float64).flatten().tolist()]
+
+
 def _values(seq: Sequence[float] | None) -> tuple[float, ...] | None:
     if seq is None:
         return None
-    return tuple(torch.as_tensor(seq, dtype=torch.float64).flatten().tolist())
+    return tuple(_floats(seq))
 
 
 @dataclasses.dataclass
@@ -714,9 +720,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     ) -> list[Knot]:
         cfg, final = self._cfg, self._final()
         if timesteps is not None:
-            vals = [
-                float(v) for v in torch.as_tensor(timesteps, dtype=torch.float64).flatten().tolist()
-            ]
+            vals = _floats(timesteps)
             if self._flow is not None:
                 # Custom flow timesteps are the network times; their levels are t / N (unshifted).
                 levels = [v / cfg.num_train_timesteps for v in vals]
@@ -783,9 +787,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             )
         assert isinstance(self.schedule, DiscreteVPSchedule)
         if sigmas is not None:
-            vals = [
-                float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()
-            ]
+            vals = _floats(sigmas)
             end = self.schedule.zero_knot() if vals and vals[-1] == 0.0 else self._vp_final(final)
             vals = vals[:-1] if vals and vals[-1] == 0.0 else vals
             inner = []

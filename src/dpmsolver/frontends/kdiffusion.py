@@ -68,7 +68,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_finite_float, check_int
+from .._validate import check_choice, check_finite_float, check_int, check_non_negative
 from ..loop import StepInfo, solve
 from ..parameterization import PREDICTIONS, Prediction, data_coefficients
 from ..plan import Plan, plan_steps, solver_orders
@@ -263,13 +263,6 @@ def _range_schedule(sigma_min: float, sigma_max: float) -> VESchedule:
     return VESchedule(lo, hi)
 
 
-def _non_negative(name: str, value: Any) -> float:
-    out = check_finite_float(name, value)
-    if out < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return out
-
-
 def _run(
     model: KModel,
     x: Tensor,
@@ -424,11 +417,11 @@ def _edm(
 ) -> Tensor:
     """Karras et al. 2022 (EDM), Alg. 2 with an Euler, Heun or DPM-Solver-2 step: churn
     ``gamma_i = min(s_churn / N, sqrt(2) - 1)`` at the sigmas in ``[s_tmin, s_tmax]``."""
-    s_churn = _non_negative("s_churn", s_churn)
+    s_churn = check_non_negative("s_churn", s_churn)
     s_tmin, s_tmax = float(s_tmin), float(s_tmax)
     if math.isnan(s_tmin) or math.isnan(s_tmax):
         raise ValueError(f"s_tmin and s_tmax must not be NaN, got {s_tmin}, {s_tmax}")
-    s_noise = _non_negative("s_noise", s_noise)
+    s_noise = check_non_negative("s_noise", s_noise)
     levels = _Levels(sigmas)
     n = levels.steps
     gammas = [
@@ -1340,7 +1333,7 @@ def sample_dpm_fast(
     """
     schedule = _range_schedule(sigma_min, sigma_max)
     nfe = check_int("n", n, minimum=1)
-    eta, s_noise = _non_negative("eta", eta), _non_negative("s_noise", s_noise)
+    eta, s_noise = check_non_negative("eta", eta), check_non_negative("s_noise", s_noise)
     solver = get_solver("dpm_fast", 3)
     orders = solver.plan(steps=None, nfe=nfe, final_zero=False, lower_order_final=False)
     grid = make_grid(schedule, len(orders), "logsnr", final="t_min")
@@ -1445,7 +1438,7 @@ def sample_dpm_adaptive(
     """
     schedule = _range_schedule(sigma_min, sigma_max)
     order = check_choice("order", order, (2, 3))
-    eta, s_noise = _non_negative("eta", eta), _non_negative("s_noise", s_noise)
+    eta, s_noise = check_non_negative("eta", eta), check_non_negative("s_noise", s_noise)
     solver = get_solver("dpm_adaptive", order, rtol=rtol, atol=atol, h_init=abs(h_init))
     assert isinstance(solver, AdaptiveSolver)
     pid = _PIDController(

@@ -42,8 +42,10 @@ __all__ = [
     "lagrange_weights",
     "phi_functions",
     "phi_sequence",
+    "rescale_to",
     "s_ratio",
     "sigma_step",
+    "step_noise",
 ]
 
 
@@ -209,6 +211,27 @@ class StepContext:
     evaluate: Callable[[Tensor, Knot], Tensor]
     schedule: NoiseSchedule
     noise: Callable[[Knot, Knot], Tensor] | None = None
+
+
+def step_noise(ctx: StepContext, a: Knot, b: Knot) -> Tensor:
+    """``ctx.noise(a, b)``: the standard normal noise of the interval from knot ``a`` to
+    ``b`` for a stochastic solver; a ValueError naming ``noise_sampler=`` when the run has
+    none."""
+    if ctx.noise is None:
+        raise ValueError("stochastic solvers need a noise sampler (pass noise_sampler=)")
+    return ctx.noise(a, b)
+
+
+def rescale_to(x: Tensor, src: Knot, dst: Knot) -> Tensor:
+    """The state at knot ``dst`` with the same ``x~ = x / alpha`` as ``x`` at ``src``:
+    ``(alpha_dst / alpha_src) x`` (``x`` itself when the alphas are equal).
+
+    In k-diffusion's variables (Karras et al. 2022, EDM Sec. 2) a state is ``x~`` at a
+    level ``sigma~``; moving it to another level without a step keeps ``x~``. Ancestral
+    steps (k-diffusion's ``get_ancestral_step``: a deterministic step to ``sigma_down``,
+    then ``sigma_up`` noise at ``sigma~_t``) and EDM's churn (Alg. 2, lines 4-5) end this
+    way before their noise is added."""
+    return x * (dst.alpha / src.alpha) if src.alpha != dst.alpha else x
 
 
 def heun_update(ctx: StepContext, x: Tensor, d_s: Tensor) -> Tensor:

@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from .._validate import check_choice, check_finite_float
+from .._validate import check_choice, check_non_negative
 from ..schedules import Knot
-from .base import Form, StepContext, first_order_step, heun_update
+from .base import Form, StepContext, first_order_step, heun_update, rescale_to, step_noise
 from .registry import SolverInfo, register
 from .shapes import SinglestepSolver
 from .singlestep import singlestep_update
@@ -51,9 +51,7 @@ _BASE_ORDER = {"euler": 1, "heun": 2, "dpm_2": 2}
 def _check_gamma(gamma: Any) -> float | tuple[float, ...]:
     values = list(gamma) if isinstance(gamma, (tuple, list)) else [gamma]
     for i, g in enumerate(values):
-        name = "gamma" if not isinstance(gamma, (tuple, list)) else f"gamma[{i}]"
-        if check_finite_float(name, g) < 0:
-            raise ValueError(f"{name} must be >= 0, got {g}")
+        check_non_negative("gamma" if not isinstance(gamma, (tuple, list)) else f"gamma[{i}]", g)
     if isinstance(gamma, (tuple, list)):
         return tuple(float(g) for g in gamma)
     return float(gamma)
@@ -83,8 +81,7 @@ class ChurnSolver(SinglestepSolver):
         check_choice("base", self.base, tuple(_BASE_ORDER))
         check_choice(f"order (for base {self.base!r})", self.order, (_BASE_ORDER[self.base],))
         object.__setattr__(self, "gamma", _check_gamma(self.gamma))
-        if check_finite_float("s_noise", self.s_noise) < 0:
-            raise ValueError(f"s_noise must be >= 0, got {self.s_noise}")
+        check_non_negative("s_noise", self.s_noise)
 
     @property
     def stochastic(self) -> bool:
@@ -123,13 +120,11 @@ class ChurnSolver(SinglestepSolver):
         x_down = self.base_step(replace(ctx, t=down), x, x0)
         if down is t:
             return x_down, state
-        if ctx.noise is None:
-            raise ValueError("stochastic solvers need a noise sampler (pass noise_sampler=)")
         # Churn from d up to t: x~ is shared, x = alpha x~; fresh noise of variance
         # sigma~_t^2 - sigma~_d^2 (EDM Alg. 2, lines 4-5, for the next step).
-        out = x_down * (t.alpha / down.alpha) if down.alpha != t.alpha else x_down
+        z = step_noise(ctx, down, t)
         amplitude = t.alpha * math.sqrt(t.ksigma**2 - down.ksigma**2) * self.s_noise
-        return out.add(ctx.noise(down, t), alpha=amplitude), state
+        return rescale_to(x_down, down, t).add(z, alpha=amplitude), state
 
 
 _REFERENCE = "Karras et al. 2022, EDM Alg. 2 (stochastic sampler, S_churn / S_noise)"

@@ -31,9 +31,9 @@ from typing import Any
 
 from torch import Tensor
 
-from .._validate import check_choice, check_finite_float
+from .._validate import check_choice, check_finite_float, check_non_negative
 from ..schedules import Knot
-from .base import Form, StepContext, first_order_step
+from .base import Form, StepContext, first_order_step, rescale_to, step_noise
 from .registry import SolverInfo, register
 from .sde import ancestral_knots
 from .shapes import SinglestepSolver
@@ -61,9 +61,8 @@ class DPMSolverSDE(SinglestepSolver):
 
     def __post_init__(self) -> None:
         check_choice("order", self.order, (2,))
-        for name in ("eta", "s_noise"):
-            if check_finite_float(name, getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_non_negative("eta", self.eta)
+        check_non_negative("s_noise", self.s_noise)
         if not 0.0 < check_finite_float("r1", self.r1) < 1.0:
             raise ValueError(f"r1 must lie in (0, 1), got {self.r1}")
 
@@ -75,14 +74,11 @@ class DPMSolverSDE(SinglestepSolver):
         """DDIM with prediction ``m`` from ``ctx.s`` to ``sigma_down(s -> end)``, then
         ``sigma_up`` noise for the interval ``(s, end)``: the state at ``end``."""
         down, up = ancestral_knots(replace(ctx, t=end), self.eta)
-        out = first_order_step(Form.DATA, x, x0, m, ctx.s, down)
-        if down.alpha != end.alpha:  # x~ is shared, x = alpha x~
-            out = out * (end.alpha / down.alpha)
+        # back from the sigma_down knot to end's scale: x~ is shared, x = alpha x~
+        out = rescale_to(first_order_step(Form.DATA, x, x0, m, ctx.s, down), down, end)
         if up == 0.0:
             return out
-        if ctx.noise is None:
-            raise ValueError("stochastic solvers need a noise sampler (pass noise_sampler=)")
-        return out.add(ctx.noise(ctx.s, end), alpha=end.alpha * up * self.s_noise)
+        return out.add(step_noise(ctx, ctx.s, end), alpha=end.alpha * up * self.s_noise)
 
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         s, t = ctx.s, ctx.t

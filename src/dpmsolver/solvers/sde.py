@@ -34,9 +34,9 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from .._validate import check_choice, check_finite_float
+from .._validate import check_choice, check_non_negative
 from ..schedules import Knot
-from .base import Form, Solver, StepContext, combine, phi_functions
+from .base import Form, Solver, StepContext, combine, phi_functions, rescale_to, step_noise
 from .multistep import MultistepDPMSolver, multistep_terms
 from .registry import SolverInfo, register
 from .shapes import MultistepState, SinglestepSolver
@@ -45,25 +45,6 @@ from .singlestep import SinglestepDPMSolver
 __all__ = ["AncestralSolver", "MultistepSDESolver", "SinglestepSDESolver", "ancestral_knots"]
 
 Variant = Literal["midpoint", "heun"]
-
-
-def _noise(ctx: StepContext, a: Knot, b: Knot) -> Tensor:
-    """The noise of the interval from ``a`` to ``b``."""
-    if ctx.noise is None:
-        raise ValueError("stochastic solvers need a noise sampler (pass noise_sampler=)")
-    return ctx.noise(a, b)
-
-
-def _check_eta(eta: float) -> None:
-    check_finite_float("eta", eta)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-
-
-def _check_s_noise(s_noise: float) -> None:
-    check_finite_float("s_noise", s_noise)
-    if s_noise < 0:
-        raise ValueError(f"s_noise must be >= 0, got {s_noise}")
 
 
 @dataclass(frozen=True)
@@ -82,8 +63,8 @@ class MultistepSDESolver(MultistepDPMSolver):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_eta(self.eta)
-        _check_s_noise(self.s_noise)
+        check_non_negative("eta", self.eta)
+        check_non_negative("s_noise", self.s_noise)
         if self.form is not Form.DATA:
             raise ValueError("the SDE solvers integrate the data prediction (form=Form.DATA)")
 
@@ -102,7 +83,7 @@ class MultistepSDESolver(MultistepDPMSolver):
         terms = multistep_terms(self, k, s, (1.0 + self.eta) * h, t.alpha, x0, state, h_ratio=h)
         out = combine(x, ratio, terms)
         amplitude = t.sigma * math.sqrt(-math.expm1(-2.0 * self.eta * h)) * self.s_noise
-        return out.add(_noise(ctx, s, t), alpha=amplitude)
+        return out.add(step_noise(ctx, s, t), alpha=amplitude)
 
 
 @dataclass(frozen=True)
@@ -121,7 +102,7 @@ class SinglestepSDESolver(SinglestepSolver):
 
     def __post_init__(self) -> None:
         check_choice("order", self.order, (1, 2))
-        _check_eta(self.eta)
+        check_non_negative("eta", self.eta)
         if not 0.0 < self.r1 < 1.0:
             raise ValueError(f"r1 must lie in (0, 1), got {self.r1}")
 
@@ -142,10 +123,10 @@ class SinglestepSDESolver(SinglestepSolver):
         if ctx.order == 1:
             out = combine(x, ratio, [(-t.alpha * p1, x0)])
             return out.add(
-                _noise(ctx, s, t), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * eta * h))
+                step_noise(ctx, s, t), alpha=t.sigma * math.sqrt(-math.expm1(-2.0 * eta * h))
             ), state
         s1 = ctx.schedule.knot_at_lambda(s.lam + self.r1 * h)
-        z1 = _noise(ctx, s, s1)
+        z1 = step_noise(ctx, s, s1)
         u = combine(
             x,
             (s1.sigma / s.sigma) * math.exp(-eta * self.r1 * h),
@@ -157,7 +138,7 @@ class SinglestepSDESolver(SinglestepSolver):
         c = -0.5 / self.r1 * t.alpha * p1
         out = combine(x, ratio, [(-t.alpha * p1 - c, x0), (c, m1)])
         out = out.add(z1, alpha=t.sigma * math.exp(-eta * (1.0 - self.r1) * h) * c1)
-        return out.add(_noise(ctx, s1, t), alpha=t.sigma * c2), state
+        return out.add(step_noise(ctx, s1, t), alpha=t.sigma * c2), state
 
 
 def ancestral_knots(ctx: StepContext, eta: float) -> tuple[Knot, float]:
@@ -193,8 +174,8 @@ class AncestralSolver(SinglestepSolver):
 
     def __post_init__(self) -> None:
         check_choice("base", self.base, ("ddim", "dpmpp_2s", "dpm_2"))
-        _check_eta(self.eta)
-        _check_s_noise(self.s_noise)
+        check_non_negative("eta", self.eta)
+        check_non_negative("s_noise", self.s_noise)
         check_choice("order", self.order, (1,) if self.base == "ddim" else (1, 2))
 
     @property
@@ -213,8 +194,8 @@ class AncestralSolver(SinglestepSolver):
         order = ctx.order if down.lam < math.inf else 1
         x_down, _ = self._base().step(replace(ctx, t=down, order=order), x, x0, state)
         # back from the sigma_down knot to t's scale: x~ is shared, x = alpha x~
-        out = x_down * (ctx.t.alpha / down.alpha) if down.alpha != ctx.t.alpha else x_down
-        return out.add(_noise(ctx, ctx.s, ctx.t), alpha=ctx.t.alpha * up * self.s_noise), state
+        out = rescale_to(x_down, down, ctx.t)
+        return out.add(step_noise(ctx, ctx.s, ctx.t), alpha=ctx.t.alpha * up * self.s_noise), state
 
 
 register(

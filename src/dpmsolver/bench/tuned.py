@@ -1,0 +1,688 @@
+"""Tuned ``solver="auto"`` (:func:`dpmsolver.tune`) on suite problems it never saw, against
+the best peer configuration of every cell; and what tuning costs on the built-in model.
+
+For every held-out suite problem (:func:`~.suite.suite_problems`) and guidance scale, the
+exact mixture is presented as a network (:class:`~dpmsolver.analytic.MixtureNetwork`,
+data prediction, null label = the number of classes) and tuned exactly as a user tunes
+their own model: :func:`dpmsolver.tune` on ``problem.noise(128, seed=pilot_seed(problem))``
+(a seed the baseline never used), labels cycling through the classes, every budget of the
+baseline. Nothing else is fitted on these problems. The tuned profile then samples the
+baseline's own test set -- ``problem.noise(64)`` and ``problem.labels(64)`` at the problem's
+default seed -- through ``dpmsolver.sample(..., solver="auto", nfe=n, profile=profile)``,
+and its RMS error against the exact sample is divided by the best peer configuration's
+error in that cell (an oracle over every diffusers and k-diffusion configuration of
+:mod:`.peer_suite`, read from ``benchmarks/suite_baseline.csv.gz``; one cell is re-run to
+check the file).
+
+The issue's targets: tuned <= best peer in every (guidance, NFE) cell, and <= 0.5x the best
+peer at guidance 7.5 with 5-10 evaluations.
+
+The cost measurement tunes the built-in digits model (eps prediction, Stable Diffusion's
+schedule) at guidance 3 on 128 pilot noises for the 8 budgets, on ``--threads`` threads
+(default 2), and records its network evaluations, seconds and the machine's load.
+
+``python -m dpmsolver.bench.tuned [--quick] [--out benchmarks/tuned.md] [--csv ...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import math
+import os
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..analytic import MixtureNetwork
+from ..sampling import NonFiniteError, sample
+from ..tune import Profile, tune
+from .suite import (
+    GUIDANCE,
+    NFES,
+    BaselineRow,
+    MixtureProblem,
+    _read_text,
+    _write_text,
+    get_problem,
+    rows_from_csv,
+    suite_problems,
+)
+
+__all__ = [
+    "BASELINE_CSV",
+    "CostResult",
+    "TunedRow",
+    "evaluate",
+    "main",
+    "markdown",
+    "measure_cost",
+    "pilot_seed",
+    "tune_problem",
+    "verify_cell",
+]
+
+BASELINE_CSV = "benchmarks/suite_baseline.csv.gz"
+#: Test samples per cell: the baseline's (its best-peer errors are on these).
+TEST_BATCH = 64
+PILOT = 128
+#: The cell targets: tuned <= best peer everywhere; <= HALF x at guidance 7.5, 5-10 NFE.
+HALF_GUIDANCE, HALF_NFES, HALF = 7.5, (5, 6, 8, 10), 0.5
+
+
+def pilot_seed(problem: MixtureProblem) -> int:
+    """The pilot's noise seed: not the problem's default (the test set's)."""
+    return zlib.crc32(f"pilot:{problem.name}".encode())
+
+
+def _network(problem: MixtureProblem) -> tuple[MixtureNetwork, int]:
+    # a LowRankMixture has the GaussianMixture interface MixtureNetwork uses (x0)
+    net = MixtureNetwork(problem.mixture, problem.schedule, "x0")  # type: ignore[arg-type]
+    return net, problem.num_classes
+
+
+def _conditioning(problem: MixtureProblem, n: int) -> dict[str, Any]:
+    y = problem.labels(n)
+    return {"cond": {"y": y}, "uncond": {"y": torch.full_like(y, problem.num_classes)}}
+
+
+def tune_problem(
+    problem: MixtureProblem,
+    guidance: float,
+    *,
+    pilot: int = PILOT,
+    nfes: Sequence[int] = NFES,
+    **options: Any,
+) -> Profile:
+    """:func:`dpmsolver.tune` on the problem as a user's network (data prediction), on
+    ``pilot`` noises of :func:`pilot_seed`."""
+    net, _ = _network(problem)
+    noise = problem.noise(pilot, seed=pilot_seed(problem))
+    return tune(
+        net,
+        noise,
+        schedule=problem.schedule,
+        prediction="x0",
+        guidance_scale=guidance,
+        nfe=nfes,
+        **_conditioning(problem, pilot),
+        **options,
+    )
+
+
+@dataclass
+class TunedRow:
+    """One cell: a held-out problem, guidance scale and budget.
+
+    Attributes:
+        tuned: RMS error of the tuned profile's samples on the test set.
+        untuned: the same with ``solver="auto"`` and no profile (the default policy).
+        best_peer, best_label: the cell's best peer configuration (baseline CSV).
+        spent, untuned_spent: evaluations the two runs made.
+        stage, recipe: what the profile chose (``default``/``selection``/``steps``).
+        pilot_heldout, pilot_default: the choice's and the default's error on the held-out
+            half of the pilot.
+        reference_error: the profile's reference error (two tolerances; per problem and
+            guidance), best_candidate: the smallest held-out error among the profile's
+            choices (the reference must be 10x below it).
+        test_reference_error: the test reference's two-tolerance difference.
+        tune_seconds, tune_evaluations: the whole profile's cost (all budgets).
+    """
+
+    problem: str
+    split: str
+    family: str
+    guidance: float
+    nfe: int
+    tuned: float
+    untuned: float
+    best_peer: float
+    best_label: str
+    spent: int
+    untuned_spent: int
+    stage: str
+    recipe: str
+    pilot_heldout: float
+    pilot_default: float
+    reference_error: float
+    best_candidate: float
+    test_reference_error: float
+    tune_seconds: float
+    tune_evaluations: int
+
+    @property
+    def ratio(self) -> float:
+        """tuned / best peer (inf if the tuned run went non-finite)."""
+        if not math.isfinite(self.tuned):
+            return math.inf
+        return max(self.tuned, 1e-300) / max(self.best_peer, 1e-300)
+
+
+def _rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    if not bool(torch.isfinite(a).all()):
+        return math.inf
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+def _describe(profile: Profile, nfe: int, guidance: float) -> tuple[str, str]:
+    c = profile.choice(nfe, guidance)
+    if c is None:
+        return "missing", "-"
+    r = c.recipe()
+    if c.times is None:
+        return c.stage, r.describe()
+    head = r.describe().split(" [")[0]
+    return c.stage, f"{head} [fitted {len(c.times)} knots]"
+
+
+def evaluate(
+    problem: MixtureProblem,
+    guidance: float,
+    profile: Profile,
+    peers: dict[tuple[str, float, int], BaselineRow],
+    *,
+    nfes: Sequence[int] = NFES,
+    tune_seconds: float = math.nan,
+) -> list[TunedRow]:
+    """The profile on the baseline's test set, cell by cell, beside the best peer."""
+    net, _ = _network(problem)
+    z = problem.noise(TEST_BATCH)
+    cond = _conditioning(problem, TEST_BATCH)
+    check = problem.check_reference(
+        problem.denoiser(guidance, problem.labels(TEST_BATCH)), problem.x_T(z)
+    )
+    if not check.passed:
+        raise RuntimeError(
+            f"{problem.name} w={guidance:g}: test reference off by {check.error:.1e}"
+        )
+    ref = check.sample
+    best_candidate = min((c.heldout_error for c in profile.choices), default=math.nan)
+    rows = []
+    for n in nfes:
+        out = []
+        for prof in (profile, None):
+            try:
+                res = sample(
+                    net,
+                    z,
+                    schedule=problem.schedule,
+                    prediction="x0",
+                    solver="auto",
+                    nfe=n,
+                    profile=prof,
+                    guidance_scale=guidance,
+                    **cond,
+                )
+                out.append((_rms(res.x, ref), res.nfe))
+            except NonFiniteError:
+                out.append((math.inf, -1))
+        peer = peers.get((problem.name, guidance, n))
+        c = profile.choice(n, guidance)
+        stage, recipe = _describe(profile, n, guidance)
+        rows.append(
+            TunedRow(
+                problem.name,
+                problem.split,
+                problem.family,
+                guidance,
+                n,
+                out[0][0],
+                out[1][0],
+                math.nan if peer is None else peer.best_peer,
+                "-" if peer is None else peer.best_label,
+                out[0][1],
+                out[1][1],
+                stage,
+                recipe,
+                math.nan if c is None else c.heldout_error,
+                math.nan if c is None else c.default_heldout_error,
+                profile.reference_error,
+                best_candidate,
+                check.error,
+                profile.seconds if math.isnan(tune_seconds) else tune_seconds,
+                profile.evaluations,
+            )
+        )
+    return rows
+
+
+def verify_cell(
+    problem: MixtureProblem,
+    guidance: float,
+    nfe: int,
+    peers: dict[tuple[str, float, int], BaselineRow],
+) -> tuple[float, float, str]:
+    """Re-run every peer configuration in one cell: (the CSV's best, the re-run's best,
+    its label)."""
+    from .peer_suite import run_peers
+
+    y = problem.labels(TEST_BATCH)
+    x_T = problem.x_T(problem.noise(TEST_BATCH))
+    den = problem.denoiser(guidance, y)
+    ref = problem.reference(den, x_T)
+    errors = {
+        r.label: _rms(r.sample, ref)
+        for r in run_peers(problem, guidance, y, x_T, nfe, denoiser=den)
+        if r.sample is not None
+    }
+    label, best = min(errors.items(), key=lambda kv: kv[1])
+    return peers[(problem.name, guidance, nfe)].best_peer, best, label
+
+
+@dataclass
+class CostResult:
+    """What tuning the built-in model cost."""
+
+    pilot: int
+    guidance: float
+    nfes: tuple[int, ...]
+    threads: int
+    seconds: float
+    evaluations: int
+    reference_error: float
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    cpus: int
+    profile: Profile
+
+
+def measure_cost(
+    *,
+    pilot: int = PILOT,
+    guidance: float = 3.0,
+    nfes: Sequence[int] = NFES,
+    threads: int = 2,
+    progress: bool = True,
+    **options: Any,
+) -> CostResult:
+    """Tune the built-in digits model (``dpmsolver.models.load_builtin``) on ``pilot``
+    noises (seed 0) at one guidance scale for ``nfes``, on ``threads`` torch threads."""
+    from ..models import load_builtin
+
+    model = load_builtin(torch.device("cpu"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        z = torch.randn(pilot, *model.shape, generator=torch.Generator().manual_seed(0))
+        labels = torch.arange(pilot) % (model.num_classes or 1)
+        cond = model.conditioning(labels, guidance)
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        prof = tune(
+            model.network,
+            z,
+            schedule=model.schedule,
+            prediction=model.prediction,
+            nfe=nfes,
+            progress=progress,
+            **cond,
+            **options,
+        )
+        seconds = time.perf_counter() - t0
+        load1 = os.getloadavg()
+    finally:
+        torch.set_num_threads(before)
+    return CostResult(
+        pilot,
+        guidance,
+        tuple(nfes),
+        threads,
+        seconds,
+        prof.evaluations,
+        prof.reference_error,
+        load0,
+        load1,
+        os.cpu_count() or 0,
+        prof,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------
+
+
+def _geomean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    if len(finite) < len(values) or not finite:
+        return math.inf
+    return math.exp(sum(math.log(v) for v in finite) / len(finite))
+
+
+def _f(v: float, digits: int = 2) -> str:
+    if not math.isfinite(v):
+        return "inf" if v > 0 else "-"
+    return f"{v:.{digits}f}" if 0.01 <= abs(v) < 1000 else f"{v:.1e}"
+
+
+def _meets(r: TunedRow) -> bool:
+    return r.ratio <= 1.0
+
+
+def _meets_half(r: TunedRow) -> bool:
+    return r.ratio <= HALF
+
+
+def _is_half_cell(r: TunedRow) -> bool:
+    return r.guidance == HALF_GUIDANCE and r.nfe in HALF_NFES
+
+
+def markdown(rows: Sequence[TunedRow], cost: CostResult | None) -> str:
+    """The held-out table (summary, per cell, per problem, failures, references, cost)."""
+    out: list[str] = []
+    cells = [r for r in rows if math.isfinite(r.best_peer)]
+    guid = sorted({r.guidance for r in cells})
+    nfes = sorted({r.nfe for r in cells})
+    probs = list(dict.fromkeys(r.problem for r in cells))
+    if cells:
+        half = [r for r in cells if _is_half_cell(r)]
+        n_ok = sum(_meets(r) for r in cells)
+        out.append("## Summary\n")
+        out.append(
+            "Ratio = tuned auto's RMS error / the best peer configuration's in the same cell "
+            "(problem, guidance, NFE), on the baseline's 64 test samples; < 1: tuned is more "
+            "accurate.\n"
+        )
+        out.append("| target | cells | met | missed | geo-mean ratio | worst ratio |")
+        out.append("|---|---|---|---|---|---|")
+        out.append(
+            f"| tuned <= best peer (every cell) | {len(cells)} | {n_ok} | {len(cells) - n_ok} "
+            f"| {_f(_geomean([r.ratio for r in cells]))} "
+            f"| {_f(max(r.ratio for r in cells))} |"
+        )
+        if half:
+            n_half = sum(_meets_half(r) for r in half)
+            out.append(
+                f"| tuned <= 0.5x best peer (guidance 7.5, NFE 5-10) | {len(half)} | {n_half} "
+                f"| {len(half) - n_half} | {_f(_geomean([r.ratio for r in half]))} "
+                f"| {_f(max(r.ratio for r in half))} |"
+            )
+        untuned = [r.untuned / r.best_peer for r in cells if r.untuned_spent == r.nfe]
+        out.append(
+            f'\nFor comparison, the untuned default `solver="auto"` on the same cells: '
+            f"geo-mean ratio {_f(_geomean(untuned))} over the {len(untuned)} cells where it "
+            f"spends exactly the budget, {sum(v <= 1 for v in untuned)} of them <= 1.\n"
+        )
+        out.append("\n## Per (guidance, NFE) cell over the held-out problems\n")
+        out.append(
+            "Each entry: worst ratio / geometric-mean ratio over the problems, and how many "
+            f"problems meet tuned <= best peer (of {len(probs)}).\n"
+        )
+        out.append("| guidance | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+        out.append("|---|" + "---|" * len(nfes))
+        for w in guid:
+            line = [f"| {w:g} "]
+            for n in nfes:
+                rs = [r for r in cells if r.guidance == w and r.nfe == n]
+                ok = sum(_meets(r) for r in rs)
+                line.append(
+                    f"| {_f(max(r.ratio for r in rs))} / {_f(_geomean([r.ratio for r in rs]))}"
+                    f" ({ok}/{len(rs)}) "
+                )
+            out.append("".join(line) + "|")
+        out.append("\n## Per problem: tuned / best peer\n")
+        for p in probs:
+            rs = [r for r in cells if r.problem == p]
+            out.append(f"\n### {p} ({rs[0].family})\n")
+            out.append("| guidance | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+            out.append("|---|" + "---|" * len(nfes))
+            for w in guid:
+                by = {r.nfe: r for r in rs if r.guidance == w}
+                out.append(
+                    f"| {w:g} | "
+                    + " | ".join(
+                        (("**" + _f(by[n].ratio) + "**") if by[n].ratio > 1 else _f(by[n].ratio))
+                        if n in by
+                        else "-"
+                        for n in nfes
+                    )
+                    + " |"
+                )
+        bad = sorted((r for r in cells if not _meets(r)), key=lambda r: -r.ratio)
+        out.append(f"\n## Cells where tuned > best peer ({len(bad)})\n")
+        if bad:
+            out.append(
+                "| problem | w | NFE | tuned | best peer | ratio | best peer configuration "
+                "| tuned choice | stage | pilot held-out: choice / default |"
+            )
+            out.append("|---|---|---|---|---|---|---|---|---|---|")
+            for r in bad:
+                out.append(
+                    f"| {r.problem} | {r.guidance:g} | {r.nfe} | {r.tuned:.3e} "
+                    f"| {r.best_peer:.3e} | {_f(r.ratio)} | {r.best_label} | {r.recipe} "
+                    f"| {r.stage} | {r.pilot_heldout:.2e} / {r.pilot_default:.2e} |"
+                )
+        out.append("\n## Reference accuracy and tuning cost per problem and guidance\n")
+        out.append(
+            "The profile's reference error is the RMS difference between its exact-ODE "
+            "solves at two tolerances; the best candidate is the smallest held-out error "
+            "among the profile's choices (the reference must be at least 10x below it).\n"
+        )
+        out.append(
+            "| problem | w | reference error | best candidate | margin | test reference "
+            "error | tune s | tune evaluations (sample rows) | stages (default/selection/steps) |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for p in probs:
+            for w in guid:
+                rs = [r for r in cells if r.problem == p and r.guidance == w]
+                if not rs:
+                    continue
+                r = rs[0]
+                st = [sum(x.stage == s for x in rs) for s in ("default", "selection", "steps")]
+                out.append(
+                    f"| {p} | {w:g} | {r.reference_error:.1e} | {r.best_candidate:.1e} "
+                    f"| {r.best_candidate / max(r.reference_error, 1e-300):.0f}x "
+                    f"| {r.test_reference_error:.1e} | {r.tune_seconds:.0f} "
+                    f"| {r.tune_evaluations} | {st[0]}/{st[1]}/{st[2]} |"
+                )
+        out.append("\n## Every cell\n")
+        out.append(
+            "| problem | w | NFE | tuned | untuned auto | best peer | ratio | tuned choice "
+            "| stage | best peer configuration |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in cells:
+            out.append(
+                f"| {r.problem} | {r.guidance:g} | {r.nfe} | {r.tuned:.3e} | {r.untuned:.3e}"
+                f"{'' if r.untuned_spent == r.nfe else f' ({r.untuned_spent} NFE)'} "
+                f"| {r.best_peer:.3e} | {_f(r.ratio)} | {r.recipe} | {r.stage} | {r.best_label} |"
+            )
+    if cost is not None:
+        out.append("\n## Tuning cost on the built-in model\n")
+        out.append(cost_markdown(cost))
+    return "\n".join(out) + "\n"
+
+
+def cost_markdown(cost: CostResult) -> str:
+    """The cost measurement as markdown."""
+    lines = [
+        f"`dpmsolver.tune` on the built-in digits model (eps prediction, SD schedule, null "
+        f"label 10), guidance {cost.guidance:g}, {cost.pilot} pilot noises, budgets "
+        f"{', '.join(map(str, cost.nfes))}, {cost.threads} torch threads: "
+        f"**{cost.seconds / 60:.1f} min** ({cost.seconds:.0f} s), {cost.evaluations} network "
+        f"evaluations (sample rows; the reference included); reference error "
+        f"{cost.reference_error:.1e}. Load average (1, 5, 15 min) before "
+        f"{', '.join(f'{v:.1f}' for v in cost.load_before)}, after "
+        f"{', '.join(f'{v:.1f}' for v in cost.load_after)} on {cost.cpus} CPUs.\n",
+        "| NFE | choice | stage | held-out error | default's | evaluations | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in cost.profile.choices:
+        stage, recipe = _describe(cost.profile, c.nfe, c.guidance_scale)
+        lines.append(
+            f"| {c.nfe} | {recipe} | {stage} | {c.heldout_error:.3e} "
+            f"| {c.default_heldout_error:.3e} | {c.evaluations} | {c.seconds:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = tuple(f.name for f in dataclasses.fields(TunedRow))
+
+
+def rows_csv(rows: Sequence[TunedRow]) -> str:
+    """Every cell as CSV."""
+    lines = [",".join(CSV_FIELDS)]
+    for r in rows:
+        vals = [getattr(r, k) for k in CSV_FIELDS]
+        lines.append(",".join(str(v).replace(",", ";") for v in vals))
+    return "\n".join(lines) + "\n"
+
+
+def rows_from_tuned_csv(text: str) -> list[TunedRow]:
+    """The rows :func:`rows_csv` wrote."""
+    lines = text.strip().splitlines()
+    if tuple(lines[0].split(",")) != CSV_FIELDS:
+        raise ValueError("not a tuned-benchmark CSV (header differs)")
+    out = []
+    types = {f.name: f.type for f in dataclasses.fields(TunedRow)}
+    for line in lines[1:]:
+        vals: dict[str, Any] = {}
+        for k, v in zip(CSV_FIELDS, line.split(","), strict=True):
+            t = types[k]
+            vals[k] = float(v) if t == "float" else int(v) if t == "int" else v
+        out.append(TunedRow(**vals))
+    return out
+
+
+def _job(
+    args: tuple[str, float, int, tuple[int, ...], dict[str, Any]],
+) -> tuple[list[TunedRow], str]:
+    name, w, pilot, nfes, options = args
+    torch.set_num_threads(1)
+    p = get_problem(name)
+    assert isinstance(p, MixtureProblem)
+    peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(_read_text(BASELINE_CSV))}
+    t0 = time.perf_counter()
+    prof = tune_problem(p, w, pilot=pilot, nfes=nfes, **options)
+    took = time.perf_counter() - t0
+    rows = evaluate(p, w, prof, peers, nfes=nfes, tune_seconds=took)
+    worst = max(r.ratio for r in rows)
+    return rows, f"{name} w={w:g}: tuned in {took:.0f} s, worst ratio {worst:.2f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dpmsolver.bench.tuned``: the held-out table and the cost measurement."""
+    ap = argparse.ArgumentParser(prog="python -m dpmsolver.bench.tuned", description=__doc__)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 2 problems, w=7.5, NFE 5 and 10, pilot 16",
+    )
+    ap.add_argument("--split", choices=("selection", "held_out"), default="held_out")
+    ap.add_argument("--problems", default=None, help="comma-separated names (default: the split)")
+    ap.add_argument("--guidance", default=None, help="comma-separated (default 1,3,7.5,15)")
+    ap.add_argument("--nfe", default=None, help="comma-separated (default 5,...,25)")
+    ap.add_argument("--pilot", type=int, default=None, help=f"pilot noises (default {PILOT})")
+    ap.add_argument("--jobs", type=int, default=1, help="processes, one thread each (default 1)")
+    ap.add_argument("--cost-threads", type=int, default=2, help="threads of the cost run (2)")
+    ap.add_argument("--no-cost", action="store_true", help="skip the built-in model's cost")
+    ap.add_argument("--cost-only", action="store_true", help="only the built-in model's cost")
+    ap.add_argument(
+        "--verify", default="iso2-sd,7.5,8", help="a cell PROBLEM,W,NFE to re-run peers"
+    )
+    ap.add_argument("--out", default=None, help="also write the markdown here")
+    ap.add_argument("--csv", default=None, help="write every cell here (.gz: gzipped)")
+    ap.add_argument("--from-csv", default=None, help="re-render a run's CSV (no cost section)")
+    args = ap.parse_args(argv)
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    start = time.perf_counter()
+    command = " ".join(
+        ["python -m dpmsolver.bench.tuned", *(sys.argv[1:] if argv is None else argv)]
+    )
+    if args.from_csv:
+        print(markdown(rows_from_tuned_csv(_read_text(args.from_csv)), None))
+        return 0
+    torch.set_num_threads(1)
+    pilot = args.pilot or (16 if args.quick else PILOT)
+    nfes = (
+        tuple(int(v) for v in args.nfe.split(","))
+        if args.nfe
+        else ((5, 10) if args.quick else NFES)
+    )
+    guid = (
+        tuple(float(v) for v in args.guidance.split(","))
+        if args.guidance
+        else ((7.5,) if args.quick else GUIDANCE)
+    )
+    if args.problems:
+        names = [n.strip() for n in args.problems.split(",")]
+    elif args.quick:
+        names = ["iso2-sd", "iso8-flow"] if args.split == "held_out" else ["mix16-sd", "ill3-vplin"]
+    else:
+        names = [p.name for p in suite_problems(args.split)]
+    options: dict[str, Any] = {}
+    if args.quick:
+        options = {"fine_knots": 24, "refine_runs": 10, "screen_rows": 8}
+    rows: list[TunedRow] = []
+    verified = ""
+    if not args.cost_only:
+        peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(_read_text(BASELINE_CSV))}
+        jobs = [(n, w, pilot, nfes, options) for n in names for w in guid]
+        if args.jobs > 1:
+            with concurrent.futures.ProcessPoolExecutor(args.jobs) as ex:
+                for got, line in ex.map(_job, jobs):
+                    rows += got
+                    log(line)
+        else:
+            for job in jobs:
+                got, line = _job(job)
+                rows += got
+                log(line)
+        order = {(n, w): i for i, (n, w, *_) in enumerate(jobs)}
+        rows.sort(key=lambda r: (order[(r.problem, r.guidance)], r.nfe))
+        if args.csv:
+            _write_text(args.csv, rows_csv(rows))
+        if args.verify and not args.quick:
+            vname, vw, vn = args.verify.split(",")
+            vp = get_problem(vname)
+            assert isinstance(vp, MixtureProblem)
+            t0 = time.perf_counter()
+            csv_best, rerun, label = verify_cell(vp, float(vw), int(vn), peers)
+            verified = (
+                f"Baseline check: every peer configuration re-run in the cell {vname}, w={vw}, "
+                f"NFE {vn}: best {rerun:.4e} ({label}); the CSV says {csv_best:.4e} "
+                f"({time.perf_counter() - t0:.0f} s).\n"
+            )
+            log(verified.strip())
+    held_seconds = time.perf_counter() - start
+    cost = None
+    if not args.no_cost:
+        cost = measure_cost(
+            pilot=16 if args.quick else PILOT,
+            nfes=(5, 10) if args.quick else NFES,
+            threads=args.cost_threads,
+            **options,
+        )
+        log(f"cost: {cost.seconds:.0f} s, {cost.evaluations} evaluations")
+    total = time.perf_counter() - start
+    split_words = "held-out" if args.split == "held_out" else "selection"
+    text = (
+        f'# Tuned solver="auto" on the {split_words} suite problems, against the best peer\n\n'
+        + (__doc__ or "").split("\n\n")[1].replace("\n", " ")
+        + "\n\n"
+        f"Command: `{command}`; took {total / 60:.1f} min ({held_seconds / 60:.1f} min for the "
+        f"problems, {args.jobs} process(es) of one thread; the rest the cost run) on a shared "
+        f"machine of {os.cpu_count()} CPUs. Pilot {pilot} noises per (problem, guidance); "
+        f"budgets {', '.join(map(str, nfes))}; guidance {', '.join(f'{w:g}' for w in guid)}."
+        + (" Quick settings: a smoke run, not the measurement." if args.quick else "")
+        + "\n\n"
+        + verified
+        + "\n"
+        + markdown(rows, cost)
+    )
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
