@@ -1,0 +1,1029 @@
+"""The default recipe (``solver="auto"``): chosen for the worst case on one half of the
+suite, scored on the other.
+
+``solver="auto"`` is what users get when they do not tune (:mod:`dpmsolver.tune` fits one
+model). It must not lose badly on a model nobody measured, so it is chosen, and judged, by
+its *worst* error ratio to the best peer: in a cell (problem, guidance scale, NFE) the ratio
+is our error over the smallest error among all peer configurations (diffusers, k-diffusion;
+:mod:`.peer_suite`) in that cell, an oracle none of them is.
+
+1. Candidates (:func:`candidates`): our deterministic solvers x time grids x where to stop,
+   each ending with the data-prediction step to sigma = 0. Every candidate runs on every
+   problem of the suite (:mod:`.suite`, both halves), guidance scale and NFE, on the 64
+   noises and labels the peers ran on in ``benchmarks/suite_baseline.csv.gz`` (whose peer
+   errors are reused; each problem and guidance scale reruns one peer cell to check that the
+   noise, labels and reference agree). A candidate that cannot spend a budget exactly (a
+   singlestep solver at an even NFE, or on rectified flow, where its first step out of pure
+   noise drops to first order) has no error there and cannot be chosen for it.
+2. The rule (:func:`fit`): a policy maps a key (schedule family group, guidance group, NFE
+   group: a :class:`Granularity`) to the candidate whose worst ratio over the training
+   problems' cells of that key is smallest (ties: the smaller geometric mean). Which
+   granularity is decided by leave-one-problem-out on the selection half
+   (:func:`leave_one_out`): fit on 7 problems, score the 8th, for every granularity of
+   :data:`GRANULARITIES`; the one whose worst left-out ratio is smallest is kept (ties:
+   geometric mean, then the coarser).
+3. That granularity is fitted on all 8 selection problems (what :mod:`dpmsolver.auto`
+   ships) and scored once on the held-out half, beside every single peer configuration's
+   worst held-out ratio, plain ``dpmpp_2m`` (the library's default solver) and the previous
+   ``auto`` table (:data:`PREVIOUS_AUTO`).
+
+``python -m dpmsolver.bench.policy [--quick] [--jobs 2] [--out benchmarks/policy.md]
+[--csv benchmarks/policy.csv.gz]`` reruns everything; ``--from-csv benchmarks/policy.csv.gz``
+re-renders the markdown from recorded errors without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import itertools
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..recipe import Recipe
+from ..solvers import Form
+from ..timegrid import GridKind
+from .suite import (
+    GUIDANCE,
+    NFES,
+    BaselineRow,
+    Problem,
+    _DenoiserNetwork,
+    _read_text,
+    _write_text,
+    get_problem,
+    rows_from_csv,
+    suite_problems,
+)
+
+__all__ = [
+    "CANDIDATE_GROUPS",
+    "DEFAULT_LABEL",
+    "FAMILIES",
+    "GRANULARITIES",
+    "PREVIOUS_AUTO",
+    "PREVIOUS_LABEL",
+    "CandidateGroup",
+    "Granularity",
+    "PolicyTable",
+    "Study",
+    "candidates",
+    "fit",
+    "leave_one_out",
+    "main",
+    "measure",
+    "minimax",
+    "recipe_label",
+    "render",
+]
+
+Cell = tuple[str, float, int]  # (problem, guidance, NFE)
+#: The schedule families, in the order tables list them.
+FAMILIES: tuple[str, ...] = ("discrete", "vp", "ve", "flow")
+PEERS_CSV = "benchmarks/suite_baseline.csv.gz"
+#: The library's default solver as users get it (``sample(solver="dpmpp_2m")``).
+DEFAULT_LABEL = "library default dpmpp_2m"
+#: The ``auto`` table this module replaced (:data:`PREVIOUS_AUTO`), as ``sample`` ran it.
+PREVIOUS_LABEL = "previous auto"
+#: The peer cell rerun per problem and guidance scale to check that the noise matches.
+CHECK_PEER, CHECK_NFE = "k-diffusion dpmpp_2m exponential", 10
+CSV_COLUMNS = "problem,split,family,guidance,nfe,method,error,worst_sample,spent"
+
+# --------------------------------------------------------------------------------------
+# Candidates
+# --------------------------------------------------------------------------------------
+
+Solvers = tuple[tuple[str, dict[str, Any]], ...]
+Grids = tuple[tuple[GridKind, float | None], ...]
+
+
+
+@dataclass(frozen=True)
+class CandidateGroup:
+    """Candidates: every solver on every grid with every end.
+
+    Attributes:
+        name: for the report.
+        solvers: (registry name, options).
+        grids: (grid kind, rho).
+        ends: ``sigma_end`` values (None: the schedule's own end).
+    """
+
+    name: str
+    solvers: Solvers
+    grids: Grids
+    ends: tuple[float | None, ...] = (None,)
+
+
+FOUR_GRIDS: Grids = (
+    ("logsnr", None),
+    ("karras", 7.0),
+    ("time_uniform", None),
+    ("time_quadratic", None),
+)
+
+#: The candidates (38). Each costs about 1.5 minutes over the whole suite on one shared CPU
+#: thread, so the set is a compromise: the multistep solvers of every family on the four
+#: grid shapes (log-SNR, Karras, uniform and quadratic in time), the fast singlestep
+#: solver, and the most stable ones also stopping early. (A 119-candidate run -- every grid,
+#: more variants -- was estimated at over 5 hours and not run.)
+CANDIDATE_GROUPS: tuple[CandidateGroup, ...] = (
+    CandidateGroup(
+        "multistep solvers on four grids",
+        (
+            ("ddim", {}),
+            ("dpmpp_2m", {}),
+            ("dpmpp_3m", {}),
+            ("unipc", {"order": 2}),
+            ("unipc", {"order": 3}),
+            ("unipc", {"order": 2, "form": Form.NOISE}),
+            ("deis", {"order": 3}),
+            ("ipndm", {"order": 4, "coefficients": "fixed"}),
+        ),
+        FOUR_GRIDS,
+    ),
+    CandidateGroup(
+        "a singlestep solver (it cannot spend every budget)",
+        (("dpmpp_fast", {}),),
+        (("logsnr", None), ("time_quadratic", None)),
+    ),
+    CandidateGroup(
+        "stopping early",
+        (("dpmpp_2m", {}), ("unipc", {"order": 2})),
+        (("logsnr", None), ("time_quadratic", None)),
+        (0.07,),
+    ),
+)
+#: ``--quick``: a handful of candidates, to check the pipeline end to end.
+QUICK = (
+    "dpmpp_2m logsnr",
+    "dpmpp_2m time_uniform",
+    "unipc(order=2) logsnr",
+    "unipc(order=3) karras7",
+    "unipc(order=2;form=noise) logsnr",
+    "ddim time_uniform",
+    "dpmpp_fast time_quadratic",
+    "unipc(order=2) time_quadratic sigma_end=0.07",
+)
+
+
+def _value(v: Any) -> str:
+    return str(v.value) if isinstance(v, Enum) else str(v)
+
+
+def recipe_label(recipe: Recipe) -> str:
+    """A recipe as a short label (solver, options, grid, rho, end): ``unipc(order=2;form=noise)
+    karras7 sigma_end=0.07``."""
+    opts = ";".join(f"{k}={_value(v)}" for k, v in recipe.options.items())
+    grid: str = recipe.grid or "default-grid"
+    if recipe.rho is not None:
+        grid += f"{recipe.rho:g}"
+    stop = f" sigma_end={recipe.sigma_end:g}" if recipe.sigma_end is not None else ""
+    return f"{recipe.solver}{f'({opts})' if opts else ''} {grid}{stop}"
+
+
+def candidates() -> dict[str, Recipe]:
+    """Every candidate recipe of :data:`CANDIDATE_GROUPS`, by label."""
+    recipes = [
+        Recipe(s, dict(o), g, rho, sigma_end=end)
+        for group in CANDIDATE_GROUPS
+        for (s, o), (g, rho), end in itertools.product(group.solvers, group.grids, group.ends)
+    ]
+    out = {recipe_label(r): r for r in recipes}
+    assert len(out) == len(recipes), "candidate labels must be unique"
+    return out
+
+
+#: ``solver="auto"`` before this module: one recipe per (guidance, NFE), chosen by
+#: :mod:`.search` on the benchmark mixture (``mix16-sd``) and the digits network, blind to
+#: the schedule (the cells of the suite's NFEs; kept to score it on the held-out half).
+PREVIOUS_AUTO: dict[tuple[float, int], Recipe] = {
+    (1.0, 5): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07),
+    (1.0, 6): Recipe(
+        "unipc", {"order": 2, "variant": "bh1"}, "polyexponential", rho=1.5, sigma_end=0.07
+    ),
+    (1.0, 8): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr", sigma_end=0.07),
+    (1.0, 10): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),
+    (1.0, 12): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),
+    (1.0, 15): Recipe("unipc", {"order": 3}, "logsnr"),
+    (1.0, 20): Recipe("unipc", {"form": Form.NOISE, "order": 3}, "logsnr"),
+    (1.0, 25): Recipe("unipc", {"form": Form.NOISE, "order": 3}, "logsnr"),
+    (3.0, 5): Recipe("dpmpp_fast", {}, "polyexponential", rho=1.5, sigma_end=0.14),
+    (3.0, 6): Recipe("unipc", {"order": 2}, "time_quadratic", sigma_end=0.14),
+    (3.0, 8): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07),
+    (3.0, 10): Recipe("deis", {"order": 3}, "polyexponential", rho=0.7),
+    (3.0, 12): Recipe("ipndm", {"coefficients": "fixed", "order": 3}, "polyexponential", rho=0.7),
+    (3.0, 15): Recipe("unipc", {"order": 3}, "logsnr"),
+    (3.0, 20): Recipe("unipc", {"order": 3}, "logsnr"),
+    (3.0, 25): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),
+    (7.5, 5): Recipe("dpmpp_fast", {}, "time_quadratic", sigma_end=0.14),
+    (7.5, 6): Recipe("dpmpp_fast", {}, "logsnr", sigma_end=0.07),
+    (7.5, 8): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.14),
+    (7.5, 10): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07),
+    (7.5, 12): Recipe("ipndm", {"coefficients": "fixed", "order": 3}, "polyexponential", rho=0.7),
+    (7.5, 15): Recipe("dpm_3m", {}, "karras", rho=7.0),
+    (7.5, 20): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),
+    (7.5, 25): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "karras", rho=7.0),
+    (15.0, 5): Recipe("dpmpp_2s", {}, "polyexponential", rho=0.7, sigma_end=0.14),
+    (15.0, 6): Recipe("dpmpp_fast", {}, "logsnr", sigma_end=0.14),
+    (15.0, 8): Recipe("dpmpp_fast", {}, "time_quadratic", sigma_end=0.14),
+    (15.0, 10): Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07),
+    (15.0, 12): Recipe("unipc", {"order": 2}, "polyexponential", rho=0.7),
+    (15.0, 15): Recipe("unipc", {"order": 2}, "karras", rho=7.0),
+    (15.0, 20): Recipe("unipc", {"order": 2, "variant": "bh1"}, "logsnr"),
+    (15.0, 25): Recipe("unipc", {"form": Form.NOISE, "order": 2}, "logsnr"),
+}
+
+# A method maps (guidance, NFE) to the recipe it runs; candidates ignore both.
+Method = Callable[[float, int], Recipe]
+
+
+def _methods(labels: Iterable[str] | None = None) -> dict[str, tuple[Method, bool]]:
+    """What :func:`measure` runs: label -> (method, whether it must spend the budget
+    exactly). The previous ``auto`` table runs as ``sample`` ran it, spending what it spent."""
+    cands = candidates()
+    chosen = list(cands) if labels is None else list(labels)
+    out: dict[str, tuple[Method, bool]] = {
+        DEFAULT_LABEL: (lambda w, n: Recipe("dpmpp_2m"), True),
+        PREVIOUS_LABEL: (lambda w, n: PREVIOUS_AUTO[(w, n)], False),
+    }
+    for label in chosen:
+        out[label] = ((lambda r: lambda w, n: r)(cands[label]), True)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """One method's outcome in one cell.
+
+    Attributes:
+        error: RMS error against the exact sample (inf if the run went non-finite).
+        worst_sample: the largest per-sample RMS error.
+        spent: evaluations made (a candidate that could not spend exactly ``nfe`` is not
+            recorded at all).
+    """
+
+    problem: str
+    split: str
+    family: str
+    guidance: float
+    nfe: int
+    method: str
+    error: float
+    worst_sample: float
+    spent: int
+
+
+def run_recipe(
+    problem: Problem, denoiser: Any, z: Tensor, recipe: Recipe, nfe: int
+) -> tuple[Tensor | None, int]:
+    """``recipe`` through :func:`dpmsolver.sample` from the standard noise ``z`` at ``nfe``
+    evaluations, on ``problem``'s guided denoiser presented as an ``x0`` network. Returns
+    the sample (None if the recipe cannot plan ``nfe``; NaN if it went non-finite) and the
+    evaluations it made."""
+    from ..sampling import NonFiniteError, sample
+
+    calls = [0]
+    inner = _DenoiserNetwork(denoiser, problem.schedule)
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        calls[0] += 1
+        return inner(x, t)
+
+    try:
+        with torch.no_grad():
+            res = sample(net, z, schedule=problem.schedule, prediction="x0", solver=recipe, nfe=nfe)
+    except NonFiniteError:
+        return torch.full_like(z, math.nan), calls[0]
+    except ValueError:
+        return None, 0
+    return res.x, calls[0]
+
+
+def _errors(x: Tensor, ref: Tensor) -> tuple[float, float]:
+    per = ((x.double() - ref.double()) ** 2).flatten(1).mean(1)
+    if not bool(torch.isfinite(per).all()):
+        return math.inf, math.inf
+    return float(per.mean().sqrt()), float(per.max().sqrt())
+
+
+def _measure_problem(
+    name: str,
+    labels: Sequence[str] | None,
+    guidances: Sequence[float],
+    nfes: Sequence[int],
+    batch: int,
+    peer_check: Mapping[tuple[float, int], float],
+    skip: frozenset[str] = frozenset(),
+    cache: str | None = None,
+) -> tuple[list[ErrorRow], list[str]]:
+    """Every method on one problem but those in ``skip`` (a worker of :func:`measure`)."""
+    from .peer_suite import peer_configs, run_peers
+
+    torch.set_num_threads(1)
+    _quiet_diffusers()
+    p = get_problem(name)
+    methods = {k: v for k, v in _methods(labels).items() if k not in skip}
+    z = p.noise(batch)
+    y = p.labels(batch)
+    x_T = p.x_T(z)
+    rows: list[ErrorRow] = []
+    log: list[str] = []
+    check = [c for c in peer_configs(p.family) if c.label == CHECK_PEER]
+    for w in guidances:
+        t0 = time.perf_counter()
+        den = p.denoiser(w, y)
+        path = None if cache is None else os.path.join(cache, f"{name}-w{w:g}-n{batch}.pt")
+        if path is not None and os.path.exists(path):
+            ref = torch.load(path)
+        else:
+            ref = p.reference(den, x_T)
+            if path is not None:
+                torch.save(ref, path)
+        t_ref = time.perf_counter() - t0
+        if check and (w, CHECK_NFE) in peer_check:
+            (res,) = run_peers(p, w, y, x_T, CHECK_NFE, configs=check, denoiser=den)
+            assert res.sample is not None
+            mine, theirs = _errors(res.sample, ref)[0], peer_check[(w, CHECK_NFE)]
+            if not abs(mine - theirs) <= 2e-3 * theirs:
+                raise RuntimeError(
+                    f"{name} w={w:g}: {CHECK_PEER} at {CHECK_NFE} NFE has error {mine:.4g} here "
+                    f"and {theirs:.4g} in the peer CSV: not the same noise, labels or reference"
+                )
+        for label, (method, exact) in methods.items():
+            for nfe in nfes:
+                x, spent = run_recipe(p, den, z, method(w, nfe), nfe)
+                if x is None or (exact and spent != nfe):
+                    continue
+                err, worst = _errors(x, ref)
+                rows.append(ErrorRow(name, p.split, p.family, w, nfe, label, err, worst, spent))
+        log.append(
+            f"{name} w={w:g}: reference {t_ref:.1f} s, {len(methods)} methods "
+            f"{time.perf_counter() - t0 - t_ref:.1f} s"
+        )
+    return rows, log
+
+
+def _cost(p: Problem) -> float:
+    size = math.prod(p.shape)
+    return float(size * int(p.features.get("components", 1)))
+
+
+def measure(
+    problems: Sequence[str],
+    *,
+    labels: Sequence[str] | None = None,
+    guidances: Sequence[float] = GUIDANCE,
+    nfes: Sequence[int] = NFES,
+    batch: int = 64,
+    peers: Sequence[BaselineRow] = (),
+    jobs: int = 1,
+    reuse: Sequence[ErrorRow] = (),
+    cache: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[ErrorRow]:
+    """Every candidate (``labels``, default all), the library default and the previous
+    ``auto`` on every problem, guidance scale and NFE, from each problem's default noise
+    (``batch`` samples). With ``peers`` (the baseline's rows) one peer cell per problem and
+    guidance scale is rerun and must agree with it. ``jobs`` processes, one problem each.
+    Methods with rows in ``reuse`` for a problem are not rerun there (their rows are kept);
+    ``cache``: a folder for the exact samples (computed once per problem, guidance scale and
+    batch)."""
+    check = {
+        (r.problem, r.guidance, r.nfe): r.errors[CHECK_PEER]
+        for r in peers
+        if CHECK_PEER in r.errors
+    }
+    args = [
+        (
+            name,
+            labels,
+            guidances,
+            nfes,
+            batch,
+            {(w, n): e for (q, w, n), e in check.items() if q == name},
+            frozenset(r.method for r in reuse if r.problem == name),
+            cache,
+        )
+        for name in problems
+    ]
+    # the largest problems first, so that the processes finish together
+    args.sort(key=lambda a: -_cost(get_problem(str(a[0]))))
+    rows: list[ErrorRow] = [r for r in reuse if r.problem in problems]
+
+    def take(got: list[ErrorRow], lines: list[str]) -> None:
+        rows.extend(got)
+        for line in lines:
+            if log is not None:
+                log(line)
+
+    if jobs <= 1:
+        for a in args:
+            take(*_measure_problem(*a))
+    else:
+        with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+            futures = [pool.submit(_measure_problem, *a) for a in args]
+            for fut in concurrent.futures.as_completed(futures):
+                take(*fut.result())
+    order = {name: i for i, name in enumerate(problems)}
+    rows.sort(key=lambda r: (order[r.problem], r.guidance, r.method, r.nfe))
+    return rows
+
+
+def rows_csv(rows: Sequence[ErrorRow], note: str = "") -> str:
+    """The rows as CSV (:data:`CSV_COLUMNS`), after a ``# note`` line if given (the command
+    and its runtime, which ``--from-csv`` renders again)."""
+    lines = [f"# {note}"] if note else []
+    lines.append(CSV_COLUMNS)
+    for r in rows:
+        lines.append(
+            f"{r.problem},{r.split},{r.family},{r.guidance:g},{r.nfe},{r.method},"
+            f"{r.error:.4g},{r.worst_sample:.4g},{r.spent}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rows_from_text(text: str) -> tuple[list[ErrorRow], str]:
+    """The rows :func:`rows_csv` wrote, and its note."""
+    lines = text.strip().splitlines()
+    note = ""
+    if lines and lines[0].startswith("# "):
+        note, lines = lines[0][2:], lines[1:]
+    if lines[0] != CSV_COLUMNS:
+        raise ValueError(f"expected the header {CSV_COLUMNS!r}")
+    out = []
+    for line in lines[1:]:
+        problem, split, family, w, nfe, method, err, worst, spent = line.split(",")
+        out.append(
+            ErrorRow(
+                problem,
+                split,
+                family,
+                float(w),
+                int(nfe),
+                method,
+                float(err),
+                float(worst),
+                int(spent),
+            )
+        )
+    return out, note
+
+
+# --------------------------------------------------------------------------------------
+# The selection rule
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """How finely a policy is tabulated: families, guidance scales and NFEs that share one
+    recipe (groups of the measured values).
+
+    Attributes:
+        name: for tables.
+        families: groups of schedule families.
+        guidance: groups of measured guidance scales.
+        nfe: groups of measured NFEs.
+    """
+
+    name: str
+    families: tuple[tuple[str, ...], ...]
+    guidance: tuple[tuple[float, ...], ...]
+    nfe: tuple[tuple[int, ...], ...]
+
+    def keys(self) -> list[tuple[tuple[str, ...], tuple[float, ...], tuple[int, ...]]]:
+        """Every (family group, guidance group, NFE group)."""
+        return list(itertools.product(self.families, self.guidance, self.nfe))
+
+
+def _granularities() -> list[Granularity]:
+    fams = {
+        "one table": (FAMILIES,),
+        "flow apart": (("discrete", "vp", "ve"), ("flow",)),
+        "per family": tuple((f,) for f in FAMILIES),
+    }
+    guid = {
+        "per w": tuple((w,) for w in GUIDANCE),
+        "w {1,3} {7.5,15}": ((1.0, 3.0), (7.5, 15.0)),
+        "any w": (GUIDANCE,),
+    }
+    nfe = {
+        "per NFE": tuple((n,) for n in NFES),
+        "NFE pairs": ((5, 6), (8, 10), (12, 15), (20, 25)),
+        "NFE thirds": ((5, 6, 8), (10, 12, 15), (20, 25)),
+        "any NFE": (NFES,),
+    }
+    return [
+        Granularity(f"{fk}, {gk}, {nk}", fv, gv, nv)
+        for (fk, fv), (gk, gv), (nk, nv) in itertools.product(
+            fams.items(), guid.items(), nfe.items()
+        )
+    ]
+
+
+#: The granularities leave-one-problem-out chooses among (family grouping x guidance
+#: grouping x NFE grouping), finest first within each factor.
+GRANULARITIES: list[Granularity] = _granularities()
+
+Ratios = Mapping[Cell, Mapping[str, float]]
+
+
+def _geomean(values: Iterable[float]) -> float:
+    vals = list(values)
+    if not vals:
+        return math.nan
+    if any(not math.isfinite(v) for v in vals):
+        return math.inf
+    return math.exp(sum(math.log(max(v, 1e-300)) for v in vals) / len(vals))
+
+
+def minimax(
+    ratios: Ratios, cells: Sequence[Cell], methods: Iterable[str]
+) -> tuple[str, float, float] | None:
+    """The method whose worst ratio over ``cells`` is smallest (ties: the smaller geometric
+    mean, then the label), with that worst ratio and geometric mean; a method without a
+    ratio in one of the cells (it cannot spend that budget) is not eligible. None if no
+    method is."""
+    best: tuple[float, float, str] | None = None
+    for m in methods:
+        vals = [ratios[c].get(m) for c in cells]
+        if not cells or any(v is None or math.isnan(v) for v in vals):
+            continue
+        fvals = [float(v) for v in vals if v is not None]
+        key = (max(fvals), _geomean(fvals), m)
+        if best is None or key < best:
+            best = key
+    return None if best is None else (best[2], best[0], best[1])
+
+
+PolicyTable = dict[tuple[str, float, int], str]  # (family, guidance, NFE) -> method
+
+
+def fit(
+    ratios: Ratios,
+    family: Mapping[str, str],
+    problems: Sequence[str],
+    granularity: Granularity,
+    methods: Sequence[str],
+) -> PolicyTable:
+    """The policy chosen on ``problems``: for each key of ``granularity``, the
+    :func:`minimax` method over the cells of those problems (of the key's families) at the
+    key's guidance scales and NFEs. A family group none of ``problems`` belongs to takes the
+    choice made on all of them."""
+    table: PolicyTable = {}
+    for fams, ws, ns in granularity.keys():
+        mine = [p for p in problems if family[p] in fams] or list(problems)
+        cells = [(p, w, n) for p in mine for w in ws for n in ns if (p, w, n) in ratios]
+        best = minimax(ratios, cells, methods)
+        if best is None:
+            raise ValueError(f"no method can run every cell of {fams}, {ws}, {ns}")
+        for f, w, n in itertools.product(fams, ws, ns):
+            table[(f, w, n)] = best[0]
+    return table
+
+
+def policy_ratios(
+    table: PolicyTable, ratios: Ratios, family: Mapping[str, str], problems: Iterable[str]
+) -> dict[Cell, float]:
+    """The policy's ratio in every cell of ``problems``."""
+    wanted = set(problems)
+    return {c: ratios[c][table[(family[c[0]], c[1], c[2])]] for c in ratios if c[0] in wanted}
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """One problem scored by the policy fitted on the others.
+
+    Attributes:
+        problem: the left-out problem.
+        worst: its worst ratio, in ``cell``.
+        geomean: the geometric mean of its ratios.
+    """
+
+    problem: str
+    worst: float
+    cell: Cell
+    geomean: float
+
+
+def leave_one_out(
+    ratios: Ratios,
+    family: Mapping[str, str],
+    problems: Sequence[str],
+    granularity: Granularity,
+    methods: Sequence[str],
+) -> list[LeftOut]:
+    """Fit on all of ``problems`` but one, score that one; for each."""
+    out = []
+    for p in problems:
+        table = fit(ratios, family, [q for q in problems if q != p], granularity, methods)
+        got = policy_ratios(table, ratios, family, [p])
+        cell = max(got, key=lambda c: got[c])
+        out.append(LeftOut(p, got[cell], cell, _geomean(got.values())))
+    return out
+
+
+def choose_granularity(
+    ratios: Ratios,
+    family: Mapping[str, str],
+    problems: Sequence[str],
+    methods: Sequence[str],
+    granularities: Sequence[Granularity] = GRANULARITIES,
+) -> tuple[Granularity, dict[str, list[LeftOut]]]:
+    """The granularity whose worst leave-one-problem-out ratio is smallest (ties: the
+    geometric mean of the left-out problems' worst ratios, then fewer keys), and every
+    granularity's leave-one-out result."""
+    results = {g.name: leave_one_out(ratios, family, problems, g, methods) for g in granularities}
+
+    def key(g: Granularity) -> tuple[float, float, int]:
+        res = results[g.name]
+        return (max(r.worst for r in res), _geomean(r.worst for r in res), len(g.keys()))
+
+    return min(granularities, key=key), results
+
+
+# --------------------------------------------------------------------------------------
+# The study: everything the markdown reports
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """Our errors and the peers', as ratios to each cell's best peer.
+
+    Attributes:
+        rows: our methods' rows.
+        peers: the baseline's rows (every peer configuration's error per cell).
+    """
+
+    rows: list[ErrorRow]
+    peers: list[BaselineRow]
+
+    def __post_init__(self) -> None:
+        best = {(r.problem, r.guidance, r.nfe): r.best_peer for r in self.peers}
+        self.best_peer = best
+        self.family = {r.problem: r.family for r in self.peers}
+        self.split = {r.problem: r.split for r in self.peers}
+        ratios: dict[Cell, dict[str, float]] = {c: {} for c in best}
+        self.spent: dict[tuple[Cell, str], int] = {}
+        self.worst_sample: dict[tuple[Cell, str], float] = {}
+        for r in self.rows:
+            c = (r.problem, r.guidance, r.nfe)
+            if c not in best:
+                continue
+            ratios[c][r.method] = r.error / best[c] if math.isfinite(r.error) else math.inf
+            self.spent[(c, r.method)] = r.spent
+            self.worst_sample[(c, r.method)] = r.worst_sample
+        self.ratios = ratios
+        seen = {r.method for r in self.rows}
+        self.candidates = [m for m in candidates() if m in seen]
+
+    def problems(self, split: str) -> list[str]:
+        """The problems of ``split`` in suite order."""
+        return [p for p in dict.fromkeys(r.problem for r in self.peers) if self.split[p] == split]
+
+    def peer_worst(self, problems: Iterable[str]) -> dict[str, tuple[float, int, str]]:
+        """Each peer configuration's worst ratio over the cells of ``problems`` it ran, the
+        number of those cells and the worst one's family."""
+        wanted = set(problems)
+        out: dict[str, tuple[float, int, str]] = {}
+        for r in self.peers:
+            if r.problem not in wanted:
+                continue
+            for label, err in r.errors.items():
+                ratio = err / r.best_peer if math.isfinite(err) else math.inf
+                worst, n, fam = out.get(label, (0.0, 0, ""))
+                out[label] = (max(worst, ratio), n + 1, r.family if ratio > worst else fam)
+        return out
+
+
+def _fmt(v: float) -> str:
+    if not math.isfinite(v):
+        return "inf"
+    return f"{v:.3g}" if v < 1000 else f"{v:.2e}"
+
+
+def _cell(c: Cell) -> str:
+    return f"{c[0]} w={c[1]:g} NFE {c[2]}"
+
+
+def recipe_table(table: PolicyTable, granularity: Granularity) -> list[tuple[str, str, str, str]]:
+    """The policy compactly: (families, guidance, NFEs, method) per key."""
+    out = []
+    for fams, ws, ns in granularity.keys():
+        out.append(
+            (
+                ",".join(fams),
+                ",".join(f"{w:g}" for w in ws),
+                ",".join(str(n) for n in ns),
+                table[(fams[0], ws[0], ns[0])],
+            )
+        )
+    return out
+
+
+def render(study: Study, *, note: str = "") -> str:
+    """The markdown report: candidates, the leave-one-problem-out choice of granularity and
+    its per-problem results, the policy, and the held-out comparison with every peer
+    configuration, the library default and the previous ``auto``."""
+    sel, held = study.problems("selection"), study.problems("held_out")
+    cands = study.candidates
+    gran, loo = choose_granularity(study.ratios, study.family, sel, cands)
+    table = fit(study.ratios, study.family, sel, gran, cands)
+    ours_held = policy_ratios(table, study.ratios, study.family, held)
+    ours_sel = policy_ratios(table, study.ratios, study.family, sel)
+    worst_cell = max(ours_held, key=lambda c: ours_held[c])
+    peers_held = study.peer_worst(held)
+    best_peer_label = min(peers_held, key=lambda k: peers_held[k][0])
+    others = {}
+    for label in (DEFAULT_LABEL, PREVIOUS_LABEL):
+        got = {c: v[label] for c, v in study.ratios.items() if c[0] in held and label in v}
+        others[label] = got
+    out = ['# `solver="auto"`: chosen for the worst case, scored on problems it never saw\n']
+    out.append(
+        "Ratio = our error / the best peer configuration's error in the same cell (problem, "
+        "guidance scale, NFE): the oracle over all 42-60 diffusers / k-diffusion "
+        "configurations of the cell (`benchmarks/suite_baseline.csv.gz`, 64 samples at each "
+        "problem's default noise; our candidates ran on the same noise and labels, which a "
+        f"rerun of `{CHECK_PEER}` at {CHECK_NFE} NFE checked in each problem and guidance "
+        "scale). Worst = the largest ratio over the cells. Generated by "
+        "`dpmsolver.bench.policy`; its docstring has the procedure.\n"
+    )
+    if note:
+        out.append(f"{note}\n")
+    peer_min = peers_held[best_peer_label][0]
+    ours_worst = ours_held[worst_cell]
+    verdict = "below" if ours_worst < peer_min else "NOT below"
+    out.append("## Claim\n")
+    out.append(
+        f"CLAIM: held-out worst ratio {_fmt(ours_worst)} ({_cell(worst_cell)}), {verdict} "
+        f"every single peer configuration's held-out worst ratio (the smallest: "
+        f"{_fmt(peer_min)}, {best_peer_label}, over the {peers_held[best_peer_label][1]} "
+        f"held-out cells it can run); library default dpmpp_2m "
+        f"{_fmt(max(others[DEFAULT_LABEL].values()))}; previous auto "
+        f"{_fmt(max(others[PREVIOUS_LABEL].values()))}.\n"
+    )
+    # ---- candidates
+    out.append(f"## Candidates ({len(cands)})\n")
+    out.append(
+        "Every solver of a group on every grid of the group, ending with the "
+        "data-prediction step to sigma = 0 (sigma_end: the k-diffusion sigma of the last "
+        "noisy knot; none: the schedule's own end).\n"
+    )
+    out.append("| group | solvers | grids | sigma_end |")
+    out.append("|---|---|---|---|")
+    for group in CANDIDATE_GROUPS:
+        solvers = ", ".join(
+            recipe_label(Recipe(n, dict(o))).split(" ")[0] for n, o in group.solvers
+        )
+        grids = ", ".join(f"{g}{'' if r is None else f' {r:g}'}" for g, r in group.grids)
+        ends = ", ".join("none" if e is None else f"{e:g}" for e in group.ends)
+        out.append(f"| {group.name} | {solvers} | {grids} | {ends} |")
+    out.append(
+        "\nA candidate that cannot spend a cell's NFE exactly cannot be chosen for it: "
+        "singlestep solvers at even NFE, and on rectified flow at any NFE (their first step "
+        "out of pure noise is planned at first order, so the budget is underspent).\n"
+    )
+    # ---- LOO choice of granularity
+    out.append("## Leave-one-problem-out on the selection half\n")
+    out.append(
+        "Each granularity (which families, guidance scales and NFEs share a recipe) is "
+        "fitted on 7 selection problems and scored on the 8th; the worst left-out ratio "
+        "decides (ties: geometric mean of the 8 worst ratios, then fewer keys). Per-family "
+        "tables choose a family's recipe on the one same-family problem left.\n"
+    )
+    out.append("| granularity | keys | LOO worst | geo-mean of the 8 worst | worst problem |")
+    out.append("|---|---|---|---|---|")
+    ranked = sorted(
+        GRANULARITIES,
+        key=lambda g: (
+            max(r.worst for r in loo[g.name]),
+            _geomean(r.worst for r in loo[g.name]),
+        ),
+    )
+    for g in ranked:
+        res = loo[g.name]
+        w = max(res, key=lambda r: r.worst)
+        mark = " **(chosen)**" if g.name == gran.name else ""
+        out.append(
+            f"| {g.name}{mark} | {len(g.keys())} | {_fmt(w.worst)} "
+            f"| {_fmt(_geomean(r.worst for r in res))} | {w.problem} |"
+        )
+    out.append(f"\n### Chosen: {gran.name}, per left-out problem\n")
+    out.append("| left-out problem | family | worst ratio | in cell | geo-mean ratio |")
+    out.append("|---|---|---|---|---|")
+    for r in loo[gran.name]:
+        out.append(
+            f"| {r.problem} | {study.family[r.problem]} | {_fmt(r.worst)} | {_cell(r.cell)} "
+            f"| {_fmt(r.geomean)} |"
+        )
+    out.append(
+        f"| **all** | | **{_fmt(max(r.worst for r in loo[gran.name]))}** | | "
+        f"{_fmt(_geomean(r.geomean for r in loo[gran.name]))} |\n"
+    )
+    out.append(
+        "The granularity was itself chosen by this table, so its leave-one-out numbers are "
+        "slightly optimistic; the held-out half below is the unbiased score.\n"
+    )
+    # ---- the policy
+    out.append("## The policy (fitted on all 8 selection problems)\n")
+    out.append("| families | guidance | NFE | recipe | selection worst | held-out worst |")
+    out.append("|---|---|---|---|---|---|")
+    for fams, ws, ns in gran.keys():
+        inside = [
+            c for c in study.ratios if study.family[c[0]] in fams and c[1] in ws and c[2] in ns
+        ]
+        s = [ours_sel[c] for c in inside if c in ours_sel]
+        h = [ours_held[c] for c in inside if c in ours_held]
+        out.append(
+            f"| {','.join(fams)} | {','.join(f'{w:g}' for w in ws)} "
+            f"| {','.join(str(n) for n in ns)} | `{table[(fams[0], ws[0], ns[0])]}` "
+            f"| {_fmt(max(s, default=math.nan))} | {_fmt(max(h, default=math.nan))} |"
+        )
+    # ---- held-out comparison
+    out.append("\n## Held-out half: worst ratio, ours against every peer configuration\n")
+    out.append(
+        "Each peer configuration's worst ratio over the held-out cells it can run (a "
+        "configuration that cannot spend a cell's NFE, or does not apply to the family, "
+        "does not count there; `cells` says how many of the 256 it covers). Ours covers all "
+        "256.\n"
+    )
+    out.append("| method | held-out worst | cells | worst cell's family |")
+    out.append("|---|---|---|---|")
+    entries = [
+        ("**auto (this policy)**", ours_worst, len(ours_held), study.family[worst_cell[0]]),
+    ]
+    for label, got in others.items():
+        c = max(got, key=lambda k: got[k])
+        entries.append((label, got[c], len(got), study.family[c[0]]))
+    for label, (v, n, fam) in peers_held.items():
+        entries.append((label, v, n, fam))
+    entries.sort(key=lambda e: e[1])
+    for label, v, n, fam in entries:
+        out.append(f"| {label} | {_fmt(v)} | {n} | {fam} |")
+    # ---- per family
+    out.append("\n### Per schedule family (held-out cells of that family only)\n")
+    out.append(
+        "| family | ours worst | best peer configuration on these cells | its worst | "
+        "library default | previous auto |"
+    )
+    out.append("|---|---|---|---|---|---|")
+    for fam in FAMILIES:
+        probs = [p for p in held if study.family[p] == fam]
+        mine = [v for c, v in ours_held.items() if c[0] in probs]
+        pw = study.peer_worst(probs)
+        full = {k: v for k, v in pw.items()}
+        bp = min(full, key=lambda k: full[k][0])
+        d = [v for c, v in others[DEFAULT_LABEL].items() if c[0] in probs]
+        a = [v for c, v in others[PREVIOUS_LABEL].items() if c[0] in probs]
+        out.append(
+            f"| {fam} | {_fmt(max(mine))} | {bp} ({full[bp][1]} cells) | {_fmt(full[bp][0])} "
+            f"| {_fmt(max(d))} | {_fmt(max(a))} |"
+        )
+    # ---- per held-out problem
+    out.append("\n### Per held-out problem\n")
+    out.append(
+        "| problem | family | ours worst | in cell | ours geo-mean | library default "
+        "worst | previous auto worst |"
+    )
+    out.append("|---|---|---|---|---|---|---|")
+    for p in held:
+        per = {c: v for c, v in ours_held.items() if c[0] == p}
+        c = max(per, key=lambda k: per[k])
+        d = [v for k, v in others[DEFAULT_LABEL].items() if k[0] == p]
+        a = [v for k, v in others[PREVIOUS_LABEL].items() if k[0] == p]
+        out.append(
+            f"| {p} | {study.family[p]} | {_fmt(per[c])} | {_cell(c)} "
+            f"| {_fmt(_geomean(per.values()))} | {_fmt(max(d))} | {_fmt(max(a))} |"
+        )
+    under = sum(1 for (c, m), s in study.spent.items() if m == PREVIOUS_LABEL and s != c[2])
+    out.append(
+        f"\nThe previous auto underspent its budget in {under} cells (its singlestep recipes "
+        'on rectified flow); its error there is what `sample(solver="auto")` returned.\n'
+    )
+    return "\n".join(out) + "\n"
+
+
+def recipe_source(recipe: Recipe) -> str:
+    """``recipe`` as the Python expression :mod:`dpmsolver.auto` writes it."""
+
+    def lit(v: Any) -> str:
+        return f"Form.{v.name}" if isinstance(v, Form) else repr(v).replace("'", '"')
+
+    opts = "{" + ", ".join(f'"{k}": {lit(v)}' for k, v in recipe.options.items()) + "}"
+    args = [f'"{recipe.solver}"', opts, f'"{recipe.grid}"']
+    if recipe.rho is not None:
+        args.append(f"rho={recipe.rho!r}")
+    if recipe.sigma_end is not None:
+        args.append(f"sigma_end={recipe.sigma_end!r}")
+    return f"Recipe({', '.join(args)})"
+
+
+def auto_table_source(study: Study) -> str:
+    """The rows of :mod:`dpmsolver.auto`'s table for the policy :func:`render` reports, each
+    with its worst ratio over the selection and the held-out cells it covers."""
+    sel, held = study.problems("selection"), study.problems("held_out")
+    gran, _ = choose_granularity(study.ratios, study.family, sel, study.candidates)
+    table = fit(study.ratios, study.family, sel, gran, study.candidates)
+    ours = policy_ratios(table, study.ratios, study.family, [*sel, *held])
+    cands = candidates()
+    lines = [f"# granularity: {gran.name}"]
+    for fams, ws, ns in gran.keys():
+        inside = [c for c in ours if study.family[c[0]] in fams and c[1] in ws and c[2] in ns]
+        s = max(ours[c] for c in inside if c[0] in sel)
+        h = max(ours[c] for c in inside if c[0] in held)
+        lines.append(
+            f"    _Row({fams!r}, {ws!r}, {ns!r}, "
+            f"{recipe_source(cands[table[(fams[0], ws[0], ns[0])]])}),"
+            f"  # selection {_fmt(s)}, held out {_fmt(h)}".replace("'", '"')
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dpmsolver.bench.policy [--quick] [--jobs N] [--out FILE.md]
+    [--csv FILE.csv.gz] [--from-csv FILE.csv.gz]``."""
+    ap = argparse.ArgumentParser(prog="python -m dpmsolver.bench.policy", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} candidates")
+    ap.add_argument("--jobs", type=int, default=1, help="processes (one problem each)")
+    ap.add_argument("--out", default=None, help="also write the markdown here")
+    ap.add_argument("--csv", default=None, help="write every error here (.gz: gzipped)")
+    ap.add_argument("--peers", default=PEERS_CSV, help=f"the peers' errors (default {PEERS_CSV})")
+    ap.add_argument("--problems", default=None, help="comma-separated names (default: all 16)")
+    ap.add_argument("--from-csv", default=None, help="re-render recorded errors; run nothing")
+    ap.add_argument("--reuse", default=None, help="keep this CSV's rows; run only what it lacks")
+    ap.add_argument("--cache", default=None, help="folder to keep the exact samples in")
+    ap.add_argument(
+        "--emit-table", action="store_true", help="print dpmsolver.auto's table rows and stop"
+    )
+    args = ap.parse_args(argv)
+    peers = rows_from_csv(_read_text(args.peers))
+    command = " ".join(
+        ["python -m dpmsolver.bench.policy", *(sys.argv[1:] if argv is None else argv)]
+    )
+    if args.from_csv:
+        rows, note = rows_from_text(_read_text(args.from_csv))
+        if args.emit_table:
+            print(auto_table_source(Study(rows, peers)))
+            return 0
+        text = render(Study(rows, peers), note=note)
+    else:
+        _quiet_diffusers()
+        names = (
+            [n.strip() for n in args.problems.split(",")]
+            if args.problems
+            else [p.name for p in suite_problems()]
+        )
+        start = time.perf_counter()
+        rows = measure(
+            names,
+            labels=list(QUICK) if args.quick else None,
+            peers=peers,
+            jobs=args.jobs,
+            reuse=rows_from_text(_read_text(args.reuse))[0] if args.reuse else (),
+            cache=args.cache,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+        minutes = (time.perf_counter() - start) / 60
+        note = (
+            f"Command: `{command}`; took {minutes:.1f} min ({args.jobs} process(es), one "
+            "thread each, on a shared 2-core machine)."
+        )
+        csv = rows_csv(rows, note)
+        if args.csv:
+            _write_text(args.csv, csv)
+        # render what the CSV holds (4 significant digits), as --from-csv will
+        text = render(Study(rows_from_text(csv)[0], peers), note=note)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+def _quiet_diffusers() -> None:
+    """Diffusers' schedulers warn on every construction in some configurations."""
+    from .peers import optional_import
+
+    diffusers = optional_import("diffusers")
+    if diffusers is not None:
+        diffusers.utils.logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

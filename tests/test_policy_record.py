@@ -1,0 +1,94 @@
+"""The recorded policy study (benchmarks/policy.md, benchmarks/policy.csv.gz) agrees with
+itself and with the shipped ``solver="auto"``: the claim the README quotes is recomputed
+from the recorded errors, and the table in dpmsolver.auto is the one the selection rule
+picks from them. Editing one without the others fails here."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from dpmsolver.auto import recommend
+from dpmsolver.bench.policy import (
+    FAMILIES,
+    GRANULARITIES,
+    Study,
+    fit,
+    policy_ratios,
+    recipe_label,
+    rows_from_text,
+)
+from dpmsolver.bench.suite import _read_text, make_schedule_named, rows_from_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKDOWN = ROOT / "benchmarks" / "policy.md"
+CSV = ROOT / "benchmarks" / "policy.csv.gz"
+PEERS = ROOT / "benchmarks" / "suite_baseline.csv.gz"
+SCHEDULE = {"discrete": "sd", "vp": "vp_linear", "ve": "edm", "flow": "flow"}
+
+CLAIM = re.compile(
+    r"CLAIM: held-out worst ratio (?P<ours>[0-9.e+]+) \((?P<cell>[^)]*)\), (?P<verdict>below|NOT "
+    r"below) every single peer configuration's held-out worst ratio \(the smallest: "
+    r"(?P<peer>[0-9.e+]+), (?P<label>[^,]+), over the (?P<cells>\d+) held-out cells it can "
+    r"run\); library default dpmpp_2m (?P<default>[0-9.e+]+); previous auto "
+    r"(?P<previous>[0-9.e+]+)\."
+)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if v < 1000 else f"{v:.2e}"
+
+
+@pytest.fixture(scope="module")
+def study() -> Study:
+    rows, _ = rows_from_text(_read_text(str(CSV)))
+    return Study(rows, rows_from_csv(_read_text(str(PEERS))))
+
+
+@pytest.fixture(scope="module")
+def markdown() -> str:
+    return MARKDOWN.read_text()
+
+
+def test_the_claim_is_what_the_recorded_errors_say(study: Study, markdown: str) -> None:
+    m = CLAIM.search(markdown)
+    assert m is not None, "benchmarks/policy.md lost its CLAIM line"
+    chosen = re.search(r"### Chosen: (.+), per left-out problem", markdown)
+    assert chosen is not None
+    gran = next(g for g in GRANULARITIES if g.name == chosen.group(1))
+    sel, held = study.problems("selection"), study.problems("held_out")
+    assert len(sel) == len(held) == 8
+    table = fit(study.ratios, study.family, sel, gran, study.candidates)
+    ours = policy_ratios(table, study.ratios, study.family, held)
+    assert len(ours) == 256 and all(math.isfinite(v) for v in ours.values())
+    worst = max(ours.values())
+    peers = study.peer_worst(held)
+    label = min(peers, key=lambda k: peers[k][0])
+    assert m.group("ours") == _fmt(worst)
+    assert m.group("peer") == _fmt(peers[label][0]) and m.group("label") == label
+    assert int(m.group("cells")) == peers[label][1]
+    # the verdict is what the errors say; what holds in any case: below every peer
+    # configuration that runs on all held-out cells, and below the library default and the
+    # previous auto table
+    below_all = all(worst < v for v, _, _ in peers.values())
+    assert m.group("verdict") == ("below" if below_all else "NOT below")
+    full = [v for v, cells, _ in peers.values() if cells == len(ours)]
+    assert full and worst < min(full)
+    assert worst < float(m.group("default")) and worst < float(m.group("previous"))
+    for method, key in (("library default dpmpp_2m", "default"), ("previous auto", "previous")):
+        got = [v[method] for c, v in study.ratios.items() if c[0] in held]
+        assert len(got) == 256 and m.group(key) == _fmt(max(got))
+
+
+def test_auto_ships_the_table_the_rule_picks_from_the_record(study: Study, markdown: str) -> None:
+    chosen = re.search(r"### Chosen: (.+), per left-out problem", markdown)
+    assert chosen is not None
+    gran = next(g for g in GRANULARITIES if g.name == chosen.group(1))
+    table = fit(study.ratios, study.family, study.problems("selection"), gran, study.candidates)
+    for (family, w, nfe), method in sorted(table.items()):
+        schedule = make_schedule_named(SCHEDULE[family])  # type: ignore[arg-type]
+        assert recipe_label(recommend(nfe, w, schedule)) == method, (family, w, nfe)
+    assert {f for f, _, _ in table} == set(FAMILIES)

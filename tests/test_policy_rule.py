@@ -1,0 +1,67 @@
+"""The selection rule of ``solver="auto"`` (dpmsolver.bench.policy) on tiny synthetic tables:
+it picks the minimax candidate, not the best on average, and leave-one-out scores each
+problem with a policy fitted without it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dpmsolver.bench.policy import Granularity, fit, leave_one_out, minimax
+
+# Two problems (a: discrete, b: flow), one guidance scale, two NFEs. "mean" is best on
+# average and worst in one cell; "safe" is never far from the best peer; "partial" is the
+# best everywhere it runs but cannot spend 6 NFE.
+RATIOS = {
+    ("a", 1.0, 5): {"mean": 0.1, "safe": 0.9, "partial": 0.5},
+    ("a", 1.0, 6): {"mean": 0.2, "safe": 1.0},
+    ("b", 1.0, 5): {"mean": 3.0, "safe": 1.1, "partial": 0.5},
+    ("b", 1.0, 6): {"mean": 0.3, "safe": 1.2},
+}
+FAMILY = {"a": "discrete", "b": "flow"}
+METHODS = ["mean", "safe", "partial"]
+
+
+def test_minimax_picks_the_smallest_worst_ratio_not_the_best_mean() -> None:
+    cells = sorted(RATIOS)
+    name, worst, geo = minimax(RATIOS, cells, METHODS)  # type: ignore[misc]
+    assert name == "safe" and worst == 1.2
+    assert geo == pytest.approx(math.prod([0.9, 1.0, 1.1, 1.2]) ** 0.25)
+    # "mean" has the smaller geometric mean but a worst cell of 3.0
+    assert math.prod(RATIOS[c]["mean"] for c in cells) < math.prod(RATIOS[c]["safe"] for c in cells)
+
+
+def test_minimax_skips_methods_that_cannot_run_a_cell_and_breaks_ties_by_the_mean() -> None:
+    only5 = [("a", 1.0, 5), ("b", 1.0, 5)]
+    assert minimax(RATIOS, only5, METHODS)[0] == "partial"  # type: ignore[index]
+    assert minimax(RATIOS, sorted(RATIOS), ["partial"]) is None
+    tie = {("a", 1.0, 5): {"x": 2.0, "y": 2.0}, ("b", 1.0, 5): {"x": 1.0, "y": 0.5}}
+    assert minimax(tie, sorted(tie), ["x", "y"])[0] == "y"  # type: ignore[index]
+    nan = {("a", 1.0, 5): {"x": math.nan, "y": 5.0}}
+    assert minimax(nan, sorted(nan), ["x", "y"])[0] == "y"  # type: ignore[index]
+
+
+def test_fit_per_key_and_per_family() -> None:
+    one = Granularity("one", (("discrete", "flow"),), ((1.0,),), ((5,), (6,)))
+    table = fit(RATIOS, FAMILY, ["a", "b"], one, METHODS)
+    assert table == {
+        ("discrete", 1.0, 5): "partial",
+        ("flow", 1.0, 5): "partial",
+        ("discrete", 1.0, 6): "mean",  # at 6 NFE alone "mean" is never worse than 0.3
+        ("flow", 1.0, 6): "mean",
+    }
+    shared = Granularity("shared NFE", (("discrete", "flow"),), ((1.0,),), ((5, 6),))
+    assert set(fit(RATIOS, FAMILY, ["a", "b"], shared, METHODS).values()) == {"safe"}
+    per = Granularity("per family", (("discrete",), ("flow",)), ((1.0,),), ((5, 6),))
+    table = fit(RATIOS, FAMILY, ["a", "b"], per, METHODS)
+    assert table[("discrete", 1.0, 5)] == "mean" and table[("flow", 1.0, 6)] == "safe"
+
+
+def test_leave_one_out_scores_each_problem_with_a_policy_that_never_saw_it() -> None:
+    per = Granularity("per family", (("discrete",), ("flow",)), ((1.0,),), ((5, 6),))
+    res = {r.problem: r for r in leave_one_out(RATIOS, FAMILY, ["a", "b"], per, METHODS)}
+    # without a, the discrete row falls back to the choice made on b alone ("safe")
+    assert res["a"].worst == 1.0 and res["a"].cell == ("a", 1.0, 6)
+    # without b, the flow row is chosen on a alone: "mean", which fails b at 5 NFE
+    assert res["b"].worst == 3.0 and res["b"].cell == ("b", 1.0, 5)
