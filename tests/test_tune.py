@@ -161,3 +161,24 @@ def test_paired_comparison_needs_both_the_rms_and_the_typical_sample() -> None:
     # most samples better but the RMS worse (one blows up): refused
     assert not paired_better(torch.tensor([0.5, 0.5, 0.5, 5.0]), old)
     assert not paired_better(torch.tensor([0.5, math.inf, 0.5, 0.5]), old)
+
+
+def test_the_diffusers_scheduler_runs_the_profile(profile: dp.Profile) -> None:
+    pytest.importorskip("diffusers")
+    from dpmsolver.frontends.diffusers_scheduler import DPMSolverScheduler
+
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    sched = DPMSolverScheduler(solver="auto", guidance_scale=5.0, profile=profile, **sd)
+    assert sched._resolve_policy(8) == profile.recipe(8, 5.0, SD, "eps")
+    sched.set_timesteps(8)
+    want = torch.tensor(profile.sigmas(8, 5.0, SD), dtype=torch.float64)
+    torch.testing.assert_close(sched.sigmas.double(), want, rtol=1e-4, atol=0)  # float32 betas
+    # kept in the config as JSON, so the scheduler saves and reloads with it
+    again = DPMSolverScheduler.from_config(json.loads(json.dumps(dict(sched.config))))
+    assert again._resolve_policy(8) == sched._resolve_policy(8)
+    with pytest.raises(ValueError, match="profile= holds recipes for solver='auto'"):
+        DPMSolverScheduler(solver="dpmpp_2m", profile=profile, **sd)
+    with pytest.raises(ProfileMismatchError, match="prediction='v'"):
+        DPMSolverScheduler(solver="auto", prediction_type="v_prediction", profile=profile, **sd)
+    with pytest.raises(ProfileMismatchError, match="DiscreteVPSchedule"):
+        DPMSolverScheduler(solver="auto", profile=profile)  # DDPM's linear betas

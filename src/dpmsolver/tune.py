@@ -117,8 +117,10 @@ class ProfileMismatchError(ValueError):
 
 
 def schedule_fingerprint(schedule: NoiseSchedule) -> dict[str, Any]:
-    """What identifies a schedule: its class, its time range, and a sha256 of lambda and the
-    network time on 257 points of the range."""
+    """What identifies a schedule: its class, its time range, lambda and the network time on
+    17 points of the range (compared with a tolerance by :func:`same_schedule`: a schedule
+    rebuilt from a diffusers config in float32 is the same schedule), and a sha256 of both
+    on 257 points (for display)."""
     ts = torch.linspace(schedule.t_min, schedule.t_max, 257, dtype=torch.float64)
     h = hashlib.sha256()
     for part in (
@@ -127,12 +129,40 @@ def schedule_fingerprint(schedule: NoiseSchedule) -> dict[str, Any]:
         schedule.model_time(ts),
     ):
         h.update(part.contiguous().numpy().tobytes())
+    # the first point is the start: pure noise on rectified flow (lambda = -inf, kept as is)
+    few = ts[::16]
     return {
         "type": type(schedule).__name__,
         "t_min": schedule.t_min,
         "t_max": schedule.t_max,
+        "lambda": [float(v) for v in schedule.lambda_(few)],
+        "model_time": [float(v) for v in schedule.model_time(few)],
         "sha256": h.hexdigest(),
     }
+
+
+#: Tolerances of :func:`same_schedule`: float32 rebuilds differ by ~1e-5 in lambda.
+_LAMBDA_ATOL, _TIME_RTOL = 1e-3, 1e-4
+
+
+def same_schedule(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two :func:`schedule_fingerprint` s describe the same schedule: same class and
+    time range, lambda within 1e-3 and network times within 1e-4 (relative) at the 17
+    points. Fingerprints without the points (older profiles) compare by sha256."""
+    if "lambda" not in a or "lambda" not in b:
+        return bool(a["sha256"] == b["sha256"])
+    if a["type"] != b["type"] or not all(
+        math.isclose(a[k], b[k], rel_tol=_TIME_RTOL, abs_tol=1e-9) for k in ("t_min", "t_max")
+    ):
+        return False
+    lam = all(
+        x == y or abs(x - y) <= _LAMBDA_ATOL for x, y in zip(a["lambda"], b["lambda"], strict=True)
+    )
+    time = all(
+        math.isclose(x, y, rel_tol=_TIME_RTOL, abs_tol=1e-6)
+        for x, y in zip(a["model_time"], b["model_time"], strict=True)
+    )
+    return lam and time
 
 
 def _rms(a: Tensor, b: Tensor) -> float:
@@ -244,7 +274,7 @@ class Profile:
         """Raise :class:`ProfileMismatchError` naming both sides unless this profile was
         made for ``schedule`` and ``prediction``."""
         theirs = schedule_fingerprint(schedule)
-        if theirs["sha256"] != self.schedule["sha256"] or prediction != self.prediction:
+        if not same_schedule(theirs, self.schedule) or prediction != self.prediction:
             raise ProfileMismatchError(
                 f"the profile was made for {self.schedule['type']} (sha256 "
                 f"{self.schedule['sha256'][:12]}) with prediction={self.prediction!r}, but it is "
@@ -309,10 +339,15 @@ class Profile:
             raise ValueError(f"profile {str(path)!r}: cannot read it ({e})") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"profile {str(path)!r} is not valid JSON ({e}); tune again") from None
-        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        return cls.from_json(data, f"profile {str(path)!r}")
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "profile") -> Profile:
+        """A profile from :meth:`to_json`'s data; ``source`` names it in errors."""
+        if not isinstance(data, Mapping) or data.get("format") != PROFILE_FORMAT:
+            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise ValueError(
-                f"profile {str(path)!r} has format {found!r}, expected {PROFILE_FORMAT!r}; "
+                f"{source} has format {found!r}, expected {PROFILE_FORMAT!r}; "
                 "tune again with this version"
             )
         try:
@@ -322,7 +357,7 @@ class Profile:
             )
             return cls(**{**data, "choices": choices})
         except (KeyError, TypeError) as e:
-            raise ValueError(f"profile {str(path)!r} is damaged ({e}); tune again") from None
+            raise ValueError(f"{source} is damaged ({e}); tune again") from None
 
 
 # ----------------------------------------------------------------------------------------

@@ -106,7 +106,6 @@ Solvers = tuple[tuple[str, dict[str, Any]], ...]
 Grids = tuple[tuple[GridKind, float | None], ...]
 
 
-
 @dataclass(frozen=True)
 class CandidateGroup:
     """Candidates: every solver on every grid with every end.

@@ -560,11 +560,62 @@ def digits_network_problem(device: torch.device | str = "cpu") -> NetworkProblem
     )
 
 
-#: Network problems by name. The flow-matching transformer and the EDM network being
-#: trained slot in here as ``NetworkProblem(name, split, load, RectifiedFlowSchedule(shift),
-#: "flow", ...)`` and ``NetworkProblem(name, split, load, VESchedule(), "x0", ...)``.
+def flow_network_problem(device: torch.device | str = "cpu") -> NetworkProblem:
+    """The built-in rectified-flow digits transformer (``builtin-flow``: flow prediction,
+    shift 0.5, 10 classes, null label 10) as a suite problem. Held out: nothing was chosen
+    on it."""
+
+    def load(dev: torch.device) -> Callable[..., Tensor]:
+        from ..digits import load_flow_model
+
+        return load_flow_model(dev)
+
+    from ..digits import FLOW_SCHEDULE
+
+    return NetworkProblem(
+        "digits-dit-flow",
+        "held_out",
+        load,
+        RectifiedFlowSchedule(shift=FLOW_SCHEDULE["shift"]),
+        "flow",
+        (1, 8, 8),
+        10,
+        10,
+        device=device,
+        features={"schedule": "flow", "dim": 64, "data_std": 0.6},
+    )
+
+
+def edm_network_problem(device: torch.device | str = "cpu") -> NetworkProblem:
+    """The built-in EDM digits U-Net (``builtin-edm``: VE, data prediction, 10 classes,
+    null label 10) as a suite problem. Held out: nothing was chosen on it."""
+
+    def load(dev: torch.device) -> Callable[..., Tensor]:
+        from ..digits import load_edm_model
+
+        return load_edm_model(dev)
+
+    from ..digits import EDM_SCHEDULE
+
+    return NetworkProblem(
+        "digits-unet-edm",
+        "held_out",
+        load,
+        VESchedule(EDM_SCHEDULE["sigma_min"], EDM_SCHEDULE["sigma_max"]),
+        "x0",
+        (1, 8, 8),
+        10,
+        10,
+        device=device,
+        features={"schedule": "edm", "dim": 64, "data_std": 0.6},
+    )
+
+
+#: Network problems by name (the three shipped digits models).
 NETWORK_PROBLEMS: dict[str, Callable[[], NetworkProblem]] = {
     "digits-unet-sd": digits_network_problem,
+    "digits-dit-flow": flow_network_problem,
+    "digits-unet-edm": edm_network_problem,
 }
 
 

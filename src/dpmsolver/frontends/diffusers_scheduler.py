@@ -41,7 +41,7 @@ import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -87,6 +87,9 @@ from .stepper import (
     probed_plan,
     supports_fractions,
 )
+
+if TYPE_CHECKING:
+    from ..tune import Profile
 
 __all__ = [
     "PEER_SOLVERS",
@@ -360,6 +363,11 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             (default 7.5, Stable Diffusion pipelines' default). A pipeline does not tell its
             scheduler the scale it samples with, so set it to match, e.g.
             ``from_config(config, solver="auto", guidance_scale=5.0)``. Unused otherwise.
+        profile: with ``solver="auto"``, recipes fitted to the pipeline's model
+            (:func:`dpmsolver.tune`): a :class:`~dpmsolver.tune.Profile`, a path to one or
+            its JSON data; its choice for ``num_inference_steps`` at ``guidance_scale``
+            runs (a budget it lacks: the default recipe, with a warning). Checked against
+            the config's schedule and prediction; kept in the config as JSON.
         differentiable: keep autograd through :meth:`step` (default False: a step runs
             under ``torch.no_grad()`` and keeps no graph, even if the caller forgot it;
             diffusers pipelines sample under ``no_grad``). Set it to differentiate through
@@ -417,6 +425,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         guidance_scale: float = 7.5,
         differentiable: bool = False,
         timestep_type: str = "discrete",
+        profile: Any = None,
     ) -> None:
         check_choice("prediction_type", prediction_type, tuple(PREDICTION_TYPES))
         check_choice("variance_type", variance_type, (None, *_FIXED_VARIANCES, *_LEARNED_VARIANCES))
@@ -463,6 +472,13 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         check_int("num_train_timesteps", num_train_timesteps, minimum=2)
 
         self._policy = solver in POLICIES
+        self._profile = _load_profile(profile)
+        if self._profile is not None:
+            if solver != "auto":
+                raise ValueError(
+                    f"profile= holds recipes for solver='auto', not solver={solver!r}; drop one"
+                )
+            self._record(profile=self._profile.to_json())  # JSON: save_config keeps it
         if self._policy:
             if solver_order is not None or solver_options:
                 raise ValueError(
@@ -502,7 +518,10 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.solver: Solver
         self._layout: str
         if self._policy:
-            self._use(self._resolve_policy(DEFAULT_STEPS).build_solver(), singlestep_layout)
+            # a placeholder until set_timesteps names the budget (the default policy's, so
+            # that a profile without this budget does not warn)
+            request = PolicyRequest(DEFAULT_STEPS, float(guidance_scale), self.schedule)
+            self._use(resolve(str(solver), request).build_solver(), singlestep_layout)
         else:
             built = self._build_solver(solver, solver_order, solver_options, solver_type)
             self._use(built, singlestep_layout)
@@ -652,9 +671,12 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self.solver, self._layout = solver, resolved
 
     def _resolve_policy(self, nfe: int) -> Recipe:
-        """The policy's recipe for ``nfe`` evaluations at the configured guidance scale."""
-        request = PolicyRequest(nfe, float(self._cfg.guidance_scale), self.schedule)
-        return resolve(str(self._cfg.solver), request)
+        """The policy's recipe for ``nfe`` evaluations at the configured guidance scale
+        (the profile's, when one was given)."""
+        w = float(self._cfg.guidance_scale)
+        if self._profile is not None:
+            return self._profile.recipe(nfe, w, self.schedule, self._prediction)
+        return resolve(str(self._cfg.solver), PolicyRequest(nfe, w, self.schedule))
 
     @property
     def _cfg(self) -> Any:
@@ -1247,3 +1269,19 @@ class DPMSolverInverseScheduler(DPMSolverScheduler):
 
     def _own_grid_allowed(self) -> bool:
         return False
+
+
+def _load_profile(profile: Any) -> Profile | None:
+    """``profile=`` as a :class:`~dpmsolver.tune.Profile` (from a path or JSON data)."""
+    from ..tune import Profile
+
+    if profile is None or isinstance(profile, Profile):
+        return profile
+    if isinstance(profile, (str, os.PathLike)):
+        return Profile.load(os.fspath(profile))
+    if isinstance(profile, Mapping):
+        return Profile.from_json(profile, "profile=")
+    raise TypeError(
+        f"profile= must be a dpmsolver Profile, a path to one or its JSON data, not "
+        f"{type(profile).__name__}"
+    )
