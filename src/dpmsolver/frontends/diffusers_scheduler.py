@@ -520,6 +520,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if self._policy:
             # a placeholder until set_timesteps names the budget (the default policy's, so
             # that a profile without this budget does not warn)
+            if self._profile is not None:
+                self._profile.check(self.schedule, self._prediction)
             request = PolicyRequest(DEFAULT_STEPS, float(guidance_scale), self.schedule)
             self._use(resolve(str(solver), request).build_solver(), singlestep_layout)
         else:
