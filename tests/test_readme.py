@@ -224,3 +224,25 @@ def test_readme_throughput_is_the_recorded_one() -> None:
         assert len(rows) == 3
         for cells in rows:
             assert f" {cells[5].strip()} " in text, (name, cells[1])  # samples/s
+
+
+def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tuning example, with the search made cheap (its defaults are timed by
+    ``python -m dpmsolver.bench.tuned``)."""
+    real = dp.tune
+    cheap = {"fine_knots": 8, "refine_runs": 2, "screen_rows": 2, "finalists": 1, "rtol": 1e-4}
+    cheap |= {"step_bases": 1, "solvers": (("dpmpp_multistep", {"order": 2}), ("ddim", {}))}
+
+    def tune(model: object, noise: torch.Tensor, **kw: dict[str, torch.Tensor]) -> dp.Profile:
+        # 8 of the pilot rows: a pilot of 32 costs minutes on a shared CPU
+        kw["cond"], kw["uncond"] = ({"y": kw[k]["y"][:8]} for k in ("cond", "uncond"))
+        return real(model, noise[:8], **kw, **cheap)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dp, "tune", tune)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(python_block("Fit the sampler to your model"), str(README), "exec"), namespace)
+    result, profile = namespace["result"], namespace["profile"]
+    assert isinstance(result, dp.SampleResult) and isinstance(profile, dp.Profile)
+    assert (tmp_path / "profile.json").exists() and [c.nfe for c in profile.choices] == [6, 10]
+    assert result.nfe == 10 and result.x.shape == (10, 1, 8, 8) and torch.isfinite(result.x).all()
