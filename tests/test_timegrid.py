@@ -64,10 +64,20 @@ def test_spacings_follow_their_definitions() -> None:
 
 def test_flow_shift_reproduces_sd3_spacing() -> None:
     s = dp.RectifiedFlowSchedule(shift=3.0, t_max=1.0)
-    g = dp.make_grid(s, 4, "time_uniform", t_end=0.25, final="zero")
+    g = dp.make_grid(s, 4, "time_uniform", t_start=1.0, t_end=0.25, final="zero")
     t = torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
     assert [k.sigma for k in g.knots[:-1]] == pytest.approx((3 * t / (1 + 2 * t)).tolist())
-    assert g.knots[0].lam == -math.inf
+    assert g.knots[0].lam == -math.inf  # asked for: pure noise
+
+
+def test_default_flow_grid_starts_as_diffusers_flow_multistep_schedulers() -> None:
+    """1 - 1/1000 in unshifted time, uniform to 0 (diffusers' DPMSolverMultistepScheduler
+    with use_flow_sigmas: linspace(1, 1/1000, n + 1) -> sigmas 1 - that, the last dropped)."""
+    s = dp.RectifiedFlowSchedule(shift=3.0)
+    g = dp.make_grid(s, 4, "time_uniform")
+    t = torch.linspace(0.999, 0, 5, dtype=torch.float64)[:-1]
+    assert [k.sigma for k in g.knots[:-1]] == pytest.approx((3 * t / (1 + 2 * t)).tolist())
+    assert math.isfinite(g.knots[0].lam) and g.final_zero
 
 
 def test_custom_grids() -> None:
@@ -107,19 +117,25 @@ def test_bad_grids_are_explained(call, match: str) -> None:  # type: ignore[no-u
         call()
 
 
-def test_flow_grids_start_at_pure_noise_and_end_like_diffusers() -> None:
-    """A 10-step flow grid (shift 3) is diffusers' DPMSolverMultistep/FlowMatchEuler one:
-    uniform in time from sigma 1, the last noisy sigma 0.25, then sigma 0."""
+def test_flow_grids_start_and_end_like_diffusers() -> None:
+    """A 10-step flow grid (shift 3) is diffusers' DPMSolverMultistep one: uniform in time
+    from t = 0.999 (sigma 0.9997), the last noisy sigma 0.25, then sigma 0; asked to,
+    it starts at pure noise as FlowMatchEuler does."""
     flow = dp.RectifiedFlowSchedule(shift=3.0)
     g = dp.make_grid(flow, 10, "time_uniform")
     sig = [k.sigma for k in g.knots]
-    assert sig[0] == 1.0 and sig[-1] == 0.0 and sig[-2] == pytest.approx(0.25)
-    expected = [3 * t / (1 + 2 * t) for t in torch.linspace(1, 0, 11, dtype=torch.float64).tolist()]
-    assert sig == pytest.approx(expected, abs=1e-12)
+    assert sig[-1] == 0.0 and sig[-2] == pytest.approx(0.25, abs=1e-3)
+    ts = torch.linspace(0.999, 0, 11, dtype=torch.float64).tolist()
+    assert sig == pytest.approx([3 * t / (1 + 2 * t) for t in ts], abs=1e-6)  # t_min > 0
     assert dp.default_grid(flow) == "time_uniform" and dp.default_grid(SD) == "logsnr"
-    # grids spaced in noise level start there too: a first-order step, then their spacing
+    g = dp.make_grid(flow, 10, "time_uniform", t_start=flow.t_max)
+    assert g.knots[0].sigma == 1.0 and g.knots[-2].sigma == pytest.approx(0.25)
+    # grids spaced in noise level start there too; from pure noise with a first-order step,
+    # then their spacing
     for kind in ("logsnr", "karras", "polyexponential"):
         h = dp.make_grid(flow, 6, kind)  # type: ignore[arg-type]
+        assert h.knots[0].t == pytest.approx(0.999) and h.steps == 6 and h.final_zero
+        h = dp.make_grid(flow, 6, kind, t_start=flow.t_max)  # type: ignore[arg-type]
         assert h.knots[0].alpha == 0.0 and h.steps == 6 and h.final_zero
 
 

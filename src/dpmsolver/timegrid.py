@@ -169,6 +169,11 @@ def _level_spaced(
     return [ks] + _lambda_spaced(schedule, lams[1:-1]) + ([ke] if n > 1 else [])
 
 
+#: Where a default grid starts on a schedule that starts at pure noise: this fraction of
+#: the time range in (:func:`make_grid`).
+PURE_NOISE_OFFSET = 1e-3
+
+
 def make_grid(
     schedule: NoiseSchedule,
     steps: int,
@@ -185,7 +190,9 @@ def make_grid(
         schedule: the noise schedule.
         steps: number of steps (>= 1).
         kind: spacing, one of :data:`GRID_KINDS` (default ``"logsnr"``).
-        t_start: first time (default ``schedule.t_max``).
+        t_start: first time (default ``schedule.t_max``; on a schedule that starts at pure
+            noise, :data:`PURE_NOISE_OFFSET` of the range after it; pass ``t_max`` to start
+            at pure noise).
         t_end: last noisy time (default ``schedule.t_min``; for time-spaced grids ending
             with the step to sigma = 0, one spacing before ``t = 0``: see
             :func:`_time_spaced`).
@@ -204,6 +211,13 @@ def make_grid(
     te = schedule.check_time("t_end", schedule.t_min if t_end is None else t_end)
     if not ts > te:
         raise ValueError(f"t_start={ts} must be greater than t_end={te}")
+    if t_start is None and math.isinf(schedule.knot(ts).lam):
+        # From pure noise (rectified flow at t = 1) the data prediction is only the mean, and
+        # a multistep solver's first slope spans an infinite log-SNR step, so its second
+        # step is first order too; starting a thousandth of the range in, as diffusers'
+        # flow multistep schedulers do (1 - 1/1000), keeps it second order (measured on
+        # the flow digits model: 13% lower error at 10 NFE; benchmarks/flow.md).
+        ts = ts - (ts - te) * PURE_NOISE_OFFSET
     n = steps if final == "zero" else steps + 1  # noisy knots
     if kind in ("time_uniform", "time_quadratic"):
         knots = _time_spaced(schedule, n, kind, ts, te, to_zero=final == "zero" and t_end is None)
