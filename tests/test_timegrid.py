@@ -134,7 +134,7 @@ def test_flow_grids_start_and_end_like_diffusers() -> None:
     # then their spacing
     for kind in ("logsnr", "karras", "polyexponential"):
         h = dp.make_grid(flow, 6, kind)  # type: ignore[arg-type]
-        assert h.knots[0].t == pytest.approx(0.999) and h.steps == 6 and h.final_zero
+        assert h.knots[0].t == pytest.approx(0.999, abs=1e-5) and h.steps == 6 and h.final_zero
         h = dp.make_grid(flow, 6, kind, t_start=flow.t_max)  # type: ignore[arg-type]
         assert h.knots[0].alpha == 0.0 and h.steps == 6 and h.final_zero
 
