@@ -537,77 +537,57 @@ class NetworkProblem(Problem):
         return den64
 
 
-def digits_network_problem(device: torch.device | str = "cpu") -> NetworkProblem:
-    """The built-in digits U-Net (eps prediction, SD's discrete VP, 10 classes, null label
-    10) as a suite problem. A selection problem: benchmarks already chose things on it."""
+def _digits_problem(
+    name: str,
+    split: Split,
+    loader: str,
+    schedule: NoiseSchedule,
+    prediction: str,
+    schedule_name: str,
+    device: torch.device | str,
+) -> NetworkProblem:
+    """One of the shipped digits models (8x8, 10 classes, null label 10) as a suite problem;
+    ``loader`` names its function in :mod:`dpmsolver.digits`."""
 
     def load(dev: torch.device) -> Callable[..., Tensor]:
-        from ..digits import load_default_model
+        from .. import digits
 
-        return load_default_model(dev)
+        return getattr(digits, loader)(dev)
 
+    features = {"schedule": schedule_name, "dim": 64, "data_std": 0.6}
     return NetworkProblem(
-        "digits-unet-sd",
-        "selection",
-        load,
-        DiscreteVPSchedule(),
-        "eps",
-        (1, 8, 8),
-        10,
-        10,
-        device=device,
-        features={"schedule": "sd", "dim": 64, "data_std": 0.6},
+        name, split, load, schedule, prediction, (1, 8, 8), 10, 10, device=device, features=features
+    )
+
+
+def digits_network_problem(device: torch.device | str = "cpu") -> NetworkProblem:
+    """The built-in digits U-Net (eps prediction, SD's discrete VP) as a suite problem. A
+    selection problem: benchmarks already chose things on it."""
+    sched = DiscreteVPSchedule()
+    return _digits_problem(
+        "digits-unet-sd", "selection", "load_default_model", sched, "eps", "sd", device
     )
 
 
 def flow_network_problem(device: torch.device | str = "cpu") -> NetworkProblem:
     """The built-in rectified-flow digits transformer (``builtin-flow``: flow prediction,
-    shift 0.5, 10 classes, null label 10) as a suite problem. Held out: nothing was chosen
-    on it."""
-
-    def load(dev: torch.device) -> Callable[..., Tensor]:
-        from ..digits import load_flow_model
-
-        return load_flow_model(dev)
-
+    shift 0.5) as a suite problem. Held out: nothing was chosen on it."""
     from ..digits import FLOW_SCHEDULE
 
-    return NetworkProblem(
-        "digits-dit-flow",
-        "held_out",
-        load,
-        RectifiedFlowSchedule(shift=FLOW_SCHEDULE["shift"]),
-        "flow",
-        (1, 8, 8),
-        10,
-        10,
-        device=device,
-        features={"schedule": "flow", "dim": 64, "data_std": 0.6},
+    sched = RectifiedFlowSchedule(shift=FLOW_SCHEDULE["shift"])
+    return _digits_problem(
+        "digits-dit-flow", "held_out", "load_flow_model", sched, "flow", "flow", device
     )
 
 
 def edm_network_problem(device: torch.device | str = "cpu") -> NetworkProblem:
-    """The built-in EDM digits U-Net (``builtin-edm``: VE, data prediction, 10 classes,
-    null label 10) as a suite problem. Held out: nothing was chosen on it."""
-
-    def load(dev: torch.device) -> Callable[..., Tensor]:
-        from ..digits import load_edm_model
-
-        return load_edm_model(dev)
-
+    """The built-in EDM digits U-Net (``builtin-edm``: VE, data prediction) as a suite
+    problem. Held out: nothing was chosen on it."""
     from ..digits import EDM_SCHEDULE
 
-    return NetworkProblem(
-        "digits-unet-edm",
-        "held_out",
-        load,
-        VESchedule(EDM_SCHEDULE["sigma_min"], EDM_SCHEDULE["sigma_max"]),
-        "x0",
-        (1, 8, 8),
-        10,
-        10,
-        device=device,
-        features={"schedule": "edm", "dim": 64, "data_std": 0.6},
+    sched = VESchedule(EDM_SCHEDULE["sigma_min"], EDM_SCHEDULE["sigma_max"])
+    return _digits_problem(
+        "digits-unet-edm", "held_out", "load_edm_model", sched, "x0", "edm", device
     )
 
 

@@ -563,7 +563,34 @@ def _train_meta(
     )
 
 
-def _train_and_save_flow(
+#: Per model kind: trainer, settings, held-out measure (and its noise levels, its name in
+#: the log), the class and schedule recorded in the metadata, and the file.
+_KINDS: dict[str, tuple[Any, ...]] = {
+    "flow": (
+        train_flow,
+        FLOW_TRAIN,
+        heldout_flow_mse,
+        [0.1, 0.3, 0.5, 0.7, 0.9],
+        "velocity MSE by s",
+        "DigitsDiT",
+        FLOW_SCHEDULE,
+        FLOW_FILE,
+    ),
+    "edm": (
+        train_edm,
+        EDM_TRAIN,
+        heldout_edm_loss,
+        [0.01, 0.1, 0.5, 1.0, 5.0],
+        "weighted loss by sigma",
+        "DigitsEDM",
+        EDM_SCHEDULE,
+        EDM_FILE,
+    ),
+}
+
+
+def _train_and_save(
+    kind: str,
     args: argparse.Namespace,
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -571,68 +598,36 @@ def _train_and_save_flow(
     y_test: torch.Tensor,
     common: dict[str, str],
 ) -> None:
+    """Train the ``kind`` model (``"flow"`` or ``"edm"``) with its ``--<kind>-*`` flags and
+    write its EMA weights with their metadata."""
+    trainer, settings, heldout, levels, measure, cls, schedule, file = _KINDS[kind]
+    steps, batch_size, lr = (getattr(args, f"{kind}_{k}") for k in ("steps", "batch_size", "lr"))
     t0 = time.perf_counter()
-    model, loss = train_flow(
+    model, loss = trainer(
         x_train,
         y_train,
         seed=args.seed,
-        steps=args.flow_steps,
-        batch_size=args.flow_batch_size,
-        lr=args.flow_lr,
-        ema_decay=FLOW_TRAIN["ema_decay"],
-        p_uncond=FLOW_TRAIN["p_uncond"],
-        config=FLOW_TRAIN["config"],
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        ema_decay=settings["ema_decay"],
+        p_uncond=settings["p_uncond"],
+        config=settings["config"],
     )
     wall = time.perf_counter() - t0
-    mse = heldout_flow_mse(model, x_test, y_test, [0.1, 0.3, 0.5, 0.7, 0.9])
-    print(f"[flow] done in {wall:.0f}s; final train loss {loss:.4f}")
-    print("[flow] held-out EMA velocity MSE by s: " + _fmt(mse))
+    held = heldout(model, x_test, y_test, levels)
+    print(f"[{kind}] done in {wall:.0f}s; final train loss {loss:.4f}")
+    print(f"[{kind}] held-out EMA {measure}: " + _fmt(held))
     meta = {
         **common,
-        "model": "DigitsDiT",
+        "model": cls,
         "config": json.dumps(model.config),
-        "schedule": json.dumps(FLOW_SCHEDULE),
+        "schedule": json.dumps(schedule),
         "weights": "ema",
         "train_data": "train split only",
-        "train": _train_meta(FLOW_TRAIN, args.flow_steps, args.flow_batch_size, args.flow_lr, loss),
+        "train": _train_meta(settings, steps, batch_size, lr, loss),
     }
-    _save_atomic(args.out / FLOW_FILE, model.state_dict(), meta)
-
-
-def _train_and_save_edm(
-    args: argparse.Namespace,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    common: dict[str, str],
-) -> None:
-    t0 = time.perf_counter()
-    model, loss = train_edm(
-        x_train,
-        y_train,
-        seed=args.seed,
-        steps=args.edm_steps,
-        batch_size=args.edm_batch_size,
-        lr=args.edm_lr,
-        ema_decay=EDM_TRAIN["ema_decay"],
-        p_uncond=EDM_TRAIN["p_uncond"],
-        config=EDM_TRAIN["config"],
-    )
-    wall = time.perf_counter() - t0
-    held = heldout_edm_loss(model, x_test, y_test, [0.01, 0.1, 0.5, 1.0, 5.0])
-    print(f"[edm] done in {wall:.0f}s; final train loss {loss:.4f}")
-    print("[edm] held-out EMA weighted loss by sigma: " + _fmt(held))
-    meta = {
-        **common,
-        "model": "DigitsEDM",
-        "config": json.dumps(model.config),
-        "schedule": json.dumps(EDM_SCHEDULE),
-        "weights": "ema",
-        "train_data": "train split only",
-        "train": _train_meta(EDM_TRAIN, args.edm_steps, args.edm_batch_size, args.edm_lr, loss),
-    }
-    _save_atomic(args.out / EDM_FILE, model.state_dict(), meta)
+    _save_atomic(args.out / file, model.state_dict(), meta)
 
 
 def _fmt(values: dict[float, float]) -> str:
@@ -759,9 +754,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _save_atomic(args.out / DENOISER_FILE, ema.state_dict(), meta)
 
     if args.only in ("both", "denoiser") and args.model in ("flow", "all"):
-        _train_and_save_flow(args, x_train, y_train, x_test, y_test, common)
+        _train_and_save("flow", args, x_train, y_train, x_test, y_test, common)
     if args.only in ("both", "denoiser") and args.model in ("edm", "all"):
-        _train_and_save_edm(args, x_train, y_train, x_test, y_test, common)
+        _train_and_save("edm", args, x_train, y_train, x_test, y_test, common)
     print(f"total {time.perf_counter() - t_start:.0f}s; weights in {args.out}")
 
 
