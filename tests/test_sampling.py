@@ -209,9 +209,8 @@ def test_starting_from_pure_noise_is_finite(name: str) -> None:
     """Rectified flow at t = 1 (alpha = 0, lambda = -inf): first-order step out of it."""
     flow = dp.RectifiedFlowSchedule(t_max=1.0)
     net = dp.MixtureNetwork(MIX, flow, "flow")
-    r = dp.sample(
-        net, noise(), schedule=flow, prediction="flow", solver=name, steps=6, grid="time_uniform"
-    )
+    recipe = dp.Recipe(name, grid="time_uniform", t_start=1.0)  # the default starts inside
+    r = dp.sample(net, noise(), schedule=flow, prediction="flow", solver=recipe, steps=6)
     assert r.orders[0] == 1 and torch.isfinite(r.x).all()
 
 
