@@ -246,3 +246,33 @@ def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
     assert isinstance(result, dp.SampleResult) and isinstance(profile, dp.Profile)
     assert (tmp_path / "profile.json").exists() and [c.nfe for c in profile.choices] == [6, 10]
     assert result.nfe == 10 and result.x.shape == (10, 1, 8, 8) and torch.isfinite(result.x).all()
+
+
+def test_readme_tuned_summary_is_the_recorded_one() -> None:
+    quoted = _between(all_text(), "<!-- tuned:start -->", "<!-- tuned:end -->")
+    recorded = (BENCH / "tuned.md").read_text()
+    assert quoted and all(line in recorded for line in quoted.splitlines())
+
+
+def test_readme_flow_table_is_the_recorded_one() -> None:
+    """The flow table's every entry, recomputed from benchmarks/flow.csv.gz."""
+    import csv
+    import gzip
+    import io
+
+    with gzip.open(BENCH / "flow.csv.gz", "rt") as f:
+        rows = list(csv.DictReader(io.StringIO(f.read())))
+    cells: dict[tuple[float, int], dict[str, float]] = {}
+    for r in rows:
+        cells.setdefault((float(r["guidance"]), int(r["nfe"])), {})[r["method"]] = float(r["error"])
+    quoted = _between(all_text(), "<!-- flow:start -->", "<!-- flow:end -->")
+    lines = [ln for ln in quoted.splitlines() if re.match(r"\| \d", ln)]
+    assert len(lines) == len(cells) == 16
+    for line in lines:
+        w, n, ours, euler, dpm, best = (c.strip() for c in line.strip("|").split("|"))
+        m = dict(cells[(float(w), int(n))])
+        mine = m.pop("ours dpmpp_2m")
+        label = min(m, key=lambda k: m[k])
+        assert ours == f"{mine:.4f}" and best == f"{m[label]:.4f} ({label})"
+        assert euler == f"{m['diffusers FlowMatch Euler']:.4f}"
+        assert dpm == f"{m['diffusers DPM++2M flow']:.4f}"

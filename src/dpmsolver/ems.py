@@ -688,11 +688,11 @@ class _Trajectories:
         self.h = torch.zeros(2, *start.shape, dtype=start.dtype, device=start.device)
 
     def advance(self, knots: Sequence[Knot], j: int, x0: Tensor, rows: slice) -> None:
-        from .solvers.v3 import apply_update, update_coefficients
+        from .solvers.base import apply_update, dpmpp_update_coefficients
 
         back = min(2, j)
         nodes = [knots[j].lam, *(knots[j - 1 - i].lam for i in range(back))]
-        coef = update_coefficients(None, knots[j], knots[j + 1], nodes, pseudo=False)
+        coef = dpmpp_update_coefficients(knots[j], knots[j + 1], nodes, pseudo=False)
         x = self.x[rows]
         fs = [-x0.to(x.dtype), *(-self.h[i, rows] for i in range(back))]
         self.x[rows] = apply_update(coef, x, fs)
@@ -1145,7 +1145,7 @@ def mixture_ems(
         substeps: integration steps per grid interval in trajectory mode (default 4).
         seed: seed of the samples and noise.
     """
-    from .solvers.v3 import apply_update, update_coefficients
+    from .solvers.base import apply_update, dpmpp_update_coefficients
 
     w = check_finite_float("guidance_scale", guidance_scale)
     cond = (w != 1.0) if conditional is None else bool(conditional)
@@ -1197,7 +1197,7 @@ def mixture_ems(
                 sums[i // sub] += torch.stack([p.sum(0) for p in parts])
             if states == "trajectory" and i + 1 < len(fine_knots):
                 nodes = [kn.lam, *(h[0] for h in hist[:2])]
-                coef = update_coefficients(None, kn, fine_knots[i + 1], nodes, pseudo=False)
+                coef = dpmpp_update_coefficients(kn, fine_knots[i + 1], nodes, pseudo=False)
                 x = apply_update(coef, x, [-pred, *(-h[1] for h in hist[:2])])
                 hist = [(kn.lam, pred), *hist][:2]
     l_, s_, b_ = _finalize(sums, n, lams, alphas)

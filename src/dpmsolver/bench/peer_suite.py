@@ -50,7 +50,7 @@ from torch import Tensor
 from ..denoiser import Denoiser
 from ..schedules import DiscreteVPSchedule, Knot, RectifiedFlowSchedule
 from .peers import diffusers_class, load_kdiffusion_sampling, run_scheduler
-from .suite import Family, Problem
+from .problem import Family, Problem
 
 __all__ = [
     "PeerConfig",

@@ -35,8 +35,6 @@ import gzip
 import math
 import sys
 import time
-import zlib
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,10 +42,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..analytic import LowRankMixture, LowRankMixtureDenoiser, default_mixture, exact_sample
+from ..analytic import LowRankMixture, LowRankMixtureDenoiser, default_mixture
 from ..denoiser import Denoiser
 from ..schedules import (
-    ContinuousVPSchedule,
     DiscreteVPSchedule,
     Knot,
     NoiseSchedule,
@@ -56,6 +53,15 @@ from ..schedules import (
 )
 from ..timegrid import GridKind
 from .peers import optional_import
+from .problem import (
+    Problem,
+    ReferenceCheck,
+    ScheduleName,
+    Split,
+    make_schedule_named,
+    name_seed,
+    schedule_family,
+)
 
 __all__ = [
     "FEATURES",
@@ -81,181 +87,11 @@ __all__ = [
     "suite_problems",
 ]
 
-Split = Literal["selection", "held_out"]
-Family = Literal["discrete", "vp", "ve", "flow"]
-ScheduleName = Literal["sd", "vp_linear", "vp_cosine", "edm", "flow", "flow_shift3"]
 Covariance = Literal["isotropic", "diagonal", "lowrank", "illcond"]
 
 GUIDANCE = (1.0, 3.0, 7.5, 15.0)
 OURS = "ours dpmpp_2m"
 NFES = (5, 6, 8, 10, 12, 15, 20, 25)
-
-
-def make_schedule_named(name: ScheduleName) -> NoiseSchedule:
-    """The suite's schedules: ``sd`` (Stable Diffusion's discrete VP), ``vp_linear`` and
-    ``vp_cosine`` (continuous VP), ``edm`` (VE, sigma in [0.002, 80]), ``flow`` and
-    ``flow_shift3`` (rectified flow, SD3's shift 1 and 3)."""
-    if name == "sd":
-        return DiscreteVPSchedule()
-    if name == "vp_linear":
-        return ContinuousVPSchedule("linear")
-    if name == "vp_cosine":
-        return ContinuousVPSchedule("cosine")
-    if name == "edm":
-        return VESchedule(0.002, 80.0)
-    if name == "flow":
-        return RectifiedFlowSchedule(1.0)
-    if name == "flow_shift3":
-        return RectifiedFlowSchedule(3.0)
-    raise ValueError(f"unknown schedule {name!r}")
-
-
-def schedule_family(schedule: NoiseSchedule) -> Family:
-    """Which peer configurations apply: ``discrete`` (DDPM-trained, diffusers' native
-    schedules), ``vp`` (continuous VP), ``ve`` (alpha = 1) or ``flow`` (rectified flow)."""
-    if isinstance(schedule, DiscreteVPSchedule):
-        return "discrete"
-    if isinstance(schedule, ContinuousVPSchedule):
-        return "vp"
-    if isinstance(schedule, VESchedule):
-        return "ve"
-    if isinstance(schedule, RectifiedFlowSchedule):
-        return "flow"
-    raise TypeError(f"no family for {type(schedule).__name__}")
-
-
-def _seed(name: str) -> int:
-    return zlib.crc32(name.encode())
-
-
-@dataclass(frozen=True)
-class ReferenceCheck:
-    """An exact sample and how exact it is.
-
-    Attributes:
-        sample: the reference at ``rtol``.
-        rtol, loose_rtol: the two Dormand-Prince tolerances compared.
-        error: RMS difference between the solutions at the two tolerances. It estimates the
-            looser solve's error, so it bounds the reference's own error (about ten times
-            smaller) from above.
-        tolerance: the largest ``error`` accepted.
-        evaluations: denoiser evaluations both solves spent.
-        seconds: wall time of both solves.
-    """
-
-    sample: Tensor
-    rtol: float
-    loose_rtol: float
-    error: float
-    tolerance: float
-    evaluations: int
-    seconds: float
-
-    @property
-    def passed(self) -> bool:
-        """Whether the two tolerances agree to within ``tolerance``."""
-        return self.error <= self.tolerance
-
-
-class Problem(ABC):
-    """One sampling problem: a schedule, a denoiser for any guidance scale and labels, a
-    start state from standard normal noise and the exact sample.
-
-    Attributes:
-        name: unique, and the seed of everything random in the problem.
-        split: ``"selection"`` (may be used to choose things) or ``"held_out"`` (never).
-        kind: ``"mixture"`` (exact) or ``"network"`` (a trained model).
-        schedule: the schedule samplers integrate on (``t_max`` to ``t_min``).
-        shape: per-sample shape.
-        num_classes: labels ``0..num_classes-1``.
-        features: structural descriptors (the split is stratified over them).
-        rtol, loose_rtol: the reference's two Dormand-Prince tolerances.
-        reference_tolerance: the largest accepted difference between them (RMS).
-    """
-
-    name: str
-    split: Split
-    kind: str
-    schedule: NoiseSchedule
-    shape: tuple[int, ...]
-    num_classes: int
-    features: dict[str, Any]
-    rtol: float
-    loose_rtol: float
-    reference_tolerance: float
-
-    @property
-    def family(self) -> Family:
-        """The schedule family (:func:`schedule_family`)."""
-        return schedule_family(self.schedule)
-
-    @property
-    def data_std(self) -> float:
-        """The data's scale (per-coordinate standard deviation), for relative errors."""
-        return float(self.features.get("data_std", 1.0))
-
-    def labels(self, n: int, *, device: torch.device | str = "cpu") -> Tensor:
-        """``n`` labels cycling through the classes."""
-        return torch.arange(n, device=device) % self.num_classes
-
-    def noise(
-        self, n: int, seed: int | None = None, *, device: torch.device | str = "cpu"
-    ) -> Tensor:
-        """``n`` standard normal draws of the sample shape (float64). The default seed is
-        the problem's own; choices scored on unseen noise pass another."""
-        g = torch.Generator().manual_seed(_seed(self.name) + 1 if seed is None else seed)
-        z = torch.randn(n, *self.shape, generator=g, dtype=torch.float64)
-        return z.to(device)
-
-    def x_T(self, z: Tensor) -> Tensor:
-        """The start state ``sigma(t_max) z`` (pure noise ``z`` for rectified flow, where
-        ``t_max = 1`` has ``alpha = 0, sigma = 1``), as :func:`dpmsolver.sample` does."""
-        return z * self.schedule.knot(self.schedule.t_max).sigma
-
-    @abstractmethod
-    def denoiser(self, guidance: float, labels: Tensor) -> Denoiser:
-        """The (classifier-free-guided) denoiser ``D_u + w (D_c - D_u)`` for ``labels``."""
-
-    def reference(self, denoiser: Denoiser, x_T: Tensor, rtol: float | None = None) -> Tensor:
-        """The exact sample from ``x_T``: the probability-flow ODE solution at ``t_min``
-        (Dormand-Prince at ``rtol``, default :attr:`rtol`) followed by the data prediction
-        there (:func:`dpmsolver.analytic.exact_sample`)."""
-        with torch.no_grad():
-            return exact_sample(
-                denoiser, x_T, self.schedule, rtol=self.rtol if rtol is None else rtol
-            )
-
-    def check_reference(
-        self,
-        denoiser: Denoiser,
-        x_T: Tensor,
-        *,
-        rtol: float | None = None,
-        loose_rtol: float | None = None,
-    ) -> ReferenceCheck:
-        """The reference at ``rtol`` (default :attr:`rtol`), compared with one at
-        ``loose_rtol`` (default :attr:`loose_rtol`)."""
-        calls = [0]
-
-        def counted(x: Tensor, knot: Knot) -> Tensor:
-            calls[0] += 1
-            return denoiser(x, knot)
-
-        tight = self.rtol if rtol is None else rtol
-        loose_tol = self.loose_rtol if loose_rtol is None else loose_rtol
-        start = time.perf_counter()
-        ref = self.reference(counted, x_T, tight)
-        loose = self.reference(counted, x_T, loose_tol)
-        err = float(((ref.double() - loose.double()) ** 2).mean().sqrt())
-        return ReferenceCheck(
-            ref,
-            tight,
-            loose_tol,
-            err,
-            self.reference_tolerance,
-            calls[0],
-            time.perf_counter() - start,
-        )
 
 
 # --------------------------------------------------------------------------------------
@@ -305,7 +141,7 @@ def build_mixture(spec: MixtureSpec) -> LowRankMixture:
         return LowRankMixture.from_diagonal(
             default_mixture(dim=16, num_classes=4, components_per_class=3, seed=0)
         )
-    g = torch.Generator().manual_seed(_seed(spec.name))
+    g = torch.Generator().manual_seed(name_seed(spec.name))
     k, d, r = spec.components, spec.dim, spec.rank
     f64 = torch.float64
     if spec.covariance == "isotropic":

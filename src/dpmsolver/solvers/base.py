@@ -35,10 +35,14 @@ __all__ = [
     "Form",
     "Solver",
     "StepContext",
+    "UpdateCoefficients",
+    "apply_update",
     "combine",
+    "dpmpp_update_coefficients",
     "exponential_moments",
     "first_order_step",
     "heun_update",
+    "interpolation_matrix",
     "lagrange_weights",
     "phi_functions",
     "phi_sequence",
@@ -311,3 +315,63 @@ class Solver(ABC):
     @abstractmethod
     def step(self, ctx: StepContext, x: Tensor, x0: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Advance ``x`` from ``ctx.s`` to ``ctx.t`` given ``x0 = D(x, ctx.s)``."""
+
+
+def interpolation_matrix(taus: Sequence[float], pseudo: bool) -> list[list[float]]:
+    """``W[i][k]``: the weight of moment ``M_k`` in node ``i``'s coefficient, for nodes at
+    ``taus`` (``taus[0] = 0``, the step's origin).
+
+    Exact interpolation (``pseudo=False``): monomial coefficients of the Lagrange basis
+    (the official Vandermonde solve). Pseudo-order: ``g(tau) ~ sum_k g[tau_0..tau_k] tau^k``
+    with Newton divided differences in node order, ``g[tau_0..tau_k] = sum_{j<=k} g_j /
+    prod_{m<=k, m!=j} (tau_j - tau_m)`` (the official ``pseudo=True``)."""
+    n = len(taus)
+    if not pseudo:
+        unit = [[1.0 if i == k else 0.0 for i in range(n)] for k in range(n)]
+        columns = [lagrange_weights(taus, unit[k]) for k in range(n)]
+        return [[columns[k][i] for k in range(n)] for i in range(n)]
+    out = [[0.0] * n for _ in range(n)]
+    for k in range(n):
+        for j in range(k + 1):
+            den = math.prod(taus[j] - taus[m] for m in range(k + 1) if m != j)
+            out[j][k] = 1.0 / den
+    return out
+
+
+@dataclass(frozen=True)
+class UpdateCoefficients:
+    """``x_c = cx * x_a + sum_i cf[i] * f_i + c0`` (floats without statistics, per-dimension
+    tensors with them; ``c0`` None when zero)."""
+
+    cx: float | Tensor
+    cf: list[float | Tensor]
+    c0: Tensor | None
+
+
+def dpmpp_update_coefficients(
+    a: Knot, c: Knot, nodes: Sequence[float], pseudo: bool
+) -> UpdateCoefficients:
+    """DPM-Solver++'s multistep update from ``a`` to ``c`` with interpolation nodes
+    ``nodes`` (half log-SNRs, ``nodes[0] = a.lam``) in closed form: DPM-Solver-v3's local
+    approximation (Eq. 8) with l = 1, s = b = 0."""
+    h = c.lam - a.lam
+    mat = interpolation_matrix([(lam - a.lam) / h for lam in nodes], pseudo)
+    n = len(nodes)
+    mus = exponential_moments(h, n)
+    cf: list[float | Tensor] = [
+        -c.alpha * sum(mat[i][k] * mus[k] for k in range(n)) for i in range(n)
+    ]
+    return UpdateCoefficients(s_ratio(c.sigma, a.sigma), cf, None)
+
+
+def apply_update(coef: UpdateCoefficients, x: Tensor, fs: Sequence[Tensor]) -> Tensor:
+    """``cx * x + sum cf[i] * f_i + c0`` in ``x``'s dtype (coefficient tensors are cast once)."""
+    if not isinstance(coef.cx, Tensor):
+        return combine(x, coef.cx, [(float(c), f) for c, f in zip(coef.cf, fs, strict=True)])
+    out = x * coef.cx.to(x.dtype)
+    for c, f in zip(coef.cf, fs, strict=True):
+        assert isinstance(c, Tensor)
+        out = out + c.to(x.dtype) * f
+    if coef.c0 is not None:
+        out = out + coef.c0.to(x.dtype)
+    return out

@@ -85,11 +85,11 @@ from ..schedules import Knot, NoiseSchedule
 from .base import (
     Form,
     StepContext,
-    combine,
-    exponential_moments,
+    UpdateCoefficients,
+    apply_update,
+    dpmpp_update_coefficients,
     first_order_step,
-    lagrange_weights,
-    s_ratio,
+    interpolation_matrix,
 )
 from .registry import SolverInfo, register
 from .shapes import MultistepSolver, history_order
@@ -242,56 +242,21 @@ def transfer(spline: EMSSpline, a: float, lam: float) -> tuple[Tensor, Tensor]:
     return big_s[1] - big_s[0], beta
 
 
-def interpolation_matrix(taus: Sequence[float], pseudo: bool) -> list[list[float]]:
-    """``W[i][k]``: the weight of moment ``M_k`` in node ``i``'s coefficient, for nodes at
-    ``taus`` (``taus[0] = 0``, the step's origin).
-
-    Exact interpolation (``pseudo=False``): monomial coefficients of the Lagrange basis
-    (the official Vandermonde solve). Pseudo-order: ``g(tau) ~ sum_k g[tau_0..tau_k] tau^k``
-    with Newton divided differences in node order, ``g[tau_0..tau_k] = sum_{j<=k} g_j /
-    prod_{m<=k, m!=j} (tau_j - tau_m)`` (the official ``pseudo=True``)."""
-    n = len(taus)
-    if not pseudo:
-        unit = [[1.0 if i == k else 0.0 for i in range(n)] for k in range(n)]
-        columns = [lagrange_weights(taus, unit[k]) for k in range(n)]
-        return [[columns[k][i] for k in range(n)] for i in range(n)]
-    out = [[0.0] * n for _ in range(n)]
-    for k in range(n):
-        for j in range(k + 1):
-            den = math.prod(taus[j] - taus[m] for m in range(k + 1) if m != j)
-            out[j][k] = 1.0 / den
-    return out
-
-
-@dataclass(frozen=True)
-class UpdateCoefficients:
-    """``x_c = cx * x_a + sum_i cf[i] * f_i + c0`` (floats without statistics, per-dimension
-    tensors with them; ``c0`` None when zero)."""
-
-    cx: float | Tensor
-    cf: list[float | Tensor]
-    c0: Tensor | None
-
-
 def update_coefficients(
     spline: EMSSpline | None, a: Knot, c: Knot, nodes: Sequence[float], pseudo: bool
 ) -> UpdateCoefficients:
     """Coefficients of the local approximation (Eq. 8) from ``a`` to ``c`` with
     interpolation nodes ``nodes`` (half log-SNRs; ``nodes[0] = a.lam``; ``c.lam`` may be
     one of them, as in the corrector)."""
+    if spline is None:  # l = 1, s = b = 0: DPM-Solver++ in closed form
+        return dpmpp_update_coefficients(a, c, nodes, pseudo)
     h = c.lam - a.lam
     mat = interpolation_matrix([(lam - a.lam) / h for lam in nodes], pseudo)
     n = len(nodes)
-    if spline is None:  # l = 1, s = b = 0: DPM-Solver++ in closed form
-        mus = exponential_moments(h, n)
-        cf: list[float | Tensor] = [
-            -c.alpha * sum(mat[i][k] * mus[k] for k in range(n)) for i in range(n)
-        ]
-        return UpdateCoefficients(s_ratio(c.sigma, a.sigma), cf, None)
+    cf: list[float | Tensor] = []
     ints = interval_integrals(spline, a.lam, c.lam, n)
     decay = torch.exp(-ints.u)
     scale = c.alpha * decay
-    cf = []
     shift = -ints.bias
     for i, lam in enumerate(nodes):
         w_i = sum((mat[i][k] * ints.moments[k] for k in range(n)), torch.zeros_like(decay))
@@ -305,19 +270,6 @@ def update_coefficients(
         cf.append(-scale * w_i * e_i)
         shift = shift + w_i * beta_i
     return UpdateCoefficients((c.alpha / a.alpha) * decay, cf, scale * shift)
-
-
-def apply_update(coef: UpdateCoefficients, x: Tensor, fs: Sequence[Tensor]) -> Tensor:
-    """``cx * x + sum cf[i] * f_i + c0`` in ``x``'s dtype (coefficient tensors are cast once)."""
-    if not isinstance(coef.cx, Tensor):
-        return combine(x, coef.cx, [(float(c), f) for c, f in zip(coef.cf, fs, strict=True)])
-    out = x * coef.cx.to(x.dtype)
-    for c, f in zip(coef.cf, fs, strict=True):
-        assert isinstance(c, Tensor)
-        out = out + c.to(x.dtype) * f
-    if coef.c0 is not None:
-        out = out + coef.c0.to(x.dtype)
-    return out
 
 
 # ----------------------------------------------------------------------------------------
