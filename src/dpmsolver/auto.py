@@ -49,10 +49,10 @@ _ALL = ("discrete", "vp", "ve", "flow")
 # Beside each row: its worst ratio to the best peer over the selection problems' cells of
 # the row, and over the held-out problems' cells.
 _ROWS: tuple[_Row, ...] = (
-    # selection 12.9, held out 17.4
-    _Row(_ALL, (1.0, 3.0), (5, 6, 8, 10, 12, 15, 20, 25), Recipe("unipc", {"order": 2}, "logsnr")),
-    # selection 4.47e+03, held out 53.5
-    _Row(_ALL, (7.5, 15.0), (5, 6, 8, 10, 12, 15, 20, 25), Recipe("ddim", {}, "karras", rho=7.0)),
+    # selection 14.4, held out 40.3
+    _Row(_ALL, (1.0, 3.0), (5, 6, 8, 10, 12, 15, 20, 25), Recipe("deis", {"order": 3}, "logsnr")),
+    # selection 230, held out 3.41e+03
+    _Row(_ALL, (7.5, 15.0), (5, 6, 8, 10, 12, 15, 20, 25), Recipe("ddim", {}, "logsnr")),
 )
 
 _TABLE: dict[tuple[str, float, int], Recipe] = {
