@@ -276,3 +276,11 @@ def test_readme_flow_table_is_the_recorded_one() -> None:
         assert ours == f"{mine:.4f}" and best == f"{m[label]:.4f} ({label})"
         assert euler == f"{m['diffusers FlowMatch Euler']:.4f}"
         assert dpm == f"{m['diffusers DPM++2M flow']:.4f}"
+
+
+def test_flow_snippet_runs_as_written() -> None:
+    namespace: dict[str, object] = {}
+    exec(compile(python_block("Flow-matching and EDM models"), str(README), "exec"), namespace)
+    result = namespace["result"]
+    assert isinstance(result, dp.SampleResult) and result.nfe == 10
+    assert result.x.shape == (10, 1, 8, 8) and torch.isfinite(result.x).all()
