@@ -244,46 +244,27 @@ def train_denoiser(
     sqrt_acp, sqrt_1m = acp.sqrt(), (1.0 - acp).sqrt()
     null = int(DIGITS_SCHEDULE["null_label"])
     num_t = int(DIGITS_SCHEDULE["num_train_timesteps"])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    ema_params: list[torch.Tensor] = list(ema.parameters())
-    params: list[torch.Tensor] = list(model.parameters())
     n = x_train.shape[0]
-    warmup = min(200, steps // 10 + 1)
 
-    model.train()
-    t0 = time.perf_counter()
-    running, count, last = 0.0, 0, float("nan")
-    for step in range(steps):
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         x0, y = x_train[idx], y_train[idx].clone()
         y[torch.rand(batch_size, generator=gen) < p_uncond] = null
         t = torch.randint(0, num_t, (batch_size,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         xt = sqrt_acp[t].view(-1, 1, 1, 1) * x0 + sqrt_1m[t].view(-1, 1, 1, 1) * eps
+        return F.mse_loss(model(xt, t.to(torch.float32), y), eps)
 
-        _set_lr(opt, _cosine_lr(step, steps, warmup, lr, 0.02))
-        loss = F.mse_loss(model(xt, t.to(torch.float32), y), eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-        decay = min(ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-        running += loss.item()
-        count += 1
-        if (step + 1) % log_every == 0 or step == steps - 1:
-            elapsed = time.perf_counter() - t0
-            last = running / count
-            eta = elapsed / (step + 1) * (steps - step - 1)
-            print(
-                f"[denoiser] step {step + 1:6d}/{steps} loss {last:.4f} "
-                f"lr {opt.param_groups[0]['lr']:.2e} {elapsed:.0f}s (eta {eta:.0f}s)",
-                flush=True,
-            )
-            running, count = 0.0, 0
+    last = _fit(
+        "denoiser",
+        model,
+        ema,
+        batch_loss,
+        steps=steps,
+        lr=lr,
+        ema_decay=ema_decay,
+        log_every=log_every,
+    )
     return ema, last
 
 
@@ -340,7 +321,7 @@ def _fit(
     ema_decay: float,
     log_every: int,
 ) -> float:
-    """The U-Net's optimisation loop for another model: AdamW, warmup + cosine learning
+    """The optimisation loop of every shipped model: AdamW, warmup + cosine learning
     rate, gradient clipping at 1, EMA with warmup. ``batch_loss()`` draws a batch and
     returns its loss. Returns the average loss of the last logging window."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
