@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import dpmsolver as dp
+from dpmsolver.digits import DigitsClassifier, load_classifier
+from dpmsolver.digits.train import load_digits_split
 from dpmsolver.orders import ExactProblem, exact_problem
 
 # Every test works on tiny tensors, where intra-op threads only cost: on a busy machine a
@@ -19,3 +21,15 @@ torch.set_num_threads(1)
 def sd_problem() -> ExactProblem:
     """Stable Diffusion's discrete schedule, integrated from t=999 to t=50 (float64)."""
     return exact_problem(dp.DiscreteVPSchedule(), 50.0)
+
+
+@pytest.fixture(scope="session")
+def clf() -> DigitsClassifier:
+    """The shipped digit classifier."""
+    return load_classifier()
+
+
+@pytest.fixture(scope="session")
+def split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits train/test split (x_train, y_train, x_test, y_test)."""
+    return load_digits_split()

@@ -15,7 +15,6 @@ from dpmsolver.digits import (
     load_default_model,
 )
 from dpmsolver.digits.load import CLASSIFIER_FILE, DENOISER_FILE, WEIGHTS_DIR, read_metadata
-from dpmsolver.digits.train import load_digits_split
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -23,16 +22,6 @@ Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 @pytest.fixture(scope="module")
 def model() -> DigitsUNet:
     return load_default_model()
-
-
-@pytest.fixture(scope="module")
-def clf() -> DigitsClassifier:
-    return load_classifier()
-
-
-@pytest.fixture(scope="module")
-def split() -> Split:
-    return load_digits_split()
 
 
 def _acp() -> torch.Tensor:

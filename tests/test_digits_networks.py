@@ -19,13 +19,11 @@ from dpmsolver.digits import (
     DigitsDiT,
     DigitsEDM,
     edm_preconditioning,
-    load_classifier,
     load_edm_model,
     load_flow_model,
 )
 from dpmsolver.digits import load as load_mod
 from dpmsolver.digits.load import EDM_FILE, FLOW_FILE, WEIGHTS_DIR, read_metadata
-from dpmsolver.digits.train import load_digits_split
 
 Split = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -38,16 +36,6 @@ def flow() -> DigitsDiT:
 @pytest.fixture(scope="module")
 def edm() -> DigitsEDM:
     return load_edm_model()
-
-
-@pytest.fixture(scope="module")
-def clf() -> DigitsClassifier:
-    return load_classifier()
-
-
-@pytest.fixture(scope="module")
-def split() -> Split:
-    return load_digits_split()
 
 
 def test_schedule_descriptions() -> None:
