@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -544,10 +544,21 @@ def _train_meta(
     )
 
 
-#: Per model kind: trainer, settings, held-out measure (and its noise levels, its name in
-#: the log), the class and schedule recorded in the metadata, and the file.
-_KINDS: dict[str, tuple[Any, ...]] = {
-    "flow": (
+class _Kind(NamedTuple):
+    """How one model kind is trained, checked and saved."""
+
+    trainer: Callable[..., tuple[nn.Module, float]]
+    settings: dict[str, Any]
+    heldout: Callable[..., dict[float, float]]
+    levels: list[float]  # noise levels of the held-out measure
+    measure: str  # its name in the log
+    cls: str  # the class recorded in the metadata
+    schedule: dict[str, Any]
+    file: str
+
+
+_KINDS: dict[str, _Kind] = {
+    "flow": _Kind(
         train_flow,
         FLOW_TRAIN,
         heldout_flow_mse,
@@ -557,7 +568,7 @@ _KINDS: dict[str, tuple[Any, ...]] = {
         FLOW_SCHEDULE,
         FLOW_FILE,
     ),
-    "edm": (
+    "edm": _Kind(
         train_edm,
         EDM_TRAIN,
         heldout_edm_loss,
@@ -581,10 +592,11 @@ def _train_and_save(
 ) -> None:
     """Train the ``kind`` model (``"flow"`` or ``"edm"``) with its ``--<kind>-*`` flags and
     write its EMA weights with their metadata."""
-    trainer, settings, heldout, levels, measure, cls, schedule, file = _KINDS[kind]
+    spec = _KINDS[kind]
+    settings = spec.settings
     steps, batch_size, lr = (getattr(args, f"{kind}_{k}") for k in ("steps", "batch_size", "lr"))
     t0 = time.perf_counter()
-    model, loss = trainer(
+    model, loss = spec.trainer(
         x_train,
         y_train,
         seed=args.seed,
@@ -596,19 +608,19 @@ def _train_and_save(
         config=settings["config"],
     )
     wall = time.perf_counter() - t0
-    held = heldout(model, x_test, y_test, levels)
+    held = spec.heldout(model, x_test, y_test, spec.levels)
     print(f"[{kind}] done in {wall:.0f}s; final train loss {loss:.4f}")
-    print(f"[{kind}] held-out EMA {measure}: " + _fmt(held))
+    print(f"[{kind}] held-out EMA {spec.measure}: " + _fmt(held))
     meta = {
         **common,
-        "model": cls,
+        "model": spec.cls,
         "config": json.dumps(model.config),
-        "schedule": json.dumps(schedule),
+        "schedule": json.dumps(spec.schedule),
         "weights": "ema",
         "train_data": "train split only",
         "train": _train_meta(settings, steps, batch_size, lr, loss),
     }
-    _save_atomic(args.out / file, model.state_dict(), meta)
+    _save_atomic(args.out / spec.file, model.state_dict(), meta)
 
 
 def _fmt(values: dict[float, float]) -> str:
