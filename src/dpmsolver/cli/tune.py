@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -12,9 +13,12 @@ from typing import Any
 
 import torch
 
+from ..model import evaluations
 from ..models import load_model
-from ..tune import DEFAULT_BUDGETS, Profile, tune
+from ..tune import DEFAULT_BUDGETS, Profile, ProfileMismatchError, tune
 from .options import (
+    DEFAULT_NFE,
+    Budget,
     UsageError,
     add_model,
     check_output,
@@ -164,12 +168,6 @@ def resolve_profile(
     ``(None, None)`` without one or when it lacks this budget and guidance scale (a
     one-line warning on stderr; the default ``auto`` recipe runs). A profile of another
     schedule or prediction, or a file that is not a current profile, is a one-line error."""
-    import sys
-
-    from ..model import evaluations
-    from ..tune import ProfileMismatchError
-    from .options import DEFAULT_NFE, Budget
-
     if getattr(args, "profile", None) is None:
         return None, None
     if getattr(args, "ems", None) is not None:
