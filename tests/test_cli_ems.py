@@ -417,3 +417,29 @@ def test_generate_with_ems_records_the_statistics_in_its_configuration(
         run_cli(*common, "--ems", str(other), "--out", str(run))
     err = capsys.readouterr().err
     assert e.value.code == 2 and "ems.sha256" in err, err
+
+
+@pytest.mark.parametrize("command", ["sample", "generate"])
+def test_ems_with_a_profile_is_refused_naming_both(
+    command: str, ems_w2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A profile picks its own solver and --ems runs dpmv3: one line, exit 2, before work."""
+    args = ["--ems", str(ems_w2), "--profile", str(tmp_path / "p.json"), "--guidance", "2"]
+    out = ["--out", str(tmp_path / ("s.png" if command == "sample" else "run"))]
+    extra = ["--num", "3"] if command == "generate" else []
+    with pytest.raises(SystemExit) as e:
+        run_cli(command, *args, *out, *extra, "--device", "cpu", "--no-progress")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "--profile and --ems" in err and not (tmp_path / "run").exists()
+
+
+def test_generate_refuses_ems_with_a_profile(ems_w2: Path, tmp_path: Path) -> None:
+    from dpmsolver.generate import generate
+    from dpmsolver.tune import Profile
+    from dpmsolver.tune import schedule_fingerprint as tune_fingerprint
+
+    model = load_builtin(torch.device("cpu"))
+    profile = Profile(tune_fingerprint(model.schedule), "eps", (), 8, 1e-5, 0.0, 0, 0.0)
+    with pytest.raises(ValueError, match="ems= and profile= exclude each other"):
+        generate(model, 3, tmp_path / "run", ems=EMS.load(ems_w2), profile=profile)
