@@ -182,3 +182,9 @@ def test_the_diffusers_scheduler_runs_the_profile(profile: dp.Profile) -> None:
         DPMSolverScheduler(solver="auto", prediction_type="v_prediction", profile=profile, **sd)
     with pytest.raises(ProfileMismatchError, match="DiscreteVPSchedule"):
         DPMSolverScheduler(solver="auto", profile=profile)  # DDPM's linear betas
+    with pytest.raises(TypeError, match="profile= must be a dpmsolver Profile"):
+        DPMSolverScheduler(solver="auto", profile=42, **sd)
+    with pytest.raises(ValueError, match="profile= has format 'x'"):
+        DPMSolverScheduler(solver="auto", profile={"format": "x"}, **sd)
+    with pytest.raises(ValueError, match="profile= is damaged"):
+        DPMSolverScheduler(solver="auto", profile={**profile.to_json(), "choices": [{}]}, **sd)
