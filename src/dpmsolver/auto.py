@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from ._validate import check_finite_float, check_int
 from .recipe import PolicyRequest, Recipe, register_policy
@@ -30,7 +30,7 @@ from .schedules import (
     VESchedule,
 )
 
-__all__ = ["recommend", "schedule_family"]
+__all__ = ["Family", "recommend", "schedule_family"]
 
 
 class _Row(NamedTuple):
@@ -73,7 +73,11 @@ def _sd_schedule() -> NoiseSchedule:
     return DiscreteVPSchedule()
 
 
-def schedule_family(schedule: NoiseSchedule) -> str:
+#: The schedule families the default table distinguishes.
+Family = Literal["discrete", "vp", "ve", "flow"]
+
+
+def schedule_family(schedule: NoiseSchedule) -> Family:
     """``"discrete"`` (DDPM-trained, SD), ``"vp"`` (continuous VP), ``"ve"`` or ``"flow"``
     (rectified flow). Other schedules: ``"flow"`` if they start at pure noise, else
     ``"vp"``."""

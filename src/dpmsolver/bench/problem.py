@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from ..analytic import exact_sample
+from ..auto import Family
+from ..auto import schedule_family as auto_family
 from ..denoiser import Denoiser
 from ..schedules import (
     ContinuousVPSchedule,
@@ -36,7 +38,6 @@ __all__ = [
 ]
 
 Split = Literal["selection", "held_out"]
-Family = Literal["discrete", "vp", "ve", "flow"]
 ScheduleName = Literal["sd", "vp_linear", "vp_cosine", "edm", "flow", "flow_shift3"]
 
 
@@ -60,17 +61,14 @@ def make_schedule_named(name: ScheduleName) -> NoiseSchedule:
 
 
 def schedule_family(schedule: NoiseSchedule) -> Family:
-    """Which peer configurations apply: ``discrete`` (DDPM-trained, diffusers' native
-    schedules), ``vp`` (continuous VP), ``ve`` (alpha = 1) or ``flow`` (rectified flow)."""
-    if isinstance(schedule, DiscreteVPSchedule):
-        return "discrete"
-    if isinstance(schedule, ContinuousVPSchedule):
-        return "vp"
-    if isinstance(schedule, VESchedule):
-        return "ve"
-    if isinstance(schedule, RectifiedFlowSchedule):
-        return "flow"
-    raise TypeError(f"no family for {type(schedule).__name__}")
+    """Which peer configurations apply: the family of :func:`dpmsolver.auto.schedule_family`
+    (``discrete``: DDPM-trained, diffusers' native schedules; ``vp``: continuous VP; ``ve``:
+    alpha = 1; ``flow``: rectified flow), for the four schedule classes the peers know."""
+    if not isinstance(
+        schedule, (DiscreteVPSchedule, ContinuousVPSchedule, VESchedule, RectifiedFlowSchedule)
+    ):
+        raise TypeError(f"no family for {type(schedule).__name__}")
+    return auto_family(schedule)
 
 
 def name_seed(name: str) -> int:
