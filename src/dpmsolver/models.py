@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,7 +20,8 @@ from .frontends.diffusers_grid import (
     schedule_from_diffusers_config,
 )
 from .model import LoadedModel
-from .schedules import DiscreteVPSchedule, RectifiedFlowSchedule, VESchedule
+from .parameterization import Prediction
+from .schedules import DiscreteVPSchedule, NoiseSchedule, RectifiedFlowSchedule, VESchedule
 
 __all__ = [
     "BUILTIN",
@@ -36,27 +39,39 @@ __all__ = [
 BUILTIN = ("builtin", "builtin-flow", "builtin-edm")
 
 
+def _digits(
+    network: Callable[..., Tensor],
+    schedule: NoiseSchedule,
+    prediction: Prediction,
+    spec: Mapping[str, Any],
+    name: str,
+) -> LoadedModel:
+    """A shipped digits network (10 classes) with its schedule, as its ``spec`` (the
+    schedule dict of :mod:`dpmsolver.digits`) describes its images and null label."""
+    size, ch = spec["image_size"], spec["channels"]
+    return LoadedModel(
+        network,
+        schedule,
+        prediction,
+        (ch, size, size),
+        num_classes=10,
+        null_label=spec["null_label"],
+        name=name,
+    )
+
+
 def load_builtin(device: torch.device) -> LoadedModel:
     """The shipped digits model (8x8, 10 classes, eps prediction, SD schedule)."""
     from .digits import DIGITS_SCHEDULE, load_default_model
 
-    net = load_default_model(device=device)
     sched = DiscreteVPSchedule(
         beta_schedule=DIGITS_SCHEDULE["beta_schedule"],
         beta_start=DIGITS_SCHEDULE["beta_start"],
         beta_end=DIGITS_SCHEDULE["beta_end"],
         num_train_timesteps=DIGITS_SCHEDULE["num_train_timesteps"],
     )
-    size, ch = DIGITS_SCHEDULE["image_size"], DIGITS_SCHEDULE["channels"]
-    return LoadedModel(
-        net,
-        sched,
-        DIGITS_SCHEDULE["prediction"],
-        (ch, size, size),
-        num_classes=10,
-        null_label=DIGITS_SCHEDULE["null_label"],
-        name="built-in digits",
-    )
+    net = load_default_model(device=device)
+    return _digits(net, sched, DIGITS_SCHEDULE["prediction"], DIGITS_SCHEDULE, "built-in digits")
 
 
 def load_builtin_flow(device: torch.device) -> LoadedModel:
@@ -68,16 +83,8 @@ def load_builtin_flow(device: torch.device) -> LoadedModel:
     sched = RectifiedFlowSchedule(
         shift=FLOW_SCHEDULE["shift"], model_time_scale=FLOW_SCHEDULE["model_time_scale"]
     )
-    size, ch = FLOW_SCHEDULE["image_size"], FLOW_SCHEDULE["channels"]
-    return LoadedModel(
-        load_flow_model(device=device),
-        sched,
-        "flow",
-        (ch, size, size),
-        num_classes=10,
-        null_label=FLOW_SCHEDULE["null_label"],
-        name="built-in digits (rectified flow)",
-    )
+    net = load_flow_model(device=device)
+    return _digits(net, sched, "flow", FLOW_SCHEDULE, "built-in digits (rectified flow)")
 
 
 def load_builtin_edm(device: torch.device) -> LoadedModel:
@@ -87,16 +94,8 @@ def load_builtin_edm(device: torch.device) -> LoadedModel:
     from .digits import EDM_SCHEDULE, load_edm_model
 
     sched = VESchedule(EDM_SCHEDULE["sigma_min"], EDM_SCHEDULE["sigma_max"])
-    size, ch = EDM_SCHEDULE["image_size"], EDM_SCHEDULE["channels"]
-    return LoadedModel(
-        load_edm_model(device=device),
-        sched,
-        "x0",
-        (ch, size, size),
-        num_classes=10,
-        null_label=EDM_SCHEDULE["null_label"],
-        name="built-in digits (EDM)",
-    )
+    net = load_edm_model(device=device)
+    return _digits(net, sched, "x0", EDM_SCHEDULE, "built-in digits (EDM)")
 
 
 _BUILTIN_LOADERS = {
