@@ -49,6 +49,7 @@ __all__ = [
     "ems_budget",
     "ems_option",
     "ems_recipe",
+    "float_list",
     "int_list",
     "is_adaptive",
     "load_ems",
@@ -82,6 +83,20 @@ class Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------
 # values
 # ----------------------------------------------------------------------------------------
+
+
+def float_list(name: str, text: str) -> list[float]:
+    """Comma-separated finite numbers >= 0."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{name} must not be empty")
+    for v in values:
+        if not math.isfinite(v) or v < 0:
+            raise UsageError(f"{name} values must be finite numbers >= 0, got {v:g}")
+    return values
 
 
 def int_list(name: str, text: str, *, lo: int, hi: int | None = None) -> list[int]:

@@ -23,6 +23,7 @@ from .options import (
     add_model,
     check_output,
     device,
+    float_list,
     int_list,
     positive_int,
     resolve_guidance,
@@ -32,20 +33,6 @@ __all__ = ["OPTIONS", "add_parser", "cmd_tune", "load_profile"]
 
 #: Extra :class:`dpmsolver.tune.TuneOptions` for every run (tests make tuning cheap here).
 OPTIONS: dict[str, Any] = {}
-
-
-def float_list(name: str, text: str) -> list[float]:
-    """Comma-separated finite numbers >= 0."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{name} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{name} must not be empty")
-    for v in values:
-        if not math.isfinite(v) or v < 0:
-            raise UsageError(f"{name} values must be finite numbers >= 0, got {v:g}")
-    return values
 
 
 def load_profile(path: str, option: str = "--profile") -> Profile:
