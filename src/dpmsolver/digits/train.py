@@ -35,9 +35,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -218,6 +218,25 @@ def heldout_eps_mse(
     return out
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _seeded_pair(
+    cls: Callable[..., _M], config: Mapping[str, Any], seed: int, name: str
+) -> tuple[_M, _M, torch.Generator]:
+    """A freshly initialised model (torch's global RNG seeded with ``seed``, which dropout
+    then draws from), its EMA copy (eval mode, no gradients) and the batch generator
+    (seed + 1)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = cls(**config)
+    ema = cls(**config)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    print(f"[{name}] {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    return model, ema, gen
+
+
 def train_denoiser(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -232,13 +251,7 @@ def train_denoiser(
     log_every: int = 250,
 ) -> tuple[DigitsUNet, float]:
     """Train :class:`DigitsUNet` (eps-prediction); return the EMA model and final avg loss."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    model = DigitsUNet(**config)  # type: ignore[arg-type]
-    ema = DigitsUNet(**config)  # type: ignore[arg-type]
-    ema.load_state_dict(model.state_dict())
-    ema.eval().requires_grad_(False)
-    print(f"[denoiser] {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    model, ema, gen = _seeded_pair(DigitsUNet, config, seed, "denoiser")
 
     acp = alphas_cumprod().to(torch.float32)
     sqrt_acp, sqrt_1m = acp.sqrt(), (1.0 - acp).sqrt()
@@ -378,13 +391,7 @@ def train_flow(
     (Esser et al. 2024, Sec. 3.1; :data:`~dpmsolver.digits.load.FLOW_SCHEDULE`), network
     time ``1000 s``. Labels are replaced by the null label with probability ``p_uncond``.
     """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    model = DigitsDiT(**config)
-    ema = DigitsDiT(**config)
-    ema.load_state_dict(model.state_dict())
-    ema.eval().requires_grad_(False)
-    print(f"[flow] {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    model, ema, gen = _seeded_pair(DigitsDiT, config, seed, "flow")
     null = int(FLOW_SCHEDULE["null_label"])
     m, sd = float(FLOW_SCHEDULE["logit_mean"]), float(FLOW_SCHEDULE["logit_std"])
     scale = float(FLOW_SCHEDULE["model_time_scale"])
@@ -433,13 +440,7 @@ def train_edm(
     sd^2) / (sigma sd)^2`` (so that the raw network's effective target has unit
     weight). Labels are replaced by the null label with probability ``p_uncond``.
     """
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    model = DigitsEDM(**config)
-    ema = DigitsEDM(**config)
-    ema.load_state_dict(model.state_dict())
-    ema.eval().requires_grad_(False)
-    print(f"[edm] {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    model, ema, gen = _seeded_pair(DigitsEDM, config, seed, "edm")
     null = int(EDM_SCHEDULE["null_label"])
     p_mean, p_std = float(EDM_SCHEDULE["P_mean"]), float(EDM_SCHEDULE["P_std"])
     sd = model.sigma_data
