@@ -36,7 +36,7 @@ from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresho
 from .loop import NonFiniteError, SampleResult, StepInfo, solve
 from .parameterization import PREDICTIONS, to_data, to_noise
 from .plan import Plan, make_plan
-from .recipe import Recipe
+from .recipe import Recipe, default_solver
 from .sampling import SampleOptions, build_denoiser, invert, sample
 from .schedules import (
     ContinuousVPSchedule,
@@ -88,6 +88,7 @@ __all__ = [
     "__version__",
     "build_denoiser",
     "default_grid",
+    "default_solver",
     "default_mixture",
     "get_solver",
     "grid_from_sigmas",

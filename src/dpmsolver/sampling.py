@@ -175,7 +175,7 @@ def sample(
     *,
     schedule: NoiseSchedule,
     prediction: Prediction = "eps",
-    solver: str | Recipe = "dpmpp_2m",
+    solver: str | Recipe | None = None,
     steps: int | None = None,
     nfe: int | None = None,
     grid: GridKind | None = None,
@@ -196,8 +196,9 @@ def sample(
         noise: standard normal noise of the sample shape; scaled by sigma at the start.
         schedule: the network's :class:`~dpmsolver.schedules.NoiseSchedule`.
         prediction: ``"eps"`` (default), ``"x0"``, ``"v"``, ``"score"`` or ``"flow"``.
-        solver: a registry name or alias (default ``"dpmpp_2m"``; see
-            ``dpmsolver.solvers``), a :class:`~dpmsolver.recipe.Recipe` (solver, order and
+        solver: a registry name or alias (see ``dpmsolver.solvers``; default: the
+            schedule's :func:`~dpmsolver.recipe.default_solver`, ``"dpmpp_2m"``, and
+            ``"unipc"`` on rectified flow), a :class:`~dpmsolver.recipe.Recipe` (solver, order and
             options, grid, ends, final step), or ``"auto"``: the measured recommendation
             for this budget and guidance scale (:mod:`dpmsolver.auto`; ``steps`` is then
             read as the NFE budget).
@@ -296,7 +297,9 @@ def invert(
 
     ``result.x`` is normalized like :func:`sample`'s ``noise`` (state / sigma at the start
     time), so ``sample(model, result.x, ..., solver=Recipe(..., final="t_min"))`` with the
-    same settings maps it back to ``x``. Arguments mean what they mean in :func:`sample`;
+    same settings maps it back to ``x``. Arguments mean what they mean in :func:`sample`,
+    except that the solver defaults to ``"dpmpp_2m"`` on every schedule (UniPC's
+    corrector, sample's flow default, is not an inversion method);
     the grid is the sampling grid with ``final="t_min"``, reversed (the recipe's
     ``lower_order_final`` applies to the inverted run; thresholding, classifier guidance
     and correctors do not apply).

@@ -90,7 +90,8 @@ __all__ = [
 Covariance = Literal["isotropic", "diagonal", "lowrank", "illcond"]
 
 GUIDANCE = (1.0, 3.0, 7.5, 15.0)
-OURS = "ours dpmpp_2m"
+#: ``--ours default``: :func:`dpmsolver.sample`'s default solver for each schedule.
+DEFAULT_OURS = "default"
 NFES = (5, 6, 8, 10, 12, 15, 20, 25)
 
 
@@ -458,16 +459,15 @@ def run_ours(
     x_T: Tensor,
     nfe: int,
     *,
-    solver: str = "dpmpp_2m",
+    solver: str | None = "dpmpp_2m",
     grid: GridKind | None = None,
 ) -> tuple[Tensor | None, int]:
-    """Our ``solver`` through :func:`dpmsolver.sample` at ``nfe`` evaluations (default
-    grid; ``time_uniform`` on rectified flow, where the log-SNR grid cannot start at pure
-    noise). Returns the final sample (None if it went non-finite) and the evaluations."""
+    """Our ``solver`` (None: :func:`dpmsolver.sample`'s default for the schedule) through
+    :func:`dpmsolver.sample` at ``nfe`` evaluations on its default grid (``grid`` to
+    override). Returns the final sample (None if it went non-finite) and the
+    evaluations."""
     from ..sampling import NonFiniteError, sample
 
-    if grid is None and problem.family == "flow":
-        grid = "time_uniform"
     net = _DenoiserNetwork(denoiser, problem.schedule)
     z = x_T / problem.schedule.knot(problem.schedule.t_max).sigma
     try:
@@ -490,7 +490,8 @@ class BaselineRow:
     """One cell of the baseline: a problem, guidance scale and NFE.
 
     Attributes:
-        ours: RMS error of our ``dpmpp_2m`` against the exact sample.
+        ours: RMS error of ours (``ours_label``: a solver name, or ``default`` for
+            :func:`dpmsolver.sample`'s default) against the exact sample.
         best_peer, best_label: the best peer configuration's error and label.
         peers_run: configurations that could spend exactly ``nfe``.
         reference_error: the reference's two-tolerance difference.
@@ -515,6 +516,7 @@ class BaselineRow:
     reference_evals: int = 0
     reference_seconds: float = 0.0
     seconds: float = 0.0
+    ours_label: str = "dpmpp_2m"
 
 
 def baseline(
@@ -524,9 +526,11 @@ def baseline(
     nfes: Sequence[int] = NFES,
     batch: int = 64,
     configs: Sequence[Any] | None = None,
+    ours: str = "dpmpp_2m",
     log: Callable[[str], None] | None = None,
 ) -> list[BaselineRow]:
-    """Our ``dpmpp_2m`` against every applicable peer configuration
+    """Our ``ours`` (a solver name, or ``"default"``: :func:`dpmsolver.sample`'s default
+    for the schedule) against every applicable peer configuration
     (:func:`~.peer_suite.peer_configs`) on each problem, guidance scale and NFE; all start
     from the problem's default noise and are scored by RMS error against the exact sample.
     Raises if a reference fails its two-tolerance check."""
@@ -548,8 +552,8 @@ def baseline(
             ref = check.sample
             first = len(rows)
             for nfe in nfes:
-                x, _ = run_ours(p, den, x_T, nfe)
-                ours = math.inf if x is None else _rms(x, ref)
+                x, _ = run_ours(p, den, x_T, nfe, solver=None if ours == DEFAULT_OURS else ours)
+                mine = math.inf if x is None else _rms(x, ref)
                 errors = {
                     r.label: _rms(r.sample, ref)
                     for r in run_peers(p, w, labels, x_T, nfe, configs=configs, denoiser=den)
@@ -563,13 +567,14 @@ def baseline(
                         p.family,
                         w,
                         nfe,
-                        ours,
+                        mine,
                         best[1],
                         best[0],
                         len(errors),
                         check.error,
                         p.data_std,
                         errors,
+                        ours_label=ours,
                     )
                 )
             took = time.perf_counter() - t0
@@ -597,7 +602,8 @@ def baseline_markdown(rows: Sequence[BaselineRow], problems: Sequence[Problem]) 
     """The baseline as markdown: summaries of ``ours / best peer`` (by split, NFE, family
     and guidance), the winning peers, the problems, and one row per cell per problem."""
     cells = [r for r in rows if math.isfinite(r.best_peer)]
-    out = ["## Summary: our dpmpp_2m's error / the best peer's error\n"]
+    label = _ours_label(rows)
+    out = [f"## Summary: our {label}'s error / the best peer's error\n"]
     out.append(
         "Geometric means over cells (a cell: problem, guidance, NFE); < 1 means ours is more "
         'accurate. "ours better" / "tied" count cells where ours is more accurate by more '
@@ -649,8 +655,8 @@ def baseline_markdown(rows: Sequence[BaselineRow], problems: Sequence[Problem]) 
     out.append("\n### Best peer configurations (cells won)\n")
     out.append("| configuration | cells |")
     out.append("|---|---|")
-    for label, n in sorted(wins.items(), key=lambda kv: -kv[1])[:20]:
-        out.append(f"| {label} | {n} |")
+    for winner, n in sorted(wins.items(), key=lambda kv: -kv[1])[:20]:
+        out.append(f"| {winner} | {n} |")
     out += _fixed_peer_section(cells)
     out.append("\n## Problems\n")
     out.append(
@@ -687,7 +693,7 @@ def baseline_markdown(rows: Sequence[BaselineRow], problems: Sequence[Problem]) 
             f"tolerance difference <= {ref_err:.1e})\n"
         )
         out.append(
-            "| w | NFE | ours (dpmpp_2m) | best peer | ours / peer | best peer configuration "
+            f"| w | NFE | ours ({label}) | best peer | ours / peer | best peer configuration "
             "| peers run |"
         )
         out.append("|---|---|---|---|---|---|---|")
@@ -742,13 +748,13 @@ def _fixed_peer_section(cells: Sequence[BaselineRow]) -> list[str]:
 
 
 def baseline_csv(rows: Sequence[BaselineRow]) -> str:
-    """Every error of every cell as CSV (:data:`CSV_COLUMNS`; our ``dpmpp_2m`` is the
-    method ``ours dpmpp_2m``)."""
+    """Every error of every cell as CSV (:data:`CSV_COLUMNS`; ours is the method ``ours
+    <label>``, e.g. ``ours dpmpp_2m``)."""
     lines = [CSV_COLUMNS]
     for r in rows:
         head = f"{r.problem},{r.split},{r.family},{r.guidance:g},{r.nfe}"
         tail = f"{r.reference_error:.3g},{r.data_std:.6g}"
-        lines.append(f"{head},{OURS},{r.ours:.4g},{tail}")
+        lines.append(f"{head},ours {r.ours_label},{r.ours:.4g},{tail}")
         for label, err in r.errors.items():
             lines.append(f"{head},{label},{err:.4g},{tail}")
     return "\n".join(lines) + "\n"
@@ -778,8 +784,8 @@ def rows_from_csv(text: str) -> list[BaselineRow]:
                 float(std),
             )
         row = cells[key]
-        if method == OURS:
-            row.ours = float(err)
+        if method.startswith("ours "):
+            row.ours, row.ours_label = float(err), method.removeprefix("ours ")
         else:
             row.errors[method] = float(err)
     for row in cells.values():
@@ -787,6 +793,12 @@ def rows_from_csv(text: str) -> list[BaselineRow]:
         if row.errors:
             row.best_label, row.best_peer = min(row.errors.items(), key=lambda kv: kv[1])
     return list(cells.values())
+
+
+def _ours_label(rows: Sequence[BaselineRow]) -> str:
+    """What the rows' "ours" is (``dpmpp_2m``, ``default``, ...)."""
+    labels = sorted({r.ours_label for r in rows}) or ["dpmpp_2m"]
+    return "/".join(labels)
 
 
 def _ratio(r: BaselineRow) -> float:
@@ -828,6 +840,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--csv", default=None, help="write every configuration's error here (.gz: gzipped)"
     )
+    ap.add_argument(
+        "--ours",
+        default="dpmpp_2m",
+        help="our solver in the table: a registry name, or 'default' for what "
+        "dpmsolver.sample runs with no solver named (default dpmpp_2m)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--from-csv", default=None, help="re-render a run's CSV; run nothing")
     args = ap.parse_args(argv)
@@ -853,6 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidances=guid,
         nfes=nfes,
         batch=batch,
+        ours=args.ours,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     seconds = time.perf_counter() - start
@@ -861,14 +880,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(
         ["python -m dpmsolver.bench.suite", *(sys.argv[1:] if argv is None else argv)]
     )
+    what = (
+        "with no solver named (`dpmpp_2m`, and `unipc` on rectified flow: "
+        "`dpmsolver.default_solver`)"
+        if args.ours == DEFAULT_OURS
+        else f"solver='{args.ours}'"
+    )
     text = (
-        "# Baseline on the sampling suite: our dpmpp_2m against the best peer\n\n"
+        f"# Baseline on the sampling suite: our {args.ours} against the best peer\n\n"
         f"RMS error against the exact sample; {batch} samples per problem (labels cycling "
         "through the classes, the problem's default noise), every applicable peer "
         "configuration of `dpmsolver.bench.peer_suite` per cell, each at exactly the cell's "
-        "NFE (configurations that cannot spend it are skipped); ours is `dpmsolver.sample("
-        "solver='dpmpp_2m', nfe=N)` with its default grid (`time_uniform` on rectified "
-        "flow, where the default log-SNR grid cannot start at pure noise).\n\n"
+        f"NFE (configurations that cannot spend it are skipped); ours is `dpmsolver.sample` "
+        f"{what} at `nfe=N` on its default grid (log-SNR; uniform in shifted time on "
+        "rectified flow, a thousandth of the range in from pure noise).\n\n"
         f"Command: `{command}`; took {seconds / 60:.1f} min on one CPU thread (shared "
         "machine).\n\n"
         + baseline_markdown(rows, problems)
