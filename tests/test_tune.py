@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dpmsolver as dp
+from dpmsolver.analytic import exact_sample
 from dpmsolver.tune import PROFILE_FORMAT, ProfileMismatchError, paired_better
 
 pytest.importorskip("scipy")
@@ -188,3 +189,20 @@ def test_the_diffusers_scheduler_runs_the_profile(profile: dp.Profile) -> None:
         DPMSolverScheduler(solver="auto", profile={"format": "x"}, **sd)
     with pytest.raises(ValueError, match="profile= is damaged"):
         DPMSolverScheduler(solver="auto", profile={**profile.to_json(), "choices": [{}]}, **sd)
+
+
+def test_a_loose_start_tolerance_is_tightened_until_the_reference_is_10x_better() -> None:
+    """The reference starts loose (its cost is most of tune's) and its error, estimated on
+    ``check_rows`` rows against a 10x tighter solve, must end 10x below the best choice's."""
+    p = dp.tune(
+        NET, Z, schedule=SD, guidance_scale=3.0, nfe=[8], rtol=0.3, check_rows=6, **COND, **FAST
+    )
+    assert p.reference_rtol < 0.3  # it was tightened
+    assert p.reference_error <= 0.1 * min(c.heldout_error for c in p.choices)
+    # the estimate is what a full check says, to within its order of magnitude
+    x_T = Z * SD.knot(SD.t_max).sigma
+    den = dp.build_denoiser(NET, "eps", guidance_scale=3.0, **COND)
+    ref = exact_sample(den, x_T, SD, rtol=p.reference_rtol)
+    tighter = exact_sample(den, x_T, SD, rtol=p.reference_rtol / 10)
+    full = float((ref - tighter).pow(2).mean().sqrt())  # every row, not only check_rows
+    assert full / 10 < p.reference_error < full * 10
