@@ -81,3 +81,52 @@ def test_default_solver_is_unipc_on_rectified_flow_and_dpmpp_2m_elsewhere() -> N
         assert rel(run(name, "x0", None), run(name, "x0", dp.default_solver(s))) < 1e-12
     # and the two really differ on flow (the corrector changes the sample)
     assert rel(run("flow", "x0", "unipc"), run("flow", "x0", "dpmpp_2m")) > 1e-6
+
+
+def test_strong_guidance_keeps_dpmpp_2m_on_flow() -> None:
+    """From guidance 5 the flow default is DPM-Solver++ 2M again (the corrector made a
+    guided flow mixture diverge there; benchmarks/flow_mixtures.md), and ``sample`` passes
+    its guidance scale (the largest of a per-sample tensor) to the choice."""
+    flow = SCHEDULES["flow"]
+    assert dp.default_solver(flow, 3.0) == "unipc"
+    assert dp.default_solver(flow, 5.0) == dp.default_solver(flow, 7.5) == "dpmpp_2m"
+    assert dp.default_solver(SCHEDULES["vp_linear"], 1.0) == "dpmpp_2m"
+    net = MixtureNetwork(MIXTURE, flow, "x0")
+    cond = {"y": torch.zeros(8, dtype=torch.long)}
+    for w, name in (
+        (3.0, "unipc"),
+        (7.5, "dpmpp_2m"),
+        (torch.tensor([1.0] * 7 + [7.5]), "dpmpp_2m"),
+    ):
+        got = dp.sample(
+            _Labelled(net),
+            NOISE,
+            schedule=flow,
+            prediction="x0",
+            cond=cond,
+            uncond=cond,
+            guidance_scale=w,
+            nfe=6,
+        ).x
+        want = dp.sample(
+            _Labelled(net),
+            NOISE,
+            schedule=flow,
+            prediction="x0",
+            cond=cond,
+            uncond=cond,
+            guidance_scale=w,
+            nfe=6,
+            solver=name,
+        ).x
+        assert torch.equal(got, want), (w, name)
+
+
+class _Labelled:
+    """The mixture network taking (and ignoring) a label keyword, so guidance runs."""
+
+    def __init__(self, net: MixtureNetwork) -> None:
+        self.net = net
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t)

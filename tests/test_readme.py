@@ -290,3 +290,38 @@ def test_flow_snippet_runs_as_written() -> None:
     result = namespace["result"]
     assert isinstance(result, dp.SampleResult) and result.nfe == 10
     assert result.x.shape == (10, 1, 8, 8) and torch.isfinite(result.x).all()
+
+
+def _flow_mixture_bands() -> list[str]:
+    """The held-out check of the flow default, recomputed from
+    benchmarks/flow_mixtures.csv.gz: per guidance band, the cells where ours is at most
+    the better of diffusers' FlowMatch Euler and DPM-Solver++ 2M, the geometric mean and
+    the worst of ours / that better one."""
+    import csv
+    import gzip
+    import io
+    import math
+
+    with gzip.open(BENCH / "flow_mixtures.csv.gz", "rt") as f:
+        rows = list(csv.DictReader(io.StringIO(f.read())))
+    cells: dict[tuple[str, float, int], dict[str, float]] = {}
+    for r in rows:
+        key = (r["problem"], float(r["guidance"]), int(r["nfe"]))
+        cells.setdefault(key, {})[r["method"]] = float(r["error"])
+    lines = []
+    for band, ws in (("1-3", (1.0, 3.0)), ("7.5-15", (7.5, 15.0))):
+        ratios = [
+            m["ours default"] / min(m["diffusers FlowMatch Euler"], m["diffusers DPM++2M flow"])
+            for (_, w, _), m in cells.items()
+            if w in ws
+        ]
+        gm = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+        met = sum(v <= 1 for v in ratios)
+        lines.append(f"| {band} | {len(ratios)} | {met} | {gm:.2f} | {max(ratios):.3g} |")
+    return lines
+
+
+def test_readme_flow_mixture_table_is_the_recorded_one() -> None:
+    quoted = _between(all_text(), "<!-- flowmix:start -->", "<!-- flowmix:end -->")
+    lines = [ln.strip() for ln in quoted.splitlines() if re.match(r"\| \d", ln)]
+    assert lines == _flow_mixture_bands()

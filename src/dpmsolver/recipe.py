@@ -222,22 +222,27 @@ def register_policy(name: str, policy: Policy) -> None:
     POLICIES[name] = policy
 
 
-def default_solver(schedule: NoiseSchedule) -> str:
+def default_solver(schedule: NoiseSchedule, guidance_scale: float = 1.0) -> str:
     """The solver :func:`dpmsolver.sample` runs when none is named: DPM-Solver++ 2M
-    (``dpmpp_2m``; Lu et al. 2022b, Alg. 2), and on rectified flow UniPC with B(h) =
-    expm1(h) at order 2 (``unipc``: the same 2M predictor plus the UniC corrector, Zhao et
-    al. 2023, Eq. 8, at no extra evaluation). On the flow digits model the corrector
-    halves the error at 8-10 NFE and is 0.51-0.92x DPM-Solver++ 2M over 5-25 NFE at
-    guidance 1 and 3 (benchmarks/flow.md); on the VP problems the 2M default is what the
-    other benchmarks record."""
-    return "unipc" if isinstance(schedule, RectifiedFlowSchedule) else "dpmpp_2m"
+    (``dpmpp_2m``; Lu et al. 2022b, Alg. 2), and on rectified flow below guidance 5 UniPC
+    with B(h) = expm1(h) at order 2 (``unipc``: the same 2M predictor plus the UniC
+    corrector, Zhao et al. 2023, Eq. 8, at no extra evaluation).
+
+    Measured (benchmarks/flow.md, benchmarks/flow_mixtures.md): chosen on the flow digits
+    network at guidance 1 and 3 (0.51-0.92x DPM-Solver++ 2M over 5-25 NFE), and checked on
+    the suite's four exact flow mixtures, which the choice never saw: at guidance 1-3 it is
+    0.77x 2M on the geometric mean; at 7.5-15 the corrector's extrapolation made a
+    guided mixture diverge (up to 350x 2M's error), so strong guidance keeps 2M, as
+    DPM-Solver-v3's official sampler turns its corrector off from guidance 5."""
+    flow = isinstance(schedule, RectifiedFlowSchedule)
+    return "unipc" if flow and guidance_scale < 5.0 else "dpmpp_2m"
 
 
 def resolve(solver: str | Recipe | None, request: PolicyRequest) -> Recipe:
     """The recipe for ``solver``: a recipe as given, a policy's choice, a registry name, or
     for None the schedule's :func:`default_solver`."""
     if solver is None:
-        return Recipe(default_solver(request.schedule))
+        return Recipe(default_solver(request.schedule, request.guidance_scale))
     if isinstance(solver, Recipe):
         return solver
     if solver in POLICIES:

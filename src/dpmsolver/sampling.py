@@ -197,9 +197,10 @@ def sample(
         schedule: the network's :class:`~dpmsolver.schedules.NoiseSchedule`.
         prediction: ``"eps"`` (default), ``"x0"``, ``"v"``, ``"score"`` or ``"flow"``.
         solver: a registry name or alias (see ``dpmsolver.solvers``; default: the
-            schedule's :func:`~dpmsolver.recipe.default_solver`, ``"dpmpp_2m"``, and
-            ``"unipc"`` on rectified flow), a :class:`~dpmsolver.recipe.Recipe` (solver, order and
-            options, grid, ends, final step), or ``"auto"``: the measured recommendation
+            schedule's :func:`~dpmsolver.recipe.default_solver`: ``"dpmpp_2m"``, and
+            ``"unipc"`` on rectified flow below guidance 5), a
+            :class:`~dpmsolver.recipe.Recipe` (solver, order and options, grid, ends, final
+            step), or ``"auto"``: the measured recommendation
             for this budget and guidance scale (:mod:`dpmsolver.auto`; ``steps`` is then
             read as the NFE budget).
         steps: number of grid steps (default 20 when neither steps nor nfe is given).
@@ -227,17 +228,13 @@ def sample(
         the network evaluations spent.
     """
     opts = _model_dtype(options or _DEFAULTS, noise)
+    w = float(guidance_scale.max()) if isinstance(guidance_scale, Tensor) else float(guidance_scale)
     if isinstance(solver, str) and solver in POLICIES:
         if timesteps is not None or sigmas is not None:
             raise ValueError(
                 f"solver={solver!r} chooses its own grid: do not pass timesteps or sigmas"
             )
         budget = nfe if nfe is not None else (steps if steps is not None else DEFAULT_STEPS)
-        w = (
-            float(guidance_scale.max())
-            if isinstance(guidance_scale, Tensor)
-            else float(guidance_scale)
-        )
         if profile is not None and solver == "auto":
             recipe = profile.recipe(budget, w, schedule, prediction)
         else:
@@ -247,7 +244,7 @@ def sample(
     else:
         if profile is not None:
             raise ValueError(f"profile= is used with solver='auto', not solver={solver!r}")
-        recipe = resolve(solver, PolicyRequest(0, 1.0, schedule))
+        recipe = resolve(solver, PolicyRequest(0, w, schedule))
     recipe = _off_pure_noise(_with_grid(recipe, grid), schedule, prediction, steps or nfe)
     plan = recipe.plan(schedule, steps=steps, nfe=nfe, timesteps=timesteps, sigmas=sigmas)
     den = build_denoiser(
