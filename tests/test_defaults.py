@@ -91,35 +91,28 @@ def test_strong_guidance_keeps_dpmpp_2m_on_flow() -> None:
     assert dp.default_solver(flow, 3.0) == "unipc"
     assert dp.default_solver(flow, 5.0) == dp.default_solver(flow, 7.5) == "dpmpp_2m"
     assert dp.default_solver(SCHEDULES["vp_linear"], 1.0) == "dpmpp_2m"
-    net = MixtureNetwork(MIXTURE, flow, "x0")
+    net = _Labelled(MixtureNetwork(MIXTURE, flow, "x0"))
     cond = {"y": torch.zeros(8, dtype=torch.long)}
+
+    def run_flow(w: float | torch.Tensor, **solver: str) -> torch.Tensor:
+        return dp.sample(
+            net,
+            NOISE,
+            schedule=flow,
+            prediction="x0",
+            cond=cond,
+            uncond=cond,
+            guidance_scale=w,
+            nfe=6,
+            **solver,  # type: ignore[arg-type]
+        ).x
+
     for w, name in (
         (3.0, "unipc"),
         (7.5, "dpmpp_2m"),
         (torch.tensor([1.0] * 7 + [7.5]), "dpmpp_2m"),
     ):
-        got = dp.sample(
-            _Labelled(net),
-            NOISE,
-            schedule=flow,
-            prediction="x0",
-            cond=cond,
-            uncond=cond,
-            guidance_scale=w,
-            nfe=6,
-        ).x
-        want = dp.sample(
-            _Labelled(net),
-            NOISE,
-            schedule=flow,
-            prediction="x0",
-            cond=cond,
-            uncond=cond,
-            guidance_scale=w,
-            nfe=6,
-            solver=name,
-        ).x
-        assert torch.equal(got, want), (w, name)
+        assert torch.equal(run_flow(w), run_flow(w, solver=name)), (w, name)
 
 
 class _Labelled:

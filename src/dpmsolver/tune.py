@@ -370,8 +370,8 @@ class Profile:
 
 @dataclass(frozen=True)
 class TuneOptions:
-    """Knobs of :func:`tune` (every one has a default that fits the 10-minute budget of the
-    built-in model with 128 pilot noises and 8 budgets on 2 CPU cores).
+    """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
+    guidance scale and 8 budgets in 8.6 minutes on 2 CPU cores; benchmarks/tune_cost.md).
 
     Attributes:
         rtol: the reference's starting tolerance (tightened until its error is 10x below
