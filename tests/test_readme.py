@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import math
 import re
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 import dpmsolver as dp
+from dpmsolver.bench.suite import BaselineRow, rows_from_csv
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DOCS = README.parent / "docs"
@@ -254,34 +257,35 @@ def test_readme_tuned_summary_is_the_recorded_one() -> None:
     assert quoted and all(line in recorded for line in quoted.splitlines())
 
 
+def _recorded(name: str) -> list[BaselineRow]:
+    """A suite run's rows as ``python -m dpmsolver.bench.suite --csv`` wrote them."""
+    with gzip.open(BENCH / name, "rt") as f:
+        return rows_from_csv(f.read())
+
+
+def _better_flow_scheduler(r: BaselineRow) -> float:
+    """The better of diffusers' FlowMatch Euler and DPM-Solver++ 2M (flow sigmas)."""
+    return min(r.errors["diffusers FlowMatch Euler"], r.errors["diffusers DPM++2M flow"])
+
+
 def test_readme_flow_table_is_the_recorded_one() -> None:
     """The flow table's every entry, recomputed from benchmarks/flow.csv.gz."""
-    import csv
-    import gzip
-    import io
-
-    with gzip.open(BENCH / "flow.csv.gz", "rt") as f:
-        rows = list(csv.DictReader(io.StringIO(f.read())))
-    cells: dict[tuple[float, int], dict[str, float]] = {}
-    for r in rows:
-        cells.setdefault((float(r["guidance"]), int(r["nfe"])), {})[r["method"]] = float(r["error"])
+    cells = {(r.guidance, r.nfe): r for r in _recorded("flow.csv.gz")}
+    assert {r.ours_label for r in cells.values()} == {"default"}
     quoted = _between(all_text(), "<!-- flow:start -->", "<!-- flow:end -->")
     lines = [ln for ln in quoted.splitlines() if re.match(r"\| \d", ln)]
     assert len(lines) == len(cells) == 16
     for line in lines:
         w, n, ours, euler, dpm, best = (c.strip() for c in line.strip("|").split("|"))
-        m = dict(cells[(float(w), int(n))])
-        mine = m.pop("ours default")
-        label = min(m, key=lambda k: m[k])
-        assert ours == f"{mine:.4f}" and best == f"{m[label]:.4f} ({label})"
-        assert euler == f"{m['diffusers FlowMatch Euler']:.4f}"
-        assert dpm == f"{m['diffusers DPM++2M flow']:.4f}"
+        r = cells[(float(w), int(n))]
+        assert ours == f"{r.ours:.4f}" and best == f"{r.best_peer:.4f} ({r.best_label})"
+        assert euler == f"{r.errors['diffusers FlowMatch Euler']:.4f}"
+        assert dpm == f"{r.errors['diffusers DPM++2M flow']:.4f}"
     # #15's target: with its defaults `sample` is at most the better of diffusers' two flow
     # schedulers at 5, 10 and 20 NFE, guidance 1 and 3
-    for (w, n), m in cells.items():
+    for (w, n), r in cells.items():
         if n in (5, 10, 20):
-            peer = min(m["diffusers FlowMatch Euler"], m["diffusers DPM++2M flow"])
-            assert m["ours default"] <= peer, (w, n, m["ours default"], peer)
+            assert r.ours <= _better_flow_scheduler(r), (w, n, r.ours)
 
 
 def test_flow_snippet_runs_as_written() -> None:
@@ -297,24 +301,11 @@ def _flow_mixture_bands() -> list[str]:
     benchmarks/flow_mixtures.csv.gz: per guidance band, the cells where ours is at most
     the better of diffusers' FlowMatch Euler and DPM-Solver++ 2M, the geometric mean and
     the worst of ours / that better one."""
-    import csv
-    import gzip
-    import io
-    import math
-
-    with gzip.open(BENCH / "flow_mixtures.csv.gz", "rt") as f:
-        rows = list(csv.DictReader(io.StringIO(f.read())))
-    cells: dict[tuple[str, float, int], dict[str, float]] = {}
-    for r in rows:
-        key = (r["problem"], float(r["guidance"]), int(r["nfe"]))
-        cells.setdefault(key, {})[r["method"]] = float(r["error"])
+    rows = _recorded("flow_mixtures.csv.gz")
+    assert {r.ours_label for r in rows} == {"default"}
     lines = []
     for band, ws in (("1-3", (1.0, 3.0)), ("7.5-15", (7.5, 15.0))):
-        ratios = [
-            m["ours default"] / min(m["diffusers FlowMatch Euler"], m["diffusers DPM++2M flow"])
-            for (_, w, _), m in cells.items()
-            if w in ws
-        ]
+        ratios = [r.ours / _better_flow_scheduler(r) for r in rows if r.guidance in ws]
         gm = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
         met = sum(v <= 1 for v in ratios)
         lines.append(f"| {band} | {len(ratios)} | {met} | {gm:.2f} | {max(ratios):.3g} |")
