@@ -542,6 +542,7 @@ def baseline(
     Raises if a reference fails its two-tolerance check."""
     from .peer_suite import run_peers
 
+    solver = None if ours == DEFAULT_OURS else ours  # None: sample's default
     rows: list[BaselineRow] = []
     for p in problems:
         labels = p.labels(batch)
@@ -558,8 +559,7 @@ def baseline(
             ref = check.sample
             first = len(rows)
             for nfe in nfes:
-                mode = None if ours == DEFAULT_OURS else ours
-                x, _ = run_ours(p, den, x_T, nfe, solver=mode, guidance=w)
+                x, _ = run_ours(p, den, x_T, nfe, solver=solver, guidance=w)
                 mine = math.inf if x is None else _rms(x, ref)
                 errors = {
                     r.label: _rms(r.sample, ref)
