@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -85,14 +85,23 @@ class Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------
 
 
-def float_list(name: str, text: str) -> list[float]:
-    """Comma-separated finite numbers >= 0."""
+T = TypeVar("T")
+
+
+def _comma_separated(name: str, text: str, convert: Callable[[str], T], what: str) -> list[T]:
+    """The non-empty comma-separated values of ``text`` converted; errors name ``name``."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [convert(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"{name} must be comma-separated numbers, got {text!r}") from None
+        raise UsageError(f"{name} must be comma-separated {what}, got {text!r}") from None
     if not values:
         raise UsageError(f"{name} must not be empty")
+    return values
+
+
+def float_list(name: str, text: str) -> list[float]:
+    """Comma-separated finite numbers >= 0."""
+    values = _comma_separated(name, text, float, "numbers")
     for v in values:
         if not math.isfinite(v) or v < 0:
             raise UsageError(f"{name} values must be finite numbers >= 0, got {v:g}")
@@ -101,12 +110,7 @@ def float_list(name: str, text: str) -> list[float]:
 
 def int_list(name: str, text: str, *, lo: int, hi: int | None = None) -> list[int]:
     """Comma-separated integers in ``[lo, hi]``."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{name} must not be empty")
+    values = _comma_separated(name, text, int, "integers")
     for v in values:
         if v < lo or (hi is not None and v > hi):
             bound = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
