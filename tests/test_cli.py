@@ -533,6 +533,23 @@ def test_threads_before_or_after_the_command(args: list[str], threads: int) -> N
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize(
+    ("args", "threads"),
+    [
+        (["tune"], 0),  # tune evaluates the whole pilot at once: every core
+        (["tune", "--threads", "1"], 1),
+        (["--threads", "1", "tune"], 1),
+        (["sample"], 1),
+        (["generate", "--out", "d", "--num", "4"], 1),
+    ],
+)
+def test_thread_default_per_command(args: list[str], threads: int) -> None:
+    from dpmsolver.cli import build_parser
+    from dpmsolver.cli.options import thread_count
+
+    assert thread_count(build_parser().parse_args(args)) == threads
+
+
 def test_sample_help_lists_the_solvers_and_grids(capsys: pytest.CaptureFixture[str]) -> None:
     from dpmsolver.solvers import ALIASES, REGISTRY
     from dpmsolver.timegrid import GRID_KINDS

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from . import bench, ems, generate, sample, solvers, tune
-from .options import Parser, add_threads
+from .options import Parser, add_threads, thread_count
 
 __all__ = ["build_parser", "main"]
 
@@ -49,10 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dpmsolver`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        # For small models extra intra-op threads mostly wait on each other, badly so on a
-        # busy machine; 0 keeps PyTorch's default.
-        torch.set_num_threads(args.threads)
+    threads = thread_count(args)
+    if threads:  # 0 keeps PyTorch's default
+        torch.set_num_threads(threads)
     try:
         return int(args.func(args))
     except ValueError as e:  # UsageError and the library's validation errors name the option

@@ -57,6 +57,7 @@ __all__ = [
     "resolve_budget",
     "resolve_guidance",
     "solver_help",
+    "thread_count",
 ]
 
 #: The budget when neither ``--nfe`` nor ``--steps`` is given.
@@ -186,10 +187,22 @@ def add_threads(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument(
         "--threads",
         type=positive_int("--threads", minimum=0),
-        # A command's own default must not overwrite the value given before the command.
-        default=1 if top else argparse.SUPPRESS,
-        help="CPU intra-op threads (default 1; 0 = PyTorch's default)",
+        # A command's own default must not overwrite the value given before the command;
+        # None (not given) resolves through thread_count.
+        default=None if top else argparse.SUPPRESS,
+        help="CPU intra-op threads (default 1, `tune` 0; 0 = PyTorch's default: every core)",
     )
+
+
+def thread_count(args: argparse.Namespace) -> int:
+    """The ``--threads`` value, or the command's default where it was not given: 1 (small
+    batches: extra intra-op threads mostly wait on each other), except where the command
+    sets ``default_threads`` (``tune`` evaluates its whole pilot at once: 0, every core;
+    measured 13.5 min on one thread against 10.9 on two, with the reference's earlier
+    starting tolerance; benchmarks/tune_cost.md)."""
+    if args.threads is not None:
+        return int(args.threads)
+    return int(getattr(args, "default_threads", 1))
 
 
 # ----------------------------------------------------------------------------------------
