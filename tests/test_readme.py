@@ -257,6 +257,19 @@ def test_readme_tuned_summary_is_the_recorded_one() -> None:
     assert quoted and all(line in recorded for line in quoted.splitlines())
 
 
+def test_readme_tune_cost_is_the_recorded_one() -> None:
+    """The tuning times the README quotes are the ones benchmarks/tune_cost.md records:
+    the generated guidance-3 run and the CLI run at guidance 7.5, both under 10 minutes."""
+    recorded = (BENCH / "tune_cost.md").read_text()
+    minutes = re.findall(r"\*\*(\d+\.\d) min\*\*", recorded)
+    cli = re.findall(r"tuning took \d+ s \((\d+\.\d) min\)", recorded)
+    assert len(minutes) == 1 and len(cli) == 1, (minutes, cli)
+    text = " ".join(README.read_text().split())
+    for m in (*minutes, *cli):
+        assert f"**{m} minutes**" in text, m
+        assert float(m) < 10.0
+
+
 def _recorded(name: str) -> list[BaselineRow]:
     """A suite run's rows as ``python -m dpmsolver.bench.suite --csv`` wrote them."""
     with gzip.open(BENCH / name, "rt") as f:

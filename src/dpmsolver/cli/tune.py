@@ -104,8 +104,9 @@ def add_parser(sub: Any) -> None:
             "reference, half the pilot calibrates and half is held out, and every choice "
             "(solver and grid, then time steps) is kept only if the held-out half improves. "
             "Writes a profile that `dpmsolver sample --profile` and `dpmsolver generate "
-            "--profile` use. Costs minutes: 8.6 measured on 2 CPU cores for the built-in "
-            "model at guidance 3, 8 budgets and 128 pilot noises (benchmarks/tune_cost.md)."
+            "--profile` use. Costs minutes: 7.6 (guidance 3) and 8.8 (guidance 7.5) measured "
+            "on 2 CPU cores for the built-in model, 8 budgets and 128 pilot noises "
+            "(benchmarks/tune_cost.md). Runs on every core unless given --threads."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -133,7 +134,7 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the pilot noises (default 0)")
     t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    t.set_defaults(func=cmd_tune)
+    t.set_defaults(func=cmd_tune, default_threads=0)
 
 
 def add_profile_option(p: argparse.ArgumentParser) -> None:
