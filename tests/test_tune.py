@@ -13,7 +13,7 @@ import torch
 
 import dpmsolver as dp
 from dpmsolver.analytic import exact_sample
-from dpmsolver.tune import PROFILE_FORMAT, ProfileMismatchError, paired_better
+from dpmsolver.tune import PROFILE_FORMAT, ProfileMismatchError, no_new_divergence, paired_better
 
 pytest.importorskip("scipy")
 
@@ -162,6 +162,19 @@ def test_paired_comparison_needs_both_the_rms_and_the_typical_sample() -> None:
     # most samples better but the RMS worse (one blows up): refused
     assert not paired_better(torch.tensor([0.5, 0.5, 0.5, 5.0]), old)
     assert not paired_better(torch.tensor([0.5, math.inf, 0.5, 0.5]), old)
+
+
+def test_a_sample_may_not_newly_diverge() -> None:
+    old = torch.tensor([0.1, 0.1, 1.38, 0.6])
+    assert no_new_divergence(torch.tensor([0.05, 0.05, 1.43, 0.6]), old, spread=1.41)
+    # a sample the old choice got right, sent beyond the spread: refused
+    assert not no_new_divergence(torch.tensor([0.05, 1.5, 0.1, 0.6]), old, spread=1.41)
+    # within the spread anything goes (the paired comparison judges it)
+    assert no_new_divergence(torch.tensor([1.4, 1.4, 1.4, 1.4]), old, spread=1.41)
+    # a sample already far under the old choice: at most twice as far
+    assert no_new_divergence(torch.tensor([0.1, 0.1, 2.7, 1.2]), old, spread=1.41)
+    assert not no_new_divergence(torch.tensor([0.1, 0.1, 2.8, 0.6]), old, spread=1.41)
+    assert not no_new_divergence(torch.tensor([0.1, math.inf, 0.1, 0.1]), old, spread=1.41)
 
 
 def test_the_diffusers_scheduler_runs_the_profile(profile: dp.Profile) -> None:

@@ -18,7 +18,8 @@ own model, guidance included:
 2. The pilot is split: even rows calibrate, odd rows are held out. Every stage below is
    kept only if it also helps the held-out half (:func:`paired_better`: lower RMS error and
    a lower median of the per-sample log-ratios, so a few samples cannot carry it) and no
-   held-out sample ends farther from its reference than the data's spread.
+   held-out sample newly diverges (:func:`no_new_divergence`: ends farther from its
+   reference than the data's spread where the current choice kept it within half of that).
 3. *(a) Selection* among deterministic registered solvers x grid families: every candidate
    is screened on a few calibration rows, the best few on all of them; the winner must beat
    the default recipe (:mod:`dpmsolver.auto`).
@@ -78,6 +79,7 @@ __all__ = [
     "Profile",
     "ProfileMismatchError",
     "TuneOptions",
+    "no_new_divergence",
     "paired_better",
     "schedule_fingerprint",
     "tune",
@@ -190,6 +192,22 @@ def paired_better(new: Tensor, old: Tensor) -> bool:
     rms_new, rms_old = float(new.pow(2).mean().sqrt()), float(old.pow(2).mean().sqrt())
     ratios = torch.log(new.clamp_min(1e-300) / old.clamp_min(1e-300))
     return rms_new < rms_old and float(ratios.median()) < 0.0
+
+
+def no_new_divergence(new: Tensor, old: Tensor, spread: float) -> bool:
+    """Whether no sample diverges under ``new`` that ``old`` kept: per-sample errors
+    ``new[i] <= max(spread, 2 old[i])``, ``spread`` being the data's (the RMS distance of
+    the reference samples to their mean). A sample farther from its reference than the
+    data's spread has left for another mode; one that ``old`` already sent at least half
+    that far (a sample near a mode boundary, which most recipes send astray at high
+    guidance) may end at most twice as far under ``new``, so that a recipe better on every
+    other sample is not refused for landing a few percent farther on it (measured: on a
+    guidance-15 flow mixture, UniPC at 10 NFE halved the held-out RMS error, 0.185 against
+    0.354, and was refused for one sample at 1.43 where the default had it at 1.38, the
+    spread being 1.41)."""
+    if not bool(torch.isfinite(new).all()):
+        return False
+    return bool((new <= torch.clamp(2.0 * old, min=spread)).all())
 
 
 # ----------------------------------------------------------------------------------------
@@ -833,15 +851,9 @@ def _rms_rows(prob: _Problem, x: Tensor | None, rows: Sequence[int]) -> float:
 
 
 def _accept(new: _Choice, old: _Choice, prob: _Problem) -> bool:
-    """Kept only if it helps the held-out half and no held-out sample diverges: ends
-    farther from its reference than the data's spread, or than the current choice's worst
-    held-out sample where that is farther (on hard cells every choice has samples beyond
-    the spread; a new one must not be worse there)."""
-    if not bool(torch.isfinite(new.held).all()):
-        return False
-    if float(new.held.max()) > max(prob.spread, float(old.held.max())):
-        return False
-    return paired_better(new.held, old.held)
+    """Kept only if it helps the held-out half (:func:`paired_better`) and no held-out
+    sample newly diverges (:func:`no_new_divergence`)."""
+    return no_new_divergence(new.held, old.held, prob.spread) and paired_better(new.held, old.held)
 
 
 def _oss_knots(prob: _Problem, recipe: Recipe, nfe: int) -> list[float] | None:

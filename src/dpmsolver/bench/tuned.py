@@ -665,7 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     split_words = "held-out" if args.split == "held_out" else "selection"
     text = (
         f'# Tuned solver="auto" on the {split_words} suite problems, against the best peer\n\n'
-        + (__doc__ or "").split("\n\n")[1].replace("\n", " ")
+        + (__doc__ or "")
+        .split("\n\n")[1]
+        .replace("\n", " ")
+        .replace("every held-out suite problem", f"every {split_words} suite problem")
         + "\n\n"
         f"Command: `{command}`; took {total / 60:.1f} min ({held_seconds / 60:.1f} min for the "
         f"problems, {args.jobs} process(es) of one thread; the rest the cost run) on a shared "
