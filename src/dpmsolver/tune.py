@@ -390,7 +390,7 @@ class Profile:
 @dataclass(frozen=True)
 class TuneOptions:
     """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
-    guidance scale and 8 budgets in 7.6 minutes at guidance 3 and 8.8 at guidance 7.5 on 2 CPU
+    guidance scale and 8 budgets in 7.9 minutes at guidance 3 and 8.2 at guidance 7.5 on 2 CPU
     cores; benchmarks/tune_cost.md).
 
     Attributes:

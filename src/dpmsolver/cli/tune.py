@@ -104,7 +104,7 @@ def add_parser(sub: Any) -> None:
             "reference, half the pilot calibrates and half is held out, and every choice "
             "(solver and grid, then time steps) is kept only if the held-out half improves. "
             "Writes a profile that `dpmsolver sample --profile` and `dpmsolver generate "
-            "--profile` use. Costs minutes: 7.6 (guidance 3) and 8.8 (guidance 7.5) measured "
+            "--profile` use. Costs minutes: 7.9 (guidance 3) and 8.2 (guidance 7.5) measured "
             "on 2 CPU cores for the built-in model, 8 budgets and 128 pilot noises "
             "(benchmarks/tune_cost.md). Runs on every core unless given --threads."
         ),
