@@ -8,7 +8,17 @@ import math
 
 import pytest
 
-from dpmsolver.bench.policy import Granularity, fit, leave_one_out, minimax
+from dpmsolver.bench.policy import (
+    RULES,
+    Granularity,
+    Rule,
+    choose_rule,
+    fit,
+    leave_one_out,
+    minimax,
+    power_mean,
+    rule_named,
+)
 
 # Two problems (a: discrete, b: flow), one guidance scale, two NFEs. "mean" is best on
 # average and worst in one cell; "safe" is never far from the best peer; "partial" is the
@@ -65,3 +75,48 @@ def test_leave_one_out_scores_each_problem_with_a_policy_that_never_saw_it() -> 
     assert res["a"].worst == 1.0 and res["a"].cell == ("a", 1.0, 6)
     # without b, the flow row is chosen on a alone: "mean", which fails b at 5 NFE
     assert res["b"].worst == 3.0 and res["b"].cell == ("b", 1.0, 5)
+
+
+def test_power_mean_runs_from_the_worst_to_the_geometric_mean() -> None:
+    vals = [1.0, 4.0, 16.0]
+    assert power_mean(vals, math.inf) == 16.0
+    assert power_mean(vals, 0.0) == pytest.approx(4.0)
+    assert power_mean(vals, 1.0) == pytest.approx(7.0)
+    assert power_mean(vals, 2.0) == pytest.approx(math.sqrt((1 + 16 + 256) / 3))
+    # no overflow where ratios are astronomically large
+    assert power_mean([1e300, 1e300], 16.0) == pytest.approx(1e300)
+    assert power_mean([1.0, math.inf], 2.0) == math.inf
+
+
+def test_a_power_mean_prefers_the_recipe_that_is_close_to_the_worst_everywhere() -> None:
+    # "edge" wins the worst ratio by 5% and loses badly everywhere else
+    cells = [("a", 1.0, n) for n in (5, 6, 8, 10)]
+    ratios = {
+        c: {"edge": 10.0 if c[2] == 5 else 8.0, "steady": 10.5 if c[2] == 5 else 1.0} for c in cells
+    }
+    assert minimax(ratios, cells, ["edge", "steady"])[0] == "edge"  # type: ignore[index]
+    assert minimax(ratios, cells, ["edge", "steady"], 2.0)[0] == "steady"  # type: ignore[index]
+
+
+def test_choose_rule_scores_every_objective_by_leave_one_out() -> None:
+    # Three problems; on each, one method has a single bad cell. The worst-ratio objective
+    # fitted on two problems picks the method that fails the third; the quadratic mean
+    # does not.
+    ratios = {
+        ("a", 1.0, 5): {"x": 2.0, "y": 2.1},
+        ("a", 1.0, 6): {"x": 2.0, "y": 1.0},
+        ("b", 1.0, 5): {"x": 2.0, "y": 2.1},
+        ("b", 1.0, 6): {"x": 2.0, "y": 1.0},
+        ("c", 1.0, 5): {"x": 30.0, "y": 1.0},
+        ("c", 1.0, 6): {"x": 1.0, "y": 1.0},
+    }
+    family = {"a": "discrete", "b": "discrete", "c": "discrete"}
+    one = Granularity("one", (("discrete",),), ((1.0,),), ((5, 6),))
+    rules = [Rule(one, math.inf), Rule(one, 2.0)]
+    rule, loo = choose_rule(ratios, family, ["a", "b", "c"], ["x", "y"], rules)
+    assert rule.power == 2.0 and rule.name == "one, power mean 2"
+    assert max(r.worst for r in loo["one, worst ratio"]) == 30.0
+    assert max(r.worst for r in loo["one, power mean 2"]) == 2.1
+    assert rule_named(RULES[0].name) == RULES[0]
+    with pytest.raises(ValueError, match="rule"):
+        rule_named("no such rule")
