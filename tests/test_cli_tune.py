@@ -44,7 +44,18 @@ def profile_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     cli_tune.OPTIONS.update(CHEAP)
     try:
         code = run_cli(
-            "tune", "--nfe", "5,8", "--guidance", "3", "--pilot", "8", "--out", str(out), *CPU
+            "tune",
+            "--nfe",
+            "5,8",
+            "--guidance",
+            "3",
+            "--pilot",
+            "8",
+            "--shift-runs",
+            "6",
+            "--out",
+            str(out),
+            *CPU,
         )
     finally:
         cli_tune.OPTIONS.clear()
@@ -200,6 +211,7 @@ def test_profile_with_another_solver_or_grid_is_refused(
         (["--guidance", "3,x"], "--guidance must be comma-separated numbers"),
         (["--guidance", "-1"], "--guidance values must be finite numbers >= 0"),
         (["--pilot", "2"], "--pilot must be >= 4, got 2"),
+        (["--shift-runs", "-1"], "--shift-runs must be >= 0, got -1"),
         (["--device", "gpu7"], "--device 'gpu7' is not a device"),
     ],
 )

@@ -34,6 +34,7 @@ from .timegrid import (
     grid_from_sigmas,
     grid_from_timesteps,
     make_grid,
+    shift_model_times,
 )
 
 __all__ = [
@@ -71,6 +72,10 @@ class Recipe:
         timesteps: fixed noisy knots (schedule times, first to last) instead of a grid
             kind; the recipe then spends what its solver plans for them (a tuned profile's
             knots, :mod:`dpmsolver.tune`).
+        model_shifts: per noisy knot, first to last, a log-SNR offset of the time the
+            network is told there, while the solver steps from the knot itself (LD3's
+            decoupled time; :func:`~dpmsolver.timegrid.shift_model_times`; a tuned
+            profile's stage (c)). None: the knots' own times.
     """
 
     solver: str = "dpmpp_2m"
@@ -84,6 +89,7 @@ class Recipe:
     final: Final = "zero"
     lower_order_final: bool | None = None
     timesteps: tuple[float, ...] | None = None
+    model_shifts: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -171,6 +177,8 @@ class Recipe:
         if grid is None:
             kind = self.grid if self.grid is not None else default_grid(schedule)
             grid = make_grid(schedule, len(orders), kind, final=self.final, rho=self.rho, **ends)
+        if self.model_shifts is not None:
+            grid = shift_model_times(grid, self.model_shifts)
         return make_plan(solver, grid, orders)
 
     def describe(self) -> str:
@@ -178,7 +186,8 @@ class Recipe:
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
         extra = f" rho={self.rho}" if self.rho is not None else ""
         stop = f" sigma_end={self.sigma_end}" if self.sigma_end is not None else ""
-        return f"{self.solver}{opts} [{self.grid}{extra}]{stop} final={self.final_step}"
+        shifted = " model-time shifts" if self.model_shifts is not None else ""
+        return f"{self.solver}{opts} [{self.grid}{extra}]{stop} final={self.final_step}{shifted}"
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Spacings (``steps`` intervals between ``t_start`` and ``t_end``):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ __all__ = [
     "grid_from_sigmas",
     "grid_from_timesteps",
     "make_grid",
+    "shift_model_times",
 ]
 
 GridKind = Literal[
@@ -302,3 +304,34 @@ def grid_from_sigmas(
         else:
             knots.append(first if v == hi else schedule.knot_at_lambda(-math.log(v)))
     return TimeGrid(tuple(knots), schedule)
+
+
+def shift_model_times(grid: TimeGrid, shifts: Sequence[float]) -> TimeGrid:
+    """``grid`` with the time the network is told at each noisy knot moved to that of
+    log-SNR ``lambda + shift`` (clamped to the schedule's range), while the solver still
+    steps between the knots themselves: the decoupled time of LD3 (Tong et al., "Learning
+    to Discretize Denoising Diffusion ODEs", 2024, Sec. 3), a per-step correction of the
+    discretization error that costs no evaluation. ``shifts`` has one entry per noisy knot
+    (``sigma > 0``), first to last; a pure-noise knot (``lambda = -inf``) takes 0."""
+    noisy = [i for i, k in enumerate(grid.knots) if k.sigma > 0]
+    if len(shifts) != len(noisy):
+        raise ValueError(
+            f"model_shifts: one per noisy knot, i.e. {len(noisy)} for this grid, got {len(shifts)}"
+        )
+    sched = grid.schedule
+    lo = sched.knot(sched.t_max).lam
+    hi = sched.knot(sched.t_min).lam
+    knots = list(grid.knots)
+    for n, (i, d) in enumerate(zip(noisy, shifts, strict=True)):
+        d = check_finite_float(f"model_shifts[{n}]", d)
+        k = knots[i]
+        if d == 0.0:
+            continue
+        if math.isinf(k.lam):
+            raise ValueError(
+                f"model_shifts[{n}]={d}: the knot is pure noise (lambda = -inf), where the "
+                "network's time cannot move; use 0"
+            )
+        lam = min(max(k.lam + d, lo), hi)
+        knots[i] = dataclasses.replace(k, model_t=sched.knot_at_lambda(lam).model_t)
+    return TimeGrid(tuple(knots), sched)

@@ -31,7 +31,13 @@ own model, guidance included:
    data-prediction step; then Nelder-Mead on the log-SNR increments against the solver's
    actual error (as optimized time steps, Xue et al. 2024), from the better of those knots
    and the solver's own grid.
-5. Otherwise the default recipe stays.
+5. *(c) The network's time at each knot*, for the recipe chosen so far (multistep
+   solvers): Nelder-Mead on one log-SNR offset per knot of the time the network is told,
+   while the solver still steps between the knots themselves (the decoupled time of LD3,
+   Tong et al. 2024; :func:`dpmsolver.timegrid.shift_model_times`). It costs no
+   evaluation when sampling and corrects part of each step's discretization error.
+   Sigmas cannot carry it: tune with ``shift_runs=0`` for the k-diffusion functions.
+6. Otherwise the default recipe stays.
 
 The result is a :class:`Profile`: per (guidance, budget) the chosen solver, its options and
 the exact knots, with the calibration and held-out errors and the cost. Use it with
@@ -75,6 +81,7 @@ from .timegrid import make_grid
 __all__ = [
     "DEFAULT_BUDGETS",
     "PROFILE_FORMAT",
+    "READABLE_FORMATS",
     "BudgetChoice",
     "Profile",
     "ProfileMismatchError",
@@ -85,7 +92,9 @@ __all__ = [
     "tune",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/1"
+PROFILE_FORMAT = "dpmsolver-profile/2"
+#: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts.
+READABLE_FORMATS: tuple[str, ...] = ("dpmsolver-profile/1", PROFILE_FORMAT)
 #: The budgets :func:`tune` fits by default.
 DEFAULT_BUDGETS: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25)
 
@@ -227,11 +236,14 @@ class BudgetChoice:
             :class:`~dpmsolver.recipe.Recipe` (used when ``times`` is None).
         times: schedule times of the fitted noisy knots, first to last (None: the grid's);
             the run ends with the data-prediction step to sigma = 0.
-        stage: what the choice came from: ``"default"``, ``"selection"`` or ``"steps"``.
+        stage: what the choice came from: ``"default"``, ``"selection"``, ``"steps"`` or
+            ``"shifts"``.
         calibration_error, heldout_error: RMS error to the reference on the calibration and
             held-out halves of the pilot.
         default_heldout_error: the default recipe's held-out error, for comparison.
         evaluations, seconds: what tuning this budget cost.
+        model_shifts: stage (c)'s log-SNR offsets of the network's time per noisy knot
+            (:attr:`~dpmsolver.recipe.Recipe.model_shifts`), or None.
     """
 
     nfe: int
@@ -249,6 +261,7 @@ class BudgetChoice:
     default_heldout_error: float
     evaluations: int = 0
     seconds: float = 0.0
+    model_shifts: tuple[float, ...] | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -260,6 +273,7 @@ class BudgetChoice:
             sigma_end=self.sigma_end,
             final_step=self.final_step,  # type: ignore[arg-type]
             timesteps=self.times,
+            model_shifts=self.model_shifts,
         )
 
 
@@ -331,10 +345,18 @@ class Profile:
 
     def sigmas(self, nfe: int, guidance_scale: float, schedule: NoiseSchedule) -> list[float]:
         """The chosen knots as k-diffusion sigmas ``sigma / alpha``, ending with 0 (for the
-        k-diffusion-style functions)."""
+        k-diffusion-style functions). A choice with model-time shifts is a ValueError:
+        sigmas cannot carry them (tune with ``shift_runs=0`` for these functions)."""
         c = self.choice(nfe, guidance_scale)
         if c is None:
             raise KeyError(f"the profile has no choice for nfe={nfe}, guidance {guidance_scale:g}")
+        if c.model_shifts is not None:
+            raise ValueError(
+                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} moves the "
+                "network's time at its knots (model_shifts), which sigmas cannot carry; use "
+                "dpmsolver.sample or the diffusers scheduler with this profile, or tune with "
+                "shift_runs=0 (CLI: --shift-runs 0) for the k-diffusion functions"
+            )
         self.check(schedule, self.prediction)
         grid = c.recipe().plan(schedule, nfe=None if c.times else nfe).grid
         return grid.ksigmas
@@ -366,19 +388,29 @@ class Profile:
     @classmethod
     def from_json(cls, data: Any, source: str = "profile") -> Profile:
         """A profile from :meth:`to_json`'s data; ``source`` names it in errors."""
-        if not isinstance(data, Mapping) or data.get("format") != PROFILE_FORMAT:
+        if not isinstance(data, Mapping) or data.get("format") not in READABLE_FORMATS:
             found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise ValueError(
                 f"{source} has format {found!r}, expected {PROFILE_FORMAT!r}; "
                 "tune again with this version"
             )
+
+        def floats(v: Any) -> tuple[float, ...] | None:
+            return None if v is None else tuple(float(x) for x in v)
+
         try:
             choices = tuple(
-                BudgetChoice(**{**c, "times": None if c["times"] is None else tuple(c["times"])})
+                BudgetChoice(
+                    **{
+                        **c,
+                        "times": floats(c["times"]),
+                        "model_shifts": floats(c.get("model_shifts")),
+                    }
+                )
                 for c in data["choices"]
             )
-            return cls(**{**data, "choices": choices})
-        except (KeyError, TypeError) as e:
+            return cls(**{**data, "format": PROFILE_FORMAT, "choices": choices})
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{source} is damaged ({e}); tune again") from None
 
 
@@ -405,7 +437,9 @@ class TuneOptions:
         finalists: candidates scored on every calibration row (default 4).
         fine_knots: knots of the dynamic-programming grid (default 48).
         refine_runs: sampler runs of the Nelder-Mead refinement per budget (default 40).
-        refine_rows: calibration rows the refinement runs on (default 32).
+        refine_rows: calibration rows the refinement and stage (c) run on (default 32).
+        shift_runs: sampler runs of stage (c), the model-time shifts, per budget (default
+            60; 0 skips it, for profiles the k-diffusion functions must read).
         step_bases: recipes whose knots start the time-step search (default 3).
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
@@ -419,6 +453,7 @@ class TuneOptions:
     fine_knots: int = 48
     refine_runs: int = 40
     refine_rows: int = 32
+    shift_runs: int = 60
     step_bases: int = 3
     sample_options: SampleOptions | None = None
 
@@ -430,6 +465,7 @@ class TuneOptions:
         check_int("fine_knots", self.fine_knots, minimum=4)
         check_int("refine_runs", self.refine_runs, minimum=0)
         check_int("refine_rows", self.refine_rows, minimum=1)
+        check_int("shift_runs", self.shift_runs, minimum=0)
         check_int("step_bases", self.step_bases, minimum=1)
 
 
@@ -815,6 +851,12 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
                 if _accept(dp_choice, best, prob):
                     best = dp_choice
                     break
+
+    # (c) the network's time at each knot, for the recipe chosen so far
+    if opts.shift_runs > 0:
+        shifted = _shift(prob, best.recipe, nfe, opts.shift_runs, prob.cal[: opts.refine_rows])
+        if shifted is not None and _accept(shifted, best, prob):
+            best = shifted
     r = best.recipe
     return BudgetChoice(
         nfe=nfe,
@@ -830,6 +872,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         calibration_error=best.cal,
         heldout_error=float(best.held.pow(2).mean().sqrt()),
         default_heldout_error=float(default_choice.held.pow(2).mean().sqrt()),
+        model_shifts=r.model_shifts,
     )
 
 
@@ -970,3 +1013,56 @@ def _refine(
         u = list(res.x) if float(res.fun) < f0 else u0
     r = _with_knots(prob, base, lams_of(u))
     return None if r is None else _choice(prob, r, nfe, "steps")
+
+
+_SHIFT_STEP = 0.05
+
+
+def _shift(
+    prob: _Problem, base: Recipe, nfe: int, runs: int, rows: Sequence[int]
+) -> _Choice | None:
+    """Stage (c): Nelder-Mead on one log-SNR offset per finite noisy knot of ``base`` for
+    the time the network is told there (:attr:`~dpmsolver.recipe.Recipe.model_shifts`;
+    LD3's decoupled time, Tong et al. 2024), from none, against the error on the
+    calibration rows ``rows``. Multistep solvers only: a singlestep solver also evaluates
+    between the knots, where nothing would move. None if nothing lowered the error."""
+    from scipy.optimize import minimize
+
+    if base.model_shifts is not None or not isinstance(base.build_solver(), MultistepSolver):
+        return None
+    try:
+        plan = base.plan(prob.schedule, nfe=None if base.timesteps else nfe)
+    except ValueError:
+        return None
+    noisy = [k for k in plan.grid.knots if k.sigma > 0]
+    free = [i for i, k in enumerate(noisy) if math.isfinite(k.lam)]
+    if plan.nfe != nfe or not free:
+        return None
+
+    def recipe_of(u: Sequence[float]) -> Recipe:
+        shifts = [0.0] * len(noisy)
+        for i, v in zip(free, u, strict=True):
+            shifts[i] = float(v)
+        return dataclasses.replace(base, model_shifts=tuple(shifts))
+
+    def objective(u: Sequence[float]) -> float:
+        x = prob.run(recipe_of(u), nfe, rows)
+        return 1e3 if x is None else min(_rms(x, prob.reference[list(rows)]), 1e3)
+
+    u0 = [0.0] * len(free)
+    f0 = objective(u0)
+    # scipy's default first simplex (0.00025 around zero) needs most of a small budget to
+    # grow to the useful scale, a few hundredths of log-SNR
+    simplex = [
+        u0,
+        *([_SHIFT_STEP if j == i else 0.0 for j in range(len(u0))] for i in range(len(u0))),
+    ]
+    res = minimize(
+        objective,
+        u0,
+        method="Nelder-Mead",
+        options={"maxfev": runs, "xatol": 1e-4, "fatol": 1e-7, "initial_simplex": simplex},
+    )
+    if not float(res.fun) < f0:
+        return None
+    return _choice(prob, recipe_of(list(res.x)), nfe, "shifts")

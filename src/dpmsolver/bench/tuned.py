@@ -178,7 +178,8 @@ def _describe(profile: Profile, nfe: int, guidance: float) -> tuple[str, str]:
     if c.times is None:
         return c.stage, r.describe()
     head = r.describe().split(" [")[0]
-    return c.stage, f"{head} [fitted {len(c.times)} knots]"
+    shifted = " + model-time shifts" if c.model_shifts is not None else ""
+    return c.stage, f"{head} [fitted {len(c.times)} knots]{shifted}"
 
 
 def evaluate(
@@ -466,7 +467,8 @@ def markdown(rows: Sequence[TunedRow], cost: CostResult | None) -> str:
         )
         out.append(
             "| problem | w | reference error | best candidate | margin | test reference "
-            "error | tune s | tune evaluations (sample rows) | stages (default/selection/steps) |"
+            "error | tune s | tune evaluations (sample rows) "
+            "| stages (default/selection/steps/shifts) |"
         )
         out.append("|---|---|---|---|---|---|---|---|---|")
         for p in probs:
@@ -475,12 +477,13 @@ def markdown(rows: Sequence[TunedRow], cost: CostResult | None) -> str:
                 if not rs:
                     continue
                 r = rs[0]
-                st = [sum(x.stage == s for x in rs) for s in ("default", "selection", "steps")]
+                kinds = ("default", "selection", "steps", "shifts")
+                st = [sum(x.stage == s for x in rs) for s in kinds]
                 out.append(
                     f"| {p} | {w:g} | {r.reference_error:.1e} | {r.best_candidate:.1e} "
                     f"| {r.best_candidate / max(r.reference_error, 1e-300):.0f}x "
                     f"| {r.test_reference_error:.1e} | {r.tune_seconds:.0f} "
-                    f"| {r.tune_evaluations} | {st[0]}/{st[1]}/{st[2]} |"
+                    f"| {r.tune_evaluations} | {'/'.join(map(str, st))} |"
                 )
         out.append("\n## Every cell\n")
         out.append(

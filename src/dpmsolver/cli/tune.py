@@ -65,6 +65,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         kwargs["cond"] = {"y": labels}
         if model.null_label is not None:
             kwargs["uncond"] = {"y": torch.full_like(labels, model.null_label)}
+    options = dict(OPTIONS)
+    if args.shift_runs is not None:
+        options["shift_runs"] = args.shift_runs
     t0 = time.perf_counter()
     with torch.no_grad():
         profile = tune(
@@ -76,12 +79,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
             nfe=budgets,
             progress=not args.no_progress,
             **kwargs,
-            **OPTIONS,
+            **options,
         )
     profile.save(out)
     for c in profile.choices:
         gain = c.default_heldout_error / c.heldout_error if c.heldout_error > 0 else math.inf
         what = c.recipe().describe() if c.times is None else f"{c.solver} on fitted knots"
+        if c.model_shifts is not None and c.times is not None:
+            what += " with model-time shifts"
         print(
             f"guidance {c.guidance_scale:g}, {c.nfe} NFE: {what} ({c.stage}); held-out error "
             f"{c.heldout_error:.3g}, {gain:.2f}x better than the default"
@@ -129,6 +134,13 @@ def add_parser(sub: Any) -> None:
         type=positive_int("--pilot", minimum=4),
         default=128,
         help="pilot noises (default 128; half calibrate, half are held out)",
+    )
+    t.add_argument(
+        "--shift-runs",
+        type=positive_int("--shift-runs", minimum=0),
+        default=None,
+        help="sampler runs that fit the network's time at each knot, per budget (default 60; "
+        "0 skips it, for a profile the k-diffusion functions read as sigmas)",
     )
     t.add_argument("--out", default="profile.json", help="profile to write (default profile.json)")
     t.add_argument("--seed", type=int, default=0, help="seed of the pilot noises (default 0)")

@@ -40,6 +40,7 @@ import dataclasses
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -937,6 +938,16 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             budget = num_inference_steps if num_inference_steps is not None else len(custom or ())
             recipe = self._resolve_policy(budget)
             own_grid = custom is None and not self.is_flow and self._own_grid_allowed()
+            if recipe.model_shifts is not None and (not own_grid or self._continuous):
+                # the shifts belong to the recipe's own knots and the network's own times
+                warnings.warn(
+                    "the profile's model-time shifts are not applied here (they need the "
+                    "recipe's own grid of a discrete-time model; this run has custom "
+                    "timesteps/sigmas, flow matching or timestep_type='continuous'); tune "
+                    "with shift_runs=0 (CLI: --shift-runs 0) for this pipeline",
+                    stacklevel=3,
+                )
+                recipe = dataclasses.replace(recipe, model_shifts=None)
             # On its own grid the recipe's solver places its intermediate points and the
             # plan spends the budget exactly; on the config's grid every timestep is an
             # evaluation where the solver allows it (singlestep_layout's default).
@@ -944,7 +955,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             if own_grid:
                 if self._final() == "sigma_min":
                     recipe = dataclasses.replace(recipe, final="t_min", sigma_end=None)
-                plan = recipe.plan(self.schedule, nfe=budget, solver=self.solver)
+                # a profile's fitted knots imply the budget
+                fixed = recipe.timesteps is not None
+                plan = recipe.plan(self.schedule, nfe=None if fixed else budget, solver=self.solver)
                 recipe_knots, self._orders = list(plan.grid.knots), plan.orders
         knots = self._orient(
             recipe_knots
