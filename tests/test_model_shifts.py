@@ -17,15 +17,10 @@ from dpmsolver.recipe import Recipe
 from dpmsolver.timegrid import make_grid, shift_model_times
 from dpmsolver.tune import PROFILE_FORMAT
 
+from .test_tune import COND, NET, SD, Y, Z
+
 pytest.importorskip("scipy")
 
-SD = dp.DiscreteVPSchedule()
-MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=5)
-NET = dp.MixtureNetwork(MIX, SD, "eps")
-N = 24
-Z = torch.randn(N, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-Y = torch.arange(N) % 3
-COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 3)}}
 FAST = dict(fine_knots=16, refine_runs=12, screen_rows=8, finalists=2)
 
 
@@ -129,7 +124,7 @@ def test_profiles_store_the_shifts_and_read_version_1(
     assert [c.recipe() for c in again.choices] == [c.recipe() for c in plain.choices]
 
 
-def test_sample_runs_the_shifted_choice_and_sigmas_refuse_it(
+def test_sample_runs_the_shifted_choice_and_sigmas_drop_it_with_a_warning(
     pair: tuple[dp.Profile, dp.Profile],
 ) -> None:
     shifted, _ = pair
@@ -138,8 +133,10 @@ def test_sample_runs_the_shifted_choice_and_sigmas_refuse_it(
     a = dp.sample(NET, Z[:4], schedule=SD, solver="auto", nfe=c.nfe, profile=shifted, **kw)
     b = dp.sample(NET, Z[:4], schedule=SD, solver=c.recipe(), nfe=None if c.times else c.nfe, **kw)
     assert torch.equal(a.x, b.x)
-    with pytest.raises(ValueError, match=r"model_shifts.*shift_runs=0"):
-        shifted.sigmas(c.nfe, 5.0, SD)
+    with pytest.warns(UserWarning, match=r"model_shifts.*dropped.*shift_runs=0"):
+        sig = shifted.sigmas(c.nfe, 5.0, SD)
+    plain = dataclasses.replace(c.recipe(), model_shifts=None)
+    assert sig == plain.plan(SD, nfe=None if c.times else c.nfe).grid.ksigmas
 
 
 def test_the_diffusers_scheduler_tells_the_network_the_shifted_times(

@@ -36,7 +36,7 @@ own model, guidance included:
    while the solver still steps between the knots themselves (the decoupled time of LD3,
    Tong et al. 2024; :func:`dpmsolver.timegrid.shift_model_times`). It costs no
    evaluation when sampling and corrects part of each step's discretization error.
-   Sigmas cannot carry it: tune with ``shift_runs=0`` for the k-diffusion functions.
+   Sigmas cannot carry it (the k-diffusion functions): tune with ``shift_runs=0`` for them.
 6. Otherwise the default recipe stays.
 
 The result is a :class:`Profile`: per (guidance, budget) the chosen solver, its options and
@@ -345,17 +345,20 @@ class Profile:
 
     def sigmas(self, nfe: int, guidance_scale: float, schedule: NoiseSchedule) -> list[float]:
         """The chosen knots as k-diffusion sigmas ``sigma / alpha``, ending with 0 (for the
-        k-diffusion-style functions). A choice with model-time shifts is a ValueError:
-        sigmas cannot carry them (tune with ``shift_runs=0`` for these functions)."""
+        k-diffusion-style functions). Sigmas cannot carry a choice's model-time shifts
+        (stage (c)): they are dropped with a warning, which leaves the choice stage (b) kept
+        (tune with ``shift_runs=0`` to keep the profile's errors exact for these functions)."""
         c = self.choice(nfe, guidance_scale)
         if c is None:
             raise KeyError(f"the profile has no choice for nfe={nfe}, guidance {guidance_scale:g}")
         if c.model_shifts is not None:
-            raise ValueError(
-                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} moves the "
-                "network's time at its knots (model_shifts), which sigmas cannot carry; use "
-                "dpmsolver.sample or the diffusers scheduler with this profile, or tune with "
-                "shift_runs=0 (CLI: --shift-runs 0) for the k-diffusion functions"
+            warnings.warn(
+                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} also moves "
+                "the network's time at its knots (model_shifts), which sigmas cannot carry: "
+                "they are dropped (the choice before stage (c)); dpmsolver.sample and the "
+                "diffusers scheduler apply them, or tune with shift_runs=0 (CLI: --shift-runs "
+                "0) for the k-diffusion functions",
+                stacklevel=2,
             )
         self.check(schedule, self.prediction)
         grid = c.recipe().plan(schedule, nfe=None if c.times else nfe).grid
