@@ -97,6 +97,7 @@ def test_tune_keeps_shifts_only_where_the_held_out_half_improves(
             assert c.model_shifts is not None
             noisy = [k for k in c.recipe().plan(SD, nfe=None if c.times else c.nfe).grid.knots]
             assert len(c.model_shifts) == sum(k.sigma > 0 for k in noisy)
+            assert max(abs(v) for v in c.model_shifts) <= 0.1  # the trust region
             # stage (c) starts from the plain profile's choice and must beat it held out
             assert c.heldout_error < p.heldout_error
             assert dataclasses.replace(c.recipe(), model_shifts=None) == p.recipe()
@@ -177,3 +178,12 @@ def test_the_diffusers_scheduler_runs_a_choice_on_fitted_knots(
     sched.set_timesteps(c.nfe)
     want = torch.tensor(plain.sigmas(c.nfe, 5.0, SD), dtype=torch.float64)
     torch.testing.assert_close(sched.sigmas.double(), want, rtol=1e-4, atol=0)
+
+
+def test_the_shifts_stay_within_their_bound() -> None:
+    kw = dict(schedule=SD, guidance_scale=5.0, nfe=[6], **COND, **FAST)
+    tight = dp.tune(NET, Z, shift_runs=40, shift_bound=0.01, **kw).choices[0]
+    if tight.model_shifts is not None:
+        assert max(abs(v) for v in tight.model_shifts) <= 0.01
+    with pytest.raises(ValueError, match="shift_bound"):
+        dp.tune(NET, Z, shift_bound=0.0, **kw)

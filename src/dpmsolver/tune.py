@@ -34,8 +34,9 @@ own model, guidance included:
 5. *(c) The network's time at each knot*, for the recipe chosen so far (multistep
    solvers): Nelder-Mead on one log-SNR offset per knot of the time the network is told,
    while the solver still steps between the knots themselves (the decoupled time of LD3,
-   Tong et al. 2024; :func:`dpmsolver.timegrid.shift_model_times`). It costs no
-   evaluation when sampling and corrects part of each step's discretization error.
+   Tong et al. 2024; :func:`dpmsolver.timegrid.shift_model_times`), each within 0.1 of
+   its knot (unbounded, the fit overfits the pilot: see ``TuneOptions.shift_bound``). It
+   costs no evaluation when sampling and corrects part of each step's discretization error.
    Sigmas cannot carry it (the k-diffusion functions): tune with ``shift_runs=0`` for them.
 6. Otherwise the default recipe stays.
 
@@ -425,7 +426,7 @@ class Profile:
 @dataclass(frozen=True)
 class TuneOptions:
     """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
-    guidance scale and 8 budgets in 7.9 minutes at guidance 3 and 8.2 at guidance 7.5 on 2 CPU
+    guidance scale and 8 budgets in 9.6 minutes at guidance 3 and 8.7 at guidance 7.5 on 2 CPU
     cores; benchmarks/tune_cost.md).
 
     Attributes:
@@ -440,9 +441,15 @@ class TuneOptions:
         finalists: candidates scored on every calibration row (default 4).
         fine_knots: knots of the dynamic-programming grid (default 48).
         refine_runs: sampler runs of the Nelder-Mead refinement per budget (default 40).
-        refine_rows: calibration rows the refinement and stage (c) run on (default 32).
+        refine_rows: calibration rows the refinement runs on (default 32).
         shift_runs: sampler runs of stage (c), the model-time shifts, per budget (default
             60; 0 skips it, for profiles the k-diffusion functions must read).
+        shift_rows: calibration rows stage (c) runs on (default 16: on 32 it took the
+            built-in model's tuning to 10.4 minutes).
+        shift_bound: the largest shift, in log-SNR (default 0.1). Unbounded, the fit drove
+            neighbouring shifts to large opposite values (-0.34, +0.39) that helped the
+            pilot and sent test samples astray (on the selection problems: 4 cells worse
+            by 2.6-5.5x; on held-out ones, seen later, one cell by 50x).
         step_bases: recipes whose knots start the time-step search (default 3).
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
@@ -457,6 +464,8 @@ class TuneOptions:
     refine_runs: int = 40
     refine_rows: int = 32
     shift_runs: int = 60
+    shift_rows: int = 16
+    shift_bound: float = 0.1
     step_bases: int = 3
     sample_options: SampleOptions | None = None
 
@@ -469,6 +478,8 @@ class TuneOptions:
         check_int("refine_runs", self.refine_runs, minimum=0)
         check_int("refine_rows", self.refine_rows, minimum=1)
         check_int("shift_runs", self.shift_runs, minimum=0)
+        check_int("shift_rows", self.shift_rows, minimum=1)
+        check_finite_float("shift_bound", self.shift_bound, positive=True)
         check_int("step_bases", self.step_bases, minimum=1)
 
 
@@ -857,7 +868,8 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
 
     # (c) the network's time at each knot, for the recipe chosen so far
     if opts.shift_runs > 0:
-        shifted = _shift(prob, best.recipe, nfe, opts.shift_runs, prob.cal[: opts.refine_rows])
+        rows = prob.cal[: opts.shift_rows]
+        shifted = _shift(prob, best.recipe, nfe, opts.shift_runs, rows, opts.shift_bound)
         if shifted is not None and _accept(shifted, best, prob):
             best = shifted
     r = best.recipe
@@ -1022,12 +1034,13 @@ _SHIFT_STEP = 0.05
 
 
 def _shift(
-    prob: _Problem, base: Recipe, nfe: int, runs: int, rows: Sequence[int]
+    prob: _Problem, base: Recipe, nfe: int, runs: int, rows: Sequence[int], bound: float
 ) -> _Choice | None:
     """Stage (c): Nelder-Mead on one log-SNR offset per finite noisy knot of ``base`` for
     the time the network is told there (:attr:`~dpmsolver.recipe.Recipe.model_shifts`;
     LD3's decoupled time, Tong et al. 2024), from none, against the error on the
-    calibration rows ``rows``. Multistep solvers only: a singlestep solver also evaluates
+    calibration rows ``rows``, each offset kept within ``bound`` (a smooth clamp).
+    Multistep solvers only: a singlestep solver also evaluates
     between the knots, where nothing would move. None if nothing lowered the error."""
     from scipy.optimize import minimize
 
@@ -1045,7 +1058,7 @@ def _shift(
     def recipe_of(u: Sequence[float]) -> Recipe:
         shifts = [0.0] * len(noisy)
         for i, v in zip(free, u, strict=True):
-            shifts[i] = float(v)
+            shifts[i] = bound * math.tanh(float(v) / bound)
         return dataclasses.replace(base, model_shifts=tuple(shifts))
 
     def objective(u: Sequence[float]) -> float:

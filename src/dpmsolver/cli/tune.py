@@ -107,9 +107,10 @@ def add_parser(sub: Any) -> None:
         description=textwrap.fill(
             "Fit solver='auto' to the model on pilot noises: the exact ODE solution is the "
             "reference, half the pilot calibrates and half is held out, and every choice "
-            "(solver and grid, then time steps) is kept only if the held-out half improves. "
+            "(solver and grid, then time steps, then the network's time at each step) is kept "
+            "only if the held-out half improves. "
             "Writes a profile that `dpmsolver sample --profile` and `dpmsolver generate "
-            "--profile` use. Costs minutes: 7.9 (guidance 3) and 8.2 (guidance 7.5) measured "
+            "--profile` use. Costs minutes: 9.6 (guidance 3) and 8.7 (guidance 7.5) measured "
             "on 2 CPU cores for the built-in model, 8 budgets and 128 pilot noises "
             "(benchmarks/tune_cost.md). Runs on every core unless given --threads."
         ),
