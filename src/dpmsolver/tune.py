@@ -984,6 +984,14 @@ def _with_knots(prob: _Problem, base: Recipe, lams: Sequence[float]) -> Recipe |
     )
 
 
+def _capped_error(prob: _Problem, recipe: Recipe | None, nfe: int, rows: Sequence[int]) -> float:
+    """The Nelder-Mead objectives' value: ``recipe``'s RMS error on ``rows``, capped at 1e3
+    (also for no recipe, or one that cannot spend ``nfe``) so that a blow-up stays a
+    finite, comparable value for the simplex."""
+    x = None if recipe is None else prob.run(recipe, nfe, rows)
+    return 1e3 if x is None else min(_rms(x, prob.reference[list(rows)]), 1e3)
+
+
 def _refine(
     prob: _Problem,
     base: Recipe,
@@ -1009,9 +1017,7 @@ def _refine(
         return ks
 
     def objective(u: Sequence[float]) -> float:
-        r = _with_knots(prob, base, lams_of(u))
-        x = None if r is None else prob.run(r, nfe, rows)
-        return 1e3 if x is None else min(_rms(x, prob.reference[list(rows)]), 1e3)
+        return _capped_error(prob, _with_knots(prob, base, lams_of(u)), nfe, rows)
 
     free = list(lams[1:] if pure else lams)
     inc = [math.log(max(b - a, 1e-6)) for a, b in itertools.pairwise(free)]
@@ -1062,8 +1068,7 @@ def _shift(
         return dataclasses.replace(base, model_shifts=tuple(shifts))
 
     def objective(u: Sequence[float]) -> float:
-        x = prob.run(recipe_of(u), nfe, rows)
-        return 1e3 if x is None else min(_rms(x, prob.reference[list(rows)]), 1e3)
+        return _capped_error(prob, recipe_of(u), nfe, rows)
 
     u0 = [0.0] * len(free)
     f0 = objective(u0)

@@ -858,7 +858,8 @@ def render(study: Study, *, note: str = "") -> str:
     peer_min = peers_held[best_peer_label][0]
     ours_worst = ours_held[worst_cell]
     verdict = "below" if ours_worst < peer_min else "NOT below"
-    own = beaten_on_own_cells(ours_held, study.peer_ratios(held))
+    held_peers = study.peer_ratios(held)
+    own = beaten_on_own_cells(ours_held, held_peers)
     below_own = sorted(k for k, (ours_w, theirs) in own.items() if ours_w < theirs)
     out.append("## Claim\n")
     out.append(
@@ -1001,7 +1002,7 @@ def render(study: Study, *, note: str = "") -> str:
     out.append("|---|---|---|---|")
     for label, (ours_w, theirs) in sorted(own.items(), key=lambda kv: kv[1][1]):
         if ours_w >= theirs:
-            n = len(study.peer_ratios(held)[label])
+            n = len(held_peers[label])
             out.append(f"| {label} | {n} | {_fmt(theirs)} | {_fmt(ours_w)} |")
     # ---- per family
     out.append("\n### Per schedule family (held-out cells of that family only)\n")
