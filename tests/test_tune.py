@@ -149,6 +149,10 @@ def test_bad_tune_arguments_are_named() -> None:
         dp.tune(NET, Z[:3], schedule=SD)
     with pytest.raises(ValueError, match="nfe\\[1\\] must be >= 1"):
         dp.tune(NET, Z, schedule=SD, nfe=[5, 0])
+    with pytest.raises(ValueError, match="shift_runs must be >= 0"):
+        dp.tune(NET, Z, schedule=SD, shift_runs=-1)
+    with pytest.raises(ValueError, match="shift_rows must be >= 1"):
+        dp.tune(NET, Z, schedule=SD, shift_rows=0)
     with pytest.raises(ValueError, match="prediction='epsilon'"):
         dp.tune(NET, Z, schedule=SD, prediction="epsilon")  # type: ignore[arg-type]
 
