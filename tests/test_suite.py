@@ -214,8 +214,12 @@ def test_problems_span_the_stated_structure() -> None:
 def test_selection_and_held_out_are_disjoint_and_each_covers_every_feature_level() -> None:
     sel = suite.suite_problems("selection")
     held = suite.suite_problems("held_out")
+    fresh = suite.suite_problems("fresh")
     assert {p.name for p in sel}.isdisjoint({p.name for p in held})
-    assert len(sel) + len(held) == len(suite.SPECS)
+    assert not {p.name for p in fresh} & {p.name for p in sel + held}
+    assert len(sel) + len(held) + len(fresh) == len(suite.SPECS)
+    # the fresh problems span every schedule family too
+    assert {p.family for p in fresh} == {p.family for p in sel}
     for feature in suite.FEATURES:
         levels = {p.features[feature] for p in sel + held}
         assert {p.features[feature] for p in sel} == levels, feature
@@ -363,6 +367,22 @@ def test_baseline_driver_writes_its_table(tmp_path) -> None:  # type: ignore[no-
     rows = suite.rows_from_csv(suite._read_text(str(csv)))
     assert len(rows) == 1 and rows[0].problem == "iso2-sd" and rows[0].peers_run > 30
     assert rows[0].best_peer == min(rows[0].errors.values())
+    # --reuse keeps the recorded problem as it is and runs only the one it lacks
+    again = tmp_path / "c.csv.gz"
+    args = ["--guidance", "3", "--nfe", "5", "--batch", "2", "--reuse", str(csv)]
+    assert (
+        suite.main(
+            ["--problems", "iso2-vplin,iso2-sd", *args, "--out", str(out), "--csv", str(again)]
+        )
+        == 0
+    )
+    both = suite.rows_from_csv(suite._read_text(str(again)))
+    assert [r.problem for r in both] == ["iso2-vplin", "iso2-sd"]
+    assert both[1].errors == rows[0].errors  # as recorded, not rerun
+    text = out.read_text()
+    assert "for the 1 problem(s) it ran; the other 1 are `--reuse`d as recorded" in text
+    timing = text[text.index("## Timing") :]
+    assert "| iso2-vplin |" in timing and "| iso2-sd |" not in timing
 
 
 def test_missing_peer_packages_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:

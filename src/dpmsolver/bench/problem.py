@@ -37,7 +37,7 @@ __all__ = [
     "schedule_family",
 ]
 
-Split = Literal["selection", "held_out"]
+Split = Literal["selection", "held_out", "fresh"]
 ScheduleName = Literal["sd", "vp_linear", "vp_cosine", "edm", "flow", "flow_shift3"]
 
 
@@ -111,7 +111,8 @@ class Problem(ABC):
 
     Attributes:
         name: unique, and the seed of everything random in the problem.
-        split: ``"selection"`` (may be used to choose things) or ``"held_out"`` (never).
+        split: ``"selection"`` (may be used to choose things), ``"held_out"`` (never) or
+            ``"fresh"`` (never, and never looked at before the choices were final).
         kind: ``"mixture"`` (exact) or ``"network"`` (a trained model).
         schedule: the schedule samplers integrate on (``t_max`` to ``t_min``).
         shape: per-sample shape.

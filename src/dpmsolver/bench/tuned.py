@@ -578,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="a smoke run: 2 problems, w=7.5, NFE 5 and 10, pilot 16",
     )
-    ap.add_argument("--split", choices=("selection", "held_out"), default="held_out")
+    ap.add_argument("--split", choices=("selection", "held_out", "fresh"), default="held_out")
     ap.add_argument("--problems", default=None, help="comma-separated names (default: the split)")
     ap.add_argument("--guidance", default=None, help="comma-separated (default 1,3,7.5,15)")
     ap.add_argument("--nfe", default=None, help="comma-separated (default 5,...,25)")
@@ -665,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         log(f"cost: {cost.seconds:.0f} s, {cost.evaluations} evaluations")
     total = time.perf_counter() - start
-    split_words = "held-out" if args.split == "held_out" else "selection"
+    split_words = {"held_out": "held-out"}.get(args.split, args.split)
     text = (
         f'# Tuned solver="auto" on the {split_words} suite problems, against the best peer\n\n'
         + (__doc__ or "")
