@@ -30,14 +30,20 @@ CSV = ROOT / "benchmarks" / "policy.csv.gz"
 PEERS = ROOT / "benchmarks" / "suite_baseline.csv.gz"
 SCHEDULE = {"discrete": "sd", "vp": "vp_linear", "ve": "edm", "flow": "flow"}
 
-CLAIM = re.compile(
-    r"CLAIM: held-out worst ratio (?P<ours>[0-9.e+]+) \((?P<cell>[^)]*)\), (?P<verdict>below|NOT "
-    r"below) every single peer configuration's held-out worst ratio \(the smallest: "
-    r"(?P<peer>[0-9.e+]+), (?P<label>[^,]+), over the (?P<cells>\d+) held-out cells it can "
-    r"run\); library default dpmpp_2m (?P<default>[0-9.e+]+); previous auto "
-    r"(?P<previous>[0-9.e+]+)\. On each peer configuration's own held-out cells, our worst "
-    r"ratio is below its worst for (?P<own>\d+) of (?P<configs>\d+) configurations\."
-)
+
+def claim_pattern(word: str) -> re.Pattern[str]:
+    """The CLAIM line for one split (``held-out`` or ``fresh``)."""
+    return re.compile(
+        rf"CLAIM: {word} worst ratio (?P<ours>[0-9.e+]+) \((?P<cell>[^)]*)\), (?P<verdict>below|"
+        rf"NOT below) every single peer configuration's {word} worst ratio \(the smallest: "
+        rf"(?P<peer>[0-9.e+]+), (?P<label>[^,]+), over the (?P<cells>\d+) {word} cells it can "
+        r"run\); library default dpmpp_2m (?P<default>[0-9.e+]+); previous auto "
+        rf"(?P<previous>[0-9.e+]+)\. On each peer configuration's own {word} cells, our worst "
+        r"ratio is below its worst for (?P<own>\d+) of (?P<configs>\d+) configurations\."
+    )
+
+
+CLAIM = claim_pattern("held-out")
 
 
 def _fmt(v: float) -> str:
@@ -55,17 +61,22 @@ def markdown() -> str:
     return MARKDOWN.read_text()
 
 
-def test_the_claim_is_what_the_recorded_errors_say(study: Study, markdown: str) -> None:
-    m = CLAIM.search(markdown)
-    assert m is not None, "benchmarks/policy.md lost its CLAIM line"
+@pytest.mark.parametrize(
+    ("split", "word", "count"), [("held_out", "held-out", 8), ("fresh", "fresh", 8)]
+)
+def test_the_claim_is_what_the_recorded_errors_say(
+    study: Study, markdown: str, split: str, word: str, count: int
+) -> None:
+    m = claim_pattern(word).search(markdown)
+    assert m is not None, f"benchmarks/policy.md lost its {word} CLAIM line"
     chosen = re.search(r"### Chosen: (.+), per left-out problem", markdown)
     assert chosen is not None
     rule = rule_named(chosen.group(1))
-    sel, held = study.problems("selection"), study.problems("held_out")
-    assert len(sel) == len(held) == 8
+    sel, held = study.problems("selection"), study.problems(split)
+    assert len(sel) == 20 and len(held) == count
     table = fit(study.ratios, study.family, sel, rule.granularity, study.candidates, rule.power)
     ours = policy_ratios(table, study.ratios, study.family, held)
-    assert len(ours) == 256 and all(math.isfinite(v) for v in ours.values())
+    assert len(ours) == 32 * count and all(math.isfinite(v) for v in ours.values())
     worst = max(ours.values())
     peers = study.peer_worst(held)
     label = min(peers, key=lambda k: peers[k][0])
@@ -83,7 +94,7 @@ def test_the_claim_is_what_the_recorded_errors_say(study: Study, markdown: str) 
     assert worst < float(m.group("default")) and worst < float(m.group("previous"))
     for method, key in (("library default dpmpp_2m", "default"), ("previous auto", "previous")):
         got = [v[method] for c, v in study.ratios.items() if c[0] in held]
-        assert len(got) == 256 and m.group(key) == _fmt(max(got))
+        assert len(got) == 32 * count and m.group(key) == _fmt(max(got))
 
 
 def test_auto_ships_the_table_the_rule_picks_from_the_record(study: Study, markdown: str) -> None:
@@ -101,16 +112,24 @@ def test_auto_ships_the_table_the_rule_picks_from_the_record(study: Study, markd
 def test_the_readme_quotes_the_record(markdown: str) -> None:
     readme = (ROOT / "README.md").read_text()
     quoted = readme[readme.index("<!-- policy:start -->") : readme.index("<!-- policy:end -->")]
-    m = CLAIM.search(markdown)
-    assert m is not None
-    assert f'| `solver="auto"` (this table) | {m.group("ours")} ' in quoted
-    assert f"| {m.group('default')} |" in quoted and f"| {m.group('previous')} |" in quoted
-    assert f"| {m.group('peer')} |" in quoted
-    # the worst-ratio objective's held-out score, as benchmarks/policy.md reports it
-    minimax_row = re.search(r"\| worst ratio: [^|]+(?:\|[^|]*){4}\| ([0-9.e+]+) \|", markdown)
-    assert minimax_row is not None
-    objective = "(the same procedure with the worst ratio as objective)"
-    assert f"{objective} | {minimax_row.group(1)} |" in quoted
+    held = CLAIM.search(markdown)
+    fresh = claim_pattern("fresh").search(markdown)
+    assert held is not None and fresh is not None
+    row = f'| `solver="auto"` (this table) | {held.group("ours")} | {fresh.group("ours")} |'
+    assert row in quoted
+    for key in ("default", "previous"):
+        assert f"| {held.group(key)} | {fresh.group(key)} |" in quoted
+    assert f"| {held.group('peer')} | {fresh.group('peer')} |" in quoted
+    # the stop-20 table: on the held-out half, and on the last fresh round
+    old_held = re.search(
+        r"The stop-20 table on the held-out half: worst ratio ([0-9.e+]+)\.", markdown
+    )
+    rounds = re.findall(
+        r"^\| (\d+) \| \d+ \| [^|]+ \| ([0-9.e+]+) \| ([0-9.e+]+) \|", markdown, re.M
+    )
+    assert old_held is not None and rounds and rounds[-1][1] == fresh.group("ours")
+    assert f"| the stop-20 table | {old_held.group(1)} | {rounds[-1][2]} |" in quoted
+    assert f"at **{rounds[0][2]}**" in readme  # the first round's score of the stop-20 table
 
 
 def test_the_recorded_rule_is_the_one_leave_one_out_picks(study: Study, markdown: str) -> None:

@@ -10,11 +10,13 @@ import pytest
 
 from dpmsolver.bench.policy import (
     RULES,
+    TIE_BAND,
     Granularity,
     Rule,
     choose_rule,
     fit,
     leave_one_out,
+    loo_worsts,
     minimax,
     power_mean,
     rule_named,
@@ -120,3 +122,24 @@ def test_choose_rule_scores_every_objective_by_leave_one_out() -> None:
     assert rule_named(RULES[0].name) == RULES[0]
     with pytest.raises(ValueError, match="rule"):
         rule_named("no such rule")
+
+
+def test_leave_one_out_worsts_within_the_tie_band_are_decided_by_their_geometric_mean() -> None:
+    # "x" is 10 in one cell of every problem; "y" is 10.5 in one cell of a and b and 1
+    # everywhere else. The worst-ratio rule keeps x (left-out worst 10); the quadratic
+    # mean keeps y (left-out worst 10.5, but worsts of 10.5, 10.5 and 1).
+    ratios = {}
+    for p, y_worst in (("a", 10.5), ("b", 10.5), ("c", 1.0)):
+        ratios[(p, 1.0, 5)] = {"x": 10.0, "y": y_worst}
+        ratios[(p, 1.0, 6)] = {"x": 10.0, "y": 1.0}
+    family = {p: "discrete" for p in "abc"}
+    one = Granularity("one", (("discrete",),), ((1.0,),), ((5, 6),))
+    rules = [Rule(one, math.inf), Rule(one, 2.0)]
+    strict, loo = choose_rule(ratios, family, list("abc"), ["x", "y"], rules, band=1.0)
+    assert strict.power == math.inf
+    assert loo_worsts(loo["one, worst ratio"]) == (10.0, pytest.approx(10.0))
+    assert loo_worsts(loo["one, power mean 2"]) == (10.5, pytest.approx(10.5 ** (2 / 3)))
+    banded, _ = choose_rule(ratios, family, list("abc"), ["x", "y"], rules)
+    assert TIE_BAND >= 1.05 and banded.power == 2.0
+    with pytest.raises(ValueError, match="band"):
+        choose_rule(ratios, family, list("abc"), ["x", "y"], rules, band=0.5)
