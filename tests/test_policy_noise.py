@@ -31,6 +31,15 @@ def test_a_rerun_cell_reproduces_its_recorded_ratio_and_the_bootstrap_brackets_i
     assert 1 / 64 <= share <= 1.0
 
 
-def test_a_recipe_that_cannot_spend_the_budget_is_refused() -> None:
-    with pytest.raises(ValueError, match="cannot spend"):
-        bootstrap_cell(("iso8-flow", 3.0, 6), "dpmpp_fast logsnr", resamples=10)
+def test_an_unknown_recipe_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="recipe: 'ddim nowhere' is not a candidate"):
+        bootstrap_cell(("iso2-vplin", 3.0, 5), "ddim nowhere", resamples=10)
+
+
+def test_the_readme_quotes_the_recorded_resampling() -> None:
+    record = (ROOT / "benchmarks" / "policy_noise.md").read_text()
+    first = next(line for line in record.splitlines() if line.startswith("| one table"))
+    cells = [c.strip() for c in first.strip("|").split("|")]
+    ratio, lo, hi = cells[3], cells[5], cells[7]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"score ({ratio})" in readme and f"from {lo} to {hi} (5-95%" in readme

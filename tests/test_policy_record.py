@@ -137,3 +137,12 @@ def test_the_recorded_rule_is_the_one_leave_one_out_picks(study: Study, markdown
     assert chosen is not None
     rule, _ = choose_rule(study.ratios, study.family, study.problems("selection"), study.candidates)
     assert rule.name == chosen.group(1)
+
+
+def test_the_recorded_splits_are_the_suites(study: Study) -> None:
+    from dpmsolver.bench.suite import FRESH_ROUNDS, get_problem
+
+    assert {p: get_problem(p).split for p in study.split} == study.split
+    assert len(study.split) == 36
+    # a finished fresh round is part of the selection half
+    assert all(study.split[p] == "selection" for r in FRESH_ROUNDS for p in r)

@@ -39,7 +39,7 @@ from .policy import (
     rows_from_text,
     run_recipe,
 )
-from .suite import _read_text, get_problem, rows_from_csv
+from .suite import _read_text, _write_text, get_problem, rows_from_csv
 
 __all__ = ["DecisiveCell", "bootstrap_cell", "decisive_cells", "main"]
 
@@ -100,7 +100,10 @@ def bootstrap_cell(
     x_T = p.x_T(z)
     den = p.denoiser(w, labels)
     ref = p.reference(den, x_T)
-    x, spent = run_recipe(p, den, z, candidates()[recipe], nfe)
+    known = candidates()
+    if recipe not in known:
+        raise ValueError(f"recipe: {recipe!r} is not a candidate of dpmsolver.bench.policy")
+    x, spent = run_recipe(p, den, z, known[recipe], nfe)
     if x is None or spent != nfe:
         raise ValueError(f"recipe {recipe!r} cannot spend exactly {nfe} NFE on {name}")
     ours = _per_sample(x, ref)
@@ -166,8 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        _write_text(args.out, text)
     return 0
 
 

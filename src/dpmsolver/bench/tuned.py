@@ -410,7 +410,7 @@ def markdown(rows: Sequence[TunedRow], cost: CostResult | None) -> str:
             f"geo-mean ratio {_f(_geomean(untuned))} over the {len(untuned)} cells where it "
             f"spends exactly the budget, {sum(v <= 1 for v in untuned)} of them <= 1.\n"
         )
-        out.append("\n## Per (guidance, NFE) cell over the held-out problems\n")
+        out.append("\n## Per (guidance, NFE) cell over the problems\n")
         out.append(
             "Each entry: worst ratio / geometric-mean ratio over the problems, and how many "
             f"problems meet tuned <= best peer (of {len(probs)}).\n"
@@ -588,7 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-cost", action="store_true", help="skip the built-in model's cost")
     ap.add_argument("--cost-only", action="store_true", help="only the built-in model's cost")
     ap.add_argument(
-        "--verify", default="iso2-sd,7.5,8", help="a cell PROBLEM,W,NFE to re-run peers"
+        "--verify",
+        default=None,
+        help="a cell PROBLEM,W,NFE to re-run peers (default: the first problem, 7.5, 8)",
     )
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument("--csv", default=None, help="write every cell here (.gz: gzipped)")
@@ -642,8 +644,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.sort(key=lambda r: (order[(r.problem, r.guidance)], r.nfe))
         if args.csv:
             _write_text(args.csv, rows_csv(rows))
-        if args.verify and not args.quick:
-            vname, vw, vn = args.verify.split(",")
+        if not args.quick:
+            vname, vw, vn = (args.verify or f"{names[0]},7.5,8").split(",")
             vp = get_problem(vname)
             assert isinstance(vp, MixtureProblem)
             t0 = time.perf_counter()
