@@ -427,7 +427,7 @@ class Profile:
 class TuneOptions:
     """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
     guidance scale and 8 budgets in 9.6 minutes at guidance 3, and 8.7-10.3 at guidance 7.5
-    in two runs, on 2 CPU cores; benchmarks/tune_cost.md).
+    in three runs, on 2 CPU cores; benchmarks/tune_cost.md).
 
     Attributes:
         rtol: the reference's starting tolerance (tightened until its error is 10x below

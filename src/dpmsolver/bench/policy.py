@@ -25,8 +25,8 @@ is our error over the smallest error among all peer configurations (diffusers, k
    smallest are tied, and the geometric mean of the left-out problems' worst ratios
    decides among them (then the coarser, then the larger power).
 3. That rule is fitted on all selection problems (what :mod:`dpmsolver.auto` ships) and
-   scored once on the held-out half and once on the fresh problems (added after every
-   choice above was made, never looked at before), beside every single peer
+   scored on the held-out half and on the fresh problems (defined before the rule was
+   chosen without them, and scored once), beside every single peer
    configuration's worst ratio (over all its cells, and over the cells each configuration
    runs), plain
    ``dpmpp_2m`` (the library's default solver) and the previous ``auto`` table
@@ -716,8 +716,9 @@ def rule_named(name: str) -> Rule:
 
 #: Leave-one-out worst ratios within this factor of the smallest count as tied. The worst
 #: left-out ratio is one cell's RMS error over 64 samples, and in the cells that decide it
-#: a single sample carries it: resampling those 64 samples (``--noise``,
-#: ``benchmarks/policy_noise.md``) spreads it over a 5-95% range of 10x and more. A rule
+#: a single sample carries it: resampling those 64 samples (``python -m
+#: dpmsolver.bench.policy_noise``, ``benchmarks/policy_noise.md``) spreads it over a 5-95%
+#: range of 10x and more. A rule
 #: that is 6% better in that one cell is not measurably better.
 TIE_BAND = 2.0
 
@@ -873,10 +874,11 @@ STOP20_SELECTION = (
 )
 
 
-def _fresh_rounds(study: Study) -> list[str]:
+def _fresh_rounds(study: Study, chosen: Rule) -> list[str]:
     """Each fresh round's score on its problems: the rule this procedure chooses on the
-    selection problems it had before them, the stop-20 table, the library default and
-    the smallest worst of any peer configuration."""
+    selection problems it had before them (``chosen``, the rule already chosen on the
+    whole selection half, for the current round), the stop-20 table, the library default
+    and the smallest worst of any peer configuration."""
     rounds = [*FRESH_ROUNDS, tuple(study.problems("fresh"))]
     stop20_rule = rule_named(STOP20_RULE)
     stop20 = fit(
@@ -901,7 +903,11 @@ def _fresh_rounds(study: Study) -> list[str]:
     for i, names in enumerate(rounds, 1):
         later = {p for r in rounds[i - 1 :] for p in r}
         before = [p for p in sel if p not in later]
-        rule, _ = choose_rule(study.ratios, study.family, before, study.candidates)
+        rule = (
+            chosen
+            if before == sel
+            else choose_rule(study.ratios, study.family, before, study.candidates)[0]
+        )
         fitted = fit(
             study.ratios, study.family, before, rule.granularity, study.candidates, rule.power
         )
@@ -1172,7 +1178,7 @@ def render(study: Study, *, note: str = "") -> str:
             "chosen and measured after it was; nothing was changed once they were scored.\n"
         )
         out += fresh_lines
-        out += _fresh_rounds(study)
+        out += _fresh_rounds(study, rule)
     under = sum(1 for (c, m), s in study.spent.items() if m == PREVIOUS_LABEL and s != c[2])
     out.append(
         f"\nThe previous auto underspent its budget in {under} cells (its singlestep recipes "

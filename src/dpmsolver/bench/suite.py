@@ -33,6 +33,7 @@ guidance scale and NFE, the best peer configuration (:mod:`.peer_suite`) against
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import math
 import sys
@@ -124,6 +125,8 @@ class MixtureSpec:
         data_std: the data's per-coordinate standard deviation after scaling.
         today: build ``default_mixture(16, 4 classes, 3 per class, seed 0)`` instead, the
             mixture today's benchmark (:mod:`.accuracy`) and ``solver="auto"`` used.
+        fresh_round: the fresh round that scored this problem before it joined the
+            selection half (0: none).
     """
 
     name: str
@@ -137,6 +140,7 @@ class MixtureSpec:
     modes: Literal["near", "far"]
     data_std: float
     today: bool = False
+    fresh_round: int = 0
 
 
 def build_mixture(spec: MixtureSpec) -> LowRankMixture:
@@ -233,6 +237,11 @@ def _band(value: float, edges: Sequence[float], names: Sequence[str]) -> str:
     return names[-1]
 
 
+def _scored_in(fresh_round: int, *specs: MixtureSpec) -> tuple[MixtureSpec, ...]:
+    """``specs`` as a finished fresh round: scored once, now selection problems."""
+    return tuple(dataclasses.replace(s, fresh_round=fresh_round) for s in specs)
+
+
 #: The suite. Both halves span every level of the structural features (stratified split);
 #: see the module docstring for why.
 SPECS: tuple[MixtureSpec, ...] = (
@@ -254,14 +263,21 @@ SPECS: tuple[MixtureSpec, ...] = (
     MixtureSpec("iso4-flow3", "selection", "flow_shift3", 4, 12, 4, "isotropic", 0, "near", 3.0),
     MixtureSpec("lowrank128-flow", "selection", "flow", 128, 10, 5, "lowrank", 4, "far", 0.3),
     # the first fresh round (stop 21): scored once as unseen problems, then moved here
-    MixtureSpec("diag8-sd", "selection", "sd", 8, 6, 3, "diagonal", 0, "near", 1.0),
-    MixtureSpec("iso256-sd", "selection", "sd", 256, 8, 4, "isotropic", 0, "far", 0.3),
-    MixtureSpec("lowrank64-vplin", "selection", "vp_linear", 64, 16, 4, "lowrank", 3, "far", 0.5),
-    MixtureSpec("ill32-cos", "selection", "vp_cosine", 32, 5, 5, "illcond", 1, "far", 3.0),
-    MixtureSpec("diag4-edm", "selection", "edm", 4, 10, 2, "diagonal", 0, "near", 0.3),
-    MixtureSpec("lowrank128-edm", "selection", "edm", 128, 4, 4, "lowrank", 2, "near", 3.0),
-    MixtureSpec("lowrank16-flow3", "selection", "flow_shift3", 16, 20, 5, "lowrank", 2, "far", 1.0),
-    MixtureSpec("ill8-flow", "selection", "flow", 8, 6, 3, "illcond", 1, "near", 0.5),
+    *_scored_in(
+        1,
+        MixtureSpec("diag8-sd", "selection", "sd", 8, 6, 3, "diagonal", 0, "near", 1.0),
+        MixtureSpec("iso256-sd", "selection", "sd", 256, 8, 4, "isotropic", 0, "far", 0.3),
+        MixtureSpec(
+            "lowrank64-vplin", "selection", "vp_linear", 64, 16, 4, "lowrank", 3, "far", 0.5
+        ),
+        MixtureSpec("ill32-cos", "selection", "vp_cosine", 32, 5, 5, "illcond", 1, "far", 3.0),
+        MixtureSpec("diag4-edm", "selection", "edm", 4, 10, 2, "diagonal", 0, "near", 0.3),
+        MixtureSpec("lowrank128-edm", "selection", "edm", 128, 4, 4, "lowrank", 2, "near", 3.0),
+        MixtureSpec(
+            "lowrank16-flow3", "selection", "flow_shift3", 16, 20, 5, "lowrank", 2, "far", 1.0
+        ),
+        MixtureSpec("ill8-flow", "selection", "flow", 8, 6, 3, "illcond", 1, "near", 0.5),
+    ),
     # ---- held out: never used to choose anything; the README reports on these
     MixtureSpec("iso2-sd", "held_out", "sd", 2, 25, 5, "isotropic", 0, "far", 3.0),
     MixtureSpec("lowrank256-vplin", "held_out", "vp_linear", 256, 12, 4, "lowrank", 6, "far", 0.3),
@@ -283,19 +299,12 @@ SPECS: tuple[MixtureSpec, ...] = (
     MixtureSpec("iso4-flow", "fresh", "flow", 4, 16, 4, "isotropic", 0, "far", 1.0),
 )
 
-#: Fresh rounds already scored: each tuple's problems were defined before a rule was
-#: chosen without them, scored once as fresh problems, then moved to the selection half.
-FRESH_ROUNDS: tuple[tuple[str, ...], ...] = (
-    (
-        "diag8-sd",
-        "iso256-sd",
-        "lowrank64-vplin",
-        "ill32-cos",
-        "diag4-edm",
-        "lowrank128-edm",
-        "lowrank16-flow3",
-        "ill8-flow",
-    ),
+#: Fresh rounds already scored, in order: each tuple's problems were defined before a
+#: rule was chosen without them, scored once as fresh problems, then moved to the
+#: selection half.
+FRESH_ROUNDS: tuple[tuple[str, ...], ...] = tuple(
+    tuple(s.name for s in SPECS if s.fresh_round == i)
+    for i in range(1, max(s.fresh_round for s in SPECS) + 1)
 )
 
 #: The structural features the split is stratified over (each level in both halves).
