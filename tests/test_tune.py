@@ -224,3 +224,28 @@ def test_a_loose_start_tolerance_is_tightened_until_the_reference_is_10x_better(
     tighter = exact_sample(den, x_T, SD, rtol=p.reference_rtol / 10)
     full = float((ref - tighter).pow(2).mean().sqrt())  # every row, not only check_rows
     assert full / 10 < p.reference_error < full * 10
+
+
+def test_budgets_tuned_side_by_side_choose_exactly_what_one_thread_chooses() -> None:
+    """``workers`` only changes the time: each budget runs on one intra-op thread either
+    way, so the choices, errors and evaluation counts are bit for bit the same, and the
+    process's thread count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        kw = dict(schedule=SD, guidance_scale=5.0, nfe=[5, 6, 8], **COND, **FAST)
+        one = dp.tune(NET, Z, workers=1, **kw)
+        torch.set_num_threads(3)
+        two = dp.tune(NET, Z, workers=2, **kw)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+    def strip(p: dp.Profile) -> list[dict]:
+        return [{k: v for k, v in vars(c).items() if k != "seconds"} for c in p.choices]
+
+    assert [c.nfe for c in two.choices] == [5, 6, 8]
+    assert strip(one) == strip(two)
+    assert one.evaluations == two.evaluations
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        dp.tune(NET, Z, workers=0, **kw)

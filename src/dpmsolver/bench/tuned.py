@@ -303,7 +303,8 @@ def measure_cost(
     **options: Any,
 ) -> CostResult:
     """Tune the built-in digits model (``dpmsolver.models.load_builtin``) on ``pilot``
-    noises (seed 0) at one guidance scale for ``nfes``, on ``threads`` torch threads."""
+    noises (seed 0) at one guidance scale for ``nfes``, on ``threads`` torch threads (so
+    ``threads`` budgets side by side: :func:`dpmsolver.tune`'s default ``workers``)."""
     from ..models import load_builtin
 
     model = load_builtin(torch.device("cpu"))
@@ -508,7 +509,9 @@ def cost_markdown(cost: CostResult) -> str:
     lines = [
         f"`dpmsolver.tune` on the built-in digits model (eps prediction, SD schedule, null "
         f"label 10), guidance {cost.guidance:g}, {cost.pilot} pilot noises, budgets "
-        f"{', '.join(map(str, cost.nfes))}, {cost.threads} torch threads: "
+        f"{', '.join(map(str, cost.nfes))}, {cost.threads} threads (the reference on "
+        f"{cost.threads} intra-op threads, then {cost.threads} budgets at a time, one "
+        f"thread each; `tune`'s `workers`): "
         f"**{cost.seconds / 60:.1f} min** ({cost.seconds:.0f} s), {cost.evaluations} network "
         f"evaluations (sample rows; the reference included); reference error "
         f"{cost.reference_error:.1e}. Load average (1, 5, 15 min) before "

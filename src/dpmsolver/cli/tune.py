@@ -112,7 +112,8 @@ def add_parser(sub: Any) -> None:
             "Writes a profile that `dpmsolver sample --profile` and `dpmsolver generate "
             "--profile` use. Costs minutes: 9.6 (guidance 3) and 8.7 (guidance 7.5) measured "
             "on 2 CPU cores for the built-in model, 8 budgets and 128 pilot noises "
-            "(benchmarks/tune_cost.md). Runs on every core unless given --threads."
+            "(benchmarks/tune_cost.md). Runs on every core unless given --threads N: the "
+            "reference on N intra-op threads, then N budgets side by side, one thread each."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
