@@ -444,8 +444,12 @@ class TuneOptions:
         refine_rows: calibration rows the refinement runs on (default 32).
         shift_runs: sampler runs of stage (c), the model-time shifts, per budget (default
             60; 0 skips it, for profiles the k-diffusion functions must read).
-        shift_rows: calibration rows stage (c) runs on (default 16: on 32 it took the
-            built-in model's tuning to 10.4 minutes).
+        shift_rows: calibration rows stage (c) runs on (default 16). On 32, tuning the
+            built-in model took 10.4 minutes (before budgets ran side by side), and on the
+            20 selection problems (``python -m dpmsolver.bench.tuned --no-cost --split
+            selection --set shift_rows=32``) it met the best peer in 556 of 640 cells
+            (16 rows: 545) but its worst cell went from 43.6x the best peer to 207x (a
+            blow-up at guidance 15, 6 NFE): not taken.
         shift_bound: the largest shift, in log-SNR (default 0.1). Unbounded, the fit drove
             neighbouring shifts to large opposite values (-0.34, +0.39) that helped the
             pilot and sent test samples astray (on the selection problems: 4 cells worse

@@ -27,6 +27,7 @@ schedule) at guidance 3 on 128 pilot noises for the 8 budgets, on ``--threads`` 
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import dataclasses
 import math
@@ -42,7 +43,7 @@ import torch
 
 from ..analytic import MixtureNetwork
 from ..sampling import NonFiniteError, sample
-from ..tune import Profile, tune
+from ..tune import Profile, TuneOptions, tune
 from .suite import (
     GUIDANCE,
     NFES,
@@ -573,6 +574,26 @@ def _job(
     return rows, f"{name} w={w:g}: tuned in {took:.0f} s, worst ratio {worst:.2f}"
 
 
+def tune_settings(items: Sequence[str]) -> dict[str, Any]:
+    """``--set OPTION=VALUE`` items as :func:`dpmsolver.tune` options (VALUE a Python
+    literal), checked against :class:`dpmsolver.TuneOptions` so that a misspelt study fails
+    before an hour of tuning."""
+    names = {f.name for f in dataclasses.fields(TuneOptions)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(
+                f"--set {item!r}: expected OPTION=VALUE with OPTION one of {sorted(names)}"
+            )
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--set {item!r}: VALUE must be a Python literal") from None
+    TuneOptions(**out)  # the values' own checks
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dpmsolver.bench.tuned``: the held-out table and the cost measurement."""
     ap = argparse.ArgumentParser(prog="python -m dpmsolver.bench.tuned", description=__doc__)
@@ -594,6 +615,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--verify",
         default=None,
         help="a cell PROBLEM,W,NFE to re-run peers (default: the first problem, 7.5, 8)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="a dpmsolver.tune option for every tuning (repeatable; a study: e.g. "
+        "--set shift_rows=32); the value is a Python literal",
     )
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument("--csv", default=None, help="write every cell here (.gz: gzipped)")
@@ -628,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options: dict[str, Any] = {}
     if args.quick:
         options = {"fine_knots": 24, "refine_runs": 10, "screen_rows": 8}
+    options |= tune_settings(args.set)
     rows: list[TunedRow] = []
     verified = ""
     if not args.cost_only:

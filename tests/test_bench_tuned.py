@@ -1,0 +1,30 @@
+"""The tuned benchmark's study switch: ``--set OPTION=VALUE`` reaches dpmsolver.tune, and a
+misspelt or bad one stops before any tuning."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpmsolver.bench.tuned import tune_settings
+
+
+def test_settings_are_tune_options_given_as_literals() -> None:
+    assert tune_settings(["shift_rows=32", "shift_bound=0.2"]) == {
+        "shift_rows": 32,
+        "shift_bound": 0.2,
+    }
+    assert tune_settings([]) == {}
+
+
+@pytest.mark.parametrize(
+    ("item", "error", "message"),
+    [
+        ("shift_row=32", SystemExit, r"OPTION one of \[.*'shift_rows'"),
+        ("shift_rows", SystemExit, "expected OPTION=VALUE"),
+        ("shift_rows=many", SystemExit, "VALUE must be a Python literal"),
+        ("shift_rows=0", ValueError, "shift_rows must be >= 1"),
+    ],
+)
+def test_bad_settings_are_named(item: str, error: type[BaseException], message: str) -> None:
+    with pytest.raises(error, match=message):
+        tune_settings([item])
