@@ -249,3 +249,14 @@ def test_budgets_tuned_side_by_side_choose_exactly_what_one_thread_chooses() -> 
     assert one.evaluations == two.evaluations
     with pytest.raises(ValueError, match="workers must be >= 1"):
         dp.tune(NET, Z, workers=0, **kw)
+
+
+def test_worst_factor_refuses_choices_that_worsen_the_worst_held_out_sample() -> None:
+    """With a factor no choice can meet (its worst sample a billionth of the default's),
+    every budget keeps the default; the factor is checked like the other options."""
+    p = dp.tune(
+        NET, Z, schedule=SD, guidance_scale=5.0, nfe=[5, 8], worst_factor=1e-9, **COND, **FAST
+    )
+    assert [c.stage for c in p.choices] == ["default", "default"]
+    with pytest.raises(ValueError, match="worst_factor"):
+        dp.tune(NET, Z, schedule=SD, worst_factor=0.0)
