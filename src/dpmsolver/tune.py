@@ -591,7 +591,9 @@ def tune(
             (:func:`torch.get_num_threads`) on CPU, 1 elsewhere. Each budget's result does
             not depend on it; only the time does. On 2 cores, small pilot subsets run
             about 1.3x faster this way than on two intra-op threads, because one network
-            call on 16-64 rows keeps a second intra-op thread mostly waiting.
+            call on 16-64 rows keeps a second intra-op thread mostly waiting. The model is
+            then called from several threads at once: pass ``workers=1`` for a model that
+            keeps state between calls (caches, hooks that record activations).
         **options: :class:`TuneOptions` fields (``rtol``, ``solvers``, ``grids``,
             ``screen_rows``, ``finalists``, ``fine_knots``, ``refine_runs``,
             ``sample_options``).
