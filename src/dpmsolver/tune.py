@@ -57,6 +57,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,8 @@ class BudgetChoice:
         calibration_error, heldout_error: RMS error to the reference on the calibration and
             held-out halves of the pilot.
         default_heldout_error: the default recipe's held-out error, for comparison.
-        evaluations, seconds: what tuning this budget cost.
+        evaluations, seconds: what tuning this budget cost (seconds of wall time, which
+            budgets tuned side by side share: :func:`tune`'s ``workers``).
         model_shifts: stage (c)'s log-SNR offsets of the network's time per noisy knot
             (:attr:`~dpmsolver.recipe.Recipe.model_shifts`), or None.
     """
@@ -669,8 +671,6 @@ def _tune_budgets(
             found.append(one(n))
             bar.update()
         return found
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -884,9 +884,8 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     scored.sort(key=lambda e: e[0])
     finalists = [_choice(prob, r, nfe, "selection") for _, r in scored[: opts.finalists]]
     for selected in sorted(finalists, key=lambda c: c.cal):
-        if _accept(
-            selected, best, prob, opts.worst_factor
-        ):  # the best finalist that the held-out half takes
+        # the best finalist that the held-out half takes
+        if _accept(selected, best, prob, opts.worst_factor):
             best = selected
             break
 
