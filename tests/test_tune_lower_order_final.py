@@ -121,3 +121,15 @@ def test_sample_runs_the_lowered_choice_and_sigmas_say_they_cannot() -> None:
     assert torch.equal(got.x, want.x) and not torch.equal(got.x, plain.x)
     with pytest.warns(UserWarning, match="lower_order_final.*k-diffusion functions"):
         prof.sigmas(20, 5.0, SD)
+
+
+def test_the_diffusers_scheduler_runs_the_lowered_orders() -> None:
+    pytest.importorskip("diffusers")
+    from dpmsolver.frontends.diffusers_scheduler import DPMSolverScheduler
+
+    prof = _lowered_profile()
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    sched = DPMSolverScheduler(solver="auto", guidance_scale=5.0, profile=prof, **sd)
+    sched.set_timesteps(20)
+    assert sched._orders == prof.choices[0].recipe().plan(SD, nfe=20).orders
+    assert sched._orders[-3:] == [3, 2, 1]

@@ -11,14 +11,11 @@ from dpmsolver.analytic import exact_sample
 from dpmsolver.recipe import Recipe
 from dpmsolver.tune import TuneOptions, _accept, _band, _Choice, _Counter, _pilot, _RowDenoiser
 
+from .test_tune import NET, SD, Y, Z
+
 pytest.importorskip("scipy")
 
-SD = dp.DiscreteVPSchedule()
-MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=5)
-NET = dp.MixtureNetwork(MIX, SD, "eps")
-N = 24
-Z = torch.randn(N, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-Y = torch.arange(N) % 3
+N = Z.shape[0]
 LEVELS = 6
 
 

@@ -22,7 +22,11 @@ own model, guidance included:
    reference than the data's spread where the current choice kept it within half of that).
 3. *(a) Selection* among deterministic registered solvers x grid families: every candidate
    is screened on a few calibration rows, the best few on all of them; the winner must beat
-   the default recipe (:mod:`dpmsolver.auto`).
+   the default recipe (:mod:`dpmsolver.auto`). From 15 evaluations on, the third-order
+   multistep solvers are also candidates with the step before the final one at second
+   order, as diffusers' UniPC runs them (by default the last orders are lowered only below
+   15 steps; on a rectified-flow mixture at 25 evaluations keeping third order there was
+   3.5x the error).
 4. *(b) Time steps*, for the selected solver: dynamic programming over a fine log-SNR grid
    of the reference trajectories in which every candidate step is the solver's own step
    from the best path's own state (as the "optimal stepsize" search does; GITS, Chen et al.
@@ -446,8 +450,8 @@ class Profile:
 @dataclass(frozen=True)
 class TuneOptions:
     """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
-    guidance scale and 8 budgets in 9.6 minutes at guidance 3, and 8.7-10.3 at guidance 7.5
-    in three runs, on 2 CPU cores; benchmarks/tune_cost.md).
+    guidance scale and 8 budgets in 7.5 minutes at guidance 3, and 7.9 at guidance 7.5, on
+    2 CPU cores; benchmarks/tune_cost.md).
 
     Attributes:
         rtol: the reference's starting tolerance (tightened until its error is 10x below
