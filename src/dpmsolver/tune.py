@@ -81,7 +81,7 @@ from .progress import Progress
 from .recipe import PolicyRequest, Recipe, resolve
 from .sampling import SampleOptions, build_denoiser
 from .schedules import Knot, NoiseSchedule
-from .solvers import MultistepSolver, StepContext
+from .solvers import MultistepSolver, Solver, StepContext
 from .timegrid import make_grid
 
 __all__ = [
@@ -459,7 +459,9 @@ class TuneOptions:
         check_rows: pilot rows on which the reference's error is estimated (a second solve
             at a 10x tighter tolerance; default 16).
         solvers: stage (a)'s candidates, ``(name, options)`` pairs (default
-            :data:`TUNE_SOLVERS`).
+            :data:`TUNE_SOLVERS`); ``options`` may also hold the recipe's
+            ``lower_order_final`` (such a candidate is screened only where the default rule
+            keeps the last orders).
         grids: stage (a)'s grid families, ``(kind, rho)`` pairs (default :data:`TUNE_GRIDS`).
         screen_rows: calibration rows every candidate is screened on (default 8).
         finalists: candidates scored on every calibration row (default 4).
@@ -628,6 +630,7 @@ class _Probes:
         jump: per pair, the per-sample distance between the reference samples on the two
             sides of the final bracket (a probe farther than half of it has changed mode).
         pairs: pairs examined (those with a jump and those without).
+        resolution: the final bracket's width, as a share of the range (``2**-levels``).
     """
 
     x_T: Tensor
@@ -1042,11 +1045,17 @@ def _steps_of(recipe: Recipe, schedule: NoiseSchedule, nfe: int) -> int | None:
     """How many grid steps (the noisy intervals and the final one) the recipe's solver
     plans for ``nfe`` evaluations; None if it cannot spend them."""
     try:
-        solver = dataclasses.replace(recipe, timesteps=None).build_solver()
-        lof = recipe.lower_order_final
-        return len(solver_orders(solver, nfe=nfe, final_zero=True, lower_order_final=lof))
+        return len(_budget_orders(recipe, nfe)[1])
     except ValueError:
         return None
+
+
+def _budget_orders(recipe: Recipe, nfe: int) -> tuple[Solver, list[int]]:
+    """The recipe's solver and its step orders for ``nfe`` evaluations ending at sigma = 0,
+    with the recipe's ``lower_order_final`` (ValueError if it cannot spend them)."""
+    solver = dataclasses.replace(recipe, timesteps=None).build_solver()
+    lof = recipe.lower_order_final
+    return solver, solver_orders(solver, nfe=nfe, final_zero=True, lower_order_final=lof)
 
 
 def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> BudgetChoice:
@@ -1185,12 +1194,10 @@ def _oss_knots(prob: _Problem, recipe: Recipe, nfe: int) -> list[float] | None:
     the final data-prediction step. One evaluation per (steps, knot) state, on the
     trajectory's rows. Multistep solvers only (a singlestep step would evaluate inside
     every candidate step); None otherwise."""
-    solver = dataclasses.replace(recipe, timesteps=None).build_solver()
+    # (only for recipes that :func:`_steps_of` found able to spend ``nfe``)
+    solver, orders = _budget_orders(recipe, nfe)
     if not isinstance(solver, MultistepSolver):
         return None
-    orders = solver_orders(
-        solver, nfe=nfe, final_zero=True, lower_order_final=recipe.lower_order_final
-    )
     intervals = len(orders) - 1
     knots, f = prob.fine, len(prob.fine)
     if intervals > f - 1 or intervals < 1:
