@@ -1,0 +1,132 @@
+"""Re-scoring a tuned profile on new noises (dpmsolver.bench.rescore): the shortlist of peer
+configurations, a third noise seed, the same numbers as running each piece by hand, and the
+tuned benchmark's CSV and report carrying the new columns (old files still read)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from dpmsolver.bench.peer_suite import peer_configs, run_peers
+from dpmsolver.bench.rescore import rescore, rescore_seed, run_auto, shortlist
+from dpmsolver.bench.suite import BaselineRow, MixtureProblem, get_problem
+from dpmsolver.bench.tuned import (
+    CSV_FIELDS,
+    TunedRow,
+    markdown,
+    pilot_seed,
+    rows_csv,
+    rows_from_tuned_csv,
+    tune_problem,
+)
+
+CHEAP = {"fine_knots": 8, "refine_runs": 2, "screen_rows": 2, "finalists": 1, "step_bases": 1}
+
+
+def _row(errors: dict[str, float]) -> BaselineRow:
+    r = BaselineRow("p", "fresh", "vp", 7.5, 8, 1.0, 1.0, "a", 3, 0.0, 1.0)
+    r.errors = errors
+    return r
+
+
+def test_shortlist_keeps_the_near_best_and_at_least_the_best_few() -> None:
+    errs = {"a": 1.0, "b": 3.9, "c": 4.1, "d": 50.0, "e": math.inf, "f": 2.0}
+    assert shortlist(_row(errs)) == ["a", "f", "b"]  # within 4x, best first
+    assert shortlist(_row(errs), keep=1.0, least=2) == ["a", "f"]
+    assert shortlist(_row(errs), keep=1.0, least=5) == ["a", "f", "b", "c", "d"]  # no inf
+    assert shortlist(_row({})) == []
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        shortlist(_row(errs), keep=0.5)
+
+
+def test_new_noises_are_neither_the_pilot_nor_the_test_set() -> None:
+    p = get_problem("iso2-sd")
+    assert isinstance(p, MixtureProblem)
+    new = p.noise(8, seed=rescore_seed(p))
+    for other in (p.noise(8), p.noise(8, seed=pilot_seed(p))):
+        assert not torch.allclose(new, other)
+
+
+def test_rescore_is_the_profile_and_the_shortlist_on_the_new_noises() -> None:
+    p = get_problem("iso2-sd")
+    assert isinstance(p, MixtureProblem)
+    w, nfe, n = 7.5, 5, 12
+    prof = tune_problem(p, w, pilot=16, nfes=(nfe,), **CHEAP)
+    errs = {"diffusers DDIM trailing": 0.1, "k-diffusion euler karras": 0.2}
+    errs |= {"diffusers DPM++2M": 0.3, "diffusers Euler": 9.0}
+    base = _row(errs)
+    base.problem, base.nfe = p.name, nfe
+    (cell,) = rescore(p, w, prof, {(p.name, w, nfe): base}, n=n, nfes=(nfe,))
+
+    z = p.noise(n, seed=rescore_seed(p))
+    y = p.labels(n)
+    den = p.denoiser(w, y)
+    ref = p.reference(den, p.x_T(z))
+    x, spent = run_auto(p, w, z, prof, nfe)
+    assert x is not None and spent == nfe
+    assert cell.tuned == pytest.approx(float((x - ref).pow(2).mean().sqrt()), rel=1e-6)
+    chosen = [c for c in peer_configs(p.family) if c.label in shortlist(base)]
+    assert cell.peers == len(chosen) == 3  # "diffusers Euler" is 30x the best
+    by_hand = {
+        r.label: float((r.sample - ref).pow(2).mean().sqrt())
+        for r in run_peers(p, w, y, p.x_T(z), nfe, configs=chosen, denoiser=den)
+        if r.sample is not None
+    }
+    assert cell.best_peer == pytest.approx(min(by_hand.values()), rel=1e-6)
+    assert by_hand[cell.best_label] == pytest.approx(cell.best_peer, rel=1e-9)
+    assert 0 < cell.reference_error < 1e-6
+
+
+def _tuned_row(nfe: int, tuned: float, peer: float, **new: object) -> TunedRow:
+    return TunedRow(
+        "iso2-sd", "held_out", "discrete", 7.5, nfe, tuned, 1.0, peer, "x", nfe, nfe,
+        "steps", "ddim [time_uniform]", 0.1, 0.2, 1e-9, 0.1, 1e-9, 3.0, 100, **new,
+    )  # fmt: skip
+
+
+def test_csv_carries_the_new_columns_and_reads_old_files() -> None:
+    rows = [
+        _tuned_row(5, 2.0, 1.0, new_noises=512, new_tuned=0.5, new_best_peer=1.0,
+                   new_best_label="y", new_peers=4, new_reference_error=1e-10),
+        _tuned_row(6, 0.5, 1.0, new_noises=512, new_tuned=3.0, new_best_peer=1.0,
+                   new_best_label="z", new_peers=3, new_reference_error=2e-10),
+    ]  # fmt: skip
+    back = rows_from_tuned_csv(rows_csv(rows))
+    assert back == rows and back[0].new_ratio == 0.5 and back[1].ratio == 0.5
+    old = rows_csv(rows).splitlines()
+    k = CSV_FIELDS.index("new_noises")
+    cut = "\n".join(",".join(line.split(",")[:k]) for line in old)
+    read = rows_from_tuned_csv(cut)
+    assert read[0].new_noises == 0 and math.isnan(read[0].new_ratio)
+    assert read == [dataclasses.replace(r, **_no_new()) for r in rows]
+
+
+def _no_new() -> dict[str, object]:
+    return {
+        "new_noises": 0,
+        "new_tuned": math.nan,
+        "new_best_peer": math.nan,
+        "new_best_label": "-",
+        "new_peers": 0,
+        "new_reference_error": math.nan,
+    }
+
+
+def test_report_has_the_new_noise_section_only_when_rescored() -> None:
+    rows = [
+        _tuned_row(5, 2.0, 1.0, new_noises=512, new_tuned=0.4, new_best_peer=1.0,
+                   new_best_label="y", new_peers=4, new_reference_error=1e-10),
+        _tuned_row(6, 0.5, 1.0, new_noises=512, new_tuned=3.0, new_best_peer=1.0,
+                   new_best_label="z", new_peers=3, new_reference_error=2e-10),
+    ]  # fmt: skip
+    text = markdown(rows, None)
+    assert "## The same profiles on 512 new noises" in text
+    assert "| tuned <= best peer (every cell) | 2 | 1 | 1 | 1.10 | 3.00 |" in text
+    assert "| tuned <= 0.5x best peer (guidance 7.5, NFE 5-10) | 2 | 1 | 1 | 1.10 | 3.00 |" in text
+    assert "0 meet the best peer on both sets, 1 only on the test set, 1 only on the new" in text
+    assert "| iso2-sd | 7.5 | 6 | 3.000e+00 | 1.000e+00 | 3.00 | 0.50 | z |" in text
+    plain = markdown([dataclasses.replace(r, **_no_new()) for r in rows], None)
+    assert "new noises" not in plain
