@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_rescore_is_the_profile_and_the_shortlist_on_the_new_noises() -> None:
     assert 0 < cell.reference_error < 1e-6
 
 
-def _tuned_row(nfe: int, tuned: float, peer: float, **new: object) -> TunedRow:
+def _tuned_row(nfe: int, tuned: float, peer: float, **new: Any) -> TunedRow:
     return TunedRow(
         "iso2-sd", "held_out", "discrete", 7.5, nfe, tuned, 1.0, peer, "x", nfe, nfe,
         "steps", "ddim [time_uniform]", 0.1, 0.2, 1e-9, 0.1, 1e-9, 3.0, 100, **new,
@@ -104,7 +105,7 @@ def test_csv_carries_the_new_columns_and_reads_old_files() -> None:
     assert read == [dataclasses.replace(r, **_no_new()) for r in rows]
 
 
-def _no_new() -> dict[str, object]:
+def _no_new() -> dict[str, Any]:
     return {
         "new_noises": 0,
         "new_tuned": math.nan,
