@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dpmsolver.bench.peer_suite import peer_configs, run_peers
-from dpmsolver.bench.rescore import rescore, rescore_seed, run_auto, shortlist
+from dpmsolver.bench.rescore import bootstrap_share, rescore, rescore_seed, run_auto, shortlist
 from dpmsolver.bench.suite import BaselineRow, MixtureProblem, get_problem
 from dpmsolver.bench.tuned import (
     CSV_FIELDS,
@@ -79,6 +79,29 @@ def test_rescore_is_the_profile_and_the_shortlist_on_the_new_noises() -> None:
     assert cell.best_peer == pytest.approx(min(by_hand.values()), rel=1e-6)
     assert by_hand[cell.best_label] == pytest.approx(cell.best_peer, rel=1e-9)
     assert 0 < cell.reference_error < 1e-6
+    peer_x = next(
+        r.sample
+        for r in run_peers(p, w, y, p.x_T(z), nfe, configs=chosen, denoiser=den)
+        if r.label == cell.best_label
+    )
+    assert peer_x is not None
+    sq = [(v - ref).pow(2).flatten(1).mean(1) for v in (x, peer_x)]
+    assert cell.share == bootstrap_share(*sq)
+
+
+def test_bootstrap_share_counts_resamples_where_ours_is_not_worse() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(64, generator=g, dtype=torch.float64)
+    assert bootstrap_share(a, a) == 1.0  # ties count for us
+    assert bootstrap_share(a, a + 1) == 1.0 and bootstrap_share(a + 1, a) == 0.0
+    # one sample 100x the rest decides the RMS error, and is left out by ~1/e of resamples
+    tail = torch.ones(64, dtype=torch.float64)
+    tail[0] = 100.0
+    share = bootstrap_share(tail, torch.full((64,), 2.0, dtype=torch.float64), 2000)
+    assert 0.3 < share < 0.45
+    assert bootstrap_share(a, a) == bootstrap_share(a, a)  # a fixed seed
+    with pytest.raises(ValueError, match="two equal 1-D tensors"):
+        bootstrap_share(a, a[:3])
 
 
 def _tuned_row(nfe: int, tuned: float, peer: float, **new: Any) -> TunedRow:
@@ -91,9 +114,9 @@ def _tuned_row(nfe: int, tuned: float, peer: float, **new: Any) -> TunedRow:
 def test_csv_carries_the_new_columns_and_reads_old_files() -> None:
     rows = [
         _tuned_row(5, 2.0, 1.0, new_noises=512, new_tuned=0.5, new_best_peer=1.0,
-                   new_best_label="y", new_peers=4, new_reference_error=1e-10),
+                   new_best_label="y", new_peers=4, new_reference_error=1e-10, new_share=0.9),
         _tuned_row(6, 0.5, 1.0, new_noises=512, new_tuned=3.0, new_best_peer=1.0,
-                   new_best_label="z", new_peers=3, new_reference_error=2e-10),
+                   new_best_label="z", new_peers=3, new_reference_error=2e-10, new_share=0.01),
     ]  # fmt: skip
     back = rows_from_tuned_csv(rows_csv(rows))
     assert back == rows and back[0].new_ratio == 0.5 and back[1].ratio == 0.5
@@ -113,21 +136,23 @@ def _no_new() -> dict[str, Any]:
         "new_best_label": "-",
         "new_peers": 0,
         "new_reference_error": math.nan,
+        "new_share": math.nan,
     }
 
 
 def test_report_has_the_new_noise_section_only_when_rescored() -> None:
     rows = [
         _tuned_row(5, 2.0, 1.0, new_noises=512, new_tuned=0.4, new_best_peer=1.0,
-                   new_best_label="y", new_peers=4, new_reference_error=1e-10),
+                   new_best_label="y", new_peers=4, new_reference_error=1e-10, new_share=0.9),
         _tuned_row(6, 0.5, 1.0, new_noises=512, new_tuned=3.0, new_best_peer=1.0,
-                   new_best_label="z", new_peers=3, new_reference_error=2e-10),
+                   new_best_label="z", new_peers=3, new_reference_error=2e-10, new_share=0.01),
     ]  # fmt: skip
     text = markdown(rows, None)
     assert "## The same profiles on 512 new noises" in text
     assert "| tuned <= best peer (every cell) | 2 | 1 | 1 | 1.10 | 3.00 |" in text
     assert "| tuned <= 0.5x best peer (guidance 7.5, NFE 5-10) | 2 | 1 | 1 | 1.10 | 3.00 |" in text
     assert "0 meet the best peer on both sets, 1 only on the test set, 1 only on the new" in text
-    assert "| iso2-sd | 7.5 | 6 | 3.000e+00 | 1.000e+00 | 3.00 | 0.50 | z |" in text
+    assert "1 of the 1 are clear misses (share under 0.05)" in text
+    assert "| iso2-sd | 7.5 | 6 | 3.000e+00 | 1.000e+00 | 3.00 | 0.010 | 0.50 | z |" in text
     plain = markdown([dataclasses.replace(r, **_no_new()) for r in rows], None)
     assert "new noises" not in plain

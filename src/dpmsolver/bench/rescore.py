@@ -38,7 +38,9 @@ from .suite import BaselineRow, MixtureProblem, _rms
 __all__ = [
     "KEEP",
     "LEAST",
+    "RESAMPLES",
     "RescoreCell",
+    "bootstrap_share",
     "conditioning",
     "network",
     "rescore",
@@ -51,6 +53,8 @@ __all__ = [
 KEEP = 4.0
 #: ... and at least this many (the best ones), whatever their factor.
 LEAST = 3
+#: Bootstrap resamples of the new noises behind :attr:`RescoreCell.share`.
+RESAMPLES = 1000
 
 
 def rescore_seed(problem: MixtureProblem) -> int:
@@ -80,6 +84,9 @@ class RescoreCell:
         best_peer, best_label: the best shortlisted peer configuration there.
         peers: how many configurations were re-run (the shortlist).
         reference_error: the new reference's two-tolerance difference.
+        share: in how many of :data:`RESAMPLES` bootstrap resamples of the new noises
+            tuned's RMS error is <= the best peer's (a fraction; nan when either is not
+            finite). It takes the best peer as given, not re-chosen per resample.
     """
 
     nfe: int
@@ -88,6 +95,23 @@ class RescoreCell:
     best_label: str
     peers: int
     reference_error: float
+    share: float
+
+
+def _sq(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean squared error (the set's RMS error is the root of their mean)."""
+    return ((x.double() - ref.double()) ** 2).flatten(1).mean(1)
+
+
+def bootstrap_share(ours: torch.Tensor, theirs: torch.Tensor, resamples: int = 1000) -> float:
+    """The fraction of ``resamples`` paired bootstrap resamples (Efron 1979) of the samples
+    in which ``ours``' RMS error is <= ``theirs'`` (per-sample squared errors given;
+    resampled on a fixed seed, so the number is reproducible)."""
+    if ours.shape != theirs.shape or ours.ndim != 1:
+        raise ValueError(f"expected two equal 1-D tensors, got {ours.shape} and {theirs.shape}")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(ours), (resamples, len(ours)), generator=g)
+    return float((ours.cpu()[idx].mean(1) <= theirs.cpu()[idx].mean(1)).double().mean())
 
 
 def network(problem: MixtureProblem) -> MixtureNetwork:
@@ -156,12 +180,16 @@ def rescore(
         x, _ = run_auto(problem, guidance, z, profile, nfe)
         row = peers.get((problem.name, guidance, nfe))
         chosen = [] if row is None else [configs[k] for k in shortlist(row) if k in configs]
-        errors = {
-            r.label: _rms(r.sample, ref)
+        samples = {
+            r.label: r.sample
             for r in run_peers(problem, guidance, y, x_T, nfe, configs=chosen, denoiser=den)
             if r.sample is not None
         }
+        errors = {k: _rms(v, ref) for k, v in samples.items()}
         label, best = min(errors.items(), key=lambda kv: kv[1], default=("-", math.nan))
         tuned = math.inf if x is None else _rms(x, ref)
-        out.append(RescoreCell(nfe, tuned, best, label, len(chosen), check.error))
+        share = math.nan
+        if x is not None and math.isfinite(tuned) and math.isfinite(best):
+            share = bootstrap_share(_sq(x, ref), _sq(samples[label], ref), RESAMPLES)
+        out.append(RescoreCell(nfe, tuned, best, label, len(chosen), check.error, share))
     return out
