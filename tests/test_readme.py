@@ -252,7 +252,13 @@ def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize(
-    ("block", "record"), [("tuned", "tuned.md"), ("tuned-fresh", "tuned_fresh.md")]
+    ("block", "record"),
+    [
+        ("tuned", "tuned.md"),
+        ("tuned-fresh", "tuned_fresh.md"),
+        ("tuned-new", "tuned.md"),
+        ("tuned-fresh-new", "tuned_fresh.md"),
+    ],
 )
 def test_readme_tuned_summary_is_the_recorded_one(block: str, record: str) -> None:
     quoted = _between(all_text(), f"<!-- {block}:start -->", f"<!-- {block}:end -->")

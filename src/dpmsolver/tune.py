@@ -98,10 +98,13 @@ __all__ = [
     "tune",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/3"
+PROFILE_FORMAT = "dpmsolver-profile/4"
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
-#: ``lower_order_final``.
-READABLE_FORMATS: tuple[str, ...] = ("dpmsolver-profile/1", "dpmsolver-profile/2", PROFILE_FORMAT)
+#: ``lower_order_final``, version 3 no ``guard_refused``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in (1, 2, 3, 4))
+#: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
+#: not depend on the global generator.
+GUARD_SEED = 0x6A4D
 #: The budgets :func:`tune` fits by default.
 DEFAULT_BUDGETS: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25)
 
@@ -259,6 +262,8 @@ class BudgetChoice:
             (:attr:`~dpmsolver.recipe.Recipe.model_shifts`), or None.
         lower_order_final: the recipe lowers its last orders whatever the step count
             (:attr:`~dpmsolver.recipe.Recipe.lower_order_final`; None: the default rule).
+        guard_refused: the stages whose choice the blow-up guard refused, latest first
+            (:attr:`TuneOptions.guard_rows`; empty when it refused none).
     """
 
     nfe: int
@@ -278,6 +283,7 @@ class BudgetChoice:
     seconds: float = 0.0
     model_shifts: tuple[float, ...] | None = None
     lower_order_final: bool | None = None
+    guard_refused: tuple[str, ...] = ()
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -433,6 +439,7 @@ class Profile:
                         **c,
                         "times": floats(c["times"]),
                         "model_shifts": floats(c.get("model_shifts")),
+                        "guard_refused": tuple(str(v) for v in c.get("guard_refused", ())),
                     }
                 )
                 for c in data["choices"]
@@ -510,6 +517,18 @@ class TuneOptions:
             knots that grew a step 6.8x sent 1 of 512 new noises 590 away (the data's
             largest norm is 2.7), while the grids' own knots kept every sample within 1.8.
             The common grids' knots are not bounded by it.
+        guard_rows, guard_factor: the blow-up guard (default 512 rows, factor 2; 0 rows:
+            none). :func:`tune` draws ``guard_rows`` noises of its own (seed
+            :data:`GUARD_SEED`, conditioning recycled from the pilot's rows) and runs each
+            budget's final choice from them, with no reference: a sample whose RMS norm is
+            over ``guard_factor`` times the largest of the pilot references' has left the
+            data, whatever the exact solution is. If the choice sends more guard samples
+            there than an earlier stage's choice of the same budget did, the latest stage
+            with the fewest is taken instead (the default recipe is the first stage). The
+            held-out rows see a blow-up of 2 samples in 512 (UniPC order 3 at guidance 15
+            on lowrank32-sd: 500 away, the data's largest norm being 2.6) with
+            probability 0.22; the guard's 512 rows with 0.87. It costs ``guard_rows``
+            samples at each budget's NFE, and more only where it finds a blow-up.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -530,6 +549,8 @@ class TuneOptions:
     probe_pairs: int = 0
     probe_levels: int = 6
     step_ratio: float | None = 3.0
+    guard_rows: int = 512
+    guard_factor: float = 2.0
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
@@ -552,6 +573,10 @@ class TuneOptions:
             check_finite_float("step_ratio", self.step_ratio, positive=True)
             if self.step_ratio < 1.0:
                 raise ValueError(f"step_ratio must be >= 1 or None, got {self.step_ratio}")
+        check_int("guard_rows", self.guard_rows, minimum=0)
+        check_finite_float("guard_factor", self.guard_factor, positive=True)
+        if self.guard_factor <= 1.0:
+            raise ValueError(f"guard_factor must be > 1, got {self.guard_factor}")
 
 
 class _Counter:
@@ -583,6 +608,7 @@ class _Problem:
     fine_rows: list[int] = field(default_factory=list)
     fine_x: list[Tensor] = field(default_factory=list)
     probes: _Probes | None = None
+    guard: _Guard | None = None
 
     def run(self, recipe: Recipe, nfe: int, rows: Sequence[int] | None = None) -> Tensor | None:
         """The recipe's final samples for ``rows`` (all if None); None if it cannot spend
@@ -610,6 +636,35 @@ class _Problem:
         if x is None:
             return torch.full((len(rows),), math.inf, dtype=torch.float64)
         return _per_sample(x[list(rows)], self.reference[list(rows)])
+
+
+@dataclass
+class _Guard:
+    """The blow-up guard's start states, the pilot rows whose conditioning they take, and
+    the RMS norm beyond which a sample has left the data (:attr:`TuneOptions.guard_rows`)."""
+
+    x_T: Tensor
+    rows: list[int]
+    bound: float
+
+    def blowups(self, prob: _Problem, recipe: Recipe, nfe: int) -> int:
+        """Guard samples of ``recipe`` beyond the bound (one more than all if it cannot
+        run)."""
+        x = prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows))
+        if x is None:
+            return len(self.rows) + 1
+        norm = x.double().flatten(1).pow(2).mean(1).sqrt()
+        return int((~(norm <= self.bound)).sum())  # a NaN counts
+
+
+def _make_guard(noise: Tensor, sigma: Any, ref: Tensor, rows: int, factor: float) -> _Guard:
+    """``rows`` noises of :data:`GUARD_SEED` (drawn on the CPU, so that every device gets
+    the same ones) at the start's ``sigma``, as the pilot's."""
+    g = torch.Generator().manual_seed(GUARD_SEED)
+    z = torch.randn((rows, *noise.shape[1:]), generator=g, dtype=torch.float64)
+    largest = float(ref.double().flatten(1).pow(2).mean(1).sqrt().max())
+    pilot = noise.shape[0]
+    return _Guard(z.to(noise.device) * sigma, [i % pilot for i in range(rows)], factor * largest)
 
 
 class _Rows:
@@ -802,6 +857,7 @@ def tune(
                 opts.fine_knots,
                 opts.screen_rows,
                 (opts.probe_pairs, opts.probe_levels),
+                (opts.guard_rows, opts.guard_factor),
             )
             bar.update()
             found = _tune_budgets(prob, budgets, w, opts, workers, bar)
@@ -961,11 +1017,13 @@ def _pilot(
     fine: int,
     fine_rows: int = 0,
     probes: tuple[int, int] = (0, 0),
+    guard: tuple[int, float] = (0, 2.0),
 ) -> _Problem:
     """Start states, the reference at ``rtol`` with its error (RMS difference to a 10x
     tighter solve of the first ``check_rows`` rows: that estimates the error of the solve
     at ``rtol`` itself, where a 10x looser one measured its own, ~10x larger error, and the
-    estimate needs no more rows), the calibration / held-out rows, and with ``fine`` > 0 the
+    estimate needs no more rows), the calibration / held-out rows, the blow-up guard of
+    ``guard = (rows, factor)`` (:class:`_Guard`; none for 0 rows), and with ``fine`` > 0 the
     reference trajectory of the first ``fine_rows`` calibration rows at ``fine`` knots (the
     material of the dynamic programming, which runs on those rows only). The reference is
     the ODE solution at the schedule's last time followed by the data prediction there, as
@@ -991,6 +1049,7 @@ def _pilot(
                 xs.append(_segment(sub, xs[-1], a, b, schedule, rtol))
         probed = _probe_boundaries(den, x_T, ref, held, schedule, rtol, *probes)
     spread = float((ref - ref.mean(0, keepdim=True)).pow(2).mean().sqrt())
+    guarded = _make_guard(noise, start.sigma, ref, *guard) if guard[0] > 0 else None
     return _Problem(
         den,
         schedule,
@@ -1005,6 +1064,7 @@ def _pilot(
         dp_rows,
         xs,
         probed,
+        guarded,
     )
 
 
@@ -1076,6 +1136,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     """Stages (a) and (b) for one budget (module docstring)."""
     default = resolve("auto", PolicyRequest(nfe, w, prob.schedule))
     best = default_choice = _choice(prob, default, nfe, "default")
+    taken = [best]  # each stage's accepted choice, for the guard
 
     # (a) selection: screen every candidate on a few calibration rows, then the finalists
     screen = prob.cal[: opts.screen_rows]
@@ -1094,6 +1155,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         # the best finalist that the held-out half takes
         if _accept(selected, best, prob, opts.worst_factor):
             best = selected
+            taken.append(best)
             break
 
     # (b) time steps: the dynamic programming for the chosen solver and the next best
@@ -1129,12 +1191,14 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         )
         if fitted is not None and _accept(fitted, best, prob, opts.worst_factor):
             best = fitted
+            taken.append(best)
         else:
             # the refined knots did not carry over to the held-out half: the DP's own may
             for _, fit in sorted(fits, key=lambda e: e[0])[:2]:
                 dp_choice = _choice(prob, fit, nfe, "steps")
                 if _accept(dp_choice, best, prob, opts.worst_factor):
                     best = dp_choice
+                    taken.append(best)
                     break
 
     # (c) the network's time at each knot, for the recipe chosen so far
@@ -1143,6 +1207,10 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         shifted = _shift(prob, best.recipe, nfe, opts.shift_runs, rows, opts.shift_bound)
         if shifted is not None and _accept(shifted, best, prob, opts.worst_factor):
             best = shifted
+            taken.append(best)
+    refused: tuple[str, ...] = ()
+    if prob.guard is not None:
+        best, refused = _guarded(prob.guard, prob, taken, nfe)
     r = best.recipe
     return BudgetChoice(
         nfe=nfe,
@@ -1160,7 +1228,23 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         default_heldout_error=float(default_choice.held.pow(2).mean().sqrt()),
         model_shifts=r.model_shifts,
         lower_order_final=r.lower_order_final,
+        guard_refused=refused,
     )
+
+
+def _guarded(
+    guard: _Guard, prob: _Problem, taken: Sequence[_Choice], nfe: int
+) -> tuple[_Choice, tuple[str, ...]]:
+    """The latest of the stages' choices ``taken`` with the fewest guard blow-ups, and the
+    stages refused for it (latest first). The last choice runs first; earlier ones only
+    while none is found without a blow-up."""
+    counts = [guard.blowups(prob, taken[-1].recipe, nfe)]
+    for c in reversed(taken[:-1]):
+        if counts[-1] == 0:
+            break
+        counts.append(guard.blowups(prob, c.recipe, nfe))
+    k = counts.index(min(counts))  # counts[k] is taken[-1 - k]: the first minimum is latest
+    return taken[-1 - k], tuple(c.stage for c in reversed(taken[len(taken) - k :]))
 
 
 @dataclass
