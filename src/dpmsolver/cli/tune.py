@@ -110,8 +110,8 @@ def add_parser(sub: Any) -> None:
             "(solver and grid, then time steps, then the network's time at each step) is kept "
             "only if the held-out half improves. "
             "Writes a profile that `dpmsolver sample --profile` and `dpmsolver generate "
-            "--profile` use. Costs minutes: 7.5 (guidance 3) and 7.2-7.9 (guidance 7.5) measured "
-            "on 2 CPU cores for the built-in model, 8 budgets and 128 pilot noises "
+            "--profile` use. Costs minutes: 6.8-7.5 (guidance 3) and 7.2-7.9 (guidance 7.5) "
+            "measured on 2 CPU cores for the built-in model, 8 budgets and 128 pilot noises "
             "(benchmarks/tune_cost.md). Runs on every core unless given --threads N: the "
             "reference on N intra-op threads, then N budgets side by side, one thread each."
         ),
