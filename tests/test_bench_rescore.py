@@ -111,13 +111,19 @@ def _tuned_row(nfe: int, tuned: float, peer: float, **new: Any) -> TunedRow:
     )  # fmt: skip
 
 
-def test_csv_carries_the_new_columns_and_reads_old_files() -> None:
-    rows = [
-        _tuned_row(5, 2.0, 1.0, new_noises=512, new_tuned=0.5, new_best_peer=1.0,
+def _rescored_rows(first: float) -> list[TunedRow]:
+    """Two re-scored cells: missed on the test set and met (new error ``first``) on the new
+    noises, then the other way round."""
+    return [
+        _tuned_row(5, 2.0, 1.0, new_noises=512, new_tuned=first, new_best_peer=1.0,
                    new_best_label="y", new_peers=4, new_reference_error=1e-10, new_share=0.9),
         _tuned_row(6, 0.5, 1.0, new_noises=512, new_tuned=3.0, new_best_peer=1.0,
                    new_best_label="z", new_peers=3, new_reference_error=2e-10, new_share=0.01),
     ]  # fmt: skip
+
+
+def test_csv_carries_the_new_columns_and_reads_old_files() -> None:
+    rows = _rescored_rows(0.5)
     back = rows_from_tuned_csv(rows_csv(rows))
     assert back == rows and back[0].new_ratio == 0.5 and back[1].ratio == 0.5
     old = rows_csv(rows).splitlines()
@@ -141,12 +147,7 @@ def _no_new() -> dict[str, Any]:
 
 
 def test_report_has_the_new_noise_section_only_when_rescored() -> None:
-    rows = [
-        _tuned_row(5, 2.0, 1.0, new_noises=512, new_tuned=0.4, new_best_peer=1.0,
-                   new_best_label="y", new_peers=4, new_reference_error=1e-10, new_share=0.9),
-        _tuned_row(6, 0.5, 1.0, new_noises=512, new_tuned=3.0, new_best_peer=1.0,
-                   new_best_label="z", new_peers=3, new_reference_error=2e-10, new_share=0.01),
-    ]  # fmt: skip
+    rows = _rescored_rows(0.4)
     text = markdown(rows, None)
     assert "## The same profiles on 512 new noises" in text
     assert "| tuned <= best peer (every cell) | 2 | 1 | 1 | 1.10 | 3.00 |" in text
