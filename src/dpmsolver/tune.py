@@ -207,6 +207,11 @@ def _rms(a: Tensor, b: Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
+def _norms(x: Tensor) -> Tensor:
+    """Per-sample RMS norm (in float64)."""
+    return x.double().flatten(1).pow(2).mean(1).sqrt()
+
+
 def _per_sample(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample RMS error (inf where a sample is not finite)."""
     d = (a.double() - b.double()).flatten(1)
@@ -660,8 +665,7 @@ class _Guard:
         x = prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows))
         if x is None:
             return len(self.rows) + 1
-        norm = x.double().flatten(1).pow(2).mean(1).sqrt()
-        return int((~(norm <= self.bound)).sum())  # a NaN counts
+        return int((~(_norms(x) <= self.bound)).sum())  # a NaN counts
 
 
 def _make_guard(noise: Tensor, sigma: Any, ref: Tensor, rows: int, factor: float) -> _Guard:
@@ -669,7 +673,7 @@ def _make_guard(noise: Tensor, sigma: Any, ref: Tensor, rows: int, factor: float
     the same ones) at the start's ``sigma``, as the pilot's."""
     g = torch.Generator().manual_seed(GUARD_SEED)
     z = torch.randn((rows, *noise.shape[1:]), generator=g, dtype=torch.float64)
-    largest = float(ref.double().flatten(1).pow(2).mean(1).sqrt().max())
+    largest = float(_norms(ref).max())
     pilot = noise.shape[0]
     return _Guard(z.to(noise.device) * sigma, [i % pilot for i in range(rows)], factor * largest)
 
@@ -1310,7 +1314,7 @@ def _oss_knots(
     solver, orders = _budget_orders(recipe, nfe)
     if not isinstance(solver, MultistepSolver):
         return None
-    if not _uses_history(recipe):
+    if not _extrapolates(solver):
         ratio = None
     intervals = len(orders) - 1
     knots, f = prob.fine, len(prob.fine)
@@ -1372,11 +1376,15 @@ def _steep(lams: Sequence[float], ratio: float | None) -> bool:
     return any(b > ratio * a for a, b in itertools.pairwise(h))
 
 
-def _uses_history(recipe: Recipe) -> bool:
-    """Whether the recipe's steps extrapolate from earlier model outputs (a multistep
+def _extrapolates(solver: Solver) -> bool:
+    """Whether the solver's steps extrapolate from earlier model outputs (a multistep
     solver of order 2 or more)."""
-    solver = dataclasses.replace(recipe, timesteps=None).build_solver()
-    return isinstance(solver, MultistepSolver) and int(getattr(solver, "order", 1)) >= 2
+    return isinstance(solver, MultistepSolver) and solver.order >= 2
+
+
+def _uses_history(recipe: Recipe) -> bool:
+    """:func:`_extrapolates` for the recipe's solver."""
+    return _extrapolates(dataclasses.replace(recipe, timesteps=None).build_solver())
 
 
 def _with_knots(
