@@ -157,3 +157,12 @@ def test_report_has_the_new_noise_section_only_when_rescored() -> None:
     assert "| iso2-sd | 7.5 | 6 | 3.000e+00 | 1.000e+00 | 3.00 | 0.010 | 0.50 | z |" in text
     plain = markdown([dataclasses.replace(r, **_no_new()) for r in rows], None)
     assert "new noises" not in plain
+
+
+def test_bad_rescore_arguments_are_named() -> None:
+    p = get_problem("iso2-sd")
+    assert isinstance(p, MixtureProblem)
+    with pytest.raises(ValueError, match=r"n \(new noises\) must be >= 1"):
+        rescore(p, 7.5, None, {}, n=0, nfes=(5,))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="least >= 1"):
+        shortlist(_row({"a": 1.0}), least=0)
