@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+import dpmsolver as dp
 from dpmsolver.bench.peer_suite import peer_configs, run_peers
 from dpmsolver.bench.rescore import bootstrap_share, rescore, rescore_seed, run_auto, shortlist
 from dpmsolver.bench.suite import BaselineRow, MixtureProblem, get_problem
@@ -163,6 +164,6 @@ def test_bad_rescore_arguments_are_named() -> None:
     p = get_problem("iso2-sd")
     assert isinstance(p, MixtureProblem)
     with pytest.raises(ValueError, match=r"n \(new noises\) must be >= 1"):
-        rescore(p, 7.5, None, {}, n=0, nfes=(5,))  # type: ignore[arg-type]
+        rescore(p, 7.5, dp.Profile.__new__(dp.Profile), {}, n=0, nfes=(5,))
     with pytest.raises(ValueError, match="least >= 1"):
         shortlist(_row({"a": 1.0}), least=0)
