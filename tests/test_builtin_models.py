@@ -63,6 +63,7 @@ def test_tune_fits_the_flow_model(tmp_path: Path) -> None:
             "fine_knots": 8,
             "refine_runs": 2,
             "screen_rows": 2,
+            "fine_rows": 2,
             "finalists": 1,
             "step_bases": 1,
             "solvers": (("dpmpp_multistep", {"order": 2}), ("ddim", {})),

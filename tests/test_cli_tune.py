@@ -25,6 +25,7 @@ CHEAP = {
     "fine_knots": 8,
     "refine_runs": 4,
     "screen_rows": 2,
+    "fine_rows": 2,
     "finalists": 1,
     "step_bases": 1,
     "solvers": (("dpmpp_multistep", {"order": 2}), ("ddim", {})),

@@ -233,7 +233,14 @@ def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
     """The tuning example, with the search made cheap (its defaults are timed by
     ``python -m dpmsolver.bench.tuned``)."""
     real = dp.tune
-    cheap = {"fine_knots": 8, "refine_runs": 2, "screen_rows": 2, "finalists": 1, "rtol": 1e-4}
+    cheap = {
+        "fine_knots": 8,
+        "refine_runs": 2,
+        "screen_rows": 2,
+        "fine_rows": 2,
+        "finalists": 1,
+        "rtol": 1e-4,
+    }
     cheap |= {"step_bases": 1, "solvers": (("dpmpp_multistep", {"order": 2}), ("ddim", {}))}
 
     def tune(model: object, noise: torch.Tensor, **kw: dict[str, torch.Tensor]) -> dp.Profile:

@@ -1,0 +1,74 @@
+"""Stage (a) of dpmsolver.tune ranks its finalists on the calibration half by default
+(``rank_rows="calibration"``), or on every pilot row (``"pilot"``); either way the held-out
+half alone decides whether the winner beats the default."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+import dpmsolver as dp
+from dpmsolver.recipe import Recipe
+from dpmsolver.tune import TuneOptions, _Choice, _Counter, _pilot, _RowDenoiser, _tune_budget
+
+from .test_tune import NET, SD, Y, Z
+
+# the module, not the function dpmsolver.tune that the package exports under its name
+TUNE = importlib.import_module("dpmsolver.tune")
+
+pytest.importorskip("scipy")
+
+
+@pytest.fixture(scope="module")
+def problem():  # type: ignore[no-untyped-def]
+    den = _Counter(_RowDenoiser(NET, "eps", {"y": Y}, {"y": torch.full_like(Y, 3)}, 5.0, None))
+    return _pilot(den, SD, Z, 1e-5, 4, 0, 0)  # no DP material: stage (b) does not run
+
+
+def test_pooled_is_the_rms_over_every_pilot_row() -> None:
+    cal = torch.tensor([0.1, 0.3, 0.2])
+    held = torch.tensor([0.5, 0.4])
+    c = _Choice(Recipe("ddim"), "selection", float(cal.pow(2).mean().sqrt()), held, 8)
+    assert c.pooled(3) == pytest.approx(float(torch.cat([cal, held]).pow(2).mean().sqrt()))
+
+
+# ddim wins on the calibration half, dpmpp_multistep on the whole pilot; both beat the
+# default (held-out errors 1) on every held-out sample
+ERRORS = {"ddim": (0.1, 0.5), "dpmpp_multistep": (0.2, 0.25)}
+
+
+@pytest.mark.parametrize(
+    ("rank_rows", "chosen"), [("pilot", "dpmpp_multistep"), ("calibration", "ddim")]
+)
+def test_the_finalists_are_ranked_on_the_chosen_rows(
+    problem,
+    monkeypatch: pytest.MonkeyPatch,
+    rank_rows: str,
+    chosen: str,  # type: ignore[no-untyped-def]
+) -> None:
+    def fake(prob: object, recipe: Recipe, nfe: int, stage: str) -> _Choice:
+        cal, held = (1.0, 1.0) if stage == "default" else ERRORS[recipe.solver]
+        return _Choice(recipe, stage, cal, torch.full((len(problem.held),), held), nfe)
+
+    monkeypatch.setattr(TUNE, "_choice", fake)
+    opts = TuneOptions(
+        solvers=(("ddim", {}), ("dpmpp_multistep", {"order": 2})),
+        grids=(("time_uniform", None),),
+        finalists=2,
+        shift_runs=0,
+        rank_rows=rank_rows,
+    )
+    c = _tune_budget(problem, 8, 5.0, opts)
+    assert (c.solver, c.stage) == (chosen, "selection")
+
+
+def test_rank_rows_and_fine_rows_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"rank_rows='held'.*accepted: \('calibration', 'pilot'\)"):
+        dp.tune(NET, Z, schedule=SD, rank_rows="held")
+    with pytest.raises(ValueError, match="fine_rows"):
+        dp.tune(NET, Z, schedule=SD, fine_rows=0)
+    assert TuneOptions().rank_rows == "calibration" and TuneOptions().screen_rows == 8
+    assert math.isfinite(TuneOptions().fine_rows)
