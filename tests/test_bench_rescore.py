@@ -25,14 +25,7 @@ from dpmsolver.bench.tuned import (
     tune_problem,
 )
 
-CHEAP = {
-    "fine_knots": 8,
-    "refine_runs": 2,
-    "screen_rows": 2,
-    "fine_rows": 2,
-    "finalists": 1,
-    "step_bases": 1,
-}
+from .test_tune import CHEAP
 
 
 def _row(errors: dict[str, float]) -> BaselineRow:

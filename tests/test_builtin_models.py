@@ -18,6 +18,8 @@ from dpmsolver.models import BUILTIN, load_model
 from dpmsolver.schedules import DiscreteVPSchedule, RectifiedFlowSchedule, VESchedule
 from dpmsolver.tune import Profile
 
+from .test_tune import CHEAP
+
 CPU = ["--device", "cpu", "--no-progress"]
 KINDS = {
     "builtin": (DiscreteVPSchedule, "eps", digits.DENOISER_FILE),
@@ -60,12 +62,7 @@ def test_tune_fits_the_flow_model(tmp_path: Path) -> None:
     saved = dict(cli_tune.OPTIONS)
     cli_tune.OPTIONS.update(
         {
-            "fine_knots": 8,
-            "refine_runs": 2,
-            "screen_rows": 2,
-            "fine_rows": 2,
-            "finalists": 1,
-            "step_bases": 1,
+            **CHEAP,
             "solvers": (("dpmpp_multistep", {"order": 2}), ("ddim", {})),
             "grids": (("time_uniform", None),),
         }

@@ -19,15 +19,13 @@ from dpmsolver.models import load_builtin
 from dpmsolver.schedules import RectifiedFlowSchedule
 from dpmsolver.tune import Profile, schedule_fingerprint
 
+from .test_tune import CHEAP as CHEAP_TUNE
+
 pytest.importorskip("scipy")
 
 CHEAP = {
-    "fine_knots": 8,
+    **CHEAP_TUNE,
     "refine_runs": 4,
-    "screen_rows": 2,
-    "fine_rows": 2,
-    "finalists": 1,
-    "step_bases": 1,
     "solvers": (("dpmpp_multistep", {"order": 2}), ("ddim", {})),
     "grids": (("logsnr", None), ("time_uniform", None)),
 }

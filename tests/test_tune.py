@@ -27,6 +27,15 @@ COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 3)}}
 # stage (c) off: these profiles are also read as k-diffusion sigmas (test_model_shifts.py
 # tests it)
 FAST = dict(fine_knots=16, refine_runs=12, screen_rows=8, finalists=2, shift_runs=0)
+# the least tuning that still runs every stage, for tests of what surrounds it
+CHEAP = {
+    "fine_knots": 8,
+    "refine_runs": 2,
+    "screen_rows": 2,
+    "fine_rows": 2,
+    "finalists": 1,
+    "step_bases": 1,
+}
 
 
 @pytest.fixture(scope="module")
