@@ -488,18 +488,18 @@ class TuneOptions:
         finalists: candidates scored on every pilot row (default 4).
         rank_rows: the rows that rank the finalists: ``"calibration"`` (default: the
             calibration half) or ``"pilot"`` (every pilot row; the held-out half still
-            decides on its own whether the winner beats the default). A study, not taken:
-            on the 20 selection problems, stage (a) alone (every candidate's error on the
-            128 pilot noises and on 512 new ones, 616 of the 640 cells; a scratch study,
-            not a recorded benchmark) picked a candidate whose new-noise error was 1.36x
-            the best candidate's (geometric mean) when ranked on the calibration half,
-            1.25x on the whole pilot and 1.20x with ``screen_rows=16`` too. The whole tune with both (``python -m
-            dpmsolver.bench.tuned --no-cost --split selection --set "rank_rows='pilot'"
-            --set screen_rows=16``) met the best peer in 553 of those 640 cells instead of
-            542 (geo-mean 0.46 against 0.48). On the 8 fresh problems, which the choice
-            never saw, it did not carry over: 213 of 256 cells met on the test set instead
-            of 216, 205 instead of 204 on 512 new noises, and 3 cells over 10x there
-            instead of 1 (benchmarks/tuned_fresh_pooled.md).
+            decides on its own whether the winner beats the default). A study, not taken: on
+            the 20 selection problems, stage (a) alone (every candidate's error on the 128
+            pilot noises and on 512 new ones, 616 of the 640 cells; a scratch study, not a
+            recorded benchmark) picked a candidate whose new-noise error was 1.36x the best
+            candidate's (geometric mean) when ranked on the calibration half, 1.25x on the
+            whole pilot and 1.20x with ``screen_rows=16`` too. The whole tune with both
+            (``python -m dpmsolver.bench.tuned --no-cost --split selection --set
+            "rank_rows='pilot'" --set screen_rows=16``) met the best peer in 553 of those
+            640 cells instead of 542 (geo-mean 0.46 against 0.48). On the 8 fresh problems,
+            which the choice never saw, it did not carry over: 213 of 256 cells met on the
+            test set instead of 216, 205 instead of 204 on 512 new noises, and 3 cells over
+            10x there instead of 1 (benchmarks/tuned_fresh_pooled.md).
         fine_knots: knots of the dynamic-programming grid (default 48).
         fine_rows: calibration rows whose reference trajectories the dynamic programming
             runs on (default 8).
