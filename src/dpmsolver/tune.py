@@ -76,7 +76,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._validate import check_finite_float, check_int
+from ._validate import check_choice, check_finite_float, check_int
 from ._version import __version__
 from .analytic import reference_solve
 from .denoiser import Denoiser, Network
@@ -590,8 +590,7 @@ class TuneOptions:
         check_int("check_rows", self.check_rows, minimum=1)
         check_int("screen_rows", self.screen_rows, minimum=1)
         check_int("finalists", self.finalists, minimum=1)
-        if self.rank_rows not in RANK_ROWS:
-            raise ValueError(f"rank_rows={self.rank_rows!r}; accepted: {RANK_ROWS}")
+        check_choice("rank_rows", self.rank_rows, RANK_ROWS)
         check_int("fine_knots", self.fine_knots, minimum=4)
         check_int("fine_rows", self.fine_rows, minimum=1)
         check_int("refine_runs", self.refine_runs, minimum=0)
