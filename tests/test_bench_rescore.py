@@ -25,8 +25,6 @@ from dpmsolver.bench.tuned import (
     tune_problem,
 )
 
-from .test_tune import CHEAP
-
 
 def _row(errors: dict[str, float]) -> BaselineRow:
     r = BaselineRow("p", "fresh", "vp", 7.5, 8, 1.0, 1.0, "a", 3, 0.0, 1.0)
@@ -56,6 +54,8 @@ def test_rescore_is_the_profile_and_the_shortlist_on_the_new_noises() -> None:
     p = get_problem("iso2-sd")
     assert isinstance(p, MixtureProblem)
     w, nfe, n = 7.5, 5, 12
+    from .test_tune import CHEAP  # here: test_tune skips its module without scipy
+
     prof = tune_problem(p, w, pilot=16, nfes=(nfe,), **CHEAP)
     errs = {"diffusers DDIM trailing": 0.1, "k-diffusion euler karras": 0.2}
     errs |= {"diffusers DPM++2M": 0.3, "diffusers Euler": 9.0}

@@ -18,8 +18,6 @@ from dpmsolver.models import BUILTIN, load_model
 from dpmsolver.schedules import DiscreteVPSchedule, RectifiedFlowSchedule, VESchedule
 from dpmsolver.tune import Profile
 
-from .test_tune import CHEAP
-
 CPU = ["--device", "cpu", "--no-progress"]
 KINDS = {
     "builtin": (DiscreteVPSchedule, "eps", digits.DENOISER_FILE),
@@ -59,6 +57,8 @@ def test_sample_and_generate_run_on_the_model(spec: str, tmp_path: Path) -> None
 
 def test_tune_fits_the_flow_model(tmp_path: Path) -> None:
     out = tmp_path / "flow.json"
+    from .test_tune import CHEAP  # here: test_tune skips its module without scipy
+
     saved = dict(cli_tune.OPTIONS)
     cli_tune.OPTIONS.update(
         {

@@ -232,16 +232,10 @@ def test_readme_throughput_is_the_recorded_one() -> None:
 def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tuning example, with the search made cheap (its defaults are timed by
     ``python -m dpmsolver.bench.tuned``)."""
+    from .test_tune import CHEAP  # here: test_tune skips its module without scipy
+
     real = dp.tune
-    cheap = {
-        "fine_knots": 8,
-        "refine_runs": 2,
-        "screen_rows": 2,
-        "fine_rows": 2,
-        "finalists": 1,
-        "rtol": 1e-4,
-    }
-    cheap |= {"step_bases": 1, "solvers": (("dpmpp_multistep", {"order": 2}), ("ddim", {}))}
+    cheap = {**CHEAP, "rtol": 1e-4, "solvers": (("dpmpp_multistep", {"order": 2}), ("ddim", {}))}
 
     def tune(model: object, noise: torch.Tensor, **kw: dict[str, torch.Tensor]) -> dp.Profile:
         # 8 of the pilot rows: a pilot of 32 costs minutes on a shared CPU

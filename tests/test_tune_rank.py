@@ -5,14 +5,21 @@ half alone decides whether the winner beats the default."""
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch
 
 import dpmsolver as dp
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import TuneOptions, _Choice, _Counter, _pilot, _RowDenoiser, _tune_budget
+from dpmsolver.tune import (
+    TuneOptions,
+    _Choice,
+    _Counter,
+    _pilot,
+    _Problem,
+    _RowDenoiser,
+    _tune_budget,
+)
 
 from .test_tune import NET, SD, Y, Z
 
@@ -44,10 +51,7 @@ ERRORS = {"ddim": (0.1, 0.5), "dpmpp_multistep": (0.2, 0.25)}
     ("rank_rows", "chosen"), [("pilot", "dpmpp_multistep"), ("calibration", "ddim")]
 )
 def test_the_finalists_are_ranked_on_the_chosen_rows(
-    problem,
-    monkeypatch: pytest.MonkeyPatch,
-    rank_rows: str,
-    chosen: str,  # type: ignore[no-untyped-def]
+    problem: _Problem, monkeypatch: pytest.MonkeyPatch, rank_rows: str, chosen: str
 ) -> None:
     def fake(prob: object, recipe: Recipe, nfe: int, stage: str) -> _Choice:
         cal, held = (1.0, 1.0) if stage == "default" else ERRORS[recipe.solver]
@@ -73,5 +77,9 @@ def test_rank_rows_and_fine_rows_are_checked() -> None:
         dp.tune(NET, Z, schedule=SD, rank_rows="held")
     with pytest.raises(ValueError, match="fine_rows"):
         dp.tune(NET, Z, schedule=SD, fine_rows=0)
-    assert TuneOptions().rank_rows == "calibration" and TuneOptions().screen_rows == 8
-    assert math.isfinite(TuneOptions().fine_rows)
+    # the defaults are the ranking and the rows stage (a) and the DP had before the options
+    assert (TuneOptions().rank_rows, TuneOptions().screen_rows, TuneOptions().fine_rows) == (
+        "calibration",
+        8,
+        8,
+    )
