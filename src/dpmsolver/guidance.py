@@ -4,14 +4,16 @@
   through one batched call (one evaluation), and the outputs are combined as
   ``out = out_u + w (out_c - out_u)`` (Ho & Salimans 2022, Eq. 6). Because every
   parameterization is affine in the output, this equals guidance on eps or on x0.
-- :class:`ClassifierGuidance`, :class:`DynamicThresholding` and :class:`X0Corrector` wrap a
-  *denoiser* (``x0_hat = D(x, knot)``).
+- :class:`ClassifierGuidance`, :class:`DynamicThresholding`, :class:`NormCap` and
+  :class:`X0Corrector` wrap a *denoiser* (``x0_hat = D(x, knot)``).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +23,13 @@ from ._validate import check_finite_float
 from .denoiser import Denoiser, Network, time_tensor
 from .schedules import Knot
 
-__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "DynamicThresholding", "X0Corrector"]
+__all__ = [
+    "ClassifierFreeGuidance",
+    "ClassifierGuidance",
+    "DynamicThresholding",
+    "NormCap",
+    "X0Corrector",
+]
 
 
 def _check_scale(name: str, scale: float | Tensor) -> float | Tensor:
@@ -207,6 +215,76 @@ class DynamicThresholding:
 
     def __call__(self, x: Tensor, knot: Knot) -> Tensor:
         return self.threshold(self.denoiser(x, knot))
+
+
+class NormCap:
+    """A per-sample bound on the data prediction's norm, by log-SNR: where
+    ``||x0_hat|| > cap(lambda)`` the sample's prediction is scaled down to the cap.
+
+    Why: under strong classifier-free guidance the guided field off the data grows with
+    the distance from it, so one sample that a large step throws off (rarely: about one in
+    500 to 4000 at guidance 15) keeps being thrown farther and ends thousands of data
+    spreads away, while the rest are fine. The data-prediction update is a convex
+    combination of the state and ``x0_hat`` (DPM-Solver++, Eq. 9), so bounding
+    ``x0_hat`` bounds the state, and the sample comes back to the data region. Unlike
+    dynamic thresholding (Saharia et al. 2022, Sec. 2.3), which needs a known pixel range,
+    the cap is measured: :func:`dpmsolver.tune.tune` sets it a factor above the largest
+    norm along the exact guided trajectories of the pilot
+    (:attr:`dpmsolver.recipe.Recipe.x0_norm_cap`), so on the samples that stay near those
+    trajectories it does not bind.
+
+    Args:
+        denoiser: the denoiser to bound.
+        cap: ``(lambda, cap)`` knots, lambda increasing; the cap is interpolated linearly in
+            lambda between knots and held constant beyond the ends.
+    """
+
+    def __init__(self, denoiser: Denoiser, cap: Sequence[tuple[float, float]]) -> None:
+        self.denoiser = denoiser
+        self.lams, self.caps = check_norm_cap(cap)
+
+    def cap_at(self, lam: float) -> float:
+        """The bound at half log-SNR ``lam`` (``+-inf`` take the end values)."""
+        lams, caps = self.lams, self.caps
+        if not lam > lams[0]:  # also -inf (pure noise)
+            return caps[0]
+        if lam >= lams[-1]:
+            return caps[-1]
+        j = bisect.bisect_right(lams, lam)
+        u = (lam - lams[j - 1]) / (lams[j] - lams[j - 1])
+        return caps[j - 1] + u * (caps[j] - caps[j - 1])
+
+    def bound(self, x0: Tensor, lam: float) -> Tensor:
+        """``x0`` with every sample's norm at most :meth:`cap_at` ``(lam)``; non-finite
+        samples pass unchanged (the loop reports them)."""
+        cap = self.cap_at(lam)
+        norms = x0.reshape(x0.shape[0], -1).to(torch.promote_types(x0.dtype, torch.float32))
+        norms = torch.linalg.vector_norm(norms, dim=1)
+        scale = torch.where(norms > cap, cap / norms, torch.ones_like(norms))
+        return x0 * scale.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+
+    def __call__(self, x: Tensor, knot: Knot) -> Tensor:
+        return self.bound(self.denoiser(x, knot), knot.lam)
+
+
+def check_norm_cap(
+    cap: Sequence[tuple[float, float]], name: str = "x0_norm_cap"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(lambdas, caps)`` of a :class:`NormCap`'s knots, or a ValueError naming ``name``:
+    at least one knot, finite strictly increasing lambdas, finite positive caps."""
+    try:
+        pairs = [(float(a), float(b)) for a, b in cap]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of (lambda, cap) pairs, got {cap!r}") from None
+    lams = tuple(a for a, _ in pairs)
+    caps = tuple(b for _, b in pairs)
+    if not pairs:
+        raise ValueError(f"{name} needs at least one (lambda, cap) pair")
+    if not all(math.isfinite(v) for v in lams + caps) or min(caps) <= 0.0:
+        raise ValueError(f"{name}: lambdas and caps must be finite and caps > 0, got {pairs}")
+    if any(b <= a for a, b in itertools.pairwise(lams)):
+        raise ValueError(f"{name}: lambdas must increase strictly, got {list(lams)}")
+    return lams, caps
 
 
 class X0Corrector:

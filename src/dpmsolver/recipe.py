@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from ._validate import check_choice, check_int
+from .guidance import check_norm_cap
 from .loop import FinalStepKind
 from .plan import Plan, make_plan, solver_orders
 from .schedules import NoiseSchedule, RectifiedFlowSchedule
@@ -76,6 +77,9 @@ class Recipe:
             network is told there, while the solver steps from the knot itself (LD3's
             decoupled time; :func:`~dpmsolver.timegrid.shift_model_times`; a tuned
             profile's stage (c)). None: the knots' own times.
+        x0_norm_cap: ``(lambda, cap)`` knots of a per-sample bound on the data
+            prediction's norm (:class:`~dpmsolver.guidance.NormCap`; a tuned profile's,
+            measured on its pilot), or None for no bound.
     """
 
     solver: str = "dpmpp_2m"
@@ -90,8 +94,11 @@ class Recipe:
     lower_order_final: bool | None = None
     timesteps: tuple[float, ...] | None = None
     model_shifts: tuple[float, ...] | None = None
+    x0_norm_cap: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.x0_norm_cap is not None:
+            check_norm_cap(self.x0_norm_cap)
         if self.grid is not None:
             check_choice("grid", self.grid, GRID_KINDS)
         check_choice("final", self.final, ("zero", "t_min"))
@@ -187,6 +194,7 @@ class Recipe:
         extra = f" rho={self.rho}" if self.rho is not None else ""
         stop = f" sigma_end={self.sigma_end}" if self.sigma_end is not None else ""
         shifted = " model-time shifts" if self.model_shifts is not None else ""
+        shifted += " x0 norm cap" if self.x0_norm_cap is not None else ""
         lof = f" lower_order_final={self.lower_order_final}" if self.lower_order_final else ""
         return (
             f"{self.solver}{opts}{lof} [{self.grid}{extra}]{stop} final={self.final_step}{shifted}"

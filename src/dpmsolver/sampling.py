@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 
 from .denoiser import Denoiser, ModelDenoiser, Network
-from .guidance import ClassifierFreeGuidance, ClassifierGuidance, DynamicThresholding, X0Corrector
+from .guidance import (
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    DynamicThresholding,
+    NormCap,
+    X0Corrector,
+)
 from .loop import CheckFinite, NoiseSampler, NonFiniteError, SampleResult, StepInfo, solve
 from .noise import SeededNoise
 from .parameterization import Prediction
@@ -250,6 +256,8 @@ def sample(
     den = build_denoiser(
         model, prediction, cond=cond, uncond=uncond, guidance_scale=guidance_scale, options=opts
     )
+    if recipe.x0_norm_cap is not None:
+        den = NormCap(den, recipe.x0_norm_cap)
     noise_sampler = opts.noise_sampler
     if plan.solver.stochastic and noise_sampler is None:
         # Per-sample streams seeded from torch's global RNG (torch.manual_seed controls them).

@@ -50,6 +50,12 @@ own model, guidance included:
    reference's norm than an earlier stage's choice sent there, the latest stage with the
    fewest is taken (``TuneOptions.guard_rows``). The held-out half sees a blow-up of 1-2
    samples in 512 (third-order UniPC at guidance 15, for one) too rarely to refuse it.
+8. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
+   solve the largest data-prediction norm is recorded per log-SNR bin, and the profile's
+   recipes scale any sample's data prediction down to 1.5 times that envelope
+   (``TuneOptions.norm_cap``; :class:`dpmsolver.guidance.NormCap`). A sample thrown off
+   the data under strong guidance then comes back instead of diverging. It is applied
+   after the choice, so it changes nothing tune chooses.
 
 The result is a :class:`Profile`: per (guidance, budget) the chosen solver, its options and
 the exact knots, with the calibration and held-out errors and the cost. Use it with
@@ -105,10 +111,12 @@ __all__ = [
     "tune",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/4"
+PROFILE_FORMAT = "dpmsolver-profile/5"
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
-#: ``lower_order_final``, version 3 no ``guard_refused``.
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in (1, 2, 3, 4))
+#: ``lower_order_final``, version 3 no ``guard_refused``, version 4 no ``x0_norm_cap``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in (1, 2, 3, 4, 5))
+#: Log-SNR bins of the pilot's envelope of data-prediction norms (:attr:`TuneOptions.norm_cap`).
+CAP_BINS = 32
 #: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
 #: not depend on the global generator.
 GUARD_SEED = 0x6A4D
@@ -278,6 +286,8 @@ class BudgetChoice:
             (:attr:`~dpmsolver.recipe.Recipe.lower_order_final`; None: the default rule).
         guard_refused: the stages whose choice the blow-up guard refused, latest first
             (:attr:`TuneOptions.guard_rows`; empty when it refused none).
+        x0_norm_cap: the per-sample bound on the data prediction's norm the recipe samples
+            with (:attr:`TuneOptions.norm_cap`; None: none).
     """
 
     nfe: int
@@ -298,6 +308,7 @@ class BudgetChoice:
     model_shifts: tuple[float, ...] | None = None
     lower_order_final: bool | None = None
     guard_refused: tuple[str, ...] = ()
+    x0_norm_cap: tuple[tuple[float, float], ...] | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -311,6 +322,7 @@ class BudgetChoice:
             timesteps=self.times,
             model_shifts=self.model_shifts,
             lower_order_final=self.lower_order_final,
+            x0_norm_cap=self.x0_norm_cap,
         )
 
 
@@ -384,7 +396,9 @@ class Profile:
         """The chosen knots as k-diffusion sigmas ``sigma / alpha``, ending with 0 (for the
         k-diffusion-style functions). Sigmas cannot carry a choice's model-time shifts
         (stage (c)): they are dropped with a warning, which leaves the choice stage (b) kept
-        (tune with ``shift_runs=0`` to keep the profile's errors exact for these functions)."""
+        (tune with ``shift_runs=0`` to keep the profile's errors exact for these functions).
+        Nor can they carry the choice's norm cap (:attr:`BudgetChoice.x0_norm_cap`), which
+        only binds on samples thrown far off the data: those functions run without it."""
         c = self.choice(nfe, guidance_scale)
         if c is None:
             raise KeyError(f"the profile has no choice for nfe={nfe}, guidance {guidance_scale:g}")
@@ -454,6 +468,7 @@ class Profile:
                         "times": floats(c["times"]),
                         "model_shifts": floats(c.get("model_shifts")),
                         "guard_refused": tuple(str(v) for v in c.get("guard_refused", ())),
+                        "x0_norm_cap": _pairs(c.get("x0_norm_cap")),
                     }
                 )
                 for c in data["choices"]
@@ -461,6 +476,10 @@ class Profile:
             return cls(**{**data, "format": PROFILE_FORMAT, "choices": choices})
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{source} is damaged ({e}); tune again") from None
+
+
+def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:
+    return None if v is None else tuple((float(a), float(b)) for a, b in v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -559,6 +578,16 @@ class TuneOptions:
             on lowrank32-sd: 500 away, the data's largest norm being 2.6) with
             probability 0.22; the guard's 512 rows with 0.87. It costs ``guard_rows``
             samples at each budget's NFE, and more only where it finds a blow-up.
+        norm_cap: the profile's recipes bound each sample's data prediction at this
+            factor times the largest norm the pilot's exact guided trajectories reach near
+            the same log-SNR (:class:`~dpmsolver.guidance.NormCap`, envelope of
+            :data:`CAP_BINS` bins, each widened to its neighbours; default 1.5; None: no
+            bound). It is applied when sampling with the profile, not while tuning, so
+            it does not change what is chosen. It targets the rare single samples that a
+            large step throws off the data under strong guidance, which then diverge
+            (a sample 1865 away at guidance 15 and 6 NFE, 470 away at guidance 7.5 and 25
+            NFE, where the data's norms are about 3 to 11). The factor was set before any
+            measurement, not fitted.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -583,6 +612,7 @@ class TuneOptions:
     step_ratio: float | None = 3.0
     guard_rows: int = 512
     guard_factor: float = 2.0
+    norm_cap: float | None = 1.5
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
@@ -611,6 +641,10 @@ class TuneOptions:
         check_finite_float("guard_factor", self.guard_factor, positive=True)
         if self.guard_factor <= 1.0:
             raise ValueError(f"guard_factor must be > 1, got {self.guard_factor}")
+        if self.norm_cap is not None:
+            check_finite_float("norm_cap", self.norm_cap, positive=True)
+            if self.norm_cap < 1.0:
+                raise ValueError(f"norm_cap must be >= 1 or None, got {self.norm_cap}")
 
 
 class _Counter:
@@ -643,6 +677,14 @@ class _Problem:
     fine_x: list[Tensor] = field(default_factory=list)
     probes: _Probes | None = None
     guard: _Guard | None = None
+    envelope: tuple[tuple[float, float], ...] = ()
+
+    def norm_cap(self, factor: float | None) -> tuple[tuple[float, float], ...] | None:
+        """The :class:`~dpmsolver.guidance.NormCap` knots at ``factor`` times the
+        envelope (None for no factor or no envelope)."""
+        if factor is None or not self.envelope:
+            return None
+        return tuple((lam, factor * v) for lam, v in self.envelope)
 
     def run(self, recipe: Recipe, nfe: int, rows: Sequence[int] | None = None) -> Tensor | None:
         """The recipe's final samples for ``rows`` (all if None); None if it cannot spend
@@ -698,6 +740,47 @@ def _make_guard(noise: Tensor, sigma: Any, ref: Tensor, rows: int, factor: float
     largest = float(_norms(ref).max())
     pilot = noise.shape[0]
     return _Guard(z.to(noise.device) * sigma, [i % pilot for i in range(rows)], factor * largest)
+
+
+class _Envelope:
+    """Passes evaluations through and records, per evaluation at a finite log-SNR, the
+    largest L2 norm of the data predictions (:attr:`TuneOptions.norm_cap`)."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
+        self.seen: list[tuple[float, Tensor]] = []
+
+    def __call__(self, x: Tensor, knot: Knot) -> Tensor:
+        out = self.denoiser(x, knot)
+        if math.isfinite(knot.lam):
+            norms = torch.linalg.vector_norm(out.double().flatten(1), dim=1)
+            self.seen.append((knot.lam, norms.max()))
+        return out
+
+    def knots(self, bins: int = CAP_BINS) -> tuple[tuple[float, float], ...]:
+        """``(lambda, norm)`` at the centres of ``bins`` equal log-SNR bins over the
+        recorded range: each bin's largest recorded norm, widened to its neighbours' (an
+        empty bin takes its nearest filled ones'); non-finite norms are ignored."""
+        pairs = [(lam, float(v)) for lam, v in self.seen]
+        pairs = [(lam, v) for lam, v in pairs if math.isfinite(v) and v > 0.0]
+        if not pairs:
+            return ()
+        lo, hi = min(p[0] for p in pairs), max(p[0] for p in pairs)
+        if hi <= lo:
+            return ((lo, max(p[1] for p in pairs)),)
+        width = (hi - lo) / bins
+        most = [-math.inf] * bins
+        for lam, v in pairs:
+            j = min(int((lam - lo) / width), bins - 1)
+            most[j] = max(most[j], v)
+        filled = [j for j in range(bins) if most[j] > 0.0]
+        full = []
+        for j in range(bins):
+            left = [most[i] for i in filled if i <= j][-1:]
+            right = [most[i] for i in filled if i >= j][:1]
+            full.append(max(left + right))
+        wide = [max(full[max(j - 1, 0) : j + 2]) for j in range(bins)]
+        return tuple((lo + (j + 0.5) * width, wide[j]) for j in range(bins))
 
 
 class _Rows:
@@ -902,7 +985,8 @@ def tune(
                     break
                 prob = _pilot(den, schedule, noise, prob.rtol / 10, opts.check_rows, 0)
                 found = [_rescore(prob, c) for c in found]
-            choices += found
+            cap = prob.norm_cap(opts.norm_cap)
+            choices += [dataclasses.replace(c, x0_norm_cap=cap) for c in found]
             rtol, ref_error = max(rtol, prob.rtol), max(ref_error, prob.ref_error)
             rows += den.rows + sum(c.evaluations for c in found)
     return Profile(
@@ -1056,7 +1140,8 @@ def _pilot(
     tighter solve of the first ``check_rows`` rows: that estimates the error of the solve
     at ``rtol`` itself, where a 10x looser one measured its own, ~10x larger error, and the
     estimate needs no more rows), the calibration / held-out rows, the blow-up guard of
-    ``guard = (rows, factor)`` (:class:`_Guard`; none for 0 rows), and with ``fine`` > 0 the
+    ``guard = (rows, factor)`` (:class:`_Guard`; none for 0 rows), the envelope of the data
+    predictions' norms along the reference (:class:`_Envelope`), and with ``fine`` > 0 the
     reference trajectory of the first ``fine_rows`` calibration rows at ``fine`` knots (the
     material of the dynamic programming, which runs on those rows only). The reference is
     the ODE solution at the schedule's last time followed by the data prediction there, as
@@ -1068,7 +1153,8 @@ def _pilot(
     rows = list(range(x_T.shape[0]))
     cal, held = rows[0::2], rows[1::2]
     with torch.no_grad():
-        ref = exact_sample(den, x_T, schedule, rtol=rtol)
+        seen = _Envelope(den)
+        ref = exact_sample(seen, x_T, schedule, rtol=rtol)
         checked = rows[:check_rows]
         tight = exact_sample(_Rows(den, checked), x_T[checked], schedule, rtol=rtol / 10)
         knots: tuple[Knot, ...] = ()
@@ -1098,6 +1184,7 @@ def _pilot(
         xs,
         probed,
         guarded,
+        seen.knots(),
     )
 
 

@@ -60,7 +60,7 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 
 from .. import auto as _auto  # noqa: F401  (registers the "auto" policy)
 from .._validate import check_choice, check_finite_float, check_int
-from ..guidance import DynamicThresholding
+from ..guidance import DynamicThresholding, NormCap
 from ..parameterization import Prediction, data_coefficients
 from ..plan import lower_order_final_default, solver_orders
 from ..recipe import DEFAULT_STEPS, POLICIES, PolicyRequest, Recipe, resolve
@@ -252,7 +252,9 @@ class _Thresholding(DynamicThresholding):
 
 
 def _no_denoiser(x: Tensor, knot: Knot) -> Tensor:
-    raise RuntimeError("the scheduler thresholds data predictions it is given; it never denoises")
+    raise RuntimeError(
+        "the scheduler thresholds or caps data predictions it is given; it never denoises"
+    )
 
 
 def _continuous_time(knot: Knot) -> float:
@@ -288,6 +290,7 @@ class _Prepared:
     times: list[float]
     levels: list[float]
     order: int
+    cap: NormCap | None = None
 
 
 class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
@@ -490,6 +493,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._threshold = (
             _Thresholding(dynamic_thresholding_ratio, sample_max_value) if thresholding else None
         )
+        self._cap: NormCap | None = None  # a profile recipe's (set with the timesteps)
         self._learned_variance = variance_type in _LEARNED_VARIANCES
 
         self.is_flow = prediction_type == "flow_prediction"
@@ -913,6 +917,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             prepared.pinned,
         )
         self._full_plan, self._compiled = prepared.full_plan, prepared.compiled
+        self._cap = prepared.cap
         integral = not self.is_flow and all(float(v).is_integer() for v in prepared.times)
         self.timesteps = torch.tensor(
             prepared.times, dtype=torch.int64 if integral else torch.float32, device=device
@@ -934,6 +939,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         custom = timesteps if timesteps is not None else sigmas
         self._orders = None
         recipe_knots: list[Knot] | None = None
+        self._cap = None
         if self._policy:
             budget = num_inference_steps if num_inference_steps is not None else len(custom or ())
             recipe = self._resolve_policy(budget)
@@ -952,6 +958,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             # plan spends the budget exactly; on the config's grid every timestep is an
             # evaluation where the solver allows it (singlestep_layout's default).
             self._use(recipe.build_solver(), "solver" if own_grid else None)
+            if recipe.x0_norm_cap is not None:
+                self._cap = NormCap(_no_denoiser, recipe.x0_norm_cap)
             if own_grid:
                 if self._final() == "sigma_min":
                     recipe = dataclasses.replace(recipe, final="t_min", sigma_end=None)
@@ -987,6 +995,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             times=[k.model_t for k in evals],
             levels=[self._level(k) for k in [*evals, knots[-1]]],
             order=self._evaluations_per_step(),
+            cap=self._cap,
         )
 
     def _own_grid_allowed(self) -> bool:
@@ -1078,7 +1087,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         def data(knot: Knot) -> tuple[float, float]:
             return data_coefficients(prediction, knot.alpha, knot.sigma)
 
-        return compile_steps(steps, self._pinned, data, transform_x0=self._threshold is not None)
+        transformed = self._threshold is not None or self._cap is not None
+        return compile_steps(steps, self._pinned, data, transform_x0=transformed)
 
     # ------------------------------------------------------------------ stepping
 
@@ -1197,11 +1207,17 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             out = out[:, : sample.shape[1]]  # the learned variance is not used by ODE solvers
         if out.dtype != work:
             out = out.to(work)
-        threshold = self._threshold
-        prev = stepper.advance(
-            x, out, self._draw, threshold.threshold if threshold is not None else None
-        )
+        transform = self._transform_x0 if self._threshold or self._cap else None
+        prev = stepper.advance(x, out, self._draw, transform)
         return prev if prev.dtype == model_output.dtype else prev.to(model_output.dtype)
+
+    def _transform_x0(self, x0: Tensor, knot: Knot) -> Tensor:
+        """Thresholding, then a profile's norm cap, as :func:`dpmsolver.sample` orders them."""
+        if self._threshold is not None:
+            x0 = self._threshold.threshold(x0)
+        if self._cap is not None:
+            x0 = self._cap.bound(x0, knot.lam)
+        return x0
 
     def _draw(self, like: Tensor, a: Knot, b: Knot) -> Tensor:
         """Noise for stochastic solvers: ``variance_noise`` once per step call, else drawn

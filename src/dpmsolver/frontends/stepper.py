@@ -783,7 +783,7 @@ class CompiledStepper:
         sample: Tensor,
         output: Tensor,
         draw_noise: NoiseDraw | None = None,
-        transform_x0: Callable[[Tensor], Tensor] | None = None,
+        transform_x0: Callable[[Tensor, Knot], Tensor] | None = None,
     ) -> Tensor:
         """Take the network ``output`` at ``sample`` for the current position; return the
         state for the next one.
@@ -793,7 +793,8 @@ class CompiledStepper:
             output: the network's output there (the program knows its parameterization).
             draw_noise: ``draw_noise(like, a, b)``, standard normal noise for the interval
                 from knot ``a`` to ``b`` (stochastic solvers).
-            transform_x0: applied to each materialized data prediction (thresholding);
+            transform_x0: ``transform_x0(x0, knot)``, applied to each materialized data
+                prediction with the knot it was made at (thresholding, a norm cap);
                 required when the program was compiled with ``transform_x0``.
         """
         if self._next >= len(self.ops):
@@ -804,7 +805,7 @@ class CompiledStepper:
         regs[op.output] = output
         if op.x0 is not None:
             assert transform_x0 is not None
-            regs[op.x0.target] = transform_x0(combine_registers(regs, op.x0.terms))
+            regs[op.x0.target] = transform_x0(combine_registers(regs, op.x0.terms), op.knot)
         for draw in op.noise:
             if draw_noise is None:
                 raise ValueError("this solver is stochastic: a noise source is required")
@@ -855,7 +856,7 @@ class ReplayingStepper:
         sample: Tensor,
         output: Tensor,
         draw_noise: NoiseDraw | None = None,
-        transform_x0: Callable[[Tensor], Tensor] | None = None,
+        transform_x0: Callable[[Tensor, Knot], Tensor] | None = None,
     ) -> Tensor:
         """As :meth:`CompiledStepper.advance`."""
         step, j = self._inner.locate(self._inner.next_position)
@@ -863,5 +864,5 @@ class ReplayingStepper:
         cx, co = self._data(knot)
         x0 = output * co if cx == 0.0 else sample * cx + output * co
         if transform_x0 is not None:
-            x0 = transform_x0(x0)
+            x0 = transform_x0(x0, knot)
         return self._inner.advance(x0, sample, draw_noise)
