@@ -33,14 +33,15 @@ def test_the_cap_is_interpolated_in_log_snr_and_held_beyond_the_ends() -> None:
 
 
 def test_only_samples_over_the_cap_change_and_they_end_on_it() -> None:
-    x0 = torch.tensor([[3.0, 4.0], [0.3, 0.4], [30.0, -40.0], [math.nan, 1.0]])
+    x0 = torch.tensor([[3.0, 4.0], [0.3, 0.4], [30.0, -40.0], [math.nan, 1.0], [math.inf, 1.0]])
     cap = NormCap(_constant(0.0), [(0.0, 2.0)])
     out = cap.bound(x0, 0.0)
     assert torch.equal(out[1], x0[1])  # under the cap: bit for bit
     for i in (0, 2):
         assert float(out[i].norm()) == pytest.approx(2.0)
         assert float(torch.dot(out[i], x0[i])) > 0  # scaled, not turned
-    assert math.isnan(float(out[3, 0]))  # non-finite samples pass for the loop to report
+    # non-finite samples pass unchanged, for the loop to report
+    assert math.isnan(float(out[3, 0])) and torch.equal(out[4], x0[4])
     half = cap.bound(x0.half(), 0.0)
     assert half.dtype == torch.float16 and float(half[0].float().norm()) == pytest.approx(2.0, 1e-3)
 

@@ -260,7 +260,8 @@ class NormCap:
         cap = self.cap_at(lam)
         norms = x0.reshape(x0.shape[0], -1).to(torch.promote_types(x0.dtype, torch.float32))
         norms = torch.linalg.vector_norm(norms, dim=1)
-        scale = torch.where(norms > cap, cap / norms, torch.ones_like(norms))
+        over = torch.isfinite(norms) & (norms > cap)
+        scale = torch.where(over, cap / norms, torch.ones_like(norms))
         return x0 * scale.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
 
     def __call__(self, x: Tensor, knot: Knot) -> Tensor:
