@@ -194,10 +194,11 @@ class Recipe:
         extra = f" rho={self.rho}" if self.rho is not None else ""
         stop = f" sigma_end={self.sigma_end}" if self.sigma_end is not None else ""
         shifted = " model-time shifts" if self.model_shifts is not None else ""
-        shifted += " x0 norm cap" if self.x0_norm_cap is not None else ""
+        capped = " x0 norm cap" if self.x0_norm_cap is not None else ""
         lof = f" lower_order_final={self.lower_order_final}" if self.lower_order_final else ""
         return (
-            f"{self.solver}{opts}{lof} [{self.grid}{extra}]{stop} final={self.final_step}{shifted}"
+            f"{self.solver}{opts}{lof} [{self.grid}{extra}]{stop} final={self.final_step}"
+            f"{shifted}{capped}"
         )
 
 

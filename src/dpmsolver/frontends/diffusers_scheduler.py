@@ -1087,8 +1087,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         def data(knot: Knot) -> tuple[float, float]:
             return data_coefficients(prediction, knot.alpha, knot.sigma)
 
-        transformed = self._threshold is not None or self._cap is not None
-        return compile_steps(steps, self._pinned, data, transform_x0=transformed)
+        return compile_steps(steps, self._pinned, data, transform_x0=self._transforms_x0)
 
     # ------------------------------------------------------------------ stepping
 
@@ -1207,9 +1206,14 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             out = out[:, : sample.shape[1]]  # the learned variance is not used by ODE solvers
         if out.dtype != work:
             out = out.to(work)
-        transform = self._transform_x0 if self._threshold or self._cap else None
+        transform = self._transform_x0 if self._transforms_x0 else None
         prev = stepper.advance(x, out, self._draw, transform)
         return prev if prev.dtype == model_output.dtype else prev.to(model_output.dtype)
+
+    @property
+    def _transforms_x0(self) -> bool:
+        """Whether data predictions are transformed (the program then materializes them)."""
+        return self._threshold is not None or self._cap is not None
 
     def _transform_x0(self, x0: Tensor, knot: Knot) -> Tensor:
         """Thresholding, then a profile's norm cap, as :func:`dpmsolver.sample` orders them."""
