@@ -27,6 +27,7 @@ from .plan import Plan, PlannedStep, boundary_update, make_plan
 from .progress import Progress
 from .schedules import Knot, NoiseSchedule
 from .solvers import AdaptiveSolver, Solver, StepContext
+from .steplimit import StepLimit
 from .timegrid import TimeGrid
 
 __all__ = [
@@ -313,6 +314,7 @@ def solve(
     return_intermediates: bool = False,
     check_finite: CheckFinite = "end",
     final_step: FinalStepKind = "denoise",
+    step_limit: StepLimit | None = None,
     grad: bool = False,
 ) -> SampleResult:
     """Run ``solver`` over ``grid`` starting from the state ``x`` at ``grid.knots[0]``.
@@ -336,6 +338,9 @@ def solve(
             the first bad step) or ``"off"``. A NaN/Inf raises :class:`NonFiniteError`.
         final_step: the step into sigma = 0, ``"denoise"`` (default) or ``"extrapolate"``
             (:class:`FinalStep`).
+        step_limit: per sample, hold each solver step within this bound of the
+            first-order step (:class:`~dpmsolver.steplimit.StepLimit`; deterministic
+            fixed-step solvers only, the boundary steps are first order anyway).
         grad: keep autograd on, for gradients through the solver (default False: sampling
             runs under ``torch.no_grad()``, as diffusers and k-diffusion pipelines do, so a
             run keeps no graph; classifier guidance still takes its gradient).
@@ -355,6 +360,7 @@ def solve(
         else None
     )
     state = solver.init_state()
+    limit = None if solver.stochastic else step_limit
     with torch.set_grad_enabled(grad), Progress(len(plan.steps), enabled=progress) as bar:
         for step in plan.steps:
             x0 = evaluate(x, step.s)
@@ -366,6 +372,8 @@ def solve(
                 noise = None if noise_sampler is None else _bind(noise_sampler, x)
                 ctx = StepContext(step.index, step.s, step.t, step.order, evaluate, schedule, noise)
                 x_next, state = solver.step(ctx, x, x0, state)
+                if limit is not None:
+                    x_next = limit.apply(x, x0, x_next, step.s, step.t)
             if xt_corrector is not None and not math.isinf(step.t.lam):
                 x_next = xt_corrector(x_next, step.t, step.index)
             monitor.record(step.index, x_next)

@@ -26,6 +26,7 @@ from .loop import FinalStepKind
 from .plan import Plan, make_plan, solver_orders
 from .schedules import NoiseSchedule, RectifiedFlowSchedule
 from .solvers import AdaptiveSolver, Solver, get_solver
+from .steplimit import check_step_limit
 from .timegrid import (
     GRID_KINDS,
     Final,
@@ -80,6 +81,9 @@ class Recipe:
         x0_norm_cap: ``(lambda, cap)`` knots of a per-sample bound on the data
             prediction's norm (:class:`~dpmsolver.guidance.NormCap`; a tuned profile's,
             measured on its pilot), or None for no bound.
+        step_limit: per sample, hold each step's departure from the first-order step within
+            this factor of the first-order displacement
+            (:class:`~dpmsolver.steplimit.StepLimit`; a tuned profile's), or None.
     """
 
     solver: str = "dpmpp_2m"
@@ -95,10 +99,12 @@ class Recipe:
     timesteps: tuple[float, ...] | None = None
     model_shifts: tuple[float, ...] | None = None
     x0_norm_cap: tuple[tuple[float, float], ...] | None = None
+    step_limit: float | None = None
 
     def __post_init__(self) -> None:
         if self.x0_norm_cap is not None:
             check_norm_cap(self.x0_norm_cap)
+        check_step_limit(self.step_limit)
         if self.grid is not None:
             check_choice("grid", self.grid, GRID_KINDS)
         check_choice("final", self.final, ("zero", "t_min"))
@@ -195,10 +201,11 @@ class Recipe:
         stop = f" sigma_end={self.sigma_end}" if self.sigma_end is not None else ""
         shifted = " model-time shifts" if self.model_shifts is not None else ""
         capped = " x0 norm cap" if self.x0_norm_cap is not None else ""
+        limited = f" step limit {self.step_limit:g}" if self.step_limit is not None else ""
         lof = f" lower_order_final={self.lower_order_final}" if self.lower_order_final else ""
         return (
             f"{self.solver}{opts}{lof} [{self.grid}{extra}]{stop} final={self.final_step}"
-            f"{shifted}{capped}"
+            f"{shifted}{capped}{limited}"
         )
 
 

@@ -32,6 +32,7 @@ from .plan import Plan, solver_orders
 from .recipe import DEFAULT_STEPS, POLICIES, PolicyRequest, Recipe, RecipeSource, resolve
 from .schedules import Knot, NoiseSchedule
 from .solvers import MultistepSolver
+from .steplimit import StepLimit
 from .timegrid import GridKind
 
 __all__ = [
@@ -274,6 +275,7 @@ def sample(
         return_intermediates=opts.return_intermediates,
         check_finite=opts.check_finite,
         final_step=recipe.final_step,
+        step_limit=None if recipe.step_limit is None else StepLimit(recipe.step_limit),
         grad=opts.grad,
     )
 

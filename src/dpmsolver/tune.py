@@ -44,13 +44,21 @@ own model, guidance included:
    its knot (unbounded, the fit overfits the pilot: see ``TuneOptions.shift_bound``). It
    costs no evaluation when sampling and corrects part of each step's discretization error.
    Sigmas cannot carry it (the k-diffusion functions): tune with ``shift_runs=0`` for them.
-6. Otherwise the default recipe stays.
-7. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
+6. *(d) A step limit*, for the recipe chosen so far: the same recipe with each sample's
+   higher-order correction held within twice its first-order displacement
+   (``TuneOptions.step_limit``; :class:`dpmsolver.steplimit.StepLimit`). It changes only
+   the samples whose correction outgrows the step, so the paired comparison runs on the
+   held-out samples it changes. A sample thrown off the data is also thrown by the
+   multistep memory (its stored predictions disagree and the correction outgrows the
+   step), but on other models corrections of 4x the step are legitimate: the factor
+   alone cannot tell them apart, so the pilot decides per budget.
+7. Otherwise the default recipe stays.
+8. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
    with no reference; if more of its samples end beyond twice the largest pilot
    reference's norm than an earlier stage's choice sent there, the latest stage with the
    fewest is taken (``TuneOptions.guard_rows``). The held-out half sees a blow-up of 1-2
    samples in 512 (third-order UniPC at guidance 15, for one) too rarely to refuse it.
-8. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
+9. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
    solve the largest data-prediction norm is recorded per log-SNR bin, and the profile's
    recipes scale any sample's data prediction down to 3 times that envelope
    (``TuneOptions.norm_cap``; :class:`dpmsolver.guidance.NormCap`). A sample thrown off
@@ -95,6 +103,7 @@ from .recipe import PolicyRequest, Recipe, resolve
 from .sampling import SampleOptions, build_denoiser
 from .schedules import Knot, NoiseSchedule
 from .solvers import MultistepSolver, Solver, StepContext
+from .steplimit import StepLimit, check_step_limit
 from .timegrid import make_grid
 
 __all__ = [
@@ -111,10 +120,11 @@ __all__ = [
     "tune",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/5"
+PROFILE_FORMAT = "dpmsolver-profile/6"
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
-#: ``lower_order_final``, version 3 no ``guard_refused``, version 4 no ``x0_norm_cap``.
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in (1, 2, 3, 4, 5))
+#: ``lower_order_final``, version 3 no ``guard_refused``, version 4 no ``x0_norm_cap``,
+#: version 5 no ``step_limit``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 7))
 #: Log-SNR bins of the pilot's envelope of data-prediction norms (:attr:`TuneOptions.norm_cap`).
 CAP_BINS = 32
 #: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
@@ -288,6 +298,8 @@ class BudgetChoice:
             (:attr:`TuneOptions.guard_rows`; empty when it refused none).
         x0_norm_cap: the per-sample bound on the data prediction's norm the recipe samples
             with (:attr:`TuneOptions.norm_cap`; None: none).
+        step_limit: the per-sample bound on each step's departure from the first-order
+            step the recipe samples with (:attr:`TuneOptions.step_limit`; None: none).
     """
 
     nfe: int
@@ -309,6 +321,7 @@ class BudgetChoice:
     lower_order_final: bool | None = None
     guard_refused: tuple[str, ...] = ()
     x0_norm_cap: tuple[tuple[float, float], ...] | None = None
+    step_limit: float | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -323,6 +336,7 @@ class BudgetChoice:
             model_shifts=self.model_shifts,
             lower_order_final=self.lower_order_final,
             x0_norm_cap=self.x0_norm_cap,
+            step_limit=self.step_limit,
         )
 
 
@@ -397,8 +411,9 @@ class Profile:
         k-diffusion-style functions). Sigmas cannot carry a choice's model-time shifts
         (stage (c)): they are dropped with a warning, which leaves the choice stage (b) kept
         (tune with ``shift_runs=0`` to keep the profile's errors exact for these functions).
-        Nor can they carry the choice's norm cap (:attr:`BudgetChoice.x0_norm_cap`), which
-        only binds on samples thrown far off the data: those functions run without it."""
+        Nor can they carry the choice's norm cap (:attr:`BudgetChoice.x0_norm_cap`) or step
+        limit (:attr:`BudgetChoice.step_limit`), which bind on samples thrown off the data:
+        those functions run without them."""
         c = self.choice(nfe, guidance_scale)
         if c is None:
             raise KeyError(f"the profile has no choice for nfe={nfe}, guidance {guidance_scale:g}")
@@ -591,6 +606,14 @@ class TuneOptions:
             that was no blow-up (ill16-cos at guidance 1, whose exact norm is 1.6x the
             largest of the pilot's: a heavy tail), costing up to 11x there; 3 leaves twice
             that margin.
+        step_limit: stage (d) tries the chosen recipe with each sample's step held within
+            this factor of its first-order step (:class:`~dpmsolver.steplimit.StepLimit`;
+            default 2; None: no stage (d)) and keeps it if the held-out half takes it. The
+            factor is set, not fitted: where a held-out problem's sample diverged (guidance
+            7.5, 25 NFE, third-order UniPC) its correction was 2.73 times its first-order
+            step and the other 511 samples' at most 1.47; yet at guidance 15 on a flow
+            problem legitimate corrections reach 4.4, and a limit of 2 there doubled the
+            error at 15-20 NFE. Hence a stage, not a rule.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -616,6 +639,7 @@ class TuneOptions:
     guard_rows: int = 512
     guard_factor: float = 2.0
     norm_cap: float | None = 3.0
+    step_limit: float | None = 2.0
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
@@ -648,6 +672,7 @@ class TuneOptions:
             check_finite_float("norm_cap", self.norm_cap, positive=True)
             if self.norm_cap < 1.0:
                 raise ValueError(f"norm_cap must be >= 1 or None, got {self.norm_cap}")
+        check_step_limit(self.step_limit)
 
 
 class _Counter:
@@ -706,7 +731,15 @@ class _Problem:
         if plan.nfe != nfe:
             return None
         try:
-            return solve(den, x_T, plan, check_finite="off", final_step=recipe.final_step).x
+            limit = None if recipe.step_limit is None else StepLimit(recipe.step_limit)
+            return solve(
+                den,
+                x_T,
+                plan,
+                check_finite="off",
+                final_step=recipe.final_step,
+                step_limit=limit,
+            ).x
         except NonFiniteError:  # pragma: no cover - check_finite="off" does not raise
             return None
 
@@ -1333,6 +1366,13 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         if shifted is not None and _accept(shifted, best, prob, opts.worst_factor):
             best = shifted
             taken.append(best)
+    # (d) the per-sample step limit, where it helps the held-out half
+    if opts.step_limit is not None and best.recipe.step_limit is None:
+        limited = dataclasses.replace(best.recipe, step_limit=opts.step_limit)
+        tried = _choice(prob, limited, nfe, best.stage)
+        if _accept(tried, best, prob, opts.worst_factor, changed_only=True):
+            best = tried
+            taken.append(best)
     refused: tuple[str, ...] = ()
     if prob.guard is not None:
         best, refused = _guarded(prob.guard, prob, taken, nfe)
@@ -1354,6 +1394,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         model_shifts=r.model_shifts,
         lower_order_final=r.lower_order_final,
         guard_refused=refused,
+        step_limit=r.step_limit,
     )
 
 
@@ -1410,14 +1451,28 @@ def _rms_rows(prob: _Problem, x: Tensor | None, rows: Sequence[int]) -> float:
     return math.inf if x is None else _rms(x[list(rows)], prob.reference[list(rows)])
 
 
-def _accept(new: _Choice, old: _Choice, prob: _Problem, worst_factor: float | None) -> bool:
+def _accept(
+    new: _Choice,
+    old: _Choice,
+    prob: _Problem,
+    worst_factor: float | None,
+    *,
+    changed_only: bool = False,
+) -> bool:
     """Kept only if it helps the held-out half (:func:`paired_better`), no held-out
     sample newly diverges (:func:`no_new_divergence`) and, with ``worst_factor``, the worst
-    held-out sample does not end more than that factor farther than it did."""
+    held-out sample does not end more than that factor farther than it did.
+    ``changed_only``: the paired comparison runs on the held-out samples ``new`` changes
+    (stage (d), which leaves most samples bit for bit: on all of them the median of the
+    log-ratios is 0 and nothing could pass); none changed is no help."""
     if worst_factor is not None and float(new.held.max()) > worst_factor * float(old.held.max()):
         return False
+    rows = new.held != old.held if changed_only else torch.ones_like(new.held, dtype=torch.bool)
+    if not bool(rows.any()):
+        return False
     if not (
-        no_new_divergence(new.held, old.held, prob.spread) and paired_better(new.held, old.held)
+        no_new_divergence(new.held, old.held, prob.spread)
+        and paired_better(new.held[rows], old.held[rows])
     ):
         return False
     if prob.probes is None:

@@ -76,6 +76,7 @@ from ..solvers import (
     Solver,
     get_solver,
 )
+from ..steplimit import StepLimit
 from . import diffusers_grid as dg
 from .stepper import (
     CompiledStepper,
@@ -291,6 +292,7 @@ class _Prepared:
     levels: list[float]
     order: int
     cap: NormCap | None = None
+    limit: StepLimit | None = None
 
 
 class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
@@ -494,6 +496,11 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             _Thresholding(dynamic_thresholding_ratio, sample_max_value) if thresholding else None
         )
         self._cap: NormCap | None = None  # a profile recipe's (set with the timesteps)
+        self._limit: StepLimit | None = None  # likewise
+        # with a step limit: the run's steps by evaluation position, and the step start seen
+        self._limit_steps: list[tuple[DrivenStep, int]] = []
+        self._limit_start: tuple[Tensor, Tensor | None] | None = None
+        self._limit_base = 0
         self._learned_variance = variance_type in _LEARNED_VARIANCES
 
         self.is_flow = prediction_type == "flow_prediction"
@@ -917,7 +924,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             prepared.pinned,
         )
         self._full_plan, self._compiled = prepared.full_plan, prepared.compiled
-        self._cap = prepared.cap
+        self._cap, self._limit = prepared.cap, prepared.limit
         integral = not self.is_flow and all(float(v).is_integer() for v in prepared.times)
         self.timesteps = torch.tensor(
             prepared.times, dtype=torch.int64 if integral else torch.float32, device=device
@@ -939,7 +946,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         custom = timesteps if timesteps is not None else sigmas
         self._orders = None
         recipe_knots: list[Knot] | None = None
-        self._cap = None
+        self._cap = self._limit = None
         if self._policy:
             budget = num_inference_steps if num_inference_steps is not None else len(custom or ())
             recipe = self._resolve_policy(budget)
@@ -960,6 +967,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             self._use(recipe.build_solver(), "solver" if own_grid else None)
             if recipe.x0_norm_cap is not None:
                 self._cap = NormCap(_no_denoiser, recipe.x0_norm_cap)
+            if recipe.step_limit is not None and not self.solver.stochastic:
+                self._limit = StepLimit(recipe.step_limit)
             if own_grid:
                 if self._final() == "sigma_min":
                     recipe = dataclasses.replace(recipe, final="t_min", sigma_end=None)
@@ -996,6 +1005,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             levels=[self._level(k) for k in [*evals, knots[-1]]],
             order=self._evaluations_per_step(),
             cap=self._cap,
+            limit=self._limit,
         )
 
     def _own_grid_allowed(self) -> bool:
@@ -1154,6 +1164,11 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         )
         self._stepper = self._start(start)
         self._step_index = start
+        if self._limit is not None:
+            self._limit_steps = [
+                (st, j) for st in self._plan_from(start) for j in range(len(st.evals))
+            ]
+            self._limit_base, self._limit_start = start, None
         return self._stepper
 
     def step(
@@ -1207,13 +1222,45 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if out.dtype != work:
             out = out.to(work)
         transform = self._transform_x0 if self._transforms_x0 else None
-        prev = stepper.advance(x, out, self._draw, transform)
+        if self._limit is None:
+            prev = stepper.advance(x, out, self._draw, transform)
+        else:
+            prev = self._limited_advance(stepper, x, out, transform)
         return prev if prev.dtype == model_output.dtype else prev.to(model_output.dtype)
+
+    def _limited_advance(
+        self,
+        stepper: CompiledStepper | ReplayingStepper,
+        x: Tensor,
+        out: Tensor,
+        transform: Any,
+    ) -> Tensor:
+        """:meth:`_advance` with the profile's step limit: the state and data prediction at
+        each step's start are kept, and the step's end is limited against them as
+        :func:`dpmsolver.loop.solve` does."""
+        assert self._limit is not None and transform is not None
+        step, j = self._limit_steps[stepper.next_position - self._limit_base]
+        seen: list[Tensor] = []
+
+        def keep(x0: Tensor, knot: Knot) -> Tensor:
+            x0 = transform(x0, knot)
+            seen.append(x0)
+            return x0
+
+        prev = stepper.advance(x, out, self._draw, keep)
+        if j == 0:
+            self._limit_start = (x, seen[0] if seen else None)
+        if j == len(step.evals) - 1 and self._limit_start is not None:
+            x_s, x0_s = self._limit_start
+            self._limit_start = None
+            if x0_s is not None:
+                prev = self._limit.apply(x_s, x0_s, prev, step.s, step.t)
+        return prev
 
     @property
     def _transforms_x0(self) -> bool:
         """Whether data predictions are transformed (the program then materializes them)."""
-        return self._threshold is not None or self._cap is not None
+        return self._threshold is not None or self._cap is not None or self._limit is not None
 
     def _transform_x0(self, x0: Tensor, knot: Knot) -> Tensor:
         """Thresholding, then a profile's norm cap, as :func:`dpmsolver.sample` orders them."""
