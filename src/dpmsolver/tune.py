@@ -505,7 +505,7 @@ def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:
 @dataclass(frozen=True)
 class TuneOptions:
     """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
-    guidance scale and 8 budgets in 6.9 minutes at guidance 3, and 7.5 at guidance 7.5, on
+    guidance scale and 8 budgets in 7.4 minutes at guidance 3, and 7.5 at guidance 7.5, on
     2 CPU cores; benchmarks/tune_cost.md).
 
     Attributes:
