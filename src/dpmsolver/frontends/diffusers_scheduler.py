@@ -41,7 +41,7 @@ import itertools
 import math
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
@@ -1233,13 +1233,16 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         stepper: CompiledStepper | ReplayingStepper,
         x: Tensor,
         out: Tensor,
-        transform: Any,
+        transform: Callable[[Tensor, Knot], Tensor] | None,
     ) -> Tensor:
         """:meth:`_advance` with the profile's step limit: the state and data prediction at
         each step's start are kept, and the step's end is limited against them as
         :func:`dpmsolver.loop.solve` does."""
         assert self._limit is not None and transform is not None
-        step, j = self._limit_steps[stepper.next_position - self._limit_base]
+        k = stepper.next_position - self._limit_base
+        if not 0 <= k < len(self._limit_steps):  # past the plan: the stepper says so
+            return stepper.advance(x, out, self._draw, transform)
+        step, j = self._limit_steps[k]
         seen: list[Tensor] = []
 
         def keep(x0: Tensor, knot: Knot) -> Tensor:
