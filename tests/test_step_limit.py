@@ -12,8 +12,8 @@ import torch
 
 import dpmsolver as dp
 from dpmsolver.schedules import Knot
-from dpmsolver.solvers import StepContext, get_solver
-from dpmsolver.steplimit import StepLimit, check_step_limit, first_order_step
+from dpmsolver.solvers import Form, StepContext, first_order_step, get_solver
+from dpmsolver.steplimit import StepLimit, check_step_limit
 from dpmsolver.tune import TuneOptions
 
 SD = dp.DiscreteVPSchedule()
@@ -31,13 +31,22 @@ def _ddim_step(schedule: dp.NoiseSchedule, x: torch.Tensor, x0: torch.Tensor, s:
 
 
 @pytest.mark.parametrize(("schedule", "s_t", "t_t"), [(SD, 0.6, 0.4), (FLOW, 1.0, 0.8)])
-def test_the_first_order_step_is_ddims(schedule: dp.NoiseSchedule, s_t: float, t_t: float) -> None:
+def test_the_limit_measures_from_ddims_step(
+    schedule: dp.NoiseSchedule, s_t: float, t_t: float
+) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, generator=g, dtype=torch.float64)
     x0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
     s, t = schedule.knot(s_t), schedule.knot(t_t)  # FLOW at t=1 is pure noise: alpha_s = 0
-    want = _ddim_step(schedule, x, x0, s, t)
-    assert torch.allclose(first_order_step(x, x0, s, t), want, rtol=1e-12, atol=1e-12)
+    ddim = _ddim_step(schedule, x, x0, s, t)
+    limit = StepLimit(1.0)
+    assert torch.equal(limit.apply(x, x0, ddim, s, t), ddim)  # DDIM's step: no correction
+    # a correction of 3 first-order displacements ends exactly 1 away from DDIM's step
+    d = (ddim - x).norm(dim=1, keepdim=True)
+    direction = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    direction /= direction.norm(dim=1, keepdim=True)
+    out = limit.apply(x, x0, ddim + 3 * d * direction, s, t)
+    assert ((out - ddim).norm(dim=1) / d.flatten()).tolist() == pytest.approx([1.0] * 3)
 
 
 def test_only_samples_over_the_limit_change_and_they_end_on_it() -> None:
@@ -45,7 +54,7 @@ def test_only_samples_over_the_limit_change_and_they_end_on_it() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 6, generator=g, dtype=torch.float64)
     x0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    x1 = first_order_step(x, x0, s, t)
+    x1 = first_order_step(Form.DATA, x, x0, x0, s, t)
     d = (x1 - x).norm(dim=1, keepdim=True)
     direction = torch.randn(4, 6, generator=g, dtype=torch.float64)
     direction /= direction.norm(dim=1, keepdim=True)

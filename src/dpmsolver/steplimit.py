@@ -6,8 +6,9 @@ in ``shared/ALGORITHMS.md``):
 
     x_t = x1 + c,    x1 = r x_s + (alpha_t - r alpha_s) x0_hat(x_s, s),    r = sigma_t / sigma_s
 
-(``x1`` is ``(sigma_t/sigma_s) x_s - alpha_t expm1(-h) x0_hat``, written so that it also
-holds out of pure noise, ``alpha_s = 0``). On a smooth trajectory ``c`` is one order of
+(``x1 = (sigma_t/sigma_s) x_s - alpha_t expm1(-h) x0_hat`` is
+:func:`dpmsolver.solvers.first_order_step`, DDIM's step, which holds out of pure noise,
+``alpha_s = 0``, too). On a smooth trajectory ``c`` is one order of
 ``h`` smaller than the first-order displacement ``d = x1 - x_s``. Under strong guidance a
 single sample can leave the data; its stored predictions then differ wildly, ``c`` outgrows
 ``d`` and the multistep memory throws it farther at every step, while the rest of the
@@ -26,15 +27,9 @@ import torch
 from torch import Tensor
 
 from .schedules import Knot
+from .solvers import Form, first_order_step
 
-__all__ = ["StepLimit", "check_step_limit", "first_order_step"]
-
-
-def first_order_step(x: Tensor, x0: Tensor, s: Knot, t: Knot) -> Tensor:
-    """The first-order data-prediction (DDIM) step from ``x`` at ``s`` to the noisy knot
-    ``t`` with the data prediction ``x0`` (DPM-Solver++'s first-order update)."""
-    r = t.sigma / s.sigma
-    return x * r + x0 * (t.alpha - r * s.alpha)
+__all__ = ["StepLimit", "check_step_limit"]
 
 
 def check_step_limit(value: float | None, name: str = "step_limit") -> float | None:
@@ -70,7 +65,7 @@ class StepLimit:
         report."""
         if not (math.isfinite(t.lam) and math.isfinite(s.sigma) and s.sigma > 0.0):
             return x_next
-        x1 = first_order_step(x, x0, s, t)
+        x1 = first_order_step(Form.DATA, x, x0, x0, s, t)  # DDIM's own step
         wide = torch.promote_types(x_next.dtype, torch.float32)
         c = (x_next - x1).flatten(1).to(wide).norm(dim=1)
         d = (x1 - x).flatten(1).to(wide).norm(dim=1)
