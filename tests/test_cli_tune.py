@@ -260,3 +260,25 @@ def test_tune_ctrl_c_exits_130_with_one_line_and_writes_nothing(
     captured = capsys.readouterr()
     assert captured.err.startswith("dpmsolver: interrupted") and captured.err.count("\n") == 1
     assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("flag", "want"), [((), None), (("--denoise-final",), False)])
+def test_denoise_final_turns_stage_e_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: tuple[str, ...], want: bool | None
+) -> None:
+    seen: dict[str, object] = {}
+
+    def fake(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(cli_tune, "tune", fake)
+    with pytest.raises(_Stop):
+        run_cli(
+            "tune", "--nfe", "5", "--pilot", "8", "--out", str(tmp_path / "p.json"), *flag, *CPU
+        )
+    assert seen.get("extrapolate_final") is want

@@ -1,6 +1,7 @@
 """Stage (a) of dpmsolver.tune ranks its finalists on the calibration half by default
-(``rank_rows="calibration"``), or on every pilot row (``"pilot"``); either way the held-out
-half alone decides whether the winner beats the default."""
+(``rank_rows="calibration"``), on every pilot row (``"pilot"``) or on the worse of the two
+halves (``"worse"``); either way the held-out half alone decides whether the winner beats
+the default."""
 
 from __future__ import annotations
 
@@ -42,13 +43,22 @@ def test_pooled_is_the_rms_over_every_pilot_row() -> None:
     assert c.pooled(3) == pytest.approx(float(torch.cat([cal, held]).pow(2).mean().sqrt()))
 
 
-# ddim wins on the calibration half, dpmpp_multistep on the whole pilot; both beat the
+# ddim wins on the calibration half, dpmpp_multistep on the whole pilot (RMS 0.226), unipc
+# on the worse half (0.24 against dpmpp_multistep's 0.25 and ddim's 0.5); all beat the
 # default (held-out errors 1) on every held-out sample
-ERRORS = {"ddim": (0.1, 0.5), "dpmpp_multistep": (0.2, 0.25)}
+ERRORS = {"ddim": (0.1, 0.5), "dpmpp_multistep": (0.2, 0.25), "unipc": (0.24, 0.24)}
+
+
+def test_worse_half_is_the_larger_rms_of_the_two_halves() -> None:
+    held = torch.tensor([0.5, 0.4])
+    c = _Choice(Recipe("ddim"), "selection", 0.3, held, 8)
+    assert c.worse_half() == pytest.approx(float(held.pow(2).mean().sqrt()))
+    assert _Choice(Recipe("ddim"), "selection", 0.7, held, 8).worse_half() == 0.7
 
 
 @pytest.mark.parametrize(
-    ("rank_rows", "chosen"), [("pilot", "dpmpp_multistep"), ("calibration", "ddim")]
+    ("rank_rows", "chosen"),
+    [("pilot", "dpmpp_multistep"), ("calibration", "ddim"), ("worse", "unipc")],
 )
 def test_the_finalists_are_ranked_on_the_chosen_rows(
     problem: _Problem, monkeypatch: pytest.MonkeyPatch, rank_rows: str, chosen: str
@@ -59,9 +69,9 @@ def test_the_finalists_are_ranked_on_the_chosen_rows(
 
     monkeypatch.setattr(TUNE, "_choice", fake)
     opts = TuneOptions(
-        solvers=(("ddim", {}), ("dpmpp_multistep", {"order": 2})),
+        solvers=(("ddim", {}), ("dpmpp_multistep", {"order": 2}), ("unipc", {"order": 2})),
         grids=(("time_uniform", None),),
-        finalists=2,
+        finalists=3,
         shift_runs=0,
         rank_rows=rank_rows,
     )
@@ -72,7 +82,7 @@ def test_the_finalists_are_ranked_on_the_chosen_rows(
 def test_rank_rows_and_fine_rows_are_checked() -> None:
     with pytest.raises(
         ValueError,
-        match="rank_rows='held' is not supported; accepted values: 'calibration', 'pilot'",
+        match="rank_rows='held' is not supported; accepted values: 'calibration', 'pilot', 'worse'",
     ):
         dp.tune(NET, Z, schedule=SD, rank_rows="held")
     with pytest.raises(ValueError, match="fine_rows"):

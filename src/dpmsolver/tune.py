@@ -52,18 +52,25 @@ own model, guidance included:
    multistep memory (its stored predictions disagree and the correction outgrows the
    step), but on other models corrections of 4x the step are legitimate: the factor
    alone cannot tell them apart, so the pilot decides per budget.
-7. Otherwise the default recipe stays.
-8. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
+7. *(e) The step into sigma = 0*, for the recipe chosen so far: the same recipe ending
+   with the extrapolated step of :class:`dpmsolver.loop.FinalStep` (the last two data
+   predictions extrapolated in sigma~^2 to sigma = 0, which removes the denoising step's
+   O(sigma~^2) bias at no evaluation; ``TuneOptions.extrapolate_final``). Whether that
+   bias or the extrapolation's own error is larger depends on the model and the budget
+   (on a flow mixture it cut the error by 38% at 8 NFE and tripled it at 20), so the pilot
+   decides per budget.
+8. Otherwise the default recipe stays.
+9. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
    with no reference; if more of its samples end beyond twice the largest pilot
    reference's norm than an earlier stage's choice sent there, the latest stage with the
    fewest is taken (``TuneOptions.guard_rows``). The held-out half sees a blow-up of 1-2
    samples in 512 (third-order UniPC at guidance 15, for one) too rarely to refuse it.
-9. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
-   solve the largest data-prediction norm is recorded per log-SNR bin, and the profile's
-   recipes scale any sample's data prediction down to 3 times that envelope
-   (``TuneOptions.norm_cap``; :class:`dpmsolver.guidance.NormCap`). A sample thrown off
-   the data under strong guidance then comes back instead of diverging. It is applied
-   after the choice, so it changes nothing tune chooses.
+10. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
+    solve the largest data-prediction norm is recorded per log-SNR bin, and the profile's
+    recipes scale any sample's data prediction down to 3 times that envelope
+    (``TuneOptions.norm_cap``; :class:`dpmsolver.guidance.NormCap`). A sample thrown off
+    the data under strong guidance then comes back instead of diverging. It is applied
+    after the choice, so it changes nothing tune chooses.
 
 The result is a :class:`Profile`: per (guidance, budget) the chosen solver, its options and
 the exact knots, with the calibration and held-out errors and the cost. Use it with
@@ -131,7 +138,7 @@ CAP_BINS = 32
 #: not depend on the global generator.
 GUARD_SEED = 0x6A4D
 #: Which pilot rows rank stage (a)'s finalists (:attr:`TuneOptions.rank_rows`).
-RANK_ROWS: tuple[str, ...] = ("calibration", "pilot")
+RANK_ROWS: tuple[str, ...] = ("calibration", "pilot", "worse")
 #: The budgets :func:`tune` fits by default.
 DEFAULT_BUDGETS: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25)
 
@@ -413,7 +420,8 @@ class Profile:
         (tune with ``shift_runs=0`` to keep the profile's errors exact for these functions).
         Nor can they carry the choice's norm cap (:attr:`BudgetChoice.x0_norm_cap`) or step
         limit (:attr:`BudgetChoice.step_limit`), which bind on samples thrown off the data:
-        those functions run without them."""
+        those functions run without them. An extrapolated step into sigma = 0 (stage (e))
+        they take as the denoising step, with a warning."""
         c = self.choice(nfe, guidance_scale)
         if c is None:
             raise KeyError(f"the profile has no choice for nfe={nfe}, guidance {guidance_scale:g}")
@@ -432,6 +440,15 @@ class Profile:
                 "last orders (lower_order_final), which the k-diffusion functions do not: they "
                 "keep the order to the end; dpmsolver.sample and the diffusers scheduler run it "
                 "as tuned",
+                stacklevel=2,
+            )
+        if c.final_step != "denoise":
+            warnings.warn(
+                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} "
+                f"extrapolates its step into sigma = 0 (final_step={c.final_step!r}), which "
+                "the k-diffusion functions do not: they end with the denoising step; "
+                "dpmsolver.sample and the diffusers scheduler run it as tuned (tune with "
+                "extrapolate_final=False for these functions)",
                 stacklevel=2,
             )
         self.check(schedule, self.prediction)
@@ -533,7 +550,13 @@ class TuneOptions:
             640 cells instead of 542 (geo-mean 0.46 against 0.48). On the 8 fresh problems,
             which the choice never saw, it did not carry over: 213 of 256 cells met on the
             test set instead of 216, 205 instead of 204 on 512 new noises, and 3 cells over
-            10x there instead of 1 (benchmarks/tuned_fresh_pooled.md).
+            10x there instead of 1 (benchmarks/tuned_fresh_pooled.md). ``"worse"``: the
+            larger of the two halves' RMS errors, so that a candidate whose error one
+            half's few far samples carry ranks by that half; also a study, not taken: on
+            the selection problems (before stage (e); ``--set "rank_rows='worse'" --set
+            extrapolate_final=False``, benchmarks/tuned_selection_worse.md) it changed 82
+            of 640 cells, 38 for the better and 44 for the worse, 543 met either way
+            (geo-mean 0.468 against 0.466).
         fine_knots: knots of the dynamic-programming grid (default 48).
         fine_rows: calibration rows whose reference trajectories the dynamic programming
             runs on (default 8).
@@ -614,6 +637,31 @@ class TuneOptions:
             step and the other 511 samples' at most 1.47; yet at guidance 15 on a flow
             problem legitimate corrections reach 4.4, and a limit of 2 there doubled the
             error at 15-20 NFE. Hence a stage, not a rule.
+        extrapolate_final: stage (e) tries the chosen recipe with the extrapolated step
+            into sigma = 0 (``final_step="extrapolate"``, :class:`~dpmsolver.loop.FinalStep`)
+            and keeps it if the held-out half takes it (default True; False: no stage (e)).
+            On the 20 selection problems it changed 225 of 640 cells, 175 for the better
+            (iso256-sd at guidance 15 and 10 NFE 0.65x -> 0.33x the best peer) and 50 for
+            the worse (by at most 1.17x); 544 met instead of 543, geo-mean 0.462 against
+            0.466. The k-diffusion functions cannot take it (:meth:`Profile.sigmas` warns).
+        tail_rows, tail_factor: the tail check, a study, off by default (``tail_rows=0``; 8 rows and
+            factor 2 measured; it needs the guard's noises). The pilot's 64 held-out rows miss a
+            choice's rare far samples: on a selection problem (iso1024-flow3, guidance 3, 25 NFE)
+            the fitted choice was 2x more accurate than the stage (a) recipe on the typical sample
+            but sent 1 of 64 test noises (3 of 512 new ones) 0.05 away, 270x its median error, where
+            the stage (a) recipe kept it at 3e-4. So the final choice and stage (a)'s (the default's
+            if stage (a) kept none) both run from the guard's noises; where they end farther apart
+            than ``tail_factor`` times the largest sum of their errors on a held-out row, the
+            ``tail_rows`` farthest of those guard rows get an exact reference (kept for every
+            budget) and both choices' errors there. Each choice's mean squared error over the
+            held-out and the guard rows is then estimated (the rows without a reference at its
+            held-out mean) and the smaller one is taken. Neither number was fitted. On the 20
+            selection problems (``python -m dpmsolver.bench.tuned --no-cost --split selection --set
+            tail_rows=8``) it changed 49 of 640 cells, 18 for the better (that iso1024-flow3 cell
+            12.3x -> 0.72x the best peer, ill256-edm at guidance 3 and 20 NFE 9.4x -> 0.84x) and 31
+            for the worse (diag16-flow at guidance 3 and 20 NFE 0.90x -> 9.3x, from one test sample:
+            on 512 new noises the two choices tie, 1.13e-3 and 1.14e-3); 541 cells met instead of
+            544. Not taken.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -640,6 +688,9 @@ class TuneOptions:
     guard_factor: float = 2.0
     norm_cap: float | None = 3.0
     step_limit: float | None = 2.0
+    extrapolate_final: bool = True
+    tail_rows: int = 0
+    tail_factor: float = 2.0
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
@@ -673,6 +724,9 @@ class TuneOptions:
             if self.norm_cap < 1.0:
                 raise ValueError(f"norm_cap must be >= 1 or None, got {self.norm_cap}")
         check_step_limit(self.step_limit)
+        check_choice("extrapolate_final", self.extrapolate_final, (True, False))
+        check_int("tail_rows", self.tail_rows, minimum=0)
+        check_finite_float("tail_factor", self.tail_factor, positive=True)
 
 
 class _Counter:
@@ -758,14 +812,42 @@ class _Guard:
     x_T: Tensor
     rows: list[int]
     bound: float
+    # budgets run in threads: each entry is written whole, and a race only recomputes it
+    runs: dict[tuple[str, int], Tensor | None] = field(default_factory=dict)
+    references: dict[int, Tensor] = field(default_factory=dict)
+
+    def samples(self, prob: _Problem, recipe: Recipe, nfe: int) -> Tensor | None:
+        """``recipe``'s samples from the guard's noises (None if it cannot run)."""
+        key = (repr(recipe), nfe)
+        if key not in self.runs:
+            self.runs[key] = prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows))
+        return self.runs[key]
+
+    def forget(self, nfe: int) -> None:
+        """Drop the runs of budget ``nfe`` (its choice is made)."""
+        for key in [k for k in self.runs if k[1] == nfe]:
+            del self.runs[key]
 
     def blowups(self, prob: _Problem, recipe: Recipe, nfe: int) -> int:
         """Guard samples of ``recipe`` beyond the bound (one more than all if it cannot
         run)."""
-        x = prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows))
+        x = self.samples(prob, recipe, nfe)
         if x is None:
             return len(self.rows) + 1
         return int((~(_norms(x) <= self.bound)).sum())  # a NaN counts
+
+    def reference(self, prob: _Problem, rows: list[int]) -> Tensor:
+        """The exact samples (at the pilot's tolerance) of the guard rows ``rows``."""
+        from .analytic import exact_sample
+
+        todo = [i for i in rows if i not in self.references]
+        if todo:
+            den = _Rows(prob.denoiser, [self.rows[i] for i in todo])
+            with torch.no_grad():
+                ref = exact_sample(den, self.x_T[todo], prob.schedule, rtol=prob.rtol)
+            for j, i in enumerate(todo):
+                self.references[i] = ref[j]
+        return torch.stack([self.references[i] for i in rows])
 
 
 def _make_guard(noise: Tensor, sigma: Any, ref: Tensor, rows: int, factor: float) -> _Guard:
@@ -1309,12 +1391,13 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     finalists = _ranked(
         prob, [_choice(prob, r, nfe, "selection") for _, r in scored[: opts.finalists]], opts
     )
-    for selected in finalists:
+    for finalist in finalists:
         # the best finalist that the held-out half takes
-        if _accept(selected, best, prob, opts.worst_factor):
-            best = selected
+        if _accept(finalist, best, prob, opts.worst_factor):
+            best = finalist
             taken.append(best)
             break
+    selected = best  # what the tail check compares the fitted stages' choice with
 
     # (b) time steps: the dynamic programming for the chosen solver and the next best
     # finalists (and the default), each from its own grid's knots and its DP knots; the
@@ -1373,9 +1456,24 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         if _accept(tried, best, prob, opts.worst_factor, changed_only=True):
             best = tried
             taken.append(best)
+    # (e) the step into sigma = 0 extrapolated from the last two data predictions
+    if opts.extrapolate_final and best.recipe.final_step == "denoise":
+        extrapolated = dataclasses.replace(best.recipe, final_step="extrapolate")
+        tried = _choice(prob, extrapolated, nfe, best.stage)
+        if _accept(tried, best, prob, opts.worst_factor):
+            best = tried
+            taken.append(best)
     refused: tuple[str, ...] = ()
     if prob.guard is not None:
         best, refused = _guarded(prob.guard, prob, taken, nfe)
+        k = next(i for i, c in enumerate(taken) if c is selected)
+        past_a = any(c is best for c in taken[k + 1 :])  # a stage after (a), not refused
+        if opts.tail_rows > 0 and past_a and best.recipe != selected.recipe:
+            checked = _tail_checked(prob, prob.guard, best, selected, opts)
+            if checked is not best:
+                later = (c.stage for c in reversed(taken[k + 1 :]))
+                refused, best = tuple(dict.fromkeys((*refused, *later))), checked
+        prob.guard.forget(nfe)
     r = best.recipe
     return BudgetChoice(
         nfe=nfe,
@@ -1398,10 +1496,39 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     )
 
 
+def _tail_checked(
+    prob: _Problem, guard: _Guard, chosen: _Choice, robust: _Choice, opts: TuneOptions
+) -> _Choice:
+    """``chosen`` or ``robust``, whichever has the smaller mean squared error estimated over
+    the held-out rows and the guard's (:attr:`TuneOptions.tail_rows`)."""
+    nfe = chosen.nfe
+    xc, xr = guard.samples(prob, chosen.recipe, nfe), guard.samples(prob, robust.recipe, nfe)
+    if xc is None or xr is None:
+        return chosen
+    apart = _per_sample(xc, xr)
+    usual = float((chosen.held + robust.held).max())
+    order = apart.argsort(descending=True).tolist()
+    far = [i for i in order if float(apart[i]) > opts.tail_factor * usual]
+    if not far:
+        return chosen
+    rows = far[: opts.tail_rows]
+    ref = guard.reference(prob, rows)
+    others = len(guard.rows) - len(rows)
+
+    def mse(c: _Choice, x: Tensor) -> float:
+        held = c.held.pow(2)
+        tail = _per_sample(x[rows], ref).pow(2)
+        return float(held.sum() + others * held.mean() + tail.sum()) / (len(held) + len(guard.rows))
+
+    return robust if mse(robust, xr) < mse(chosen, xc) else chosen
+
+
 def _ranked(prob: _Problem, finalists: list[_Choice], opts: TuneOptions) -> list[_Choice]:
     """Stage (a)'s finalists, best first, on the rows ``opts.rank_rows`` names."""
     if opts.rank_rows == "calibration":
         return sorted(finalists, key=lambda c: c.cal)
+    if opts.rank_rows == "worse":
+        return sorted(finalists, key=lambda c: c.worse_half())
     return sorted(finalists, key=lambda c: c.pooled(len(prob.cal)))
 
 
@@ -1435,6 +1562,11 @@ class _Choice:
         n = len(self.held)
         total = calibration_rows * self.cal**2 + float(self.held.pow(2).sum())
         return math.sqrt(total / (calibration_rows + n))
+
+    def worse_half(self) -> float:
+        """The larger of the RMS errors on the calibration and on the held-out half: a
+        choice whose error one half's few far samples carry ranks by that half."""
+        return max(self.cal, float(self.held.pow(2).mean().sqrt()))
 
     def probe_band(self, prob: _Problem) -> float:
         if self.band is None:

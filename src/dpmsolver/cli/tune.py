@@ -68,6 +68,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     options = dict(OPTIONS)
     if args.shift_runs is not None:
         options["shift_runs"] = args.shift_runs
+    if args.denoise_final:
+        options["extrapolate_final"] = False
     t0 = time.perf_counter()
     with torch.no_grad():
         profile = tune(
@@ -143,6 +145,12 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="sampler runs that fit the network's time at each knot, per budget (default 60; "
         "0 skips it, for a profile the k-diffusion functions read as sigmas)",
+    )
+    t.add_argument(
+        "--denoise-final",
+        action="store_true",
+        help="end every budget with the denoising step (no extrapolated step into sigma = 0, "
+        "stage (e)), for a profile the k-diffusion functions read as sigmas",
     )
     t.add_argument("--out", default="profile.json", help="profile to write (default profile.json)")
     t.add_argument("--seed", type=int, default=0, help="seed of the pilot noises (default 0)")

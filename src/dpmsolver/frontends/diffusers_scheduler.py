@@ -61,6 +61,7 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 from .. import auto as _auto  # noqa: F401  (registers the "auto" policy)
 from .._validate import check_choice, check_finite_float, check_int
 from ..guidance import DynamicThresholding, NormCap
+from ..loop import FinalStep
 from ..parameterization import Prediction, data_coefficients
 from ..plan import lower_order_final_default, solver_orders
 from ..recipe import DEFAULT_STEPS, POLICIES, PolicyRequest, Recipe, resolve
@@ -293,6 +294,7 @@ class _Prepared:
     order: int
     cap: NormCap | None = None
     limit: StepLimit | None = None
+    extrapolate: bool = False
 
 
 class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
@@ -497,10 +499,13 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         )
         self._cap: NormCap | None = None  # a profile recipe's (set with the timesteps)
         self._limit: StepLimit | None = None  # likewise
-        # with a step limit: the run's steps by evaluation position, and the step start seen
-        self._limit_steps: list[tuple[DrivenStep, int]] = []
-        self._limit_start: tuple[Tensor, Tensor | None] | None = None
-        self._limit_base = 0
+        self._extrapolate = False  # likewise: its step into sigma = 0 is extrapolated
+        # with either: the run's steps by evaluation position, the step start seen, and the
+        # final step's memory of the data predictions at the steps' starts
+        self._track_steps: list[tuple[DrivenStep, int]] = []
+        self._track_start: tuple[Tensor, Tensor | None] | None = None
+        self._track_base = 0
+        self._end_step: FinalStep | None = None
         self._learned_variance = variance_type in _LEARNED_VARIANCES
 
         self.is_flow = prediction_type == "flow_prediction"
@@ -925,6 +930,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         )
         self._full_plan, self._compiled = prepared.full_plan, prepared.compiled
         self._cap, self._limit = prepared.cap, prepared.limit
+        self._extrapolate = prepared.extrapolate
         integral = not self.is_flow and all(float(v).is_integer() for v in prepared.times)
         self.timesteps = torch.tensor(
             prepared.times, dtype=torch.int64 if integral else torch.float32, device=device
@@ -947,6 +953,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._orders = None
         recipe_knots: list[Knot] | None = None
         self._cap = self._limit = None
+        self._extrapolate = False
         if self._policy:
             budget = num_inference_steps if num_inference_steps is not None else len(custom or ())
             recipe = self._resolve_policy(budget)
@@ -969,6 +976,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 self._cap = NormCap(_no_denoiser, recipe.x0_norm_cap)
             if recipe.step_limit is not None and not self.solver.stochastic:
                 self._limit = StepLimit(recipe.step_limit)
+            self._extrapolate = recipe.final_step == "extrapolate" and not self.solver.stochastic
             if own_grid:
                 if self._final() == "sigma_min":
                     recipe = dataclasses.replace(recipe, final="t_min", sigma_end=None)
@@ -1006,6 +1014,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             order=self._evaluations_per_step(),
             cap=self._cap,
             limit=self._limit,
+            extrapolate=self._extrapolate,
         )
 
     def _own_grid_allowed(self) -> bool:
@@ -1164,11 +1173,12 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         )
         self._stepper = self._start(start)
         self._step_index = start
-        if self._limit is not None:
-            self._limit_steps = [
+        if self._tracks:
+            self._track_steps = [
                 (st, j) for st in self._plan_from(start) for j in range(len(st.evals))
             ]
-            self._limit_base, self._limit_start = start, None
+            self._track_base, self._track_start = start, None
+            self._end_step = FinalStep("extrapolate", self.solver) if self._extrapolate else None
         return self._stepper
 
     def step(
@@ -1222,27 +1232,33 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         if out.dtype != work:
             out = out.to(work)
         transform = self._transform_x0 if self._transforms_x0 else None
-        if self._limit is None:
-            prev = stepper.advance(x, out, self._draw, transform)
+        if self._tracks:
+            prev = self._tracked_advance(stepper, x, out, transform)
         else:
-            prev = self._limited_advance(stepper, x, out, transform)
+            prev = stepper.advance(x, out, self._draw, transform)
         return prev if prev.dtype == model_output.dtype else prev.to(model_output.dtype)
 
-    def _limited_advance(
+    @property
+    def _tracks(self) -> bool:
+        """Whether steps' starts are kept (a profile's step limit or extrapolated end)."""
+        return self._limit is not None or self._extrapolate
+
+    def _tracked_advance(
         self,
         stepper: CompiledStepper | ReplayingStepper,
         x: Tensor,
         out: Tensor,
         transform: Callable[[Tensor, Knot], Tensor] | None,
     ) -> Tensor:
-        """:meth:`_advance` with the profile's step limit: the state and data prediction at
-        each step's start are kept, and the step's end is limited against them as
-        :func:`dpmsolver.loop.solve` does."""
-        assert self._limit is not None and transform is not None
-        k = stepper.next_position - self._limit_base
-        if not 0 <= k < len(self._limit_steps):  # past the plan: the stepper says so
+        """:meth:`_advance` with the profile's step limit or extrapolated step into sigma =
+        0: the state and data prediction at each step's start are kept, the step's end is
+        limited against them, and the step into sigma = 0 extrapolates the last two steps'
+        data predictions, as :func:`dpmsolver.loop.solve` does."""
+        assert transform is not None
+        k = stepper.next_position - self._track_base
+        if not 0 <= k < len(self._track_steps):  # past the plan: the stepper says so
             return stepper.advance(x, out, self._draw, transform)
-        step, j = self._limit_steps[k]
+        step, j = self._track_steps[k]
         seen: list[Tensor] = []
 
         def keep(x0: Tensor, knot: Knot) -> Tensor:
@@ -1252,18 +1268,23 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
         prev = stepper.advance(x, out, self._draw, keep)
         if j == 0:
-            self._limit_start = (x, seen[0] if seen else None)
-        if j == len(step.evals) - 1 and self._limit_start is not None:
-            x_s, x0_s = self._limit_start
-            self._limit_start = None
+            self._track_start = (x, seen[0] if seen else None)
+        if j == len(step.evals) - 1 and self._track_start is not None:
+            x_s, x0_s = self._track_start
+            self._track_start = None
             if x0_s is not None:
-                prev = self._limit.apply(x_s, x0_s, prev, step.s, step.t)
+                if self._limit is not None:
+                    prev = self._limit.apply(x_s, x0_s, prev, step.s, step.t)
+                if self._end_step is not None:
+                    if step.t.lam == math.inf:
+                        prev = self._end_step.take(x_s, x0_s, step.s, step.t)
+                    self._end_step.remember(x0_s, step.s)
         return prev
 
     @property
     def _transforms_x0(self) -> bool:
         """Whether data predictions are transformed (the program then materializes them)."""
-        return self._threshold is not None or self._cap is not None or self._limit is not None
+        return self._threshold is not None or self._cap is not None or self._tracks
 
     def _transform_x0(self, x0: Tensor, knot: Knot) -> Tensor:
         """Thresholding, then a profile's norm cap, as :func:`dpmsolver.sample` orders them."""

@@ -1,0 +1,116 @@
+"""tune's stage (e): the chosen recipe with its step into sigma = 0 extrapolated from the
+last two data predictions (``final_step="extrapolate"``, :class:`dpmsolver.loop.FinalStep`),
+kept only where the held-out half takes it; the profile, ``sample`` and the diffusers
+scheduler run it as tuned, and the k-diffusion sigmas warn that they cannot."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+import torch
+
+import dpmsolver as dp
+from dpmsolver.tune import TuneOptions
+
+from .test_tune import CHEAP, COND, NET, SD, Z
+
+pytest.importorskip("scipy")
+TUNE = importlib.import_module("dpmsolver.tune")
+ARGS = dict(schedule=SD, guidance_scale=3.0, nfe=[5, 8, 12], tail_rows=0, **COND, **CHEAP)
+
+
+def test_stage_e_keeps_the_extrapolated_end_only_where_the_held_out_half_takes_it() -> None:
+    off = dp.tune(NET, Z, extrapolate_final=False, **ARGS)
+    on = dp.tune(NET, Z, **ARGS)
+    kept = 0
+    for a, b in zip(on.choices, off.choices, strict=True):
+        assert b.final_step == "denoise"
+        same = dataclasses.replace(
+            a, final_step="denoise", seconds=b.seconds, evaluations=b.evaluations
+        )
+        if a.final_step == "denoise":
+            assert same == b  # refused: the choice of a tune without stage (e)
+        else:
+            kept += 1
+            assert a.final_step == "extrapolate" and a.heldout_error < b.heldout_error
+            same = dataclasses.replace(same, heldout_error=b.heldout_error)
+            assert same.recipe() == b.recipe()  # the same recipe but for its end
+    assert kept > 0  # the extrapolated end helps here at some budget
+
+
+def test_a_kept_extrapolated_end_is_what_the_profile_samples_with(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = TUNE._accept
+
+    def takes_it(new, old, prob, worst_factor, **kw):  # type: ignore[no-untyped-def]
+        return new.recipe.final_step == "extrapolate" or real(new, old, prob, worst_factor, **kw)
+
+    monkeypatch.setattr(TUNE, "_accept", takes_it)
+    forced = dp.tune(NET, Z, guard_rows=0, **ARGS)
+    plain = dp.tune(NET, Z, guard_rows=0, extrapolate_final=False, **ARGS)
+    for a, b in zip(forced.choices, plain.choices, strict=True):
+        assert a.final_step == "extrapolate" and a.recipe().final_step == "extrapolate"
+        kw = dict(schedule=SD, solver="auto", nfe=a.nfe, guidance_scale=3.0, **COND)
+        x = dp.sample(NET, Z, profile=forced, **kw).x  # type: ignore[arg-type]
+        y = dp.sample(NET, Z, profile=plain, **kw).x  # type: ignore[arg-type]
+        want = dp.sample(
+            NET,
+            Z,
+            schedule=SD,
+            solver=dataclasses.replace(b.recipe(), final_step="extrapolate"),
+            guidance_scale=3.0,
+            **COND,
+            **({} if b.times else {"nfe": b.nfe}),
+        ).x
+        assert torch.equal(x, want) and not torch.equal(x, y)
+    assert dp.Profile.from_json(forced.to_json()) == forced
+
+
+def test_the_k_diffusion_sigmas_warn_that_they_denoise() -> None:
+    prof = dp.tune(NET, Z, schedule=SD, nfe=[8], shift_runs=0, tail_rows=0, **CHEAP)
+    c = dataclasses.replace(prof.choices[0], final_step="extrapolate", lower_order_final=None)
+    ext = dataclasses.replace(prof, choices=(c,))
+    with pytest.warns(UserWarning, match="final_step"):
+        ext.sigmas(8, 1.0, SD)
+
+
+def _scheduler_run(profile: dp.Profile, z: torch.Tensor, nfe: int) -> torch.Tensor:
+    from dpmsolver.frontends.diffusers_scheduler import DPMSolverScheduler
+
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    sched = DPMSolverScheduler(solver="auto", guidance_scale=1.0, profile=profile, **sd)
+    sched.set_timesteps(nfe)
+    x = z * sched.init_noise_sigma
+    for t in sched.timesteps:
+        x = sched.step(NET(sched.scale_model_input(x, t), t), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize(("solver", "options"), [("unipc", {"order": 2}), ("dpmpp_2s", {})])
+def test_the_diffusers_scheduler_extrapolates_as_sample_does(solver: str, options: dict) -> None:
+    pytest.importorskip("diffusers")
+    prof = dp.tune(NET, Z, schedule=SD, nfe=[9], shift_runs=0, norm_cap=None, **CHEAP)
+    c = dataclasses.replace(
+        prof.choices[0], solver=solver, options=options, grid="logsnr", rho=None, times=None
+    )
+    plain, ext = (
+        dataclasses.replace(prof, choices=(dataclasses.replace(c, final_step=v),))
+        for v in ("denoise", "extrapolate")
+    )
+    z = Z[:6]
+    want_plain = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=plain).x
+    want_ext = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=ext).x
+    change = float((want_ext - want_plain).abs().max())
+    assert change > 1e-3  # the extrapolated end moves the samples here
+    got_plain, got_ext = (_scheduler_run(p, z, 9) for p in (plain, ext))
+    # the config's float32 betas move both runs alike; what the end changes must match
+    assert float((got_plain - want_plain).abs().max()) < 5e-3
+    assert float(((got_ext - got_plain) - (want_ext - want_plain)).abs().max()) < 0.05 * change
+
+
+def test_extrapolate_final_is_checked() -> None:
+    with pytest.raises(ValueError, match="extrapolate_final"):
+        TuneOptions(extrapolate_final="yes")  # type: ignore[arg-type]
