@@ -57,8 +57,8 @@ own model, guidance included:
    predictions extrapolated in sigma~^2 to sigma = 0, which removes the denoising step's
    O(sigma~^2) bias at no evaluation; ``TuneOptions.extrapolate_final``). Whether that
    bias or the extrapolation's own error is larger depends on the model and the budget
-   (on a flow mixture it cut the error by 38% at 8 NFE and tripled it at 20), so the pilot
-   decides per budget.
+   (on a flow mixture it cut the error by 38% at 8 NFE and multiplied it by 2.7 at 20),
+   so the pilot decides per budget.
 8. Otherwise the default recipe stays.
 9. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
    with no reference; if more of its samples end beyond twice the largest pilot
@@ -522,7 +522,7 @@ def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:
 @dataclass(frozen=True)
 class TuneOptions:
     """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
-    guidance scale and 8 budgets in 7.4 minutes at guidance 3, and 7.5 at guidance 7.5, on
+    guidance scale and 8 budgets in 7.3 minutes at guidance 3, and 7.5 at guidance 7.5, on
     2 CPU cores; benchmarks/tune_cost.md).
 
     Attributes:
