@@ -14,6 +14,7 @@ import torch
 import dpmsolver as dp
 from dpmsolver.tune import TuneOptions
 
+from .test_step_limit import _scheduler_run
 from .test_tune import CHEAP, COND, NET, SD, Z
 
 pytest.importorskip("scipy")
@@ -75,18 +76,6 @@ def test_the_k_diffusion_sigmas_warn_that_they_denoise() -> None:
     ext = dataclasses.replace(prof, choices=(c,))
     with pytest.warns(UserWarning, match="final_step"):
         ext.sigmas(8, 1.0, SD)
-
-
-def _scheduler_run(profile: dp.Profile, z: torch.Tensor, nfe: int) -> torch.Tensor:
-    from dpmsolver.frontends.diffusers_scheduler import DPMSolverScheduler
-
-    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-    sched = DPMSolverScheduler(solver="auto", guidance_scale=1.0, profile=profile, **sd)
-    sched.set_timesteps(nfe)
-    x = z * sched.init_noise_sigma
-    for t in sched.timesteps:
-        x = sched.step(NET(sched.scale_model_input(x, t), t), t, x).prev_sample
-    return x
 
 
 @pytest.mark.parametrize(("solver", "options"), [("unipc", {"order": 2}), ("dpmpp_2s", {})])

@@ -812,21 +812,23 @@ class _Guard:
     x_T: Tensor
     rows: list[int]
     bound: float
-    # budgets run in threads: each entry is written whole, and a race only recomputes it
-    runs: dict[tuple[str, int], Tensor | None] = field(default_factory=dict)
+    # the last run of each budget (the tail check reuses the guard's run of the choice):
+    # budgets run in threads, each writes only its own entry
+    runs: dict[int, tuple[str, Tensor | None]] = field(default_factory=dict)
     references: dict[int, Tensor] = field(default_factory=dict)
 
     def samples(self, prob: _Problem, recipe: Recipe, nfe: int) -> Tensor | None:
         """``recipe``'s samples from the guard's noises (None if it cannot run)."""
-        key = (repr(recipe), nfe)
-        if key not in self.runs:
-            self.runs[key] = prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows))
-        return self.runs[key]
+        key = repr(recipe)
+        last = self.runs.get(nfe)
+        if last is None or last[0] != key:
+            last = (key, prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows)))
+            self.runs[nfe] = last
+        return last[1]
 
     def forget(self, nfe: int) -> None:
-        """Drop the runs of budget ``nfe`` (its choice is made)."""
-        for key in [k for k in self.runs if k[1] == nfe]:
-            del self.runs[key]
+        """Drop budget ``nfe``'s last run (its choice is made)."""
+        self.runs.pop(nfe, None)
 
     def blowups(self, prob: _Problem, recipe: Recipe, nfe: int) -> int:
         """Guard samples of ``recipe`` beyond the bound (one more than all if it cannot
