@@ -18,12 +18,15 @@ from dpmsolver.bench.suite import BaselineRow, MixtureProblem, get_problem
 from dpmsolver.bench.tuned import (
     CSV_FIELDS,
     TunedRow,
+    _rows_of,
+    comparison,
     markdown,
     pilot_seed,
     rows_csv,
     rows_from_tuned_csv,
     tune_problem,
 )
+from dpmsolver.bench.tuned import main as tuned_main
 
 
 def _row(errors: dict[str, float]) -> BaselineRow:
@@ -167,3 +170,25 @@ def test_bad_rescore_arguments_are_named() -> None:
         rescore(p, 7.5, dp.Profile.__new__(dp.Profile), {}, n=0, nfes=(5,))
     with pytest.raises(ValueError, match="least >= 1"):
         shortlist(_row({"a": 1.0}), least=0)
+
+
+def test_comparison_counts_met_and_changed_cells_on_both_sets(tmp_path: Any) -> None:
+    base = _rescored_rows(0.5)  # test set: missed, met; new noises: met, missed
+    new = [
+        dataclasses.replace(base[0], tuned=0.9),  # now met on the test set
+        dataclasses.replace(base[1], new_tuned=0.8),  # now met on the new noises
+        _tuned_row(8, 1.0, 1.0),  # in the new run only
+    ]
+    text = comparison(base, new)
+    assert "| test set | 2 | 1 | 2 | 1 | 1 | 0 | 2.000 | 0.900 |" in text
+    assert "| new noises | 2 | 1 | 2 | 1 | 1 | 0 | 3.000 | 0.800 |" in text
+    assert "2 cells in both runs (0 only in the base run, 1 only in the new one)" in text
+    assert text.count("| iso2-sd | 7.5 |") == 2  # both changed cells are listed
+    # the command line joins comma-separated CSVs on either side
+    paths = []
+    for i, rows in enumerate((base, new[:1], new[1:2])):
+        paths.append(tmp_path / f"r{i}.csv")
+        paths[-1].write_text(rows_csv(rows))
+    assert _rows_of(f"{paths[1]},{paths[2]}") == new[:2]
+    with pytest.raises(SystemExit):
+        tuned_main(["--compare", str(paths[0])])

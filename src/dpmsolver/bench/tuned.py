@@ -589,6 +589,60 @@ def cost_markdown(cost: CostResult) -> str:
 CSV_FIELDS = tuple(f.name for f in dataclasses.fields(TunedRow))
 
 
+def _tally(pairs: Sequence[tuple[TunedRow, TunedRow]], ratio: Ratio) -> str:
+    """One line of :func:`comparison`: cells met by each run and, over the changed cells,
+    how many got better or worse and their geometric-mean ratios."""
+    met_a = sum(ratio(a) <= 1.0 for a, _ in pairs)
+    met_b = sum(ratio(b) <= 1.0 for _, b in pairs)
+    changed = [(a, b) for a, b in pairs if ratio(a) != ratio(b)]
+    better = sum(ratio(b) < ratio(a) for a, b in changed)
+    geo_a = _geomean([ratio(a) for a, _ in changed]) if changed else math.nan
+    geo_b = _geomean([ratio(b) for _, b in changed]) if changed else math.nan
+    return (
+        f"| {len(pairs)} | {met_a} | {met_b} | {len(changed)} | {better} "
+        f"| {len(changed) - better} | {_f(geo_a, 3)} | {_f(geo_b, 3)} |"
+    )
+
+
+def comparison(base: Sequence[TunedRow], new: Sequence[TunedRow]) -> str:
+    """Two runs of the same cells side by side (``--compare``): met cells, and the cells
+    whose ratio changed, on the test set and, where both were re-scored, on the new noises.
+    Cells of one run only are left out (their count is said)."""
+    index = {(r.problem, r.guidance, r.nfe): r for r in base}
+    pairs = [(index[k], r) for r in new if (k := (r.problem, r.guidance, r.nfe)) in index]
+    out = [
+        "| set | cells | met (base) | met (new) | changed | better | worse "
+        "| geo-mean changed (base) | geo-mean changed (new) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    out.append("| test set " + _tally(pairs, lambda r: r.ratio))
+    rescored = [(a, b) for a, b in pairs if a.new_noises > 0 and b.new_noises > 0]
+    if rescored:
+        out.append("| new noises " + _tally(rescored, lambda r: r.new_ratio))
+    out.append(
+        f"\n{len(pairs)} cells in both runs ({len(base) - len(pairs)} only in the base run, "
+        f"{len(new) - len(pairs)} only in the new one).\n"
+    )
+    moved = [(a, b) for a, b in pairs if a.ratio != b.ratio or a.new_ratio != b.new_ratio]
+    if moved:
+        out.append(
+            "| problem | w | NFE | test set (base) | test set (new) | new noises (base) "
+            "| new noises (new) | base choice | new choice |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for a, b in moved:
+            out.append(
+                f"| {a.problem} | {a.guidance:g} | {a.nfe} | {_f(a.ratio)} | {_f(b.ratio)} "
+                f"| {_f(a.new_ratio)} | {_f(b.new_ratio)} | {a.recipe} | {b.recipe} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def _rows_of(paths: str) -> list[TunedRow]:
+    """The rows of comma-separated tuned-benchmark CSVs, in order."""
+    return [r for p in paths.split(",") for r in rows_from_tuned_csv(_read_text(p.strip()))]
+
+
 def rows_csv(rows: Sequence[TunedRow]) -> str:
     """Every cell as CSV."""
     lines = [",".join(CSV_FIELDS)]
@@ -712,15 +766,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument("--csv", default=None, help="write every cell here (.gz: gzipped)")
-    ap.add_argument("--from-csv", default=None, help="re-render a run's CSV (no cost section)")
+    ap.add_argument(
+        "--from-csv",
+        default=None,
+        help="re-render a run's CSV (no cost section; comma-separated files are joined)",
+    )
+    ap.add_argument(
+        "--compare",
+        default=None,
+        help="with --from-csv: compare that run with this one (CSV, comma-separated files "
+        "joined) cell by cell instead",
+    )
     args = ap.parse_args(argv)
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
     command = " ".join(
         ["python -m dpmsolver.bench.tuned", *(sys.argv[1:] if argv is None else argv)]
     )
+    if args.compare and not args.from_csv:
+        ap.error("--compare needs --from-csv (the new run)")
     if args.from_csv:
-        print(markdown(rows_from_tuned_csv(_read_text(args.from_csv)), None))
+        run = _rows_of(args.from_csv)
+        print(comparison(_rows_of(args.compare), run) if args.compare else markdown(run, None))
         return 0
     torch.set_num_threads(1)
     pilot = args.pilot or (16 if args.quick else PILOT)
