@@ -184,6 +184,9 @@ def test_comparison_counts_met_and_changed_cells_on_both_sets(tmp_path: Any) -> 
     assert "| new noises | 2 | 1 | 2 | 1 | 1 | 0 | 3.000 | 0.800 |" in text
     assert "2 cells in both runs (0 only in the base run, 1 only in the new one)" in text
     assert text.count("| iso2-sd | 7.5 |") == 2  # both changed cells are listed
+    # a rerun's noise (here 1e-5 of the ratio) is no change
+    rerun = [dataclasses.replace(r, tuned=r.tuned * (1 + 1e-5)) for r in base]
+    assert "| test set | 2 | 1 | 1 | 0 | 0 | 0 |" in comparison(base, rerun)
     # the command line joins comma-separated CSVs on either side
     paths = []
     for i, rows in enumerate((base, new[:1], new[1:2])):
