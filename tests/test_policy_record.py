@@ -146,3 +146,43 @@ def test_the_recorded_splits_are_the_suites(study: Study) -> None:
     assert len(study.split) == 36
     # a finished fresh round is part of the selection half
     assert all(study.split[p] == "selection" for r in FRESH_ROUNDS for p in r)
+
+
+def test_the_whole_suite_comparison_is_what_the_recorded_errors_say(
+    study: Study, markdown: str
+) -> None:
+    """Each peer configuration's worst over every problem it runs, against the default's
+    worst on the problems it never saw and, in sample, on those it was fitted on."""
+    m = re.search(
+        r"Over all (\d+) problems the smallest worst of the (\d+) peer configurations is "
+        r"([0-9.e+]+) \((.+?), over (\d+) cells\)\. Ours: ([0-9.e+]+) on the held-out and "
+        r"fresh problems, which the table never saw; ([0-9.e+]+) on the selection problems.*?"
+        r"Our blind worst is below the whole-suite worst of (\d+) of (\d+) configurations",
+        markdown,
+    )
+    assert m is not None, "benchmarks/policy.md lost its whole-suite comparison"
+    chosen = re.search(r"### Chosen: (.+), per left-out problem", markdown)
+    assert chosen is not None
+    rule = rule_named(chosen.group(1))
+    splits = [study.problems(s) for s in ("selection", "held_out", "fresh")]
+    table = fit(
+        study.ratios, study.family, splits[0], rule.granularity, study.candidates, rule.power
+    )
+    everything = [p for ps in splits for p in ps]
+    suite = study.peer_worst(everything)
+    best = min(suite, key=lambda k: suite[k][0])
+    assert int(m.group(1)) == len(everything) == 36 and int(m.group(2)) == len(suite)
+    assert m.group(3) == _fmt(suite[best][0]) and m.group(4) == best
+    assert int(m.group(5)) == suite[best][1]
+    blind = max(
+        max(policy_ratios(table, study.ratios, study.family, ps).values()) for ps in splits[1:]
+    )
+    fitted = max(policy_ratios(table, study.ratios, study.family, splits[0]).values())
+    assert m.group(6) == _fmt(blind) and m.group(7) == _fmt(fitted)
+    assert int(m.group(8)) == sum(blind < v for v, _, _ in suite.values())
+    # the flow-only configuration the CLAIM lines name blows up on the selection problems
+    section = markdown[markdown.index("## The peer configurations the default does not beat") :]
+    row = re.search(r"^\| diffusers UniPC bh2 flow \| .* \| ([0-9.e+]+) \|$", section, re.M)
+    assert row is not None and float(row.group(1)) == float(
+        _fmt(suite["diffusers UniPC bh2 flow"][0])
+    )
