@@ -9,12 +9,10 @@ set -euo pipefail
 out=${1:?usage: $0 OUTDIR}
 mkdir -p "$out"
 while read -r problem guidance; do
-  for arm in base tail; do
-    extra=()
-    [ "$arm" = tail ] && extra=(--set tail_rows=8)
-    [ "$arm" = base ] && extra=(--set tail_rows=0)
+  for arm_rows in base:0 tail:8; do
+    arm=${arm_rows%:*}
     python -m dpmsolver.bench.tuned --split selection --problems "$problem" \
-      --guidance "$guidance" --jobs 2 --no-cost --rescore 512 "${extra[@]}" \
+      --guidance "$guidance" --jobs 2 --no-cost --rescore 512 --set "tail_rows=${arm_rows#*:}" \
       --csv "$out/${problem}_${arm}.csv.gz" --out "$out/${problem}_${arm}.md" > /dev/null
   done
   echo "$problem done" >> "$out/progress"

@@ -1037,10 +1037,12 @@ def whole_suite(study: Study, table: PolicyTable) -> list[str]:
     ours = {s: policy_ratios(table, study.ratios, study.family, ps) for s, ps in splits.items()}
     theirs = {s: study.peer_ratios(ps) for s, ps in splits.items()}
     unbeaten = sorted(
-        label
-        for s in ("held_out", "fresh")
-        for label, got in theirs[s].items()
-        if max(ours[s][c] for c in got) >= max(got.values())
+        {
+            label
+            for s in ("held_out", "fresh")
+            for label, got in theirs[s].items()
+            if max(ours[s][c] for c in got) >= max(got.values())
+        }
     )
     suite = study.peer_worst(everything)
 
@@ -1059,7 +1061,7 @@ def whole_suite(study: Study, table: PolicyTable) -> list[str]:
     )
     out.append("| configuration | held-out | fresh | selection | whole suite |")
     out.append("|---|---|---|---|---|")
-    for label in dict.fromkeys(unbeaten):
+    for label in unbeaten:
         out.append(
             f"| {label} | {worst('held_out', label)} | {worst('fresh', label)} "
             f"| {worst('selection', label)} | {_fmt(suite[label][0])} |"
