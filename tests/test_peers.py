@@ -224,6 +224,37 @@ def test_diffusers_unipc_agrees(
         assert maxdiff(ours.x, theirs) < TIGHT
 
 
+def _ode_tau(t: Any) -> float:
+    return 0.0
+
+
+@pytest.mark.parametrize(
+    ("predictor", "corrector", "ours"),
+    [
+        (2, 2, {"order": 2, "variant": "bh1", "corrector_order": 2}),
+        (1, 2, {"order": 1, "variant": "bh1"}),
+        (3, 3, {"order": 3, "variant": "bh1", "corrector_order": 3}),
+    ],
+)
+@pytest.mark.parametrize("steps", [7, 16])
+def test_diffusers_sa_solver_ode_agrees(
+    predictor: int, corrector: int, ours: dict[str, Any], steps: int
+) -> None:
+    """diffusers' SA-Solver with tau = 0 (the ODE) is UniPC with SA-Solver's corrector order
+    and, at order 2, B(h) = h (the O(h^3) term it adds): solvers/unipc.py. It ends at the
+    schedule's t = 0 and lowers the last orders."""
+    sch = diffusers_module().SASolverScheduler(
+        predictor_order=predictor, corrector_order=corrector, tau_func=_ode_tau, **SD_BETAS
+    )
+    x = noise()
+    theirs, schedule, ts, _, calls = run_diffusers(sch, steps, x)
+    solver = dp.get_solver("unipc", **ours)
+    mine = run_ours(schedule, ts, "t_min", solver, x, lower_order_final=True)
+    assert mine.nfe == calls and maxdiff(mine.x, theirs) < TIGHT
+    # the alias names the order-2 ODE form
+    assert dp.get_solver("sa_solver_ode") == dp.get_solver("unipc", **ours) or predictor != 2
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("steps", [8, 20])

@@ -28,6 +28,18 @@ one) and raises the order to p + 1, as the paper shows: UniPC-p converges with o
 (measured; README).
 The last step is left uncorrected (no evaluation follows it), and a step into sigma = 0 is
 the loop's data-prediction step, whatever B(h) is (diffusers' bh1 returns NaN there).
+
+``corrector_order`` c counts the corrector's nodes as SA-Solver does (Xue et al. 2023,
+"SA-Solver: Stochastic Adams Solver for Fast Sampling of Diffusion Models", arXiv
+2309.05019, Eq. 16 / Algorithm 2 with tau = 0: the SA-Corrector is the implicit Adams
+update of the exponential integrator over the c newest predictions, the new one included):
+the default c = p + 1 is UniC-p; c < p + 1 drops the oldest predictions from the corrector.
+SA-Solver's ODE form (tau = 0) is this family: its predictor is the exponential Adams-
+Bashforth update over the p newest predictions, and its updates with two nodes carry the
+O(h^3) term it adds "similar to UniPC", which is exactly B(h) = h with rho = 1/2 here. So
+diffusers' ``SASolverScheduler(predictor_order=p, corrector_order=c, tau_func=0)`` is
+``UniPC(order=p, variant="bh1", corrector_order=c)`` (tested against it to 1e-10, p = 1-3);
+the method converges with order c.
 """
 
 from __future__ import annotations
@@ -88,17 +100,23 @@ class UniPC(MultistepSolver):
         use_corrector: apply UniC (default True); without it this is UniP-p, order p.
         form: ``Form.DATA`` (default; diffusers' ``predict_x0=True``) or ``Form.NOISE``
             (``"data"`` / ``"noise"`` are accepted too).
+        corrector_order: the corrector's nodes, the new prediction included (SA-Solver's
+            corrector order; module docstring): 2 to p + 1, None (default) for p + 1
+            (UniC-p). The method converges with this order.
     """
 
     order: int = 2
     variant: Variant = "bh2"
     use_corrector: bool = True
     form: Form = Form.DATA
+    corrector_order: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("order", self.order, (1, 2, 3))
         check_choice("variant", self.variant, ("bh1", "bh2"))
         check_choice("use_corrector", self.use_corrector, (True, False))
+        if self.corrector_order is not None:
+            check_choice("corrector_order", self.corrector_order, tuple(range(2, self.order + 2)))
         if isinstance(self.form, str):
             name = check_choice("form", self.form, ("data", "noise"))
             object.__setattr__(self, "form", Form(name))
@@ -106,7 +124,11 @@ class UniPC(MultistepSolver):
 
     @property
     def claimed_order(self) -> float:
-        return float(self.order + 1 if self.use_corrector else self.order)
+        return float(self._corrector_nodes if self.use_corrector else self.order)
+
+    @property
+    def _corrector_nodes(self) -> int:
+        return self.order + 1 if self.corrector_order is None else self.corrector_order
 
     def history_form(self) -> Form:
         return self.form
@@ -126,8 +148,9 @@ class UniPC(MultistepSolver):
             or not math.isfinite(ctx.s.lam)
         ):
             return x
-        p = state.prev_order
-        others = [*zip(state.knots[1:p], state.preds[1:p], strict=True), (ctx.s, m0)]
+        # the previous step's p - 1 old predictions, or fewer for a shorter corrector
+        old = min(state.prev_order, self._corrector_nodes - 1)
+        others = [*zip(state.knots[1:old], state.preds[1:old], strict=True), (ctx.s, m0)]
         return uni_update(
             self.form, self.variant, state.x_prev, state.knots[0], ctx.s, state.preds[0], others
         )
@@ -166,7 +189,12 @@ register(
             {"order": 3, "variant": "bh2", "use_corrector": False},
             {"order": 2, "variant": "bh2", "form": "noise"},
             {"order": 3, "variant": "bh2", "form": "noise"},
+            {"order": 2, "variant": "bh1", "corrector_order": 2},
         ),
     ),
-    aliases={"unipc_bh1": {"variant": "bh1"}, "unipc_bh2": {"variant": "bh2"}},
+    aliases={
+        "unipc_bh1": {"variant": "bh1"},
+        "unipc_bh2": {"variant": "bh2"},
+        "sa_solver_ode": {"variant": "bh1", "corrector_order": 2},
+    },
 )
