@@ -65,6 +65,11 @@ own model, guidance included:
    reference's norm than an earlier stage's choice sent there, the latest stage with the
    fewest is taken (``TuneOptions.guard_rows``). The held-out half sees a blow-up of 1-2
    samples in 512 (third-order UniPC at guidance 15, for one) too rarely to refuse it.
+   *Tail ranking* (an option, off by default: ``TuneOptions.tail_ranking``). Stage (a)'s
+   finalists also run from the guard's noises; where two end far apart there, the
+   farthest rows get an exact reference and the finalists are ranked by their mean squared
+   error over the calibration rows and those rows: the calibration half misses a
+   candidate's rare far samples as the held-out half does.
    *Tail check.* Where the final choice is a later stage's than (a), it and stage (a)'s
    recipe are compared on the guard's noises; where they end far apart, the farthest rows
    get an exact reference, and the one with the smaller mean squared error over the
@@ -93,7 +98,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -666,6 +671,27 @@ class TuneOptions:
             (``benchmarks/tuned_selection_tail_rescore.md``, the 248 cells of the pairs it
             touched) it met 170 instead of 161, geo-mean of the changed cells 0.869 against
             1.040: the 64 test samples miss the far samples it is about. Default since stop 30.
+        tail_ranking: rank stage (a)'s finalists with the guard's noises too (default None:
+            off; a factor f >= 1: on; it needs ``tail_rows`` > 0 and the guard). Every
+            finalist runs from the guard's noises; where two of them end farther apart than
+            ``tail_factor`` times the largest sum of their errors on a held-out row, the
+            ``tail_rows`` farthest guard rows get an exact reference and each finalist's mean
+            squared error is estimated over the calibration rows and those (as the tail
+            check does over the held-out rows); the held-out half stays the independent
+            check. With f = 1 the finalists are ranked by that estimate; with f > 1 the
+            calibration ranking is kept unless the estimate puts its first finalist's RMS
+            error over f times another's. On iso8-flow at guidance 1 and 10 NFE the
+            calibration half ranked second-order DPM-Solver++ first (8.0e-3 against UniPC
+            order 2's 1.2e-2); on 512 new noises 4 samples carry 87% of its squared error and
+            it has 4.3x UniPC's error: the 64 calibration rows held none of them, the guard's
+            512 hold them, and with f = 1 tune takes UniPC. A study, not taken: stage (a)
+            alone on the 20 selection problems, each pick scored on 512 new noises
+            (``benchmarks/stage_a_study.py``, benchmarks/stage_a_selection.md): f = 1 changed
+            45 of 640 picks, 18 for the better (four by 11-230x: blow-ups avoided) and 27 for
+            the worse (1.01-3.2x); geo-mean 0.983 over the 640. f = 2 (``tail_factor``'s 2,
+            not fitted) kept those four gains and changed 22 picks, 11 for the better and 11
+            for the worse (1.01-3.2x); geo-mean 0.980. The rule written before the runs asked
+            for more cells better than worse: neither was taken.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -695,6 +721,7 @@ class TuneOptions:
     extrapolate_final: bool = True
     tail_rows: int = 8
     tail_factor: float = 2.0
+    tail_ranking: float | None = None
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
@@ -731,6 +758,10 @@ class TuneOptions:
         check_choice("extrapolate_final", self.extrapolate_final, (True, False))
         check_int("tail_rows", self.tail_rows, minimum=0)
         check_finite_float("tail_factor", self.tail_factor, positive=True)
+        if self.tail_ranking is not None:
+            check_finite_float("tail_ranking", self.tail_ranking, positive=True)
+            if self.tail_ranking < 1.0:
+                raise ValueError(f"tail_ranking must be >= 1 or None, got {self.tail_ranking}")
 
 
 class _Counter:
@@ -816,22 +847,21 @@ class _Guard:
     x_T: Tensor
     rows: list[int]
     bound: float
-    # the last run of each budget (the tail check reuses the guard's run of the choice):
-    # budgets run in threads, each writes only its own entry
-    runs: dict[int, tuple[str, Tensor | None]] = field(default_factory=dict)
+    # each budget's runs until its choice is made (the tail ranking and the tail check
+    # reuse them): budgets run in threads, each writes only its own entry
+    runs: dict[int, dict[str, Tensor | None]] = field(default_factory=dict)
     references: dict[int, Tensor] = field(default_factory=dict)
 
     def samples(self, prob: _Problem, recipe: Recipe, nfe: int) -> Tensor | None:
         """``recipe``'s samples from the guard's noises (None if it cannot run)."""
+        runs = self.runs.setdefault(nfe, {})
         key = repr(recipe)
-        last = self.runs.get(nfe)
-        if last is None or last[0] != key:
-            last = (key, prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows)))
-            self.runs[nfe] = last
-        return last[1]
+        if key not in runs:
+            runs[key] = prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows))
+        return runs[key]
 
     def forget(self, nfe: int) -> None:
-        """Drop budget ``nfe``'s last run (its choice is made)."""
+        """Drop budget ``nfe``'s runs (its choice is made)."""
         self.runs.pop(nfe, None)
 
     def blowups(self, prob: _Problem, recipe: Recipe, nfe: int) -> int:
@@ -1397,6 +1427,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     finalists = _ranked(
         prob, [_choice(prob, r, nfe, "selection") for _, r in scored[: opts.finalists]], opts
     )
+    finalists = _tail_ranked(prob, finalists, opts)
     for finalist in finalists:
         # the best finalist that the held-out half takes
         if _accept(finalist, best, prob, opts.worst_factor):
@@ -1502,31 +1533,78 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     )
 
 
-def _tail_checked(
-    prob: _Problem, guard: _Guard, chosen: _Choice, robust: _Choice, opts: TuneOptions
-) -> _Choice:
-    """``chosen`` or ``robust``, whichever has the smaller mean squared error estimated over
-    the held-out rows and the guard's (:attr:`TuneOptions.tail_rows`)."""
-    nfe = chosen.nfe
-    xc, xr = guard.samples(prob, chosen.recipe, nfe), guard.samples(prob, robust.recipe, nfe)
-    if xc is None or xr is None:
-        return chosen
-    apart = _per_sample(xc, xr)
-    usual = float((chosen.held + robust.held).max())
+def _held_rows(c: _Choice) -> tuple[float, int]:
+    """The sum of ``c``'s squared held-out errors, and their number."""
+    return float(c.held.pow(2).sum()), len(c.held)
+
+
+def _calibration_rows(prob: _Problem) -> Callable[[_Choice], tuple[float, int]]:
+    """The sum of a choice's squared calibration errors, and their number."""
+    return lambda c: (len(prob.cal) * c.cal**2, len(prob.cal))
+
+
+def _tail_mse(
+    prob: _Problem,
+    guard: _Guard,
+    choices: Sequence[_Choice],
+    opts: TuneOptions,
+    pilot: Callable[[_Choice], tuple[float, int]] = _held_rows,
+) -> list[float] | None:
+    """Each choice's mean squared error estimated over pilot rows (``pilot``: the sum of
+    its squared errors there and their number; default the held-out half) and the guard's:
+    all run from the guard's noises; the :attr:`TuneOptions.tail_rows` guard rows on which
+    two of them end farthest apart, beyond ``tail_factor`` times the largest sum of those
+    two's errors on a held-out row, get an exact reference; the other guard rows count at
+    each choice's pilot mean. None where no guard row is that far apart (nothing to add to
+    the pilot rows) or a choice cannot run."""
+    xs = [guard.samples(prob, c.recipe, c.nfe) for c in choices]
+    if any(x is None for x in xs):
+        return None
+    runs = [x for x in xs if x is not None]
+    apart = torch.zeros(len(guard.rows), dtype=torch.float64)
+    usual = 0.0
+    for i, j in itertools.combinations(range(len(choices)), 2):
+        apart = torch.maximum(apart, _per_sample(runs[i], runs[j]))
+        usual = max(usual, float((choices[i].held + choices[j].held).max()))
     order = apart.argsort(descending=True).tolist()
     far = [i for i in order if float(apart[i]) > opts.tail_factor * usual]
     if not far:
-        return chosen
+        return None
     rows = far[: opts.tail_rows]
     ref = guard.reference(prob, rows)
     others = len(guard.rows) - len(rows)
 
     def mse(c: _Choice, x: Tensor) -> float:
-        held = c.held.pow(2)
-        tail = _per_sample(x[rows], ref).pow(2)
-        return float(held.sum() + others * held.mean() + tail.sum()) / (len(held) + len(guard.rows))
+        total, n = pilot(c)
+        tail = float(_per_sample(x[rows], ref).pow(2).sum())
+        return (total + others * total / n + tail) / (n + len(guard.rows))
 
-    return robust if mse(robust, xr) < mse(chosen, xc) else chosen
+    return [mse(c, x) for c, x in zip(choices, runs, strict=True)]
+
+
+def _tail_checked(
+    prob: _Problem, guard: _Guard, chosen: _Choice, robust: _Choice, opts: TuneOptions
+) -> _Choice:
+    """``chosen`` or ``robust``, whichever has the smaller mean squared error estimated over
+    the held-out rows and the guard's (:func:`_tail_mse`)."""
+    mse = _tail_mse(prob, guard, [chosen, robust], opts)
+    return robust if mse is not None and mse[1] < mse[0] else chosen
+
+
+def _tail_ranked(prob: _Problem, finalists: list[_Choice], opts: TuneOptions) -> list[_Choice]:
+    """Stage (a)'s finalists (ranked) re-ranked by the error :func:`_tail_mse` estimates
+    over the calibration rows and the guard's (the held-out half stays the independent
+    check), where the guard's noises show a far sample that the pilot did not (unchanged
+    where none, or without a guard: :attr:`TuneOptions.tail_ranking`)."""
+    factor = opts.tail_ranking
+    live = [c for c in finalists if bool(torch.isfinite(c.held).all())]
+    if prob.guard is None or factor is None or opts.tail_rows == 0 or len(live) < 2:
+        return finalists
+    mse = _tail_mse(prob, prob.guard, live, opts, _calibration_rows(prob))
+    if mse is None or (factor > 1.0 and mse[0] <= factor**2 * min(mse)):
+        return finalists
+    ranked = [c for _, _, c in sorted(zip(mse, range(len(live)), live, strict=True))]
+    return ranked + [c for c in finalists if all(c is not r for r in ranked)]
 
 
 def _ranked(prob: _Problem, finalists: list[_Choice], opts: TuneOptions) -> list[_Choice]:
