@@ -1,0 +1,184 @@
+"""Stage (a) of dpmsolver.tune alone, four ways, scored on 512 new noises per cell.
+
+For every (problem, guidance) of a suite split and every budget, the pilot is built as
+``dpmsolver.tune`` builds it (128 noises of the tuned benchmark's pilot seed, the 512-row
+guard), every stage (a) candidate is screened on 8 calibration rows, and the finalists
+(the 4 best) are picked by tune's rule: the first, in ranking order, that the held-out half
+takes over the default recipe. Four arms:
+
+- ``cal``: candidates without SA-Solver's ODE form, ranked by calibration error (stop 30);
+- ``tail``: the same finalists, ranked by :func:`dpmsolver.tune._tail_ranked` (stop 31);
+- ``sa+cal`` / ``sa+tail``: SA-Solver's ODE form among the candidates, each ranking;
+- ``tail2``: as ``tail``, but the calibration ranking is kept unless the tail estimate puts
+  its first finalist's RMS error over 2x another's (``tail_ranking=2.0``).
+
+Each arm's pick (or the default) samples 512 noises of the rescore seed (neither the
+pilot's nor the test set's) and is scored by its RMS error to the exact sample. Stages
+(b)-(e) do not run: this measures the choice that starts them.
+
+Usage: python benchmarks/stage_a_study.py --split selection --jobs 2 --out FILE.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import time
+from dataclasses import replace
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import torch
+
+ARMS = ("cal", "tail", "sa+cal", "sa+tail", "tail2")
+#: each arm's TuneOptions.tail_ranking
+FACTOR = {"tail": 1.0, "sa+tail": 1.0, "tail2": 2.0}
+SA = ("unipc", {"order": 2, "variant": "bh1", "corrector_order": 2})
+NFES = (5, 6, 8, 10, 12, 15, 20, 25)
+GUIDANCE = (1.0, 3.0, 7.5, 15.0)
+
+
+def _pair(name: str, w: float) -> list[dict[str, Any]]:
+    torch.set_num_threads(1)
+    T = importlib.import_module("dpmsolver.tune")
+    from dpmsolver.bench.rescore import conditioning, network, rescore_seed
+    from dpmsolver.bench.suite import _rms, get_problem
+    from dpmsolver.bench.tuned import PILOT, pilot_seed
+    from dpmsolver.recipe import PolicyRequest, resolve
+    from dpmsolver.sampling import NonFiniteError, sample
+
+    p = get_problem(name)
+    noise = p.noise(PILOT, seed=pilot_seed(p))
+    c = conditioning(p, PILOT)
+    opts = T.TuneOptions()
+    options = T.SampleOptions(model_dtype=noise.dtype)
+    den = T._Counter(T._RowDenoiser(network(p), "x0", c["cond"], c["uncond"], w, options))
+    guard = (opts.guard_rows, opts.guard_factor)
+    prob = T._pilot(den, p.schedule, noise, opts.rtol, opts.check_rows, 0, 0, guard=guard)
+    z = p.noise(512, seed=rescore_seed(p))
+    ref = p.check_reference(p.denoiser(w, p.labels(512)), p.x_T(z)).sample
+    new_errors: dict[str, float] = {}
+
+    def new_error(recipe: Any, nfe: int) -> float:
+        key = repr(recipe)
+        if key not in new_errors:
+            try:
+                x = sample(
+                    network(p), z, schedule=p.schedule, prediction="x0", solver=recipe,
+                    nfe=nfe, guidance_scale=w, **conditioning(p, 512),
+                ).x  # fmt: skip
+                new_errors[key] = _rms(x, ref)
+            except (NonFiniteError, ValueError):
+                new_errors[key] = math.inf
+        return new_errors[key]
+
+    rows = []
+    for nfe in NFES:
+        new_errors.clear()
+        default = resolve("auto", PolicyRequest(nfe, w, p.schedule))
+        dchoice = T._choice(prob, default, nfe, "default")
+        screen = prob.cal[: opts.screen_rows]
+        scored = []
+        for sname, sopts in (*T.TUNE_SOLVERS, SA):
+            for kind, rho in opts.grids:
+                r = T._candidate(sname, sopts, kind, rho, nfe)
+                if r is None:
+                    continue
+                x = prob.run(r, nfe, screen)
+                if x is not None:
+                    is_sa = sname == SA[0] and dict(sopts) == SA[1]
+                    scored.append((T._rms(x, prob.reference[screen]), is_sa, r))
+        scored.sort(key=lambda e: e[0])
+        # without SA, the candidate list is stop 30's (TUNE_SOLVERS may already hold it)
+        plain = [r for _, is_sa, r in scored if not is_sa][: opts.finalists]
+        with_sa = [r for _, _, r in scored][: opts.finalists]
+        choices = {repr(r): T._choice(prob, r, nfe, "selection") for r in [*plain, *with_sa]}
+        out = {"problem": name, "w": w, "nfe": nfe, "default": new_error(default, nfe)}
+        for arm in ARMS:
+            pool = with_sa if arm.startswith("sa") else plain
+            finalists = sorted((choices[repr(r)] for r in pool), key=lambda ch: ch.cal)
+            if arm in FACTOR:
+                ranking = replace(opts, tail_ranking=FACTOR[arm])
+                finalists = T._tail_ranked(prob, finalists, ranking)
+            pick = next((f for f in finalists if T._accept(f, dchoice, prob, None)), dchoice)
+            out[arm] = new_error(pick.recipe, nfe)
+            out[arm + "_recipe"] = pick.recipe.describe()
+        out["best"] = min(new_error(ch.recipe, nfe) for ch in choices.values())
+        prob.guard.forget(nfe)
+        rows.append(out)
+    return rows
+
+
+def _geo(values: list[float]) -> float:
+    v = [x for x in values if math.isfinite(x) and x > 0]
+    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else math.nan
+
+
+def markdown(rows: list[dict[str, Any]], command: str, minutes: float) -> str:
+    lines = [
+        "# Stage (a) alone: finalists ranked by calibration error or with the tail ranking,"
+        " with and without SA-Solver's ODE form",
+        "",
+        (__doc__ or "").split("Usage:")[0].strip(),
+        "",
+        f"Command: `{command}`; took {minutes:.1f} min on a shared machine of 2 CPUs.",
+        "",
+        "Ratio = the arm's pick's RMS error on the 512 new noises / the best finalist's (of"
+        " either candidate list) there.",
+        "",
+        "| arm | cells | geo-mean ratio to the best finalist | picks the best finalist"
+        " | worst ratio | geo-mean ratio to cal | better than cal | worse than cal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in ARMS:
+        ratios = [r[arm] / r["best"] for r in rows]
+        vs = [r[arm] / r["cal"] for r in rows]
+        best = sum(x <= 1.0 + 1e-12 for x in ratios)
+        better, worse = sum(x < 1 - 1e-9 for x in vs), sum(x > 1 + 1e-9 for x in vs)
+        lines.append(
+            f"| {arm} | {len(rows)} | {_geo(ratios):.3f} | {best} | {max(ratios):.2f} | "
+            f"{_geo(vs):.3f} | {better} | {worse} |"
+        )
+    lines += [
+        "",
+        "## Cells where the arms pick differently",
+        "",
+        "| problem | w | NFE | default | cal | tail | sa+cal | sa+tail | tail2 | best | cal pick"
+        " | tail pick | sa+tail pick | tail2 pick |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if len({r[a + "_recipe"] for a in ARMS}) > 1:
+            picks = " | ".join(r[a + "_recipe"] for a in ("cal", "tail", "sa+tail", "tail2"))
+            lines.append(
+                f"| {r['problem']} | {r['w']:g} | {r['nfe']} | {r['default']:.3e} | "
+                + " | ".join(f"{r[a]:.3e}" for a in ARMS)
+                + f" | {r['best']:.3e} | {picks} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", default="selection")
+    ap.add_argument("--problems", default=None)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    from dpmsolver.bench.suite import suite_problems
+
+    names = a.problems.split(",") if a.problems else [p.name for p in suite_problems(a.split)]
+    pairs = [(n, w) for n in names for w in GUIDANCE]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(a.jobs) as pool:
+        results = list(pool.map(_pair, *zip(*pairs, strict=True)))
+    rows = [r for rs in results for r in rs]
+    given = (("split", a.split), ("problems", a.problems), ("jobs", a.jobs), ("out", a.out))
+    cmd = "python benchmarks/stage_a_study.py " + " ".join(f"--{k} {v}" for k, v in given if v)
+    with open(a.out, "w") as f:
+        f.write(markdown(rows, cmd, (time.perf_counter() - t0) / 60))
+
+
+if __name__ == "__main__":
+    main()
