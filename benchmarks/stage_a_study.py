@@ -25,8 +25,8 @@ import argparse
 import importlib
 import math
 import time
-from dataclasses import replace
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -78,26 +78,15 @@ def _pair(name: str, w: float) -> list[dict[str, Any]]:
         new_errors.clear()
         default = resolve("auto", PolicyRequest(nfe, w, p.schedule))
         dchoice = T._choice(prob, default, nfe, "default")
-        screen = prob.cal[: opts.screen_rows]
-        scored = []
-        for sname, sopts in (*T.TUNE_SOLVERS, SA):
-            for kind, rho in opts.grids:
-                r = T._candidate(sname, sopts, kind, rho, nfe)
-                if r is None:
-                    continue
-                x = prob.run(r, nfe, screen)
-                if x is not None:
-                    is_sa = sname == SA[0] and dict(sopts) == SA[1]
-                    scored.append((T._rms(x, prob.reference[screen]), is_sa, r))
-        scored.sort(key=lambda e: e[0])
+        scored = [r for _, r in T._screened(prob, nfe, replace(opts, solvers=(*opts.solvers, SA)))]
         # without SA, the candidate list is stop 30's (TUNE_SOLVERS may already hold it)
-        plain = [r for _, is_sa, r in scored if not is_sa][: opts.finalists]
-        with_sa = [r for _, _, r in scored][: opts.finalists]
+        plain = [r for r in scored if (r.solver, r.options) != SA][: opts.finalists]
+        with_sa = scored[: opts.finalists]
         choices = {repr(r): T._choice(prob, r, nfe, "selection") for r in [*plain, *with_sa]}
         out = {"problem": name, "w": w, "nfe": nfe, "default": new_error(default, nfe)}
         for arm in ARMS:
             pool = with_sa if arm.startswith("sa") else plain
-            finalists = sorted((choices[repr(r)] for r in pool), key=lambda ch: ch.cal)
+            finalists = T._ranked(prob, [choices[repr(r)] for r in pool], opts)
             if arm in FACTOR:
                 ranking = replace(opts, tail_ranking=FACTOR[arm])
                 finalists = T._tail_ranked(prob, finalists, ranking)

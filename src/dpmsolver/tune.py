@@ -1413,17 +1413,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     taken = [best]  # each stage's accepted choice, for the guard
 
     # (a) selection: screen every candidate on a few calibration rows, then the finalists
-    screen = prob.cal[: opts.screen_rows]
-    scored: list[tuple[float, Recipe]] = []
-    for name, options in opts.solvers:
-        for kind, rho in opts.grids:
-            r = _candidate(name, options, kind, rho, nfe)
-            if r is None:
-                continue
-            x = prob.run(r, nfe, screen)
-            if x is not None:
-                scored.append((_rms(x, prob.reference[screen]), r))
-    scored.sort(key=lambda e: e[0])
+    scored = _screened(prob, nfe, opts)
     finalists = _ranked(
         prob, [_choice(prob, r, nfe, "selection") for _, r in scored[: opts.finalists]], opts
     )
@@ -1580,6 +1570,24 @@ def _tail_mse(
         return (total + others * total / n + tail) / (n + len(guard.rows))
 
     return [mse(c, x) for c, x in zip(choices, runs, strict=True)]
+
+
+def _screened(prob: _Problem, nfe: int, opts: TuneOptions) -> list[tuple[float, Recipe]]:
+    """Stage (a)'s screen: every candidate (``opts.solvers`` x ``opts.grids``) that spends
+    exactly ``nfe``, with its RMS error on the first ``opts.screen_rows`` calibration rows,
+    best first."""
+    screen = prob.cal[: opts.screen_rows]
+    scored: list[tuple[float, Recipe]] = []
+    for name, options in opts.solvers:
+        for kind, rho in opts.grids:
+            r = _candidate(name, options, kind, rho, nfe)
+            if r is None:
+                continue
+            x = prob.run(r, nfe, screen)
+            if x is not None:
+                scored.append((_rms(x, prob.reference[screen]), r))
+    scored.sort(key=lambda e: e[0])
+    return scored
 
 
 def _tail_checked(
