@@ -381,3 +381,11 @@ def test_fixed_adams_weights_are_the_classical_ones_and_assume_equal_sigma_steps
     e_fixed = maxdiff(dp.solve(DEN, x, grid, fixed).x, exact)
     e_variable = maxdiff(dp.solve(DEN, x, grid, variable).x, exact)
     assert e_variable < 0.5 * e_fixed, (e_variable, e_fixed)
+
+
+def test_corrector_order_is_checked() -> None:
+    """SA-Solver's corrector order counts the new prediction: 2 to order + 1."""
+    assert dp.get_solver("unipc", 3, corrector_order=4).claimed_order == 4.0
+    for order, bad in ((2, 1), (2, 4), (1, 3)):
+        with pytest.raises(ValueError, match="corrector_order"):
+            dp.get_solver("unipc", order, corrector_order=bad)

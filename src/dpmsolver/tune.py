@@ -683,9 +683,10 @@ class TuneOptions:
             error over f times another's. On iso8-flow at guidance 1 and 10 NFE the
             calibration half ranked second-order DPM-Solver++ first (8.0e-3 against UniPC
             order 2's 1.2e-2); on 512 new noises 4 samples carry 87% of its squared error and
-            it has 4.3x UniPC's error: the 64 calibration rows held none of them, the guard's
-            512 hold them, and with f = 1 tune takes UniPC. A study, not taken: stage (a)
-            alone on the 20 selection problems, each pick scored on 512 new noises
+            it has 4.3x UniPC's error (a hand diagnosis): the 64 calibration rows held none
+            of them, the guard's 512 hold them, and with f = 1 tune takes UniPC. A study,
+            not taken: stage (a) alone on the 20 selection problems, each pick scored on 512
+            new noises
             (``benchmarks/stage_a_study.py``, benchmarks/stage_a_selection.md): f = 1 changed
             45 of 640 picks, 18 for the better (four by 11-230x: blow-ups avoided) and 27 for
             the worse (1.01-3.2x); geo-mean 0.983 over the 640. f = 2 (``tail_factor``'s 2,
