@@ -66,7 +66,7 @@ def test_the_ranking_stays_where_the_finalists_agree_or_it_is_off(problem: _Prob
     assert [c.recipe for c in ranked] == [A, B, C]
     assert prob.guard is not None and prob.guard.references == {}  # nothing solved
     prob = _with_guard(problem, {5: 5.0}, truth=B)
-    for off in (TuneOptions(), TuneOptions(tail_ranking=1.0, tail_rows=0)):
+    for off in (TuneOptions(tail_ranking=None), TuneOptions(tail_ranking=1.0, tail_rows=0)):
         assert [c.recipe for c in _tail_ranked(prob, _finalists(n), off)] == [A, B, C]
 
 
@@ -109,7 +109,7 @@ def test_on_a_flow_mixture_the_ranking_finds_the_rare_far_samples() -> None:
     tune_mod = importlib.import_module("dpmsolver.tune")
     p = get_problem("iso8-flow")
     ranked = tune_problem(p, 1.0, nfes=[10], tail_ranking=1.0)
-    unranked = tune_problem(p, 1.0, nfes=[10])
+    unranked = tune_problem(p, 1.0, nfes=[10], tail_ranking=None)
     assert ranked.choice(10, 1.0).solver == "unipc"  # type: ignore[union-attr]
     assert unranked.choice(10, 1.0).solver == "dpmpp_multistep"  # type: ignore[union-attr]
     z = p.noise(512, seed=rescore_seed(p))
@@ -122,4 +122,4 @@ def test_on_a_flow_mixture_the_ranking_finds_the_rare_far_samples() -> None:
         ).x  # fmt: skip
         errors.append(_rms(x, ref))
     assert errors[0] < 0.5 * errors[1]
-    assert tune_mod.TuneOptions().tail_ranking is None  # off by default (stop 31's study)
+    assert tune_mod.TuneOptions().tail_ranking == 2.0  # the default since stop 32
