@@ -17,6 +17,7 @@ pilot's nor the test set's) and is scored by its RMS error to the exact sample. 
 (b)-(e) do not run: this measures the choice that starts them.
 
 Usage: python benchmarks/stage_a_study.py --split selection --jobs 2 --out FILE.md
+       python benchmarks/stage_a_study.py --tail-counts FILE.md  (picks over 2x / 4x)
 """
 
 from __future__ import annotations
@@ -148,13 +149,37 @@ def markdown(rows: list[dict[str, Any]], command: str, minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tail_counts(record: str) -> str:
+    """From a record's "Cells where the arms pick differently" table: per arm, how many of
+    those cells' picks are over 2x and over 4x the best finalist on the new noises (in the
+    other cells every arm picks the same, so their counts are the same for every arm)."""
+    table = record.split("## Cells where the arms pick differently")[1]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| problem")
+    ]
+    lines = [f"{len(rows)} cells where the arms pick differently", "arm: over 2x, over 4x"]
+    for k, arm in enumerate(ARMS):
+        ratios = [float(r[4 + k]) / float(r[4 + len(ARMS)]) for r in rows]
+        lines.append(f"{arm}: {sum(x > 2 for x in ratios)}, {sum(x > 4 for x in ratios)}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", default="selection")
     ap.add_argument("--problems", default=None)
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tail-counts", default=None, metavar="RECORD", help="summarise a record")
     a = ap.parse_args()
+    if a.tail_counts:
+        with open(a.tail_counts) as f:
+            print(tail_counts(f.read()))
+        return
+    if a.out is None:
+        ap.error("--out is required")
     from dpmsolver.bench.suite import suite_problems
 
     names = a.problems.split(",") if a.problems else [p.name for p in suite_problems(a.split)]

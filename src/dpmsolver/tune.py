@@ -695,9 +695,10 @@ class TuneOptions:
             for the worse (1.01-3.2x); geo-mean 0.980. The rule written before the runs asked
             for more cells better than worse: neither was taken at stop 31. Weighed by the
             worst case (stop 32; the rule written after those summaries were seen): of the
-            640 picks, f = 2 puts 5 over twice the best finalist's error and none over 4x,
-            against 9 and 5 ranked by calibration error (f = 1: 6 and 0; geo-mean 0.983), so
-            f = 2 is the default. Scored blind (benchmarks/tuned_tailrank_blind.md): it
+            69 picks the arms make differently, f = 2 puts 5 over twice the best finalist's
+            error and none over 4x, against 9 and 5 ranked by calibration error (f = 1: 6
+            and 0; geo-mean 0.983; ``stage_a_study.py --tail-counts``), so f = 2 is the
+            default. Scored blind (benchmarks/tuned_tailrank_blind.md): it
             changed 4 fresh and 11 held-out cells; met on the 512 new noises 206 and 181
             instead of 207 and 180, on the test sets 215 and 197 instead of 216 and 199.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
