@@ -211,6 +211,7 @@ def test_profile_with_another_solver_or_grid_is_refused(
         (["--guidance", "-1"], "--guidance values must be finite numbers >= 0"),
         (["--pilot", "2"], "--pilot must be >= 4, got 2"),
         (["--shift-runs", "-1"], "--shift-runs must be >= 0, got -1"),
+        (["--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
         (["--device", "gpu7"], "--device 'gpu7' is not a device"),
     ],
 )
@@ -282,3 +283,21 @@ def test_denoise_final_turns_stage_e_off(
             "tune", "--nfe", "5", "--pilot", "8", "--out", str(tmp_path / "p.json"), *flag, *CPU
         )
     assert seen.get("extrapolate_final") is want
+
+
+@pytest.mark.parametrize(("flag", "want"), [((), None), (("--micro-batch", "16"), 16)])
+def test_micro_batch_reaches_tune(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: tuple[str, ...], want: int | None
+) -> None:
+    seen: dict[str, object] = {}
+
+    def fake(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(cli_tune, "tune", fake)
+    with pytest.raises(_Stop):
+        run_cli(
+            "tune", "--nfe", "5", "--pilot", "8", "--out", str(tmp_path / "p.json"), *flag, *CPU
+        )
+    assert seen.get("micro_batch") == want

@@ -701,6 +701,12 @@ class TuneOptions:
             default. Scored blind (benchmarks/tuned_tailrank_blind.md): it
             changed 4 fresh and 11 held-out cells; met on the 512 new noises 206 and 181
             instead of 207 and 180, on the test sets 215 and 197 instead of 216 and 199.
+        micro_batch: at most this many samples per network call (both halves of each under
+            classifier-free guidance, so twice as many rows); default None: the whole batch
+            a stage evaluates (up to the 512 guard rows) in one call. Set it for a network
+            whose activations for that batch do not fit the device's memory. A row's output
+            may differ in its last bits with the rows beside it in the call (networks are not
+            batch-invariant), so a choice that was a near tie may go the other way.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -731,6 +737,7 @@ class TuneOptions:
     tail_rows: int = 8
     tail_factor: float = 2.0
     tail_ranking: float | None = 2.0
+    micro_batch: int | None = None
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
@@ -771,6 +778,8 @@ class TuneOptions:
             check_finite_float("tail_ranking", self.tail_ranking, positive=True)
             if self.tail_ranking < 1.0:
                 raise ValueError(f"tail_ranking must be >= 1 or None, got {self.tail_ranking}")
+        if self.micro_batch is not None:
+            check_int("micro_batch", self.micro_batch, minimum=1)
 
 
 class _Counter:
@@ -844,7 +853,8 @@ class _Problem:
     def errors(self, x: Tensor | None, rows: Sequence[int]) -> Tensor:
         """Per-sample errors of the rows ``rows`` of a full-batch result ``x``."""
         if x is None:
-            return torch.full((len(rows),), math.inf, dtype=torch.float64)
+            dev = self.reference.device
+            return torch.full((len(rows),), math.inf, dtype=torch.float64, device=dev)
         return _per_sample(x[list(rows)], self.reference[list(rows)])
 
 
@@ -857,16 +867,19 @@ class _Guard:
     rows: list[int]
     bound: float
     # each budget's runs until its choice is made (the tail ranking and the tail check
-    # reuse them): budgets run in threads, each writes only its own entry
+    # reuse them): budgets run in threads, each writes only its own entry. They are kept in
+    # host memory: up to 8 runs of 512 samples a budget would otherwise stay on the device.
     runs: dict[int, dict[str, Tensor | None]] = field(default_factory=dict)
     references: dict[int, Tensor] = field(default_factory=dict)
 
     def samples(self, prob: _Problem, recipe: Recipe, nfe: int) -> Tensor | None:
-        """``recipe``'s samples from the guard's noises (None if it cannot run)."""
+        """``recipe``'s samples from the guard's noises, on the CPU (None if it cannot
+        run)."""
         runs = self.runs.setdefault(nfe, {})
         key = repr(recipe)
         if key not in runs:
-            runs[key] = prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows))
+            x = prob.run_from(recipe, nfe, self.x_T, _Rows(prob.denoiser, self.rows))
+            runs[key] = None if x is None else x.cpu()
         return runs[key]
 
     def forget(self, nfe: int) -> None:
@@ -1018,7 +1031,7 @@ def _probe_boundaries(
     a = [a_all[i] for i in pick]
     sub = _Rows(den, a)
     xa, xb = x_T[a], x_T[[b_all[i] for i in pick]]
-    lo = torch.zeros(len(a), dtype=torch.float64)
+    lo = torch.zeros(len(a), dtype=torch.float64, device=x_T.device)
     hi = torch.full_like(lo, math.pi / 2)
     r_lo, r_hi = ref[a], ends[pick]
     shape = (-1,) + (1,) * (x_T.ndim - 1)
@@ -1107,7 +1120,7 @@ def tune(
             keeps state between calls (caches, hooks that record activations).
         **options: :class:`TuneOptions` fields (``rtol``, ``solvers``, ``grids``,
             ``screen_rows``, ``finalists``, ``fine_knots``, ``refine_runs``,
-            ``sample_options``).
+            ``micro_batch``, ``sample_options``, ...).
 
     Returns:
         A :class:`Profile`.
@@ -1126,7 +1139,9 @@ def tune(
     rtol, ref_error = 0.0, 0.0  # the loosest final tolerance of the guidance scales
     with Progress(len(scales) * (1 + len(budgets)), enabled=progress, desc="tuning") as bar:
         for w in scales:
-            den = _Counter(_RowDenoiser(model, prediction, cond, uncond, w, sample_options))
+            den = _Counter(
+                _RowDenoiser(model, prediction, cond, uncond, w, sample_options, opts.micro_batch)
+            )
             prob = _pilot(
                 den,
                 schedule,
@@ -1257,8 +1272,10 @@ class _RowDenoiser:
         uncond: Mapping[str, Any] | None,
         guidance: float,
         options: SampleOptions | None,
+        micro_batch: int | None = None,
     ) -> None:
         self.args = (model, prediction, cond, uncond, guidance, options)
+        self.micro_batch = micro_batch
         self.full = self._build(None)
         self.cache: dict[tuple[int, ...], Denoiser] = {}
 
@@ -1280,12 +1297,21 @@ class _RowDenoiser:
         )
 
     def __call__(self, x: Tensor, knot: Knot, rows: list[int] | None = None) -> Tensor:
-        if rows is None:
-            return self.full(x, knot)
+        m = self.micro_batch
+        if m is not None and x.shape[0] > m:
+            # one call per micro-batch of samples (both halves of each under guidance)
+            every = list(range(x.shape[0])) if rows is None else rows
+            parts = [
+                self._rows(every[i : i + m])(x[i : i + m], knot) for i in range(0, len(every), m)
+            ]
+            return torch.cat(parts)
+        return self.full(x, knot) if rows is None else self._rows(rows)(x, knot)
+
+    def _rows(self, rows: list[int]) -> Denoiser:
         key = tuple(rows)
         if key not in self.cache:
             self.cache[key] = self._build(rows)
-        return self.cache[key](x, knot)
+        return self.cache[key]
 
 
 def _pilot(
@@ -1575,7 +1601,7 @@ def _tail_mse(
 
     def mse(c: _Choice, x: Tensor) -> float:
         total, n = pilot(c)
-        tail = float(_per_sample(x[rows], ref).pow(2).sum())
+        tail = float(_per_sample(x[rows], ref.to(x.device)).pow(2).sum())
         return (total + others * total / n + tail) / (n + len(guard.rows))
 
     return [mse(c, x) for c, x in zip(choices, runs, strict=True)]

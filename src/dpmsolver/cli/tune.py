@@ -70,6 +70,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         options["shift_runs"] = args.shift_runs
     if args.denoise_final:
         options["extrapolate_final"] = False
+    if args.micro_batch is not None:
+        options["micro_batch"] = args.micro_batch
     t0 = time.perf_counter()
     with torch.no_grad():
         profile = tune(
@@ -112,10 +114,11 @@ def add_parser(sub: Any) -> None:
             "(solver and grid, then time steps, then the network's time at each step) is kept "
             "only if the held-out half improves. "
             "Writes a profile that `dpmsolver sample --profile` and `dpmsolver generate "
-            "--profile` use. Costs minutes: 6.8-7.5 (guidance 3) and 7.2-7.9 (guidance 7.5) "
-            "measured on 2 CPU cores for the built-in model, 8 budgets and 128 pilot noises "
-            "(benchmarks/tune_cost.md). Runs on every core unless given --threads N: the "
-            "reference on N intra-op threads, then N budgets side by side, one thread each."
+            "--profile` use. Costs minutes: 6.6 (guidance 3, stop 32) and 7.5 (guidance 7.5, "
+            "stop 24) measured on 2 CPU cores for the built-in model, 8 budgets and 128 pilot "
+            "noises (benchmarks/tune_cost.md). Runs on every core unless given --threads N: "
+            "the reference on N intra-op threads, then N budgets side by side, one thread each. "
+            "A network that cannot take 1024 rows in one call needs --micro-batch."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -151,6 +154,13 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="end every budget with the denoising step (no extrapolated step into sigma = 0, "
         "stage (e)), for a profile the k-diffusion functions read as sigmas",
+    )
+    t.add_argument(
+        "--micro-batch",
+        type=positive_int("--micro-batch"),
+        default=None,
+        help="at most this many samples per network call (default: a stage's whole batch, up "
+        "to the 512 rows of the blow-up guard); set it when those do not fit in memory",
     )
     t.add_argument("--out", default="profile.json", help="profile to write (default profile.json)")
     t.add_argument("--seed", type=int, default=0, help="seed of the pilot noises (default 0)")
