@@ -150,6 +150,8 @@ CAP_BINS = 32
 GUARD_SEED = 0x6A4D
 #: Which pilot rows rank stage (a)'s finalists (:attr:`TuneOptions.rank_rows`).
 RANK_ROWS: tuple[str, ...] = ("calibration", "pilot", "worse")
+#: When the tail ranking runs (:attr:`TuneOptions.tail_trigger`).
+TAIL_TRIGGERS: tuple[str, ...] = ("always", "disagree")
 #: The budgets :func:`tune` fits by default.
 DEFAULT_BUDGETS: tuple[int, ...] = (5, 6, 8, 10, 12, 15, 20, 25)
 
@@ -707,6 +709,10 @@ class TuneOptions:
             whose activations for that batch do not fit the device's memory. A row's output
             may differ in its last bits with the rows beside it in the call (networks are not
             batch-invariant), so a choice that was a near tie may go the other way.
+        tail_trigger: when the tail ranking runs: ``"always"`` (default) or
+            ``"disagree"``: only where the held-out half puts another finalist before the
+            calibration ranking's first (RMS error over the live finalists), so that where
+            the two halves agree the other finalists' guard runs are not paid for.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -737,6 +743,7 @@ class TuneOptions:
     tail_rows: int = 8
     tail_factor: float = 2.0
     tail_ranking: float | None = 2.0
+    tail_trigger: str = "always"
     micro_batch: int | None = None
     sample_options: SampleOptions | None = None
 
@@ -778,6 +785,7 @@ class TuneOptions:
             check_finite_float("tail_ranking", self.tail_ranking, positive=True)
             if self.tail_ranking < 1.0:
                 raise ValueError(f"tail_ranking must be >= 1 or None, got {self.tail_ranking}")
+        check_choice("tail_trigger", self.tail_trigger, TAIL_TRIGGERS)
         if self.micro_batch is not None:
             check_int("micro_batch", self.micro_batch, minimum=1)
 
@@ -1643,11 +1651,18 @@ def _tail_ranked(prob: _Problem, finalists: list[_Choice], opts: TuneOptions) ->
     live = [c for c in finalists if bool(torch.isfinite(c.held).all())]
     if prob.guard is None or factor is None or opts.tail_rows == 0 or len(live) < 2:
         return finalists
+    if opts.tail_trigger == "disagree" and _held_first(live) is live[0]:
+        return finalists
     mse = _tail_mse(prob, prob.guard, live, opts, _calibration_rows(prob))
     if mse is None or (factor > 1.0 and mse[0] <= factor**2 * min(mse)):
         return finalists
     ranked = [c for _, _, c in sorted(zip(mse, range(len(live)), live, strict=True))]
     return ranked + [c for c in finalists if all(c is not r for r in ranked)]
+
+
+def _held_first(choices: Sequence[_Choice]) -> _Choice:
+    """The choice with the smallest held-out RMS error (the first of equals)."""
+    return min(choices, key=lambda c: float(c.held.pow(2).mean()))
 
 
 def _ranked(prob: _Problem, finalists: list[_Choice], opts: TuneOptions) -> list[_Choice]:
