@@ -123,3 +123,23 @@ def test_on_a_flow_mixture_the_ranking_finds_the_rare_far_samples() -> None:
         errors.append(_rms(x, ref))
     assert errors[0] < 0.5 * errors[1]
     assert tune_mod.TuneOptions().tail_ranking == 2.0  # the default since stop 32
+
+
+def test_the_disagree_trigger_ranks_only_where_the_halves_disagree(problem: _Problem) -> None:  # noqa: F811
+    n = len(problem.held)
+    opts = TuneOptions(tail_rows=8, tail_ranking=1.0, tail_trigger="disagree")
+    # the held-out half puts B (0.018) before A (0.02): the halves disagree, it ranks
+    prob = _with_guard(problem, {5: 5.0}, truth=B)
+    assert [c.recipe for c in _tail_ranked(prob, _finalists(n), opts)] == [B, C, A]
+    # A first on both halves: the calibration ranking stays, and no finalist runs from
+    # the guard's noises
+    agree = [_finalist(A, 0.01, 0.015, n), *_finalists(n)[1:]]
+    prob = _with_guard(problem, {5: 5.0}, truth=B)
+
+    def no_run(*args: object) -> None:
+        raise AssertionError("a finalist ran from the guard's noises")
+
+    prob.guard.samples = no_run  # type: ignore[method-assign,union-attr]
+    assert [c.recipe for c in _tail_ranked(prob, agree, opts)] == [A, B, C]
+    with pytest.raises(ValueError, match="tail_trigger"):
+        TuneOptions(tail_trigger="sometimes")
