@@ -267,10 +267,23 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize(("flag", "want"), [((), None), (("--denoise-final",), False)])
-def test_denoise_final_turns_stage_e_off(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: tuple[str, ...], want: bool | None
+@pytest.mark.parametrize(
+    ("flag", "option", "want"),
+    [
+        ((), "extrapolate_final", None),
+        (("--denoise-final",), "extrapolate_final", False),
+        ((), "micro_batch", None),
+        (("--micro-batch", "16"), "micro_batch", 16),
+    ],
+)
+def test_flags_reach_tune_as_its_options(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    flag: tuple[str, ...],
+    option: str,
+    want: object,
 ) -> None:
+    """--denoise-final turns stage (e) off; --micro-batch caps the samples per call."""
     seen: dict[str, object] = {}
 
     def fake(*args: object, **kwargs: object) -> None:
@@ -282,22 +295,4 @@ def test_denoise_final_turns_stage_e_off(
         run_cli(
             "tune", "--nfe", "5", "--pilot", "8", "--out", str(tmp_path / "p.json"), *flag, *CPU
         )
-    assert seen.get("extrapolate_final") is want
-
-
-@pytest.mark.parametrize(("flag", "want"), [((), None), (("--micro-batch", "16"), 16)])
-def test_micro_batch_reaches_tune(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: tuple[str, ...], want: int | None
-) -> None:
-    seen: dict[str, object] = {}
-
-    def fake(*args: object, **kwargs: object) -> None:
-        seen.update(kwargs)
-        raise _Stop
-
-    monkeypatch.setattr(cli_tune, "tune", fake)
-    with pytest.raises(_Stop):
-        run_cli(
-            "tune", "--nfe", "5", "--pilot", "8", "--out", str(tmp_path / "p.json"), *flag, *CPU
-        )
-    assert seen.get("micro_batch") == want
+    assert seen.get(option) == want

@@ -129,20 +129,19 @@ def markdown(picks: Sequence[PeerPick], command: str, minutes: float) -> str:
         "",
         f"Command: `{command}`; took {minutes:.1f} min on a shared machine of 2 CPUs.",
         "",
-        "## Against the calibrated peer (the peer configuration best on the 128 pilot noises)",
-        "",
-        "Ratio = tuned's RMS error / the calibrated peer's, both on the 512 new noises.",
-        "",
-        head,
-        line("tuned <= calibrated peer (every cell)", picks, 1.0, "new"),
-        line(f"tuned <= {HALF}x calibrated peer (guidance 7.5, NFE 5-10)", half, HALF, "new"),
-        "",
-        "## Against the hindsight oracle (the best peer on the new noises themselves)",
-        "",
-        head,
-        line("tuned <= oracle (every cell)", picks, 1.0, "oracle_new"),
-        line(f"tuned <= {HALF}x oracle (guidance 7.5, NFE 5-10)", half, HALF, "oracle_new"),
-        "",
+    ]
+    sections = (
+        ("calibrated peer", "new", "the calibrated peer (the peer configuration best on the 128"
+         " pilot noises)", ["Ratio = tuned's RMS error / the calibrated peer's, both on the 512"
+                           " new noises.", ""]),
+        ("oracle", "oracle_new", "the hindsight oracle (the best peer on the new noises"
+         " themselves)", []),
+    )  # fmt: skip
+    for name, other, title, intro in sections:
+        out += [f"## Against {title}", "", *intro, head]
+        out.append(line(f"tuned <= {name} (every cell)", picks, 1.0, other))
+        out += [line(f"tuned <= {HALF}x {name} (guidance 7.5, NFE 5-10)", half, HALF, other), ""]
+    out += [
         f"The calibrated peer's own error / the oracle's: geo-mean {_geo(gap):.2f}, worst "
         f"{max(gap):.3g}; it is the oracle's configuration in "
         f"{sum(p.label == p.oracle_label for p in picks)} of {len(picks)} cells.",
