@@ -121,9 +121,14 @@ def _geo(values: list[float]) -> float:
 def markdown(
     rows: list[dict[str, Any]], command: str, minutes: float, arms: tuple[str, ...] = ARMS
 ) -> str:
-    lines = [
+    title = (
         "# Stage (a) alone: finalists ranked by calibration error or with the tail ranking,"
-        " with and without SA-Solver's ODE form",
+        " with and without SA-Solver's ODE form"
+        if arms == ARMS
+        else "# Stage (a) alone: the arms " + ", ".join(arms)
+    )
+    lines = [
+        title,
         "",
         (__doc__ or "").split("Usage:")[0].strip(),
         "",
