@@ -195,3 +195,17 @@ def test_comparison_counts_met_and_changed_cells_on_both_sets(tmp_path: Any) -> 
     assert _rows_of(f"{paths[1]},{paths[2]}") == new[:2]
     with pytest.raises(SystemExit):
         tuned_main(["--compare", str(paths[0])])
+
+
+def test_a_flow_problem_tuned_as_a_velocity_network_samples_as_one() -> None:
+    p = get_problem("iso8-flow")
+    assert isinstance(p, MixtureProblem)
+    from .test_tune import CHEAP
+
+    prof = tune_problem(p, 3.0, pilot=16, nfes=(6,), prediction="flow", **CHEAP)
+    assert prof.prediction == "flow"
+    z = p.noise(8, seed=rescore_seed(p))
+    x, spent = run_auto(p, 3.0, z, prof, 6)  # a data-prediction network would be refused
+    assert x is not None and spent == 6
+    ref = p.reference(p.denoiser(3.0, p.labels(8)), p.x_T(z))
+    assert float((x - ref).pow(2).mean().sqrt()) < 0.5

@@ -130,7 +130,7 @@ def markdown(picks: Sequence[PeerPick], command: str, minutes: float) -> str:
         f"Command: `{command}`; took {minutes:.1f} min on a shared machine of 2 CPUs.",
         "",
     ]
-    sections = (
+    sections: tuple[tuple[str, str, str, list[str]], ...] = (
         ("calibrated peer", "new", "the calibrated peer (the peer configuration best on the 128"
          " pilot noises)", ["Ratio = tuned's RMS error / the calibrated peer's, both on the 512"
                            " new noises.", ""]),

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..analytic import MixtureNetwork
+from ..parameterization import Prediction
 from ..sampling import NonFiniteError, sample
 from ..tune import Profile
 from .peer_suite import peer_configs, run_peers
@@ -114,11 +115,11 @@ def bootstrap_share(ours: torch.Tensor, theirs: torch.Tensor, resamples: int = 1
     return float((ours.cpu()[idx].mean(1) <= theirs.cpu()[idx].mean(1)).double().mean())
 
 
-def network(problem: MixtureProblem) -> MixtureNetwork:
-    """The problem's exact mixture presented as a user's network (data prediction; the
-    null label is the number of classes)."""
+def network(problem: MixtureProblem, prediction: Prediction = "x0") -> MixtureNetwork:
+    """The problem's exact mixture presented as a user's network (data prediction unless
+    ``prediction`` says otherwise; the null label is the number of classes)."""
     # a LowRankMixture has the GaussianMixture interface MixtureNetwork uses (x0)
-    return MixtureNetwork(problem.mixture, problem.schedule, "x0")  # type: ignore[arg-type]
+    return MixtureNetwork(problem.mixture, problem.schedule, prediction)  # type: ignore[arg-type]
 
 
 def conditioning(problem: MixtureProblem, n: int) -> dict[str, Any]:
@@ -132,14 +133,16 @@ def run_auto(
     problem: MixtureProblem, guidance: float, z: torch.Tensor, profile: Profile | None, nfe: int
 ) -> tuple[torch.Tensor | None, int]:
     """``dpmsolver.sample(..., solver="auto", nfe=nfe, profile=profile)`` on the problem's
-    network from noises ``z``: the sample (None if it went non-finite) and the evaluations
-    it made (-1 then)."""
+    network from noises ``z``, presented with the profile's prediction (data prediction
+    without one): the sample (None if it went non-finite) and the evaluations it made (-1
+    then)."""
+    prediction: Prediction = "x0" if profile is None else profile.prediction
     try:
         res = sample(
-            network(problem),
+            network(problem, prediction),
             z,
             schedule=problem.schedule,
-            prediction="x0",
+            prediction=prediction,
             solver="auto",
             nfe=nfe,
             profile=profile,

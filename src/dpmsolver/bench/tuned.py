@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ..parameterization import Prediction
 from ..tune import Profile, TuneOptions, tune
 from .rescore import KEEP, LEAST, RESAMPLES, conditioning, network, rescore, run_auto
 from .suite import (
@@ -91,16 +92,17 @@ def tune_problem(
     *,
     pilot: int = PILOT,
     nfes: Sequence[int] = NFES,
+    prediction: Prediction = "x0",
     **options: Any,
 ) -> Profile:
-    """:func:`dpmsolver.tune` on the problem as a user's network (data prediction), on
-    ``pilot`` noises of :func:`pilot_seed`."""
+    """:func:`dpmsolver.tune` on the problem as a user's network (data prediction unless
+    ``prediction`` says otherwise), on ``pilot`` noises of :func:`pilot_seed`."""
     noise = problem.noise(pilot, seed=pilot_seed(problem))
     return tune(
-        network(problem),
+        network(problem, prediction),
         noise,
         schedule=problem.schedule,
-        prediction="x0",
+        prediction=prediction,
         guidance_scale=guidance,
         nfe=nfes,
         **conditioning(problem, pilot),
@@ -680,15 +682,16 @@ def rows_from_tuned_csv(text: str) -> list[TunedRow]:
 
 
 def _job(
-    args: tuple[str, float, int, tuple[int, ...], dict[str, Any], int],
+    args: tuple[str, float, int, tuple[int, ...], dict[str, Any], int, Prediction],
 ) -> tuple[list[TunedRow], str]:
-    name, w, pilot, nfes, options, new_noises = args
+    name, w, pilot, nfes, options, new_noises, flow_prediction = args
     torch.set_num_threads(1)
     p = get_problem(name)
     assert isinstance(p, MixtureProblem)
     peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(_read_text(BASELINE_CSV))}
     t0 = time.perf_counter()
-    prof = tune_problem(p, w, pilot=pilot, nfes=nfes, **options)
+    prediction: Prediction = flow_prediction if p.family == "flow" else "x0"
+    prof = tune_problem(p, w, pilot=pilot, nfes=nfes, prediction=prediction, **options)
     took = time.perf_counter() - t0
     rows = evaluate(p, w, prof, peers, nfes=nfes, tune_seconds=took)
     line = f"{name} w={w:g}: tuned in {took:.0f} s, worst ratio {max(r.ratio for r in rows):.2f}"
@@ -773,6 +776,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also score every cell on N new noises against the test set's best peer "
         "configurations re-run there (dpmsolver.bench.rescore; default 0: off)",
     )
+    ap.add_argument(
+        "--flow-prediction",
+        choices=("x0", "flow"),
+        default="x0",
+        help="what a rectified-flow problem's network predicts (default x0, as every record; "
+        "flow: velocity, as flow models do, so that stage (c)'s time shifts act on it)",
+    )
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument("--csv", default=None, help="write every cell here (.gz: gzipped)")
     ap.add_argument(
@@ -824,7 +834,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     verified = ""
     if not args.cost_only:
         peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(_read_text(BASELINE_CSV))}
-        jobs = [(n, w, pilot, nfes, options, args.rescore) for n in names for w in guid]
+        jobs = [
+            (n, w, pilot, nfes, options, args.rescore, args.flow_prediction)
+            for n in names
+            for w in guid
+        ]
         if args.jobs > 1:
             with concurrent.futures.ProcessPoolExecutor(args.jobs) as ex:
                 for got, line in ex.map(_job, jobs):
