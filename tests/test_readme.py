@@ -259,6 +259,8 @@ def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
         ("tuned-fresh", "tuned_fresh.md"),
         ("tuned-new", "tuned.md"),
         ("tuned-fresh-new", "tuned_fresh.md"),
+        ("calibrated", "calibrated_peer.md"),
+        ("calibrated-fresh", "calibrated_peer_fresh.md"),
     ],
 )
 def test_readme_tuned_summary_is_the_recorded_one(block: str, record: str) -> None:
