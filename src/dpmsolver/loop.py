@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._validate import check_choice
+from .compensation import Compensation
 from .denoiser import Denoiser
 from .plan import Plan, PlannedStep, boundary_update, make_plan
 from .progress import Progress
@@ -315,6 +316,7 @@ def solve(
     check_finite: CheckFinite = "end",
     final_step: FinalStepKind = "denoise",
     step_limit: StepLimit | None = None,
+    compensation: tuple[float, ...] | None = None,
     grad: bool = False,
 ) -> SampleResult:
     """Run ``solver`` over ``grid`` starting from the state ``x`` at ``grid.knots[0]``.
@@ -341,6 +343,9 @@ def solve(
         step_limit: per sample, hold each solver step within this bound of the
             first-order step (:class:`~dpmsolver.steplimit.StepLimit`; deterministic
             fixed-step solvers only, the boundary steps are first order anyway).
+        compensation: one ratio per step after the first: the solver receives the data
+            prediction extrapolated from the previous step's by that ratio
+            (:class:`~dpmsolver.compensation.Compensation`; a tuned profile's stage (f)).
         grad: keep autograd on, for gradients through the solver (default False: sampling
             runs under ``torch.no_grad()``, as diffusers and k-diffusion pipelines do, so a
             run keeps no graph; classifier guidance still takes its gradient).
@@ -361,9 +366,14 @@ def solve(
     )
     state = solver.init_state()
     limit = None if solver.stochastic else step_limit
+    if compensation is not None and controller is not None:
+        raise ValueError("compensation needs a fixed plan; adaptive solvers choose their own steps")
+    comp = None if compensation is None else Compensation(compensation, len(plan.steps))
     with torch.set_grad_enabled(grad), Progress(len(plan.steps), enabled=progress) as bar:
         for step in plan.steps:
             x0 = evaluate(x, step.s)
+            if comp is not None:
+                x0 = comp(x0, step.index)
             if step.boundary:
                 x_next = final.take(x, x0, step.s, step.t)
             elif controller is not None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from ._validate import check_choice, check_int
+from .compensation import check_compensation
 from .guidance import check_norm_cap
 from .loop import FinalStepKind
 from .plan import Plan, make_plan, solver_orders
@@ -84,6 +85,9 @@ class Recipe:
         step_limit: per sample, hold each step's departure from the first-order step within
             this factor of the first-order displacement
             (:class:`~dpmsolver.steplimit.StepLimit`; a tuned profile's), or None.
+        compensation: one ratio per step after the first, extrapolating the data prediction
+            from the previous step's (:class:`~dpmsolver.compensation.Compensation`; a
+            tuned profile's stage (f)), or None.
     """
 
     solver: str = "dpmpp_2m"
@@ -100,8 +104,11 @@ class Recipe:
     model_shifts: tuple[float, ...] | None = None
     x0_norm_cap: tuple[tuple[float, float], ...] | None = None
     step_limit: float | None = None
+    compensation: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        # frozen: a list given is kept as the tuple a profile compares and hashes
+        object.__setattr__(self, "compensation", check_compensation(self.compensation))
         if self.x0_norm_cap is not None:
             check_norm_cap(self.x0_norm_cap)
         check_step_limit(self.step_limit)
@@ -202,6 +209,7 @@ class Recipe:
         shifted = " model-time shifts" if self.model_shifts is not None else ""
         capped = " x0 norm cap" if self.x0_norm_cap is not None else ""
         limited = f" step limit {self.step_limit:g}" if self.step_limit is not None else ""
+        limited += " compensation" if self.compensation is not None else ""
         lof = f" lower_order_final={self.lower_order_final}" if self.lower_order_final else ""
         return (
             f"{self.solver}{opts}{lof} [{self.grid}{extra}]{stop} final={self.final_step}"

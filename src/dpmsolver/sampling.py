@@ -276,6 +276,7 @@ def sample(
         check_finite=opts.check_finite,
         final_step=recipe.final_step,
         step_limit=None if recipe.step_limit is None else StepLimit(recipe.step_limit),
+        compensation=recipe.compensation,
         grad=opts.grad,
     )
 

@@ -60,6 +60,7 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 
 from .. import auto as _auto  # noqa: F401  (registers the "auto" policy)
 from .._validate import check_choice, check_finite_float, check_int
+from ..compensation import Compensation
 from ..guidance import DynamicThresholding, NormCap
 from ..loop import FinalStep
 from ..parameterization import Prediction, data_coefficients
@@ -295,6 +296,7 @@ class _Prepared:
     cap: NormCap | None = None
     limit: StepLimit | None = None
     extrapolate: bool = False
+    compensation: tuple[float, ...] | None = None
 
 
 class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
@@ -500,9 +502,12 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._cap: NormCap | None = None  # a profile recipe's (set with the timesteps)
         self._limit: StepLimit | None = None  # likewise
         self._extrapolate = False  # likewise: its step into sigma = 0 is extrapolated
+        self._compensation: tuple[float, ...] | None = None  # likewise (stage (f)'s ratios)
+        self._comp: Compensation | None = None  # the run's, from its first step
+        self._comp_base = 0  # the plan position of the run's first step
         # with either: the run's steps by evaluation position, the step start seen, and the
         # final step's memory of the data predictions at the steps' starts
-        self._track_steps: list[tuple[DrivenStep, int]] = []
+        self._track_steps: list[tuple[int, DrivenStep, int]] = []
         self._track_start: tuple[Tensor, Tensor | None] | None = None
         self._track_base = 0
         self._end_step: FinalStep | None = None
@@ -931,6 +936,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._full_plan, self._compiled = prepared.full_plan, prepared.compiled
         self._cap, self._limit = prepared.cap, prepared.limit
         self._extrapolate = prepared.extrapolate
+        self._compensation = prepared.compensation
         integral = not self.is_flow and all(float(v).is_integer() for v in prepared.times)
         self.timesteps = torch.tensor(
             prepared.times, dtype=torch.int64 if integral else torch.float32, device=device
@@ -954,6 +960,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         recipe_knots: list[Knot] | None = None
         self._cap = self._limit = None
         self._extrapolate = False
+        self._compensation = None
         if self._policy:
             budget = num_inference_steps if num_inference_steps is not None else len(custom or ())
             recipe = self._resolve_policy(budget)
@@ -977,6 +984,16 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             if recipe.step_limit is not None and not self.solver.stochastic:
                 self._limit = StepLimit(recipe.step_limit)
             self._extrapolate = recipe.final_step == "extrapolate" and not self.solver.stochastic
+            if recipe.compensation is not None and not own_grid:
+                warnings.warn(
+                    "the profile's compensation of the data predictions is not applied here "
+                    "(its ratios belong to the recipe's own steps; this run has custom "
+                    "timesteps/sigmas or flow matching); tune with compensation_runs=0 "
+                    "(CLI: --compensation-runs 0) for this pipeline",
+                    stacklevel=3,
+                )
+            elif not self.solver.stochastic:
+                self._compensation = recipe.compensation
             if own_grid:
                 if self._final() == "sigma_min":
                     recipe = dataclasses.replace(recipe, final="t_min", sigma_end=None)
@@ -1015,6 +1032,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             cap=self._cap,
             limit=self._limit,
             extrapolate=self._extrapolate,
+            compensation=self._compensation,
         )
 
     def _own_grid_allowed(self) -> bool:
@@ -1174,11 +1192,17 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._stepper = self._start(start)
         self._step_index = start
         if self._tracks:
+            rest = self._plan_from(start)
             self._track_steps = [
-                (st, j) for st in self._plan_from(start) for j in range(len(st.evals))
+                (i, st, j) for i, st in enumerate(rest) for j in range(len(st.evals))
             ]
             self._track_base, self._track_start = start, None
             self._end_step = FinalStep("extrapolate", self.solver) if self._extrapolate else None
+            self._comp = None
+            if self._compensation is not None and rest == self._full_plan[-len(rest) :]:
+                # a run from any step of the plan: the ratios still count its steps
+                self._comp = Compensation(self._compensation, len(self._full_plan))
+                self._comp_base = len(self._full_plan) - len(rest)
         return self._stepper
 
     def step(
@@ -1240,8 +1264,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
 
     @property
     def _tracks(self) -> bool:
-        """Whether steps' starts are kept (a profile's step limit or extrapolated end)."""
-        return self._limit is not None or self._extrapolate
+        """Whether steps' starts are kept (a profile's step limit, extrapolated end or
+        compensation)."""
+        return self._limit is not None or self._extrapolate or self._compensation is not None
 
     def _tracked_advance(
         self,
@@ -1258,11 +1283,14 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         k = stepper.next_position - self._track_base
         if not 0 <= k < len(self._track_steps):  # past the plan: the stepper says so
             return stepper.advance(x, out, self._draw, transform)
-        step, j = self._track_steps[k]
+        i, step, j = self._track_steps[k]
         seen: list[Tensor] = []
+        comp = self._comp if j == 0 else None  # a step's start: where the loop compensates
 
         def keep(x0: Tensor, knot: Knot) -> Tensor:
             x0 = transform(x0, knot)
+            if comp is not None:
+                x0 = comp(x0, self._comp_base + i)
             seen.append(x0)
             return x0
 
