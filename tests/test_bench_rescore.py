@@ -193,6 +193,8 @@ def test_comparison_counts_met_and_changed_cells_on_both_sets(tmp_path: Any) -> 
         paths.append(tmp_path / f"r{i}.csv")
         paths[-1].write_text(rows_csv(rows))
     assert _rows_of(f"{paths[1]},{paths[2]}") == new[:2]
+    # a cell of an earlier file replaces the same cell of a later one
+    assert _rows_of(f"{paths[1]},{paths[0]}") == [new[0], base[1]]
     with pytest.raises(SystemExit):
         tuned_main(["--compare", str(paths[0])])
 

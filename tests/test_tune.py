@@ -24,10 +24,14 @@ N = 24
 Z = torch.randn(N, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
 Y = torch.arange(N) % 3
 COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 3)}}
-# stage (c) off: these profiles are also read as k-diffusion sigmas (test_model_shifts.py
-# tests it)
-FAST = dict(fine_knots=16, refine_runs=12, screen_rows=8, finalists=2, shift_runs=0)
-# the least tuning that still runs every stage, for tests of what surrounds it
+# stages (c) and (f) off: these profiles are also read as k-diffusion sigmas
+# (test_model_shifts.py tests it)
+FAST = dict(
+    fine_knots=16, refine_runs=12, screen_rows=8, finalists=2, shift_runs=0, compensation_runs=0
+)
+# the least tuning that still runs every stage but (f), for tests of what surrounds them
+# (tests/test_compensation.py runs stage (f), which would otherwise also move the choices
+# that tests of the earlier stages compare)
 CHEAP = {
     "fine_knots": 8,
     "refine_runs": 2,
@@ -35,6 +39,7 @@ CHEAP = {
     "fine_rows": 2,
     "finalists": 1,
     "step_bases": 1,
+    "compensation_runs": 0,
 }
 
 

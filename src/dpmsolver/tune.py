@@ -59,8 +59,16 @@ own model, guidance included:
    bias or the extrapolation's own error is larger depends on the model and the budget
    (on a flow mixture it cut the error by 38% at 8 NFE and multiplied it by 2.7 at 20),
    so the pilot decides per budget.
-8. Otherwise the default recipe stays.
-9. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
+8. *(f) Compensation of the data prediction*, for the recipe chosen so far, at budgets up
+   to 10: Nelder-Mead on one ratio per step after the first by which the prediction the
+   solver receives is extrapolated from the previous knot's (``D_k + c_k (D_k -
+   D_{k-1})``; :class:`dpmsolver.compensation.Compensation`, DC-Solver's dynamic
+   compensation, Zhao et al. 2024, at first degree), each within 0.5
+   (``TuneOptions.compensation_runs``). It costs no evaluation when sampling. Sigmas
+   cannot carry it (the k-diffusion functions): tune with ``compensation_runs=0`` for
+   them.
+9. Otherwise the default recipe stays.
+10. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
    with no reference; if more of its samples end beyond twice the largest pilot
    reference's norm than an earlier stage's choice sent there, the latest stage with the
    fewest is taken (``TuneOptions.guard_rows``). The held-out half sees a blow-up of 1-2
@@ -76,7 +84,7 @@ own model, guidance included:
    get an exact reference, and the one with the smaller mean squared error over the
    held-out and those rows is kept (``TuneOptions.tail_rows``): a fitted choice's rare far
    sample is what the 64 held-out rows miss.
-10. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
+11. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
     solve the largest data-prediction norm is recorded per log-SNR bin, and the profile's
     recipes scale any sample's data prediction down to 3 times that envelope
     (``TuneOptions.norm_cap``; :class:`dpmsolver.guidance.NormCap`). A sample thrown off
@@ -115,7 +123,7 @@ from .denoiser import Denoiser, Network
 from .io import atomic_write_text
 from .loop import NonFiniteError, solve
 from .parameterization import PREDICTIONS, Prediction
-from .plan import lower_order_final_default, solver_orders, step_order
+from .plan import Plan, lower_order_final_default, solver_orders, step_order
 from .progress import Progress
 from .recipe import PolicyRequest, Recipe, resolve
 from .sampling import SampleOptions, build_denoiser
@@ -138,11 +146,11 @@ __all__ = [
     "tune",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/6"
+PROFILE_FORMAT = "dpmsolver-profile/7"
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
 #: ``lower_order_final``, version 3 no ``guard_refused``, version 4 no ``x0_norm_cap``,
-#: version 5 no ``step_limit``.
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 7))
+#: version 5 no ``step_limit``, version 6 no ``compensation``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 8))
 #: Log-SNR bins of the pilot's envelope of data-prediction norms (:attr:`TuneOptions.norm_cap`).
 CAP_BINS = 32
 #: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
@@ -303,8 +311,9 @@ class BudgetChoice:
             :class:`~dpmsolver.recipe.Recipe` (used when ``times`` is None).
         times: schedule times of the fitted noisy knots, first to last (None: the grid's);
             the run ends with the data-prediction step to sigma = 0.
-        stage: what the choice came from: ``"default"``, ``"selection"``, ``"steps"`` or
-            ``"shifts"``.
+        stage: what the choice came from: ``"default"``, ``"selection"``, ``"steps"``,
+            ``"shifts"`` or ``"compensation"`` (stages (d) and (e) keep the stage they
+            change).
         calibration_error, heldout_error: RMS error to the reference on the calibration and
             held-out halves of the pilot.
         default_heldout_error: the default recipe's held-out error, for comparison.
@@ -320,6 +329,8 @@ class BudgetChoice:
             with (:attr:`TuneOptions.norm_cap`; None: none).
         step_limit: the per-sample bound on each step's departure from the first-order
             step the recipe samples with (:attr:`TuneOptions.step_limit`; None: none).
+        compensation: stage (f)'s ratios, one per step after the first
+            (:attr:`~dpmsolver.recipe.Recipe.compensation`), or None.
     """
 
     nfe: int
@@ -342,6 +353,7 @@ class BudgetChoice:
     guard_refused: tuple[str, ...] = ()
     x0_norm_cap: tuple[tuple[float, float], ...] | None = None
     step_limit: float | None = None
+    compensation: tuple[float, ...] | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -357,6 +369,7 @@ class BudgetChoice:
             lower_order_final=self.lower_order_final,
             x0_norm_cap=self.x0_norm_cap,
             step_limit=self.step_limit,
+            compensation=self.compensation,
         )
 
 
@@ -447,6 +460,15 @@ class Profile:
                 "0) for the k-diffusion functions",
                 stacklevel=2,
             )
+        if c.compensation is not None:
+            warnings.warn(
+                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} also "
+                "compensates its data predictions (compensation, stage (f)), which sigmas "
+                "cannot carry: the k-diffusion functions run without it; dpmsolver.sample "
+                "and the diffusers scheduler apply it, or tune with compensation_runs=0 "
+                "(CLI: --compensation-runs 0) for these functions",
+                stacklevel=2,
+            )
         if c.lower_order_final:
             warnings.warn(
                 f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} lowers its "
@@ -514,6 +536,7 @@ class Profile:
                         "model_shifts": floats(c.get("model_shifts")),
                         "guard_refused": tuple(str(v) for v in c.get("guard_refused", ())),
                         "x0_norm_cap": _pairs(c.get("x0_norm_cap")),
+                        "compensation": floats(c.get("compensation")),
                     }
                 )
                 for c in data["choices"]
@@ -583,6 +606,13 @@ class TuneOptions:
             selection --set shift_rows=32``) it met the best peer in 556 of 640 cells
             (16 rows: 545) but its worst cell went from 43.6x the best peer to 207x (a
             blow-up at guidance 15, 6 NFE): not taken.
+        compensation_runs: sampler runs of stage (f), the prediction compensation, per
+            budget (default 40; 0 skips it, for profiles the k-diffusion functions must
+            read).
+        compensation_rows: calibration rows stage (f) runs on (default 16).
+        compensation_bound: the largest ratio's magnitude (default 0.5, a smooth clamp).
+        compensation_max_nfe: the largest budget stage (f) runs at (default 10: it was
+            studied at 5-10 evaluations).
         shift_bound: the largest shift, in log-SNR (default 0.1). Unbounded, the fit drove
             neighbouring shifts to large opposite values (-0.34, +0.39) that helped the
             pilot and sent test samples astray (on the selection problems: 4 cells worse
@@ -735,6 +765,10 @@ class TuneOptions:
     shift_runs: int = 60
     shift_rows: int = 16
     shift_bound: float = 0.1
+    compensation_runs: int = 40
+    compensation_rows: int = 16
+    compensation_bound: float = 0.5
+    compensation_max_nfe: int = 10
     step_bases: int = 3
     worst_factor: float | None = None
     probe_pairs: int = 0
@@ -765,6 +799,10 @@ class TuneOptions:
         check_int("shift_runs", self.shift_runs, minimum=0)
         check_int("shift_rows", self.shift_rows, minimum=1)
         check_finite_float("shift_bound", self.shift_bound, positive=True)
+        check_int("compensation_runs", self.compensation_runs, minimum=0)
+        check_int("compensation_rows", self.compensation_rows, minimum=1)
+        check_finite_float("compensation_bound", self.compensation_bound, positive=True)
+        check_int("compensation_max_nfe", self.compensation_max_nfe, minimum=1)
         check_int("step_bases", self.step_bases, minimum=1)
         if self.worst_factor is not None:
             check_finite_float("worst_factor", self.worst_factor, positive=True)
@@ -859,6 +897,7 @@ class _Problem:
                 check_finite="off",
                 final_step=recipe.final_step,
                 step_limit=limit,
+                compensation=recipe.compensation,
             ).x
         except NonFiniteError:  # pragma: no cover - check_finite="off" does not raise
             return None
@@ -1538,6 +1577,14 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         if _accept(tried, best, prob, opts.worst_factor):
             best = tried
             taken.append(best)
+    # (f) the data predictions extrapolated from the previous knot's, by a ratio per step
+    if opts.compensation_runs > 0 and nfe <= opts.compensation_max_nfe:
+        rows = prob.cal[: opts.compensation_rows]
+        bound = opts.compensation_bound
+        compensated = _compensate(prob, best.recipe, nfe, opts.compensation_runs, rows, bound)
+        if compensated is not None and _accept(compensated, best, prob, opts.worst_factor):
+            best = compensated
+            taken.append(best)
     refused: tuple[str, ...] = ()
     if prob.guard is not None:
         best, refused = _guarded(prob.guard, prob, taken, nfe)
@@ -1568,6 +1615,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         lower_order_final=r.lower_order_final,
         guard_refused=refused,
         step_limit=r.step_limit,
+        compensation=r.compensation,
     )
 
 
@@ -1919,7 +1967,8 @@ def _refine(
     return None if r is None else _choice(prob, r, nfe, "steps")
 
 
-_SHIFT_STEP = 0.05
+_SHIFT_STEP = 0.05  # a few hundredths of log-SNR
+_COMPENSATION_STEP = 0.1
 
 
 def _shift(
@@ -1931,36 +1980,85 @@ def _shift(
     calibration rows ``rows``, each offset kept within ``bound`` (a smooth clamp).
     Multistep solvers only: a singlestep solver also evaluates
     between the knots, where nothing would move. None if nothing lowered the error."""
-    from scipy.optimize import minimize
-
     if base.model_shifts is not None or not isinstance(base.build_solver(), MultistepSolver):
         return None
-    try:
-        plan = base.plan(prob.schedule, nfe=None if base.timesteps else nfe)
-    except ValueError:
+    plan = _exact_plan(prob, base, nfe)
+    if plan is None:
         return None
     noisy = [k for k in plan.grid.knots if k.sigma > 0]
     free = [i for i, k in enumerate(noisy) if math.isfinite(k.lam)]
-    if plan.nfe != nfe or not free:
+    if not free:
         return None
 
     def recipe_of(u: Sequence[float]) -> Recipe:
         shifts = [0.0] * len(noisy)
         for i, v in zip(free, u, strict=True):
-            shifts[i] = bound * math.tanh(float(v) / bound)
+            shifts[i] = v
         return dataclasses.replace(base, model_shifts=tuple(shifts))
 
-    def objective(u: Sequence[float]) -> float:
-        return _capped_error(prob, recipe_of(u), nfe, rows)
+    return _bounded_fit(prob, recipe_of, len(free), bound, _SHIFT_STEP, (nfe, runs, rows), "shifts")
 
-    u0 = [0.0] * len(free)
+
+def _compensate(
+    prob: _Problem, base: Recipe, nfe: int, runs: int, rows: Sequence[int], bound: float
+) -> _Choice | None:
+    """Stage (f): Nelder-Mead on one ratio per step after the first by which the data
+    prediction is extrapolated from the previous knot's
+    (:class:`~dpmsolver.compensation.Compensation`; DC-Solver's dynamic compensation, Zhao
+    et al. 2024, at first degree), from none, against the error on the calibration rows
+    ``rows``, each ratio within ``bound`` (a smooth clamp). None if nothing lowered the
+    error."""
+    if base.compensation is not None or base.build_solver().stochastic:
+        return None
+    plan = _exact_plan(prob, base, nfe)
+    if plan is None or len(plan.steps) < 2:
+        return None
+
+    def recipe_of(u: Sequence[float]) -> Recipe:
+        return dataclasses.replace(base, compensation=tuple(u))
+
+    n = len(plan.steps) - 1
+    return _bounded_fit(
+        prob, recipe_of, n, bound, _COMPENSATION_STEP, (nfe, runs, rows), "compensation"
+    )
+
+
+def _exact_plan(prob: _Problem, base: Recipe, nfe: int) -> Plan | None:
+    """``base``'s plan for ``nfe`` evaluations, or None where it cannot spend exactly that."""
+    try:
+        plan = base.plan(prob.schedule, nfe=None if base.timesteps else nfe)
+    except ValueError:
+        return None
+    return plan if plan.nfe == nfe else None
+
+
+def _bounded_fit(
+    prob: _Problem,
+    recipe_of: Callable[[Sequence[float]], Recipe],
+    n: int,
+    bound: float,
+    step: float,
+    run: tuple[int, int, Sequence[int]],
+    stage: str,
+) -> _Choice | None:
+    """Nelder-Mead on ``n`` parameters of ``recipe_of``, each held within ``bound`` by a
+    smooth clamp, from all zeros, against the capped error on ``rows`` (``run`` is ``(nfe,
+    runs, rows)``); the choice, or None if nothing lowered the error."""
+    from scipy.optimize import minimize
+
+    nfe, runs, rows = run
+
+    def clamped(u: Sequence[float]) -> Recipe:
+        return recipe_of([bound * math.tanh(float(v) / bound) for v in u])
+
+    def objective(u: Sequence[float]) -> float:
+        return _capped_error(prob, clamped(u), nfe, rows)
+
+    u0 = [0.0] * n
     f0 = objective(u0)
     # scipy's default first simplex (0.00025 around zero) needs most of a small budget to
-    # grow to the useful scale, a few hundredths of log-SNR
-    simplex = [
-        u0,
-        *([_SHIFT_STEP if j == i else 0.0 for j in range(len(u0))] for i in range(len(u0))),
-    ]
+    # grow to the useful scale
+    simplex = [u0, *([step if j == i else 0.0 for j in range(n)] for i in range(n))]
     res = minimize(
         objective,
         u0,
@@ -1969,4 +2067,4 @@ def _shift(
     )
     if not float(res.fun) < f0:
         return None
-    return _choice(prob, recipe_of(list(res.x)), nfe, "shifts")
+    return _choice(prob, clamped(list(res.x)), nfe, stage)

@@ -68,6 +68,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     options = dict(OPTIONS)
     if args.shift_runs is not None:
         options["shift_runs"] = args.shift_runs
+    if args.compensation_runs is not None:
+        options["compensation_runs"] = args.compensation_runs
     if args.denoise_final:
         options["extrapolate_final"] = False
     if args.micro_batch is not None:
@@ -148,6 +150,13 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="sampler runs that fit the network's time at each knot, per budget (default 60; "
         "0 skips it, for a profile the k-diffusion functions read as sigmas)",
+    )
+    t.add_argument(
+        "--compensation-runs",
+        type=positive_int("--compensation-runs", minimum=0),
+        default=None,
+        help="sampler runs that fit the data prediction's compensation, per budget up to 10 "
+        "(default 40; 0 skips it, for a profile the k-diffusion functions read as sigmas)",
     )
     t.add_argument(
         "--denoise-final",

@@ -1,0 +1,155 @@
+"""Stage (f), the compensation of the data prediction (:mod:`dpmsolver.compensation`): the
+loop applies ``D_k + c_k (D_k - D_{k-1})`` at each step's start, ``tune`` keeps it only
+where the held-out half improves, and the profile, ``sample`` and the diffusers scheduler
+run it as tuned, while the k-diffusion sigmas warn that they cannot."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import pytest
+import torch
+
+import dpmsolver as dp
+from dpmsolver.compensation import Compensation, check_compensation
+from dpmsolver.tune import TuneOptions
+
+from .test_step_limit import _scheduler_run
+from .test_tune import CHEAP, COND, NET, SD, Z
+
+pytest.importorskip("scipy")
+TUNE = importlib.import_module("dpmsolver.tune")
+
+
+def _ddim_by_hand(z: torch.Tensor, ratios: list[float], nfe: int) -> torch.Tensor:
+    """DDIM (data form) on the log-SNR grid with the compensated predictions, written out."""
+    knots = dp.make_grid(SD, nfe, "logsnr").knots
+    x, prev = z * knots[0].sigma, None
+    for k, (s, t) in enumerate(zip(knots[:-1], knots[1:], strict=True)):
+        d = NET(x, torch.tensor(s.model_t))  # eps network
+        d0 = (x - s.sigma * d) / s.alpha  # its data prediction
+        use = d0 if prev is None else d0 + ratios[k - 1] * (d0 - prev)
+        prev = d0
+        if t.sigma == 0:
+            x = use
+        else:
+            x = t.sigma / s.sigma * x + t.alpha * (1 - t.sigma / s.sigma * s.alpha / t.alpha) * use
+    return x
+
+
+def test_the_loop_feeds_the_solver_the_compensated_prediction() -> None:
+    z, nfe, ratios = Z[:4], 5, [0.3, -0.2, 0.1, 0.4]
+    recipe = dp.Recipe("ddim", grid="logsnr", compensation=tuple(ratios))
+    got = dp.sample(NET, z, schedule=SD, prediction="eps", solver=recipe, nfe=nfe).x
+    want = _ddim_by_hand(z, ratios, nfe)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)  # the network's time in float32
+    plain = dp.sample(NET, z, schedule=SD, prediction="eps", solver="ddim", grid="logsnr", nfe=nfe)
+    assert float((got - plain.x).abs().max()) > 1e-3  # the ratios move the samples
+    zeros = dataclasses.replace(recipe, compensation=(0.0,) * 4)
+    same = dp.sample(NET, z, schedule=SD, prediction="eps", solver=zeros, nfe=nfe).x
+    assert torch.equal(same, plain.x)  # no ratio, the plain solver bit for bit
+
+
+def test_bad_ratios_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"compensation\[1\]"):
+        dp.Recipe("ddim", compensation=(0.1, float("nan")))
+    with pytest.raises(TypeError, match="compensation"):
+        check_compensation("0.1")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match="compensation: one ratio per step after the first, i.e. 4"
+    ):
+        dp.sample(
+            NET,
+            Z[:2],
+            schedule=SD,
+            prediction="eps",
+            nfe=5,
+            solver=dp.Recipe("ddim", compensation=(0.1, 0.2)),
+        )
+    assert Compensation([0.5], 2).ratios == (0.5,)
+    for bad in (
+        {"compensation_runs": -1},
+        {"compensation_rows": 0},
+        {"compensation_bound": 0.0},
+        {"compensation_max_nfe": 0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TuneOptions(**bad)  # type: ignore[arg-type]
+
+
+ARGS = dict(schedule=SD, guidance_scale=3.0, nfe=[5, 8], tail_rows=0, **COND)
+# DDIM alone: the compensation turns it into a multistep method, which helps at 5 NFE
+DDIM = dict(CHEAP, solvers=(("ddim", {}),), grids=(("logsnr", None),), shift_runs=0)
+
+
+def test_stage_f_is_kept_only_where_the_held_out_half_takes_it() -> None:
+    on = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 40})
+    off = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 0})
+    kept = 0
+    for a, b in zip(on.choices, off.choices, strict=True):
+        assert b.compensation is None and b.stage != "compensation"
+        if a.compensation is None:
+            same = dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations)
+            assert same == b  # refused: the choice of a tune without stage (f)
+        else:
+            kept += 1
+            assert a.stage == "compensation" and a.heldout_error < b.heldout_error
+            assert len(a.compensation) == a.nfe - 1
+            assert all(abs(c) <= 0.5 for c in a.compensation)  # compensation_bound
+            assert dataclasses.replace(a.recipe(), compensation=None) == b.recipe()
+    assert kept > 0
+    assert dp.Profile.from_json(on.to_json()) == on
+    # only up to compensation_max_nfe
+    low = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 40, "compensation_max_nfe": 6})
+    assert low.choice(8, 3.0).compensation is None  # type: ignore[union-attr]
+
+
+def _compensated(ratios: tuple[float, ...] | None) -> dp.Profile:
+    prof = dp.tune(NET, Z, schedule=SD, nfe=[9], shift_runs=0, norm_cap=None, **CHEAP)
+    c = dataclasses.replace(
+        prof.choices[0],
+        solver="unipc",
+        options={"order": 2},
+        grid="logsnr",
+        rho=None,
+        times=None,
+        final_step="denoise",
+        step_limit=None,
+        compensation=ratios,
+    )
+    return dataclasses.replace(prof, choices=(c,))
+
+
+def test_the_profile_samples_with_it_and_the_diffusers_scheduler_as_sample_does() -> None:
+    ratios = (0.2, -0.1, 0.3, 0.1, -0.2, 0.25, 0.1, 0.05)
+    plain, comp = _compensated(None), _compensated(ratios)
+    z = Z[:6]
+    want_plain = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=plain).x
+    want = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=comp).x
+    by_recipe = dp.sample(NET, z, schedule=SD, solver=comp.choices[0].recipe(), nfe=9).x
+    assert torch.equal(want, by_recipe)
+    change = float((want - want_plain).abs().max())
+    assert change > 1e-3
+    pytest.importorskip("diffusers")
+    got_plain, got = (_scheduler_run(p, z, 9) for p in (plain, comp))
+    # the config's float32 betas move both runs alike, and the ratios amplify that; what
+    # they change must still match (ratios one step off: 2.3x the change; ratios 0.9x
+    # as large: 0.2x)
+    assert float((got_plain - want_plain).abs().max()) < 5e-3
+    assert float(((got - got_plain) - (want - want_plain)).abs().max()) < 0.1 * change
+
+
+def test_the_k_diffusion_sigmas_warn_that_they_drop_it() -> None:
+    comp = _compensated((0.1,) * 8)
+    with pytest.warns(UserWarning, match="compensation"):
+        comp.sigmas(9, 1.0, SD)
+
+
+def test_an_older_profile_reads_without_compensation() -> None:
+    data = _compensated(None).to_json()
+    data["format"] = "dpmsolver-profile/6"
+    for c in data["choices"]:
+        del c["compensation"]
+    old = dp.Profile.from_json(data)
+    assert old.choices[0].compensation is None
