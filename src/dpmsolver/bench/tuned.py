@@ -188,6 +188,7 @@ def _describe(profile: Profile, nfe: int, guidance: float) -> tuple[str, str]:
         return c.stage, r.describe()
     head = r.describe().split(" [")[0]
     shifted = " + model-time shifts" if c.model_shifts is not None else ""
+    shifted += " + compensation" if c.compensation is not None else ""
     return c.stage, f"{head} [fitted {len(c.times)} knots]{shifted}"
 
 
@@ -650,8 +651,16 @@ def comparison(base: Sequence[TunedRow], new: Sequence[TunedRow]) -> str:
 
 
 def _rows_of(paths: str) -> list[TunedRow]:
-    """The rows of comma-separated tuned-benchmark CSVs, in order."""
-    return [r for p in paths.split(",") for r in rows_from_tuned_csv(_read_text(p.strip()))]
+    """The rows of comma-separated tuned-benchmark CSVs, in order; a cell (problem,
+    guidance, NFE) an earlier file holds replaces the same cell in later ones (a run of
+    some budgets updates a record of all of them)."""
+    seen: set[tuple[str, float, int]] = set()
+    out = []
+    for p in paths.split(","):
+        rows = rows_from_tuned_csv(_read_text(p.strip()))
+        out += [r for r in rows if (r.problem, r.guidance, r.nfe) not in seen]
+        seen |= {(r.problem, r.guidance, r.nfe) for r in rows}
+    return out
 
 
 def rows_csv(rows: Sequence[TunedRow]) -> str:
@@ -788,7 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--from-csv",
         default=None,
-        help="re-render a run's CSV (no cost section; comma-separated files are joined)",
+        help="re-render a run's CSV (no cost section; comma-separated files are joined, a "
+        "cell in an earlier file replacing the same cell in later ones)",
     )
     ap.add_argument(
         "--compare",
