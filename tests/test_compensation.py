@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def _ddim_by_hand(z: torch.Tensor, ratios: list[float], nfe: int) -> torch.Tenso
     """DDIM (data form) on the log-SNR grid with the compensated predictions, written out."""
     knots = dp.make_grid(SD, nfe, "logsnr").knots
     x, prev = z * knots[0].sigma, None
-    for k, (s, t) in enumerate(zip(knots[:-1], knots[1:], strict=True)):
+    for k, (s, t) in enumerate(itertools.pairwise(knots)):
         d = NET(x, torch.tensor(s.model_t))  # eps network
         d0 = (x - s.sigma * d) / s.alpha  # its data prediction
         use = d0 if prev is None else d0 + ratios[k - 1] * (d0 - prev)
@@ -57,7 +58,7 @@ def test_bad_ratios_are_refused_by_name() -> None:
     with pytest.raises(TypeError, match="compensation"):
         check_compensation("0.1")  # type: ignore[arg-type]
     with pytest.raises(
-        ValueError, match="compensation: one ratio per step after the first, i.e. 4"
+        ValueError, match=r"compensation: one ratio per step after the first, i\.e\. 4"
     ):
         dp.sample(
             NET,
