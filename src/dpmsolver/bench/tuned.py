@@ -614,6 +614,33 @@ def _tally(pairs: Sequence[tuple[TunedRow, TunedRow]], ratio: Ratio) -> str:
     )
 
 
+def _spread(pairs: Sequence[tuple[TunedRow, TunedRow]], ratio: Ratio) -> str:
+    """One line of :func:`comparison`'s second table: the changed cells' moves beyond 2x and
+    4x either way, the largest move for the worse, and the half-target cells of each run."""
+    moves = [
+        (ratio(b) / ratio(a), b)
+        for a, b in pairs
+        if _moved(ratio(a), ratio(b)) and ratio(a) > 0 and math.isfinite(ratio(a))
+    ]
+    counts = [
+        sum(m < 1 / f for m, _ in moves) if better else sum(m > f for m, _ in moves)
+        for f in (2.0, 4.0)
+        for better in (True, False)
+    ]
+    worst = max(moves, key=lambda e: e[0], default=None)
+    most = (
+        "-"
+        if worst is None or worst[0] <= 1
+        else (f"{_f(worst[0])}x ({worst[1].problem}, w={worst[1].guidance:g}, {worst[1].nfe} NFE)")
+    )
+    half = [(a, b) for a, b in pairs if _is_half_cell(b)]
+    at_half = [sum(ratio(r) <= 0.5 for r in side) for side in zip(*half, strict=True)] or [0, 0]
+    return (
+        f"| {counts[0]} | {counts[1]} | {counts[2]} | {counts[3]} | {most} "
+        f"| {at_half[0]} | {at_half[1]} |"
+    )
+
+
 def comparison(base: Sequence[TunedRow], new: Sequence[TunedRow]) -> str:
     """Two runs of the same cells side by side (``--compare``): met cells, and the cells
     whose ratio changed, on the test set and, where both were re-scored, on the new noises.
@@ -633,6 +660,17 @@ def comparison(base: Sequence[TunedRow], new: Sequence[TunedRow]) -> str:
         f"\n{len(pairs)} cells in both runs ({len(base) - len(pairs)} only in the base run, "
         f"{len(new) - len(pairs)} only in the new one).\n"
     )
+    out += [
+        "How far the changed cells moved (new error / base error), and the cells at half the "
+        "best peer's error (guidance 7.5, NFE 5-10):\n",
+        "| set | over 2x better | over 2x worse | over 4x better | over 4x worse "
+        "| the most worse | at half (base) | at half (new) |",
+        "|---|---|---|---|---|---|---|---|",
+        "| test set " + _spread(pairs, lambda r: r.ratio),
+    ]
+    if rescored:
+        out.append("| new noises " + _spread(rescored, lambda r: r.new_ratio))
+    out.append("")
     moved = [
         (a, b) for a, b in pairs if _moved(a.ratio, b.ratio) or _moved(a.new_ratio, b.new_ratio)
     ]
