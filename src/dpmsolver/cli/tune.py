@@ -113,12 +113,14 @@ def add_parser(sub: Any) -> None:
         description=textwrap.fill(
             "Fit solver='auto' to the model on pilot noises: the exact ODE solution is the "
             "reference, half the pilot calibrates and half is held out, and every choice "
-            "(solver and grid, then time steps, then the network's time at each step) is kept "
+            "(solver and grid, then time steps, then the network's time at each step, then up "
+            "to 10 evaluations the compensation of the data predictions) is kept "
             "only if the held-out half improves. "
             "Writes a profile that `dpmsolver sample --profile` and `dpmsolver generate "
             "--profile` use. Costs minutes: 6.6 (guidance 3, stop 32) and 7.5 (guidance 7.5, "
             "stop 24) measured on 2 CPU cores for the built-in model, 8 budgets and 128 pilot "
-            "noises (benchmarks/tune_cost.md). Runs on every core unless given --threads N: "
+            "noises, and 10% more since stop 34 (benchmarks/tune_cost.md). "
+            "Runs on every core unless given --threads N: "
             "the reference on N intra-op threads, then N budgets side by side, one thread each. "
             "A network that cannot take 1024 rows in one call needs --micro-batch."
         ),
