@@ -879,14 +879,20 @@ class _Problem:
             return self.run_from(recipe, nfe, self.x_T, self.denoiser)
         return self.run_from(recipe, nfe, self.x_T[list(rows)], _Rows(self.denoiser, list(rows)))
 
-    def run_from(self, recipe: Recipe, nfe: int, x_T: Tensor, den: Denoiser) -> Tensor | None:
-        """The recipe's final samples from ``x_T`` under ``den``; None if it cannot spend
-        exactly ``nfe``."""
+    def plan(self, recipe: Recipe, nfe: int) -> Plan | None:
+        """The recipe's plan for ``nfe`` evaluations (its fitted knots imply them), or None
+        where it cannot spend exactly that."""
         try:
             plan = recipe.plan(self.schedule, nfe=None if recipe.timesteps else nfe)
         except ValueError:
             return None
-        if plan.nfe != nfe:
+        return plan if plan.nfe == nfe else None
+
+    def run_from(self, recipe: Recipe, nfe: int, x_T: Tensor, den: Denoiser) -> Tensor | None:
+        """The recipe's final samples from ``x_T`` under ``den``; None if it cannot spend
+        exactly ``nfe``."""
+        plan = self.plan(recipe, nfe)
+        if plan is None:
             return None
         try:
             limit = None if recipe.step_limit is None else StepLimit(recipe.step_limit)
@@ -1982,7 +1988,7 @@ def _shift(
     between the knots, where nothing would move. None if nothing lowered the error."""
     if base.model_shifts is not None or not isinstance(base.build_solver(), MultistepSolver):
         return None
-    plan = _exact_plan(prob, base, nfe)
+    plan = prob.plan(base, nfe)
     if plan is None:
         return None
     noisy = [k for k in plan.grid.knots if k.sigma > 0]
@@ -2010,7 +2016,7 @@ def _compensate(
     error."""
     if base.compensation is not None or base.build_solver().stochastic:
         return None
-    plan = _exact_plan(prob, base, nfe)
+    plan = prob.plan(base, nfe)
     if plan is None or len(plan.steps) < 2:
         return None
 
@@ -2021,15 +2027,6 @@ def _compensate(
     return _bounded_fit(
         prob, recipe_of, n, bound, _COMPENSATION_STEP, (nfe, runs, rows), "compensation"
     )
-
-
-def _exact_plan(prob: _Problem, base: Recipe, nfe: int) -> Plan | None:
-    """``base``'s plan for ``nfe`` evaluations, or None where it cannot spend exactly that."""
-    try:
-        plan = base.plan(prob.schedule, nfe=None if base.timesteps else nfe)
-    except ValueError:
-        return None
-    return plan if plan.nfe == nfe else None
 
 
 def _bounded_fit(

@@ -504,9 +504,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._extrapolate = False  # likewise: its step into sigma = 0 is extrapolated
         self._compensation: tuple[float, ...] | None = None  # likewise (stage (f)'s ratios)
         self._comp: Compensation | None = None  # the run's, from its first step
-        self._comp_base = 0  # the plan position of the run's first step
-        # with either: the run's steps by evaluation position, the step start seen, and the
-        # final step's memory of the data predictions at the steps' starts
+        # with any of them: the run's (plan position, step, evaluation in it) by evaluation
+        # position, the step start seen, and the final step's memory of the data
+        # predictions at the steps' starts
         self._track_steps: list[tuple[int, DrivenStep, int]] = []
         self._track_start: tuple[Tensor, Tensor | None] | None = None
         self._track_base = 0
@@ -1193,8 +1193,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._step_index = start
         if self._tracks:
             rest = self._plan_from(start)
+            base = len(self._full_plan) - len(rest)  # the plan position of the run's first step
             self._track_steps = [
-                (i, st, j) for i, st in enumerate(rest) for j in range(len(st.evals))
+                (base + i, st, j) for i, st in enumerate(rest) for j in range(len(st.evals))
             ]
             self._track_base, self._track_start = start, None
             self._end_step = FinalStep("extrapolate", self.solver) if self._extrapolate else None
@@ -1202,7 +1203,6 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             if self._compensation is not None and rest == self._full_plan[-len(rest) :]:
                 # a run from any step of the plan: the ratios still count its steps
                 self._comp = Compensation(self._compensation, len(self._full_plan))
-                self._comp_base = len(self._full_plan) - len(rest)
         return self._stepper
 
     def step(
@@ -1290,7 +1290,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         def keep(x0: Tensor, knot: Knot) -> Tensor:
             x0 = transform(x0, knot)
             if comp is not None:
-                x0 = comp(x0, self._comp_base + i)
+                x0 = comp(x0, i)
             seen.append(x0)
             return x0
 
