@@ -74,6 +74,7 @@ def test_bad_ratios_are_refused_by_name() -> None:
         {"compensation_rows": 0},
         {"compensation_bound": 0.0},
         {"compensation_max_nfe": 0},
+        {"compensation_knots": 1},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TuneOptions(**bad)  # type: ignore[arg-type]
@@ -104,6 +105,21 @@ def test_stage_f_is_kept_only_where_the_held_out_half_takes_it() -> None:
     # only up to compensation_max_nfe
     low = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 40, "compensation_max_nfe": 6})
     assert low.choice(8, 3.0).compensation is None  # type: ignore[union-attr]
+
+
+def test_above_compensation_knots_the_ratios_are_linear_between_fitted_values() -> None:
+    spread = TUNE._spread
+    assert spread([0.1, 0.2, 0.3], 3) == (0.1, 0.2, 0.3)  # as many values as steps: as is
+    assert spread([0.0, 0.4, -0.2], 5) == pytest.approx((0.0, 0.2, 0.4, 0.1, -0.2))
+    args = {**ARGS, "nfe": [8]}
+    prof = dp.tune(NET, Z, **args, **{**DDIM, "compensation_runs": 40, "compensation_knots": 3})
+    c = prof.choices[0].compensation
+    assert c is not None and len(c) == 7  # 7 ratios from 3 values, at steps 0, 3 and 6
+    for seg in (c[:4], c[3:]):
+        assert [b - a for a, b in itertools.pairwise(seg)] == pytest.approx(
+            [seg[1] - seg[0]] * 3, abs=1e-12
+        )
+    assert len(set(c)) > 1
 
 
 def _compensated(ratios: tuple[float, ...] | None) -> dp.Profile:

@@ -64,9 +64,10 @@ own model, guidance included:
    solver receives is extrapolated from the previous knot's (``D_k + c_k (D_k -
    D_{k-1})``; :class:`dpmsolver.compensation.Compensation`, DC-Solver's dynamic
    compensation, Zhao et al. 2024, at first degree), each within 0.5
-   (``TuneOptions.compensation_runs``). It costs no evaluation when sampling. Sigmas
-   cannot carry it (the k-diffusion functions): tune with ``compensation_runs=0`` for
-   them.
+   (``TuneOptions.compensation_runs``); with more than 9 ratios, 9 values spread evenly
+   over the steps and the ratios linear between them (``compensation_knots``). It costs
+   no evaluation when sampling. Sigmas cannot carry it (the k-diffusion functions): tune
+   with ``compensation_runs=0`` for them.
 9. Otherwise the default recipe stays.
 10. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
    with no reference; if more of its samples end beyond twice the largest pilot
@@ -613,6 +614,9 @@ class TuneOptions:
         compensation_bound: the largest ratio's magnitude (default 0.5, a smooth clamp).
         compensation_max_nfe: the largest budget stage (f) runs at (default 10: it was
             studied at 5-10 evaluations).
+        compensation_knots: the most free values stage (f) fits (default 9, the ratios of
+            10 steps): with more steps the ratios are linear between this many values
+            spread evenly over the steps, so that Nelder-Mead's runs can still move them.
         shift_bound: the largest shift, in log-SNR (default 0.1). Unbounded, the fit drove
             neighbouring shifts to large opposite values (-0.34, +0.39) that helped the
             pilot and sent test samples astray (on the selection problems: 4 cells worse
@@ -769,6 +773,7 @@ class TuneOptions:
     compensation_rows: int = 16
     compensation_bound: float = 0.5
     compensation_max_nfe: int = 10
+    compensation_knots: int = 9
     step_bases: int = 3
     worst_factor: float | None = None
     probe_pairs: int = 0
@@ -803,6 +808,7 @@ class TuneOptions:
         check_int("compensation_rows", self.compensation_rows, minimum=1)
         check_finite_float("compensation_bound", self.compensation_bound, positive=True)
         check_int("compensation_max_nfe", self.compensation_max_nfe, minimum=1)
+        check_int("compensation_knots", self.compensation_knots, minimum=2)
         check_int("step_bases", self.step_bases, minimum=1)
         if self.worst_factor is not None:
             check_finite_float("worst_factor", self.worst_factor, positive=True)
@@ -1587,7 +1593,9 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     if opts.compensation_runs > 0 and nfe <= opts.compensation_max_nfe:
         rows = prob.cal[: opts.compensation_rows]
         bound = opts.compensation_bound
-        compensated = _compensate(prob, best.recipe, nfe, opts.compensation_runs, rows, bound)
+        compensated = _compensate(
+            prob, best.recipe, nfe, (opts.compensation_runs, rows), bound, opts.compensation_knots
+        )
         if compensated is not None and _accept(compensated, best, prob, opts.worst_factor):
             best = compensated
             taken.append(best)
@@ -2006,27 +2014,51 @@ def _shift(
 
 
 def _compensate(
-    prob: _Problem, base: Recipe, nfe: int, runs: int, rows: Sequence[int], bound: float
+    prob: _Problem,
+    base: Recipe,
+    nfe: int,
+    run: tuple[int, Sequence[int]],
+    bound: float,
+    knots: int,
 ) -> _Choice | None:
     """Stage (f): Nelder-Mead on one ratio per step after the first by which the data
     prediction is extrapolated from the previous knot's
     (:class:`~dpmsolver.compensation.Compensation`; DC-Solver's dynamic compensation, Zhao
     et al. 2024, at first degree), from none, against the error on the calibration rows
-    ``rows``, each ratio within ``bound`` (a smooth clamp). None if nothing lowered the
-    error."""
+    (``run`` is ``(runs, rows)``), each ratio within ``bound`` (a smooth clamp). With more
+    than ``knots`` ratios, ``knots`` values spread evenly over the steps are fitted and the
+    ratios are linear between them. None if nothing lowered the error."""
     if base.compensation is not None or base.build_solver().stochastic:
         return None
     plan = prob.plan(base, nfe)
     if plan is None or len(plan.steps) < 2:
         return None
+    n = len(plan.steps) - 1
+    free = min(n, knots)
 
     def recipe_of(u: Sequence[float]) -> Recipe:
-        return dataclasses.replace(base, compensation=tuple(u))
+        return dataclasses.replace(base, compensation=_spread(u, n))
 
-    n = len(plan.steps) - 1
+    runs, rows = run
     return _bounded_fit(
-        prob, recipe_of, n, bound, _COMPENSATION_STEP, (nfe, runs, rows), "compensation"
+        prob, recipe_of, free, bound, _COMPENSATION_STEP, (nfe, runs, rows), "compensation"
     )
+
+
+def _spread(values: Sequence[float], n: int) -> tuple[float, ...]:
+    """``n`` values linear between ``values`` placed evenly from the first to the last
+    (``values`` itself when there are ``n``). The clamp of :func:`_bounded_fit` holds for
+    them too: each is between two clamped values."""
+    m = len(values)
+    if m == n:
+        return tuple(float(v) for v in values)
+    out = []
+    for i in range(n):
+        x = i * (m - 1) / (n - 1)
+        j = min(int(x), m - 2)
+        t = x - j
+        out.append((1.0 - t) * float(values[j]) + t * float(values[j + 1]))
+    return tuple(out)
 
 
 def _bounded_fit(
