@@ -1591,11 +1591,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
             taken.append(best)
     # (f) the data predictions extrapolated from the previous knot's, by a ratio per step
     if opts.compensation_runs > 0 and nfe <= opts.compensation_max_nfe:
-        rows = prob.cal[: opts.compensation_rows]
-        bound = opts.compensation_bound
-        compensated = _compensate(
-            prob, best.recipe, nfe, (opts.compensation_runs, rows), bound, opts.compensation_knots
-        )
+        compensated = _compensate(prob, best.recipe, nfe, opts)
         if compensated is not None and _accept(compensated, best, prob, opts.worst_factor):
             best = compensated
             taken.append(best)
@@ -2013,36 +2009,29 @@ def _shift(
     return _bounded_fit(prob, recipe_of, len(free), bound, _SHIFT_STEP, (nfe, runs, rows), "shifts")
 
 
-def _compensate(
-    prob: _Problem,
-    base: Recipe,
-    nfe: int,
-    run: tuple[int, Sequence[int]],
-    bound: float,
-    knots: int,
-) -> _Choice | None:
-    """Stage (f): Nelder-Mead on one ratio per step after the first by which the data
-    prediction is extrapolated from the previous knot's
+def _compensate(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """Stage (f): Nelder-Mead (``opts.compensation_runs`` runs) on one ratio per step after
+    the first by which the data prediction is extrapolated from the previous knot's
     (:class:`~dpmsolver.compensation.Compensation`; DC-Solver's dynamic compensation, Zhao
-    et al. 2024, at first degree), from none, against the error on the calibration rows
-    (``run`` is ``(runs, rows)``), each ratio within ``bound`` (a smooth clamp). With more
-    than ``knots`` ratios, ``knots`` values spread evenly over the steps are fitted and the
-    ratios are linear between them. None if nothing lowered the error."""
+    et al. 2024, at first degree), from none, against the error on the first
+    ``opts.compensation_rows`` calibration rows, each ratio within
+    ``opts.compensation_bound`` (a smooth clamp). With more than
+    ``opts.compensation_knots`` ratios, that many values spread evenly over the steps are
+    fitted and the ratios are linear between them. None if nothing lowered the error."""
     if base.compensation is not None or base.build_solver().stochastic:
         return None
     plan = prob.plan(base, nfe)
     if plan is None or len(plan.steps) < 2:
         return None
     n = len(plan.steps) - 1
-    free = min(n, knots)
 
     def recipe_of(u: Sequence[float]) -> Recipe:
         return dataclasses.replace(base, compensation=_spread(u, n))
 
-    runs, rows = run
-    return _bounded_fit(
-        prob, recipe_of, free, bound, _COMPENSATION_STEP, (nfe, runs, rows), "compensation"
-    )
+    run = (nfe, opts.compensation_runs, prob.cal[: opts.compensation_rows])
+    free = min(n, opts.compensation_knots)
+    bound = opts.compensation_bound
+    return _bounded_fit(prob, recipe_of, free, bound, _COMPENSATION_STEP, run, "compensation")
 
 
 def _spread(values: Sequence[float], n: int) -> tuple[float, ...]:
