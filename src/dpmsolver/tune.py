@@ -60,7 +60,7 @@ own model, guidance included:
    (on a flow mixture it cut the error by 38% at 8 NFE and multiplied it by 2.7 at 20),
    so the pilot decides per budget.
 8. *(f) Compensation of the data prediction*, for the recipe chosen so far, at budgets up
-   to 10: Nelder-Mead on one ratio per step after the first by which the prediction the
+   to 25: Nelder-Mead on one ratio per step after the first by which the prediction the
    solver receives is extrapolated from the previous knot's (``D_k + c_k (D_k -
    D_{k-1})``; :class:`dpmsolver.compensation.Compensation`, DC-Solver's dynamic
    compensation, Zhao et al. 2024, at first degree), each within 0.5
@@ -612,8 +612,9 @@ class TuneOptions:
             read).
         compensation_rows: calibration rows stage (f) runs on (default 16).
         compensation_bound: the largest ratio's magnitude (default 0.5, a smooth clamp).
-        compensation_max_nfe: the largest budget stage (f) runs at (default 10: it was
-            studied at 5-10 evaluations).
+        compensation_max_nfe: the largest budget stage (f) runs at (default 25: adopted at
+            5-10 evaluations at stop 34 and at 12-25 at stop 36, each by a rule written
+            before its run on the selection problems, ``benchmarks/stage_f.md``).
         compensation_knots: the most free values stage (f) fits (default 9, the ratios of
             10 steps): with more steps the ratios are linear between this many values
             spread evenly over the steps, so that Nelder-Mead's runs can still move them.
@@ -772,7 +773,7 @@ class TuneOptions:
     compensation_runs: int = 40
     compensation_rows: int = 16
     compensation_bound: float = 0.5
-    compensation_max_nfe: int = 10
+    compensation_max_nfe: int = 25
     compensation_knots: int = 9
     step_bases: int = 3
     worst_factor: float | None = None

@@ -157,7 +157,7 @@ def add_parser(sub: Any) -> None:
         "--compensation-runs",
         type=positive_int("--compensation-runs", minimum=0),
         default=None,
-        help="sampler runs that fit the data prediction's compensation, per budget up to 10 "
+        help="sampler runs that fit the data prediction's compensation, per budget up to 25 "
         "(default 40; 0 skips it, for a profile the k-diffusion functions read as sigmas)",
     )
     t.add_argument(
