@@ -139,8 +139,41 @@ def test_tune_takes_stage_a_where_the_tail_check_says_so(
     assert any(set(c.guard_refused) & {"steps", "shifts"} for c in p.choices)
 
 
+def test_the_walk_back_keeps_the_latest_stage_the_tail_check_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``tail_walk_back`` a refused final choice falls back to the stage accepted before
+    it, where the check keeps that one, instead of to stage (a)'s; without it, to stage (a)'s.
+    Here the check refuses stage (c)'s time shifts only."""
+    import importlib
+
+    tune_module = importlib.import_module("dpmsolver.tune")
+
+    def no_shifts(prob: object, guard: object, chosen: _Choice, robust: _Choice, opts: object):  # type: ignore[no-untyped-def]
+        return robust if chosen.stage == "shifts" else chosen
+
+    monkeypatch.setattr(tune_module, "_tail_checked", no_shifts)
+    fast = {**FAST, "shift_runs": 8}
+    args = {"schedule": SD, "guidance_scale": 5.0, "nfe": [5, 6, 8, 10], **COND, **fast}
+    plain = dp.tune(NET, Z, **args)  # type: ignore[arg-type]
+    walked = dp.tune(NET, Z, tail_walk_back=True, **args)  # type: ignore[arg-type]
+    kept = 0
+    for a, b in zip(plain.choices, walked.choices, strict=True):
+        assert "shifts" not in (a.stage, b.stage)
+        if "shifts" in a.guard_refused and b.stage == "steps":
+            # stage (b)'s knots, which the plain check dropped for stage (a)'s recipe
+            assert a.stage in ("selection", "default") and a.times is None
+            assert b.times is not None and b.guard_refused == ("shifts",)
+            kept += 1
+        else:
+            assert b.recipe() == a.recipe()
+    assert kept > 0
+
+
 def test_tail_options_are_checked() -> None:
     with pytest.raises(ValueError, match="tail_rows"):
         dp.tune(NET, Z, schedule=SD, tail_rows=-1)
     with pytest.raises(ValueError, match="tail_factor"):
         dp.tune(NET, Z, schedule=SD, tail_factor=0.0)
+    with pytest.raises(ValueError, match="tail_walk_back"):
+        dp.tune(NET, Z, schedule=SD, tail_walk_back="yes")

@@ -753,6 +753,13 @@ class TuneOptions:
             2 picks over 4x the best finalist (233x and 11.6x) that ``"always"`` ranks
             away, geo-mean 0.987 against 0.980 (benchmarks/stage_a_trigger.md): there both
             halves miss the rare sample, the case the ranking is for.
+        tail_walk_back: where the tail check refuses the final choice, also check the
+            stages accepted between stage (a) and it, latest first, and keep the first that
+            the check keeps against stage (a)'s and that the guard sees blow up no more
+            samples than the final choice (default False: straight back to stage (a)'s).
+            Not studied yet: in both blind runs of stage (f) at 12-25 evaluations (stop 36,
+            ``benchmarks/stage_f.md``) the worst cell was the check refusing the compensated
+            recipe and taking stage (a)'s, 11x worse than the fitted recipe before (f).
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -789,6 +796,7 @@ class TuneOptions:
     tail_factor: float = 2.0
     tail_ranking: float | None = 2.0
     tail_trigger: str = "always"
+    tail_walk_back: bool = False
     micro_batch: int | None = None
     sample_options: SampleOptions | None = None
 
@@ -829,6 +837,7 @@ class TuneOptions:
                 raise ValueError(f"norm_cap must be >= 1 or None, got {self.norm_cap}")
         check_step_limit(self.step_limit)
         check_choice("extrapolate_final", self.extrapolate_final, (True, False))
+        check_choice("tail_walk_back", self.tail_walk_back, (True, False))
         check_int("tail_rows", self.tail_rows, minimum=0)
         check_finite_float("tail_factor", self.tail_factor, positive=True)
         if self.tail_ranking is not None:
@@ -1603,8 +1612,11 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         past_a = any(c is best for c in taken[k + 1 :])  # a stage after (a), not refused
         if opts.tail_rows > 0 and past_a and best.recipe != selected.recipe:
             checked = _tail_checked(prob, prob.guard, best, selected, opts)
+            if checked is not best and opts.tail_walk_back:
+                checked = _walked_back(prob, prob.guard, taken[k + 1 :], best, selected, opts)
             if checked is not best:
-                later = (c.stage for c in reversed(taken[k + 1 :]))
+                j = next((i for i, c in enumerate(taken) if c is checked), k)
+                later = (c.stage for c in reversed(taken[j + 1 :]))
                 refused, best = tuple(dict.fromkeys((*refused, *later))), checked
         prob.guard.forget(nfe)
     r = best.recipe
@@ -1704,6 +1716,28 @@ def _tail_checked(
     the held-out rows and the guard's (:func:`_tail_mse`)."""
     mse = _tail_mse(prob, guard, [chosen, robust], opts)
     return robust if mse is not None and mse[1] < mse[0] else chosen
+
+
+def _walked_back(
+    prob: _Problem,
+    guard: _Guard,
+    later: Sequence[_Choice],
+    refused: _Choice,
+    robust: _Choice,
+    opts: TuneOptions,
+) -> _Choice:
+    """The latest of the choices ``later`` (accepted after stage (a), up to ``refused``, the
+    choice the tail check refused) that blows up no more guard samples than ``refused`` and
+    that the tail check keeps against stage (a)'s ``robust``; ``robust`` if none
+    (:attr:`TuneOptions.tail_walk_back`)."""
+    limit = guard.blowups(prob, refused.recipe, refused.nfe)
+    end = next(i for i, c in enumerate(later) if c is refused)
+    for c in reversed(later[:end]):
+        if c.recipe == robust.recipe or guard.blowups(prob, c.recipe, c.nfe) > limit:
+            continue
+        if _tail_checked(prob, guard, c, robust, opts) is c:
+            return c
+    return robust
 
 
 def _tail_ranked(prob: _Problem, finalists: list[_Choice], opts: TuneOptions) -> list[_Choice]:
