@@ -757,9 +757,12 @@ class TuneOptions:
             stages accepted between stage (a) and it, latest first, and keep the first that
             the check keeps against stage (a)'s and that the guard sees blow up no more
             samples than the final choice (default False: straight back to stage (a)'s).
-            Not studied yet: in both blind runs of stage (f) at 12-25 evaluations (stop 36,
+            In both blind runs of stage (f) at 12-25 evaluations (stop 36,
             ``benchmarks/stage_f.md``) the worst cell was the check refusing the compensated
-            recipe and taking stage (a)'s, 11x worse than the fitted recipe before (f).
+            recipe and taking stage (a)'s, 11x worse than the fitted recipe before (f). On
+            the selection problems at 12-25 it changed 8 of 320 cells (geo-mean 0.83 on 512
+            new noises, the most 2.04x worse; ``benchmarks/tail_walk_back.md``): off until
+            budgets 5-10 are measured too.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
