@@ -1618,7 +1618,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
             if checked is not best and opts.tail_walk_back:
                 checked = _walked_back(prob, prob.guard, taken[k + 1 :], best, selected, opts)
             if checked is not best:
-                j = next((i for i, c in enumerate(taken) if c is checked), k)
+                j = next(i for i, c in enumerate(taken) if c is checked)  # (a)'s or later
                 later = (c.stage for c in reversed(taken[j + 1 :]))
                 refused, best = tuple(dict.fromkeys((*refused, *later))), checked
         prob.guard.forget(nfe)
