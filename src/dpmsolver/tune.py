@@ -91,6 +91,10 @@ own model, guidance included:
     (``TuneOptions.norm_cap``; :class:`dpmsolver.guidance.NormCap`). A sample thrown off
     the data under strong guidance then comes back instead of diverging. It is applied
     after the choice, so it changes nothing tune chooses.
+12. *Repeated calls.* A network call that repeats one made before (the same rows, knot and
+    bit-identical states: the first step of every run on the same rows, stage (e)'s rerun
+    of a recipe, the shared first knots of a fit's runs) is answered from memory
+    (``TuneOptions.memo_mb``); the choices are the same, the evaluations fewer.
 
 The result is a :class:`Profile`: per (guidance, budget) the chosen solver, its options and
 the exact knots, with the calibration and held-out errors and the cost. Use it with
@@ -108,6 +112,7 @@ import json
 import math
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -744,6 +749,11 @@ class TuneOptions:
             whose activations for that batch do not fit the device's memory. A row's output
             may differ in its last bits with the rows beside it in the call (networks are not
             batch-invariant), so a choice that was a near tie may go the other way.
+        memo_mb: memory (MiB, per budget tuned side by side) for answering a network call
+            that repeats one made before (the same rows, knot and bit-identical states)
+            without the network; 0 turns it off. The choices are the same either way; only
+            the evaluations counted and the time change. Default 256. A model whose calls
+            must all reach it (hooks that record activations) needs 0.
         tail_trigger: when the tail ranking runs: ``"always"`` (default) or
             ``"disagree"``: only where the held-out half puts another finalist before the
             calibration ranking's first (RMS error over the live finalists), so that where
@@ -801,6 +811,7 @@ class TuneOptions:
     tail_trigger: str = "always"
     tail_walk_back: bool = False
     micro_batch: int | None = None
+    memo_mb: int = 256
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
@@ -850,18 +861,53 @@ class TuneOptions:
         check_choice("tail_trigger", self.tail_trigger, TAIL_TRIGGERS)
         if self.micro_batch is not None:
             check_int("micro_batch", self.micro_batch, minimum=1)
+        check_int("memo_mb", self.memo_mb, minimum=0)
 
 
 class _Counter:
-    """Counts the sample rows the network evaluates (one counter per thread)."""
+    """Counts the sample rows the network evaluates (one counter per thread), and answers a
+    call it has seen before from memory (:attr:`TuneOptions.memo_mb`).
 
-    def __init__(self, denoiser: _RowDenoiser) -> None:
+    Many of tune's runs repeat a call exactly: every run of the same rows starts from the
+    same states at the same time, the final-step variant of stage (e) and the walk-back of
+    the tail check rerun a recipe whose evaluations are all the same, and a fit's runs that
+    share their first knots share those evaluations. A call repeats only with the same rows,
+    the same knot and bit-identical states, so the answer is the one the network gave (the
+    same rows in the same call): the choices do not change, only the evaluations counted.
+    """
+
+    def __init__(self, denoiser: _RowDenoiser, memo_mb: int = 0) -> None:
         self.denoiser = denoiser
         self.rows = 0
+        self.budget = memo_mb * 2**20
+        self.held = 0
+        self.memo: OrderedDict[tuple[Any, ...], tuple[Tensor, Tensor]] = OrderedDict()
 
     def __call__(self, x: Tensor, knot: Knot, rows: list[int] | None = None) -> Tensor:
+        if self.budget <= 0:
+            self.rows += x.shape[0]
+            return self.denoiser(x, knot, rows)
+        # the sum only buckets the states; equality is checked on the states themselves
+        key = (None if rows is None else tuple(rows), knot, x.shape, float(x.sum()))
+        seen = self.memo.get(key)
+        if seen is not None and torch.equal(seen[0], x):
+            self.memo.move_to_end(key)
+            return seen[1].clone()  # the caller may update it in place
         self.rows += x.shape[0]
-        return self.denoiser(x, knot, rows)
+        out = self.denoiser(x, knot, rows)
+        size = (x.numel() * x.element_size() + out.numel() * out.element_size()) or 1
+        if size <= self.budget:
+            if seen is not None:
+                self.held -= _nbytes(self.memo.pop(key))
+            self.memo[key] = (x.clone(), out.clone())
+            self.held += size
+            while self.held > self.budget:
+                self.held -= _nbytes(self.memo.popitem(last=False)[1])
+        return out
+
+
+def _nbytes(pair: tuple[Tensor, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in pair) or 1
 
 
 @dataclass
@@ -1217,7 +1263,8 @@ def tune(
     with Progress(len(scales) * (1 + len(budgets)), enabled=progress, desc="tuning") as bar:
         for w in scales:
             den = _Counter(
-                _RowDenoiser(model, prediction, cond, uncond, w, sample_options, opts.micro_batch)
+                _RowDenoiser(model, prediction, cond, uncond, w, sample_options, opts.micro_batch),
+                opts.memo_mb,
             )
             prob = _pilot(
                 den,
@@ -1269,7 +1316,7 @@ def _tune_budgets(
     are short), each on one intra-op thread. Every budget counts its own evaluations."""
 
     def one(n: int) -> BudgetChoice:
-        counter = _Counter(prob.denoiser.denoiser)
+        counter = _Counter(prob.denoiser.denoiser, opts.memo_mb)
         tb = time.perf_counter()
         with torch.no_grad():  # grad mode is per thread
             c = _tune_budget(dataclasses.replace(prob, denoiser=counter), n, w, opts)
