@@ -142,9 +142,9 @@ def test_tune_takes_stage_a_where_the_tail_check_says_so(
 def test_the_walk_back_keeps_the_latest_stage_the_tail_check_keeps(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With ``tail_walk_back`` a refused final choice falls back to the stage accepted before
-    it, where the check keeps that one, instead of to stage (a)'s; without it, to stage (a)'s.
-    Here the check refuses stage (c)'s time shifts only."""
+    """With ``tail_walk_back`` (the default) a refused final choice falls back to the stage
+    accepted before it, where the check keeps that one, instead of to stage (a)'s; without
+    it, to stage (a)'s. Here the check refuses stage (c)'s time shifts only."""
     import importlib
 
     tune_module = importlib.import_module("dpmsolver.tune")
@@ -155,8 +155,8 @@ def test_the_walk_back_keeps_the_latest_stage_the_tail_check_keeps(
     monkeypatch.setattr(tune_module, "_tail_checked", no_shifts)
     fast = {**FAST, "shift_runs": 8}
     args = {"schedule": SD, "guidance_scale": 5.0, "nfe": [5, 6, 8, 10], **COND, **fast}
-    plain = dp.tune(NET, Z, **args)  # type: ignore[arg-type]
-    walked = dp.tune(NET, Z, tail_walk_back=True, **args)  # type: ignore[arg-type]
+    plain = dp.tune(NET, Z, tail_walk_back=False, **args)  # type: ignore[arg-type]
+    walked = dp.tune(NET, Z, **args)  # type: ignore[arg-type]
     kept = 0
     for a, b in zip(plain.choices, walked.choices, strict=True):
         assert "shifts" not in (a.stage, b.stage)
