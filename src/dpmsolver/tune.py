@@ -566,8 +566,8 @@ def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:
 @dataclass(frozen=True)
 class TuneOptions:
     """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
-    guidance scale and 8 budgets in 7.3 minutes at guidance 3, and 7.5 at guidance 7.5, on
-    2 CPU cores; benchmarks/tune_cost.md).
+    guidance scale and 8 budgets in 9.2 minutes at guidance 3 on 2 shared CPU cores, stop 37;
+    benchmarks/tune_cost.md).
 
     Attributes:
         rtol: the reference's starting tolerance (tightened until its error is 10x below
