@@ -212,6 +212,7 @@ def test_profile_with_another_solver_or_grid_is_refused(
         (["--pilot", "2"], "--pilot must be >= 4, got 2"),
         (["--shift-runs", "-1"], "--shift-runs must be >= 0, got -1"),
         (["--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
+        (["--memo-mb", "-1"], "--memo-mb must be >= 0, got -1"),
         (["--compensation-runs", "-1"], "--compensation-runs must be >= 0, got -1"),
         (["--device", "gpu7"], "--device 'gpu7' is not a device"),
     ],
@@ -275,6 +276,8 @@ class _Stop(Exception):
         (("--denoise-final",), "extrapolate_final", False),
         ((), "micro_batch", None),
         (("--micro-batch", "16"), "micro_batch", 16),
+        ((), "memo_mb", None),
+        (("--memo-mb", "0"), "memo_mb", 0),
         ((), "compensation_runs", None),
         (("--compensation-runs", "0"), "compensation_runs", 0),
     ],
@@ -287,7 +290,7 @@ def test_flags_reach_tune_as_its_options(
     want: object,
 ) -> None:
     """--denoise-final turns stage (e) off; --micro-batch caps the samples per call;
-    --compensation-runs 0 turns stage (f) off."""
+    --compensation-runs 0 turns stage (f) off; --memo-mb 0 sends every call to the network."""
     seen: dict[str, object] = {}
 
     def fake(*args: object, **kwargs: object) -> None:

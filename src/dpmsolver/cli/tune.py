@@ -74,6 +74,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         options["extrapolate_final"] = False
     if args.micro_batch is not None:
         options["micro_batch"] = args.micro_batch
+    if args.memo_mb is not None:
+        options["memo_mb"] = args.memo_mb
     t0 = time.perf_counter()
     with torch.no_grad():
         profile = tune(
@@ -172,6 +174,13 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="at most this many samples per network call (default: a stage's whole batch, up "
         "to the 512 rows of the blow-up guard); set it when those do not fit in memory",
+    )
+    t.add_argument(
+        "--memo-mb",
+        type=positive_int("--memo-mb", minimum=0),
+        default=None,
+        help="MiB per budget for answering a network call that repeats one made before "
+        "(default 256; 0 sends every call to the network; the choices are the same either way)",
     )
     t.add_argument("--out", default="profile.json", help="profile to write (default profile.json)")
     t.add_argument("--seed", type=int, default=0, help="seed of the pilot noises (default 0)")
