@@ -899,7 +899,7 @@ class _Counter:
             return seen[1].clone()  # the caller may update it in place
         self.rows += x.shape[0]
         out = self.denoiser(x, knot, rows)
-        size = (x.numel() * x.element_size() + out.numel() * out.element_size()) or 1
+        size = _nbytes((x, out))
         if size <= self.budget:
             if seen is not None:
                 self.held -= _nbytes(self.memo.pop(key))
