@@ -130,12 +130,14 @@ class CandidateGroup:
         solvers: (registry name, options).
         grids: (grid kind, rho).
         ends: ``sigma_end`` values (None: the schedule's own end).
+        step_limit: the recipes' :attr:`~dpmsolver.recipe.Recipe.step_limit` (None: none).
     """
 
     name: str
     solvers: Solvers
     grids: Grids
     ends: tuple[float | None, ...] = (None,)
+    step_limit: float | None = None
 
 
 FOUR_GRIDS: Grids = (
@@ -176,6 +178,31 @@ CANDIDATE_GROUPS: tuple[CandidateGroup, ...] = (
         (("logsnr", None), ("time_quadratic", None)),
         (0.07,),
     ),
+    # stop 38: the calibration-free half of tune's stage (d). A sample whose correction
+    # outgrows its first-order step is the blow-up that decides the default's worst cells
+    # (one sample of 64 carries all of the decisive cell's squared error). DDIM has no
+    # correction, so the limit would not change it.
+    CandidateGroup(
+        "the step limit (2) on four grids",
+        (
+            ("dpmpp_2m", {}),
+            ("dpmpp_3m", {}),
+            ("unipc", {"order": 2}),
+            ("unipc", {"order": 3}),
+            ("unipc", {"order": 2, "form": Form.NOISE}),
+            ("deis", {"order": 3}),
+            ("ipndm", {"order": 4, "coefficients": "fixed"}),
+        ),
+        FOUR_GRIDS,
+        step_limit=2.0,
+    ),
+    CandidateGroup(
+        "the step limit (2), stopping early",
+        (("dpmpp_2m", {}), ("unipc", {"order": 2})),
+        (("logsnr", None), ("time_quadratic", None)),
+        (0.07,),
+        step_limit=2.0,
+    ),
 )
 #: ``--quick``: a handful of candidates, to check the pipeline end to end.
 QUICK = (
@@ -202,16 +229,25 @@ def recipe_label(recipe: Recipe) -> str:
     if recipe.rho is not None:
         grid += f"{recipe.rho:g}"
     stop = f" sigma_end={recipe.sigma_end:g}" if recipe.sigma_end is not None else ""
+    if recipe.step_limit is not None:
+        stop += f" step_limit={recipe.step_limit:g}"
     return f"{recipe.solver}{f'({opts})' if opts else ''} {grid}{stop}"
+
+
+def _group_recipes(group: CandidateGroup) -> list[Recipe]:
+    return [
+        Recipe(s, dict(o), g, rho, sigma_end=end, step_limit=group.step_limit)
+        for (s, o), (g, rho), end in itertools.product(group.solvers, group.grids, group.ends)
+    ]
+
+
+def _group_labels(group: CandidateGroup) -> list[str]:
+    return [recipe_label(r) for r in _group_recipes(group)]
 
 
 def candidates() -> dict[str, Recipe]:
     """Every candidate recipe of :data:`CANDIDATE_GROUPS`, by label."""
-    recipes = [
-        Recipe(s, dict(o), g, rho, sigma_end=end)
-        for group in CANDIDATE_GROUPS
-        for (s, o), (g, rho), end in itertools.product(group.solvers, group.grids, group.ends)
-    ]
+    recipes = [r for group in CANDIDATE_GROUPS for r in _group_recipes(group)]
     out = {recipe_label(r): r for r in recipes}
     assert len(out) == len(recipes), "candidate labels must be unique"
     return out
@@ -1127,7 +1163,10 @@ def render(study: Study, *, note: str = "") -> str:
     )
     out.append("| group | solvers | grids | sigma_end |")
     out.append("|---|---|---|---|")
+    present = set(cands)
     for group in CANDIDATE_GROUPS:
+        if not present & set(_group_labels(group)):
+            continue  # a record made before the group was added
         solvers = ", ".join(
             recipe_label(Recipe(n, dict(o))).split(" ")[0] for n, o in group.solvers
         )
@@ -1259,6 +1298,8 @@ def recipe_source(recipe: Recipe) -> str:
         args.append(f"rho={recipe.rho!r}")
     if recipe.sigma_end is not None:
         args.append(f"sigma_end={recipe.sigma_end!r}")
+    if recipe.step_limit is not None:
+        args.append(f"step_limit={recipe.step_limit!r}")
     return f"Recipe({', '.join(args)})"
 
 
