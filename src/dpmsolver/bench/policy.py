@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import itertools
 import math
 import os
@@ -147,11 +148,13 @@ FOUR_GRIDS: Grids = (
     ("time_quadratic", None),
 )
 
-#: The candidates (38). Each costs about 1.5 minutes over the whole suite on one shared CPU
-#: thread, so the set is a compromise: the multistep solvers of every family on the four
-#: grid shapes (log-SNR, Karras, uniform and quadratic in time), the fast singlestep
-#: solver, and the most stable ones also stopping early. (A 119-candidate run -- every grid,
-#: more variants -- was estimated at over 5 hours and not run.)
+#: The candidates (70). Each costs about 1.5 minutes over the whole suite on one shared CPU
+#: thread (0.5 with two processes, stop 38), so the set is a compromise: the multistep
+#: solvers of every family on the four grid shapes (log-SNR, Karras, uniform and quadratic
+#: in time), the fast singlestep solver, and the most stable ones also stopping early (38,
+#: stop 19); and since stop 38 the same multistep solvers, but DDIM, with the step limit
+#: (32; benchmarks/policy_step_limit.md). (A 119-candidate run -- every grid, more variants
+#: -- was estimated at over 5 hours and not run.)
 CANDIDATE_GROUPS: tuple[CandidateGroup, ...] = (
     CandidateGroup(
         "multistep solvers on four grids",
@@ -473,7 +476,12 @@ def measure(
     ]
     # the largest problems first, so that the processes finish together
     args.sort(key=lambda a: -_cost(get_problem(str(a[0]))))
-    rows: list[ErrorRow] = [r for r in reuse if r.problem in problems]
+    # a reused row takes its problem's split now (a finished fresh round joins the selection)
+    rows: list[ErrorRow] = [
+        dataclasses.replace(r, split=get_problem(r.problem).split)
+        for r in reuse
+        if r.problem in problems
+    ]
 
     def take(got: list[ErrorRow], lines: list[str]) -> None:
         rows.extend(got)
@@ -936,6 +944,7 @@ def _fresh_rounds(study: Study, chosen: Rule) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     sel = study.problems("selection")
+    tables: list[tuple[int, str, PolicyTable]] = []
     for i, names in enumerate(rounds, 1):
         later = {p for r in rounds[i - 1 :] for p in r}
         before = [p for p in sel if p not in later]
@@ -947,6 +956,7 @@ def _fresh_rounds(study: Study, chosen: Rule) -> list[str]:
         fitted = fit(
             study.ratios, study.family, before, rule.granularity, study.candidates, rule.power
         )
+        tables.append((len(before), rule.name, fitted))
         ours = policy_ratios(fitted, study.ratios, study.family, names)
         old = policy_ratios(stop20, study.ratios, study.family, names)
         default = [study.ratios[c][DEFAULT_LABEL] for c in ours]
@@ -954,6 +964,19 @@ def _fresh_rounds(study: Study, chosen: Rule) -> list[str]:
         out.append(
             f"| {i} | {len(names)} | {rule.name} ({len(before)}) | {_fmt(max(ours.values()))} "
             f"| {_fmt(max(old.values()))} | {_fmt(max(default))} | {_fmt(peer)} |"
+        )
+    current = rounds[-1]
+    out.append(
+        f"\nThe last round ({len(current)} problems), scored by the table each round's rule "
+        "made before it (how a table chosen on fewer problems does on the newest ones):\n"
+    )
+    out.append("| table chosen on | rule | worst on the last round | geo-mean |")
+    out.append("|---|---|---|---|")
+    for n, name, fitted in tables:
+        got = policy_ratios(fitted, study.ratios, study.family, current)
+        out.append(
+            f"| {n} selection problems | {name} | {_fmt(max(got.values()))} "
+            f"| {_fmt(_geomean(got.values()))} |"
         )
     held = study.problems("held_out")
     held_old = policy_ratios(stop20, study.ratios, study.family, held)
@@ -1341,6 +1364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--emit-table", action="store_true", help="print dpmsolver.auto's table rows and stop"
     )
+    ap.add_argument(
+        "--drop",
+        default=None,
+        help="with --from-csv: leave out the recorded methods whose label holds this text "
+        "(e.g. 'step_limit=': the candidate set without the step limit)",
+    )
     args = ap.parse_args(argv)
     peers = rows_from_csv(_read_text(args.peers))
     command = " ".join(
@@ -1348,6 +1377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.from_csv:
         rows, note = rows_from_text(_read_text(args.from_csv))
+        if args.drop:
+            rows = [r for r in rows if args.drop not in r.method]
+            note += f" Rendered without the methods whose label holds `{args.drop}`."
         if args.emit_table:
             print(auto_table_source(Study(rows, peers)))
             return 0

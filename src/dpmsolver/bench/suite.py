@@ -278,6 +278,21 @@ SPECS: tuple[MixtureSpec, ...] = (
         ),
         MixtureSpec("ill8-flow", "selection", "flow", 8, 6, 3, "illcond", 1, "near", 0.5),
     ),
+    # the second fresh round (stop 21): scored once as unseen problems, then (stop 38) moved
+    # here
+    *_scored_in(
+        2,
+        MixtureSpec("lowrank32-sd", "selection", "sd", 32, 12, 6, "lowrank", 2, "near", 0.5),
+        MixtureSpec("ill4-vplin", "selection", "vp_linear", 4, 6, 3, "illcond", 1, "far", 1.0),
+        MixtureSpec("diag128-cos", "selection", "vp_cosine", 128, 8, 4, "diagonal", 0, "near", 0.3),
+        MixtureSpec("iso64-edm", "selection", "edm", 64, 12, 3, "isotropic", 0, "far", 0.5),
+        MixtureSpec("ill16-edm", "selection", "edm", 16, 6, 2, "illcond", 2, "near", 1.0),
+        MixtureSpec("diag32-flow", "selection", "flow", 32, 10, 5, "diagonal", 0, "far", 3.0),
+        MixtureSpec(
+            "lowrank64-flow3", "selection", "flow_shift3", 64, 8, 4, "lowrank", 3, "near", 0.3
+        ),
+        MixtureSpec("iso4-flow", "selection", "flow", 4, 16, 4, "isotropic", 0, "far", 1.0),
+    ),
     # ---- held out: never used to choose anything; the README reports on these
     MixtureSpec("iso2-sd", "held_out", "sd", 2, 25, 5, "isotropic", 0, "far", 3.0),
     MixtureSpec("lowrank256-vplin", "held_out", "vp_linear", 256, 12, 4, "lowrank", 6, "far", 0.3),
@@ -287,16 +302,16 @@ SPECS: tuple[MixtureSpec, ...] = (
     MixtureSpec("iso8-flow", "held_out", "flow", 8, 4, 2, "isotropic", 0, "far", 1.0),
     MixtureSpec("lowrank128-sd", "held_out", "sd", 128, 50, 5, "lowrank", 3, "near", 0.3),
     MixtureSpec("ill512-edm", "held_out", "edm", 512, 6, 3, "illcond", 2, "far", 1.0),
-    # ---- fresh (stop 21, second round): defined before the default's final rule was chosen
-    # and scored once by it; never used to choose anything
-    MixtureSpec("lowrank32-sd", "fresh", "sd", 32, 12, 6, "lowrank", 2, "near", 0.5),
-    MixtureSpec("ill4-vplin", "fresh", "vp_linear", 4, 6, 3, "illcond", 1, "far", 1.0),
-    MixtureSpec("diag128-cos", "fresh", "vp_cosine", 128, 8, 4, "diagonal", 0, "near", 0.3),
-    MixtureSpec("iso64-edm", "fresh", "edm", 64, 12, 3, "isotropic", 0, "far", 0.5),
-    MixtureSpec("ill16-edm", "fresh", "edm", 16, 6, 2, "illcond", 2, "near", 1.0),
-    MixtureSpec("diag32-flow", "fresh", "flow", 32, 10, 5, "diagonal", 0, "far", 3.0),
-    MixtureSpec("lowrank64-flow3", "fresh", "flow_shift3", 64, 8, 4, "lowrank", 3, "near", 0.3),
-    MixtureSpec("iso4-flow", "fresh", "flow", 4, 16, 4, "isotropic", 0, "far", 1.0),
+    # ---- fresh (stop 38, third round): defined before the step-limit study of the default
+    # (benchmarks/policy_step_limit.md) was run, and scored once; never used to choose anything
+    MixtureSpec("diag512-sd", "fresh", "sd", 512, 8, 4, "diagonal", 0, "far", 1.0),
+    MixtureSpec("iso16-cos", "fresh", "vp_cosine", 16, 6, 3, "isotropic", 0, "near", 0.5),
+    MixtureSpec("lowrank8-vplin", "fresh", "vp_linear", 8, 20, 5, "lowrank", 2, "near", 3.0),
+    MixtureSpec("ill64-edm", "fresh", "edm", 64, 10, 5, "illcond", 2, "near", 0.3),
+    MixtureSpec("diag2-edm", "fresh", "edm", 2, 6, 3, "diagonal", 0, "far", 3.0),
+    MixtureSpec("ill128-flow", "fresh", "flow", 128, 4, 2, "illcond", 3, "far", 1.0),
+    MixtureSpec("iso32-flow3", "fresh", "flow_shift3", 32, 25, 5, "isotropic", 0, "far", 0.5),
+    MixtureSpec("lowrank512-flow3", "fresh", "flow_shift3", 512, 6, 3, "lowrank", 4, "near", 0.3),
 )
 
 #: Fresh rounds already scored, in order: each tuple's problems were defined before a
@@ -944,8 +959,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     seconds = time.perf_counter() - start
     ran = len({r.problem for r in rows})
-    # the problems' order, whichever run measured them
-    rows = [r for p in problems for r in (*old, *rows) if r.problem == p.name]
+    # the problems' order, whichever run measured them; a reused row takes the problem's
+    # split now (a finished fresh round has joined the selection half)
+    rows = [
+        dataclasses.replace(r, split=p.split)
+        for p in problems
+        for r in (*old, *rows)
+        if r.problem == p.name
+    ]
     from .peer_suite import config_table
 
     command = " ".join(

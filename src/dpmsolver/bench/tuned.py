@@ -45,6 +45,7 @@ from ..parameterization import Prediction
 from ..tune import Profile, TuneOptions, tune
 from .rescore import KEEP, LEAST, RESAMPLES, conditioning, network, rescore, run_auto
 from .suite import (
+    FRESH_ROUNDS,
     GUIDANCE,
     NFES,
     BaselineRow,
@@ -795,6 +796,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--split", choices=("selection", "held_out", "fresh"), default="held_out")
     ap.add_argument("--problems", default=None, help="comma-separated names (default: the split)")
+    ap.add_argument(
+        "--fresh-round",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the problems of finished fresh round K (suite.FRESH_ROUNDS; 2: the records' "
+        "'fresh' problems, the split's until stop 38)",
+    )
     ap.add_argument("--guidance", default=None, help="comma-separated (default 1,3,7.5,15)")
     ap.add_argument("--nfe", default=None, help="comma-separated (default 5,...,25)")
     ap.add_argument("--pilot", type=int, default=None, help=f"pilot noises (default {PILOT})")
@@ -870,6 +879,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.problems:
         names = [n.strip() for n in args.problems.split(",")]
+    elif args.fresh_round is not None:
+        if not 1 <= args.fresh_round <= len(FRESH_ROUNDS):
+            ap.error(f"--fresh-round must be 1 to {len(FRESH_ROUNDS)}, got {args.fresh_round}")
+        names = list(FRESH_ROUNDS[args.fresh_round - 1])
     elif args.quick:
         names = ["iso2-sd", "iso8-flow"] if args.split == "held_out" else ["mix16-sd", "ill3-vplin"]
     else:
