@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -644,6 +645,62 @@ def minimax(
     return None if best is None else (best[3], best[1], best[2])
 
 
+class _Cube:
+    """``ratios`` of ``methods`` as one array (cells x methods; NaN where a method has no
+    ratio), so that :func:`fit` can rank every method at once. Only a shortlist is then
+    ranked by :func:`minimax` itself, so the choice is the same to the last bit."""
+
+    def __init__(self, ratios: Ratios, methods: Sequence[str]) -> None:
+        self.ratios, self.methods = ratios, list(methods)
+        self.row = {c: i for i, c in enumerate(ratios)}
+        self.values = np.array(
+            [[v.get(m, math.nan) for m in self.methods] for v in ratios.values()],
+            dtype=np.float64,
+        ).reshape(len(self.row), len(self.methods))
+
+    def shortlist(self, cells: Sequence[Cell], power: float) -> list[str]:
+        """The methods whose power mean over ``cells`` could be the smallest: within 1e-9
+        of it as numpy computes it (its sums differ from :func:`power_mean`'s in the last
+        bits only), or every eligible method where that is inf."""
+        if not cells:
+            return []
+        sub = self.values[[self.row[c] for c in cells]]
+        eligible = ~np.isnan(sub).any(axis=0)
+        if not eligible.any():
+            return []
+        sub = sub[:, eligible]
+        names = [m for m, ok in zip(self.methods, eligible, strict=True) if ok]
+        with np.errstate(all="ignore"):
+            top = sub.max(axis=0)
+            if power == math.inf:
+                mean = top
+            elif power == 0:
+                mean = np.exp(np.log(np.maximum(sub, 1e-300)).mean(axis=0))
+            else:
+                mean = top * ((sub / top) ** power).mean(axis=0) ** (1 / power)
+        mean = np.where(np.isinf(sub).any(axis=0), math.inf, mean)
+        best = float(mean.min())
+        if not math.isfinite(best):
+            return names
+        near = mean <= best * (1 + 1e-9)
+        return [m for m, ok in zip(names, near, strict=True) if ok]
+
+
+_CUBES: dict[tuple[int, tuple[str, ...]], _Cube] = {}
+
+
+def _cube(ratios: Ratios, methods: Sequence[str]) -> _Cube:
+    """The :class:`_Cube` of these ``ratios`` (the same object, not mutated since) and
+    ``methods``, built once."""
+    key = (id(ratios), tuple(methods))
+    got = _CUBES.get(key)
+    if got is None or got.ratios is not ratios:
+        if len(_CUBES) >= 4:
+            _CUBES.clear()
+        got = _CUBES[key] = _Cube(ratios, methods)
+    return got
+
+
 PolicyTable = dict[tuple[str, float, int], str]  # (family, guidance, NFE) -> method
 
 
@@ -660,10 +717,11 @@ def fit(
     families) at the key's guidance scales and NFEs. A family group none of ``problems``
     belongs to takes the choice made on all of them."""
     table: PolicyTable = {}
+    cube = _cube(ratios, methods)
     for fams, ws, ns in granularity.keys():
         mine = [p for p in problems if family[p] in fams] or list(problems)
         cells = [(p, w, n) for p in mine for w in ws for n in ns if (p, w, n) in ratios]
-        best = minimax(ratios, cells, methods, power)
+        best = minimax(ratios, cells, cube.shortlist(cells, power), power)
         if best is None:
             raise ValueError(f"no method can run every cell of {fams}, {ws}, {ns}")
         for f, w, n in itertools.product(fams, ws, ns):
