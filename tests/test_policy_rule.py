@@ -143,3 +143,39 @@ def test_leave_one_out_worsts_within_the_tie_band_are_decided_by_their_geometric
     assert TIE_BAND >= 1.05 and banded.power == 2.0
     with pytest.raises(ValueError, match="band"):
         choose_rule(ratios, family, list("abc"), ["x", "y"], rules, band=0.5)
+
+
+@pytest.mark.parametrize("power", [math.inf, 16.0, 2.0, 1.0, 0.0])
+def test_fit_ranking_every_method_at_once_picks_what_minimax_alone_picks(power: float) -> None:
+    """``fit`` shortlists with numpy and lets ``minimax`` decide; on a table full of exact
+    duplicates (a step limit that never fired), near ties, blow-ups, NaNs and budgets a
+    method cannot spend, every key's pick is what ``minimax`` over all methods picks."""
+    import random
+
+    from dpmsolver.bench.policy import GUIDANCE, NFES
+
+    rng = random.Random(7)
+    problems = [f"p{i}" for i in range(6)]
+    family = {p: ("discrete", "vp", "ve", "flow")[i % 4] for i, p in enumerate(problems)}
+    methods = [f"m{i}" for i in range(12)]
+    ratios: dict[tuple[str, float, int], dict[str, float]] = {}
+    for p in problems:
+        for w in GUIDANCE:
+            for n in NFES:
+                row = {m: math.exp(rng.gauss(0.0, 1.5)) for m in methods}
+                row["m1"] = row["m0"]  # bit for bit the same recipe
+                row["m3"] = row["m2"] * (1 + 1e-15)  # a near tie
+                if rng.random() < 0.05:
+                    row["m4"] = math.inf
+                if rng.random() < 0.05:
+                    row["m5"] = math.nan
+                if n == 6:
+                    del row["m6"]  # cannot spend an even budget
+                ratios[(p, w, n)] = row
+    for granularity in {r.granularity for r in RULES}:
+        table = fit(ratios, family, problems, granularity, methods, power)
+        for fams, ws, ns in granularity.keys():
+            mine = [p for p in problems if family[p] in fams] or problems
+            cells = [(p, w, n) for p in mine for w in ws for n in ns]
+            best = minimax(ratios, cells, methods, power)
+            assert best is not None and table[(fams[0], ws[0], ns[0])] == best[0]
