@@ -142,6 +142,17 @@ class CandidateGroup:
     step_limit: float | None = None
 
 
+#: The multistep solvers whose step has a correction beyond the first-order (DDIM) step.
+CORRECTED: Solvers = (
+    ("dpmpp_2m", {}),
+    ("dpmpp_3m", {}),
+    ("unipc", {"order": 2}),
+    ("unipc", {"order": 3}),
+    ("unipc", {"order": 2, "form": Form.NOISE}),
+    ("deis", {"order": 3}),
+    ("ipndm", {"order": 4, "coefficients": "fixed"}),
+)
+
 FOUR_GRIDS: Grids = (
     ("logsnr", None),
     ("karras", 7.0),
@@ -159,16 +170,7 @@ FOUR_GRIDS: Grids = (
 CANDIDATE_GROUPS: tuple[CandidateGroup, ...] = (
     CandidateGroup(
         "multistep solvers on four grids",
-        (
-            ("ddim", {}),
-            ("dpmpp_2m", {}),
-            ("dpmpp_3m", {}),
-            ("unipc", {"order": 2}),
-            ("unipc", {"order": 3}),
-            ("unipc", {"order": 2, "form": Form.NOISE}),
-            ("deis", {"order": 3}),
-            ("ipndm", {"order": 4, "coefficients": "fixed"}),
-        ),
+        (("ddim", {}), *CORRECTED),
         FOUR_GRIDS,
     ),
     CandidateGroup(
@@ -188,15 +190,7 @@ CANDIDATE_GROUPS: tuple[CandidateGroup, ...] = (
     # correction, so the limit would not change it.
     CandidateGroup(
         "the step limit (2) on four grids",
-        (
-            ("dpmpp_2m", {}),
-            ("dpmpp_3m", {}),
-            ("unipc", {"order": 2}),
-            ("unipc", {"order": 3}),
-            ("unipc", {"order": 2, "form": Form.NOISE}),
-            ("deis", {"order": 3}),
-            ("ipndm", {"order": 4, "coefficients": "fixed"}),
-        ),
+        CORRECTED,
         FOUR_GRIDS,
         step_limit=2.0,
     ),
@@ -665,11 +659,11 @@ class _Cube:
         if not cells:
             return []
         sub = self.values[[self.row[c] for c in cells]]
-        eligible = ~np.isnan(sub).any(axis=0)
+        eligible = np.asarray(~np.isnan(sub).any(axis=0), dtype=bool)
         if not eligible.any():
             return []
         sub = sub[:, eligible]
-        names = [m for m, ok in zip(self.methods, eligible, strict=True) if ok]
+        names = [m for m, ok in zip(self.methods, eligible.tolist(), strict=True) if ok]
         with np.errstate(all="ignore"):
             top = sub.max(axis=0)
             if power == math.inf:
@@ -682,7 +676,7 @@ class _Cube:
         best = float(mean.min())
         if not math.isfinite(best):
             return names
-        near = mean <= best * (1 + 1e-9)
+        near = np.asarray(mean <= best * (1 + 1e-9), dtype=bool).tolist()
         return [m for m, ok in zip(names, near, strict=True) if ok]
 
 
