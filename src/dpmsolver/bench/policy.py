@@ -160,6 +160,18 @@ FOUR_GRIDS: Grids = (
     ("time_quadratic", None),
 )
 
+#: The most stable solvers, also stopping early (a group of their own, with and without the
+#: step limit).
+_EARLY = CandidateGroup(
+    "stopping early",
+    (("dpmpp_2m", {}), ("unipc", {"order": 2})),
+    (("logsnr", None), ("time_quadratic", None)),
+    (0.07,),
+)
+#: The step-limited candidates' :attr:`~dpmsolver.recipe.Recipe.step_limit`: tune's stage (d)
+#: factor, not fitted.
+STEP_LIMIT = 2.0
+
 #: The candidates (70). Each costs about 1.5 minutes over the whole suite on one shared CPU
 #: thread (0.5 with two processes, stop 38), so the set is a compromise: the multistep
 #: solvers of every family on the four grid shapes (log-SNR, Karras, uniform and quadratic
@@ -178,28 +190,19 @@ CANDIDATE_GROUPS: tuple[CandidateGroup, ...] = (
         (("dpmpp_fast", {}),),
         (("logsnr", None), ("time_quadratic", None)),
     ),
-    CandidateGroup(
-        "stopping early",
-        (("dpmpp_2m", {}), ("unipc", {"order": 2})),
-        (("logsnr", None), ("time_quadratic", None)),
-        (0.07,),
-    ),
+    _EARLY,
     # stop 38: the calibration-free half of tune's stage (d). A sample whose correction
     # outgrows its first-order step is the blow-up that decides the default's worst cells
     # (one sample of 64 carries all of the decisive cell's squared error). DDIM has no
     # correction, so the limit would not change it.
     CandidateGroup(
-        "the step limit (2) on four grids",
+        f"the step limit ({STEP_LIMIT:g}) on four grids",
         CORRECTED,
         FOUR_GRIDS,
-        step_limit=2.0,
+        step_limit=STEP_LIMIT,
     ),
-    CandidateGroup(
-        "the step limit (2), stopping early",
-        (("dpmpp_2m", {}), ("unipc", {"order": 2})),
-        (("logsnr", None), ("time_quadratic", None)),
-        (0.07,),
-        step_limit=2.0,
+    dataclasses.replace(
+        _EARLY, name=f"the step limit ({STEP_LIMIT:g}), stopping early", step_limit=STEP_LIMIT
     ),
 )
 #: ``--quick``: a handful of candidates, to check the pipeline end to end.
