@@ -28,3 +28,15 @@ def test_settings_are_tune_options_given_as_literals() -> None:
 def test_bad_settings_are_named(item: str, error: type[BaseException], message: str) -> None:
     with pytest.raises(error, match=message):
         tune_settings([item])
+
+
+@pytest.mark.parametrize("k", ["0", "3"])
+def test_a_fresh_round_that_does_not_exist_is_refused_by_name(
+    k: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dpmsolver.bench.suite import FRESH_ROUNDS
+    from dpmsolver.bench.tuned import main
+
+    with pytest.raises(SystemExit):
+        main(["--fresh-round", k, "--no-cost"])
+    assert f"--fresh-round must be 1 to {len(FRESH_ROUNDS)}, got {k}" in capsys.readouterr().err
