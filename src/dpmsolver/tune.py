@@ -1244,10 +1244,7 @@ def tune(
             about 1.3x faster this way than on two intra-op threads, because one network
             call on 16-64 rows keeps a second intra-op thread mostly waiting. The model is
             then called from several threads at once: pass ``workers=1`` for a model that
-            keeps state between calls (caches, hooks that record activations). On Linux,
-            call :func:`dpmsolver.allocator.retain_freed_memory` once first (the command
-            line does): with glibc's default each CPU forward faults its freed activations
-            in again, and two threads then wait on each other's page faults.
+            keeps state between calls (caches, hooks that record activations).
         **options: :class:`TuneOptions` fields (``rtol``, ``solvers``, ``grids``,
             ``screen_rows``, ``finalists``, ``fine_knots``, ``refine_runs``,
             ``micro_batch``, ``sample_options``, ...).

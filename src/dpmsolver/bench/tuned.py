@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 
-from ..allocator import retain_freed_memory
 from ..parameterization import Prediction
 from ..tune import Profile, TuneOptions, tune
 from .rescore import KEEP, LEAST, RESAMPLES, conditioning, network, rescore, run_auto
@@ -288,8 +287,6 @@ class CostResult:
     load_after: tuple[float, float, float]
     cpus: int
     profile: Profile
-    #: whether glibc kept freed memory for reuse (:mod:`dpmsolver.allocator`)
-    memory_retained: bool = False
 
 
 def measure_cost(
@@ -299,17 +296,12 @@ def measure_cost(
     nfes: Sequence[int] = NFES,
     threads: int = 2,
     progress: bool = True,
-    retain_memory: bool = True,
     **options: Any,
 ) -> CostResult:
     """Tune the built-in digits model (``dpmsolver.models.load_builtin``) on ``pilot``
     noises (seed 0) at one guidance scale for ``nfes``, on ``threads`` torch threads (so
-    ``threads`` budgets side by side: :func:`dpmsolver.tune`'s default ``workers``); with
-    ``retain_memory``, in a process whose freed memory glibc keeps for reuse, as the
-    command line's (:func:`~dpmsolver.allocator.retain_freed_memory`)."""
+    ``threads`` budgets side by side: :func:`dpmsolver.tune`'s default ``workers``)."""
     from ..models import load_builtin
-
-    retained = retain_freed_memory() if retain_memory else False
 
     model = load_builtin(torch.device("cpu"))
     before = torch.get_num_threads()
@@ -346,7 +338,6 @@ def measure_cost(
         load1,
         os.cpu_count() or 0,
         prof,
-        retained,
     )
 
 
@@ -586,12 +577,7 @@ def cost_markdown(cost: CostResult) -> str:
         f"evaluations (sample rows; the reference included); reference error "
         f"{cost.reference_error:.1e}. Load average (1, 5, 15 min) before "
         f"{', '.join(f'{v:.1f}' for v in cost.load_before)}, after "
-        f"{', '.join(f'{v:.1f}' for v in cost.load_after)} on {cost.cpus} CPUs. "
-        + (
-            "Freed memory kept for reuse (`dpmsolver.allocator`, as the command line does).\n"
-            if cost.memory_retained
-            else "glibc's default allocator (freed memory given back to the kernel).\n"
-        ),
+        f"{', '.join(f'{v:.1f}' for v in cost.load_after)} on {cost.cpus} CPUs.\n",
         "| NFE | choice | stage | held-out error | default's | evaluations | s |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -824,12 +810,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="processes, one thread each (default 1)")
     ap.add_argument("--cost-threads", type=int, default=2, help="threads of the cost run (2)")
     ap.add_argument("--no-cost", action="store_true", help="skip the built-in model's cost")
-    ap.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="time the cost run with glibc's default handling of freed memory (by default "
-        "it keeps freed memory for reuse, as the command line does: dpmsolver.allocator)",
-    )
     ap.add_argument("--cost-only", action="store_true", help="only the built-in model's cost")
     ap.add_argument(
         "--verify",
@@ -953,7 +933,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             pilot=16 if args.quick else PILOT,
             nfes=(5, 10) if args.quick else NFES,
             threads=args.cost_threads,
-            retain_memory=not args.default_allocator,
             **options,
         )
         log(f"cost: {cost.seconds:.0f} s, {cost.evaluations} evaluations")

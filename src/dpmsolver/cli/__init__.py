@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 
 from .. import __version__
-from ..allocator import retain_freed_memory
 from . import bench, ems, generate, sample, solvers, tune
 from .options import Parser, add_threads, thread_count
 
@@ -50,9 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dpmsolver`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # the process is ours: keep the network's freed activations for the next call
-    # (dpmsolver.allocator; a user's MALLOC_* / GLIBC_TUNABLES settings win)
-    retain_freed_memory()
     threads = thread_count(args)
     if threads:  # 0 keeps PyTorch's default
         torch.set_num_threads(threads)
