@@ -16,7 +16,6 @@ The pieces, one module each:
 - :mod:`dpmsolver.tune`              ``tune``: the sampler fitted to one model (a ``Profile``)
 - :mod:`dpmsolver.analytic`          exact Gaussian-mixture models and a reference ODE solver
 - :mod:`dpmsolver.generate`          large sharded, resumable, multi-process generation
-- :mod:`dpmsolver.allocator`         glibc keeping freed memory (long CPU runs: tune, sample)
 """
 
 from . import auto  # noqa: F401  (registers the "auto" policy)
