@@ -1,0 +1,139 @@
+"""Where ``dpmsolver.tune``'s time goes, stage by stage, on the built-in model.
+
+Runs the cost measurement of ``python -m dpmsolver.bench.tuned --cost-only`` (guidance 3,
+128 pilot noises, 8 budgets, 2 threads) with every network call of the row denoiser timed
+and credited to the stage that made it: the function of :mod:`dpmsolver.tune` that
+``_tune_budget`` (or ``_pilot``, for the reference) called on the way to it, read from the
+call stack. Prints a markdown table of thread-seconds, sample rows, rows per call and
+milliseconds per row (two network rows each under guidance); the budgets run two at a
+time, so the wall time is about half the budgets' thread-seconds plus the reference's.
+The timing wrapper adds one stack walk per call (a few microseconds against milliseconds).
+
+``--forward`` instead times one forward of the built-in U-Net on one thread at several
+batch sizes (the network's own speed, without tune).
+
+Usage: python benchmarks/tune_stages.py [--forward]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import sys
+import threading
+import time
+
+import torch
+
+# the stage a call is credited to: (caller of the network call's chain, under the top)
+STAGES = {
+    "_tail_ranked": "tail ranking (finalists from the guard's noises)",
+    "_shift": "(c) model-time shifts",
+    "_refine": "(b) knot refinement, and its fit's pilot run",
+    "_oss_knots": "(b) dynamic programming",
+    "_compensate": "(f) compensation",
+    "_screened": "(a) screening",
+    "_choice": "(a) finalists and later stages' pilot runs",
+    "<listcomp>": "(a) finalists and later stages' pilot runs",
+    "run": "(b) the fitted knots' pilot runs",
+    "_guarded": "guard blow-up counts, tail check, walk-back",
+    "_tail_checked": "guard blow-up counts, tail check, walk-back",
+    "_walked_back": "guard blow-up counts, tail check, walk-back",
+}
+REFERENCE = "reference, its check and the step search's trajectories"
+
+
+def stage_table() -> str:
+    """The cost run with its network calls credited to stages, as markdown."""
+    tune_module = importlib.import_module("dpmsolver.tune")  # the function shadows it
+    from dpmsolver.bench.tuned import measure_cost
+
+    stats: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
+    lock = threading.Lock()
+    call = tune_module._RowDenoiser.__call__
+
+    def stage() -> str:
+        frame, chain = sys._getframe(2), []
+        while frame is not None:
+            if frame.f_code.co_filename == tune_module.__file__:
+                chain.append(frame.f_code.co_name)
+                if frame.f_code.co_name in ("_tune_budget", "_pilot", "tune"):
+                    break
+            frame = frame.f_back
+        if chain[-1] != "_tune_budget":
+            return REFERENCE
+        return STAGES.get(chain[-2] if len(chain) > 1 else "", "other")
+
+    def timed(self, x, knot, rows=None):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        out = call(self, x, knot, rows)
+        seconds = time.perf_counter() - t0
+        with lock:
+            s = stats[stage()]
+            s[0] += seconds
+            s[1] += x.shape[0]
+            s[2] += 1
+        return out
+
+    tune_module._RowDenoiser.__call__ = timed
+    try:
+        cost = measure_cost(progress=False)
+    finally:
+        tune_module._RowDenoiser.__call__ = call
+    total = sum(s[0] for s in stats.values())
+    lines = [
+        f"{cost.seconds:.0f} s, {cost.evaluations} evaluations; network calls "
+        f"{total:.0f} thread-s\n",
+        "| stage | thread-s | share | rows | rows/call | ms/row |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, (seconds, rows, calls) in sorted(stats.items(), key=lambda e: -e[1][0]):
+        lines.append(
+            f"| {name} | {seconds:.0f} | {100 * seconds / total:.1f}% | {rows:.0f} "
+            f"| {rows / calls:.0f} | {1e3 * seconds / rows:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def forward_table(sizes: tuple[int, ...] = (16, 64, 256, 512)) -> str:
+    """One forward of the built-in U-Net on one thread: milliseconds per network row, and
+    the floating-point operations per second that makes (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dpmsolver.digits.load import load_default_model
+
+    torch.set_num_threads(1)
+    net = load_default_model()
+    x, t, y = torch.randn(8, 1, 8, 8), torch.full((8,), 500.0), torch.arange(8) % 11
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x, t, y)
+    flops = counter.get_total_flops() / 8
+    conv = counter.get_flop_counts()["Global"].get(torch.ops.aten.convolution, 0) / 8
+    lines = [
+        f"{flops / 1e6:.1f} MFLOP per row, {100 * conv / flops:.0f}% in convolutions\n",
+        "| rows | ms/row | GFLOP/s |",
+        "|---|---|---|",
+    ]
+    with torch.no_grad():
+        for b in sizes:
+            x, t, y = torch.randn(b, 1, 8, 8), torch.full((b,), 500.0), torch.arange(b) % 11
+            net(x, t, y)
+            n = max(4, 2048 // b)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                net(x, t, y)
+            per_row = (time.perf_counter() - t0) / n / b
+            lines.append(f"| {b} | {1e3 * per_row:.2f} | {flops / per_row / 1e9:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--forward", action="store_true", help="time the U-Net's forward only")
+    args = ap.parse_args()
+    print(forward_table() if args.forward else stage_table())
+
+
+if __name__ == "__main__":
+    main()
