@@ -235,8 +235,9 @@ class MixtureNetwork:
         tt = self.schedule.t_of_model_time(
             torch.as_tensor(t, dtype=torch.float64).cpu().reshape(-1)
         )
-        alpha = self.schedule.alpha(tt).expand(x.shape[0])
-        sigma = self.schedule.sigma(tt).expand(x.shape[0])
+        # the schedule's arithmetic runs on the host; the coefficients go where x is
+        alpha = self.schedule.alpha(tt).expand(x.shape[0]).to(x.device)
+        sigma = self.schedule.sigma(tt).expand(x.shape[0]).to(x.device)
         x0 = self.mixture.x0(x, alpha, sigma, y).to(torch.float64)
         shape = (-1,) + (1,) * (x.ndim - 1)
         a, s = alpha.view(shape), sigma.view(shape)
