@@ -41,8 +41,9 @@ sizes depend on the whole batch (refused).
 
 Multiple processes: run the same command under ``torchrun --nproc_per_node K -m
 dpmsolver.cli generate ...``. The launcher's environment variables start a
-``torch.distributed`` group (gloo on CPU, nccl on CUDA; ``--device cuda`` means each
-process's ``cuda:LOCAL_RANK``); the shards still to do are dealt out in turn, each process
+``torch.distributed`` group (gloo: it only passes shard records; ``--device cuda`` means
+each process's ``cuda:LOCAL_RANK`` modulo the GPUs, so that more processes than GPUs share
+them); the shards still to do are dealt out in turn, each process
 writes its own, and rank 0 writes the manifest. Processes agree after every round of
 shards, so one failing process stops all of them.
 
@@ -423,13 +424,11 @@ class _Group:
                 "started by a multi-process launcher, but this torch has no torch.distributed"
             )
         if launched and not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(
-                    device if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
-                )
-            # Processes wait for each other once per round of shards; a shard may take long.
-            dist.init_process_group(backend, timeout=timedelta(hours=6))
+            # The group only passes small Python objects (shard records, errors) between the
+            # processes, so gloo serves CUDA runs too; nccl would refuse two processes
+            # sharing one GPU. Processes wait for each other once per round of shards; a
+            # shard may take long.
+            dist.init_process_group("gloo", timeout=timedelta(hours=6))
             self.created = True
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0

@@ -62,9 +62,10 @@ def model_identity(spec: str, model: LoadedModel) -> dict[str, Any]:
 
 
 def _rank_device(device: torch.device) -> torch.device:
-    """Under torchrun, a CUDA device without an index means this process's GPU."""
+    """Under torchrun, a CUDA device without an index means this process's GPU: local rank
+    modulo the GPUs (more processes than GPUs share them, round robin)."""
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     return device
 
 
@@ -211,7 +212,8 @@ def add_parser(sub: Any) -> None:
     g.add_argument(
         "--device",
         default="auto",
-        help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK",
+        help="cpu, cuda, cuda:N or auto (default); under torchrun cuda means cuda:LOCAL_RANK "
+        "modulo the GPUs",
     )
     add_profile_option(g)
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
