@@ -278,6 +278,7 @@ def test_steps_instead_of_nfe(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     # The CLI: --steps, and a default budget heun can spend (9, the largest up to 10).
     cli = ["generate", "--num", "30", "--model", "dpmsolver.models:exact_model", "--solver"]
     cli += ["heun", "--guidance", "3", "--shard-size", "20", "--micro-batch", "8"]
+    cli += ["--device", "cpu"]  # where the runs above ran (the CLI's default is auto)
     assert main([*cli, "--out", str(tmp_path / "cli_steps"), "--steps", "5", "--no-progress"]) == 0
     assert "9 network evaluations per sample on 5 steps" in capsys.readouterr().out
     assert main([*cli, "--out", str(tmp_path / "cli_nfe"), "--no-progress"]) == 0
