@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from dpmsolver import generate as gen
+from dpmsolver.cli import generate as cli_gen
 from dpmsolver.cli import main
 from dpmsolver.models import exact_model
 from tests import generate_models as models
@@ -542,3 +543,15 @@ def test_cli_bad_model_spec_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
         )
     assert exit_info.value.code == 2
     assert "--model 'no_such_module:factory': cannot import it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("rank", "gpus", "index"), [(0, 1, 0), (1, 1, 0), (3, 2, 1), (2, 4, 2)])
+def test_torchrun_ranks_share_the_gpus_round_robin(
+    monkeypatch: pytest.MonkeyPatch, rank: int, gpus: int, index: int
+) -> None:
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert cli_gen._rank_device(torch.device("cuda")) == torch.device("cuda", index)
+    assert cli_gen._rank_device(torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert cli_gen._rank_device(torch.device("cpu")) == torch.device("cpu")
+    assert os.environ["LOCAL_RANK"] == str(rank)
