@@ -9,7 +9,7 @@ import threading
 
 import torch
 
-from dpmsolver.digits import load_default_model, load_edm_model
+from dpmsolver.digits import load_default_model, load_edm_model, load_flow_model
 from dpmsolver.digits.network import DigitsUNet
 
 X = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -113,3 +113,16 @@ def test_the_edm_model_runs_its_unet_frozen() -> None:
     with torch.enable_grad():
         want = edm(X, sigma, Y).detach()
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_flow_transformer_runs_frozen() -> None:
+    flow = load_flow_model()
+    with torch.no_grad():
+        out = flow(X, T, Y)
+        small = flow(X[:3], 500.0, 4)
+    assert len(flow._frozen._graphs) == 1 and not flow._frozen._broken
+    with torch.enable_grad():
+        want = flow(X, T, Y).detach()
+        want_small = flow(X[:3], 500.0, 4).detach()
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(small, want_small, rtol=1e-4, atol=1e-5)

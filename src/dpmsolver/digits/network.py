@@ -382,6 +382,7 @@ class DigitsDiT(nn.Module):
         self.out = nn.Linear(dim, patch_size * patch_size)
         _zero_init(self.ada_out)
         _zero_init(self.out)
+        self._frozen = FrozenGraph()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Predict the flow velocity ``eps - x0``.
@@ -394,10 +395,16 @@ class DigitsDiT(nn.Module):
         Returns:
             predicted velocity with the shape and dtype of ``x``.
         """
-        b, _, h, w = x.shape
-        p, g = self.patch_size, self.grid
+        b = x.shape[0]
         t = _as_batch(t, b, x.device)
         y = _as_batch(torch.as_tensor(y, dtype=torch.long), b, x.device)
+        # inference on the CPU runs a frozen graph of _core (dpmsolver.digits.frozen)
+        return self._frozen(self, self._core, x, t, y)
+
+    def _core(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` on ``(B,)`` times and labels."""
+        b, _, h, w = x.shape
+        p, g = self.patch_size, self.grid
         tokens = x.reshape(b, h // p, p, w // p, p).permute(0, 1, 3, 2, 4).reshape(b, g * g, p * p)
         z = self.patch_embed(tokens) + self.pos_embed.to(x.dtype)
         t_emb = timestep_embedding(t, self.dim).to(x.dtype)
