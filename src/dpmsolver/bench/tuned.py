@@ -287,6 +287,7 @@ class CostResult:
     load_after: tuple[float, float, float]
     cpus: int
     profile: Profile
+    device: str = "cpu"
 
 
 def measure_cost(
@@ -296,19 +297,25 @@ def measure_cost(
     nfes: Sequence[int] = NFES,
     threads: int = 2,
     progress: bool = True,
+    device: str = "cpu",
     **options: Any,
 ) -> CostResult:
     """Tune the built-in digits model (``dpmsolver.models.load_builtin``) on ``pilot``
     noises (seed 0) at one guidance scale for ``nfes``, on ``threads`` torch threads (so
-    ``threads`` budgets side by side: :func:`dpmsolver.tune`'s default ``workers``)."""
+    ``threads`` budgets side by side: :func:`dpmsolver.tune`'s default ``workers``), with
+    the model and the pilot on ``device`` (on a GPU ``tune`` runs one budget at a time)."""
+    from ..model import resolve_device
     from ..models import load_builtin
 
-    model = load_builtin(torch.device("cpu"))
+    dev = resolve_device(device, "--cost-device")
+    model = load_builtin(dev)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        # drawn on the CPU, so that every device tunes on the same pilot
         z = torch.randn(pilot, *model.shape, generator=torch.Generator().manual_seed(0))
-        labels = torch.arange(pilot) % (model.num_classes or 1)
+        z = z.to(dev)
+        labels = torch.arange(pilot, device=dev) % (model.num_classes or 1)
         cond = model.conditioning(labels, guidance)
         load0 = os.getloadavg()
         t0 = time.perf_counter()
@@ -338,6 +345,7 @@ def measure_cost(
         load1,
         os.cpu_count() or 0,
         prof,
+        str(dev),
     )
 
 
@@ -565,14 +573,26 @@ def markdown(rows: Sequence[TunedRow], cost: CostResult | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def _device_name(device: str) -> str:
+    """``device`` with the GPU's name where it is a CUDA device."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
 def cost_markdown(cost: CostResult) -> str:
     """The cost measurement as markdown."""
     lines = [
         f"`dpmsolver.tune` on the built-in digits model (eps prediction, SD schedule, null "
         f"label 10), guidance {cost.guidance:g}, {cost.pilot} pilot noises, budgets "
-        f"{', '.join(map(str, cost.nfes))}, {cost.threads} threads (the reference on "
-        f"{cost.threads} intra-op threads, then {cost.threads} budgets at a time, one "
-        f"thread each; `tune`'s `workers`): "
+        f"{', '.join(map(str, cost.nfes))}, "
+        + (
+            f"{cost.threads} threads (the reference on {cost.threads} intra-op threads, "
+            f"then {cost.threads} budgets at a time, one thread each; `tune`'s `workers`)"
+            if cost.device == "cpu"
+            else f"on {_device_name(cost.device)} (one budget at a time)"
+        )
+        + ": "
         f"**{cost.seconds / 60:.1f} min** ({cost.seconds:.0f} s), {cost.evaluations} network "
         f"evaluations (sample rows; the reference included); reference error "
         f"{cost.reference_error:.1e}. Load average (1, 5, 15 min) before "
@@ -809,6 +829,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pilot", type=int, default=None, help=f"pilot noises (default {PILOT})")
     ap.add_argument("--jobs", type=int, default=1, help="processes, one thread each (default 1)")
     ap.add_argument("--cost-threads", type=int, default=2, help="threads of the cost run (2)")
+    ap.add_argument(
+        "--cost-device", default="cpu", help="device of the cost run: cpu, cuda, cuda:N (cpu)"
+    )
     ap.add_argument("--no-cost", action="store_true", help="skip the built-in model's cost")
     ap.add_argument("--cost-only", action="store_true", help="only the built-in model's cost")
     ap.add_argument(
@@ -933,6 +956,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pilot=16 if args.quick else PILOT,
             nfes=(5, 10) if args.quick else NFES,
             threads=args.cost_threads,
+            device=args.cost_device,
             **options,
         )
         log(f"cost: {cost.seconds:.0f} s, {cost.evaluations} evaluations")
