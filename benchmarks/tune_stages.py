@@ -9,8 +9,8 @@ milliseconds per row (two network rows each under guidance); the budgets run two
 time, so the wall time is about half the budgets' thread-seconds plus the reference's.
 The timing wrapper adds one stack walk per call (a few microseconds against milliseconds).
 
-``--forward`` instead times one forward of the built-in U-Net on one thread at several
-batch sizes (the network's own speed, without tune).
+``--forward`` instead times the built-in U-Net's forward at several batch sizes, eager and
+frozen, on one thread and two (the network's own speed, without tune).
 
 Usage: python benchmarks/tune_stages.py [--forward]
 """
@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib
+import statistics
 import sys
 import threading
 import time
+from typing import Any
 
 import torch
 
@@ -96,9 +98,13 @@ def stage_table() -> str:
     return "\n".join(lines)
 
 
-def forward_table(sizes: tuple[int, ...] = (16, 64, 256, 512)) -> str:
-    """One forward of the built-in U-Net on one thread: milliseconds per network row, and
-    the floating-point operations per second that makes (torch's FLOP counter)."""
+def forward_table(sizes: tuple[int, ...] = (16, 64, 256, 512), repeats: int = 3) -> str:
+    """The built-in U-Net's forward, eager (its modules called from Python) and frozen (the
+    graph its CPU inference runs, :mod:`dpmsolver.digits.frozen`): milliseconds per network
+    row on one thread, and with two threads calling it at once as tune's two budgets do
+    (wall time over both threads' rows); each the median of ``repeats`` alternating
+    timings. Also the floating-point operations per second of the frozen one-thread call
+    (torch's FLOP counter, on the eager modules)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dpmsolver.digits.load import load_default_model
@@ -107,24 +113,46 @@ def forward_table(sizes: tuple[int, ...] = (16, 64, 256, 512)) -> str:
     net = load_default_model()
     x, t, y = torch.randn(8, 1, 8, 8), torch.full((8,), 500.0), torch.arange(8) % 11
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        net(x, t, y)
+        net._core(x, t, y)
     flops = counter.get_total_flops() / 8
     conv = counter.get_flop_counts()["Global"].get(torch.ops.aten.convolution, 0) / 8
+    calls = {"eager": net._core, "frozen": net}
+
+    def per_row(fn: Any, b: int, threads: int) -> float:
+        x, t, y = torch.randn(b, 1, 8, 8), torch.full((b,), 500.0), torch.arange(b) % 11
+        n = max(4, 1024 // b)
+
+        def work() -> None:
+            with torch.no_grad():
+                for _ in range(n):
+                    fn(x, t, y)
+
+        work()  # warm-up (and the frozen graph's build)
+        pool = [threading.Thread(target=work) for _ in range(threads)]
+        t0 = time.perf_counter()
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        return (time.perf_counter() - t0) / (n * b * threads)
+
     lines = [
         f"{flops / 1e6:.1f} MFLOP per row, {100 * conv / flops:.0f}% in convolutions\n",
-        "| rows | ms/row | GFLOP/s |",
-        "|---|---|---|",
+        "| rows | eager, 1 thread | frozen, 1 thread | eager, 2 threads | frozen, 2 threads "
+        "| frozen 1-thread GFLOP/s |",
+        "|---|---|---|---|---|---|",
     ]
-    with torch.no_grad():
-        for b in sizes:
-            x, t, y = torch.randn(b, 1, 8, 8), torch.full((b,), 500.0), torch.arange(b) % 11
-            net(x, t, y)
-            n = max(4, 2048 // b)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                net(x, t, y)
-            per_row = (time.perf_counter() - t0) / n / b
-            lines.append(f"| {b} | {1e3 * per_row:.2f} | {flops / per_row / 1e9:.0f} |")
+    for b in sizes:
+        times: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+        for _ in range(repeats):
+            for threads in (1, 2):
+                for name, fn in calls.items():
+                    times[name, threads].append(per_row(fn, b, threads))
+        ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        lines.append(
+            f"| {b} | {ms['eager', 1]:.2f} | {ms['frozen', 1]:.2f} | {ms['eager', 2]:.2f} "
+            f"| {ms['frozen', 2]:.2f} | {flops / ms['frozen', 1] / 1e6:.0f} |"
+        )
     return "\n".join(lines)
 
 
