@@ -302,8 +302,8 @@ def measure_cost(
 ) -> CostResult:
     """Tune the built-in digits model (``dpmsolver.models.load_builtin``) on ``pilot``
     noises (seed 0) at one guidance scale for ``nfes``, on ``threads`` torch threads (so
-    ``threads`` budgets side by side: :func:`dpmsolver.tune`'s default ``workers``), with
-    the model and the pilot on ``device`` (on a GPU ``tune`` runs one budget at a time)."""
+    ``threads`` lanes of merged network calls: :func:`dpmsolver.tune`'s default), with the
+    model and the pilot on ``device`` (on a GPU ``tune`` runs one budget at a time)."""
     from ..model import resolve_device
     from ..models import load_builtin
 
@@ -588,7 +588,10 @@ def cost_markdown(cost: CostResult) -> str:
         f"{', '.join(map(str, cost.nfes))}, "
         + (
             f"{cost.threads} threads (the reference on {cost.threads} intra-op threads, "
-            f"then {cost.threads} budgets at a time, one thread each; `tune`'s `workers`)"
+            f"then every budget side by side, their network calls merged in "
+            f"{cost.threads} lanes of one thread each; `TuneOptions.merge_lanes`)"
+            if cost.device == "cpu" and cost.threads > 1
+            else "1 thread (one budget at a time)"
             if cost.device == "cpu"
             else f"on {_device_name(cost.device)} (one budget at a time)"
         )
