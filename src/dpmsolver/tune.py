@@ -568,8 +568,9 @@ def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:
 @dataclass(frozen=True)
 class TuneOptions:
     """Knobs of :func:`tune` (the defaults tune the built-in model, 128 pilot noises, one
-    guidance scale and 8 budgets at guidance 3 on 2 shared CPU cores in 9.2 minutes at stop
-    37 and 14.7 on the 1.6x slower machine of stop 40; benchmarks/tune_cost.md).
+    guidance scale and 8 budgets at guidance 3 on 2 shared CPU cores in 9.7 minutes at stop
+    42; stop 41's code took 10.8 on that machine and 16.8 on its own, 1.6x slower one;
+    benchmarks/tune_cost.md).
 
     Attributes:
         rtol: the reference's starting tolerance (tightened until its error is 10x below
