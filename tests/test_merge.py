@@ -4,6 +4,7 @@ the same with its budgets' calls merged."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -46,8 +47,7 @@ def run_threads(net: Callable[..., Tensor], merger: CallMerger | None, n: int) -
         g = torch.Generator().manual_seed(i)
         calls = []
         try:
-            ctx = merger.joined(i) if merger is not None else None
-            with ctx if ctx is not None else _nothing():
+            with merger.joined(i) if merger is not None else contextlib.nullcontext():
                 for k in range(3):
                     x = torch.randn(i + 1, 4, generator=g)
                     t = torch.full((i + 1,), 100.0 * (i + k))
@@ -62,14 +62,6 @@ def run_threads(net: Callable[..., Tensor], merger: CallMerger | None, n: int) -
     for th in threads:
         th.join()
     return out
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def test_joined_threads_calls_run_as_one_and_each_gets_its_rows() -> None:

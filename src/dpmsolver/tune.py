@@ -1353,7 +1353,9 @@ def _tune_budgets(
 ) -> list[BudgetChoice]:
     """:func:`_tune_budget` for every budget, in ``budgets``' order; with ``workers`` > 1
     side by side in threads (the costliest budgets first, so that the last ones to start
-    are short), each on one intra-op thread. Every budget counts its own evaluations."""
+    are short), each on one intra-op thread; with ``merger``, every budget at once, each
+    joined to its lane (on the process's intra-op threads where there is one lane). Every
+    budget counts its own evaluations."""
 
     def one(i: int) -> BudgetChoice:
         counter = _Counter(prob.denoiser.denoiser, opts.memo_mb)
