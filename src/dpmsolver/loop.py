@@ -13,16 +13,18 @@ plan (:mod:`dpmsolver.plan`).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from ._validate import check_choice
 from .compensation import Compensation
+from .correction import Correction
 from .denoiser import Denoiser
 from .plan import Plan, PlannedStep, boundary_update, make_plan
 from .progress import Progress
@@ -317,6 +319,7 @@ def solve(
     final_step: FinalStepKind = "denoise",
     step_limit: StepLimit | None = None,
     compensation: tuple[float, ...] | None = None,
+    correction: Sequence[Sequence[float]] | Correction | None = None,
     grad: bool = False,
 ) -> SampleResult:
     """Run ``solver`` over ``grid`` starting from the state ``x`` at ``grid.knots[0]``.
@@ -346,6 +349,10 @@ def solve(
         compensation: one ratio per step after the first: the solver receives the data
             prediction extrapolated from the previous step's by that ratio
             (:class:`~dpmsolver.compensation.Compensation`; a tuned profile's stage (f)).
+        correction: one tuple of coordinates per step: the solver receives the data
+            prediction corrected in the trajectory's principal directions
+            (:class:`~dpmsolver.correction.Correction`, PAS; a tuned profile's stage (g)),
+            after any compensation; or a ready ``Correction`` for this run's start.
         grad: keep autograd on, for gradients through the solver (default False: sampling
             runs under ``torch.no_grad()``, as diffusers and k-diffusion pipelines do, so a
             run keeps no graph; classifier guidance still takes its gradient).
@@ -369,21 +376,30 @@ def solve(
     if compensation is not None and controller is not None:
         raise ValueError("compensation needs a fixed plan; adaptive solvers choose their own steps")
     comp = None if compensation is None else Compensation(compensation, len(plan.steps))
+    corr = _correction(correction, plan, controller, x)
+
+    def advance(step: PlannedStep, x: Tensor, state: Any, x0: Tensor) -> tuple[Tensor, Any]:
+        """The step's end (and the solver's new state) from the prediction ``x0``; pure, so
+        a correction's fit may call it for several predictions."""
+        if step.boundary:
+            return final.take(x, x0, step.s, step.t), state
+        if controller is not None:
+            return controller.integrate(x, x0, step.s, step.t, step.index), state
+        noise = None if noise_sampler is None else _bind(noise_sampler, x)
+        ctx = StepContext(step.index, step.s, step.t, step.order, evaluate, schedule, noise)
+        x_next, new_state = solver.step(ctx, x, x0, state)
+        if limit is not None:
+            x_next = limit.apply(x, x0, x_next, step.s, step.t)
+        return x_next, new_state
+
     with torch.set_grad_enabled(grad), Progress(len(plan.steps), enabled=progress) as bar:
         for step in plan.steps:
             x0 = evaluate(x, step.s)
             if comp is not None:
                 x0 = comp(x0, step.index)
-            if step.boundary:
-                x_next = final.take(x, x0, step.s, step.t)
-            elif controller is not None:
-                x_next = controller.integrate(x, x0, step.s, step.t, step.index)
-            else:
-                noise = None if noise_sampler is None else _bind(noise_sampler, x)
-                ctx = StepContext(step.index, step.s, step.t, step.order, evaluate, schedule, noise)
-                x_next, state = solver.step(ctx, x, x0, state)
-                if limit is not None:
-                    x_next = limit.apply(x, x0, x_next, step.s, step.t)
+            if corr is not None:
+                x0 = corr(x0, step.index, functools.partial(_end, advance, step, x, state))
+            x_next, state = advance(step, x, state, x0)
             if xt_corrector is not None and not math.isinf(step.t.lam):
                 x_next = xt_corrector(x_next, step.t, step.index)
             monitor.record(step.index, x_next)
@@ -402,6 +418,35 @@ def solve(
         trajectory=recorder.trajectory,
         denoised=recorder.denoised,
     )
+
+
+def _end(
+    advance: Callable[[PlannedStep, Tensor, Any, Tensor], tuple[Tensor, Any]],
+    step: PlannedStep,
+    x: Tensor,
+    state: Any,
+    x0: Tensor,
+) -> Tensor:
+    return advance(step, x, state, x0)[0]
+
+
+def _correction(
+    correction: Sequence[Sequence[float]] | Correction | None,
+    plan: Plan,
+    controller: StepSizeController | None,
+    x: Tensor,
+) -> Correction | None:
+    """The run's :class:`~dpmsolver.correction.Correction` (None for none)."""
+    if correction is None:
+        return None
+    if controller is not None or plan.solver.stochastic:
+        raise ValueError(
+            "correction needs a fixed plan and a deterministic solver (adaptive solvers "
+            "choose their own steps; a stochastic step is not affine in the prediction)"
+        )
+    if isinstance(correction, Correction):
+        return correction
+    return Correction(correction, len(plan.steps), x)
 
 
 def _checked_plan(

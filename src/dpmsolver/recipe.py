@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._validate import check_choice, check_int
 from .compensation import check_compensation
+from .correction import check_correction
 from .guidance import check_norm_cap
 from .loop import FinalStepKind
 from .plan import Plan, make_plan, solver_orders
@@ -88,6 +89,9 @@ class Recipe:
         compensation: one ratio per step after the first, extrapolating the data prediction
             from the previous step's (:class:`~dpmsolver.compensation.Compensation`; a
             tuned profile's stage (f)), or None.
+        correction: one tuple of coordinates per step correcting the data prediction in
+            the trajectory's principal directions (:class:`~dpmsolver.correction.Correction`,
+            PAS; a tuned profile's stage (g)), or None.
     """
 
     solver: str = "dpmpp_2m"
@@ -105,10 +109,12 @@ class Recipe:
     x0_norm_cap: tuple[tuple[float, float], ...] | None = None
     step_limit: float | None = None
     compensation: tuple[float, ...] | None = None
+    correction: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         # frozen: a list given is kept as the tuple a profile compares and hashes
         object.__setattr__(self, "compensation", check_compensation(self.compensation))
+        object.__setattr__(self, "correction", check_correction(self.correction))
         if self.x0_norm_cap is not None:
             check_norm_cap(self.x0_norm_cap)
         check_step_limit(self.step_limit)
@@ -210,6 +216,7 @@ class Recipe:
         capped = " x0 norm cap" if self.x0_norm_cap is not None else ""
         limited = f" step limit {self.step_limit:g}" if self.step_limit is not None else ""
         limited += " compensation" if self.compensation is not None else ""
+        limited += " correction" if self.correction is not None else ""
         lof = f" lower_order_final={self.lower_order_final}" if self.lower_order_final else ""
         return (
             f"{self.solver}{opts}{lof} [{self.grid}{extra}]{stop} final={self.final_step}"

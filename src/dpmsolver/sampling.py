@@ -277,6 +277,7 @@ def sample(
         final_step=recipe.final_step,
         step_limit=None if recipe.step_limit is None else StepLimit(recipe.step_limit),
         compensation=recipe.compensation,
+        correction=recipe.correction,
         grad=opts.grad,
     )
 

@@ -128,6 +128,7 @@ from torch import Tensor
 from ._validate import check_choice, check_finite_float, check_int
 from ._version import __version__
 from .analytic import reference_solve
+from .correction import MAX_COMPONENTS, CorrectionFit
 from .denoiser import Denoiser, Network
 from .io import atomic_write_text
 from .loop import NonFiniteError, solve
@@ -138,7 +139,7 @@ from .progress import Progress
 from .recipe import PolicyRequest, Recipe, resolve
 from .sampling import SampleOptions, build_denoiser
 from .schedules import Knot, NoiseSchedule
-from .solvers import MultistepSolver, Solver, StepContext
+from .solvers import AdaptiveSolver, MultistepSolver, Solver, StepContext
 from .steplimit import StepLimit, check_step_limit
 from .timegrid import make_grid
 
@@ -156,11 +157,11 @@ __all__ = [
     "tune",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/7"
+PROFILE_FORMAT = "dpmsolver-profile/8"
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
 #: ``lower_order_final``, version 3 no ``guard_refused``, version 4 no ``x0_norm_cap``,
-#: version 5 no ``step_limit``, version 6 no ``compensation``.
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 8))
+#: version 5 no ``step_limit``, version 6 no ``compensation``, version 7 no ``correction``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 9))
 #: Log-SNR bins of the pilot's envelope of data-prediction norms (:attr:`TuneOptions.norm_cap`).
 CAP_BINS = 32
 #: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
@@ -322,8 +323,8 @@ class BudgetChoice:
         times: schedule times of the fitted noisy knots, first to last (None: the grid's);
             the run ends with the data-prediction step to sigma = 0.
         stage: what the choice came from: ``"default"``, ``"selection"``, ``"steps"``,
-            ``"shifts"`` or ``"compensation"`` (stages (d) and (e) keep the stage they
-            change).
+            ``"shifts"``, ``"compensation"`` or ``"correction"`` (stages (d) and (e) keep the
+            stage they change).
         calibration_error, heldout_error: RMS error to the reference on the calibration and
             held-out halves of the pilot.
         default_heldout_error: the default recipe's held-out error, for comparison.
@@ -341,6 +342,8 @@ class BudgetChoice:
             step the recipe samples with (:attr:`TuneOptions.step_limit`; None: none).
         compensation: stage (f)'s ratios, one per step after the first
             (:attr:`~dpmsolver.recipe.Recipe.compensation`), or None.
+        correction: stage (g)'s coordinates, one tuple per step
+            (:attr:`~dpmsolver.recipe.Recipe.correction`), or None.
     """
 
     nfe: int
@@ -364,6 +367,7 @@ class BudgetChoice:
     x0_norm_cap: tuple[tuple[float, float], ...] | None = None
     step_limit: float | None = None
     compensation: tuple[float, ...] | None = None
+    correction: tuple[tuple[float, ...], ...] | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -380,6 +384,7 @@ class BudgetChoice:
             x0_norm_cap=self.x0_norm_cap,
             step_limit=self.step_limit,
             compensation=self.compensation,
+            correction=self.correction,
         )
 
 
@@ -479,6 +484,15 @@ class Profile:
                 "(CLI: --compensation-runs 0) for these functions",
                 stacklevel=2,
             )
+        if c.correction is not None:
+            warnings.warn(
+                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} also "
+                "corrects its data predictions (correction, stage (g)), which sigmas cannot "
+                "carry: the k-diffusion functions run without it; dpmsolver.sample applies "
+                "it, or tune with correction_components=0 (CLI: --correction-components 0) "
+                "for these functions",
+                stacklevel=2,
+            )
         if c.lower_order_final:
             warnings.warn(
                 f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} lowers its "
@@ -547,6 +561,7 @@ class Profile:
                         "guard_refused": tuple(str(v) for v in c.get("guard_refused", ())),
                         "x0_norm_cap": _pairs(c.get("x0_norm_cap")),
                         "compensation": floats(c.get("compensation")),
+                        "correction": _rows_of(c.get("correction")),
                     }
                 )
                 for c in data["choices"]
@@ -558,6 +573,10 @@ class Profile:
 
 def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:
     return None if v is None else tuple((float(a), float(b)) for a, b in v)
+
+
+def _rows_of(v: Any) -> tuple[tuple[float, ...], ...] | None:
+    return None if v is None else tuple(tuple(float(x) for x in row) for row in v)
 
 
 # ----------------------------------------------------------------------------------------
@@ -628,6 +647,13 @@ class TuneOptions:
         compensation_knots: the most free values stage (f) fits (default 9, the ratios of
             10 steps): with more steps the ratios are linear between this many values
             spread evenly over the steps, so that Nelder-Mead's runs can still move them.
+        correction_components: coordinates per step of stage (g), the correction of the
+            data prediction in the trajectory's principal directions (PAS; default 0: the
+            stage is off, a study; ``benchmarks/stage_g.md``). Multistep deterministic
+            recipes only; sigmas cannot carry it (the k-diffusion functions).
+        correction_rows: calibration rows stage (g) fits on (default 32): each gets the
+            exact state at the recipe's knots, a reference solve of its own.
+        correction_max_nfe: the largest budget stage (g) runs at (default 10).
         shift_bound: the largest shift, in log-SNR (default 0.1). Unbounded, the fit drove
             neighbouring shifts to large opposite values (-0.34, +0.39) that helped the
             pilot and sent test samples astray (on the selection problems: 4 cells worse
@@ -815,6 +841,9 @@ class TuneOptions:
     compensation_bound: float = 0.5
     compensation_max_nfe: int = 25
     compensation_knots: int = 9
+    correction_components: int = 0
+    correction_rows: int = 32
+    correction_max_nfe: int = 10
     step_bases: int = 3
     worst_factor: float | None = None
     probe_pairs: int = 0
@@ -853,6 +882,14 @@ class TuneOptions:
         check_finite_float("compensation_bound", self.compensation_bound, positive=True)
         check_int("compensation_max_nfe", self.compensation_max_nfe, minimum=1)
         check_int("compensation_knots", self.compensation_knots, minimum=2)
+        check_int("correction_components", self.correction_components, minimum=0)
+        if self.correction_components > MAX_COMPONENTS:
+            raise ValueError(
+                f"correction_components must be 0 to {MAX_COMPONENTS}, "
+                f"got {self.correction_components}"
+            )
+        check_int("correction_rows", self.correction_rows, minimum=1)
+        check_int("correction_max_nfe", self.correction_max_nfe, minimum=1)
         check_int("step_bases", self.step_bases, minimum=1)
         if self.worst_factor is not None:
             check_finite_float("worst_factor", self.worst_factor, positive=True)
@@ -992,6 +1029,7 @@ class _Problem:
                 final_step=recipe.final_step,
                 step_limit=limit,
                 compensation=recipe.compensation,
+                correction=recipe.correction,
             ).x
         except NonFiniteError:  # pragma: no cover - check_finite="off" does not raise
             return None
@@ -1714,6 +1752,12 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         if compensated is not None and _accept(compensated, best, prob, opts.worst_factor):
             best = compensated
             taken.append(best)
+    # (g) the data predictions corrected in the trajectory's principal directions
+    if opts.correction_components > 0 and nfe <= opts.correction_max_nfe:
+        corrected = _correct(prob, best.recipe, nfe, opts)
+        if corrected is not None and _accept(corrected, best, prob, opts.worst_factor):
+            best = corrected
+            taken.append(best)
     refused: tuple[str, ...] = ()
     if prob.guard is not None:
         best, refused = _guarded(prob.guard, prob, taken, nfe)
@@ -1748,6 +1792,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         guard_refused=refused,
         step_limit=r.step_limit,
         compensation=r.compensation,
+        correction=r.correction,
     )
 
 
@@ -2176,6 +2221,47 @@ def _compensate(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _C
     free = min(n, opts.compensation_knots)
     bound = opts.compensation_bound
     return _bounded_fit(prob, recipe_of, free, bound, _COMPENSATION_STEP, run, "compensation")
+
+
+def _correct(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """Stage (g): each step's ``opts.correction_components`` coordinates in the
+    trajectory's principal directions (:class:`~dpmsolver.correction.Correction`, PAS, Wang
+    et al. 2025), fitted step by step by least squares on the first ``opts.correction_rows``
+    calibration rows against their exact state at the step's end knot (the reference itself
+    after the last step). None where the recipe has no fixed one-evaluation steps to
+    correct (an adaptive, stochastic or singlestep solver) or already has a correction."""
+    plan = prob.plan(base, nfe)
+    if (
+        base.correction is not None
+        or plan is None
+        or plan.solver.stochastic
+        or isinstance(plan.solver, AdaptiveSolver)
+        or any(step.evals != 1 for step in plan.steps)
+    ):
+        return None
+    rows = prob.cal[: opts.correction_rows]
+    den = _Rows(prob.denoiser, rows)
+    x = prob.x_T[rows]
+    targets: list[Tensor] = []
+    with torch.no_grad():
+        for step in plan.steps[:-1]:
+            x = _segment(den, x, step.s, step.t, prob.schedule, prob.rtol)
+            targets.append(x)
+        targets.append(prob.reference[rows])
+        fit = CorrectionFit(opts.correction_components, len(plan.steps), prob.x_T[rows], targets)
+        limit = None if base.step_limit is None else StepLimit(base.step_limit)
+        solve(
+            den,
+            prob.x_T[rows],
+            plan,
+            check_finite="off",
+            final_step=base.final_step,
+            step_limit=limit,
+            compensation=base.compensation,
+            correction=fit,
+        )
+    corrected = dataclasses.replace(base, correction=tuple(fit.fitted))
+    return _choice(prob, corrected, nfe, "correction")
 
 
 def _spread(values: Sequence[float], n: int) -> tuple[float, ...]:

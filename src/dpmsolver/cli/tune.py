@@ -70,6 +70,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         options["shift_runs"] = args.shift_runs
     if args.compensation_runs is not None:
         options["compensation_runs"] = args.compensation_runs
+    if args.correction_components is not None:
+        options["correction_components"] = args.correction_components
     if args.denoise_final:
         options["extrapolate_final"] = False
     if args.micro_batch is not None:
@@ -162,6 +164,14 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="sampler runs that fit the data prediction's compensation, per budget up to 25 "
         "(default 40; 0 skips it, for a profile the k-diffusion functions read as sigmas)",
+    )
+    t.add_argument(
+        "--correction-components",
+        type=positive_int("--correction-components", minimum=0),
+        default=None,
+        help="coordinates per step of the data prediction's correction in the trajectory's "
+        "principal directions (stage (g), PAS), fitted per budget up to 10 (default 0: off, "
+        "a study; dpmsolver.sample applies it, the k-diffusion functions cannot)",
     )
     t.add_argument(
         "--denoise-final",

@@ -61,6 +61,7 @@ except ImportError as err:  # pragma: no cover - exercised only without diffuser
 from .. import auto as _auto  # noqa: F401  (registers the "auto" policy)
 from .._validate import check_choice, check_finite_float, check_int
 from ..compensation import Compensation
+from ..correction import Correction
 from ..guidance import DynamicThresholding, NormCap
 from ..loop import FinalStep
 from ..parameterization import Prediction, data_coefficients
@@ -297,6 +298,7 @@ class _Prepared:
     limit: StepLimit | None = None
     extrapolate: bool = False
     compensation: tuple[float, ...] | None = None
+    correction: tuple[tuple[float, ...], ...] | None = None
 
 
 class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
@@ -504,6 +506,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._extrapolate = False  # likewise: its step into sigma = 0 is extrapolated
         self._compensation: tuple[float, ...] | None = None  # likewise (stage (f)'s ratios)
         self._comp: Compensation | None = None  # the run's, from its first step
+        self._correction: tuple[tuple[float, ...], ...] | None = None  # likewise (stage (g))
+        self._corr: Correction | None = None  # the run's, made at its first step's start
+        self._corr_pending = False
         # with any of them: the run's (plan position, step, evaluation in it) by evaluation
         # position, the step start seen, and the final step's memory of the data
         # predictions at the steps' starts
@@ -937,6 +942,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._cap, self._limit = prepared.cap, prepared.limit
         self._extrapolate = prepared.extrapolate
         self._compensation = prepared.compensation
+        self._correction = prepared.correction
         integral = not self.is_flow and all(float(v).is_integer() for v in prepared.times)
         self.timesteps = torch.tensor(
             prepared.times, dtype=torch.int64 if integral else torch.float32, device=device
@@ -961,6 +967,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._cap = self._limit = None
         self._extrapolate = False
         self._compensation = None
+        self._correction = None
         if self._policy:
             budget = num_inference_steps if num_inference_steps is not None else len(custom or ())
             recipe = self._resolve_policy(budget)
@@ -994,6 +1001,16 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 )
             elif not self.solver.stochastic:
                 self._compensation = recipe.compensation
+            if recipe.correction is not None and not own_grid:
+                warnings.warn(
+                    "the profile's correction of the data predictions is not applied here "
+                    "(its coordinates belong to the recipe's own steps; this run has custom "
+                    "timesteps/sigmas or flow matching); tune with correction_components=0 "
+                    "(CLI: --correction-components 0) for this pipeline",
+                    stacklevel=3,
+                )
+            elif not self.solver.stochastic:
+                self._correction = recipe.correction
             if own_grid:
                 if self._final() == "sigma_min":
                     recipe = dataclasses.replace(recipe, final="t_min", sigma_end=None)
@@ -1033,6 +1050,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             limit=self._limit,
             extrapolate=self._extrapolate,
             compensation=self._compensation,
+            correction=self._correction,
         )
 
     def _own_grid_allowed(self) -> bool:
@@ -1203,6 +1221,15 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             if self._compensation is not None and rest == self._full_plan[-len(rest) :]:
                 # a run from any step of the plan: the ratios still count its steps
                 self._comp = Compensation(self._compensation, len(self._full_plan))
+            # the correction's principal directions need the run from its start
+            self._corr = None
+            self._corr_pending = self._correction is not None and base == 0
+            if self._correction is not None and base != 0:
+                warnings.warn(
+                    "the profile's correction of the data predictions needs the run from the "
+                    "plan's first step; this run starts later and goes without it",
+                    stacklevel=3,
+                )
         return self._stepper
 
     def step(
@@ -1265,8 +1292,13 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
     @property
     def _tracks(self) -> bool:
         """Whether steps' starts are kept (a profile's step limit, extrapolated end or
-        compensation)."""
-        return self._limit is not None or self._extrapolate or self._compensation is not None
+        compensation or correction)."""
+        return (
+            self._limit is not None
+            or self._extrapolate
+            or self._compensation is not None
+            or self._correction is not None
+        )
 
     def _tracked_advance(
         self,
@@ -1286,11 +1318,18 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         i, step, j = self._track_steps[k]
         seen: list[Tensor] = []
         comp = self._comp if j == 0 else None  # a step's start: where the loop compensates
+        if j == 0 and i == 0 and self._corr_pending:
+            assert self._correction is not None
+            self._corr = Correction(self._correction, len(self._full_plan), x)
+            self._corr_pending = False
+        corr = self._corr if j == 0 else None
 
         def keep(x0: Tensor, knot: Knot) -> Tensor:
             x0 = transform(x0, knot)
             if comp is not None:
                 x0 = comp(x0, i)
+            if corr is not None:
+                x0 = corr(x0, i)
             seen.append(x0)
             return x0
 

@@ -1,0 +1,210 @@
+"""Stage (g), the correction of the data prediction in the trajectory's principal directions
+(:mod:`dpmsolver.correction`, PAS): the basis, the loop applying it at each step's start,
+the least-squares fit recovering known coordinates, ``tune`` keeping it only where the
+held-out half improves, and the profile, ``sample`` and the diffusers scheduler running it
+as tuned, while the k-diffusion sigmas warn that they cannot."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+
+import dpmsolver as dp
+from dpmsolver.correction import Correction, CorrectionFit, check_correction, trajectory_basis
+from dpmsolver.loop import solve
+from dpmsolver.tune import TuneOptions
+
+from .test_step_limit import _scheduler_run
+from .test_tune import CHEAP, COND, NET, SD, Z
+
+pytest.importorskip("scipy")
+
+
+def test_the_basis_is_the_prediction_then_orthonormal_directions_of_the_trajectory() -> None:
+    g = torch.Generator().manual_seed(3)
+    start, d0, x0 = (torch.randn(5, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    u = trajectory_basis(x0, [start, d0], 4)
+    assert u.shape == (5, 4, 8)
+    flat = x0.reshape(5, -1)
+    assert torch.allclose(u[:, 0], flat / flat.norm(dim=1, keepdim=True))
+    # three vectors span three directions: the fourth is zero, the rest orthonormal
+    assert float(u[:, 3].abs().max()) == 0.0
+    gram = u[:, :3] @ u[:, :3].transpose(1, 2)
+    assert torch.allclose(gram, torch.eye(3, dtype=gram.dtype).expand_as(gram), atol=1e-10)
+    # every direction lies in the span of the start, the history and the prediction
+    span = torch.stack([start.reshape(5, -1), d0.reshape(5, -1), flat], 2)
+    q, _ = torch.linalg.qr(span)
+    residual = u - (u @ q) @ q.transpose(1, 2)
+    assert float(residual.abs().max()) < 1e-10
+    # the sign comes from the data, not the eigensolver
+    ref = flat - start.reshape(5, -1)
+    assert bool(((u[:, 1:3] * ref.unsqueeze(1)).sum(2) >= 0).all())
+
+
+def _ddim_by_hand(z: torch.Tensor, coords: list[list[float]], nfe: int) -> torch.Tensor:
+    """DDIM (data form) on the log-SNR grid with the corrected predictions, written out."""
+    knots = dp.make_grid(SD, nfe, "logsnr").knots
+    x = z * knots[0].sigma
+    history = [x]
+    for k, (s, t) in enumerate(itertools.pairwise(knots)):
+        d0 = (x - s.sigma * NET(x, torch.tensor(s.model_t))) / s.alpha  # eps network
+        u = trajectory_basis(d0, history, len(coords[k]))
+        size = d0.reshape(len(d0), -1).norm(dim=1) / d0[0].numel() ** 0.5
+        use = d0 + size.view(-1, 1) * torch.einsum("bmd,m->bd", u, torch.tensor(coords[k], dtype=u.dtype))
+        history.append(use)
+        if t.sigma == 0:
+            x = use
+        else:
+            x = t.sigma / s.sigma * x + t.alpha * (1 - t.sigma / s.sigma * s.alpha / t.alpha) * use
+    return x
+
+
+def test_the_loop_feeds_the_solver_the_corrected_prediction() -> None:
+    z, nfe = Z[:4], 5
+    coords = [[0.02, -0.01], [0.01, 0.03], [-0.02, 0.01], [0.0, 0.02], [0.01, -0.01]]
+    recipe = dp.Recipe("ddim", grid="logsnr", correction=tuple(map(tuple, coords)))
+    got = dp.sample(NET, z, schedule=SD, prediction="eps", solver=recipe, nfe=nfe).x
+    want = _ddim_by_hand(z, coords, nfe)
+    assert torch.allclose(got, want, atol=1e-6, rtol=0)  # the network's time in float32
+    plain = dp.sample(NET, z, schedule=SD, prediction="eps", solver="ddim", grid="logsnr", nfe=nfe)
+    assert float((got - plain.x).abs().max()) > 1e-3  # the coordinates move the samples
+    zeros = dataclasses.replace(recipe, correction=((0.0, 0.0),) * 5)
+    same = dp.sample(NET, z, schedule=SD, prediction="eps", solver=zeros, nfe=nfe).x
+    assert torch.equal(same, plain.x)  # no coordinate, the plain solver bit for bit
+
+
+def test_the_fit_recovers_coordinates_it_can_reach() -> None:
+    """Targets made by a run with known coordinates: each step's end is affine in them, so
+    the step-by-step least squares finds them again (up to its small ridge)."""
+    den = dp.build_denoiser(NET, "eps")
+    plan = dp.Recipe("dpmpp_2m", grid="logsnr").plan(SD, nfe=6)
+    x_T = Z[:32] * plan.grid.knots[0].sigma
+    # the first step's history (start, prediction) spans two directions: no third
+    known = ((0.03, -0.02, 0.0), (0.02, 0.04, -0.01), (-0.03, 0.01, 0.02))
+    known += ((0.01, -0.01, 0.03), (0.02, 0.0, -0.02), (-0.01, 0.02, 0.01))
+    run = solve(den, x_T, plan, correction=known, return_intermediates=True)
+    assert run.trajectory is not None
+    fit = CorrectionFit(3, len(plan.steps), x_T, run.trajectory)
+    again = solve(den, x_T, plan, correction=fit)
+    assert torch.tensor(fit.fitted) == pytest.approx(torch.tensor(known), abs=2e-3)
+    assert float((again.x - run.x).abs().max()) < 1e-3 * float(run.x.abs().max())
+    plain = solve(den, x_T, plan)
+    assert float((plain.x - run.x).abs().max()) > 1e-2 * float(run.x.abs().max())
+
+
+def test_bad_coordinates_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"correction\[0\]\[1\]"):
+        dp.Recipe("ddim", correction=((0.1, float("nan")),))
+    with pytest.raises(ValueError, match="same number of coefficients"):
+        dp.Recipe("ddim", correction=((0.1, 0.2), (0.1,)))
+    with pytest.raises(TypeError, match="correction"):
+        check_correction("0.1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"one tuple of coefficients per step, i\.e\. 5"):
+        dp.sample(
+            NET,
+            Z[:2],
+            schedule=SD,
+            prediction="eps",
+            nfe=5,
+            solver=dp.Recipe("ddim", correction=((0.1,), (0.2,))),
+        )
+    with pytest.raises(ValueError, match="correction needs a fixed plan and a deterministic"):
+        dp.sample(
+            NET,
+            Z[:2],
+            schedule=SD,
+            prediction="eps",
+            nfe=5,
+            solver=dp.Recipe("dpmpp_2m_sde", correction=((0.1,),) * 5),
+        )
+    assert Correction([[0.5]], 1, Z[:1]).coefficients == ((0.5,),)
+    for bad in (
+        {"correction_components": -1},
+        {"correction_components": 9},
+        {"correction_rows": 0},
+        {"correction_max_nfe": 0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TuneOptions(**bad)  # type: ignore[arg-type]
+
+
+ARGS = dict(schedule=SD, guidance_scale=3.0, nfe=[5, 8], tail_rows=0, **COND)
+# DDIM alone, as stage (f)'s test: the correction has most to add to a first-order solver
+DDIM = dict(CHEAP, solvers=(("ddim", {}),), grids=(("logsnr", None),), shift_runs=0)
+
+
+def test_stage_g_is_kept_only_where_the_held_out_half_takes_it() -> None:
+    on = dp.tune(NET, Z, **ARGS, **{**DDIM, "correction_components": 4})
+    off = dp.tune(NET, Z, **ARGS, **{**DDIM, "correction_components": 0})
+    kept = 0
+    for a, b in zip(on.choices, off.choices, strict=True):
+        assert b.correction is None and b.stage != "correction"
+        if a.correction is None:
+            same = dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations)
+            assert same == b  # refused: the choice of a tune without stage (g)
+        else:
+            kept += 1
+            assert a.stage == "correction" and a.heldout_error < b.heldout_error
+            steps = len(a.recipe().plan(SD, nfe=None if a.times else a.nfe).steps)
+            assert len(a.correction) == steps and {len(c) for c in a.correction} == {4}
+            assert dataclasses.replace(a.recipe(), correction=None) == b.recipe()
+    assert kept > 0
+    assert dp.Profile.from_json(on.to_json()) == on
+    # only up to correction_max_nfe
+    low = dp.tune(NET, Z, **ARGS, **{**DDIM, "correction_components": 4, "correction_max_nfe": 6})
+    assert low.choice(8, 3.0).correction is None  # type: ignore[union-attr]
+
+
+def _corrected(coords: tuple[tuple[float, ...], ...] | None) -> dp.Profile:
+    prof = dp.tune(NET, Z, schedule=SD, nfe=[9], shift_runs=0, norm_cap=None, **CHEAP)
+    c = dataclasses.replace(
+        prof.choices[0],
+        solver="unipc",
+        options={"order": 2},
+        grid="logsnr",
+        rho=None,
+        times=None,
+        final_step="denoise",
+        step_limit=None,
+        compensation=None,
+        correction=coords,
+    )
+    return dataclasses.replace(prof, choices=(c,))
+
+
+COORDS = tuple((0.02 * (-1) ** k, 0.01 * k / 8, -0.01) for k in range(9))
+
+
+def test_the_profile_samples_with_it_and_the_diffusers_scheduler_as_sample_does() -> None:
+    plain, corr = _corrected(None), _corrected(COORDS)
+    z = Z[:6]
+    want_plain = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=plain).x
+    want = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=corr).x
+    by_recipe = dp.sample(NET, z, schedule=SD, solver=corr.choices[0].recipe(), nfe=9).x
+    assert torch.equal(want, by_recipe)
+    change = float((want - want_plain).abs().max())
+    assert change > 1e-3
+    pytest.importorskip("diffusers")
+    got_plain, got = (_scheduler_run(p, z, 9) for p in (plain, corr))
+    # the config's float32 betas move both runs alike; what the correction changes must
+    # still match
+    assert float((got_plain - want_plain).abs().max()) < 5e-3
+    assert float(((got - got_plain) - (want - want_plain)).abs().max()) < 0.1 * change
+
+
+def test_the_k_diffusion_sigmas_warn_that_they_drop_it() -> None:
+    corr = _corrected(COORDS)
+    with pytest.warns(UserWarning, match="correction"):
+        corr.sigmas(9, 1.0, SD)
+
+
+def test_an_older_profile_reads_without_correction() -> None:
+    data = _corrected(None).to_json()
+    data["format"] = "dpmsolver-profile/7"
+    for c in data["choices"]:
+        del c["correction"]
+    old = dp.Profile.from_json(data)
+    assert old.choices[0].correction is None
