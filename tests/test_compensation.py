@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+from typing import Any
 
 import pytest
 import torch
@@ -85,23 +86,31 @@ ARGS = dict(schedule=SD, guidance_scale=3.0, nfe=[5, 8], tail_rows=0, **COND)
 DDIM = dict(CHEAP, solvers=(("ddim", {}),), grids=(("logsnr", None),), shift_runs=0)
 
 
+def kept_where_held_out_takes_it(on: dp.Profile, off: dp.Profile, stage: str) -> list[Any]:
+    """Checks a late stage (its name is also the choice's field) against a tune without it:
+    a refused budget is that tune's choice; a kept one has its stage, a lower held-out error
+    and otherwise the same recipe. The kept choices (at least one)."""
+    kept = []
+    for a, b in zip(on.choices, off.choices, strict=True):
+        assert getattr(b, stage) is None and b.stage != stage
+        if getattr(a, stage) is None:
+            same = dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations)
+            assert same == b  # refused: the choice of a tune without the stage
+        else:
+            kept.append(a)
+            assert a.stage == stage and a.heldout_error < b.heldout_error
+            assert dataclasses.replace(a.recipe(), **{stage: None}) == b.recipe()
+    assert kept
+    assert dp.Profile.from_json(on.to_json()) == on
+    return kept
+
+
 def test_stage_f_is_kept_only_where_the_held_out_half_takes_it() -> None:
     on = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 40})
     off = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 0})
-    kept = 0
-    for a, b in zip(on.choices, off.choices, strict=True):
-        assert b.compensation is None and b.stage != "compensation"
-        if a.compensation is None:
-            same = dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations)
-            assert same == b  # refused: the choice of a tune without stage (f)
-        else:
-            kept += 1
-            assert a.stage == "compensation" and a.heldout_error < b.heldout_error
-            assert len(a.compensation) == a.nfe - 1
-            assert all(abs(c) <= 0.5 for c in a.compensation)  # compensation_bound
-            assert dataclasses.replace(a.recipe(), compensation=None) == b.recipe()
-    assert kept > 0
-    assert dp.Profile.from_json(on.to_json()) == on
+    for a in kept_where_held_out_takes_it(on, off, "compensation"):
+        assert len(a.compensation) == a.nfe - 1
+        assert all(abs(c) <= 0.5 for c in a.compensation)  # compensation_bound
     # only up to compensation_max_nfe
     low = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 40, "compensation_max_nfe": 6})
     assert low.choice(8, 3.0).compensation is None  # type: ignore[union-attr]
@@ -122,7 +131,9 @@ def test_above_compensation_knots_the_ratios_are_linear_between_fitted_values() 
     assert len(set(c)) > 1
 
 
-def _compensated(ratios: tuple[float, ...] | None) -> dp.Profile:
+def late_stage_profile(**late: Any) -> dp.Profile:
+    """A one-budget profile (9 NFE, guidance 1) whose choice is UniPC-2 on the log-SNR grid
+    with ``late`` (a late stage's field, e.g. ``compensation=...``) and nothing else fitted."""
     prof = dp.tune(NET, Z, schedule=SD, nfe=[9], shift_runs=0, norm_cap=None, **CHEAP)
     c = dataclasses.replace(
         prof.choices[0],
@@ -133,28 +144,37 @@ def _compensated(ratios: tuple[float, ...] | None) -> dp.Profile:
         times=None,
         final_step="denoise",
         step_limit=None,
-        compensation=ratios,
+        **{"compensation": None, **late},
     )
     return dataclasses.replace(prof, choices=(c,))
 
 
-def test_the_profile_samples_with_it_and_the_diffusers_scheduler_as_sample_does() -> None:
-    ratios = (0.2, -0.1, 0.3, 0.1, -0.2, 0.25, 0.1, 0.05)
-    plain, comp = _compensated(None), _compensated(ratios)
+def _compensated(ratios: tuple[float, ...] | None) -> dp.Profile:
+    return late_stage_profile(compensation=ratios)
+
+
+def sample_and_scheduler_agree(plain: dp.Profile, late: dp.Profile) -> None:
+    """``sample`` runs ``late``'s choice as its recipe says, and the diffusers scheduler
+    changes the samples as ``sample`` does (against ``plain``, the choice without it)."""
     z = Z[:6]
     want_plain = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=plain).x
-    want = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=comp).x
-    by_recipe = dp.sample(NET, z, schedule=SD, solver=comp.choices[0].recipe(), nfe=9).x
+    want = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=late).x
+    by_recipe = dp.sample(NET, z, schedule=SD, solver=late.choices[0].recipe(), nfe=9).x
     assert torch.equal(want, by_recipe)
     change = float((want - want_plain).abs().max())
     assert change > 1e-3
     pytest.importorskip("diffusers")
-    got_plain, got = (_scheduler_run(p, z, 9) for p in (plain, comp))
-    # the config's float32 betas move both runs alike, and the ratios amplify that; what
-    # they change must still match (ratios one step off: 2.3x the change; ratios 0.9x
-    # as large: 0.2x)
+    got_plain, got = (_scheduler_run(p, z, 9) for p in (plain, late))
+    # the config's float32 betas move both runs alike, and a late stage amplifies that;
+    # what it changes must still match (compensation ratios one step off: 2.3x the change;
+    # ratios 0.9x as large: 0.2x)
     assert float((got_plain - want_plain).abs().max()) < 5e-3
     assert float(((got - got_plain) - (want - want_plain)).abs().max()) < 0.1 * change
+
+
+def test_the_profile_samples_with_it_and_the_diffusers_scheduler_as_sample_does() -> None:
+    ratios = (0.2, -0.1, 0.3, 0.1, -0.2, 0.25, 0.1, 0.05)
+    sample_and_scheduler_agree(_compensated(None), _compensated(ratios))
 
 
 def test_the_k_diffusion_sigmas_warn_that_they_drop_it() -> None:

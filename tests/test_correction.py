@@ -17,8 +17,14 @@ from dpmsolver.correction import Correction, CorrectionFit, check_correction, tr
 from dpmsolver.loop import solve
 from dpmsolver.tune import TuneOptions
 
-from .test_step_limit import _scheduler_run
-from .test_tune import CHEAP, COND, NET, SD, Z
+from .test_compensation import (
+    ARGS,
+    DDIM,
+    kept_where_held_out_takes_it,
+    late_stage_profile,
+    sample_and_scheduler_agree,
+)
+from .test_tune import NET, SD, Z
 
 pytest.importorskip("scipy")
 
@@ -53,7 +59,8 @@ def _ddim_by_hand(z: torch.Tensor, coords: list[list[float]], nfe: int) -> torch
         d0 = (x - s.sigma * NET(x, torch.tensor(s.model_t))) / s.alpha  # eps network
         u = trajectory_basis(d0, history, len(coords[k]))
         size = d0.reshape(len(d0), -1).norm(dim=1) / d0[0].numel() ** 0.5
-        use = d0 + size.view(-1, 1) * torch.einsum("bmd,m->bd", u, torch.tensor(coords[k], dtype=u.dtype))
+        c = torch.tensor(coords[k], dtype=u.dtype)
+        use = d0 + size.view(-1, 1) * torch.einsum("bmd,m->bd", u, c)
         history.append(use)
         if t.sigma == 0:
             x = use
@@ -102,24 +109,12 @@ def test_bad_coordinates_are_refused_by_name() -> None:
         dp.Recipe("ddim", correction=((0.1, 0.2), (0.1,)))
     with pytest.raises(TypeError, match="correction"):
         check_correction("0.1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"one tuple of coefficients per step, i\.e\. 5"):
-        dp.sample(
-            NET,
-            Z[:2],
-            schedule=SD,
-            prediction="eps",
-            nfe=5,
-            solver=dp.Recipe("ddim", correction=((0.1,), (0.2,))),
-        )
-    with pytest.raises(ValueError, match="correction needs a fixed plan and a deterministic"):
-        dp.sample(
-            NET,
-            Z[:2],
-            schedule=SD,
-            prediction="eps",
-            nfe=5,
-            solver=dp.Recipe("dpmpp_2m_sde", correction=((0.1,),) * 5),
-        )
+    for recipe, message in (
+        (dp.Recipe("ddim", correction=((0.1,), (0.2,))), r"one tuple of .* per step, i\.e\. 5"),
+        (dp.Recipe("dpmpp_2m_sde", correction=((0.1,),) * 5), "correction needs a fixed plan"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            dp.sample(NET, Z[:2], schedule=SD, prediction="eps", nfe=5, solver=recipe)
     assert Correction([[0.5]], 1, Z[:1]).coefficients == ((0.5,),)
     for bad in (
         {"correction_components": -1},
@@ -131,68 +126,27 @@ def test_bad_coordinates_are_refused_by_name() -> None:
             TuneOptions(**bad)  # type: ignore[arg-type]
 
 
-ARGS = dict(schedule=SD, guidance_scale=3.0, nfe=[5, 8], tail_rows=0, **COND)
-# DDIM alone, as stage (f)'s test: the correction has most to add to a first-order solver
-DDIM = dict(CHEAP, solvers=(("ddim", {}),), grids=(("logsnr", None),), shift_runs=0)
-
-
 def test_stage_g_is_kept_only_where_the_held_out_half_takes_it() -> None:
+    # DDIM alone, as stage (f)'s test: the correction has most to add to a first-order solver
     on = dp.tune(NET, Z, **ARGS, **{**DDIM, "correction_components": 4})
     off = dp.tune(NET, Z, **ARGS, **{**DDIM, "correction_components": 0})
-    kept = 0
-    for a, b in zip(on.choices, off.choices, strict=True):
-        assert b.correction is None and b.stage != "correction"
-        if a.correction is None:
-            same = dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations)
-            assert same == b  # refused: the choice of a tune without stage (g)
-        else:
-            kept += 1
-            assert a.stage == "correction" and a.heldout_error < b.heldout_error
-            steps = len(a.recipe().plan(SD, nfe=None if a.times else a.nfe).steps)
-            assert len(a.correction) == steps and {len(c) for c in a.correction} == {4}
-            assert dataclasses.replace(a.recipe(), correction=None) == b.recipe()
-    assert kept > 0
-    assert dp.Profile.from_json(on.to_json()) == on
+    for a in kept_where_held_out_takes_it(on, off, "correction"):
+        steps = len(a.recipe().plan(SD, nfe=None if a.times else a.nfe).steps)
+        assert len(a.correction) == steps and {len(c) for c in a.correction} == {4}
     # only up to correction_max_nfe
     low = dp.tune(NET, Z, **ARGS, **{**DDIM, "correction_components": 4, "correction_max_nfe": 6})
     assert low.choice(8, 3.0).correction is None  # type: ignore[union-attr]
 
 
 def _corrected(coords: tuple[tuple[float, ...], ...] | None) -> dp.Profile:
-    prof = dp.tune(NET, Z, schedule=SD, nfe=[9], shift_runs=0, norm_cap=None, **CHEAP)
-    c = dataclasses.replace(
-        prof.choices[0],
-        solver="unipc",
-        options={"order": 2},
-        grid="logsnr",
-        rho=None,
-        times=None,
-        final_step="denoise",
-        step_limit=None,
-        compensation=None,
-        correction=coords,
-    )
-    return dataclasses.replace(prof, choices=(c,))
+    return late_stage_profile(correction=coords)
 
 
 COORDS = tuple((0.02 * (-1) ** k, 0.01 * k / 8, -0.01) for k in range(9))
 
 
 def test_the_profile_samples_with_it_and_the_diffusers_scheduler_as_sample_does() -> None:
-    plain, corr = _corrected(None), _corrected(COORDS)
-    z = Z[:6]
-    want_plain = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=plain).x
-    want = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=corr).x
-    by_recipe = dp.sample(NET, z, schedule=SD, solver=corr.choices[0].recipe(), nfe=9).x
-    assert torch.equal(want, by_recipe)
-    change = float((want - want_plain).abs().max())
-    assert change > 1e-3
-    pytest.importorskip("diffusers")
-    got_plain, got = (_scheduler_run(p, z, 9) for p in (plain, corr))
-    # the config's float32 betas move both runs alike; what the correction changes must
-    # still match
-    assert float((got_plain - want_plain).abs().max()) < 5e-3
-    assert float(((got - got_plain) - (want - want_plain)).abs().max()) < 0.1 * change
+    sample_and_scheduler_agree(_corrected(None), _corrected(COORDS))
 
 
 def test_the_k_diffusion_sigmas_warn_that_they_drop_it() -> None:

@@ -68,8 +68,15 @@ own model, guidance included:
    over the steps and the ratios linear between them (``compensation_knots``). It costs
    no evaluation when sampling. Sigmas cannot carry it (the k-diffusion functions): tune
    with ``compensation_runs=0`` for them.
-9. Otherwise the default recipe stays.
-10. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
+9. *(g) Correction of the data prediction* (off by default: ``correction_components=0``;
+   a study, ``benchmarks/stage_g.md``), for the recipe chosen so far, at budgets up to 10:
+   at each step's start the prediction moves by a few coordinates in the trajectory's
+   principal directions (:class:`dpmsolver.correction.Correction`; PAS, Wang et al. 2025),
+   fitted step by step by least squares on ``correction_rows`` calibration rows against
+   their exact state at the step's end knot. Multistep deterministic recipes only; it
+   costs no evaluation when sampling, and sigmas cannot carry it.
+10. Otherwise the default recipe stays.
+11. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
    with no reference; if more of its samples end beyond twice the largest pilot
    reference's norm than an earlier stage's choice sent there, the latest stage with the
    fewest is taken (``TuneOptions.guard_rows``). The held-out half sees a blow-up of 1-2
@@ -87,13 +94,13 @@ own model, guidance included:
    sample is what the 64 held-out rows miss. Where it refuses the final choice, the stages
    accepted between (a) and it are checked the same way, latest first, before stage (a)'s
    recipe is taken (``TuneOptions.tail_walk_back``).
-11. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
+12. *Norm cap.* What the guard's draw misses is bounded when sampling: along the reference
     solve the largest data-prediction norm is recorded per log-SNR bin, and the profile's
     recipes scale any sample's data prediction down to 3 times that envelope
     (``TuneOptions.norm_cap``; :class:`dpmsolver.guidance.NormCap`). A sample thrown off
     the data under strong guidance then comes back instead of diverging. It is applied
     after the choice, so it changes nothing tune chooses.
-12. *Repeated calls.* A network call that repeats one made before (the same rows, knot and
+13. *Repeated calls.* A network call that repeats one made before (the same rows, knot and
     bit-identical states: the first step of every run on the same rows, stage (e)'s rerun
     of a recipe, the shared first knots of a fit's runs) is answered from memory
     (``TuneOptions.memo_mb``); the choices are the same, the evaluations fewer.
