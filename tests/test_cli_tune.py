@@ -214,6 +214,7 @@ def test_profile_with_another_solver_or_grid_is_refused(
         (["--micro-batch", "0"], "--micro-batch must be >= 1, got 0"),
         (["--memo-mb", "-1"], "--memo-mb must be >= 0, got -1"),
         (["--compensation-runs", "-1"], "--compensation-runs must be >= 0, got -1"),
+        (["--correction-components", "-1"], "--correction-components must be >= 0, got -1"),
         (["--device", "gpu7"], "--device 'gpu7' is not a device"),
     ],
 )
@@ -280,6 +281,8 @@ class _Stop(Exception):
         (("--memo-mb", "0"), "memo_mb", 0),
         ((), "compensation_runs", None),
         (("--compensation-runs", "0"), "compensation_runs", 0),
+        ((), "correction_components", None),
+        (("--correction-components", "4"), "correction_components", 4),
     ],
 )
 def test_flags_reach_tune_as_its_options(
@@ -290,7 +293,8 @@ def test_flags_reach_tune_as_its_options(
     want: object,
 ) -> None:
     """--denoise-final turns stage (e) off; --micro-batch caps the samples per call;
-    --compensation-runs 0 turns stage (f) off; --memo-mb 0 sends every call to the network."""
+    --compensation-runs 0 turns stage (f) off; --correction-components 4 turns stage (g) on;
+    --memo-mb 0 sends every call to the network."""
     seen: dict[str, object] = {}
 
     def fake(*args: object, **kwargs: object) -> None:
