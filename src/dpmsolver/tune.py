@@ -1020,9 +1020,16 @@ class _Problem:
             return None
         return plan if plan.nfe == nfe else None
 
-    def run_from(self, recipe: Recipe, nfe: int, x_T: Tensor, den: Denoiser) -> Tensor | None:
+    def run_from(
+        self,
+        recipe: Recipe,
+        nfe: int,
+        x_T: Tensor,
+        den: Denoiser,
+        fit: CorrectionFit | None = None,
+    ) -> Tensor | None:
         """The recipe's final samples from ``x_T`` under ``den``; None if it cannot spend
-        exactly ``nfe``."""
+        exactly ``nfe``. ``fit``: a stage (g) fit run in place of the recipe's correction."""
         plan = self.plan(recipe, nfe)
         if plan is None:
             return None
@@ -1036,7 +1043,7 @@ class _Problem:
                 final_step=recipe.final_step,
                 step_limit=limit,
                 compensation=recipe.compensation,
-                correction=recipe.correction,
+                correction=recipe.correction if fit is None else fit,
             ).x
         except NonFiniteError:  # pragma: no cover - check_finite="off" does not raise
             return None
@@ -2256,17 +2263,7 @@ def _correct(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _Choi
             targets.append(x)
         targets.append(prob.reference[rows])
         fit = CorrectionFit(opts.correction_components, len(plan.steps), prob.x_T[rows], targets)
-        limit = None if base.step_limit is None else StepLimit(base.step_limit)
-        solve(
-            den,
-            prob.x_T[rows],
-            plan,
-            check_finite="off",
-            final_step=base.final_step,
-            step_limit=limit,
-            compensation=base.compensation,
-            correction=fit,
-        )
+        prob.run_from(base, nfe, prob.x_T[rows], den, fit)
     corrected = dataclasses.replace(base, correction=tuple(fit.fitted))
     return _choice(prob, corrected, nfe, "correction")
 

@@ -508,7 +508,6 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         self._comp: Compensation | None = None  # the run's, from its first step
         self._correction: tuple[tuple[float, ...], ...] | None = None  # likewise (stage (g))
         self._corr: Correction | None = None  # the run's, made at its first step's start
-        self._corr_pending = False
         # with any of them: the run's (plan position, step, evaluation in it) by evaluation
         # position, the step start seen, and the final step's memory of the data
         # predictions at the steps' starts
@@ -1223,7 +1222,6 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
                 self._comp = Compensation(self._compensation, len(self._full_plan))
             # the correction's principal directions need the run from its start
             self._corr = None
-            self._corr_pending = self._correction is not None and base == 0
             if self._correction is not None and base != 0:
                 warnings.warn(
                     "the profile's correction of the data predictions needs the run from the "
@@ -1318,10 +1316,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
         i, step, j = self._track_steps[k]
         seen: list[Tensor] = []
         comp = self._comp if j == 0 else None  # a step's start: where the loop compensates
-        if j == 0 and i == 0 and self._corr_pending:
-            assert self._correction is not None
+        if j == 0 and i == 0 and self._correction is not None:
+            # plan position 0: the run starts at the plan's start, from x_T
             self._corr = Correction(self._correction, len(self._full_plan), x)
-            self._corr_pending = False
         corr = self._corr if j == 0 else None
 
         def keep(x0: Tensor, knot: Knot) -> Tensor:
