@@ -282,7 +282,7 @@ class _Stop(Exception):
         ((), "compensation_runs", None),
         (("--compensation-runs", "0"), "compensation_runs", 0),
         ((), "correction_components", None),
-        (("--correction-components", "4"), "correction_components", 4),
+        (("--correction-components", "0"), "correction_components", 0),
     ],
 )
 def test_flags_reach_tune_as_its_options(
@@ -293,7 +293,7 @@ def test_flags_reach_tune_as_its_options(
     want: object,
 ) -> None:
     """--denoise-final turns stage (e) off; --micro-batch caps the samples per call;
-    --compensation-runs 0 turns stage (f) off; --correction-components 4 turns stage (g) on;
+    --compensation-runs 0 turns stage (f) off; --correction-components 0 turns stage (g) off;
     --memo-mb 0 sends every call to the network."""
     seen: dict[str, object] = {}
 

@@ -141,7 +141,13 @@ Z = torch.randn(24, 6, generator=torch.Generator().manual_seed(11), dtype=torch.
 Y = torch.arange(24) % 3
 COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 3)}}
 FAST = dict(
-    fine_knots=16, refine_runs=12, screen_rows=8, finalists=2, shift_runs=0, compensation_runs=0
+    fine_knots=16,
+    refine_runs=12,
+    screen_rows=8,
+    finalists=2,
+    shift_runs=0,
+    compensation_runs=0,
+    correction_components=0,
 )
 
 

@@ -21,7 +21,14 @@ from .test_tune import COND, NET, SD, Y, Z
 
 pytest.importorskip("scipy")
 
-FAST = dict(fine_knots=16, refine_runs=12, screen_rows=8, finalists=2, compensation_runs=0)
+FAST = dict(
+    fine_knots=16,
+    refine_runs=12,
+    screen_rows=8,
+    finalists=2,
+    compensation_runs=0,
+    correction_components=0,
+)
 
 
 def test_a_shift_moves_only_the_time_the_network_is_told() -> None:

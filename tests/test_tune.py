@@ -24,14 +24,20 @@ N = 24
 Z = torch.randn(N, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
 Y = torch.arange(N) % 3
 COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 3)}}
-# stages (c) and (f) off: these profiles are also read as k-diffusion sigmas
+# stages (c), (f) and (g) off: these profiles are also read as k-diffusion sigmas
 # (test_model_shifts.py tests it)
 FAST = dict(
-    fine_knots=16, refine_runs=12, screen_rows=8, finalists=2, shift_runs=0, compensation_runs=0
+    fine_knots=16,
+    refine_runs=12,
+    screen_rows=8,
+    finalists=2,
+    shift_runs=0,
+    compensation_runs=0,
+    correction_components=0,
 )
-# the least tuning that still runs every stage but (f), for tests of what surrounds them
-# (tests/test_compensation.py runs stage (f), which would otherwise also move the choices
-# that tests of the earlier stages compare)
+# the least tuning that still runs every stage but (f) and (g), for tests of what surrounds
+# them (tests/test_compensation.py and tests/test_correction.py run those two, which would
+# otherwise also move the choices that tests of the earlier stages compare)
 CHEAP = {
     "fine_knots": 8,
     "refine_runs": 2,
@@ -40,6 +46,7 @@ CHEAP = {
     "finalists": 1,
     "step_bases": 1,
     "compensation_runs": 0,
+    "correction_components": 0,
 }
 
 

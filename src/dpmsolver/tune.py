@@ -68,8 +68,9 @@ own model, guidance included:
    over the steps and the ratios linear between them (``compensation_knots``). It costs
    no evaluation when sampling. Sigmas cannot carry it (the k-diffusion functions): tune
    with ``compensation_runs=0`` for them.
-9. *(g) Correction of the data prediction* (off by default: ``correction_components=0``;
-   a study, ``benchmarks/stage_g.md``), for the recipe chosen so far, at budgets up to 10:
+9. *(g) Correction of the data prediction* (``correction_components=4`` by default since
+   stop 46, adopted by the rule in ``benchmarks/stage_g.md``; 0 turns it off), for the
+   recipe chosen so far, at budgets up to 10:
    at each step's start the prediction moves by a few coordinates in the trajectory's
    principal directions (:class:`dpmsolver.correction.Correction`; PAS, Wang et al. 2025),
    fitted step by step by least squares on ``correction_rows`` calibration rows against
@@ -655,9 +656,10 @@ class TuneOptions:
             10 steps): with more steps the ratios are linear between this many values
             spread evenly over the steps, so that Nelder-Mead's runs can still move them.
         correction_components: coordinates per step of stage (g), the correction of the
-            data prediction in the trajectory's principal directions (PAS; default 0: the
-            stage is off, a study; ``benchmarks/stage_g.md``). Multistep deterministic
-            recipes only; sigmas cannot carry it (the k-diffusion functions).
+            data prediction in the trajectory's principal directions (PAS; default 4,
+            adopted at stop 46 by the rule in ``benchmarks/stage_g.md``; 0 turns the stage
+            off). Multistep deterministic recipes only; sigmas cannot carry it (the
+            k-diffusion functions): tune with 0 for them.
         correction_rows: calibration rows stage (g) fits on (default 32): each gets the
             exact state at the recipe's knots, a reference solve of its own.
         correction_max_nfe: the largest budget stage (g) runs at (default 10).
@@ -848,7 +850,7 @@ class TuneOptions:
     compensation_bound: float = 0.5
     compensation_max_nfe: int = 25
     compensation_knots: int = 9
-    correction_components: int = 0
+    correction_components: int = 4
     correction_rows: int = 32
     correction_max_nfe: int = 10
     step_bases: int = 3

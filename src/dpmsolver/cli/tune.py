@@ -170,8 +170,8 @@ def add_parser(sub: Any) -> None:
         type=positive_int("--correction-components", minimum=0),
         default=None,
         help="coordinates per step of the data prediction's correction in the trajectory's "
-        "principal directions (stage (g), PAS), fitted per budget up to 10 (default 0: off, "
-        "a study; dpmsolver.sample applies it, the k-diffusion functions cannot)",
+        "principal directions (stage (g), PAS), fitted per budget up to 10 (default 4; 0 "
+        "skips it, for a profile the k-diffusion functions read as sigmas)",
     )
     t.add_argument(
         "--denoise-final",
