@@ -16,6 +16,8 @@ from torch import Tensor
 import dpmsolver as dp
 from dpmsolver.merge import CallMerger
 
+from .test_tune import FAST  # tune's cheap options, its later stages off
+
 TIMES = (999.0, 0.0)
 
 
@@ -140,15 +142,6 @@ NET = dp.MixtureNetwork(MIX, SD, "eps")
 Z = torch.randn(24, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
 Y = torch.arange(24) % 3
 COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 3)}}
-FAST = dict(
-    fine_knots=16,
-    refine_runs=12,
-    screen_rows=8,
-    finalists=2,
-    shift_runs=0,
-    compensation_runs=0,
-    correction_components=0,
-)
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
