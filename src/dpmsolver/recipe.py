@@ -64,6 +64,9 @@ class Recipe:
         options: solver options (``order`` included).
         grid: time-grid kind (None: the schedule family's,
             :func:`~dpmsolver.timegrid.default_grid`); ``rho`` its exponent where it has one.
+        sigma_max: k-diffusion sigma where a grid spaced in noise level starts its spacing
+            after a first step from a noisier start (:func:`~dpmsolver.timegrid.make_grid`),
+            or None.
         sigma_end: k-diffusion sigma (sigma/alpha) of the last noisy knot, or None for
             ``t_end`` / the schedule's ``t_min``; stopping earlier pays off when
             evaluations are scarce.
@@ -98,6 +101,7 @@ class Recipe:
     options: Mapping[str, Any] = field(default_factory=dict)
     grid: GridKind | None = None
     rho: float | None = None
+    sigma_max: float | None = None
     sigma_end: float | None = None
     final_step: FinalStepKind = "denoise"
     t_start: float | None = None
@@ -202,7 +206,15 @@ class Recipe:
         )
         if grid is None:
             kind = self.grid if self.grid is not None else default_grid(schedule)
-            grid = make_grid(schedule, len(orders), kind, final=self.final, rho=self.rho, **ends)
+            grid = make_grid(
+                schedule,
+                len(orders),
+                kind,
+                final=self.final,
+                rho=self.rho,
+                sigma_max=self.sigma_max,
+                **ends,
+            )
         if self.model_shifts is not None:
             grid = shift_model_times(grid, self.model_shifts)
         return make_plan(solver, grid, orders)
@@ -211,6 +223,7 @@ class Recipe:
         """One line for logs and tables."""
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
         extra = f" rho={self.rho}" if self.rho is not None else ""
+        extra += f" sigma_max={self.sigma_max:g}" if self.sigma_max is not None else ""
         stop = f" sigma_end={self.sigma_end}" if self.sigma_end is not None else ""
         shifted = " model-time shifts" if self.model_shifts is not None else ""
         capped = " x0 norm cap" if self.x0_norm_cap is not None else ""

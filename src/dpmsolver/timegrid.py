@@ -185,6 +185,7 @@ def make_grid(
     t_end: float | None = None,
     final: Final = "zero",
     rho: float | None = None,
+    sigma_max: float | None = None,
 ) -> TimeGrid:
     """Build a sampling grid of ``steps`` steps from ``t_start`` (noisy) to the end.
 
@@ -205,6 +206,11 @@ def make_grid(
     takes a first-order step to the first knot of the time-uniform grid and is spaced in
     noise level from there.
         rho: exponent for ``karras`` (default 7) and ``polyexponential`` (default 1).
+        sigma_max: for the grids spaced in noise level, the k-diffusion sigma (sigma/alpha)
+            where the spacing starts (EDM's ``sigma_max``, 80 in Karras et al. 2022,
+            Table 1): a start noisier than that takes one step to it first, as
+            k-diffusion's samplers do on flow models entered at 80. None (default): the
+            spacing starts at the start. Ignored by the time-spaced grids.
     """
     steps = check_int("steps", steps, minimum=1)
     check_choice("grid", kind, GRID_KINDS)
@@ -225,7 +231,13 @@ def make_grid(
         knots = _time_spaced(schedule, n, kind, ts, te, to_zero=final == "zero" and t_end is None)
     else:
         ks = schedule.knot(ts)
-        if math.isinf(ks.lam) and n > 1:
+        if sigma_max is not None:
+            sigma_max = check_finite_float("sigma_max", sigma_max, positive=True)
+        if sigma_max is not None and n > 1 and ks.lam < -math.log(sigma_max):
+            # one step from the start to sigma_max, the spacing from there
+            t1 = min(max(schedule.knot_at_lambda(-math.log(sigma_max)).t, te), ts)
+            knots = [ks, *_level_spaced(schedule, n - 1, kind, t1, te, rho)]
+        elif math.isinf(ks.lam) and n > 1:
             # Out of pure noise only a first-order step is defined: to the first knot a
             # time-uniform grid would take, then the spacing in noise level from there.
             t1 = ts + (te - ts) / (n - 1)

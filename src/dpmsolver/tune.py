@@ -159,17 +159,19 @@ __all__ = [
     "Profile",
     "ProfileMismatchError",
     "TuneOptions",
+    "grid_families",
     "no_new_divergence",
     "paired_better",
     "schedule_fingerprint",
     "tune",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/8"
+PROFILE_FORMAT = "dpmsolver-profile/9"
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
 #: ``lower_order_final``, version 3 no ``guard_refused``, version 4 no ``x0_norm_cap``,
-#: version 5 no ``step_limit``, version 6 no ``compensation``, version 7 no ``correction``.
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 9))
+#: version 5 no ``step_limit``, version 6 no ``compensation``, version 7 no ``correction``,
+#: version 8 no ``sigma_max``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 10))
 #: Log-SNR bins of the pilot's envelope of data-prediction norms (:attr:`TuneOptions.norm_cap`).
 CAP_BINS = 32
 #: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
@@ -206,6 +208,8 @@ TUNE_SOLVERS: tuple[tuple[str, Mapping[str, Any]], ...] = (
     ("dpmpp_multistep", {"order": 3, "lower_order_final": True}),
     ("deis", {"order": 3, "lower_order_final": True}),
 )
+#: The grid kinds spaced in noise level, which :attr:`TuneOptions.flow_sigma_max` enters late.
+_LEVEL_SPACED = ("logsnr", "exponential", "karras", "polyexponential")
 #: Grid families of stage (a).
 TUNE_GRIDS: tuple[tuple[str, float | None], ...] = (
     ("logsnr", None),
@@ -352,6 +356,9 @@ class BudgetChoice:
             (:attr:`~dpmsolver.recipe.Recipe.compensation`), or None.
         correction: stage (g)'s coordinates, one tuple per step
             (:attr:`~dpmsolver.recipe.Recipe.correction`), or None.
+        sigma_max: the k-diffusion sigma where the grid's spacing starts after its first
+            step (:attr:`~dpmsolver.recipe.Recipe.sigma_max`; :attr:`TuneOptions.flow_sigma_max`),
+            or None.
     """
 
     nfe: int
@@ -376,6 +383,7 @@ class BudgetChoice:
     step_limit: float | None = None
     compensation: tuple[float, ...] | None = None
     correction: tuple[tuple[float, ...], ...] | None = None
+    sigma_max: float | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -384,6 +392,7 @@ class BudgetChoice:
             dict(self.options),
             grid=self.grid,  # type: ignore[arg-type]
             rho=self.rho,
+            sigma_max=self.sigma_max,
             sigma_end=self.sigma_end,
             final_step=self.final_step,  # type: ignore[arg-type]
             timesteps=self.times,
@@ -609,6 +618,12 @@ class TuneOptions:
             ``lower_order_final`` (such a candidate is screened only where the default rule
             keeps the last orders).
         grids: stage (a)'s grid families, ``(kind, rho)`` pairs (default :data:`TUNE_GRIDS`).
+        flow_sigma_max: on a schedule that starts at pure noise (rectified flow), stage (a)
+            also screens the grid families spaced in noise level with their spacing
+            entered at this k-diffusion sigma after one step
+            (:attr:`~dpmsolver.recipe.Recipe.sigma_max`), as k-diffusion's samplers run
+            flow models (EDM's sigma_max, 80); the default grids start the spacing a
+            thousandth below pure noise, at sigma ~1000. None: not.
         screen_rows: calibration rows every candidate is screened on (default 8).
         finalists: candidates scored on every pilot row (default 4).
         rank_rows: the rows that rank the finalists: ``"calibration"`` (default: the
@@ -835,6 +850,7 @@ class TuneOptions:
     check_rows: int = 16
     solvers: tuple[tuple[str, Mapping[str, Any]], ...] = TUNE_SOLVERS
     grids: tuple[tuple[str, float | None], ...] = TUNE_GRIDS
+    flow_sigma_max: float | None = 80.0
     screen_rows: int = 8
     finalists: int = 4
     rank_rows: str = "calibration"
@@ -876,6 +892,8 @@ class TuneOptions:
     def __post_init__(self) -> None:
         check_finite_float("rtol", self.rtol, positive=True)
         check_int("check_rows", self.check_rows, minimum=1)
+        if self.flow_sigma_max is not None:
+            check_finite_float("flow_sigma_max", self.flow_sigma_max, positive=True)
         check_int("screen_rows", self.screen_rows, minimum=1)
         check_int("finalists", self.finalists, minimum=1)
         check_choice("rank_rows", self.rank_rows, RANK_ROWS)
@@ -1796,6 +1814,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         options={k: getattr(v, "value", v) for k, v in r.options.items()},  # JSON values
         grid=r.grid,
         rho=r.rho,
+        sigma_max=r.sigma_max,
         sigma_end=r.sigma_end,
         final_step=r.final_step,
         times=r.timesteps,
@@ -1861,17 +1880,34 @@ def _tail_mse(
     return [mse(c, x) for c, x in zip(choices, runs, strict=True)]
 
 
+def grid_families(
+    schedule: NoiseSchedule, opts: TuneOptions
+) -> list[tuple[str, float | None, float | None]]:
+    """Stage (a)'s grid families on ``schedule``, ``(kind, rho, sigma_max)``: ``opts.grids``,
+    and on a schedule that starts at pure noise their kinds spaced in noise level entered
+    at ``opts.flow_sigma_max`` too (:attr:`TuneOptions.flow_sigma_max`)."""
+    families: list[tuple[str, float | None, float | None]] = [
+        (kind, rho, None) for kind, rho in opts.grids
+    ]
+    if opts.flow_sigma_max is not None and schedule.knot(schedule.t_max).alpha == 0.0:
+        families += [(k, rho, opts.flow_sigma_max) for k, rho in opts.grids if k in _LEVEL_SPACED]
+    return families
+
+
 def _screened(prob: _Problem, nfe: int, opts: TuneOptions) -> list[tuple[float, Recipe]]:
-    """Stage (a)'s screen: every candidate (``opts.solvers`` x ``opts.grids``) that spends
-    exactly ``nfe``, with its RMS error on the first ``opts.screen_rows`` calibration rows,
-    best first."""
+    """Stage (a)'s screen: every candidate (``opts.solvers`` x ``opts.grids``, and on a
+    schedule that starts at pure noise the grids spaced in noise level entered at
+    ``opts.flow_sigma_max`` too) that spends exactly ``nfe``, with its RMS error on the
+    first ``opts.screen_rows`` calibration rows, best first."""
     screen = prob.cal[: opts.screen_rows]
     scored: list[tuple[float, Recipe]] = []
     for name, options in opts.solvers:
-        for kind, rho in opts.grids:
+        for kind, rho, sigma_max in grid_families(prob.schedule, opts):
             r = _candidate(name, options, kind, rho, nfe)
             if r is None:
                 continue
+            if sigma_max is not None:
+                r = dataclasses.replace(r, sigma_max=sigma_max)
             x = prob.run(r, nfe, screen)
             if x is not None:
                 scored.append((_rms(x, prob.reference[screen]), r))
@@ -2124,7 +2160,14 @@ def _with_knots(
     if times is None:
         return None
     return dataclasses.replace(
-        base, grid=None, rho=None, sigma_end=None, t_end=None, timesteps=times, final="zero"
+        base,
+        grid=None,
+        rho=None,
+        sigma_max=None,
+        sigma_end=None,
+        t_end=None,
+        timesteps=times,
+        final="zero",
     )
 
 
