@@ -623,7 +623,12 @@ class TuneOptions:
             entered at this k-diffusion sigma after one step
             (:attr:`~dpmsolver.recipe.Recipe.sigma_max`), as k-diffusion's samplers run
             flow models (EDM's sigma_max, 80); the default grids start the spacing a
-            thousandth below pure noise, at sigma ~1000. None: not.
+            thousandth below pure noise, at sigma ~1000. Default None: not. A study, not
+            taken (stop 47, ``benchmarks/stage_a_sigma_max.md``): with 80, on the selection
+            split's 11 flow problems at 5-25 NFE, 281 of 352 cells met the best peer on
+            512 new noises instead of 280 and the changed cells' geo-mean fell 0.95x, but
+            one cell got 6.6x worse (still 0.40x the peer), which the rule written before
+            the run refused.
         screen_rows: calibration rows every candidate is screened on (default 8).
         finalists: candidates scored on every pilot row (default 4).
         rank_rows: the rows that rank the finalists: ``"calibration"`` (default: the
@@ -850,7 +855,7 @@ class TuneOptions:
     check_rows: int = 16
     solvers: tuple[tuple[str, Mapping[str, Any]], ...] = TUNE_SOLVERS
     grids: tuple[tuple[str, float | None], ...] = TUNE_GRIDS
-    flow_sigma_max: float | None = 80.0
+    flow_sigma_max: float | None = None
     screen_rows: int = 8
     finalists: int = 4
     rank_rows: str = "calibration"
