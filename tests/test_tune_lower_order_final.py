@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,32 +84,42 @@ def test_tune_keeps_the_flag_of_a_lowered_choice() -> None:
         assert c.lower_order_final is (None if c.stage == "default" else True)
 
 
-def _lowered_profile() -> Profile:
+def one_choice_profile(schedule: dp.NoiseSchedule, prediction: str, **fields: Any) -> Profile:
+    """A profile holding one hand-made :class:`BudgetChoice` (``fields`` override its
+    defaults: UniPC order 2 on the log-SNR grid, 8 evaluations, guidance 1)."""
     choice = BudgetChoice(
-        nfe=20,
-        guidance_scale=5.0,
-        solver="unipc",
-        options={"order": 3},
-        grid="logsnr",
-        rho=None,
-        sigma_end=None,
-        final_step="denoise",
-        times=None,
-        stage="selection",
-        calibration_error=0.1,
-        heldout_error=0.1,
-        default_heldout_error=0.2,
-        lower_order_final=True,
+        **{
+            "nfe": 8,
+            "guidance_scale": 1.0,
+            "solver": "unipc",
+            "options": {"order": 2},
+            "grid": "logsnr",
+            "rho": None,
+            "sigma_end": None,
+            "final_step": "denoise",
+            "times": None,
+            "stage": "selection",
+            "calibration_error": 0.1,
+            "heldout_error": 0.1,
+            "default_heldout_error": 0.2,
+            **fields,
+        }
     )
     return Profile(
-        schedule=schedule_fingerprint(SD),
-        prediction="eps",
+        schedule=schedule_fingerprint(schedule),
+        prediction=prediction,  # type: ignore[arg-type]
         choices=(choice,),
         pilot=8,
         reference_rtol=1e-3,
         reference_error=1e-5,
         evaluations=1,
         seconds=1.0,
+    )
+
+
+def _lowered_profile() -> Profile:
+    return one_choice_profile(
+        SD, "eps", nfe=20, guidance_scale=5.0, options={"order": 3}, lower_order_final=True
     )
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import dpmsolver as dp
-from dpmsolver.tune import BudgetChoice, Profile, TuneOptions, grid_families, schedule_fingerprint
+from dpmsolver.tune import Profile, TuneOptions, grid_families
+
+from .test_tune_lower_order_final import one_choice_profile
 
 FLOW = dp.RectifiedFlowSchedule()
 SD = dp.DiscreteVPSchedule()
@@ -78,23 +80,7 @@ def test_the_entered_grids_are_candidates_only_where_the_schedule_starts_at_pure
 
 
 def _profile(sigma_max: float | None) -> Profile:
-    choice = BudgetChoice(
-        nfe=8,
-        guidance_scale=1.0,
-        solver="unipc",
-        options={"order": 2},
-        grid="karras",
-        rho=7.0,
-        sigma_end=None,
-        final_step="denoise",
-        times=None,
-        stage="selection",
-        calibration_error=0.1,
-        heldout_error=0.1,
-        default_heldout_error=0.2,
-        sigma_max=sigma_max,
-    )
-    return Profile(schedule_fingerprint(FLOW), "x0", (choice,), 16, 1e-3, 1e-5, 100, 1.0)
+    return one_choice_profile(FLOW, "x0", grid="karras", rho=7.0, sigma_max=sigma_max)
 
 
 def test_a_profile_keeps_sigma_max_through_its_file_and_samples_with_it(tmp_path: Path) -> None:
