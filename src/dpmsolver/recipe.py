@@ -101,7 +101,6 @@ class Recipe:
     options: Mapping[str, Any] = field(default_factory=dict)
     grid: GridKind | None = None
     rho: float | None = None
-    sigma_max: float | None = None
     sigma_end: float | None = None
     final_step: FinalStepKind = "denoise"
     t_start: float | None = None
@@ -114,6 +113,8 @@ class Recipe:
     step_limit: float | None = None
     compensation: tuple[float, ...] | None = None
     correction: tuple[tuple[float, ...], ...] | None = None
+    # last, so that positional arguments keep their meaning from before it existed
+    sigma_max: float | None = None
 
     def __post_init__(self) -> None:
         # frozen: a list given is kept as the tuple a profile compares and hashes
