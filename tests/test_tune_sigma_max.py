@@ -54,8 +54,9 @@ def test_sigma_max_leaves_time_grids_and_quieter_starts_alone() -> None:
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
 def test_a_bad_sigma_max_is_named(bad: float) -> None:
-    with pytest.raises(ValueError, match="sigma_max"):
-        dp.make_grid(FLOW, 6, "karras", sigma_max=bad)
+    for kind in ("karras", "time_uniform"):  # named whether or not the kind uses it
+        with pytest.raises(ValueError, match="sigma_max"):
+            dp.make_grid(FLOW, 6, kind, sigma_max=bad)
     with pytest.raises(ValueError, match="flow_sigma_max"):
         TuneOptions(flow_sigma_max=bad)
 

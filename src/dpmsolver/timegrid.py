@@ -32,6 +32,7 @@ from .schedules import Knot, NoiseSchedule, RectifiedFlowSchedule
 
 __all__ = [
     "GRID_KINDS",
+    "LEVEL_SPACED_KINDS",
     "GridKind",
     "TimeGrid",
     "default_grid",
@@ -44,6 +45,9 @@ __all__ = [
 GridKind = Literal[
     "logsnr", "exponential", "time_uniform", "time_quadratic", "karras", "polyexponential"
 ]
+#: The kinds spaced in noise level (the others are spaced in time); ``sigma_max`` applies
+#: to these only (:func:`make_grid`).
+LEVEL_SPACED_KINDS: tuple[GridKind, ...] = ("logsnr", "exponential", "karras", "polyexponential")
 GRID_KINDS: tuple[GridKind, ...] = (
     "logsnr",
     "exponential",
@@ -215,6 +219,8 @@ def make_grid(
     steps = check_int("steps", steps, minimum=1)
     check_choice("grid", kind, GRID_KINDS)
     check_choice("final", final, ("zero", "t_min"))
+    if sigma_max is not None:
+        sigma_max = check_finite_float("sigma_max", sigma_max, positive=True)
     ts = schedule.check_time("t_start", schedule.t_max if t_start is None else t_start)
     te = schedule.check_time("t_end", schedule.t_min if t_end is None else t_end)
     if not ts > te:
@@ -227,23 +233,21 @@ def make_grid(
         # the flow digits model: 13% lower error at 10 NFE; benchmarks/flow.md).
         ts = ts - (ts - te) * PURE_NOISE_OFFSET
     n = steps if final == "zero" else steps + 1  # noisy knots
-    if kind in ("time_uniform", "time_quadratic"):
+    if kind not in LEVEL_SPACED_KINDS:
         knots = _time_spaced(schedule, n, kind, ts, te, to_zero=final == "zero" and t_end is None)
     else:
         ks = schedule.knot(ts)
-        if sigma_max is not None:
-            sigma_max = check_finite_float("sigma_max", sigma_max, positive=True)
+        t1: float | None = None  # where the spacing starts after a first step, if it does
         if sigma_max is not None and n > 1 and ks.lam < -math.log(sigma_max):
-            # one step from the start to sigma_max, the spacing from there
             t1 = min(max(schedule.knot_at_lambda(-math.log(sigma_max)).t, te), ts)
-            knots = [ks, *_level_spaced(schedule, n - 1, kind, t1, te, rho)]
         elif math.isinf(ks.lam) and n > 1:
             # Out of pure noise only a first-order step is defined: to the first knot a
             # time-uniform grid would take, then the spacing in noise level from there.
             t1 = ts + (te - ts) / (n - 1)
-            knots = [ks, *_level_spaced(schedule, n - 1, kind, t1, te, rho)]
-        else:
+        if t1 is None:
             knots = _level_spaced(schedule, n, kind, ts, te, rho)
+        else:
+            knots = [ks, *_level_spaced(schedule, n - 1, kind, t1, te, rho)]
     if final == "zero":
         knots.append(schedule.zero_knot())
     return TimeGrid(tuple(knots), schedule)

@@ -149,7 +149,7 @@ from .sampling import SampleOptions, build_denoiser
 from .schedules import Knot, NoiseSchedule
 from .solvers import AdaptiveSolver, MultistepSolver, Solver, StepContext
 from .steplimit import StepLimit, check_step_limit
-from .timegrid import make_grid
+from .timegrid import LEVEL_SPACED_KINDS, make_grid
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -208,8 +208,6 @@ TUNE_SOLVERS: tuple[tuple[str, Mapping[str, Any]], ...] = (
     ("dpmpp_multistep", {"order": 3, "lower_order_final": True}),
     ("deis", {"order": 3, "lower_order_final": True}),
 )
-#: The grid kinds spaced in noise level, which :attr:`TuneOptions.flow_sigma_max` enters late.
-_LEVEL_SPACED = ("logsnr", "exponential", "karras", "polyexponential")
 #: Grid families of stage (a).
 TUNE_GRIDS: tuple[tuple[str, float | None], ...] = (
     ("logsnr", None),
@@ -1672,7 +1670,12 @@ def _rescore(prob: _Problem, c: BudgetChoice) -> BudgetChoice:
 
 
 def _candidate(
-    name: str, options: Mapping[str, Any], kind: str, rho: float | None, nfe: int
+    name: str,
+    options: Mapping[str, Any],
+    kind: str,
+    rho: float | None,
+    nfe: int,
+    sigma_max: float | None = None,
 ) -> Recipe | None:
     """A stage (a) candidate; ``options`` may hold the recipe's ``lower_order_final``
     besides the solver's options (None where the default rule already lowers the last
@@ -1681,7 +1684,14 @@ def _candidate(
     lof = opts.pop("lower_order_final", None)
     if lof and lower_order_final_default(nfe):
         return None
-    return Recipe(name, opts, grid=kind, rho=rho, lower_order_final=lof)  # type: ignore[arg-type]
+    return Recipe(
+        name,
+        opts,
+        grid=kind,  # type: ignore[arg-type]
+        rho=rho,
+        lower_order_final=lof,
+        sigma_max=sigma_max,
+    )
 
 
 def _steps_of(recipe: Recipe, schedule: NoiseSchedule, nfe: int) -> int | None:
@@ -1895,7 +1905,9 @@ def grid_families(
         (kind, rho, None) for kind, rho in opts.grids
     ]
     if opts.flow_sigma_max is not None and schedule.knot(schedule.t_max).alpha == 0.0:
-        families += [(k, rho, opts.flow_sigma_max) for k, rho in opts.grids if k in _LEVEL_SPACED]
+        families += [
+            (k, rho, opts.flow_sigma_max) for k, rho in opts.grids if k in LEVEL_SPACED_KINDS
+        ]
     return families
 
 
@@ -1908,11 +1920,9 @@ def _screened(prob: _Problem, nfe: int, opts: TuneOptions) -> list[tuple[float, 
     scored: list[tuple[float, Recipe]] = []
     for name, options in opts.solvers:
         for kind, rho, sigma_max in grid_families(prob.schedule, opts):
-            r = _candidate(name, options, kind, rho, nfe)
+            r = _candidate(name, options, kind, rho, nfe, sigma_max)
             if r is None:
                 continue
-            if sigma_max is not None:
-                r = dataclasses.replace(r, sigma_max=sigma_max)
             x = prob.run(r, nfe, screen)
             if x is not None:
                 scored.append((_rms(x, prob.reference[screen]), r))
