@@ -489,15 +489,24 @@ class LowRankMixture:
         inv_e = 1.0 / e
         # In place, in a kept buffer: allocating (K, B, D) temporaries costs more than the
         # arithmetic on them (fresh pages on every call).
-        buf = p.get("buffer")
-        if buf is None or buf.shape != (kk, xf.shape[0], dim) or buf.dtype != xf.dtype:
+        # Differentiated (DPM-Solver-v3's statistics take Jacobian products), the same
+        # arithmetic runs out of place: autograd cannot follow out= and in-place squares.
+        grad = torch.is_grad_enabled() and xf.requires_grad
+        buf = None if grad else p.get("buffer")
+        if not grad and (buf is None or buf.shape != (kk, xf.shape[0], dim) or buf.dtype != xf.dtype):
             buf = p["buffer"] = torch.empty(kk, xf.shape[0], dim, dtype=xf.dtype, device=xf.device)
-        delta = torch.sub(xf[None, :, :], mu[:, None, :], alpha=a, out=buf)  # (K, B, D)
+        if grad:
+            delta = torch.sub(xf[None, :, :], mu[:, None, :], alpha=a)  # (K, B, D)
+        else:
+            delta = torch.sub(xf[None, :, :], mu[:, None, :], alpha=a, out=buf)
         uie = u * inv_e[:, :, None] if r > 0 else u  # E^{-1} U
         # U^T E^{-1} delta, before delta is squared in place
         q = torch.bmm(delta, uie) if r > 0 else None  # (K, B, r)
         # delta^T E^{-1} delta from delta itself: expanding it in x and mu cancels badly
-        quad = delta.mul_(delta).mul_(inv_e[:, None, :]).sum(-1)  # (K, B)
+        if grad:
+            quad = (delta * delta * inv_e[:, None, :]).sum(-1)  # (K, B)
+        else:
+            quad = delta.mul_(delta).mul_(inv_e[:, None, :]).sum(-1)
         del delta
         logdet = torch.log(e).sum(-1)  # (K,)
         if q is not None:

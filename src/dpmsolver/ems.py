@@ -76,7 +76,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -376,6 +376,41 @@ class EMS:
             cached = EMSSpline.from_ems(self)
             self.__dict__["_spline"] = cached  # a cache, not a field: frozen is kept
         return cached
+
+    # -- JSON (inside a tuned profile) ---------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The statistics as JSON-compatible data (a tuned profile carries them:
+        :attr:`dpmsolver.tune.TuneOptions.v3_points`); :meth:`from_json` reads it back."""
+        fp = self.fingerprint
+        return {
+            "ems": FORMAT_VERSION,
+            "lams": self.lams.tolist(),
+            "l": self.l.tolist(),
+            "s": self.s.tolist(),
+            "b": self.b.tolist(),
+            "schedule": fp.schedule,
+            "prediction": fp.prediction,
+            "guidance_scale": fp.guidance_scale,
+            "samples": self.samples,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EMS:
+        """Statistics from :meth:`to_json`'s data (a ValueError for anything else)."""
+        if not isinstance(data, Mapping) or data.get("ems") != FORMAT_VERSION:
+            raise ValueError(f"not EMS data of format version {FORMAT_VERSION}")
+        w = data.get("guidance_scale")
+        return cls(
+            torch.tensor(data["lams"], dtype=torch.float64),
+            torch.tensor(data["l"], dtype=torch.float64),
+            torch.tensor(data["s"], dtype=torch.float64),
+            torch.tensor(data["b"], dtype=torch.float64),
+            EMSFingerprint(data.get("schedule"), data.get("prediction"), None if w is None else float(w)),
+            samples=int(data.get("samples", 0)),
+            source=data.get("source", "estimated"),
+        )
 
     # -- files ---------------------------------------------------------------------------
 

@@ -166,12 +166,12 @@ __all__ = [
     "tune",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/9"
+PROFILE_FORMAT = "dpmsolver-profile/10"
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
 #: ``lower_order_final``, version 3 no ``guard_refused``, version 4 no ``x0_norm_cap``,
 #: version 5 no ``step_limit``, version 6 no ``compensation``, version 7 no ``correction``,
-#: version 8 no ``sigma_max``.
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 10))
+#: version 8 no ``sigma_max``, version 9 no DPM-Solver-v3 statistics in a choice's options.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 11))
 #: Log-SNR bins of the pilot's envelope of data-prediction norms (:attr:`TuneOptions.norm_cap`).
 CAP_BINS = 32
 #: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
@@ -533,8 +533,14 @@ class Profile:
 
     def to_json(self) -> dict[str, Any]:
         """The profile as JSON-compatible data."""
-        data = dataclasses.asdict(self)
-        data["choices"] = [dataclasses.asdict(c) for c in self.choices]
+        data = dataclasses.asdict(dataclasses.replace(self, choices=()))
+        data["choices"] = [
+            {
+                **dataclasses.asdict(dataclasses.replace(c, options={})),
+                "options": _options_json(c.options),
+            }
+            for c in self.choices
+        ]
         return data
 
     def save(self, path: str | Path) -> None:
@@ -577,6 +583,7 @@ class Profile:
                         "x0_norm_cap": _pairs(c.get("x0_norm_cap")),
                         "compensation": floats(c.get("compensation")),
                         "correction": _rows_of(c.get("correction")),
+                        "options": _options_of(c["options"]),
                     }
                 )
                 for c in data["choices"]
@@ -584,6 +591,24 @@ class Profile:
             return cls(**{**data, "format": PROFILE_FORMAT, "choices": choices})
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{source} is damaged ({e}); tune again") from None
+
+
+def _options_json(options: Mapping[str, Any]) -> dict[str, Any]:
+    """A choice's solver options as JSON data: DPM-Solver-v3's statistics (an
+    :class:`~dpmsolver.ems.EMS` under ``"ems"``) as their own JSON data."""
+    from .ems import EMS
+
+    return {k: v.to_json() if isinstance(v, EMS) else v for k, v in options.items()}
+
+
+def _options_of(data: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`_options_json`'s inverse."""
+    from .ems import EMS
+
+    out = dict(data)
+    if isinstance(out.get("ems"), Mapping):
+        out["ems"] = EMS.from_json(out["ems"])
+    return out
 
 
 def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:
@@ -627,6 +652,12 @@ class TuneOptions:
             512 new noises instead of 280 and the changed cells' geo-mean fell 0.95x, but
             one cell got 6.6x worse (still 0.40x the peer), which the rule written before
             the run refused.
+        v3_points: with ``n`` > 0, stage (a) also tries DPM-Solver-v3 (``dpmv3``; Zheng,
+            Lu et al. 2023) on every grid family: :data:`V3_CANDIDATES`, with empirical
+            model statistics (:func:`dpmsolver.ems.estimate_ems`) estimated per guidance
+            scale over the calibration rows' own trajectories on ``n`` log-SNR points
+            (:func:`model_statistics`). Default 0: not. A study (stop 48,
+            ``benchmarks/stage_a_v3.md``).
         screen_rows: calibration rows every candidate is screened on (default 8).
         finalists: candidates scored on every pilot row (default 4).
         rank_rows: the rows that rank the finalists: ``"calibration"`` (default: the
@@ -854,6 +885,7 @@ class TuneOptions:
     solvers: tuple[tuple[str, Mapping[str, Any]], ...] = TUNE_SOLVERS
     grids: tuple[tuple[str, float | None], ...] = TUNE_GRIDS
     flow_sigma_max: float | None = None
+    v3_points: int = 0
     screen_rows: int = 8
     finalists: int = 4
     rank_rows: str = "calibration"
@@ -897,6 +929,9 @@ class TuneOptions:
         check_int("check_rows", self.check_rows, minimum=1)
         if self.flow_sigma_max is not None:
             check_finite_float("flow_sigma_max", self.flow_sigma_max, positive=True)
+        check_int("v3_points", self.v3_points, minimum=0)
+        if 0 < self.v3_points < 8:
+            raise ValueError(f"v3_points must be 0 (off) or at least 8, got {self.v3_points}")
         check_int("screen_rows", self.screen_rows, minimum=1)
         check_int("finalists", self.finalists, minimum=1)
         check_choice("rank_rows", self.rank_rows, RANK_ROWS)
@@ -1391,7 +1426,19 @@ def tune(
                 (opts.guard_rows, opts.guard_factor),
             )
             bar.update()
-            found = _tune_budgets(prob, budgets, w, opts, workers, bar, merger)
+            wopts = opts
+            if opts.v3_points:
+                ems, spent = model_statistics(
+                    _RowDenoiser(model, prediction, cond, uncond, w, sample_options),
+                    prob,
+                    budgets,
+                    opts,
+                )
+                wopts = dataclasses.replace(
+                    opts, solvers=(*opts.solvers, *v3_candidates(ems))
+                )
+                rows += spent
+            found = _tune_budgets(prob, budgets, w, wopts, workers, bar, merger)
             # The reference's own error must be 10x below the best choice's: else tighten it
             # and score the choices again against the tighter one.
             for _ in range(3):
@@ -1415,6 +1462,61 @@ def tune(
         evaluations=rows,
         seconds=time.perf_counter() - t0,
     )
+
+
+#: DPM-Solver-v3's stage (a) candidates (:attr:`TuneOptions.v3_points`): the official
+#: settings under guidance (order 2, no corrector from guidance 5 on), order 2 with its
+#: pseudo-order corrector (the official setting below guidance 5), and order 3 with it.
+V3_CANDIDATES: tuple[Mapping[str, Any], ...] = (
+    {"order": 2, "corrector": "off"},
+    {"order": 2, "corrector": "pseudo"},
+    {"order": 3, "corrector": "pseudo"},
+)
+
+
+def v3_candidates(ems: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
+    """Stage (a)'s DPM-Solver-v3 candidates with the statistics ``ems``."""
+    return tuple(("dpmv3", {"ems": ems, **o}) for o in V3_CANDIDATES)
+
+
+def model_statistics(
+    den: _RowDenoiser, prob: _Problem, budgets: Sequence[int], opts: TuneOptions
+) -> tuple[Any, int]:
+    """DPM-Solver-v3's empirical model statistics of the guided denoiser ``den`` over the
+    calibration rows' own trajectories (:func:`dpmsolver.ems.estimate_ems` with ``noise=``,
+    Zheng, Lu et al. 2023, App. C.1.1; trajectory statistics because under guidance the
+    ODE's states are not noised data), on ``opts.v3_points`` log-SNR points, and the rows
+    the network evaluated. The grid spans the schedule; where it starts at pure noise
+    (lambda = -inf), from 2 below the lowest finite log-SNR of any stage (a) grid or the
+    dynamic programming's knots (dpmv3 steps out of pure noise at first order, without
+    statistics)."""
+    from .ems import estimate_ems
+
+    sched = prob.schedule
+    hi = sched.knot(sched.t_min).lam
+    lo = sched.knot(sched.t_max).lam
+    if not math.isfinite(lo):
+        lams = [k.lam for k in _fine_knots(sched, opts.fine_knots)]
+        for nfe in budgets:
+            for kind, rho, sigma_max in grid_families(sched, opts):
+                r = Recipe("ddim", grid=kind, rho=rho, sigma_max=sigma_max)  # type: ignore[arg-type]
+                lams += [k.lam for k in r.plan(sched, nfe=nfe).grid.knots]
+        lo = min(v for v in lams if math.isfinite(v)) - 2.0
+    counter = _Counter(den, 0)  # no memo: the statistics differentiate the calls
+    cal = prob.cal
+    noise = prob.x_T[cal] / sched.knot(sched.t_max).sigma
+    ems = estimate_ems(
+        _Rows(counter, cal),
+        sched,
+        noise=noise,
+        prediction=str(den.args[1]),
+        guidance_scale=float(den.args[4]),
+        points=opts.v3_points,
+        lam_range=(lo, hi),
+        batch_size=len(cal),
+        jvp="vjp",
+    )
+    return ems, counter.rows
 
 
 def _tune_budgets(
