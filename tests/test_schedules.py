@@ -221,3 +221,9 @@ def test_flow_configs_give_a_shifted_rectified_flow_schedule() -> None:
     assert dp.prediction_from_diffusers_config({"prediction_type": "v_prediction"}) == "v"
     with pytest.raises(ValueError, match="prediction_type='x'"):
         dp.prediction_from_diffusers_config({"prediction_type": "x"})
+
+
+def test_which_schedules_start_at_pure_noise() -> None:
+    assert dp.RectifiedFlowSchedule().starts_at_pure_noise
+    for sched in (dp.DiscreteVPSchedule(), dp.VESchedule(), dp.ContinuousVPSchedule()):
+        assert not sched.starts_at_pure_noise

@@ -99,9 +99,13 @@ def test_the_statistics_cover_every_candidate_grid(schedule: dp.NoiseSchedule) -
     assert ems.lam_max == pytest.approx(schedule.knot(schedule.t_min).lam)
     for nfe in budgets:
         for kind, rho, sigma_max in grid_families(schedule, opts):
-            knots = Recipe("ddim", grid=kind, rho=rho, sigma_max=sigma_max).plan(  # type: ignore[arg-type]
-                schedule, nfe=nfe
-            ).grid.knots
+            knots = (
+                Recipe("ddim", grid=kind, rho=rho, sigma_max=sigma_max)
+                .plan(  # type: ignore[arg-type]
+                    schedule, nfe=nfe
+                )
+                .grid.knots
+            )
             assert ems.lam_min <= min(k.lam for k in knots if math.isfinite(k.lam))
     for name, options in v3_candidates(ems):
         assert name == "dpmv3" and options["ems"] is ems
@@ -144,4 +148,6 @@ def test_tune_with_v3_candidates_runs_every_stage_and_saves(tmp_path: Path) -> N
     back = Profile.load(path)
     for c in on.choices:
         s = dict(schedule=SD, prediction="x0", guidance_scale=7.5, solver="auto", nfe=c.nfe, **COND)
-        assert torch.equal(dp.sample(net, Z, profile=on, **s).x, dp.sample(net, Z, profile=back, **s).x)
+        assert torch.equal(
+            dp.sample(net, Z, profile=on, **s).x, dp.sample(net, Z, profile=back, **s).x
+        )

@@ -493,7 +493,9 @@ class LowRankMixture:
         # arithmetic runs out of place: autograd cannot follow out= and in-place squares.
         grad = torch.is_grad_enabled() and xf.requires_grad
         buf = None if grad else p.get("buffer")
-        if not grad and (buf is None or buf.shape != (kk, xf.shape[0], dim) or buf.dtype != xf.dtype):
+        if not grad and (
+            buf is None or buf.shape != (kk, xf.shape[0], dim) or buf.dtype != xf.dtype
+        ):
             buf = p["buffer"] = torch.empty(kk, xf.shape[0], dim, dtype=xf.dtype, device=xf.device)
         if grad:
             delta = torch.sub(xf[None, :, :], mu[:, None, :], alpha=a)  # (K, B, D)

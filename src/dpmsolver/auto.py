@@ -123,7 +123,7 @@ def schedule_family(schedule: NoiseSchedule) -> Family:
         return "ve"
     if isinstance(schedule, RectifiedFlowSchedule):
         return "flow"
-    return "flow" if schedule.knot(schedule.t_max).alpha == 0.0 else "vp"
+    return "flow" if schedule.starts_at_pure_noise else "vp"
 
 
 def recommend(

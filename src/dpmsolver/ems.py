@@ -407,7 +407,9 @@ class EMS:
             torch.tensor(data["l"], dtype=torch.float64),
             torch.tensor(data["s"], dtype=torch.float64),
             torch.tensor(data["b"], dtype=torch.float64),
-            EMSFingerprint(data.get("schedule"), data.get("prediction"), None if w is None else float(w)),
+            EMSFingerprint(
+                data.get("schedule"), data.get("prediction"), None if w is None else float(w)
+            ),
             samples=int(data.get("samples", 0)),
             source=data.get("source", "estimated"),
         )

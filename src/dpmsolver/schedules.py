@@ -113,6 +113,12 @@ class NoiseSchedule(ABC):
         """Inverse of :meth:`model_time`."""
         return _as64(model_t)
 
+    @property
+    def starts_at_pure_noise(self) -> bool:
+        """Whether ``t_max`` is pure noise (``alpha = 0``, ``lambda = -inf``: rectified flow):
+        grids then take a first step out of it, and log-SNR statistics cannot start there."""
+        return self.knot(self.t_max).alpha == 0.0
+
     def knot(self, t: float) -> Knot:
         """Resolve time ``t`` to a :class:`Knot`."""
         tt = _as64(float(t))

@@ -1434,9 +1434,7 @@ def tune(
                     budgets,
                     opts,
                 )
-                wopts = dataclasses.replace(
-                    opts, solvers=(*opts.solvers, *v3_candidates(ems))
-                )
+                wopts = dataclasses.replace(opts, solvers=(*opts.solvers, *v3_candidates(ems)))
                 rows += spent
             found = _tune_budgets(prob, budgets, w, wopts, workers, bar, merger)
             # The reference's own error must be 10x below the best choice's: else tighten it
@@ -1495,7 +1493,7 @@ def model_statistics(
     sched = prob.schedule
     hi = sched.knot(sched.t_min).lam
     lo = sched.knot(sched.t_max).lam
-    if not math.isfinite(lo):
+    if sched.starts_at_pure_noise:
         lams = [k.lam for k in _fine_knots(sched, opts.fine_knots)]
         for nfe in budgets:
             for kind, rho, sigma_max in grid_families(sched, opts):
@@ -2006,7 +2004,7 @@ def grid_families(
     families: list[tuple[str, float | None, float | None]] = [
         (kind, rho, None) for kind, rho in opts.grids
     ]
-    if opts.flow_sigma_max is not None and schedule.knot(schedule.t_max).alpha == 0.0:
+    if opts.flow_sigma_max is not None and schedule.starts_at_pure_noise:
         families += [
             (k, rho, opts.flow_sigma_max) for k, rho in opts.grids if k in LEVEL_SPACED_KINDS
         ]
