@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -272,6 +273,48 @@ def update_coefficients(
     return UpdateCoefficients((c.alpha / a.alpha) * decay, cf, scale * shift)
 
 
+#: Steps whose coefficients one EMS object keeps (:func:`_cached_coefficients`).
+COEFFICIENT_CACHE = 4096
+_CACHE_LOCK = threading.Lock()  # tune runs budgets in threads
+
+
+def _device_spline(ems: EMS, device: torch.device) -> EMSSpline:
+    """``ems``'s splines on ``device`` in its table dtype, built once per EMS and device."""
+    tables = ems.__dict__.setdefault("_device_splines", {})  # a cache, not a field
+    key = str(device)
+    if key not in tables:
+        tables[key] = ems.spline().to(device, _table_dtype(device))
+    return tables[key]
+
+
+def _cached_coefficients(
+    ems: EMS | None,
+    spline: EMSSpline | None,
+    a: Knot,
+    c: Knot,
+    nodes: Sequence[float],
+    pseudo: bool,
+) -> UpdateCoefficients:
+    """:func:`update_coefficients`, remembered per EMS object: they depend only on the
+    step's knots and nodes, and a sampler run with the same knots (every run of a recipe;
+    ``dpmsolver.tune`` runs one recipe hundreds of times) would integrate the statistics
+    again at every step. At most :data:`COEFFICIENT_CACHE` steps are kept (the oldest
+    forgotten first)."""
+    if ems is None or spline is None:
+        return update_coefficients(spline, a, c, nodes, pseudo)
+    cache = ems.__dict__.setdefault("_coefficients", {})  # a cache, not a field
+    key = (str(spline.coef.device), a.lam, a.alpha, c.lam, c.alpha, tuple(nodes), pseudo)
+    with _CACHE_LOCK:
+        coef = cache.get(key)
+    if coef is None:
+        coef = update_coefficients(spline, a, c, nodes, pseudo)
+        with _CACHE_LOCK:
+            if len(cache) >= COEFFICIENT_CACHE:
+                cache.pop(next(iter(cache)))
+            cache[key] = coef
+    return coef
+
+
 # ----------------------------------------------------------------------------------------
 # The solver
 # ----------------------------------------------------------------------------------------
@@ -372,7 +415,7 @@ class DPMSolverV3(MultistepSolver):
                 f"ems describes samples of shape {self.ems.shape} but the state has per-sample "
                 f"shape {tuple(x.shape[1:])}"
             )
-        return self.ems.spline().to(x.device, _table_dtype(x.device))
+        return _device_spline(self.ems, x.device)
 
     def _corrects(self, knot: Knot, schedule: NoiseSchedule) -> bool:
         if not self.half_corrector:
@@ -414,7 +457,7 @@ class DPMSolverV3(MultistepSolver):
             a = state.knots[0]
             nodes = [a.lam, s.lam, *(k.lam for k in state.knots[1 : 1 + extra])]
             fs = [state.fs[0], f_s, *state.fs[1 : 1 + extra]]
-            coef = update_coefficients(spline, a, s, nodes, pseudo=mode == "pseudo")
+            coef = _cached_coefficients(self.ems, spline, a, s, nodes, mode == "pseudo")
             x = apply_update(coef, state.x_prev, fs)
 
         # Predictor of order k (warm-up: capped by the history).
@@ -423,7 +466,7 @@ class DPMSolverV3(MultistepSolver):
             x_t = first_order_step(Form.DATA, x, x0, -f_s, s, t)
         else:
             nodes = [s.lam, *(kn.lam for kn in state.knots[: k - 1])]
-            coef = update_coefficients(spline, s, t, nodes, pseudo=self.pseudo_order)
+            coef = _cached_coefficients(self.ems, spline, s, t, nodes, self.pseudo_order)
             x_t = apply_update(coef, x, [f_s, *state.fs[: k - 1]])
         new_state = V3State(
             knots=(s, *state.knots)[:keep],
