@@ -155,15 +155,18 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "PROFILE_FORMAT",
     "READABLE_FORMATS",
+    "V3_CANDIDATES",
     "BudgetChoice",
     "Profile",
     "ProfileMismatchError",
     "TuneOptions",
     "grid_families",
+    "model_statistics",
     "no_new_divergence",
     "paired_better",
     "schedule_fingerprint",
     "tune",
+    "v3_candidates",
 ]
 
 PROFILE_FORMAT = "dpmsolver-profile/10"
