@@ -21,10 +21,10 @@ from dpmsolver.tune import (
     Profile,
     TuneOptions,
     _Counter,
+    _model_statistics,
     _pilot,
     _RowDenoiser,
     grid_families,
-    model_statistics,
     v3_candidates,
 )
 
@@ -92,7 +92,7 @@ def test_the_statistics_cover_every_candidate_grid(schedule: dp.NoiseSchedule) -
     rows = _RowDenoiser(net, "x0", COND["cond"], COND["uncond"], 5.0, SampleOptions())
     prob = _pilot(_Counter(rows), schedule, Z, 1e-4, 4, opts.fine_knots)
     budgets = [5, 8, 12]
-    ems, spent = model_statistics(rows, prob, budgets, opts)
+    ems, spent = _model_statistics(rows, prob, budgets, opts)
     assert isinstance(ems, EMS) and ems.lams.numel() == 16
     assert ems.guidance_scale == 5.0 and ems.samples == len(prob.cal)
     assert spent >= 16 * len(prob.cal)  # at least one call per grid point and row
@@ -119,7 +119,7 @@ def test_a_profile_carries_the_statistics_through_its_file(tmp_path: Path) -> No
     net = dp.MixtureNetwork(MIX, SD, "x0")
     rows = _RowDenoiser(net, "x0", COND["cond"], COND["uncond"], 5.0, SampleOptions())
     opts = TuneOptions(v3_points=16)
-    ems, _ = model_statistics(rows, _pilot(_Counter(rows), SD, Z, 1e-4, 4, 0), [6], opts)
+    ems, _ = _model_statistics(rows, _pilot(_Counter(rows), SD, Z, 1e-4, 4, 0), [6], opts)
     options = {"ems": ems, "order": 2, "corrector": "pseudo"}
     prof = one_choice_profile(SD, "x0", solver="dpmv3", options=options, nfe=6, guidance_scale=5.0)
     path = tmp_path / "p.json"

@@ -161,7 +161,6 @@ __all__ = [
     "ProfileMismatchError",
     "TuneOptions",
     "grid_families",
-    "model_statistics",
     "no_new_divergence",
     "paired_better",
     "schedule_fingerprint",
@@ -659,7 +658,7 @@ class TuneOptions:
             Lu et al. 2023) on every grid family: :data:`V3_CANDIDATES`, with empirical
             model statistics (:func:`dpmsolver.ems.estimate_ems`) estimated per guidance
             scale over the calibration rows' own trajectories on ``n`` log-SNR points
-            (:func:`model_statistics`). Default 0: not. A study (stop 48,
+            (:func:`_model_statistics`). Default 0: not. A study (stop 48,
             ``benchmarks/stage_a_v3.md``).
         screen_rows: calibration rows every candidate is screened on (default 8).
         finalists: candidates scored on every pilot row (default 4).
@@ -1431,7 +1430,7 @@ def tune(
             bar.update()
             wopts = opts
             if opts.v3_points:
-                ems, spent = model_statistics(
+                ems, spent = _model_statistics(
                     _RowDenoiser(model, prediction, cond, uncond, w, sample_options),
                     prob,
                     budgets,
@@ -1480,7 +1479,7 @@ def v3_candidates(ems: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
     return tuple(("dpmv3", {"ems": ems, **o}) for o in V3_CANDIDATES)
 
 
-def model_statistics(
+def _model_statistics(
     den: _RowDenoiser, prob: _Problem, budgets: Sequence[int], opts: TuneOptions
 ) -> tuple[Any, int]:
     """DPM-Solver-v3's empirical model statistics of the guided denoiser ``den`` over the
