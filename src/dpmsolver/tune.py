@@ -128,7 +128,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -150,6 +150,9 @@ from .schedules import Knot, NoiseSchedule
 from .solvers import AdaptiveSolver, MultistepSolver, Solver, StepContext
 from .steplimit import StepLimit, check_step_limit
 from .timegrid import LEVEL_SPACED_KINDS, make_grid
+
+if TYPE_CHECKING:  # the statistics' module loads lazily, where a tune uses them
+    from .ems import EMS
 
 __all__ = [
     "DEFAULT_BUDGETS",
@@ -1477,14 +1480,14 @@ V3_CANDIDATES: tuple[Mapping[str, Any], ...] = (
 )
 
 
-def v3_candidates(ems: Any) -> tuple[tuple[str, Mapping[str, Any]], ...]:
+def v3_candidates(ems: EMS) -> tuple[tuple[str, Mapping[str, Any]], ...]:
     """Stage (a)'s DPM-Solver-v3 candidates with the statistics ``ems``."""
     return tuple(("dpmv3", {"ems": ems, **o}) for o in V3_CANDIDATES)
 
 
 def _model_statistics(
     den: _RowDenoiser, prob: _Problem, budgets: Sequence[int], opts: TuneOptions
-) -> tuple[Any, int]:
+) -> tuple[EMS, int]:
     """DPM-Solver-v3's empirical model statistics of the guided denoiser ``den`` over the
     calibration rows' own trajectories (:func:`dpmsolver.ems.estimate_ems` with ``noise=``,
     Zheng, Lu et al. 2023, App. C.1.1; trajectory statistics because under guidance the
