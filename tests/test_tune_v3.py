@@ -5,6 +5,7 @@ the exact mixtures differentiable for the statistics' Jacobian products."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -166,3 +167,12 @@ def test_remembered_coefficients_give_the_same_samples() -> None:
     fresh = EMS(ems.lams, ems.l, ems.s, ems.b, ems.fingerprint, ems.samples, ems.source)
     other = dp.sample(net, Z, solver=Recipe("dpmv3", {**recipe.options, "ems": fresh}), **kw).x
     assert torch.equal(first, again) and torch.equal(first, other)
+
+
+def test_a_format_9_profile_still_reads() -> None:
+    """Format 10 added the statistics inside a choice's options; a format 9 file has none."""
+    prof = one_choice_profile(SD, "x0")
+    data = prof.to_json()
+    data["format"] = "dpmsolver-profile/9"
+    old = Profile.from_json(json.loads(json.dumps(data)))
+    assert old.choices == prof.choices and old.format == "dpmsolver-profile/10"
