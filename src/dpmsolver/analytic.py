@@ -488,18 +488,18 @@ class LowRankMixture:
         e = a * a * d + s * s  # (K, D)
         inv_e = 1.0 / e
         # In place, in a kept buffer: allocating (K, B, D) temporaries costs more than the
-        # arithmetic on them (fresh pages on every call).
-        # Differentiated (DPM-Solver-v3's statistics take Jacobian products), the same
-        # arithmetic runs out of place: autograd cannot follow out= and in-place squares.
+        # arithmetic on them (fresh pages on every call). Differentiated (DPM-Solver-v3's
+        # statistics take Jacobian products), the same arithmetic runs out of place:
+        # autograd cannot follow out= and in-place squares.
         grad = torch.is_grad_enabled() and xf.requires_grad
-        buf = None if grad else p.get("buffer")
-        if not grad and (
-            buf is None or buf.shape != (kk, xf.shape[0], dim) or buf.dtype != xf.dtype
-        ):
-            buf = p["buffer"] = torch.empty(kk, xf.shape[0], dim, dtype=xf.dtype, device=xf.device)
         if grad:
             delta = torch.sub(xf[None, :, :], mu[:, None, :], alpha=a)  # (K, B, D)
         else:
+            buf = p.get("buffer")
+            if buf is None or buf.shape != (kk, xf.shape[0], dim) or buf.dtype != xf.dtype:
+                buf = p["buffer"] = torch.empty(
+                    kk, xf.shape[0], dim, dtype=xf.dtype, device=xf.device
+                )
             delta = torch.sub(xf[None, :, :], mu[:, None, :], alpha=a, out=buf)
         uie = u * inv_e[:, :, None] if r > 0 else u  # E^{-1} U
         # U^T E^{-1} delta, before delta is squared in place

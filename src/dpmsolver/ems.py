@@ -368,14 +368,23 @@ class EMS:
             source="synthetic",
         )
 
-    def spline(self) -> EMSSpline:
+    def spline(
+        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
+    ) -> EMSSpline:
         """The continuous ``l, s, b`` the solver uses: natural cubic splines through the grid
-        values (host float64; built once per EMS object)."""
+        values (host float64; with ``device``, their tables there in ``dtype``), built once
+        per EMS object (and device and dtype): a sampler run uses them at every step."""
         cached = self.__dict__.get("_spline")
         if cached is None:
             cached = EMSSpline.from_ems(self)
             self.__dict__["_spline"] = cached  # a cache, not a field: frozen is kept
-        return cached
+        if device is None:
+            return cached
+        moved = self.__dict__.setdefault("_device_splines", {})
+        key = (str(torch.device(device)), dtype)
+        if key not in moved:
+            moved[key] = cached.to(device, dtype)
+        return moved[key]
 
     # -- JSON (inside a tuned profile) ---------------------------------------------------
 

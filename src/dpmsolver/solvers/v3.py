@@ -278,15 +278,6 @@ COEFFICIENT_CACHE = 4096
 _CACHE_LOCK = threading.Lock()  # tune runs budgets in threads
 
 
-def _device_spline(ems: EMS, device: torch.device) -> EMSSpline:
-    """``ems``'s splines on ``device`` in its table dtype, built once per EMS and device."""
-    tables = ems.__dict__.setdefault("_device_splines", {})  # a cache, not a field
-    key = str(device)
-    if key not in tables:
-        tables[key] = ems.spline().to(device, _table_dtype(device))
-    return tables[key]
-
-
 def _cached_coefficients(
     ems: EMS | None,
     spline: EMSSpline | None,
@@ -415,7 +406,7 @@ class DPMSolverV3(MultistepSolver):
                 f"ems describes samples of shape {self.ems.shape} but the state has per-sample "
                 f"shape {tuple(x.shape[1:])}"
             )
-        return _device_spline(self.ems, x.device)
+        return self.ems.spline(x.device, _table_dtype(x.device))
 
     def _corrects(self, knot: Knot, schedule: NoiseSchedule) -> bool:
         if not self.half_corrector:
