@@ -8,19 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 from torch import Tensor
 
 import dpmsolver as dp
 
+from .test_tune import COND, MIX, SD, Z
+
 pytest.importorskip("scipy")
 
-SD = dp.DiscreteVPSchedule()
-MIX = dp.default_mixture(dim=6, num_classes=3, components_per_class=2, seed=5)
-N = 24
-Z = torch.randn(N, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-Y = torch.arange(N) % 3
-COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 3)}}
 # every stage runs, the guard (64 rows here) and the tail ranking included
 OPTS: dict[str, Any] = {
     "fine_knots": 8,

@@ -29,16 +29,10 @@ from dpmsolver.tune import (
     v3_candidates,
 )
 
-from .test_tune import CHEAP
+from .test_tune import CHEAP, COND, MIX, SD, Z
 from .test_tune_lower_order_final import one_choice_profile
 
-SD = dp.DiscreteVPSchedule()
 FLOW = dp.RectifiedFlowSchedule()
-MIX = dp.default_mixture(dim=4, num_classes=2, components_per_class=2, seed=3)
-N = 16
-Z = torch.randn(N, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-Y = torch.arange(N) % 2
-COND = {"cond": {"y": Y}, "uncond": {"y": torch.full_like(Y, 2)}}
 
 
 def _lowrank(seed: int) -> LowRankMixture:
@@ -176,3 +170,17 @@ def test_a_format_9_profile_still_reads() -> None:
     data["format"] = "dpmsolver-profile/9"
     old = Profile.from_json(json.loads(json.dumps(data)))
     assert old.choices == prof.choices and old.format == "dpmsolver-profile/10"
+
+
+def test_the_statistics_respect_micro_batch() -> None:
+    """With ``micro_batch`` the statistics' calls are split as tune's own are, and the
+    estimate is the one taken in whole batches (the mixture is row-wise)."""
+    net = dp.MixtureNetwork(MIX, SD, "x0")
+    opts = TuneOptions(v3_points=16)
+    whole = _RowDenoiser(net, "x0", COND["cond"], COND["uncond"], 5.0, SampleOptions())
+    split = _RowDenoiser(net, "x0", COND["cond"], COND["uncond"], 5.0, SampleOptions(), 4)
+    prob = _pilot(_Counter(whole), SD, Z, 1e-4, 4, 0)
+    a, _ = _model_statistics(whole, prob, [6], opts)
+    b, _ = _model_statistics(split, prob, [6], opts)
+    for name in ("l", "s", "b"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-12)

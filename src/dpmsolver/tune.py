@@ -1436,8 +1436,11 @@ def tune(
             bar.update()
             wopts = opts
             if opts.v3_points:
+                # the network itself, not the merger: these calls belong to no budget's lane
                 ems, spent = _model_statistics(
-                    _RowDenoiser(model, prediction, cond, uncond, w, sample_options),
+                    _RowDenoiser(
+                        model, prediction, cond, uncond, w, sample_options, opts.micro_batch
+                    ),
                     prob,
                     budgets,
                     opts,
