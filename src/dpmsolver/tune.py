@@ -159,6 +159,8 @@ __all__ = [
     "PROFILE_FORMAT",
     "READABLE_FORMATS",
     "V3_CANDIDATES",
+    "V3_NOISES",
+    "V3_SEED",
     "BudgetChoice",
     "Profile",
     "ProfileMismatchError",
@@ -182,6 +184,11 @@ CAP_BINS = 32
 #: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
 #: not depend on the global generator.
 GUARD_SEED = 0x6A4D
+#: The seed of the noises DPM-Solver-v3's statistics are estimated on with
+#: ``TuneOptions.v3_noise="own"`` (neither the pilot's nor the guard's).
+V3_SEED = 0x3E35
+#: Where DPM-Solver-v3's statistics come from (:attr:`TuneOptions.v3_noise`).
+V3_NOISES = ("pilot", "own")
 #: Which pilot rows rank stage (a)'s finalists (:attr:`TuneOptions.rank_rows`).
 RANK_ROWS: tuple[str, ...] = ("calibration", "pilot", "worse")
 #: When the tail ranking runs (:attr:`TuneOptions.tail_trigger`).
@@ -666,6 +673,14 @@ class TuneOptions:
             the pilot chose ``dpmv3`` in 308 of 672 cells, and 554 met the best peer on 512
             new noises instead of 576 (at half its error at guidance 7.5, 5-10 NFE: 60
             instead of 49).
+        v3_noise: where those statistics come from: ``"pilot"`` (default: the calibration
+            rows' trajectories, which then also rank the candidates, so ``dpmv3``'s
+            calibration error is in sample) or ``"own"`` (as many noises of
+            :data:`V3_SEED`, with the calibration rows' conditioning).
+        v3_min_guidance: guidance scales below this get no ``dpmv3`` candidates (and no
+            statistics). Default 0.
+        v3_max_nfe: budgets above this get no ``dpmv3`` candidates. Default None: every
+            budget.
         screen_rows: calibration rows every candidate is screened on (default 8).
         finalists: candidates scored on every pilot row (default 4).
         rank_rows: the rows that rank the finalists: ``"calibration"`` (default: the
@@ -894,6 +909,9 @@ class TuneOptions:
     grids: tuple[tuple[str, float | None], ...] = TUNE_GRIDS
     flow_sigma_max: float | None = None
     v3_points: int = 0
+    v3_noise: str = "pilot"
+    v3_min_guidance: float = 0.0
+    v3_max_nfe: int | None = None
     screen_rows: int = 8
     finalists: int = 4
     rank_rows: str = "calibration"
@@ -940,6 +958,10 @@ class TuneOptions:
         check_int("v3_points", self.v3_points, minimum=0)
         if 0 < self.v3_points < 8:
             raise ValueError(f"v3_points must be 0 (off) or at least 8, got {self.v3_points}")
+        check_choice("v3_noise", self.v3_noise, V3_NOISES)
+        check_finite_float("v3_min_guidance", self.v3_min_guidance)
+        if self.v3_max_nfe is not None:
+            check_int("v3_max_nfe", self.v3_max_nfe, minimum=1)
         check_int("screen_rows", self.screen_rows, minimum=1)
         check_int("finalists", self.finalists, minimum=1)
         check_choice("rank_rows", self.rank_rows, RANK_ROWS)
@@ -1435,7 +1457,7 @@ def tune(
             )
             bar.update()
             wopts = opts
-            if opts.v3_points:
+            if opts.v3_points and w >= opts.v3_min_guidance:
                 # the network itself, not the merger: these calls belong to no budget's lane
                 ems, spent = _model_statistics(
                     _RowDenoiser(
@@ -1513,7 +1535,14 @@ def _model_statistics(
         lo = min(v for v in lams if math.isfinite(v)) - 2.0
     counter = _Counter(den, 0)  # no memo: the statistics differentiate the calls
     cal = prob.cal
-    noise = prob.x_T[cal] / sched.knot(sched.t_max).sigma
+    if opts.v3_noise == "own":
+        # drawn on the CPU, as the guard's, so that every device gets the same ones
+        g = torch.Generator().manual_seed(V3_SEED)
+        shape = (len(cal), *prob.x_T.shape[1:])
+        z = torch.randn(shape, generator=g, dtype=torch.float64)
+        noise = z.to(device=prob.x_T.device, dtype=prob.x_T.dtype)
+    else:
+        noise = prob.x_T[cal] / sched.knot(sched.t_max).sigma
     ems = estimate_ems(
         _Rows(counter, cal),
         sched,
@@ -2032,6 +2061,8 @@ def _screened(prob: _Problem, nfe: int, opts: TuneOptions) -> list[tuple[float, 
     screen = prob.cal[: opts.screen_rows]
     scored: list[tuple[float, Recipe]] = []
     for name, options in opts.solvers:
+        if name == "dpmv3" and opts.v3_max_nfe is not None and nfe > opts.v3_max_nfe:
+            continue
         for kind, rho, sigma_max in grid_families(prob.schedule, opts):
             r = _candidate(name, options, kind, rho, nfe, sigma_max)
             if r is None:
