@@ -5,6 +5,7 @@ the exact mixtures differentiable for the statistics' Jacobian products."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,7 @@ from dpmsolver.tune import (
     _model_statistics,
     _pilot,
     _RowDenoiser,
+    _screened,
     grid_families,
     v3_candidates,
 )
@@ -184,3 +186,46 @@ def test_the_statistics_respect_micro_batch() -> None:
     b, _ = _model_statistics(split, prob, [6], opts)
     for name in ("l", "s", "b"):
         assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"v3_noise": "calibration"}, {"v3_max_nfe": 0}, {"v3_min_guidance": math.inf}]
+)
+def test_a_bad_v3_scope_is_named(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TuneOptions(**bad)
+
+
+def test_statistics_from_noises_of_their_own_ignore_the_pilot_noise() -> None:
+    """``v3_noise="own"``: the statistics come from noises of ``V3_SEED`` (the calibration
+    rows' conditioning), so two pilots with the same labels and different noises get the
+    same statistics, and they differ from the calibration rows' own."""
+    net = dp.MixtureNetwork(MIX, SD, "x0")
+    rows = _RowDenoiser(net, "x0", COND["cond"], COND["uncond"], 5.0, SampleOptions())
+    own, pilot = TuneOptions(v3_points=16, v3_noise="own"), TuneOptions(v3_points=16)
+    other = torch.randn(Z.shape, generator=torch.Generator().manual_seed(77), dtype=Z.dtype)
+    p1 = _pilot(_Counter(rows), SD, Z, 1e-4, 4, 0)
+    p2 = _pilot(_Counter(rows), SD, other, 1e-4, 4, 0)
+    a, _ = _model_statistics(rows, p1, [6], own)
+    b, _ = _model_statistics(rows, p2, [6], own)
+    c, _ = _model_statistics(rows, p1, [6], pilot)
+    assert torch.equal(a.l, b.l) and torch.equal(a.b, b.b)
+    assert float((a.b - c.b).abs().max()) > 1e-6
+
+
+def test_v3_candidates_stay_within_their_guidance_and_budgets() -> None:
+    """Below ``v3_min_guidance`` no statistics are taken (the profile costs what it costs
+    without them); above ``v3_max_nfe`` no ``dpmv3`` candidate is screened."""
+    net = dp.MixtureNetwork(MIX, SD, "x0")
+    kw = dict(schedule=SD, prediction="x0", nfe=[5], **COND, **CHEAP)
+    off = dp.tune(net, Z, guidance_scale=3.0, **kw)
+    low = dp.tune(net, Z, guidance_scale=3.0, v3_points=16, v3_min_guidance=5.0, **kw)
+    assert low.evaluations == off.evaluations
+    untimed = [dataclasses.replace(c, seconds=0.0) for c in (*low.choices, *off.choices)]
+    assert untimed[: len(low.choices)] == untimed[len(low.choices) :]
+    rows = _RowDenoiser(net, "x0", COND["cond"], COND["uncond"], 7.5, SampleOptions())
+    prob = _pilot(_Counter(rows), SD, Z, 1e-4, 4, 0)
+    ems, _ = _model_statistics(rows, prob, [5, 8], TuneOptions(v3_points=16))
+    opts = TuneOptions(solvers=(("ddim", {}), *v3_candidates(ems)), v3_max_nfe=6)
+    assert any(r.solver == "dpmv3" for _, r in _screened(prob, 5, opts))
+    assert {r.solver for _, r in _screened(prob, 8, opts)} == {"ddim"}

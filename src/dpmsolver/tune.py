@@ -1514,7 +1514,9 @@ def _model_statistics(
     den: _RowDenoiser, prob: _Problem, budgets: Sequence[int], opts: TuneOptions
 ) -> tuple[EMS, int]:
     """DPM-Solver-v3's empirical model statistics of the guided denoiser ``den`` over the
-    calibration rows' own trajectories (:func:`dpmsolver.ems.estimate_ems` with ``noise=``,
+    calibration rows' own trajectories, or with ``opts.v3_noise == "own"`` over those of
+    as many noises of :data:`V3_SEED` with the same rows' conditioning
+    (:func:`dpmsolver.ems.estimate_ems` with ``noise=``,
     Zheng, Lu et al. 2023, App. C.1.1; trajectory statistics because under guidance the
     ODE's states are not noised data), on ``opts.v3_points`` log-SNR points, and the rows
     the network evaluated. The grid spans the schedule; where it starts at pure noise
