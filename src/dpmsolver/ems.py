@@ -117,6 +117,8 @@ __all__ = [
 #: Version of the file layout written by :meth:`EMS.save`.
 FORMAT_VERSION = 1
 _FORMAT = "dpmsolver-ems"
+#: The statistics' tensors, in the order :class:`EMS` takes them.
+_TENSORS = ("lams", "l", "s", "b")
 _CHECKPOINT_FORMAT = "dpmsolver-ems-checkpoint"
 Source = Literal["estimated", "exact", "synthetic", "degenerate"]
 
@@ -391,13 +393,25 @@ class EMS:
     def to_json(self) -> dict[str, Any]:
         """The statistics as JSON-compatible data (a tuned profile carries them:
         :attr:`dpmsolver.tune.TuneOptions.v3_points`); :meth:`from_json` reads it back."""
-        fp = self.fingerprint
         return {
             "ems": FORMAT_VERSION,
-            "lams": self.lams.tolist(),
-            "l": self.l.tolist(),
-            "s": self.s.tolist(),
-            "b": self.b.tolist(),
+            **{k: getattr(self, k).tolist() for k in _TENSORS},
+            **self._fields(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EMS:
+        """Statistics from :meth:`to_json`'s data (a ValueError for anything else)."""
+        if not isinstance(data, Mapping) or data.get("ems") != FORMAT_VERSION:
+            raise ValueError(f"not EMS data of format version {FORMAT_VERSION}")
+        return cls._from_fields(
+            {k: torch.tensor(data[k], dtype=torch.float64) for k in _TENSORS}, data
+        )
+
+    def _fields(self) -> dict[str, Any]:
+        """Everything but the tensors, as both encodings (JSON, a file's metadata) keep it."""
+        fp = self.fingerprint
+        return {
             "schedule": fp.schedule,
             "prediction": fp.prediction,
             "guidance_scale": fp.guidance_scale,
@@ -406,21 +420,19 @@ class EMS:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> EMS:
-        """Statistics from :meth:`to_json`'s data (a ValueError for anything else)."""
-        if not isinstance(data, Mapping) or data.get("ems") != FORMAT_VERSION:
-            raise ValueError(f"not EMS data of format version {FORMAT_VERSION}")
-        w = data.get("guidance_scale")
+    def _from_fields(cls, tensors: Mapping[str, Tensor], fields: Mapping[str, Any]) -> EMS:
+        """The inverse of :meth:`_fields` (a missing or empty entry is None), with the
+        tensors ``lams, l, s, b``."""
+        w = fields.get("guidance_scale")
         return cls(
-            torch.tensor(data["lams"], dtype=torch.float64),
-            torch.tensor(data["l"], dtype=torch.float64),
-            torch.tensor(data["s"], dtype=torch.float64),
-            torch.tensor(data["b"], dtype=torch.float64),
+            *(tensors[k] for k in _TENSORS),
             EMSFingerprint(
-                data.get("schedule"), data.get("prediction"), None if w is None else float(w)
+                fields.get("schedule") or None,
+                fields.get("prediction") or None,
+                None if w is None or w == "" else float(w),
             ),
-            samples=int(data.get("samples", 0)),
-            source=data.get("source", "estimated"),
+            samples=int(fields.get("samples", 0)),
+            source=fields.get("source", "estimated"),
         )
 
     # -- files ---------------------------------------------------------------------------
@@ -429,17 +441,10 @@ class EMS:
         """Write a safetensors file: tensors ``lams, l, s, b`` and the fingerprint, source,
         sample count and format version in its metadata (written atomically)."""
         save_file = _safetensors().save_file
-        fp = self.fingerprint
-        meta = {
-            "format": _FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "schedule": "" if fp.schedule is None else fp.schedule,
-            "prediction": "" if fp.prediction is None else fp.prediction,
-            "guidance_scale": "" if fp.guidance_scale is None else repr(float(fp.guidance_scale)),
-            "samples": str(self.samples),
-            "source": self.source,
-        }
-        tensors = {"lams": self.lams, "l": self.l, "s": self.s, "b": self.b}
+        meta = {"format": _FORMAT, "format_version": str(FORMAT_VERSION)}
+        # safetensors metadata holds strings only: None is written as ""
+        meta.update({k: "" if v is None else str(v) for k, v in self._fields().items()})
+        tensors = {k: getattr(self, k) for k in _TENSORS}
         from .io import atomic_write
 
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -459,25 +464,11 @@ class EMS:
                 f"ems file {os.fspath(path)!r} has format_version={meta.get('format_version')!r}; "
                 f"this dpmsolver reads version {FORMAT_VERSION}"
             )
-        missing = sorted({"lams", "l", "s", "b"} - set(tensors))
+        missing = sorted(set(_TENSORS) - set(tensors))
         if missing:
             raise ValueError(f"ems file {os.fspath(path)!r} lacks tensors {missing}")
         try:
-            w = meta.get("guidance_scale", "")
-            fingerprint = EMSFingerprint(
-                schedule=meta.get("schedule") or None,
-                prediction=meta.get("prediction") or None,
-                guidance_scale=float(w) if w else None,
-            )
-            return cls(
-                tensors["lams"],
-                tensors["l"],
-                tensors["s"],
-                tensors["b"],
-                fingerprint,
-                samples=int(meta.get("samples", "0")),
-                source=meta.get("source", "estimated"),  # type: ignore[arg-type]
-            )
+            return cls._from_fields(tensors, meta)
         except (TypeError, ValueError) as e:
             raise ValueError(f"ems file {os.fspath(path)!r} is invalid: {e}") from None
 
