@@ -229,3 +229,17 @@ def test_v3_candidates_stay_within_their_guidance_and_budgets() -> None:
     opts = TuneOptions(solvers=(("ddim", {}), *v3_candidates(ems)), v3_max_nfe=6)
     assert any(r.solver == "dpmv3" for _, r in _screened(prob, 5, opts))
     assert {r.solver for _, r in _screened(prob, 8, opts)} == {"ddim"}
+
+
+def test_the_bench_names_a_fitted_dpmv3_choice_whole() -> None:
+    """The benchmark's recipe column cuts a fitted choice's text at its grid: the
+    statistics' own bracket (``lambda [lo, hi]``) must not cut it short."""
+    from dpmsolver.bench.tuned import _describe
+
+    ems = EMS.synthetic(lam_range=(-12.0, 12.0), points=16)
+    times = tuple(float(t) for t in torch.linspace(1.0, 1e-3, 7))
+    prof = one_choice_profile(
+        SD, "x0", solver="dpmv3", options={"ems": ems, "order": 2}, nfe=6, times=times
+    )
+    stage, text = _describe(prof, 6, 1.0)
+    assert text == f"dpmv3 ems={ems!r} order=2 [fitted 7 knots]"

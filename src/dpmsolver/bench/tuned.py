@@ -187,7 +187,8 @@ def _describe(profile: Profile, nfe: int, guidance: float) -> tuple[str, str]:
     r = c.recipe()
     if c.times is None:
         return c.stage, r.describe()
-    head = r.describe().split(" [")[0]
+    # cut at the grid's own bracket: an option's text (dpmv3's statistics) may hold one
+    head = r.describe().split(f" [{r.grid}")[0]
     shifted = " + model-time shifts" if c.model_shifts is not None else ""
     shifted += " + compensation" if c.compensation is not None else ""
     shifted += " + correction" if c.correction is not None else ""
