@@ -676,7 +676,11 @@ class TuneOptions:
         v3_noise: where those statistics come from: ``"pilot"`` (default: the calibration
             rows' trajectories, which then also rank the candidates, so ``dpmv3``'s
             calibration error is in sample) or ``"own"`` (as many noises of
-            :data:`V3_SEED`, with the calibration rows' conditioning).
+            :data:`V3_SEED`, with the calibration rows' conditioning). A study, not taken
+            (stop 49, ``benchmarks/stage_a_v3_own.md``): with ``"own"``,
+            ``v3_min_guidance=5`` and ``v3_max_nfe=10``, on the selection problems at
+            guidance 7.5 and 15, 5-10 NFE, 201 of 224 cells met the best peer on 512 new
+            noises against 203 without ``dpmv3`` and 203 with ``"pilot"``.
         v3_min_guidance: guidance scales below this get no ``dpmv3`` candidates (and no
             statistics). Default 0.
         v3_max_nfe: budgets above this get no ``dpmv3`` candidates. Default None: every
