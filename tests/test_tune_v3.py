@@ -241,5 +241,5 @@ def test_the_bench_names_a_fitted_dpmv3_choice_whole() -> None:
     prof = one_choice_profile(
         SD, "x0", solver="dpmv3", options={"ems": ems, "order": 2}, nfe=6, times=times
     )
-    stage, text = _describe(prof, 6, 1.0)
+    _, text = _describe(prof, 6, 1.0)
     assert text == f"dpmv3 ems={ems!r} order=2 [fitted 7 knots]"

@@ -424,8 +424,12 @@ class EMS:
         """The inverse of :meth:`_fields` (a missing or empty entry is None), with the
         tensors ``lams, l, s, b``."""
         w = fields.get("guidance_scale")
+        lams, ls, ss, bs = (tensors[k] for k in _TENSORS)
         return cls(
-            *(tensors[k] for k in _TENSORS),
+            lams,
+            ls,
+            ss,
+            bs,
             EMSFingerprint(
                 fields.get("schedule") or None,
                 fields.get("prediction") or None,
