@@ -1198,14 +1198,21 @@ class _Guard:
         return torch.stack([self.references[i] for i in rows])
 
 
+def _seeded_noise(seed: int, rows: int, like: Tensor) -> Tensor:
+    """``rows`` standard-normal float64 noises shaped as ``like``'s rows, on its device,
+    from ``seed``: drawn on the CPU, so that every device gets the same ones."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((rows, *like.shape[1:]), generator=g, dtype=torch.float64)
+    return z.to(like.device)
+
+
 def _make_guard(noise: Tensor, sigma: Any, ref: Tensor, rows: int, factor: float) -> _Guard:
-    """``rows`` noises of :data:`GUARD_SEED` (drawn on the CPU, so that every device gets
-    the same ones) at the start's ``sigma``, as the pilot's."""
-    g = torch.Generator().manual_seed(GUARD_SEED)
-    z = torch.randn((rows, *noise.shape[1:]), generator=g, dtype=torch.float64)
+    """``rows`` noises of :data:`GUARD_SEED` (:func:`_seeded_noise`) at the start's
+    ``sigma``, as the pilot's."""
     largest = float(_norms(ref).max())
     pilot = noise.shape[0]
-    return _Guard(z.to(noise.device) * sigma, [i % pilot for i in range(rows)], factor * largest)
+    z = _seeded_noise(GUARD_SEED, rows, noise)
+    return _Guard(z * sigma, [i % pilot for i in range(rows)], factor * largest)
 
 
 class _Envelope:
@@ -1542,11 +1549,7 @@ def _model_statistics(
     counter = _Counter(den, 0)  # no memo: the statistics differentiate the calls
     cal = prob.cal
     if opts.v3_noise == "own":
-        # drawn on the CPU, as the guard's, so that every device gets the same ones
-        g = torch.Generator().manual_seed(V3_SEED)
-        shape = (len(cal), *prob.x_T.shape[1:])
-        z = torch.randn(shape, generator=g, dtype=torch.float64)
-        noise = z.to(device=prob.x_T.device, dtype=prob.x_T.dtype)
+        noise = _seeded_noise(V3_SEED, len(cal), prob.x_T).to(prob.x_T.dtype)
     else:
         noise = prob.x_T[cal] / sched.knot(sched.t_max).sigma
     ems = estimate_ems(
