@@ -40,3 +40,21 @@ def test_a_fresh_round_that_does_not_exist_is_refused_by_name(
     with pytest.raises(SystemExit):
         main(["--fresh-round", k, "--no-cost"])
     assert f"--fresh-round must be 1 to {len(FRESH_ROUNDS)}, got {k}" in capsys.readouterr().err
+
+
+def test_a_rerendered_run_keeps_only_the_guidance_and_budgets_asked_for(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--from-csv`` with ``--guidance`` / ``--nfe`` compares only those cells (the record
+    of stop 48 against stop 49's scope: guidance 7.5 and 15, 5-10 NFE)."""
+    from pathlib import Path
+
+    from dpmsolver.bench.tuned import main
+
+    rec = Path(__file__).resolve().parents[1] / "benchmarks"
+    argv = ["--from-csv", str(rec / "tuned_selection_v3.csv.gz")]
+    argv += ["--compare", str(rec / "tuned_selection_g510.csv.gz")]
+    assert main([*argv, "--guidance", "7.5,15", "--nfe", "5,6,8,10"]) == 0
+    assert "| new noises | 224 | 203 | 203 |" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "| new noises | 448 |" in capsys.readouterr().out

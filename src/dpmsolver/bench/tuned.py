@@ -891,6 +891,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("--compare needs --from-csv (the new run)")
     if args.from_csv:
         run = _rows_of(args.from_csv)
+        # --guidance / --nfe, where given, keep only those cells of the re-rendered run
+        if args.guidance:
+            kept = {float(v) for v in args.guidance.split(",")}
+            run = [r for r in run if r.guidance in kept]
+        if args.nfe:
+            kept_nfe = {int(v) for v in args.nfe.split(",")}
+            run = [r for r in run if r.nfe in kept_nfe]
         print(comparison(_rows_of(args.compare), run) if args.compare else markdown(run, None))
         return 0
     torch.set_num_threads(1)
