@@ -6,6 +6,7 @@ is stored in the profile (format 4; format 3 files still read)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 from pathlib import Path
@@ -16,9 +17,12 @@ import torch
 import dpmsolver as dp
 from dpmsolver.recipe import Recipe
 from dpmsolver.tune import (
+    GUARD_REFERENCE_ROWS,
     GUARD_SEED,
     PROFILE_FORMAT,
     Profile,
+    TuneOptions,
+    _blowup_mse,
     _Choice,
     _Counter,
     _Guard,
@@ -30,6 +34,8 @@ from dpmsolver.tune import (
 from .test_tune import COND, FAST, NET, SD, Y, Z
 
 pytest.importorskip("scipy")
+
+TUNE = importlib.import_module("dpmsolver.tune")  # the module (dpmsolver.tune is the function)
 
 ROWS = 40
 
@@ -94,10 +100,98 @@ def test_the_latest_stage_with_the_fewest_blowups_is_taken(
     counts: dict[str, int], chosen: str, refused: tuple[str, ...], ran: list[str] | None
 ) -> None:
     guard = _Fake(counts)
-    best, why = _guarded(guard, None, _chain("ddim", "unipc", "deis"), 8)  # type: ignore[arg-type]
+    chain = _chain("ddim", "unipc", "deis")
+    best, why = _guarded(guard, None, chain, 8, TuneOptions())  # type: ignore[arg-type]
     assert (best.recipe.solver, why) == (chosen, refused)
     if ran is not None:
         assert guard.ran == ran
+
+
+@pytest.mark.parametrize(
+    ("counts", "mse", "chosen", "refused"),
+    [
+        # the latest has the fewest: no estimate is made
+        ({"ddim": 1, "unipc": 1, "deis": 0}, None, "deis", ()),
+        # the count would take ddim; the estimate over the guard rows keeps deis
+        ({"ddim": 0, "unipc": 3, "deis": 2}, [1.0, 4.0, 9.0], "deis", ()),
+        ({"ddim": 0, "unipc": 3, "deis": 2}, [4.0, 1.0, 9.0], "unipc", ("steps",)),
+        ({"ddim": 0, "unipc": 3, "deis": 2}, [4.0, 4.0, 1.0], "ddim", ("steps", "selection")),
+        ({"ddim": 0, "unipc": 3, "deis": 2}, [2.0, 2.0, 3.0], "deis", ()),  # latest of equals
+    ],
+)
+def test_the_mse_rule_weighs_the_far_samples_against_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+    counts: dict[str, int],
+    mse: list[float] | None,
+    chosen: str,
+    refused: tuple[str, ...],
+) -> None:
+    seen: list[list[str]] = []
+
+    def estimate(prob: object, guard: _Guard, choices: list[_Choice]) -> list[float]:
+        seen.append([c.recipe.solver for c in choices])
+        assert mse is not None
+        return mse
+
+    monkeypatch.setattr(TUNE, "_blowup_mse", estimate)
+    opts = TuneOptions(guard_rule="mse")
+    best, why = _guarded(_Fake(counts), None, _chain("ddim", "unipc", "deis"), 8, opts)  # type: ignore[arg-type]
+    assert (best.recipe.solver, why) == (chosen, refused)
+    assert seen == ([] if mse is None else [["deis", "unipc", "ddim"]])  # latest first
+
+
+def _choice(problem, recipe: Recipe, nfe: int) -> _Choice:  # type: ignore[no-untyped-def]
+    x = problem.run(recipe, nfe)
+    cal = float((x[problem.cal] - problem.reference[problem.cal]).pow(2).mean().sqrt())
+    return _Choice(recipe, "selection", cal, problem.errors(x, problem.held), nfe)
+
+
+def test_blowup_mse_references_the_farthest_guard_rows(problem) -> None:  # type: ignore[no-untyped-def]
+    # every guard sample beyond a tiny bound: the farthest GUARD_REFERENCE_ROWS get a
+    # reference, the others count at each choice's held-out mean
+    guard = dataclasses.replace(problem.guard, bound=1e-9, runs={}, references={})
+    good, poor = _choice(problem, Recipe("dpmpp_3m"), 30), _choice(problem, Recipe("ddim"), 4)
+    mse = _blowup_mse(problem, guard, [good, poor])
+    assert mse is not None and mse[0] < mse[1]
+    assert len(guard.references) == min(ROWS, GUARD_REFERENCE_ROWS) < ROWS
+    rows = sorted(guard.references)
+    ref = torch.stack([guard.references[i] for i in rows])
+    for c, got in zip([good, poor], mse, strict=True):
+        x = guard.samples(problem, c.recipe, c.nfe)
+        tail = float((x[rows] - ref).flatten(1).pow(2).mean(1).sum())
+        held = c.held.pow(2)
+        want = (float(held.sum()) * (1 + (ROWS - len(rows)) / len(held)) + tail) / (
+            len(held) + ROWS
+        )
+        assert got == pytest.approx(want, rel=1e-12)
+    # within the bound: no reference, the estimate is the held-out mean
+    calm = dataclasses.replace(problem.guard, bound=math.inf, runs={}, references={})
+    assert _blowup_mse(problem, calm, [good]) == pytest.approx([float(good.held.pow(2).mean())])
+    assert calm.references == {}
+
+
+def test_the_guard_runs_with_its_cap(problem) -> None:  # type: ignore[no-untyped-def]
+    free = dataclasses.replace(problem.guard, runs={})
+    capped = dataclasses.replace(problem.guard, runs={}, cap=((0.0, 1e-3),))
+    x = free.samples(problem, Recipe("dpmpp_3m"), 10)
+    y = capped.samples(problem, Recipe("dpmpp_3m"), 10)
+    assert x is not None and y is not None
+    assert float(y.flatten(1).norm(dim=1).max()) <= 1e-3 * (1 + 1e-9)
+    assert float(x.flatten(1).norm(dim=1).max()) > 0.1
+
+
+def test_tune_sets_the_guard_cap_only_for_the_mse_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    caps: list[object] = []
+    original = _guarded
+
+    def spy(guard: _Guard, *args: object) -> object:
+        caps.append(guard.cap)
+        return original(guard, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TUNE, "_guarded", spy)
+    for rule in ("count", "mse"):
+        dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6], guard_rule=rule, **COND, **FAST)
+    assert caps[0] is None and caps[1] is not None and len(caps[1]) > 0  # type: ignore[arg-type]
 
 
 def test_tune_refuses_fitted_choices_that_blow_up(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,6 +210,22 @@ def test_tune_refuses_fitted_choices_that_blow_up(monkeypatch: pytest.MonkeyPatc
     )
     assert all(not c.guard_refused for c in off.choices)
     assert any(c.times is not None or c.model_shifts is not None for c in off.choices)
+    # the same counts, weighed: no guard sample is beyond the bound, so the estimate is
+    # the held-out error, on which every accepted stage improved (the tail check, which
+    # would compare the final choice with stage (a)'s on the guard rows, off)
+    weighed = dp.tune(
+        NET,
+        Z,
+        schedule=SD,
+        guidance_scale=5.0,
+        nfe=[6, 10],
+        guard_rule="mse",
+        tail_rows=0,
+        **COND,
+        **fast,
+    )
+    assert all(not c.guard_refused for c in weighed.choices)
+    assert [c.stage for c in weighed.choices] == [c.stage for c in off.choices]
 
 
 def test_the_refusal_is_stored_and_format_3_files_read(tmp_path: Path) -> None:
@@ -141,3 +251,5 @@ def test_guard_options_are_checked() -> None:
         dp.tune(NET, Z, schedule=SD, guard_factor=1.0)
     with pytest.raises(ValueError, match="guard_factor"):
         dp.tune(NET, Z, schedule=SD, guard_factor=math.nan)
+    with pytest.raises(ValueError, match=r"guard_rule.*count.*mse"):
+        dp.tune(NET, Z, schedule=SD, guard_rule="fewest")

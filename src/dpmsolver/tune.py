@@ -2079,12 +2079,12 @@ def _estimated_mse(
     """Each choice's mean squared error over the pilot rows ``pilot`` gives and all the
     guard rows: the guard rows ``rows`` against their exact reference, the others at the
     choice's pilot mean (``runs``: the choices' guard samples)."""
-    ref = guard.reference(prob, rows)
+    ref = guard.reference(prob, rows) if rows else None
     others = len(guard.rows) - len(rows)
 
     def mse(c: _Choice, x: Tensor) -> float:
         total, n = pilot(c)
-        tail = float(_per_sample(x[rows], ref.to(x.device)).pow(2).sum())
+        tail = 0.0 if ref is None else float(_per_sample(x[rows], ref.to(x.device)).pow(2).sum())
         return (total + others * total / n + tail) / (n + len(guard.rows))
 
     return [mse(c, x) for c, x in zip(choices, runs, strict=True)]
