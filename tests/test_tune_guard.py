@@ -101,7 +101,7 @@ def test_the_latest_stage_with_the_fewest_blowups_is_taken(
 ) -> None:
     guard = _Fake(counts)
     chain = _chain("ddim", "unipc", "deis")
-    best, why = _guarded(guard, None, chain, 8, TuneOptions())  # type: ignore[arg-type]
+    best, why = _guarded(guard, None, chain, 8, TuneOptions(guard_rule="count"))  # type: ignore[arg-type]
     assert (best.recipe.solver, why) == (chosen, refused)
     if ran is not None:
         assert guard.ran == ran
@@ -180,7 +180,7 @@ def test_the_guard_runs_with_its_cap(problem) -> None:  # type: ignore[no-untype
     assert float(x.flatten(1).norm(dim=1).max()) > 0.1
 
 
-def test_tune_sets_the_guard_cap_only_for_the_mse_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tune_caps_the_guards_runs_except_for_the_count_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     caps: list[object] = []
     original = _guarded
 
@@ -189,9 +189,10 @@ def test_tune_sets_the_guard_cap_only_for_the_mse_rule(monkeypatch: pytest.Monke
         return original(guard, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(TUNE, "_guarded", spy)
-    for rule in ("count", "mse"):
+    for rule in ("count", "capped", "mse"):
         dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6], guard_rule=rule, **COND, **FAST)
-    assert caps[0] is None and caps[1] is not None and len(caps[1]) > 0  # type: ignore[arg-type]
+    assert caps[0] is None
+    assert caps[1] == caps[2] and caps[1] is not None and len(caps[1]) > 0  # type: ignore[arg-type]
 
 
 def test_tune_refuses_fitted_choices_that_blow_up(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,7 +201,9 @@ def test_tune_refuses_fitted_choices_that_blow_up(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(_Guard, "blowups", blowups)
     fast = {**FAST, "shift_runs": 8}
-    p = dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6, 10], **COND, **fast)
+    p = dp.tune(
+        NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6, 10], guard_rule="count", **COND, **fast
+    )
     for c in p.choices:
         assert c.times is None and c.model_shifts is None
         assert set(c.guard_refused) <= {"steps", "shifts"}
@@ -251,5 +254,5 @@ def test_guard_options_are_checked() -> None:
         dp.tune(NET, Z, schedule=SD, guard_factor=1.0)
     with pytest.raises(ValueError, match="guard_factor"):
         dp.tune(NET, Z, schedule=SD, guard_factor=math.nan)
-    with pytest.raises(ValueError, match=r"guard_rule.*count.*mse"):
+    with pytest.raises(ValueError, match=r"guard_rule.*count.*capped.*mse"):
         dp.tune(NET, Z, schedule=SD, guard_rule="fewest")

@@ -193,7 +193,7 @@ V3_NOISES = ("pilot", "own")
 #: Which pilot rows rank stage (a)'s finalists (:attr:`TuneOptions.rank_rows`).
 RANK_ROWS: tuple[str, ...] = ("calibration", "pilot", "worse")
 #: How the blow-up guard picks among the stages' choices (:attr:`TuneOptions.guard_rule`).
-GUARD_RULES: tuple[str, ...] = ("count", "mse")
+GUARD_RULES: tuple[str, ...] = ("count", "capped", "mse")
 #: The most guard rows beyond the bound that :attr:`TuneOptions.guard_rule` ``"mse"`` gives
 #: an exact reference (the farthest first).
 GUARD_REFERENCE_ROWS = 32
@@ -793,9 +793,10 @@ class TuneOptions:
             samples at each budget's NFE, and more only where it finds a blow-up.
         guard_rule: how the guard picks among the stages' choices where the latest sends
             more guard samples beyond the bound than an earlier one: ``"count"`` (default)
-            takes the latest with the fewest; ``"mse"`` runs the guard's noises with the
-            norm cap the profile samples with (:attr:`norm_cap`; the tail ranking and the
-            tail check see those capped runs too), gives the guard rows beyond the bound
+            takes the latest with the fewest; ``"capped"`` does so with the guard's noises
+            run under the norm cap the profile samples with (:attr:`norm_cap`; the tail
+            ranking and the tail check see those capped runs too); ``"mse"`` runs them so
+            too, gives the guard rows beyond the bound
             under any of the compared choices an exact reference (at most
             :data:`GUARD_REFERENCE_ROWS`, the farthest first), and takes the choice with the
             smallest mean squared error estimated over the held-out rows and the guard's
@@ -1180,7 +1181,8 @@ class _Guard:
     x_T: Tensor
     rows: list[int]
     bound: float
-    # the norm cap the guard's runs sample with (TuneOptions.guard_rule "mse"; None: none)
+    # the norm cap the guard's runs sample with (TuneOptions.guard_rule "capped" and "mse";
+    # None: none)
     cap: tuple[tuple[float, float], ...] | None = None
     # each budget's runs until its choice is made (the tail ranking and the tail check
     # reuse them): budgets run in threads, each writes only its own entry. They are kept in
@@ -1495,7 +1497,7 @@ def tune(
                 (opts.probe_pairs, opts.probe_levels),
                 (opts.guard_rows, opts.guard_factor),
             )
-            if opts.guard_rule == "mse" and prob.guard is not None:
+            if opts.guard_rule != "count" and prob.guard is not None:
                 prob.guard.cap = prob.norm_cap(opts.norm_cap)
             bar.update()
             wopts = opts
