@@ -180,7 +180,7 @@ def test_the_guard_runs_with_its_cap(problem) -> None:  # type: ignore[no-untype
     assert float(x.flatten(1).norm(dim=1).max()) > 0.1
 
 
-def test_tune_caps_the_guards_runs_except_for_the_count_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tune_caps_the_guard_runs_but_for_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
     caps: list[object] = []
     original = _guarded
 
