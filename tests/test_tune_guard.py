@@ -9,6 +9,7 @@ import dataclasses
 import importlib
 import json
 import math
+import types
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from dpmsolver.tune import (
     _blowup_mse,
     _Choice,
     _Counter,
+    _fallback,
     _Guard,
     _guarded,
     _pilot,
@@ -138,6 +140,47 @@ def test_the_mse_rule_weighs_the_far_samples_against_the_rest(
     best, why = _guarded(_Fake(counts), None, _chain("ddim", "unipc", "deis"), 8, opts)  # type: ignore[arg-type]
     assert (best.recipe.solver, why) == (chosen, refused)
     assert seen == ([] if mse is None else [["deis", "unipc", "ddim"]])  # latest first
+
+
+def _held(solver: str, errors: list[float]) -> _Choice:
+    return _Choice(Recipe(solver), "selection", 0.0, torch.tensor(errors, dtype=torch.float64), 8)
+
+
+def test_the_fallback_takes_the_first_finalist_as_safe_as_the_default() -> None:
+    prob = types.SimpleNamespace(spread=10.0, probes=None)
+    default = _held("ddim", [1.0, 1.0, 1.0, 1.0])
+    finalists = [
+        _held("unipc", [0.1, 0.1, 0.1, 0.1]),  # better, but more far guard samples
+        _held("deis", [2.0, 2.0, 2.0, 2.0]),  # as safe, but the held-out half refuses it
+        _held("heun", [0.5, 0.5, 0.5, 0.5]),  # as safe and better: taken
+        _held("dpmpp_3m", [0.2, 0.2, 0.2, 0.2]),  # better still, but ranked after
+    ]
+    guard = _Fake({"ddim": 1, "unipc": 3, "deis": 0, "heun": 1, "dpmpp_3m": 0})
+    opts = TuneOptions(guard_fallback=True)
+    got = _fallback(prob, guard, finalists, default, opts)  # type: ignore[arg-type]
+    assert got is finalists[2]
+    guard = _Fake({"ddim": 0, "unipc": 3, "deis": 0, "heun": 1, "dpmpp_3m": 1})
+    assert _fallback(prob, guard, finalists, default, opts) is None  # type: ignore[arg-type]
+
+
+def test_tune_falls_back_to_a_finalist_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the guard refuses every stage back to the (weak) default recipe; no guard sample is
+    # beyond the bound, so with the fallback stage (a)'s first finalist that the held-out
+    # half takes over the default is kept
+    def refuse_all(guard: _Guard, prob: object, taken: list[_Choice], *_: object) -> object:
+        return taken[0], tuple(c.stage for c in reversed(taken[1:]))
+
+    monkeypatch.setattr(TUNE, "_guarded", refuse_all)
+    monkeypatch.setattr(_Guard, "blowups", lambda *a: 0)
+    monkeypatch.setattr(TUNE, "resolve", lambda *a: Recipe("ddim"))
+    kw = dict(schedule=SD, guidance_scale=5.0, nfe=[10], guard_rule="count", **COND, **FAST)
+    plain = dp.tune(NET, Z, **kw)  # type: ignore[arg-type]
+    fell = dp.tune(NET, Z, guard_fallback=True, **kw)  # type: ignore[arg-type]
+    (a,), (b,) = plain.choices, fell.choices
+    assert a.stage == "default" and a.solver == "ddim" and a.guard_refused
+    assert b.stage == "selection" and b.times is None and b.solver != "ddim"
+    assert b.guard_refused == a.guard_refused
+    assert b.heldout_error < a.heldout_error
 
 
 def _choice(problem, recipe: Recipe, nfe: int) -> _Choice:  # type: ignore[no-untyped-def]

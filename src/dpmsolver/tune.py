@@ -810,6 +810,17 @@ class TuneOptions:
             DDIM's 0.73, with 2 guard samples beyond the bound (4.1-4.8 from the origin
             under the cap, 70 without; the bound 2.8), and the count took DDIM, 4.6x the
             best peer on the test set.
+        guard_fallback: where the guard refuses every stage's choice back to the default
+            recipe, take instead stage (a)'s first finalist (in its ranking) that the
+            held-out half takes over the default and that sends no more guard samples beyond
+            the bound than the default does (default False: the default recipe). The tail
+            ranking has already run every finalist from the guard's noises, so it costs no
+            evaluation. Why: on ill128-flow at guidance 7.5 and 6 NFE (third fresh round)
+            stage (a)'s pick sent 3 guard samples beyond the bound and the default DDIM 1,
+            so the guard took DDIM (held-out 0.77, 1.82x the best peer on the new noises)
+            while the second finalist (DPM-Solver-fast on the time-uniform grid) had
+            held-out 0.41 and 1 such sample; on iso4-flow at guidance 15 and 10 NFE the
+            fourth finalist had none and held-out 0.32 against DDIM's 0.43 (1.42x).
         norm_cap: the profile's recipes bound each sample's data prediction at this
             factor times the largest norm the pilot's exact guided trajectories reach near
             the same log-SNR (:class:`~dpmsolver.guidance.NormCap`, envelope of
@@ -974,6 +985,7 @@ class TuneOptions:
     tail_ranking: float | None = 2.0
     tail_trigger: str = "always"
     guard_rule: str = "count"
+    guard_fallback: bool = False
     tail_walk_back: bool = True
     micro_batch: int | None = None
     merge_lanes: int | None = None
@@ -1996,6 +2008,8 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     refused: tuple[str, ...] = ()
     if prob.guard is not None:
         best, refused = _guarded(prob.guard, prob, taken, nfe, opts)
+        if opts.guard_fallback and refused and best is default_choice:
+            best = _fallback(prob, prob.guard, finalists, default_choice, opts) or best
         k = next(i for i, c in enumerate(taken) if c is selected)
         past_a = any(c is best for c in taken[k + 1 :])  # a stage after (a), not refused
         if opts.tail_rows > 0 and past_a and best.recipe != selected.recipe:
@@ -2213,6 +2227,25 @@ def _guarded(
         if mse is not None:
             k = mse.index(min(mse))
     return taken[-1 - k], tuple(c.stage for c in reversed(taken[len(taken) - k :]))
+
+
+def _fallback(
+    prob: _Problem,
+    guard: _Guard,
+    finalists: Sequence[_Choice],
+    default: _Choice,
+    opts: TuneOptions,
+) -> _Choice | None:
+    """Stage (a)'s first finalist that the held-out half takes over the ``default`` recipe
+    and that sends no more guard samples beyond the bound than it (None if none:
+    :attr:`TuneOptions.guard_fallback`)."""
+    limit = guard.blowups(prob, default.recipe, default.nfe)
+    for f in finalists:
+        if f.recipe == default.recipe or guard.blowups(prob, f.recipe, f.nfe) > limit:
+            continue
+        if _accept(f, default, prob, opts.worst_factor):
+            return f
+    return None
 
 
 def _blowup_mse(prob: _Problem, guard: _Guard, choices: Sequence[_Choice]) -> list[float] | None:
