@@ -798,18 +798,21 @@ class TuneOptions:
             takes the latest with the fewest; ``"capped"`` does so with the guard's noises
             run under the norm cap the profile samples with (:attr:`norm_cap`; the tail
             ranking and the tail check see those capped runs too); ``"mse"`` runs them so
-            too, gives the guard rows beyond the bound
-            under any of the compared choices an exact reference (at most
-            :data:`GUARD_REFERENCE_ROWS`, the farthest first), and takes the choice with the
-            smallest mean squared error estimated over the held-out rows and the guard's
-            (the latest of equals; the other guard rows count at each choice's held-out
-            mean), as the tail check does. Why: the count refuses a recipe for one far
-            sample in 512 however much better it is on the other 511, and the norm cap
-            already bounds that sample when sampling: at guidance 15 and 15 NFE on
-            ill64-edm the fitted recipe's held-out error was 0.022 against the default
-            DDIM's 0.73, with 2 guard samples beyond the bound (4.1-4.8 from the origin
-            under the cap, 70 without; the bound 2.8), and the count took DDIM, 4.6x the
-            best peer on the test set.
+            too, gives the guard rows beyond the bound under any of the compared choices an
+            exact reference (at most :data:`GUARD_REFERENCE_ROWS`, the farthest first), and
+            takes the choice with the smallest mean squared error estimated over the
+            held-out rows and the guard's (the latest of equals; the other guard rows count
+            at each choice's held-out mean), as the tail check does. Why: the count refuses
+            a recipe for one far sample in 512 however much better it is on the other 511,
+            and the norm cap already bounds that sample when sampling: at guidance 15 and 15
+            NFE on ill64-edm the fitted recipe's held-out error was 0.022 against the
+            default DDIM's 0.73, with 2 guard samples beyond the bound (4.1-4.8 from the
+            origin under the cap, 70 without; the bound 2.8), and the count took DDIM, 4.6x
+            the best peer on the test set. A study, not taken (stop 50, rule written before
+            the runs, benchmarks/guard_mse.md): on the selection problems at guidance 7.5
+            and 15, 5-15 NFE (336 cells, 512 new noises) ``"mse"`` met the best peer in 292
+            cells and ``"capped"`` in 291, against 293; each sent two cells to DDIM (one
+            0.29x -> 2.35x), where a capped guard run left a sample beyond the bound.
         guard_fallback: where the guard refuses every stage's choice back to the default
             recipe, take instead stage (a)'s first finalist (in its ranking) that the
             held-out half takes over the default and that sends no more guard samples beyond
@@ -820,7 +823,9 @@ class TuneOptions:
             so the guard took DDIM (held-out 0.77, 1.82x the best peer on the new noises)
             while the second finalist (DPM-Solver-fast on the time-uniform grid) had
             held-out 0.41 and 1 such sample; on iso4-flow at guidance 15 and 10 NFE the
-            fourth finalist had none and held-out 0.32 against DDIM's 0.43 (1.42x).
+            fourth finalist had none and held-out 0.32 against DDIM's 0.43 (1.42x). A
+            study, not taken (stop 50, benchmarks/guard_fallback.md): on the same 336
+            selection cells it changed one, 1.15x worse on the new noises.
         norm_cap: the profile's recipes bound each sample's data prediction at this
             factor times the largest norm the pilot's exact guided trajectories reach near
             the same log-SNR (:class:`~dpmsolver.guidance.NormCap`, envelope of
