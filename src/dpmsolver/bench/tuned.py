@@ -889,29 +889,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.compare and not args.from_csv:
         ap.error("--compare needs --from-csv (the new run)")
+    given_nfes = tuple(int(v) for v in args.nfe.split(",")) if args.nfe else None
+    given_guid = tuple(float(v) for v in args.guidance.split(",")) if args.guidance else None
     if args.from_csv:
         run = _rows_of(args.from_csv)
         # --guidance / --nfe, where given, keep only those cells of the re-rendered run
-        if args.guidance:
-            kept = {float(v) for v in args.guidance.split(",")}
-            run = [r for r in run if r.guidance in kept]
-        if args.nfe:
-            kept_nfe = {int(v) for v in args.nfe.split(",")}
-            run = [r for r in run if r.nfe in kept_nfe]
+        if given_guid is not None:
+            run = [r for r in run if r.guidance in given_guid]
+        if given_nfes is not None:
+            run = [r for r in run if r.nfe in given_nfes]
         print(comparison(_rows_of(args.compare), run) if args.compare else markdown(run, None))
         return 0
     torch.set_num_threads(1)
     pilot = args.pilot or (16 if args.quick else PILOT)
-    nfes = (
-        tuple(int(v) for v in args.nfe.split(","))
-        if args.nfe
-        else ((5, 10) if args.quick else NFES)
-    )
-    guid = (
-        tuple(float(v) for v in args.guidance.split(","))
-        if args.guidance
-        else ((7.5,) if args.quick else GUIDANCE)
-    )
+    nfes = given_nfes or ((5, 10) if args.quick else NFES)
+    guid = given_guid or ((7.5,) if args.quick else GUIDANCE)
     if args.problems:
         names = [n.strip() for n in args.problems.split(",")]
     elif args.fresh_round is not None:
