@@ -1226,13 +1226,23 @@ class _Guard:
         """Drop budget ``nfe``'s runs (its choice is made)."""
         self.runs.pop(nfe, None)
 
+    def runs_of(self, prob: _Problem, choices: Sequence[_Choice]) -> list[Tensor] | None:
+        """Each choice's samples from the guard's noises (None if one cannot run)."""
+        xs = [self.samples(prob, c.recipe, c.nfe) for c in choices]
+        runs = [x for x in xs if x is not None]
+        return runs if len(runs) == len(xs) else None
+
+    def beyond(self, x: Tensor) -> Tensor:
+        """Which of the guard samples ``x`` end beyond the bound (a NaN does)."""
+        return ~(_norms(x) <= self.bound)
+
     def blowups(self, prob: _Problem, recipe: Recipe, nfe: int) -> int:
         """Guard samples of ``recipe`` beyond the bound (one more than all if it cannot
         run)."""
         x = self.samples(prob, recipe, nfe)
         if x is None:
             return len(self.rows) + 1
-        return int((~(_norms(x) <= self.bound)).sum())  # a NaN counts
+        return int(self.beyond(x).sum())
 
     def reference(self, prob: _Problem, rows: list[int]) -> Tensor:
         """The exact samples (at the pilot's tolerance) of the guard rows ``rows``."""
@@ -2075,10 +2085,9 @@ def _tail_mse(
     two's errors on a held-out row, get an exact reference; the other guard rows count at
     each choice's pilot mean. None where no guard row is that far apart (nothing to add to
     the pilot rows) or a choice cannot run."""
-    xs = [guard.samples(prob, c.recipe, c.nfe) for c in choices]
-    if any(x is None for x in xs):
+    runs = guard.runs_of(prob, choices)
+    if runs is None:
         return None
-    runs = [x for x in xs if x is not None]
     apart = torch.zeros(len(guard.rows), dtype=torch.float64)
     usual = 0.0
     for i, j in itertools.combinations(range(len(choices)), 2):
@@ -2258,13 +2267,13 @@ def _blowup_mse(prob: _Problem, guard: _Guard, choices: Sequence[_Choice]) -> li
     (:func:`_estimated_mse`), the guard rows beyond the bound under any of them (at most
     :data:`GUARD_REFERENCE_ROWS`, the farthest first) against their exact reference; None
     if a choice cannot run."""
-    xs = [guard.samples(prob, c.recipe, c.nfe) for c in choices]
-    runs = [x for x in xs if x is not None]
-    if len(runs) < len(xs):
+    runs = guard.runs_of(prob, choices)
+    if runs is None:
         return None
+    far = torch.stack([guard.beyond(x) for x in runs]).any(0)
     farthest = torch.stack([_norms(x) for x in runs]).nan_to_num(math.inf).amax(0)
     order = farthest.argsort(descending=True).tolist()
-    rows = [i for i in order if not float(farthest[i]) <= guard.bound][:GUARD_REFERENCE_ROWS]
+    rows = [i for i in order if bool(far[i])][:GUARD_REFERENCE_ROWS]
     return _estimated_mse(prob, guard, choices, runs, rows, _held_rows)
 
 
