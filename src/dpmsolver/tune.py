@@ -1611,7 +1611,7 @@ def _model_statistics(
     counter = _Counter(den, 0)  # no memo: the statistics differentiate the calls
     cal = prob.cal
     if opts.v3_noise == "own":
-        noise = _seeded_noise(V3_SEED, len(cal), prob.x_T).to(prob.x_T.dtype)
+        noise = _seeded_noise(V3_SEED, len(cal), prob.x_T)
     else:
         noise = prob.x_T[cal] / sched.knot(sched.t_max).sigma
     ems = estimate_ems(
