@@ -299,3 +299,5 @@ def test_guard_options_are_checked() -> None:
         dp.tune(NET, Z, schedule=SD, guard_factor=math.nan)
     with pytest.raises(ValueError, match=r"guard_rule.*count.*capped.*mse"):
         dp.tune(NET, Z, schedule=SD, guard_rule="fewest")
+    with pytest.raises(ValueError, match="guard_fallback"):
+        dp.tune(NET, Z, schedule=SD, guard_fallback="yes")

@@ -1060,6 +1060,7 @@ class TuneOptions:
                 raise ValueError(f"tail_ranking must be >= 1 or None, got {self.tail_ranking}")
         check_choice("tail_trigger", self.tail_trigger, TAIL_TRIGGERS)
         check_choice("guard_rule", self.guard_rule, GUARD_RULES)
+        check_choice("guard_fallback", self.guard_fallback, (True, False))
         if self.micro_batch is not None:
             check_int("micro_batch", self.micro_batch, minimum=1)
         check_int("memo_mb", self.memo_mb, minimum=0)
