@@ -171,7 +171,7 @@ def test_a_format_9_profile_still_reads() -> None:
     data = prof.to_json()
     data["format"] = "dpmsolver-profile/9"
     old = Profile.from_json(json.loads(json.dumps(data)))
-    assert old.choices == prof.choices and old.format == "dpmsolver-profile/10"
+    assert old.choices == prof.choices and old.format == "dpmsolver-profile/11"
 
 
 def test_the_statistics_respect_micro_batch() -> None:

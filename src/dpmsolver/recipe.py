@@ -95,6 +95,10 @@ class Recipe:
         correction: one tuple of coordinates per step correcting the data prediction in
             the trajectory's principal directions (:class:`~dpmsolver.correction.Correction`,
             PAS; a tuned profile's stage (g)), or None.
+        orders: the order of each step, first to last, in place of the solver's plan
+            (USF's per-step solver strategy, Liu et al. 2024, for the order alone; a tuned
+            profile's stage (h)): each at most the planned order, so that a multistep step
+            keeps its one evaluation and the history it needs; None: the plan's.
     """
 
     solver: str = "dpmpp_2m"
@@ -115,6 +119,7 @@ class Recipe:
     correction: tuple[tuple[float, ...], ...] | None = None
     # last, so that positional arguments keep their meaning from before it existed
     sigma_max: float | None = None
+    orders: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # frozen: a list given is kept as the tuple a profile compares and hashes
@@ -129,6 +134,13 @@ class Recipe:
         check_choice("final_step", self.final_step, ("denoise", "extrapolate"))
         if self.t_end is not None and self.sigma_end is not None:
             raise ValueError("give at most one of t_end and sigma_end")
+        if self.orders is not None:
+            if isinstance(self.orders, (str, bytes)) or not hasattr(self.orders, "__iter__"):
+                raise ValueError(f"orders must be a sequence of step orders, got {self.orders!r}")
+            orders = tuple(self.orders)
+            for i, o in enumerate(orders):
+                check_int(f"orders[{i}]", o, minimum=1)
+            object.__setattr__(self, "orders", tuple(int(o) for o in orders))
 
     def build_solver(self) -> Solver:
         """The solver (``options`` may hold its ``order``)."""
@@ -174,10 +186,10 @@ class Recipe:
             check_int("nfe", nfe, minimum=1)
         ends = {"t_start": self.t_start, "t_end": self.end_time(schedule)}
         if isinstance(solver, AdaptiveSolver):
-            if steps is not None or nfe is not None or custom:
+            if steps is not None or nfe is not None or custom or self.orders is not None:
                 raise ValueError(
                     "adaptive solvers choose their own steps: do not pass steps, nfe, "
-                    "timesteps or sigmas (tune rtol/atol)"
+                    "timesteps, sigmas or orders (tune rtol/atol)"
                 )
             g = make_grid(
                 schedule, 2 if self.final == "zero" else 1, "logsnr", final=self.final, **ends
@@ -205,6 +217,8 @@ class Recipe:
             final_zero=final_zero,
             lower_order_final=self.lower_order_final,
         )
+        if self.orders is not None:
+            orders = self._own_orders(orders)
         if grid is None:
             kind = self.grid if self.grid is not None else default_grid(schedule)
             grid = make_grid(
@@ -220,6 +234,18 @@ class Recipe:
             grid = shift_model_times(grid, self.model_shifts)
         return make_plan(solver, grid, orders)
 
+    def _own_orders(self, planned: Sequence[int]) -> list[int]:
+        """``orders`` checked against the plan's: as many steps, none above its order."""
+        assert self.orders is not None
+        if len(self.orders) != len(planned):
+            raise ValueError(
+                f"orders has {len(self.orders)} entries but the recipe plans {len(planned)} steps"
+            )
+        for i, (o, p) in enumerate(zip(self.orders, planned, strict=True)):
+            if o > p:
+                raise ValueError(f"orders[{i}]={o} exceeds the planned order {p} of that step")
+        return list(self.orders)
+
     def describe(self) -> str:
         """One line for logs and tables."""
         opts = "".join(f" {k}={v}" for k, v in self.options.items())
@@ -231,6 +257,7 @@ class Recipe:
         limited = f" step limit {self.step_limit:g}" if self.step_limit is not None else ""
         limited += " compensation" if self.compensation is not None else ""
         limited += " correction" if self.correction is not None else ""
+        limited += f" orders={''.join(map(str, self.orders))}" if self.orders is not None else ""
         lof = f" lower_order_final={self.lower_order_final}" if self.lower_order_final else ""
         return (
             f"{self.solver}{opts}{lof} [{self.grid}{extra}]{stop} final={self.final_step}"

@@ -59,6 +59,11 @@ own model, guidance included:
    bias or the extrapolation's own error is larger depends on the model and the budget
    (on a flow mixture it cut the error by 38% at 8 NFE and multiplied it by 2.7 at 20),
    so the pilot decides per budget.
+   *(h) The order of each step* (a study, off by default: ``TuneOptions.order_search``;
+   ``benchmarks/stage_h.md``), run here, before (f) and (g), at budgets up to 10: one
+   greedy pass over the steps of a multistep recipe, each tried at every order below its
+   planned one (USF's per-step solver strategy, Liu et al. 2024, for the order alone; a
+   multistep step costs one evaluation at any order); sigmas cannot carry it.
 8. *(f) Compensation of the data prediction*, for the recipe chosen so far, at budgets up
    to 25: Nelder-Mead on one ratio per step after the first by which the prediction the
    solver receives is extrapolated from the previous knot's (``D_k + c_k (D_k -
@@ -176,12 +181,13 @@ __all__ = [
     "v3_candidates",
 ]
 
-PROFILE_FORMAT = "dpmsolver-profile/10"
+PROFILE_FORMAT = "dpmsolver-profile/11"
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
 #: ``lower_order_final``, version 3 no ``guard_refused``, version 4 no ``x0_norm_cap``,
 #: version 5 no ``step_limit``, version 6 no ``compensation``, version 7 no ``correction``,
-#: version 8 no ``sigma_max``, version 9 no DPM-Solver-v3 statistics in a choice's options.
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 11))
+#: version 8 no ``sigma_max``, version 9 no DPM-Solver-v3 statistics in a choice's options,
+#: version 10 no per-step ``orders``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 12))
 #: Log-SNR bins of the pilot's envelope of data-prediction norms (:attr:`TuneOptions.norm_cap`).
 CAP_BINS = 32
 #: The guard noises' seed (:attr:`TuneOptions.guard_rows`): fixed, so that a profile does
@@ -353,8 +359,8 @@ class BudgetChoice:
         times: schedule times of the fitted noisy knots, first to last (None: the grid's);
             the run ends with the data-prediction step to sigma = 0.
         stage: what the choice came from: ``"default"``, ``"selection"``, ``"steps"``,
-            ``"shifts"``, ``"compensation"`` or ``"correction"`` (stages (d) and (e) keep the
-            stage they change).
+            ``"shifts"``, ``"orders"``, ``"compensation"`` or ``"correction"`` (stages (d)
+            and (e) keep the stage they change).
         calibration_error, heldout_error: RMS error to the reference on the calibration and
             held-out halves of the pilot.
         default_heldout_error: the default recipe's held-out error, for comparison.
@@ -376,6 +382,8 @@ class BudgetChoice:
             (:attr:`~dpmsolver.recipe.Recipe.correction`), or None.
         sigma_max: the k-diffusion sigma where the grid's spacing starts after its first
             step (:attr:`~dpmsolver.recipe.Recipe.sigma_max`; :attr:`TuneOptions.flow_sigma_max`),
+            or None.
+        orders: stage (h)'s order of each step (:attr:`~dpmsolver.recipe.Recipe.orders`),
             or None.
     """
 
@@ -402,6 +410,7 @@ class BudgetChoice:
     compensation: tuple[float, ...] | None = None
     correction: tuple[tuple[float, ...], ...] | None = None
     sigma_max: float | None = None
+    orders: tuple[int, ...] | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -420,6 +429,7 @@ class BudgetChoice:
             step_limit=self.step_limit,
             compensation=self.compensation,
             correction=self.correction,
+            orders=self.orders,
         )
 
 
@@ -536,6 +546,14 @@ class Profile:
                 "as tuned",
                 stacklevel=2,
             )
+        if c.orders is not None:
+            warnings.warn(
+                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} sets the "
+                "order of each step (orders, stage (h)), which the k-diffusion functions do "
+                "not: they keep their own; dpmsolver.sample and the diffusers scheduler run it "
+                "as tuned (tune with order_search=False for these functions)",
+                stacklevel=2,
+            )
         if c.final_step != "denoise":
             warnings.warn(
                 f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} "
@@ -603,6 +621,7 @@ class Profile:
                         "x0_norm_cap": _pairs(c.get("x0_norm_cap")),
                         "compensation": floats(c.get("compensation")),
                         "correction": _rows_of(c.get("correction")),
+                        "orders": _ints(c.get("orders")),
                         "options": _options_of(c["options"]),
                     }
                 )
@@ -633,6 +652,10 @@ def _options_of(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:
     return None if v is None else tuple((float(a), float(b)) for a, b in v)
+
+
+def _ints(v: Any) -> tuple[int, ...] | None:
+    return None if v is None else tuple(int(x) for x in v)
 
 
 def _rows_of(v: Any) -> tuple[tuple[float, ...], ...] | None:
@@ -747,6 +770,14 @@ class TuneOptions:
         correction_rows: calibration rows stage (g) fits on (default 32): each gets the
             exact state at the recipe's knots, a reference solve of its own.
         correction_max_nfe: the largest budget stage (g) runs at (default 10).
+        order_search: stage (h), the order of each step (USF's per-step solver strategy,
+            Liu et al. 2024, for the order alone): from the recipe after stage (e), each
+            step in turn is tried at every lower order and the one with the smallest error
+            on ``order_rows`` calibration rows kept (one greedy pass, no extra evaluation
+            per step for a multistep solver); then the held-out half decides as for every
+            stage. Stages (f) and (g) fit on its orders. Default False (a study).
+        order_rows: calibration rows stage (h) compares orders on (default 32).
+        order_max_nfe: the largest budget stage (h) runs at (default 10).
         shift_bound: the largest shift, in log-SNR (default 0.1). Unbounded, the fit drove
             neighbouring shifts to large opposite values (-0.34, +0.39) that helped the
             pilot and sent test samples astray (on the selection problems: 4 cells worse
@@ -975,6 +1006,9 @@ class TuneOptions:
     correction_components: int = 4
     correction_rows: int = 32
     correction_max_nfe: int = 10
+    order_search: bool = False
+    order_rows: int = 32
+    order_max_nfe: int = 10
     step_bases: int = 3
     worst_factor: float | None = None
     probe_pairs: int = 0
@@ -1032,6 +1066,9 @@ class TuneOptions:
             )
         check_int("correction_rows", self.correction_rows, minimum=1)
         check_int("correction_max_nfe", self.correction_max_nfe, minimum=1)
+        check_choice("order_search", self.order_search, (True, False))
+        check_int("order_rows", self.order_rows, minimum=1)
+        check_int("order_max_nfe", self.order_max_nfe, minimum=1)
         check_int("step_bases", self.step_bases, minimum=1)
         if self.worst_factor is not None:
             check_finite_float("worst_factor", self.worst_factor, positive=True)
@@ -2009,6 +2046,12 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         if _accept(tried, best, prob, opts.worst_factor):
             best = tried
             taken.append(best)
+    # (h) the order of each step: before (f) and (g), which fit on the trajectory it makes
+    if opts.order_search and nfe <= opts.order_max_nfe:
+        reordered = _reorder(prob, best.recipe, nfe, prob.cal[: opts.order_rows])
+        if reordered is not None and _accept(reordered, best, prob, opts.worst_factor):
+            best = reordered
+            taken.append(best)
     # (f) the data predictions extrapolated from the previous knot's, by a ratio per step
     if opts.compensation_runs > 0 and nfe <= opts.compensation_max_nfe:
         compensated = _compensate(prob, best.recipe, nfe, opts)
@@ -2059,6 +2102,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         step_limit=r.step_limit,
         compensation=r.compensation,
         correction=r.correction,
+        orders=r.orders,
     )
 
 
@@ -2596,6 +2640,39 @@ def _correct(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _Choi
         prob.run_from(base, nfe, prob.x_T[rows], den, fit)
     corrected = dataclasses.replace(base, correction=tuple(fit.fitted))
     return _choice(prob, corrected, nfe, "correction")
+
+
+def _reorder(prob: _Problem, base: Recipe, nfe: int, rows: Sequence[int]) -> _Choice | None:
+    """Stage (h): one greedy pass over ``base``'s steps, first to last, each tried at every
+    order below its planned one (the others as chosen so far) and kept at the order with
+    the smallest capped error on ``rows`` (:func:`_capped_error`); the choice, or None where
+    no step has a lower order to try (a multistep solver of order 2 or more only: their
+    steps cost one evaluation at any order) or nothing lowered the error."""
+    plan = prob.plan(base, nfe)
+    if (
+        base.orders is not None
+        or plan is None
+        or not _extrapolates(plan.solver)
+        or any(step.evals != 1 for step in plan.steps)
+    ):
+        return None
+    orders = list(plan.orders)
+    if all(o <= 1 for o in orders):
+        return None
+
+    def error(candidate: Sequence[int]) -> float:
+        return _capped_error(prob, dataclasses.replace(base, orders=tuple(candidate)), nfe, rows)
+
+    start = best = error(orders)
+    for i, planned in enumerate(plan.orders):
+        for o in range(planned - 1, 0, -1):
+            tried = [*orders[:i], o, *orders[i + 1 :]]
+            e = error(tried)
+            if e < best:
+                best, orders[i] = e, o
+    if not best < start:
+        return None
+    return _choice(prob, dataclasses.replace(base, orders=tuple(orders)), nfe, "orders")
 
 
 def _spread(values: Sequence[float], n: int) -> tuple[float, ...]:
