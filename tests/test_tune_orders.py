@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import dpmsolver as dp
+from dpmsolver.bench.tuned import _describe
 from dpmsolver.recipe import Recipe
 from dpmsolver.tune import TuneOptions
 
@@ -119,6 +120,8 @@ def test_stage_h_is_kept_only_where_the_held_out_half_takes_it() -> None:
     off = dp.tune(NET, Z, **args, **high)
     for a in kept_where_held_out_takes_it(on, off, "orders"):
         assert a.orders is not None and len(a.orders) == a.nfe
+        # the benchmark records say so, fitted knots or not
+        assert f"orders={''.join(map(str, a.orders))}" in _describe(on, a.nfe, 7.5)[1]
     # only up to order_max_nfe
     low = dp.tune(NET, Z, **args, **{**high, "order_search": True, "order_max_nfe": 4})
     assert all(c.orders is None for c in low.choices)

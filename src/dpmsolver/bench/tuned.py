@@ -192,6 +192,7 @@ def _describe(profile: Profile, nfe: int, guidance: float) -> tuple[str, str]:
     shifted = " + model-time shifts" if c.model_shifts is not None else ""
     shifted += " + compensation" if c.compensation is not None else ""
     shifted += " + correction" if c.correction is not None else ""
+    shifted += f" + orders={''.join(map(str, c.orders))}" if c.orders is not None else ""
     return c.stage, f"{head} [fitted {len(c.times)} knots]{shifted}"
 
 
