@@ -70,15 +70,18 @@ def test_a_choice_that_sends_more_of_the_arcs_across_is_refused(problem) -> None
     slack = problem.probes.resolution / problem.probes.pairs
     better = torch.full((12,), 0.1)
     assert _accept(
-        _Choice(Recipe("ddim"), "x", 0.5, better, 8, band=0.01 + slack), old, problem, None
+        _Choice(Recipe("ddim"), "x", 0.5, better, 8, band=0.01 + slack), old, problem, TuneOptions()
     )
     assert not _accept(
-        _Choice(Recipe("ddim"), "x", 0.5, better, 8, band=0.01 + 2 * slack), old, problem, None
+        _Choice(Recipe("ddim"), "x", 0.5, better, 8, band=0.01 + 2 * slack),
+        old,
+        problem,
+        TuneOptions(),
     )
     # without probes the band is not read
     bare = _pilot(problem.denoiser, SD, Z, 1e-5, 4, 0)
     assert bare.probes is None
-    assert _accept(_Choice(Recipe("ddim"), "x", 0.5, better, 8, band=1.0), old, bare, None)
+    assert _accept(_Choice(Recipe("ddim"), "x", 0.5, better, 8, band=1.0), old, bare, TuneOptions())
 
 
 def test_probe_options_are_checked() -> None:

@@ -325,6 +325,20 @@ def paired_better(new: Tensor, old: Tensor) -> bool:
     return rms_new < rms_old and float(ratios.median()) < 0.0
 
 
+def clear_gain(new: Tensor, old: Tensor, z: float) -> bool:
+    """Whether the mean of the paired differences of squared errors ``old**2 - new**2`` is
+    at least ``z`` standard errors above zero (``z = 0``: any gain in RMS). The held-out
+    half judges every stage in turn, so a choice that wins there by chance is kept as often
+    as the stages try; a threshold on the gain is the reusable holdout's remedy (Dwork et
+    al., "The reusable holdout", Science 2015), here without its added noise."""
+    if z == 0.0:
+        return True
+    d = (old.double().pow(2) - new.double().pow(2)).flatten()
+    if d.numel() < 2 or not bool(torch.isfinite(d).all()):
+        return False
+    return float(d.mean()) > z * float(d.std()) / math.sqrt(d.numel())
+
+
 def no_new_divergence(new: Tensor, old: Tensor, spread: float) -> bool:
     """Whether no sample diverges under ``new`` that ``old`` kept: per-sample errors
     ``new[i] <= max(spread, 2 old[i])``, ``spread`` being the data's (the RMS distance of
@@ -791,6 +805,10 @@ class TuneOptions:
             but met the best peer in 529 of 640 cells instead of 545 (geo-mean 0.50
             against 0.48), and left as many cells whose test error is over 3x their
             pilot error (51): it refuses gains without removing the test-only blow-ups.
+        accept_z: the held-out half keeps a stage's choice only where its gain in mean
+            squared error is at least this many standard errors of the paired differences
+            (:func:`clear_gain`; default 0.0: any gain, as :func:`paired_better` alone).
+            A study of the held-out half's reuse across the stages (benchmarks/accept_z.md).
         probe_pairs, probe_levels: boundary probes (default 0 pairs: none; 6 levels). With
             ``probe_pairs`` > 0, the held-out pairs (of consecutive held-out rows) whose
             references lie farthest apart are bisected on the arc ``cos(theta) a +
@@ -1011,6 +1029,7 @@ class TuneOptions:
     order_max_nfe: int = 10
     step_bases: int = 3
     worst_factor: float | None = None
+    accept_z: float = 0.0
     probe_pairs: int = 0
     probe_levels: int = 6
     step_ratio: float | None = 3.0
@@ -1072,6 +1091,9 @@ class TuneOptions:
         check_int("step_bases", self.step_bases, minimum=1)
         if self.worst_factor is not None:
             check_finite_float("worst_factor", self.worst_factor, positive=True)
+        check_finite_float("accept_z", self.accept_z)
+        if self.accept_z < 0.0:
+            raise ValueError(f"accept_z must be >= 0, got {self.accept_z}")
         check_int("probe_pairs", self.probe_pairs, minimum=0)
         check_int("probe_levels", self.probe_levels, minimum=1)
         if self.step_ratio is not None:
@@ -1974,7 +1996,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     finalists = _tail_ranked(prob, finalists, opts)
     for finalist in finalists:
         # the best finalist that the held-out half takes
-        if _accept(finalist, best, prob, opts.worst_factor):
+        if _accept(finalist, best, prob, opts):
             best = finalist
             taken.append(best)
             break
@@ -2013,14 +2035,14 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         fitted = _refine(
             prob, base, nfe, lams, opts.refine_runs, prob.cal[: opts.refine_rows], ratio
         )
-        if fitted is not None and _accept(fitted, best, prob, opts.worst_factor):
+        if fitted is not None and _accept(fitted, best, prob, opts):
             best = fitted
             taken.append(best)
         else:
             # the refined knots did not carry over to the held-out half: the DP's own may
             for _, fit in sorted(fits, key=lambda e: e[0])[:2]:
                 dp_choice = _choice(prob, fit, nfe, "steps")
-                if _accept(dp_choice, best, prob, opts.worst_factor):
+                if _accept(dp_choice, best, prob, opts):
                     best = dp_choice
                     taken.append(best)
                     break
@@ -2029,39 +2051,39 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
     if opts.shift_runs > 0:
         rows = prob.cal[: opts.shift_rows]
         shifted = _shift(prob, best.recipe, nfe, opts.shift_runs, rows, opts.shift_bound)
-        if shifted is not None and _accept(shifted, best, prob, opts.worst_factor):
+        if shifted is not None and _accept(shifted, best, prob, opts):
             best = shifted
             taken.append(best)
     # (d) the per-sample step limit, where it helps the held-out half
     if opts.step_limit is not None and best.recipe.step_limit is None:
         limited = dataclasses.replace(best.recipe, step_limit=opts.step_limit)
         tried = _choice(prob, limited, nfe, best.stage)
-        if _accept(tried, best, prob, opts.worst_factor, changed_only=True):
+        if _accept(tried, best, prob, opts, changed_only=True):
             best = tried
             taken.append(best)
     # (e) the step into sigma = 0 extrapolated from the last two data predictions
     if opts.extrapolate_final and best.recipe.final_step == "denoise":
         extrapolated = dataclasses.replace(best.recipe, final_step="extrapolate")
         tried = _choice(prob, extrapolated, nfe, best.stage)
-        if _accept(tried, best, prob, opts.worst_factor):
+        if _accept(tried, best, prob, opts):
             best = tried
             taken.append(best)
     # (h) the order of each step: before (f) and (g), which fit on the trajectory it makes
     if opts.order_search and nfe <= opts.order_max_nfe:
         reordered = _reorder(prob, best.recipe, nfe, prob.cal[: opts.order_rows])
-        if reordered is not None and _accept(reordered, best, prob, opts.worst_factor):
+        if reordered is not None and _accept(reordered, best, prob, opts):
             best = reordered
             taken.append(best)
     # (f) the data predictions extrapolated from the previous knot's, by a ratio per step
     if opts.compensation_runs > 0 and nfe <= opts.compensation_max_nfe:
         compensated = _compensate(prob, best.recipe, nfe, opts)
-        if compensated is not None and _accept(compensated, best, prob, opts.worst_factor):
+        if compensated is not None and _accept(compensated, best, prob, opts):
             best = compensated
             taken.append(best)
     # (g) the data predictions corrected in the trajectory's principal directions
     if opts.correction_components > 0 and nfe <= opts.correction_max_nfe:
         corrected = _correct(prob, best.recipe, nfe, opts)
-        if corrected is not None and _accept(corrected, best, prob, opts.worst_factor):
+        if corrected is not None and _accept(corrected, best, prob, opts):
             best = corrected
             taken.append(best)
     refused: tuple[str, ...] = ()
@@ -2302,7 +2324,7 @@ def _fallback(
     for f in finalists:
         if f.recipe == default.recipe or guard.blowups(prob, f.recipe, f.nfe) > limit:
             continue
-        if _accept(f, default, prob, opts.worst_factor):
+        if _accept(f, default, prob, opts):
             return f
     return None
 
@@ -2362,17 +2384,19 @@ def _accept(
     new: _Choice,
     old: _Choice,
     prob: _Problem,
-    worst_factor: float | None,
+    opts: TuneOptions,
     *,
     changed_only: bool = False,
 ) -> bool:
-    """Kept only if it helps the held-out half (:func:`paired_better`), no held-out
-    sample newly diverges (:func:`no_new_divergence`) and, with ``worst_factor``, the worst
-    held-out sample does not end more than that factor farther than it did.
+    """Kept only if it helps the held-out half (:func:`paired_better`, and by
+    ``opts.accept_z`` standard errors: :func:`clear_gain`), no held-out sample newly
+    diverges (:func:`no_new_divergence`) and, with ``opts.worst_factor``, the worst held-out
+    sample does not end more than that factor farther than it did.
     ``changed_only``: the paired comparison runs on the held-out samples ``new`` changes
     (stage (d), which leaves most samples bit for bit: on all of them the median of the
     log-ratios is 0 and nothing could pass); none changed is no help."""
-    if worst_factor is not None and float(new.held.max()) > worst_factor * float(old.held.max()):
+    worst = opts.worst_factor
+    if worst is not None and float(new.held.max()) > worst * float(old.held.max()):
         return False
     rows = new.held != old.held if changed_only else torch.ones_like(new.held, dtype=torch.bool)
     if not bool(rows.any()):
@@ -2380,6 +2404,7 @@ def _accept(
     if not (
         no_new_divergence(new.held, old.held, prob.spread)
         and paired_better(new.held[rows], old.held[rows])
+        and clear_gain(new.held[rows], old.held[rows], opts.accept_z)
     ):
         return False
     if prob.probes is None:
