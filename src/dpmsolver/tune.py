@@ -173,6 +173,7 @@ __all__ = [
     "Profile",
     "ProfileMismatchError",
     "TuneOptions",
+    "clear_gain",
     "grid_families",
     "no_new_divergence",
     "paired_better",
