@@ -137,10 +137,8 @@ class Recipe:
         if self.orders is not None:
             if isinstance(self.orders, (str, bytes)) or not hasattr(self.orders, "__iter__"):
                 raise ValueError(f"orders must be a sequence of step orders, got {self.orders!r}")
-            orders = tuple(self.orders)
-            for i, o in enumerate(orders):
-                check_int(f"orders[{i}]", o, minimum=1)
-            object.__setattr__(self, "orders", tuple(int(o) for o in orders))
+            checked = (check_int(f"orders[{i}]", o, minimum=1) for i, o in enumerate(self.orders))
+            object.__setattr__(self, "orders", tuple(checked))
 
     def build_solver(self) -> Solver:
         """The solver (``options`` may hold its ``order``)."""
