@@ -185,9 +185,15 @@ def test_comparison_counts_met_and_changed_cells_on_both_sets(tmp_path: Any) -> 
     assert "2 cells in both runs (0 only in the base run, 1 only in the new one)" in text
     assert text.count("| iso2-sd | 7.5 |") == 2  # both changed cells are listed
     assert "| test set | 1 | 0 | 0 | 0 | - | 1 | 1 |" in text  # 2.0 -> 0.9: over 2x better
+    # every cell at half: here both cells are also half-target cells (guidance 7.5, 5-6 NFE)
+    assert "| test set | 1 | 0 | 0 | 0 | - | 1 | 1 | 1 | 1 |" in text
+    # a cell at 20 NFE counts among every cell only; from 0.4x to 0.6x it leaves half
+    far = _tuned_row(20, 0.4, 1.0)
+    left = comparison([*base, far], [*new, dataclasses.replace(far, tuned=0.6)])
+    assert "| 1 | 0 | 0 | 0 | 1.50x (iso2-sd, w=7.5, 20 NFE) | 1 | 1 | 2 | 1 |" in left
     # a cell 5x worse (0.5 -> 2.5 the best peer) is over 2x and 4x worse, and leaves half
     worse = comparison(base[1:], [dataclasses.replace(base[1], tuned=2.5)])
-    assert "| test set | 0 | 1 | 0 | 1 | 5.00x (iso2-sd, w=7.5, 6 NFE) | 1 | 0 |" in worse
+    assert "| test set | 0 | 1 | 0 | 1 | 5.00x (iso2-sd, w=7.5, 6 NFE) | 1 | 0 | 1 | 0 |" in worse
     # a rerun's noise (here 1e-5 of the ratio) is no change
     rerun = [dataclasses.replace(r, tuned=r.tuned * (1 + 1e-5)) for r in base]
     assert "| test set | 2 | 1 | 1 | 0 | 0 | 0 |" in comparison(base, rerun)

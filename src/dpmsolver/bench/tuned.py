@@ -643,7 +643,8 @@ def _tally(pairs: Sequence[tuple[TunedRow, TunedRow]], ratio: Ratio) -> str:
 
 def _spread(pairs: Sequence[tuple[TunedRow, TunedRow]], ratio: Ratio) -> str:
     """One line of :func:`comparison`'s second table: the changed cells' moves beyond 2x and
-    4x either way, the largest move for the worse, and the half-target cells of each run."""
+    4x either way, the largest move for the worse, and the cells at half the best peer's
+    error of each run: the half target's (guidance 7.5, NFE 5-10), then every cell."""
     moves = [
         (ratio(b) / ratio(a), b)
         for a, b in pairs
@@ -662,9 +663,11 @@ def _spread(pairs: Sequence[tuple[TunedRow, TunedRow]], ratio: Ratio) -> str:
     )
     half = [(a, b) for a, b in pairs if _is_half_cell(b)]
     at_half = [sum(ratio(r) <= 0.5 for r in side) for side in zip(*half, strict=True)] or [0, 0]
+    everywhere = [sum(ratio(r) <= 0.5 for r in side) for side in zip(*pairs, strict=True)]
+    everywhere = everywhere or [0, 0]
     return (
         f"| {counts[0]} | {counts[1]} | {counts[2]} | {counts[3]} | {most} "
-        f"| {at_half[0]} | {at_half[1]} |"
+        f"| {at_half[0]} | {at_half[1]} | {everywhere[0]} | {everywhere[1]} |"
     )
 
 
@@ -689,10 +692,11 @@ def comparison(base: Sequence[TunedRow], new: Sequence[TunedRow]) -> str:
     )
     out += [
         "How far the changed cells moved (new error / base error), and the cells at half the "
-        "best peer's error (guidance 7.5, NFE 5-10):\n",
+        "best peer's error (guidance 7.5, NFE 5-10; then every cell of both runs):\n",
         "| set | over 2x better | over 2x worse | over 4x better | over 4x worse "
-        "| the most worse | at half (base) | at half (new) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| the most worse | at half (base) | at half (new) | every cell at half (base) "
+        "| every cell at half (new) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         "| test set " + _spread(pairs, lambda r: r.ratio),
     ]
     if rescored:
