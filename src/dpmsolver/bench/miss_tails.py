@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .calibrated_peer import _geo
 from .peer_suite import peer_configs, run_peers
 from .rescore import _sq, rescore_seed, run_auto
 from .suite import MixtureProblem, _read_text, _rms, _write_text, get_problem
@@ -131,11 +131,6 @@ def _job(
             MissTail(name, guidance, nfe, record, _rms(x, ref), _rms(peer, ref), label, *shares)
         )
     return out
-
-
-def _geo(xs: Sequence[float]) -> float:
-    v = [x for x in xs if math.isfinite(x) and x > 0]
-    return math.exp(sum(math.log(x) for x in v) / len(v)) if v else math.nan
 
 
 def markdown(tails: Sequence[MissTail], k: int, command: str, minutes: float) -> str:
