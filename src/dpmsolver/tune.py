@@ -1011,7 +1011,12 @@ class TuneOptions:
             iso2-sd at guidance 7.5 and 20 NFE it took third-order DPM-Solver over the
             default, whose estimated mean squared error was 27x smaller; on 512 new noises
             the pick was 4.7x the best peer, five samples carrying 98% of its squared error,
-            benchmarks/miss_tails.md). A study (benchmarks/tail_accept.md).
+            benchmarks/miss_tails.md). A study, refused (stop 52, rule written before the
+            runs, benchmarks/tail_accept.md): on the selection problems at guidance 1-15
+            and 5-15 NFE (672 cells, 512 new noises) it met the best peer in 582 cells
+            against 576 (31 changed, geo-mean 0.992), but made two cells over 4x worse
+            against one over 4x better: at guidance 15 on lowrank512-sd every recipe blows
+            up on the guard's uncapped runs, which the norm cap bounds when sampling.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
