@@ -1009,7 +1009,8 @@ class TuneOptions:
             stage (a)'s, but nothing compares stage (a)'s with the default on the guard's
             rows, and the held-out half holds too few rare far samples to see them (on
             iso2-sd at guidance 7.5 and 20 NFE it took third-order DPM-Solver over the
-            default, whose estimated mean squared error was 27x smaller; on 512 new noises
+            default, whose mean squared error estimated over pilot and guard rows was about
+            27x smaller, by a hand diagnosis; on 512 new noises
             the pick was 4.7x the best peer, five samples carrying 98% of its squared error,
             benchmarks/miss_tails.md). A study, refused (stop 52, rule written before the
             runs, benchmarks/tail_accept.md): on the selection problems at guidance 1-15
