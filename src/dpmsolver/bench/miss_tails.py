@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibrated_peer import _geo
+from .calibrated_peer import _Draw, _geo
 from .peer_suite import peer_configs, run_peers
 from .rescore import _sq, rescore_seed, run_auto
 from .suite import MixtureProblem, _read_text, _rms, _write_text, get_problem
@@ -85,7 +85,7 @@ def split_tails(ours: torch.Tensor, theirs: torch.Tensor, k: int) -> tuple[float
         raise ValueError(f"expected two equal 1-D tensors, got {ours.shape} and {theirs.shape}")
     if not 1 <= k < len(ours) // 2:
         raise ValueError(f"k must be in [1, {len(ours) // 2}), got {k}")
-    keep = torch.ones(len(ours), dtype=torch.bool)
+    keep = torch.ones(len(ours), dtype=torch.bool, device=ours.device)
     shares = []
     for sq in (ours, theirs):
         top = sq.topk(k).indices
@@ -113,15 +113,16 @@ def _job(
         raise TypeError(f"{name} is not an exact mixture problem")
     profile = tune_problem(problem, guidance, nfes=sorted(c[0] for c in cells), merge_lanes=0)
     z = problem.noise(n, seed=rescore_seed(problem))
-    y = problem.labels(n)
-    den = problem.denoiser(guidance, y)
-    x_T = problem.x_T(z)
-    ref = problem.check_reference(den, x_T).sample
+    new = _Draw(problem, guidance, z)
+    ref = new.reference
     configs = {c.label: c for c in peer_configs(problem.family)}
     out = []
     for nfe, label, record in cells:
         x, _ = run_auto(problem, guidance, z, profile, nfe)
-        runs = run_peers(problem, guidance, y, x_T, nfe, configs=[configs[label]], denoiser=den)
+        config = [configs[label]]
+        runs = run_peers(
+            problem, guidance, new.labels, new.x_T, nfe, configs=config, denoiser=new.den
+        )
         peer = runs[0].sample
         if x is None or peer is None:
             raise RuntimeError(f"{name} w={guidance:g} NFE {nfe}: a run went non-finite")
@@ -173,8 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dpmsolver.bench.miss_tails``."""
     ap = argparse.ArgumentParser(prog="python -m dpmsolver.bench.miss_tails")
     ap.add_argument("--tuned", required=True, help="a tuned-benchmark CSV with --rescore")
-    ap.add_argument("--max-share", type=float, default=1.0, help="misses with a bootstrap "
-                    "share at most this (default 1: every miss; 0.05: the clear ones)")  # fmt: skip
+    ap.add_argument(
+        "--max-share",
+        type=float,
+        default=1.0,
+        help="misses with a bootstrap share at most this (default 1: every miss; 0.05: the clear "
+        "ones)",
+    )
     ap.add_argument("--top", type=int, default=TOP, help=f"k worst samples (default {TOP})")
     ap.add_argument("--jobs", type=int, default=1, help="processes, one thread each")
     ap.add_argument("--out", default=None, help="the markdown record")
