@@ -661,10 +661,12 @@ def _spread(pairs: Sequence[tuple[TunedRow, TunedRow]], ratio: Ratio) -> str:
         if worst is None or worst[0] <= 1
         else (f"{_f(worst[0])}x ({worst[1].problem}, w={worst[1].guidance:g}, {worst[1].nfe} NFE)")
     )
-    half = [(a, b) for a, b in pairs if _is_half_cell(b)]
-    at_half = [sum(ratio(r) <= 0.5 for r in side) for side in zip(*half, strict=True)] or [0, 0]
-    everywhere = [sum(ratio(r) <= 0.5 for r in side) for side in zip(*pairs, strict=True)]
-    everywhere = everywhere or [0, 0]
+
+    def at_half_of(cells: Sequence[tuple[TunedRow, TunedRow]]) -> list[int]:
+        return [sum(ratio(r) <= 0.5 for r in side) for side in zip(*cells, strict=True)] or [0, 0]
+
+    at_half = at_half_of([(a, b) for a, b in pairs if _is_half_cell(b)])
+    everywhere = at_half_of(pairs)
     return (
         f"| {counts[0]} | {counts[1]} | {counts[2]} | {counts[3]} | {most} "
         f"| {at_half[0]} | {at_half[1]} | {everywhere[0]} | {everywhere[1]} |"
