@@ -52,7 +52,7 @@ def _guard(problem: _Problem, far: dict[int, float], truth: str) -> _Guard:
     for i, d in far.items():
         chosen[i] += d
     runs = {repr(CHOSEN): chosen, repr(ROBUST): robust}
-    g.samples = lambda prob, recipe, nfe: runs[repr(recipe)]  # type: ignore[method-assign]
+    g.samples = lambda prob, recipe, nfe, accept=False: runs[repr(recipe)]  # type: ignore[method-assign]
     for i in far:
         g.references[i] = (chosen if truth == "chosen" else robust)[i].clone()
     return g

@@ -63,9 +63,9 @@ def test_tune_asks_the_tail_estimate_for_stage_a_only_when_on(
     real = tune_mod._tail_mse
     asked: list[bool] = []
 
-    def none_far(prob, guard, choices, opts, *args):  # type: ignore[no-untyped-def]
+    def none_far(prob, guard, choices, opts, *args, **kwargs):  # type: ignore[no-untyped-def]
         asked.append(any(c.stage == "default" for c in choices))
-        real(prob, guard, choices, opts, *args)
+        real(prob, guard, choices, opts, *args, **kwargs)
         return None  # as if no guard row were far: the held-out half decides
 
     monkeypatch.setattr(tune_mod, "_tail_mse", none_far)
@@ -87,3 +87,65 @@ def test_tail_accept_is_checked() -> None:
     with pytest.raises(ValueError, match="tail_accept"):
         TuneOptions(tail_accept="yes")  # type: ignore[arg-type]
     assert TuneOptions().tail_accept is False  # a study, off by default
+
+
+CAPPED = TuneOptions(tail_accept=True, tail_accept_capped=True)
+
+
+def test_the_capped_estimate_reads_the_guard_runs_under_the_cap(problem: _Problem) -> None:
+    new, old = _pair(problem, 0.01, 0.02)  # the held-out half takes new
+    g = _guard(problem, {3: 5.0}, truth="robust")  # uncapped: new blows up on row 3
+    uncapped = g.samples
+    # under the cap the two agree on every row, so the held-out half decides
+    agree = _guard(problem, {}, truth="robust").samples
+    g.samples = lambda prob, recipe, nfe, accept=False: (  # type: ignore[method-assign]
+        agree if accept and g.accept_cap is not None else uncapped
+    )(prob, recipe, nfe)
+    prob = dataclasses.replace(problem, guard=g)
+    assert not _stage_a_takes(prob, new, old, ON)  # the uncapped blow-up refuses it
+    g.accept_cap = problem.norm_cap(3.0)  # as tune sets it with tail_accept_capped
+    assert _stage_a_takes(prob, new, old, CAPPED)
+
+
+def test_guard_runs_for_stage_a_take_the_accept_cap(problem: _Problem) -> None:
+    assert problem.guard is not None
+    g = dataclasses.replace(problem.guard, runs={}, references={})
+    prob = dataclasses.replace(problem, guard=g)
+    # no accept cap: stage (a) reads the very runs the guard's count reads
+    assert g.samples(prob, ROBUST, 8, accept=True) is g.samples(prob, ROBUST, 8)
+    # a cap far below the data's norms: the capped runs end near the origin
+    g.accept_cap = tuple((lam, 1e-3) for lam, _ in problem.envelope)
+    capped, free = g.samples(prob, ROBUST, 8, accept=True), g.samples(prob, ROBUST, 8)
+    assert capped is not None and free is not None
+    norms = capped.flatten(1).norm(dim=1), free.flatten(1).norm(dim=1)
+    assert float(norms[0].max()) < 0.1 * float(norms[1].min())
+    assert g.cap is None  # the guard's own runs keep theirs
+
+
+def test_tune_gives_the_guard_the_profile_cap_only_when_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tune_mod = importlib.import_module("dpmsolver.tune")
+    real = tune_mod._tail_mse
+    seen: list[tuple[bool, bool]] = []
+
+    def spy(prob, guard, choices, opts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if any(c.stage == "default" for c in choices):
+            seen.append((kwargs.get("accept", False), guard.accept_cap is not None))
+        return real(prob, guard, choices, opts, *args, **kwargs)
+
+    monkeypatch.setattr(tune_mod, "_tail_mse", spy)
+    kw = dict(schedule=SD, nfe=[6], guidance_scale=3.0, **COND, **CHEAP)
+    dp.tune(NET, Z, **kw, tail_accept=True)
+    assert seen and all(accept and not cap for accept, cap in seen)
+    seen.clear()
+    dp.tune(NET, Z, **kw, tail_accept=True, tail_accept_capped=True)
+    assert seen and all(accept and cap for accept, cap in seen)
+
+
+def test_tail_accept_capped_is_checked() -> None:
+    with pytest.raises(ValueError, match="tail_accept_capped"):
+        TuneOptions(tail_accept=True, tail_accept_capped="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tail_accept_capped=True needs tail_accept=True"):
+        TuneOptions(tail_accept_capped=True)
+    assert TuneOptions().tail_accept_capped is False

@@ -38,7 +38,7 @@ def _with_guard(problem: _Problem, far: dict[int, float], truth: Recipe) -> _Pro
     runs = {repr(A): base.clone(), repr(B): base + 1e-3, repr(C): base - 1e-3}
     for i, d in far.items():
         runs[repr(A)][i] += d
-    g.samples = lambda prob, recipe, nfe: runs[repr(recipe)]  # type: ignore[method-assign]
+    g.samples = lambda prob, recipe, nfe, accept=False: runs[repr(recipe)]  # type: ignore[method-assign]
     for i in far:
         g.references[i] = runs[repr(truth)][i].clone()
     return dataclasses.replace(problem, guard=g)

@@ -1018,6 +1018,13 @@ class TuneOptions:
             against 576 (31 changed, geo-mean 0.992), but made two cells over 4x worse
             against one over 4x better: at guidance 15 on lowrank512-sd every recipe blows
             up on the guard's uncapped runs, which the norm cap bounds when sampling.
+        tail_accept_capped: :attr:`tail_accept`'s estimate reads the guard's runs made under
+            the norm cap the profile samples with (:attr:`norm_cap`), as the profile
+            samples (default False: the guard's uncapped runs; needs ``tail_accept``). The
+            guard's count, tail ranking and tail check keep their runs. Why: both of
+            tail_accept's over-4x losses were cells where every recipe blows up on the
+            guard's uncapped runs and the cap bounds those blow-ups when sampling. A study
+            (stop 53, rule written before the runs, benchmarks/tail_accept_capped.md).
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
@@ -1070,6 +1077,7 @@ class TuneOptions:
     guard_fallback: bool = False
     tail_walk_back: bool = True
     tail_accept: bool = False
+    tail_accept_capped: bool = False
     micro_batch: int | None = None
     merge_lanes: int | None = None
     memo_mb: int = 256
@@ -1137,6 +1145,11 @@ class TuneOptions:
         check_choice("extrapolate_final", self.extrapolate_final, (True, False))
         check_choice("tail_walk_back", self.tail_walk_back, (True, False))
         check_choice("tail_accept", self.tail_accept, (True, False))
+        check_choice("tail_accept_capped", self.tail_accept_capped, (True, False))
+        if self.tail_accept_capped and not self.tail_accept:
+            raise ValueError(
+                "tail_accept_capped=True needs tail_accept=True, got tail_accept=False"
+            )
         check_int("tail_rows", self.tail_rows, minimum=0)
         check_finite_float("tail_factor", self.tail_factor, positive=True)
         if self.tail_ranking is not None:
@@ -1289,21 +1302,29 @@ class _Guard:
     # the norm cap the guard's runs sample with (TuneOptions.guard_rule "capped" and "mse";
     # None: none)
     cap: tuple[tuple[float, float], ...] | None = None
+    # the norm cap of the runs stage (a)'s tail estimate reads (TuneOptions.tail_accept_capped;
+    # None: those runs are the ones above)
+    accept_cap: tuple[tuple[float, float], ...] | None = None
     # each budget's runs until its choice is made (the tail ranking and the tail check
     # reuse them): budgets run in threads, each writes only its own entry. They are kept in
     # host memory: up to 8 runs of 512 samples a budget would otherwise stay on the device.
     runs: dict[int, dict[str, Tensor | None]] = field(default_factory=dict)
     references: dict[int, Tensor] = field(default_factory=dict)
 
-    def samples(self, prob: _Problem, recipe: Recipe, nfe: int) -> Tensor | None:
+    def samples(
+        self, prob: _Problem, recipe: Recipe, nfe: int, accept: bool = False
+    ) -> Tensor | None:
         """``recipe``'s samples from the guard's noises, on the CPU (None if it cannot
-        run)."""
+        run); ``accept``: the runs stage (a)'s tail estimate reads (under ``accept_cap``
+        where set)."""
         runs = self.runs.setdefault(nfe, {})
-        key = repr(recipe)
+        cap = self.accept_cap if accept and self.accept_cap is not None else self.cap
+        # one tune call has one cap (TuneOptions.norm_cap), so whether a run has one keys it
+        key = repr(recipe) + ("" if cap is None else "|capped")
         if key not in runs:
             den: Denoiser = _Rows(prob.denoiser, self.rows)
-            if self.cap is not None:
-                den = NormCap(den, self.cap)
+            if cap is not None:
+                den = NormCap(den, cap)
             x = prob.run_from(recipe, nfe, self.x_T, den)
             runs[key] = None if x is None else x.cpu()
         return runs[key]
@@ -1312,9 +1333,12 @@ class _Guard:
         """Drop budget ``nfe``'s runs (its choice is made)."""
         self.runs.pop(nfe, None)
 
-    def runs_of(self, prob: _Problem, choices: Sequence[_Choice]) -> list[Tensor] | None:
-        """Each choice's samples from the guard's noises (None if one cannot run)."""
-        xs = [self.samples(prob, c.recipe, c.nfe) for c in choices]
+    def runs_of(
+        self, prob: _Problem, choices: Sequence[_Choice], accept: bool = False
+    ) -> list[Tensor] | None:
+        """Each choice's samples from the guard's noises (None if one cannot run;
+        ``accept`` as in :meth:`samples`)."""
+        xs = [self.samples(prob, c.recipe, c.nfe, accept) for c in choices]
         runs = [x for x in xs if x is not None]
         return runs if len(runs) == len(xs) else None
 
@@ -1614,6 +1638,8 @@ def tune(
             )
             if opts.guard_rule != "count" and prob.guard is not None:
                 prob.guard.cap = prob.norm_cap(opts.norm_cap)
+            if opts.tail_accept_capped and prob.guard is not None:
+                prob.guard.accept_cap = prob.norm_cap(opts.norm_cap)
             bar.update()
             wopts = opts
             if opts.v3_points and w >= opts.v3_min_guidance:
@@ -2170,15 +2196,17 @@ def _tail_mse(
     choices: Sequence[_Choice],
     opts: TuneOptions,
     pilot: Callable[[_Choice], tuple[float, int]] = _held_rows,
+    accept: bool = False,
 ) -> list[float] | None:
     """Each choice's mean squared error estimated over pilot rows (``pilot``: the sum of
     its squared errors there and their number; default the held-out half) and the guard's:
-    all run from the guard's noises; the :attr:`TuneOptions.tail_rows` guard rows on which
+    all run from the guard's noises (``accept``: the runs stage (a) reads, :meth:`_Guard.
+    samples`); the :attr:`TuneOptions.tail_rows` guard rows on which
     two of them end farthest apart, beyond ``tail_factor`` times the largest sum of those
     two's errors on a held-out row, get an exact reference; the other guard rows count at
     each choice's pilot mean. None where no guard row is that far apart (nothing to add to
     the pilot rows) or a choice cannot run."""
-    runs = guard.runs_of(prob, choices)
+    runs = guard.runs_of(prob, choices, accept)
     if runs is None:
         return None
     apart = torch.zeros(len(guard.rows), dtype=torch.float64)
@@ -2267,7 +2295,7 @@ def _stage_a_takes(prob: _Problem, new: _Choice, old: _Choice, opts: TuneOptions
     show a row on which the two end far apart, by the mean squared error :func:`_tail_mse`
     estimates over the held-out rows and the guard's, no held-out sample newly diverging."""
     if opts.tail_accept and prob.guard is not None and opts.tail_rows > 0:
-        mse = _tail_mse(prob, prob.guard, [new, old], opts)
+        mse = _tail_mse(prob, prob.guard, [new, old], opts, accept=True)
         if mse is not None:
             return no_new_divergence(new.held, old.held, prob.spread) and mse[0] < mse[1]
     return _accept(new, old, prob, opts)
