@@ -32,7 +32,10 @@ float32 in parts of diffusers, and their grids differ from the ODE):
   network output that their preconditioning maps to the exact data prediction.
 - *diffusers' flow schedulers* (FlowMatchEuler/Heun, and the multistep schedulers with
   ``use_flow_sigmas``) run on flow problems with the exact velocity ``(x - D) / s`` at
-  ``s = timestep / 1000``, with the problem's shift.
+  ``s = timestep / 1000``, with the problem's shift, as a pipeline calls the network. The
+  multistep schedulers' timesteps are integers, so there the network's noise level sits up
+  to 1/1000 below the one the scheduler steps with (:mod:`.flow_timesteps` measures what
+  that does).
 
 Peer packages are optional: configurations whose package is missing are left out.
 """
@@ -47,12 +50,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .._validate import check_choice
 from ..denoiser import Denoiser
 from ..schedules import DiscreteVPSchedule, Knot, RectifiedFlowSchedule
 from .peers import diffusers_class, load_kdiffusion_sampling, run_scheduler
 from .problem import Family, Problem
 
 __all__ = [
+    "ModelTime",
     "PeerConfig",
     "PeerResult",
     "PeerTask",
@@ -421,9 +426,26 @@ def _edm(cls_name: str, label: str, **config: Any) -> PeerConfig | None:
     return PeerConfig(f"diffusers {label}", "diffusers", DDPM, run)
 
 
-def _flow(
-    cls_name: str, label: str, *, flow_sigmas: bool = False, **config: Any
+#: Where a diffusers flow scheduler's network is evaluated (:func:`flow_config`).
+ModelTime = Literal["timestep", "sigma"]
+
+
+def flow_config(
+    cls_name: str,
+    label: str,
+    *,
+    flow_sigmas: bool = False,
+    model_time: ModelTime = "timestep",
+    **config: Any,
 ) -> PeerConfig | None:
+    """A diffusers flow scheduler ``cls_name`` (with ``use_flow_sigmas`` where
+    ``flow_sigmas``; ``config`` its other settings) as a peer configuration, or None where
+    diffusers is not installed. ``model_time``: the network sees ``s = timestep / 1000``
+    (``"timestep"``, as pipelines call it, and as every suite configuration runs: the
+    multistep schedulers' timesteps are integers, so the network's noise level can sit up
+    to 1/1000 below the one the scheduler steps with), or the scheduler's own ``s``
+    (``"sigma"``: the ODE the scheduler integrates; :mod:`.flow_timesteps`)."""
+    check_choice("model_time", model_time, ("timestep", "sigma"))
     cls = diffusers_class(cls_name)
     if cls is None:
         return None
@@ -445,8 +467,8 @@ def _flow(
         if sched is None:
             return None
         sample = task.x_T
-        for t in sched.timesteps:
-            s = float(t) / 1000.0
+        for i, t in enumerate(sched.timesteps):
+            s = float(t) / 1000.0 if model_time == "timestep" else float(sched.sigmas[i])
             model_in = (
                 sched.scale_model_input(sample, t)
                 if hasattr(sched, "scale_model_input")
@@ -550,21 +572,27 @@ def _build_configs() -> list[PeerConfig]:
     ]
     # ---- diffusers flow schedulers
     specs += [
-        _flow("FlowMatchEulerDiscreteScheduler", "FlowMatch Euler"),
-        _flow("FlowMatchEulerDiscreteScheduler", "FlowMatch Euler karras", use_karras_sigmas=True),
-        _flow(
+        flow_config("FlowMatchEulerDiscreteScheduler", "FlowMatch Euler"),
+        flow_config(
+            "FlowMatchEulerDiscreteScheduler", "FlowMatch Euler karras", use_karras_sigmas=True
+        ),
+        flow_config(
             "FlowMatchEulerDiscreteScheduler",
             "FlowMatch Euler exponential",
             use_exponential_sigmas=True,
         ),
-        _flow("FlowMatchHeunDiscreteScheduler", "FlowMatch Heun"),
-        _flow(dpm, "DPM++2M flow", flow_sigmas=True, solver_order=2),
-        _flow(dpm, "DPM++3M flow", flow_sigmas=True, solver_order=3),
-        _flow("DPMSolverSinglestepScheduler", "DPM++2S flow", flow_sigmas=True, solver_order=2),
-        _flow("UniPCMultistepScheduler", "UniPC bh2 flow", flow_sigmas=True, solver_order=2),
-        _flow("UniPCMultistepScheduler", "UniPC bh2 o3 flow", flow_sigmas=True, solver_order=3),
-        _flow("DEISMultistepScheduler", "DEIS flow", flow_sigmas=True, solver_order=2),
-        _flow(
+        flow_config("FlowMatchHeunDiscreteScheduler", "FlowMatch Heun"),
+        flow_config(dpm, "DPM++2M flow", flow_sigmas=True, solver_order=2),
+        flow_config(dpm, "DPM++3M flow", flow_sigmas=True, solver_order=3),
+        flow_config(
+            "DPMSolverSinglestepScheduler", "DPM++2S flow", flow_sigmas=True, solver_order=2
+        ),
+        flow_config("UniPCMultistepScheduler", "UniPC bh2 flow", flow_sigmas=True, solver_order=2),
+        flow_config(
+            "UniPCMultistepScheduler", "UniPC bh2 o3 flow", flow_sigmas=True, solver_order=3
+        ),
+        flow_config("DEISMultistepScheduler", "DEIS flow", flow_sigmas=True, solver_order=2),
+        flow_config(
             "SASolverScheduler",
             "SA-Solver (ODE) flow",
             flow_sigmas=True,
