@@ -9,15 +9,16 @@ import pytest
 
 from dpmsolver.bench.policy import Study, rows_from_text
 from dpmsolver.bench.policy_noise import bootstrap_cell
-from dpmsolver.bench.suite import _read_text, rows_from_csv
+from dpmsolver.bench.records import read_text
+from dpmsolver.bench.suite import rows_from_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def study() -> Study:
-    rows, _ = rows_from_text(_read_text(str(ROOT / "benchmarks" / "policy.csv.gz")))
-    peers = rows_from_csv(_read_text(str(ROOT / "benchmarks" / "suite_baseline.csv.gz")))
+    rows, _ = rows_from_text(read_text(str(ROOT / "benchmarks" / "policy.csv.gz")))
+    peers = rows_from_csv(read_text(str(ROOT / "benchmarks" / "suite_baseline.csv.gz")))
     return Study(rows, peers)
 
 

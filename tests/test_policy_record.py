@@ -22,7 +22,8 @@ from dpmsolver.bench.policy import (
     rows_from_text,
     rule_named,
 )
-from dpmsolver.bench.suite import _read_text, make_schedule_named, rows_from_csv
+from dpmsolver.bench.records import read_text
+from dpmsolver.bench.suite import make_schedule_named, rows_from_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKDOWN = ROOT / "benchmarks" / "policy.md"
@@ -52,8 +53,8 @@ def _fmt(v: float) -> str:
 
 @pytest.fixture(scope="module")
 def study() -> Study:
-    rows, _ = rows_from_text(_read_text(str(CSV)))
-    return Study(rows, rows_from_csv(_read_text(str(PEERS))))
+    rows, _ = rows_from_text(read_text(str(CSV)))
+    return Study(rows, rows_from_csv(read_text(str(PEERS))))
 
 
 @pytest.fixture(scope="module")

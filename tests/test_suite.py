@@ -19,6 +19,7 @@ from dpmsolver.analytic import (
     reference_sample,
     solve_from_pure_noise,
 )
+from dpmsolver.bench.records import read_text
 
 torch.set_num_threads(1)
 
@@ -363,8 +364,8 @@ def test_baseline_driver_writes_its_table(tmp_path) -> None:  # type: ignore[no-
     text = out.read_text()
     assert "| iso2-sd |" in text and "ours / peer" in text and "Peer configurations" in text
     assert "## Timing" in text
-    assert suite._read_text(str(csv)).count("\n") > 30
-    rows = suite.rows_from_csv(suite._read_text(str(csv)))
+    assert read_text(str(csv)).count("\n") > 30
+    rows = suite.rows_from_csv(read_text(str(csv)))
     assert len(rows) == 1 and rows[0].problem == "iso2-sd" and rows[0].peers_run > 30
     assert rows[0].best_peer == min(rows[0].errors.values())
     # --reuse keeps the recorded problem as it is and runs only the one it lacks
@@ -376,7 +377,7 @@ def test_baseline_driver_writes_its_table(tmp_path) -> None:  # type: ignore[no-
         )
         == 0
     )
-    both = suite.rows_from_csv(suite._read_text(str(again)))
+    both = suite.rows_from_csv(read_text(str(again)))
     assert [r.problem for r in both] == ["iso2-vplin", "iso2-sd"]
     assert both[1].errors == rows[0].errors  # as recorded, not rerun
     text = out.read_text()

@@ -28,8 +28,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from .peer_suite import peer_configs, run_peers
+from .records import command_line, read_text, write_text
 from .rescore import rescore_seed
-from .suite import MixtureProblem, _read_text, _rms, _write_text, get_problem
+from .suite import MixtureProblem, _rms, get_problem
 from .tuned import HALF, HALF_GUIDANCE, HALF_NFES, PILOT, TunedRow, pilot_seed, rows_from_tuned_csv
 
 __all__ = ["PeerPick", "calibrate_peers", "main", "markdown"]
@@ -170,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--csv", default=None, help="every cell (.gz: gzipped)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows: list[TunedRow] = rows_from_tuned_csv(_read_text(args.tuned))
+    rows: list[TunedRow] = rows_from_tuned_csv(read_text(args.tuned))
     if any(r.new_noises == 0 for r in rows):
         ap.error("--tuned: every cell needs the new-noise scores (a run with --rescore N)")
     names = (
@@ -205,18 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row.new_best_label,
                 )
             )
-    command = "python -m dpmsolver.bench.calibrated_peer " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = command_line("dpmsolver.bench.calibrated_peer", argv)
     text = markdown(picks, command, (time.perf_counter() - t0) / 60)
     if args.csv:
         names_ = [f.name for f in fields(PeerPick)]
         lines = [",".join(names_)] + [
             ",".join(str(getattr(p, f)).replace(",", ";") for f in names_) for p in picks
         ]
-        _write_text(args.csv, "\n".join(lines) + "\n")
+        write_text(args.csv, "\n".join(lines) + "\n")
     if args.out:
-        _write_text(args.out, text)
+        write_text(args.out, text)
     print(text)
     return 0
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from ..orders import ExactProblem, exact_problem, measure_order, sde_distance, slope
 from ..schedules import DiscreteVPSchedule
 from ..solvers import REGISTRY, configurations
+from .records import write_text
 
 __all__ = ["main", "order_rows", "to_markdown", "update_readme"]
 
@@ -101,9 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmarks/orders.md --readme docs/solvers.md`\n\n"
     )
     if args.out:
-        from ..io import atomic_write_text
-
-        atomic_write_text(args.out, header + md)
+        write_text(args.out, header + md)
     if args.readme:
         update_readme(args.readme, md)
     sys.stdout.write(header + md)

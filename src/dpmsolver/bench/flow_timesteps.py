@@ -37,8 +37,9 @@ from ..recipe import Recipe
 from ..sampling import sample
 from .calibrated_peer import _Draw, _geo
 from .peer_suite import ModelTime, PeerTask, flow_config, run_peer
+from .records import command_line, write_text
 from .rescore import conditioning, network, rescore_seed
-from .suite import GUIDANCE, MixtureProblem, _rms, _write_text, get_problem
+from .suite import GUIDANCE, MixtureProblem, _rms, get_problem
 
 __all__ = ["NFES", "PROBLEMS", "FlowCell", "main", "markdown", "measure"]
 
@@ -157,11 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in GUIDANCE:
             cells += measure(problem, w, NFES, args.noises)
             print(f"{name} w={w:g} done", file=sys.stderr, flush=True)
-    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    command = f"python -m dpmsolver.bench.flow_timesteps {argv_text}".strip()
+    command = command_line("dpmsolver.bench.flow_timesteps", argv)
     text = markdown(cells, command, (time.perf_counter() - t0) / 60)
     if args.out:
-        _write_text(args.out, text)
+        write_text(args.out, text)
     print(text)
     return 0
 

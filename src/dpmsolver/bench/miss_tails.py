@@ -36,8 +36,9 @@ import torch
 
 from .calibrated_peer import _Draw, _geo
 from .peer_suite import peer_configs, run_peers
+from .records import command_line, read_text, write_text
 from .rescore import _sq, rescore_seed, run_auto
-from .suite import MixtureProblem, _read_text, _rms, _write_text, get_problem
+from .suite import MixtureProblem, _rms, get_problem
 from .tuned import TunedRow, rows_from_tuned_csv, tune_problem
 
 __all__ = ["TOP", "MissTail", "main", "markdown", "misses", "split_tails"]
@@ -186,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="the markdown record")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    rows = rows_from_tuned_csv(_read_text(args.tuned))
+    rows = rows_from_tuned_csv(read_text(args.tuned))
     cells = misses(rows, args.max_share)
     if not cells:
         ap.error("--tuned: no re-scored miss in the record")
@@ -211,12 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, f in futures.items():
             tails += f.result()
             print(f"{key[0]} w={key[1]:g} done", file=sys.stderr, flush=True)
-    command = "python -m dpmsolver.bench.miss_tails " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
+    command = command_line("dpmsolver.bench.miss_tails", argv)
     text = markdown(tails, args.top, command, (time.perf_counter() - t0) / 60)
     if args.out:
-        _write_text(args.out, text)
+        write_text(args.out, text)
     print(text)
     return 0
 

@@ -35,6 +35,7 @@ from ..schedules import DiscreteVPSchedule, Knot
 from ..solvers import get_solver
 from ..timegrid import grid_from_timesteps
 from .peers import optional_import
+from .records import write_text
 
 __all__ = ["main", "measure_overhead", "overhead_table"]
 
@@ -187,9 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     text = overhead_table(device=args.device, steps=args.steps, repeats=args.repeats)
     if args.out:
-        from ..io import atomic_write_text
-
-        atomic_write_text(args.out, text)
+        write_text(args.out, text)
     sys.stdout.write(text)
     return 0
 

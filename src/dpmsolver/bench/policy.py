@@ -59,6 +59,7 @@ from torch import Tensor
 from ..recipe import Recipe
 from ..solvers import Form
 from ..timegrid import GridKind
+from .records import command_line, read_text, write_text
 from .suite import (
     FRESH_ROUNDS,
     GUIDANCE,
@@ -66,8 +67,6 @@ from .suite import (
     BaselineRow,
     Problem,
     _DenoiserNetwork,
-    _read_text,
-    _write_text,
     get_problem,
     rows_from_csv,
     suite_problems,
@@ -1426,12 +1425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(e.g. 'step_limit=': the candidate set without the step limit)",
     )
     args = ap.parse_args(argv)
-    peers = rows_from_csv(_read_text(args.peers))
-    command = " ".join(
-        ["python -m dpmsolver.bench.policy", *(sys.argv[1:] if argv is None else argv)]
-    )
+    peers = rows_from_csv(read_text(args.peers))
+    command = command_line("dpmsolver.bench.policy", argv)
     if args.from_csv:
-        rows, note = rows_from_text(_read_text(args.from_csv))
+        rows, note = rows_from_text(read_text(args.from_csv))
         if args.drop:
             rows = [r for r in rows if args.drop not in r.method]
             note += f" Rendered without the methods whose label holds `{args.drop}`."
@@ -1446,7 +1443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.problems
             else [p.name for p in suite_problems()]
         )
-        reused, reused_note = rows_from_text(_read_text(args.reuse)) if args.reuse else ([], "")
+        reused, reused_note = rows_from_text(read_text(args.reuse)) if args.reuse else ([], "")
         start = time.perf_counter()
         rows = measure(
             names,
@@ -1471,13 +1468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         csv = rows_csv(rows, note)
         if args.csv:
-            _write_text(args.csv, csv)
+            write_text(args.csv, csv)
         # render what the CSV holds (4 significant digits), as --from-csv will
         text = render(Study(rows_from_text(csv)[0], peers), note=note)
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_text(args.out, text)
     return 0
 
 

@@ -18,7 +18,6 @@ benchmarks/policy_noise.md]`` (about a minute).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +38,8 @@ from .policy import (
     rows_from_text,
     run_recipe,
 )
-from .suite import _read_text, _write_text, get_problem, rows_from_csv
+from .records import command_line, read_text, write_text
+from .suite import get_problem, rows_from_csv
 
 __all__ = ["DecisiveCell", "bootstrap_cell", "decisive_cells", "main"]
 
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_diffusers()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    study = Study(rows_from_text(_read_text(args.csv))[0], rows_from_csv(_read_text(args.peers)))
+    study = Study(rows_from_text(read_text(args.csv))[0], rows_from_csv(read_text(args.peers)))
     seen: dict[tuple[Cell, str], tuple[float, float, float, float, float]] = {}
     lines = [
         "# How noisy the leave-one-out score is: the decisive cells, resampled\n",
@@ -159,9 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {d.rule} | {p} w={w:g} NFE {n} | `{d.recipe}` | {d.ratio:.3g} | {full:.3g} "
             f"| {lo:.3g} | {med:.3g} | {hi:.3g} | {share:.0%} |"
         )
-    command = " ".join(
-        ["python -m dpmsolver.bench.policy_noise", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = command_line("dpmsolver.bench.policy_noise", argv)
     lines.append(
         f"\nCommand: `{command}`; took {(time.perf_counter() - start) / 60:.1f} min on one "
         f"CPU thread. Objectives: {', '.join(power_name(p) for p in POWERS)}.\n"
@@ -169,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        _write_text(args.out, text)
+        write_text(args.out, text)
     return 0
 
 

@@ -44,6 +44,7 @@ from .accuracy import (
     rmse,
     sample_errors,
 )
+from .records import write_text
 
 __all__ = [
     "CANDIDATE_GRIDS",
@@ -251,9 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
     text = "\n".join(lines) + "\n"
     if args.out:
-        from ..io import atomic_write_text
-
-        atomic_write_text(args.out, text)
+        write_text(args.out, text)
     return 0
 
 

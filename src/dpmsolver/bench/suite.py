@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import math
 import sys
 import time
@@ -65,6 +64,7 @@ from .problem import (
     name_seed,
     schedule_family,
 )
+from .records import command_line, read_text, write_text
 
 __all__ = [
     "FEATURES",
@@ -885,25 +885,6 @@ def _ratio(r: BaselineRow) -> float:
     return max(r.ours, 1e-300) / max(r.best_peer, 1e-300)
 
 
-def _read_text(path: str) -> str:
-    """A text file, gunzipped if its name ends in ``.gz``."""
-    if path.endswith(".gz"):
-        with gzip.open(path, "rt") as f:
-            return f.read()
-    with open(path) as f:
-        return f.read()
-
-
-def _write_text(path: str, text: str) -> None:
-    """Write a text file, gzipped (reproducibly: no name or time stamp) if ``.gz``."""
-    if path.endswith(".gz"):
-        with open(path, "wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as f:
-            f.write(text.encode())
-        return
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dpmsolver.bench.suite [--quick] [--out FILE.md] [--csv FILE.csv] ...``:
     the baseline table as markdown on stdout (and in ``--out``), every error in ``--csv``."""
@@ -931,7 +912,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.from_csv:
-        old_rows = rows_from_csv(_read_text(args.from_csv))
+        old_rows = rows_from_csv(read_text(args.from_csv))
         names = list(dict.fromkeys(r.problem for r in old_rows))
         print(baseline_markdown(old_rows, [get_problem(n) for n in names]))
         return 0
@@ -946,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = suite_problems(args.split)
     guid = tuple(float(v) for v in args.guidance.split(",")) if args.guidance else GUIDANCE
     nfes = tuple(int(v) for v in args.nfe.split(",")) if args.nfe else NFES
-    old = rows_from_csv(_read_text(args.reuse)) if args.reuse else []
+    old = rows_from_csv(read_text(args.reuse)) if args.reuse else []
     kept = {r.problem for r in old}
     start = time.perf_counter()
     rows = baseline(
@@ -969,9 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     from .peer_suite import config_table
 
-    command = " ".join(
-        ["python -m dpmsolver.bench.suite", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = command_line("dpmsolver.bench.suite", argv)
     what = (
         "with no solver named (`dpmpp_2m`, and `unipc` on rectified flow below guidance 5: "
         "`dpmsolver.default_solver`)"
@@ -996,10 +975,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_text(args.out, text)
     if args.csv:
-        _write_text(args.csv, baseline_csv(rows))
+        write_text(args.csv, baseline_csv(rows))
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from .records import write_text
 
 __all__ = ["main", "measure"]
 
@@ -212,9 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     text = _markdown(rows, model, settings)
     if args.out:
-        from ..io import atomic_write_text
-
-        atomic_write_text(args.out, text)
+        write_text(args.out, text)
     else:
         print(text)
     return 0 if all(r["identical"] for r in rows) else 1

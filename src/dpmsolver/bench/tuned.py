@@ -43,6 +43,7 @@ import torch
 
 from ..parameterization import Prediction
 from ..tune import Profile, TuneOptions, tune
+from .records import command_line, read_text, write_text
 from .rescore import KEEP, LEAST, RESAMPLES, conditioning, network, rescore, run_auto
 from .suite import (
     FRESH_ROUNDS,
@@ -50,9 +51,7 @@ from .suite import (
     NFES,
     BaselineRow,
     MixtureProblem,
-    _read_text,
     _rms,
-    _write_text,
     get_problem,
     rows_from_csv,
     suite_problems,
@@ -728,7 +727,7 @@ def _rows_of(paths: str) -> list[TunedRow]:
     seen: set[tuple[str, float, int]] = set()
     out = []
     for p in paths.split(","):
-        rows = rows_from_tuned_csv(_read_text(p.strip()))
+        rows = rows_from_tuned_csv(read_text(p.strip()))
         out += [r for r in rows if (r.problem, r.guidance, r.nfe) not in seen]
         seen |= {(r.problem, r.guidance, r.nfe) for r in rows}
     return out
@@ -768,7 +767,7 @@ def _job(
     torch.set_num_threads(1)
     p = get_problem(name)
     assert isinstance(p, MixtureProblem)
-    peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(_read_text(BASELINE_CSV))}
+    peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(read_text(BASELINE_CSV))}
     t0 = time.perf_counter()
     prediction: Prediction = flow_prediction if p.family == "flow" else "x0"
     prof = tune_problem(p, w, pilot=pilot, nfes=nfes, prediction=prediction, **options)
@@ -891,9 +890,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
-    command = " ".join(
-        ["python -m dpmsolver.bench.tuned", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = command_line("dpmsolver.bench.tuned", argv)
     if args.compare and not args.from_csv:
         ap.error("--compare needs --from-csv (the new run)")
     given_nfes = tuple(int(v) for v in args.nfe.split(",")) if args.nfe else None
@@ -928,7 +925,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[TunedRow] = []
     verified = ""
     if not args.cost_only:
-        peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(_read_text(BASELINE_CSV))}
+        peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(read_text(BASELINE_CSV))}
         jobs = [
             (n, w, pilot, nfes, options, args.rescore, args.flow_prediction)
             for n in names
@@ -947,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         order = {(n, w): i for i, (n, w, *_) in enumerate(jobs)}
         rows.sort(key=lambda r: (order[(r.problem, r.guidance)], r.nfe))
         if args.csv:
-            _write_text(args.csv, rows_csv(rows))
+            write_text(args.csv, rows_csv(rows))
         if not args.quick:
             vname, vw, vn = (args.verify or f"{names[0]},7.5,8").split(",")
             vp = get_problem(vname)
@@ -992,8 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(text)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        write_text(args.out, text)
     return 0
 
 

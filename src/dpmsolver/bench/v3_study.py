@@ -66,6 +66,7 @@ from ..solvers import Solver, get_solver
 from ..solvers.v3 import recommended_options
 from ..timegrid import make_grid
 from .accuracy import GuidedProblem, digits_problem, mixture_problem, rmse
+from .records import write_text
 
 __all__ = ["Sizes", "main", "speedup"]
 
@@ -923,9 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parts.append("\n" + sections[key](sizes, log))
     text = "".join(parts)
     if args.out:
-        from ..io import atomic_write_text
-
-        atomic_write_text(args.out, text)
+        write_text(args.out, text)
     sys.stdout.write(text)
     log("done")
     return 0
