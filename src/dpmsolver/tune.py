@@ -1023,8 +1023,11 @@ class TuneOptions:
             samples (default False: the guard's uncapped runs; needs ``tail_accept``). The
             guard's count, tail ranking and tail check keep their runs. Why: both of
             tail_accept's over-4x losses were cells where every recipe blows up on the
-            guard's uncapped runs and the cap bounds those blow-ups when sampling. A study
-            (stop 53, rule written before the runs, benchmarks/tail_accept_capped.md).
+            guard's uncapped runs and the cap bounds those blow-ups when sampling. A study,
+            refused (stop 53, rule written before the runs,
+            benchmarks/tail_accept_capped.md): on the same 672 selection cells it met the
+            best peer in 581 against 576 (22 changed, geo-mean 0.891, none over 4x either
+            way), but the cells at half the peer fell from 325 to 323.
         sample_options: denoiser options (thresholding, model_kwargs, ...).
     """
 
