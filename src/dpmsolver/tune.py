@@ -448,6 +448,54 @@ class BudgetChoice:
         )
 
 
+#: What a choice may carry that k-diffusion sigmas cannot (:meth:`Profile.sigmas` warns of
+#: each): whether it does, what it does, what the k-diffusion functions do instead and who
+#: runs it as tuned, and the tune setting that leaves it out (None: none does).
+_NOT_IN_SIGMAS: tuple[
+    tuple[Callable[[BudgetChoice], bool], Callable[[BudgetChoice], str], str, str | None], ...
+] = (
+    (
+        lambda c: c.model_shifts is not None,
+        lambda c: "also moves the network's time at its knots (model_shifts, stage (c))",
+        "they are dropped (the choice before stage (c)); dpmsolver.sample and the diffusers "
+        "scheduler apply them",
+        "shift_runs=0 (CLI: --shift-runs 0)",
+    ),
+    (
+        lambda c: c.compensation is not None,
+        lambda c: "also compensates its data predictions (compensation, stage (f))",
+        "they run without it; dpmsolver.sample and the diffusers scheduler apply it",
+        "compensation_runs=0 (CLI: --compensation-runs 0)",
+    ),
+    (
+        lambda c: c.correction is not None,
+        lambda c: "also corrects its data predictions (correction, stage (g))",
+        "they run without it; dpmsolver.sample applies it",
+        "correction_components=0 (CLI: --correction-components 0)",
+    ),
+    (
+        lambda c: bool(c.lower_order_final),
+        lambda c: "lowers its last orders (lower_order_final)",
+        "they keep the order to the end; dpmsolver.sample and the diffusers scheduler run it "
+        "as tuned",
+        None,
+    ),
+    (
+        lambda c: c.orders is not None,
+        lambda c: "sets the order of each step (orders, stage (h))",
+        "they keep their own; dpmsolver.sample and the diffusers scheduler run it as tuned",
+        "order_search=False",
+    ),
+    (
+        lambda c: c.final_step != "denoise",
+        lambda c: f"extrapolates its step into sigma = 0 (final_step={c.final_step!r})",
+        "they end with the denoising step; dpmsolver.sample and the diffusers scheduler run "
+        "it as tuned",
+        "extrapolate_final=False",
+    ),
+)
+
+
 @dataclass(frozen=True)
 class Profile:
     """A sampler fitted to one model (:func:`tune`), per guidance scale and budget.
@@ -526,58 +574,14 @@ class Profile:
         c = self.choice(nfe, guidance_scale)
         if c is None:
             raise KeyError(f"the profile has no choice for nfe={nfe}, guidance {guidance_scale:g}")
-        if c.model_shifts is not None:
-            warnings.warn(
-                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} also moves "
-                "the network's time at its knots (model_shifts), which sigmas cannot carry: "
-                "they are dropped (the choice before stage (c)); dpmsolver.sample and the "
-                "diffusers scheduler apply them, or tune with shift_runs=0 (CLI: --shift-runs "
-                "0) for the k-diffusion functions",
-                stacklevel=2,
-            )
-        if c.compensation is not None:
-            warnings.warn(
-                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} also "
-                "compensates its data predictions (compensation, stage (f)), which sigmas "
-                "cannot carry: the k-diffusion functions run without it; dpmsolver.sample "
-                "and the diffusers scheduler apply it, or tune with compensation_runs=0 "
-                "(CLI: --compensation-runs 0) for these functions",
-                stacklevel=2,
-            )
-        if c.correction is not None:
-            warnings.warn(
-                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} also "
-                "corrects its data predictions (correction, stage (g)), which sigmas cannot "
-                "carry: the k-diffusion functions run without it; dpmsolver.sample applies "
-                "it, or tune with correction_components=0 (CLI: --correction-components 0) "
-                "for these functions",
-                stacklevel=2,
-            )
-        if c.lower_order_final:
-            warnings.warn(
-                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} lowers its "
-                "last orders (lower_order_final), which the k-diffusion functions do not: they "
-                "keep the order to the end; dpmsolver.sample and the diffusers scheduler run it "
-                "as tuned",
-                stacklevel=2,
-            )
-        if c.orders is not None:
-            warnings.warn(
-                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} sets the "
-                "order of each step (orders, stage (h)), which the k-diffusion functions do "
-                "not: they keep their own; dpmsolver.sample and the diffusers scheduler run it "
-                "as tuned (tune with order_search=False for these functions)",
-                stacklevel=2,
-            )
-        if c.final_step != "denoise":
-            warnings.warn(
-                f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} "
-                f"extrapolates its step into sigma = 0 (final_step={c.final_step!r}), which "
-                "the k-diffusion functions do not: they end with the denoising step; "
-                "dpmsolver.sample and the diffusers scheduler run it as tuned (tune with "
-                "extrapolate_final=False for these functions)",
-                stacklevel=2,
-            )
+        for carries, what, then, leave_out in _NOT_IN_SIGMAS:
+            if carries(c):
+                tail = f", or tune with {leave_out} for these functions" if leave_out else ""
+                warnings.warn(
+                    f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} "
+                    f"{what(c)}, which the k-diffusion functions cannot carry: {then}{tail}",
+                    stacklevel=2,
+                )
         self.check(schedule, self.prediction)
         grid = c.recipe().plan(schedule, nfe=None if c.times else nfe).grid
         return grid.ksigmas
