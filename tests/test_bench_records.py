@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dpmsolver.bench.records import command_line, read_text, write_text
+from dpmsolver.bench.records import command_line, publish, read_text, write_text
 
 
 @pytest.mark.parametrize("name", ["r.md", "r.csv.gz"])
@@ -34,3 +34,14 @@ def test_the_command_line_names_the_module_and_its_arguments(
     assert command_line("dpmsolver.bench.x", ["--a", "1"]) == "python -m dpmsolver.bench.x --a 1"
     monkeypatch.setattr(sys, "argv", ["prog", "--b"])
     assert command_line("dpmsolver.bench.x", None) == "python -m dpmsolver.bench.x --b"
+
+
+def test_a_published_record_is_printed_and_written_where_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish("# r\n", None)
+    assert capsys.readouterr().out == "# r\n\n"
+    assert list(tmp_path.iterdir()) == []
+    publish("# s\n", str(tmp_path / "s.md"))
+    assert capsys.readouterr().out == "# s\n\n"
+    assert read_text(str(tmp_path / "s.md")) == "# s\n"

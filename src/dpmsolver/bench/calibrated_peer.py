@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .peer_suite import peer_configs, run_peers
-from .records import command_line, read_text, write_text
+from .records import command_line, publish, read_text, write_text
 from .rescore import rescore_seed
 from .suite import MixtureProblem, _rms, get_problem
 from .tuned import HALF, HALF_GUIDANCE, HALF_NFES, PILOT, TunedRow, pilot_seed, rows_from_tuned_csv
@@ -214,9 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ",".join(str(getattr(p, f)).replace(",", ";") for f in names_) for p in picks
         ]
         write_text(args.csv, "\n".join(lines) + "\n")
-    if args.out:
-        write_text(args.out, text)
-    print(text)
+    publish(text, args.out)
     return 0
 
 

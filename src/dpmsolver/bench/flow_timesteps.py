@@ -37,7 +37,7 @@ from ..recipe import Recipe
 from ..sampling import sample
 from .calibrated_peer import _Draw, _geo
 from .peer_suite import ModelTime, PeerTask, flow_config, run_peer
-from .records import command_line, write_text
+from .records import command_line, publish
 from .rescore import conditioning, network, rescore_seed
 from .suite import GUIDANCE, MixtureProblem, _rms, get_problem
 
@@ -160,9 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name} w={w:g} done", file=sys.stderr, flush=True)
     command = command_line("dpmsolver.bench.flow_timesteps", argv)
     text = markdown(cells, command, (time.perf_counter() - t0) / 60)
-    if args.out:
-        write_text(args.out, text)
-    print(text)
+    publish(text, args.out)
     return 0
 
 

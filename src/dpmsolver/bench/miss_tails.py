@@ -36,7 +36,7 @@ import torch
 
 from .calibrated_peer import _Draw, _geo
 from .peer_suite import peer_configs, run_peers
-from .records import command_line, read_text, write_text
+from .records import command_line, publish, read_text
 from .rescore import _sq, rescore_seed, run_auto
 from .suite import MixtureProblem, _rms, get_problem
 from .tuned import TunedRow, rows_from_tuned_csv, tune_problem
@@ -214,9 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{key[0]} w={key[1]:g} done", file=sys.stderr, flush=True)
     command = command_line("dpmsolver.bench.miss_tails", argv)
     text = markdown(tails, args.top, command, (time.perf_counter() - t0) / 60)
-    if args.out:
-        write_text(args.out, text)
-    print(text)
+    publish(text, args.out)
     return 0
 
 

@@ -59,7 +59,7 @@ from torch import Tensor
 from ..recipe import Recipe
 from ..solvers import Form
 from ..timegrid import GridKind
-from .records import command_line, read_text, write_text
+from .records import command_line, publish, read_text, write_text
 from .suite import (
     FRESH_ROUNDS,
     GUIDANCE,
@@ -1471,9 +1471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_text(args.csv, csv)
         # render what the CSV holds (4 significant digits), as --from-csv will
         text = render(Study(rows_from_text(csv)[0], peers), note=note)
-    print(text)
-    if args.out:
-        write_text(args.out, text)
+    publish(text, args.out)
     return 0
 
 

@@ -38,7 +38,7 @@ from .policy import (
     rows_from_text,
     run_recipe,
 )
-from .records import command_line, read_text, write_text
+from .records import command_line, publish, read_text
 from .suite import get_problem, rows_from_csv
 
 __all__ = ["DecisiveCell", "bootstrap_cell", "decisive_cells", "main"]
@@ -165,9 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"CPU thread. Objectives: {', '.join(power_name(p) for p in POWERS)}.\n"
     )
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        write_text(args.out, text)
+    publish(text, args.out)
     return 0
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from ..io import atomic_write_bytes
 
-__all__ = ["command_line", "read_text", "write_text"]
+__all__ = ["command_line", "publish", "read_text", "write_text"]
 
 
 def read_text(path: str) -> str:
@@ -39,3 +39,10 @@ def command_line(module: str, argv: Sequence[str] | None) -> str:
     """The command a record was made by: ``python -m module`` and its arguments (``argv``,
     or the process's own where None)."""
     return " ".join(["python -m " + module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def publish(text: str, out: str | None) -> None:
+    """A command's record: printed, and written to ``out`` where given."""
+    print(text)
+    if out:
+        write_text(out, text)

@@ -64,7 +64,7 @@ from .problem import (
     name_seed,
     schedule_family,
 )
-from .records import command_line, read_text, write_text
+from .records import command_line, publish, read_text, write_text
 
 __all__ = [
     "FEATURES",
@@ -973,9 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n## Peer configurations\n\n"
         + config_table()
     )
-    print(text)
-    if args.out:
-        write_text(args.out, text)
+    publish(text, args.out)
     if args.csv:
         write_text(args.csv, baseline_csv(rows))
     return 0

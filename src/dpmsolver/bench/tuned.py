@@ -43,7 +43,7 @@ import torch
 
 from ..parameterization import Prediction
 from ..tune import Profile, TuneOptions, tune
-from .records import command_line, read_text, write_text
+from .records import command_line, publish, read_text, write_text
 from .rescore import KEEP, LEAST, RESAMPLES, conditioning, network, rescore, run_auto
 from .suite import (
     FRESH_ROUNDS,
@@ -987,9 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n"
         + markdown(rows, cost)
     )
-    print(text)
-    if args.out:
-        write_text(args.out, text)
+    publish(text, args.out)
     return 0
 
 
