@@ -449,46 +449,45 @@ class BudgetChoice:
 
 
 #: What a choice may carry that k-diffusion sigmas cannot (:meth:`Profile.sigmas` warns of
-#: each): whether it does, what it does, what the k-diffusion functions do instead and who
-#: runs it as tuned, and the tune setting that leaves it out (None: none does).
-_NOT_IN_SIGMAS: tuple[
-    tuple[Callable[[BudgetChoice], bool], Callable[[BudgetChoice], str], str, str | None], ...
-] = (
+#: each): whether it does, what it does (``{final_step}``: the choice's), what the
+#: k-diffusion functions do instead and who runs it as tuned, and the tune setting that
+#: leaves it out (None: none does).
+_NOT_IN_SIGMAS: tuple[tuple[Callable[[BudgetChoice], bool], str, str, str | None], ...] = (
     (
         lambda c: c.model_shifts is not None,
-        lambda c: "also moves the network's time at its knots (model_shifts, stage (c))",
+        "also moves the network's time at its knots (model_shifts, stage (c))",
         "they are dropped (the choice before stage (c)); dpmsolver.sample and the diffusers "
         "scheduler apply them",
         "shift_runs=0 (CLI: --shift-runs 0)",
     ),
     (
         lambda c: c.compensation is not None,
-        lambda c: "also compensates its data predictions (compensation, stage (f))",
+        "also compensates its data predictions (compensation, stage (f))",
         "they run without it; dpmsolver.sample and the diffusers scheduler apply it",
         "compensation_runs=0 (CLI: --compensation-runs 0)",
     ),
     (
         lambda c: c.correction is not None,
-        lambda c: "also corrects its data predictions (correction, stage (g))",
+        "also corrects its data predictions (correction, stage (g))",
         "they run without it; dpmsolver.sample applies it",
         "correction_components=0 (CLI: --correction-components 0)",
     ),
     (
         lambda c: bool(c.lower_order_final),
-        lambda c: "lowers its last orders (lower_order_final)",
+        "lowers its last orders (lower_order_final)",
         "they keep the order to the end; dpmsolver.sample and the diffusers scheduler run it "
         "as tuned",
         None,
     ),
     (
         lambda c: c.orders is not None,
-        lambda c: "sets the order of each step (orders, stage (h))",
+        "sets the order of each step (orders, stage (h))",
         "they keep their own; dpmsolver.sample and the diffusers scheduler run it as tuned",
         "order_search=False",
     ),
     (
         lambda c: c.final_step != "denoise",
-        lambda c: f"extrapolates its step into sigma = 0 (final_step={c.final_step!r})",
+        "extrapolates its step into sigma = 0 (final_step={final_step!r})",
         "they end with the denoising step; dpmsolver.sample and the diffusers scheduler run "
         "it as tuned",
         "extrapolate_final=False",
@@ -577,9 +576,10 @@ class Profile:
         for carries, what, then, leave_out in _NOT_IN_SIGMAS:
             if carries(c):
                 tail = f", or tune with {leave_out} for these functions" if leave_out else ""
+                does = what.format(final_step=c.final_step)
                 warnings.warn(
                     f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} "
-                    f"{what(c)}, which the k-diffusion functions cannot carry: {then}{tail}",
+                    f"{does}, which the k-diffusion functions cannot carry: {then}{tail}",
                     stacklevel=2,
                 )
         self.check(schedule, self.prediction)

@@ -37,6 +37,7 @@ from ..recipe import Recipe
 from ..sampling import sample
 from .calibrated_peer import _Draw, _geo
 from .peer_suite import ModelTime, PeerTask, flow_config, run_peer
+from .peers import diffusers_class
 from .records import command_line, publish
 from .rescore import conditioning, network, rescore_seed
 from .suite import GUIDANCE, MixtureProblem, _rms, get_problem
@@ -67,8 +68,6 @@ class FlowCell:
 
 
 def _scheduler_sigmas(problem: MixtureProblem, nfe: int) -> list[float]:
-    from .peers import diffusers_class
-
     cls = diffusers_class(SCHEDULER)
     shift = float(getattr(problem.schedule, "shift", 1.0))
     sched = cls(
@@ -86,14 +85,17 @@ def measure(
     draw = _Draw(problem, guidance, z)
     task = PeerTask(problem, draw.den, draw.x_T)
     net = network(problem, "x0")
+    times: tuple[ModelTime, ...] = ("timestep", "sigma")
+    configs = {
+        mt: flow_config(SCHEDULER, mt, flow_sigmas=True, model_time=mt, solver_order=3)
+        for mt in times
+    }
     out = []
     for nfe in nfes:
         errors = {}
-        times: tuple[ModelTime, ...] = ("timestep", "sigma")
-        for mt in times:
-            config = flow_config(SCHEDULER, mt, flow_sigmas=True, model_time=mt, solver_order=3)
+        for mt, config in configs.items():
             if config is None:
-                raise RuntimeError("diffusers is not installed (pip install -e '.[bench]')")
+                raise RuntimeError("diffusers is not installed (pip install -e '.[test]')")
             x = run_peer(config, task, nfe).sample
             errors[mt] = math.inf if x is None else _rms(x, draw.reference)
         res = sample(
