@@ -138,13 +138,12 @@ def late_stage_profile(**late: Any) -> dp.Profile:
     c = dataclasses.replace(
         prof.choices[0],
         solver="unipc",
-        options={"order": 2},
         grid="logsnr",
         rho=None,
         times=None,
         final_step="denoise",
         step_limit=None,
-        **{"compensation": None, **late},
+        **{"options": {"order": 2}, "compensation": None, **late},
     )
     return dataclasses.replace(prof, choices=(c,))
 

@@ -383,6 +383,35 @@ def test_fixed_adams_weights_are_the_classical_ones_and_assume_equal_sigma_steps
     assert e_variable < 0.5 * e_fixed, (e_variable, e_fixed)
 
 
+@pytest.mark.parametrize(("order", "skip"), [(2, (0, 3, 9)), (3, (1, 2)), (2, (5,))])
+def test_diffusers_unipc_disable_corrector_agrees(order: int, skip: tuple[int, ...]) -> None:
+    """The core's ``corrector_skip`` is diffusers' ``disable_corrector``: the result of each
+    listed step is left uncorrected, and it changes the end state."""
+    sch = diffusers_module().UniPCMultistepScheduler(
+        solver_order=order, disable_corrector=list(skip), **SD_BETAS
+    )
+    x = noise()
+    theirs, schedule, ts, _, calls = run_diffusers(sch, 12, x)
+    solver = dp.get_solver("unipc", order, corrector_skip=skip)
+    ours = run_ours(schedule, ts, "zero", solver, x, lower_order_final=True)
+    assert ours.nfe == calls and maxdiff(ours.x, theirs) < TIGHT
+    plain = run_ours(schedule, ts, "zero", dp.get_solver("unipc", order), x, True)
+    assert maxdiff(plain.x, theirs) > 1e3 * TIGHT
+
+
+def test_corrector_skip_is_checked() -> None:
+    """Step indices, each >= 0; any sequence is kept as a sorted tuple of distinct ints."""
+    assert dp.get_solver("unipc", 2, corrector_skip=[3, 0, 3]).corrector_skip == (0, 3)
+    for bad, error, match in (
+        (1, ValueError, r"corrector_skip must be a sequence of step indices, got 1"),
+        ("0", ValueError, r"corrector_skip must be a sequence"),
+        ((0, -1), ValueError, r"corrector_skip\[1\] must be >= 0"),
+        ((0.5,), TypeError, r"corrector_skip\[0\] must be an integer"),
+    ):
+        with pytest.raises(error, match=match):
+            dp.get_solver("unipc", 2, corrector_skip=bad)
+
+
 def test_corrector_order_is_checked() -> None:
     """SA-Solver's corrector order counts the new prediction: 2 to order + 1."""
     assert dp.get_solver("unipc", 3, corrector_order=4).claimed_order == 4.0

@@ -64,6 +64,12 @@ own model, guidance included:
    greedy pass over the steps of a multistep recipe, each tried at every order below its
    planned one (USF's per-step solver strategy, Liu et al. 2024, for the order alone; a
    multistep step costs one evaluation at any order); sigmas cannot carry it.
+   *(i) The corrector of each step* (a study, off by default: ``TuneOptions.corrector_search``;
+   ``benchmarks/stage_i.md``), after (h) at budgets up to 10, for UniPC recipes: one greedy
+   pass over the steps whose result the next step corrects, each tried uncorrected (UniPC's
+   ``corrector_skip``, diffusers' ``disable_corrector``, which its documentation suggests
+   for the first steps under large guidance; USF's per-step strategy for the corrector);
+   sigmas cannot carry it.
 8. *(f) Compensation of the data prediction*, for the recipe chosen so far, at budgets up
    to 25: Nelder-Mead on one ratio per step after the first by which the prediction the
    solver receives is extrapolated from the previous knot's (``D_k + c_k (D_k -
@@ -155,7 +161,7 @@ from .progress import Progress
 from .recipe import PolicyRequest, Recipe, resolve
 from .sampling import SampleOptions, build_denoiser
 from .schedules import Knot, NoiseSchedule
-from .solvers import AdaptiveSolver, MultistepSolver, Solver, StepContext
+from .solvers import AdaptiveSolver, MultistepSolver, Solver, StepContext, UniPC
 from .steplimit import StepLimit, check_step_limit
 from .timegrid import LEVEL_SPACED_KINDS, make_grid
 
@@ -486,6 +492,13 @@ _NOT_IN_SIGMAS: tuple[tuple[Callable[[BudgetChoice], bool], str, str, str | None
         "order_search=False",
     ),
     (
+        lambda c: bool(c.options.get("corrector_skip")),
+        "leaves some steps' results uncorrected (UniPC's corrector_skip, stage (i))",
+        "they correct after every step; dpmsolver.sample and the diffusers scheduler run it "
+        "as tuned",
+        "corrector_search=False",
+    ),
+    (
         lambda c: c.final_step != "denoise",
         "extrapolates its step into sigma = 0 (final_step={final_step!r})",
         "they end with the denoising step; dpmsolver.sample and the diffusers scheduler run "
@@ -666,6 +679,8 @@ def _options_of(data: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(data)
     if isinstance(out.get("ems"), Mapping):
         out["ems"] = EMS.from_json(out["ems"])
+    if isinstance(out.get("corrector_skip"), list):  # JSON has no tuples
+        out["corrector_skip"] = tuple(out["corrector_skip"])
     return out
 
 
@@ -800,6 +815,16 @@ class TuneOptions:
             written before the run refused it (benchmarks/stage_h.md).
         order_rows: calibration rows stage (h) compares orders on (default 32).
         order_max_nfe: the largest budget stage (h) runs at (default 10).
+        corrector_search: stage (i), which steps' results a UniPC recipe leaves
+            uncorrected (``corrector_skip``, diffusers' ``disable_corrector``; USF's
+            per-step strategy for the corrector): from the recipe after stage (h), each
+            step whose result the next step corrects is tried uncorrected in turn and kept
+            so where that lowers the error on ``corrector_rows`` calibration rows (one
+            greedy pass, no evaluation either way); then the held-out half decides as for
+            every stage. Stages (f) and (g) fit on it. Default False (a study:
+            ``benchmarks/stage_i.md``).
+        corrector_rows: calibration rows stage (i) compares on (default 32).
+        corrector_max_nfe: the largest budget stage (i) runs at (default 10).
         shift_bound: the largest shift, in log-SNR (default 0.1). Unbounded, the fit drove
             neighbouring shifts to large opposite values (-0.34, +0.39) that helped the
             pilot and sent test samples astray (on the selection problems: 4 cells worse
@@ -1065,6 +1090,9 @@ class TuneOptions:
     order_search: bool = False
     order_rows: int = 32
     order_max_nfe: int = 10
+    corrector_search: bool = False
+    corrector_rows: int = 32
+    corrector_max_nfe: int = 10
     step_bases: int = 3
     worst_factor: float | None = None
     accept_z: float = 0.0
@@ -1128,6 +1156,9 @@ class TuneOptions:
         check_choice("order_search", self.order_search, (True, False))
         check_int("order_rows", self.order_rows, minimum=1)
         check_int("order_max_nfe", self.order_max_nfe, minimum=1)
+        check_choice("corrector_search", self.corrector_search, (True, False))
+        check_int("corrector_rows", self.corrector_rows, minimum=1)
+        check_int("corrector_max_nfe", self.corrector_max_nfe, minimum=1)
         check_int("step_bases", self.step_bases, minimum=1)
         if self.worst_factor is not None:
             check_finite_float("worst_factor", self.worst_factor, positive=True)
@@ -2133,6 +2164,12 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         if reordered is not None and _accept(reordered, best, prob, opts):
             best = reordered
             taken.append(best)
+    # (i) which steps' results UniPC leaves uncorrected: before (f) and (g), as (h)
+    if opts.corrector_search and nfe <= opts.corrector_max_nfe:
+        uncorrected = _uncorrect(prob, best.recipe, nfe, prob.cal[: opts.corrector_rows])
+        if uncorrected is not None and _accept(uncorrected, best, prob, opts):
+            best = uncorrected
+            taken.append(best)
     # (f) the data predictions extrapolated from the previous knot's, by a ratio per step
     if opts.compensation_runs > 0 and nfe <= opts.compensation_max_nfe:
         compensated = _compensate(prob, best.recipe, nfe, opts)
@@ -2740,12 +2777,37 @@ def _correct(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _Choi
     return _choice(prob, corrected, nfe, "correction")
 
 
+def _greedy_pass(
+    prob: _Problem,
+    nfe: int,
+    rows: Sequence[int],
+    start: Sequence[Any],
+    tries: Sequence[Sequence[Any]],
+    recipe_of: Callable[[list[Any]], Recipe],
+) -> list[Any] | None:
+    """One greedy pass over a per-step setting (stages (h) and (i)): from ``start``, step
+    ``i`` is tried at each value of ``tries[i]`` in turn (the others as chosen so far) and
+    kept at the one with the smallest capped error on ``rows`` (:func:`_capped_error`). The
+    settings, or None where nothing lowered the error."""
+    current = list(start)
+
+    def error(candidate: list[Any]) -> float:
+        return _capped_error(prob, recipe_of(candidate), nfe, rows)
+
+    first = best = error(current)
+    for i, values in enumerate(tries):
+        for v in values:
+            e = error([*current[:i], v, *current[i + 1 :]])
+            if e < best:
+                best, current[i] = e, v
+    return current if best < first else None
+
+
 def _reorder(prob: _Problem, base: Recipe, nfe: int, rows: Sequence[int]) -> _Choice | None:
-    """Stage (h): one greedy pass over ``base``'s steps, first to last, each tried at every
-    order below its planned one (the others as chosen so far) and kept at the order with
-    the smallest capped error on ``rows`` (:func:`_capped_error`); the choice, or None where
-    no step has a lower order to try (a multistep solver of order 2 or more only: their
-    steps cost one evaluation at any order) or nothing lowered the error."""
+    """Stage (h): one greedy pass (:func:`_greedy_pass`) over ``base``'s steps, first to
+    last, each tried at every order below its planned one; the choice, or None where no
+    step has a lower order to try (a multistep solver of order 2 or more only: their steps
+    cost one evaluation at any order) or nothing lowered the error."""
     plan = prob.plan(base, nfe)
     if (
         base.orders is not None
@@ -2754,23 +2816,50 @@ def _reorder(prob: _Problem, base: Recipe, nfe: int, rows: Sequence[int]) -> _Ch
         or any(step.evals != 1 for step in plan.steps)
     ):
         return None
-    orders = list(plan.orders)
-    if all(o <= 1 for o in orders):
+    if all(o <= 1 for o in plan.orders):
+        return None
+    tries = [range(planned - 1, 0, -1) for planned in plan.orders]
+
+    def recipe_of(orders: list[Any]) -> Recipe:
+        return dataclasses.replace(base, orders=tuple(orders))
+
+    orders = _greedy_pass(prob, nfe, rows, plan.orders, tries, recipe_of)
+    return None if orders is None else _choice(prob, recipe_of(orders), nfe, "orders")
+
+
+def _uncorrect(prob: _Problem, base: Recipe, nfe: int, rows: Sequence[int]) -> _Choice | None:
+    """Stage (i): one greedy pass (:func:`_greedy_pass`) over the steps of a UniPC recipe
+    whose result the next step corrects, first to last, each tried uncorrected
+    (``corrector_skip``, diffusers' ``disable_corrector``; USF's per-step strategy for the
+    corrector); the choice, or None where the recipe has no corrector to skip or nothing
+    lowered the error. A skipped correction costs no evaluation either way."""
+    plan = prob.plan(base, nfe)
+    solver = None if plan is None else plan.solver
+    if (
+        plan is None
+        or not isinstance(solver, UniPC)
+        or not solver.use_corrector
+        or solver.corrector_skip
+        or any(step.evals != 1 for step in plan.steps)
+    ):
+        return None
+    # step i's result is corrected at step i + 1's start, unless that step is the loop's
+    # own (into sigma = 0) or step i starts at pure noise (UniPC.correct)
+    steps = plan.steps
+    free = [
+        i
+        for i in range(len(steps) - 1)
+        if not steps[i + 1].boundary and math.isfinite(steps[i].s.lam)
+    ]
+    if not free:
         return None
 
-    def error(candidate: Sequence[int]) -> float:
-        return _capped_error(prob, dataclasses.replace(base, orders=tuple(candidate)), nfe, rows)
+    def recipe_of(corrected: list[Any]) -> Recipe:
+        skip = tuple(i for i, on in zip(free, corrected, strict=True) if not on)
+        return dataclasses.replace(base, options={**base.options, "corrector_skip": skip})
 
-    start = best = error(orders)
-    for i, planned in enumerate(plan.orders):
-        for o in range(planned - 1, 0, -1):
-            tried = [*orders[:i], o, *orders[i + 1 :]]
-            e = error(tried)
-            if e < best:
-                best, orders[i] = e, o
-    if not best < start:
-        return None
-    return _choice(prob, dataclasses.replace(base, orders=tuple(orders)), nfe, "orders")
+    corrected = _greedy_pass(prob, nfe, rows, [True] * len(free), [(False,)] * len(free), recipe_of)
+    return None if corrected is None else _choice(prob, recipe_of(corrected), nfe, "corrector")
 
 
 def _spread(values: Sequence[float], n: int) -> tuple[float, ...]:

@@ -40,6 +40,13 @@ O(h^3) term it adds "similar to UniPC", which is exactly B(h) = h with rho = 1/2
 diffusers' ``SASolverScheduler(predictor_order=p, corrector_order=c, tau_func=0)`` is
 ``UniPC(order=p, variant="bh1", corrector_order=c)`` (tested against it to 1e-10, p = 1-3);
 the method converges with order c.
+
+``corrector_skip`` lists the steps whose result is left uncorrected: the corrector that the
+step after step i would apply (with the evaluation at step i's end) is skipped when i is
+listed, as diffusers' ``UniPCMultistepScheduler(disable_corrector=[...])``, whose
+documentation recommends it for the first steps under large guidance, where the guided
+prediction at the predicted point can pull the correction off. Every step still costs one
+evaluation; ``tune``'s stage (i) chooses the list per budget (a study).
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from .._validate import check_choice
+from .._validate import check_choice, check_int
 from ..schedules import Knot
 from .base import Form, StepContext, combine, exponential_moments, lagrange_weights
 from .registry import SolverInfo, register
@@ -103,6 +110,8 @@ class UniPC(MultistepSolver):
         corrector_order: the corrector's nodes, the new prediction included (SA-Solver's
             corrector order; module docstring): 2 to p + 1, None (default) for p + 1
             (UniC-p). The method converges with this order.
+        corrector_skip: indices of the steps whose result is not corrected (module
+            docstring; diffusers' ``disable_corrector``); default none.
     """
 
     order: int = 2
@@ -110,6 +119,7 @@ class UniPC(MultistepSolver):
     use_corrector: bool = True
     form: Form = Form.DATA
     corrector_order: int | None = None
+    corrector_skip: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("order", self.order, (1, 2, 3))
@@ -121,6 +131,12 @@ class UniPC(MultistepSolver):
             name = check_choice("form", self.form, ("data", "noise"))
             object.__setattr__(self, "form", Form(name))
         check_choice("form", self.form, tuple(Form))
+        skip = self.corrector_skip
+        if isinstance(skip, (str, bytes)) or not hasattr(skip, "__iter__"):
+            raise ValueError(f"corrector_skip must be a sequence of step indices, got {skip!r}")
+        # a tuple of distinct sorted ints, so that equal lists make equal (hashable) solvers
+        checked = {check_int(f"corrector_skip[{i}]", v, minimum=0) for i, v in enumerate(skip)}
+        object.__setattr__(self, "corrector_skip", tuple(sorted(checked)))
 
     @property
     def claimed_order(self) -> float:
@@ -143,6 +159,7 @@ class UniPC(MultistepSolver):
         (``m0``, which this step's predictor reuses unchanged)."""
         if (
             not self.use_corrector
+            or ctx.index - 1 in self.corrector_skip
             or state.x_prev is None
             or not math.isfinite(state.knots[0].lam)
             or not math.isfinite(ctx.s.lam)
