@@ -81,6 +81,7 @@ def test_stage_i_is_kept_only_where_the_held_out_half_takes_it() -> None:
         compensation_runs=0,
         correction_components=0,
         guard_rows=0,  # the held-out half alone decides (the guard has tests of its own)
+        corrector_search=False,
     )
     args = {**ARGS, "guidance_scale": 7.5, "nfe": [5, 6, 8, 10]}
     on = dp.tune(NET, Z, **args, **{**base, "corrector_search": True})
@@ -113,13 +114,18 @@ def test_the_profile_samples_with_it_and_the_diffusers_scheduler_as_sample_does(
     sample_and_scheduler_agree(_skipping(None), _skipping((0, 1, 2, 5)))
 
 
-def test_a_saved_profile_keeps_it_and_the_k_diffusion_sigmas_warn(tmp_path: Path) -> None:
+def test_saved_and_older_profiles_read_and_the_sigmas_warn(tmp_path: Path) -> None:
     prof = _skipping((0, 2))
     prof.save(tmp_path / "p.json")
     loaded = dp.Profile.load(tmp_path / "p.json")
     assert loaded == prof and loaded.choices[0].options["corrector_skip"] == (0, 2)
     with pytest.warns(UserWarning, match="corrector_skip"):
         prof.sigmas(9, 1.0, SD)
+    # profile format 12; an older file (no corrector_skip) still reads
+    assert prof.to_json()["format"] == "dpmsolver-profile/12"
+    older = _skipping(None).to_json()
+    older["format"] = "dpmsolver-profile/11"
+    assert "corrector_skip" not in dp.Profile.from_json(older).choices[0].options
 
 
 def test_bad_settings_are_refused_by_name() -> None:
