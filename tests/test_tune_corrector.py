@@ -11,7 +11,6 @@ import dataclasses
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ from dpmsolver.tune import TuneOptions
 
 from .test_compensation import ARGS, late_stage_profile, sample_and_scheduler_agree
 from .test_tune import CHEAP, NET, SD, Z
+from .test_tune_orders import greedy_pass
 
 TUNE = importlib.import_module("dpmsolver.tune")
 
@@ -30,17 +30,11 @@ pytest.importorskip("scipy")
 
 def _greedy(monkeypatch: pytest.MonkeyPatch, base: Recipe, nfe: int, cost: Any) -> Any:
     """``_uncorrect`` on ``base`` with ``cost(skip)`` as the error on the rows."""
-    runs: list[tuple[int, ...]] = []
 
-    def error(prob: Any, recipe: Recipe, n: int, rows: Sequence[int]) -> float:
-        skip = tuple(recipe.build_solver().corrector_skip)  # type: ignore[attr-defined]
-        runs.append(skip)
-        return float(cost(skip))
+    def skip(recipe: Recipe, n: int) -> tuple[int, ...]:
+        return tuple(recipe.build_solver().corrector_skip)  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(TUNE, "_capped_error", error)
-    monkeypatch.setattr(TUNE, "_choice", lambda prob, recipe, n, stage: (recipe, stage))
-    prob = SimpleNamespace(plan=lambda recipe, n: recipe.plan(SD, nfe=n))
-    return TUNE._uncorrect(prob, base, nfe, [0, 1]), runs
+    return greedy_pass(monkeypatch, "_uncorrect", base, nfe, skip, cost)
 
 
 def test_the_greedy_pass_finds_the_steps_to_leave_uncorrected(

@@ -66,19 +66,30 @@ def test_bad_orders_are_refused_by_name() -> None:
             TuneOptions(**opt)  # type: ignore[arg-type]
 
 
-def _greedy(monkeypatch: pytest.MonkeyPatch, base: Recipe, nfe: int, cost: Any) -> Any:
-    """``_reorder`` on ``base`` with ``cost(orders)`` as the error on the rows."""
-    runs: list[tuple[int, ...]] = []
+def greedy_pass(
+    monkeypatch: pytest.MonkeyPatch, stage: str, base: Recipe, nfe: int, key: Any, cost: Any
+) -> Any:
+    """The per-step stage ``stage`` (``"_reorder"``, ``"_uncorrect"``) on ``base`` with
+    ``cost(key(recipe, nfe))`` as the error on the rows: its choice and every key it ran."""
+    runs: list[Any] = []
 
     def error(prob: Any, recipe: Recipe, n: int, rows: Sequence[int]) -> float:
-        orders = tuple(recipe.plan(SD, nfe=n).orders)
-        runs.append(orders)
-        return float(cost(orders))
+        runs.append(key(recipe, n))
+        return float(cost(runs[-1]))
 
     monkeypatch.setattr(TUNE, "_capped_error", error)
     monkeypatch.setattr(TUNE, "_choice", lambda prob, recipe, n, stage: (recipe, stage))
     prob = SimpleNamespace(plan=lambda recipe, n: recipe.plan(SD, nfe=n))
-    return TUNE._reorder(prob, base, nfe, [0, 1]), runs
+    return getattr(TUNE, stage)(prob, base, nfe, [0, 1]), runs
+
+
+def _greedy(monkeypatch: pytest.MonkeyPatch, base: Recipe, nfe: int, cost: Any) -> Any:
+    """``_reorder`` on ``base`` with ``cost(orders)`` as the error on the rows."""
+
+    def orders(recipe: Recipe, n: int) -> tuple[int, ...]:
+        return tuple(recipe.plan(SD, nfe=n).orders)
+
+    return greedy_pass(monkeypatch, "_reorder", base, nfe, orders, cost)
 
 
 def test_the_greedy_pass_lowers_each_step_to_its_best_order(
