@@ -283,8 +283,6 @@ class _Stop(Exception):
         (("--compensation-runs", "0"), "compensation_runs", 0),
         ((), "correction_components", None),
         (("--correction-components", "0"), "correction_components", 0),
-        ((), "corrector_search", None),
-        (("--no-corrector-search",), "corrector_search", False),
     ],
 )
 def test_flags_reach_tune_as_its_options(
@@ -296,7 +294,7 @@ def test_flags_reach_tune_as_its_options(
 ) -> None:
     """--denoise-final turns stage (e) off; --micro-batch caps the samples per call;
     --compensation-runs 0 turns stage (f) off; --correction-components 0 turns stage (g) off;
-    --no-corrector-search turns stage (i) off; --memo-mb 0 sends every call to the network."""
+    --memo-mb 0 sends every call to the network."""
     seen: dict[str, object] = {}
 
     def fake(*args: object, **kwargs: object) -> None:

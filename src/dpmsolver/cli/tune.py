@@ -74,8 +74,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
         options["correction_components"] = args.correction_components
     if args.denoise_final:
         options["extrapolate_final"] = False
-    if args.no_corrector_search:
-        options["corrector_search"] = False
     if args.micro_batch is not None:
         options["micro_batch"] = args.micro_batch
     if args.memo_mb is not None:
@@ -180,12 +178,6 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="end every budget with the denoising step (no extrapolated step into sigma = 0, "
         "stage (e)), for a profile the k-diffusion functions read as sigmas",
-    )
-    t.add_argument(
-        "--no-corrector-search",
-        action="store_true",
-        help="correct after every step of a UniPC choice (no per-step corrector_skip, stage "
-        "(i)), for a profile the k-diffusion functions read as sigmas",
     )
     t.add_argument(
         "--micro-batch",
