@@ -19,6 +19,7 @@ from dpmsolver.ems import EMS
 from dpmsolver.recipe import Recipe
 from dpmsolver.sampling import SampleOptions
 from dpmsolver.tune import (
+    PROFILE_FORMAT,
     V3_CANDIDATES,
     Profile,
     TuneOptions,
@@ -171,7 +172,7 @@ def test_a_format_9_profile_still_reads() -> None:
     data = prof.to_json()
     data["format"] = "dpmsolver-profile/9"
     old = Profile.from_json(json.loads(json.dumps(data)))
-    assert old.choices == prof.choices and old.format == "dpmsolver-profile/11"
+    assert old.choices == prof.choices and old.format == PROFILE_FORMAT
 
 
 def test_the_statistics_respect_micro_batch() -> None:
