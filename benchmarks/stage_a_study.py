@@ -26,7 +26,6 @@ Usage: python benchmarks/stage_a_study.py --split selection --jobs 2 --out FILE.
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -49,21 +48,24 @@ GUIDANCE = (1.0, 3.0, 7.5, 15.0)
 
 def _pair(name: str, w: float, arms: tuple[str, ...] = ARMS) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
-    T = importlib.import_module("dpmsolver.tune")
     from dpmsolver.bench.rescore import conditioning, network, rescore_seed
     from dpmsolver.bench.suite import _rms, get_problem
     from dpmsolver.bench.tuned import PILOT, pilot_seed
     from dpmsolver.recipe import PolicyRequest, resolve
-    from dpmsolver.sampling import NonFiniteError, sample
+    from dpmsolver.sampling import NonFiniteError, SampleOptions, sample
+    from dpmsolver.tune import TuneOptions
+    from dpmsolver.tune.acceptance import _accept
+    from dpmsolver.tune.pilot import _choice, _Counter, _pilot, _RowDenoiser
+    from dpmsolver.tune.selection import _held_first, _ranked, _screened, _tail_ranked
 
     p = get_problem(name)
     noise = p.noise(PILOT, seed=pilot_seed(p))
     c = conditioning(p, PILOT)
-    opts = T.TuneOptions()
-    options = T.SampleOptions(model_dtype=noise.dtype)
-    den = T._Counter(T._RowDenoiser(network(p), "x0", c["cond"], c["uncond"], w, options))
+    opts = TuneOptions()
+    options = SampleOptions(model_dtype=noise.dtype)
+    den = _Counter(_RowDenoiser(network(p), "x0", c["cond"], c["uncond"], w, options))
     guard = (opts.guard_rows, opts.guard_factor)
-    prob = T._pilot(den, p.schedule, noise, opts.rtol, opts.check_rows, 0, 0, guard=guard)
+    prob = _pilot(den, p.schedule, noise, opts.rtol, opts.check_rows, 0, 0, guard=guard)
     z = p.noise(512, seed=rescore_seed(p))
     ref = p.check_reference(p.denoiser(w, p.labels(512)), p.x_T(z)).sample
     new_errors: dict[str, float] = {}
@@ -85,26 +87,26 @@ def _pair(name: str, w: float, arms: tuple[str, ...] = ARMS) -> list[dict[str, A
     for nfe in NFES:
         new_errors.clear()
         default = resolve("auto", PolicyRequest(nfe, w, p.schedule))
-        dchoice = T._choice(prob, default, nfe, "default")
+        dchoice = _choice(prob, default, nfe, "default")
         extra = (SA,) if any(a.startswith("sa") for a in arms) else ()
         wider = replace(opts, solvers=(*opts.solvers, *extra))
-        scored = [r for _, r in T._screened(prob, nfe, wider)]
+        scored = [r for _, r in _screened(prob, nfe, wider)]
         # without SA, the candidate list is stop 30's (TUNE_SOLVERS may already hold it)
         plain = [r for r in scored if (r.solver, r.options) != SA][: opts.finalists]
         with_sa = scored[: opts.finalists]
-        choices = {repr(r): T._choice(prob, r, nfe, "selection") for r in [*plain, *with_sa]}
+        choices = {repr(r): _choice(prob, r, nfe, "selection") for r in [*plain, *with_sa]}
         out = {"problem": name, "w": w, "nfe": nfe, "default": new_error(default, nfe)}
         for arm in arms:
             pool = with_sa if arm.startswith("sa") else plain
-            finalists = T._ranked(prob, [choices[repr(r)] for r in pool], opts)
+            finalists = _ranked(prob, [choices[repr(r)] for r in pool], opts)
             if arm in FACTOR:
                 trigger = TRIGGER.get(arm, "always")
                 ranking = replace(opts, tail_ranking=FACTOR[arm], tail_trigger=trigger)
                 if trigger != "always":
                     live = [f for f in finalists if bool(torch.isfinite(f.held).all())]
-                    out[arm + "_fired"] = len(live) > 1 and T._held_first(live) is not live[0]
-                finalists = T._tail_ranked(prob, finalists, ranking)
-            pick = next((f for f in finalists if T._accept(f, dchoice, prob, None)), dchoice)
+                    out[arm + "_fired"] = len(live) > 1 and _held_first(live) is not live[0]
+                finalists = _tail_ranked(prob, finalists, ranking)
+            pick = next((f for f in finalists if _accept(f, dchoice, prob, None)), dchoice)
             out[arm] = new_error(pick.recipe, nfe)
             out[arm + "_recipe"] = pick.recipe.describe()
         out["best"] = min(new_error(ch.recipe, nfe) for ch in choices.values())

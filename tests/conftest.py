@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
@@ -33,3 +37,24 @@ def clf() -> DigitsClassifier:
 def split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The digits train/test split (x_train, y_train, x_test, y_test)."""
     return load_digits_split()
+
+
+@pytest.fixture
+def patch_tune(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, Any], None]:
+    """Replace one helper of :mod:`dpmsolver.tune` wherever the package binds it: its
+    modules import their helpers by name, so each caller holds its own binding, and a test
+    that swaps a helper means every caller's."""
+
+    def patch(name: str, value: Any) -> None:
+        import dpmsolver.tune  # noqa: F401  (loads every module of the package)
+
+        mods = [
+            m
+            for n, m in sorted(sys.modules.items())
+            if n.startswith("dpmsolver.tune.") and hasattr(m, name)
+        ]
+        assert mods, f"no module of dpmsolver.tune binds {name!r}"
+        for m in mods:
+            monkeypatch.setattr(m, name, value)
+
+    return patch

@@ -6,7 +6,6 @@ run it as tuned, while the k-diffusion sigmas warn that they cannot."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 from typing import Any
 
@@ -16,12 +15,12 @@ import torch
 import dpmsolver as dp
 from dpmsolver.compensation import Compensation, check_compensation
 from dpmsolver.tune import TuneOptions
+from dpmsolver.tune.stages import _spread as spread
 
 from .test_step_limit import _scheduler_run
 from .test_tune import CHEAP, COND, NET, SD, Z
 
 pytest.importorskip("scipy")
-TUNE = importlib.import_module("dpmsolver.tune")
 
 
 def _ddim_by_hand(z: torch.Tensor, ratios: list[float], nfe: int) -> torch.Tensor:
@@ -120,7 +119,6 @@ def test_stage_f_is_kept_only_where_the_held_out_half_takes_it() -> None:
 
 
 def test_above_compensation_knots_the_ratios_are_linear_between_fitted_values() -> None:
-    spread = TUNE._spread
     assert spread([0.1, 0.2, 0.3], 3) == (0.1, 0.2, 0.3)  # as many values as steps: as is
     assert spread([0.0, 0.4, -0.2], 5) == pytest.approx((0.0, 0.2, 0.4, 0.1, -0.2))
     args = {**ARGS, "nfe": [8]}

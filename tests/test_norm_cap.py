@@ -12,7 +12,8 @@ import torch
 import dpmsolver as dp
 from dpmsolver.guidance import NormCap
 from dpmsolver.schedules import Knot
-from dpmsolver.tune import CAP_BINS, _Envelope
+from dpmsolver.tune.options import CAP_BINS
+from dpmsolver.tune.pilot import _Envelope
 
 SD = dp.DiscreteVPSchedule()
 

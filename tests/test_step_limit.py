@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from dpmsolver.schedules import Knot
 from dpmsolver.solvers import Form, StepContext, first_order_step, get_solver
 from dpmsolver.steplimit import StepLimit, check_step_limit
 from dpmsolver.tune import TuneOptions
+from dpmsolver.tune.acceptance import _accept
 
 SD = dp.DiscreteVPSchedule()
 FLOW = dp.RectifiedFlowSchedule()
@@ -125,12 +127,11 @@ def test_stochastic_solvers_run_without_the_limit() -> None:
 
 
 def test_stage_d_keeps_the_limit_only_where_the_held_out_half_takes_it(
-    monkeypatch: pytest.MonkeyPatch,
+    patch_tune: Callable[[str, Any], None],
 ) -> None:
     pytest.importorskip("scipy")
     from tests.test_tune import CHEAP, COND, NET, Z
 
-    tune_module = sys.modules["dpmsolver.tune"]
     nfes = [5, 8, 12]
     args = dict(schedule=SD, guidance_scale=7.5, nfe=nfes, **COND, **CHEAP)
     off = dp.tune(NET, Z, step_limit=None, **args)
@@ -144,12 +145,12 @@ def test_stage_d_keeps_the_limit_only_where_the_held_out_half_takes_it(
             assert a.heldout_error < b.heldout_error  # kept: better on the held-out half
     # where the held-out half takes it, the choice is the same recipe with the limit, scored
     # with it
-    real = tune_module._accept
+    real = _accept
 
     def takes_limits(new, old, prob, worst_factor, **kw):  # type: ignore[no-untyped-def]
         return new.recipe.step_limit is not None or real(new, old, prob, worst_factor, **kw)
 
-    monkeypatch.setattr(tune_module, "_accept", takes_limits)
+    patch_tune("_accept", takes_limits)
     forced = dp.tune(NET, Z, step_limit=1.0, guard_rows=0, **args)
     plain = dp.tune(NET, Z, step_limit=None, guard_rows=0, **args)
     differs = 0

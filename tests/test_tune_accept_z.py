@@ -11,7 +11,9 @@ import torch
 
 import dpmsolver as dp
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import TuneOptions, _accept, _Choice, clear_gain
+from dpmsolver.tune import TuneOptions, clear_gain
+from dpmsolver.tune.acceptance import _accept
+from dpmsolver.tune.pilot import _Choice
 
 from .test_tune import CHEAP, COND, NET, SD, Z
 from .test_tune_probes import problem  # noqa: F401  (the fixture)

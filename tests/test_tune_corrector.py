@@ -8,7 +8,6 @@ tests/test_peers.py.)"""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,6 @@ from dpmsolver.tune import TuneOptions
 from .test_compensation import ARGS, late_stage_profile, sample_and_scheduler_agree
 from .test_tune import CHEAP, NET, SD, Z
 from .test_tune_orders import greedy_pass
-
-TUNE = importlib.import_module("dpmsolver.tune")
 
 pytest.importorskip("scipy")
 

@@ -6,19 +6,20 @@ scheduler run it as tuned, and the k-diffusion sigmas warn that they cannot."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 import dpmsolver as dp
 from dpmsolver.tune import TuneOptions
+from dpmsolver.tune.acceptance import _accept
 
 from .test_step_limit import _scheduler_run
 from .test_tune import CHEAP, COND, NET, SD, Z
 
 pytest.importorskip("scipy")
-TUNE = importlib.import_module("dpmsolver.tune")
 ARGS = dict(schedule=SD, guidance_scale=3.0, nfe=[5, 8, 12], tail_rows=0, **COND, **CHEAP)
 
 
@@ -42,14 +43,14 @@ def test_stage_e_keeps_the_extrapolated_end_only_where_the_held_out_half_takes_i
 
 
 def test_a_kept_extrapolated_end_is_what_the_profile_samples_with(
-    monkeypatch: pytest.MonkeyPatch,
+    patch_tune: Callable[[str, Any], None],
 ) -> None:
-    real = TUNE._accept
+    real = _accept
 
     def takes_it(new, old, prob, worst_factor, **kw):  # type: ignore[no-untyped-def]
         return new.recipe.final_step == "extrapolate" or real(new, old, prob, worst_factor, **kw)
 
-    monkeypatch.setattr(TUNE, "_accept", takes_it)
+    patch_tune("_accept", takes_it)
     forced = dp.tune(NET, Z, guard_rows=0, **ARGS)
     plain = dp.tune(NET, Z, guard_rows=0, extrapolate_final=False, **ARGS)
     for a, b in zip(forced.choices, plain.choices, strict=True):

@@ -6,38 +6,27 @@ is stored in the profile (format 4; format 3 files still read)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import dpmsolver as dp
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import (
-    GUARD_REFERENCE_ROWS,
-    GUARD_SEED,
-    PROFILE_FORMAT,
-    Profile,
-    TuneOptions,
-    _blowup_mse,
-    _Choice,
-    _Counter,
-    _fallback,
-    _Guard,
-    _guarded,
-    _pilot,
-    _RowDenoiser,
-)
+from dpmsolver.tune import PROFILE_FORMAT, Profile, TuneOptions
+from dpmsolver.tune.acceptance import _blowup_mse, _fallback, _guarded
+from dpmsolver.tune.options import GUARD_REFERENCE_ROWS, GUARD_SEED
+from dpmsolver.tune.pilot import _Choice, _Counter, _Guard, _pilot, _RowDenoiser
 
 from .test_tune import COND, FAST, NET, SD, Y, Z
 
 pytest.importorskip("scipy")
 
-TUNE = importlib.import_module("dpmsolver.tune")  # the module (dpmsolver.tune is the function)
 
 ROWS = 40
 
@@ -122,7 +111,7 @@ def test_the_latest_stage_with_the_fewest_blowups_is_taken(
     ],
 )
 def test_the_mse_rule_weighs_the_far_samples_against_the_rest(
-    monkeypatch: pytest.MonkeyPatch,
+    patch_tune: Callable[[str, Any], None],
     counts: dict[str, int],
     mse: list[float] | None,
     chosen: str,
@@ -135,7 +124,7 @@ def test_the_mse_rule_weighs_the_far_samples_against_the_rest(
         assert mse is not None
         return mse
 
-    monkeypatch.setattr(TUNE, "_blowup_mse", estimate)
+    patch_tune("_blowup_mse", estimate)
     opts = TuneOptions(guard_rule="mse")
     best, why = _guarded(_Fake(counts), None, _chain("ddim", "unipc", "deis"), 8, opts)  # type: ignore[arg-type]
     assert (best.recipe.solver, why) == (chosen, refused)
@@ -163,16 +152,18 @@ def test_the_fallback_takes_the_first_finalist_as_safe_as_the_default() -> None:
     assert _fallback(prob, guard, finalists, default, opts) is None  # type: ignore[arg-type]
 
 
-def test_tune_falls_back_to_a_finalist_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tune_falls_back_to_a_finalist_only_when_asked(
+    monkeypatch: pytest.MonkeyPatch, patch_tune: Callable[[str, Any], None]
+) -> None:
     # the guard refuses every stage back to the (weak) default recipe; no guard sample is
     # beyond the bound, so with the fallback stage (a)'s first finalist that the held-out
     # half takes over the default is kept
     def refuse_all(guard: _Guard, prob: object, taken: list[_Choice], *_: object) -> object:
         return taken[0], tuple(c.stage for c in reversed(taken[1:]))
 
-    monkeypatch.setattr(TUNE, "_guarded", refuse_all)
+    patch_tune("_guarded", refuse_all)
     monkeypatch.setattr(_Guard, "blowups", lambda *a: 0)
-    monkeypatch.setattr(TUNE, "resolve", lambda *a: Recipe("ddim"))
+    patch_tune("resolve", lambda *a: Recipe("ddim"))
     kw = dict(schedule=SD, guidance_scale=5.0, nfe=[10], guard_rule="count", **COND, **FAST)
     plain = dp.tune(NET, Z, **kw)  # type: ignore[arg-type]
     fell = dp.tune(NET, Z, guard_fallback=True, **kw)  # type: ignore[arg-type]
@@ -223,7 +214,7 @@ def test_the_guard_runs_with_its_cap(problem) -> None:  # type: ignore[no-untype
     assert float(x.flatten(1).norm(dim=1).max()) > 0.1
 
 
-def test_tune_caps_the_guard_runs_but_for_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tune_caps_the_guard_runs_but_for_the_count(patch_tune: Callable[[str, Any], None]) -> None:
     caps: list[object] = []
     original = _guarded
 
@@ -231,7 +222,7 @@ def test_tune_caps_the_guard_runs_but_for_the_count(monkeypatch: pytest.MonkeyPa
         caps.append(guard.cap)
         return original(guard, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(TUNE, "_guarded", spy)
+    patch_tune("_guarded", spy)
     for rule in ("count", "capped", "mse"):
         dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6], guard_rule=rule, **COND, **FAST)
     assert caps[0] is None

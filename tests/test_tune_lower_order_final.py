@@ -16,14 +16,9 @@ import torch
 import dpmsolver as dp
 from dpmsolver.plan import LOWER_ORDER_FINAL_BELOW
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import (
-    PROFILE_FORMAT,
-    TUNE_SOLVERS,
-    BudgetChoice,
-    Profile,
-    _candidate,
-    schedule_fingerprint,
-)
+from dpmsolver.tune import PROFILE_FORMAT, BudgetChoice, Profile, schedule_fingerprint
+from dpmsolver.tune.options import TUNE_SOLVERS
+from dpmsolver.tune.selection import _candidate
 
 from .test_tune import COND, NET, SD, Z
 

@@ -50,7 +50,7 @@ def test_repeated_calls_come_from_memory_and_the_profile_is_the_same() -> None:
 def test_an_answer_from_memory_is_not_changed_by_the_caller() -> None:
     """The solver may update what the network returned in place; the memory's copy stays."""
     from dpmsolver.schedules import Knot
-    from dpmsolver.tune import _Counter
+    from dpmsolver.tune.pilot import _Counter
 
     calls = []
 

@@ -28,7 +28,7 @@ from .test_compensation import (
 )
 from .test_tune import CHEAP, NET, SD, Z
 
-TUNE = importlib.import_module("dpmsolver.tune")
+TUNE = importlib.import_module("dpmsolver.tune.stages")  # the per-step stages and what they call
 
 pytest.importorskip("scipy")
 

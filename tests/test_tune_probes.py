@@ -9,7 +9,9 @@ import torch
 import dpmsolver as dp
 from dpmsolver.analytic import exact_sample
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import TuneOptions, _accept, _band, _Choice, _Counter, _pilot, _RowDenoiser
+from dpmsolver.tune import TuneOptions
+from dpmsolver.tune.acceptance import _accept
+from dpmsolver.tune.pilot import _band, _Choice, _Counter, _pilot, _RowDenoiser
 
 from .test_tune import NET, SD, Y, Z
 

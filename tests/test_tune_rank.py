@@ -5,27 +5,19 @@ the default."""
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 import dpmsolver as dp
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import (
-    TuneOptions,
-    _Choice,
-    _Counter,
-    _pilot,
-    _Problem,
-    _RowDenoiser,
-    _tune_budget,
-)
+from dpmsolver.tune import TuneOptions
+from dpmsolver.tune.pilot import _Choice, _Counter, _pilot, _Problem, _RowDenoiser
+from dpmsolver.tune.search import _tune_budget
 
 from .test_tune import NET, SD, Y, Z
-
-# the module, not the function dpmsolver.tune that the package exports under its name
-TUNE = importlib.import_module("dpmsolver.tune")
 
 pytest.importorskip("scipy")
 
@@ -61,13 +53,13 @@ def test_worse_half_is_the_larger_rms_of_the_two_halves() -> None:
     [("pilot", "dpmpp_multistep"), ("calibration", "ddim"), ("worse", "unipc")],
 )
 def test_the_finalists_are_ranked_on_the_chosen_rows(
-    problem: _Problem, monkeypatch: pytest.MonkeyPatch, rank_rows: str, chosen: str
+    problem: _Problem, patch_tune: Callable[[str, Any], None], rank_rows: str, chosen: str
 ) -> None:
     def fake(prob: object, recipe: Recipe, nfe: int, stage: str) -> _Choice:
         cal, held = (1.0, 1.0) if stage == "default" else ERRORS[recipe.solver]
         return _Choice(recipe, stage, cal, torch.full((len(problem.held),), held), nfe)
 
-    monkeypatch.setattr(TUNE, "_choice", fake)
+    patch_tune("_choice", fake)
     opts = TuneOptions(
         solvers=(("ddim", {}), ("dpmpp_multistep", {"order": 2}), ("unipc", {"order": 2})),
         grids=(("time_uniform", None),),

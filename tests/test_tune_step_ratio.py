@@ -13,15 +13,8 @@ import torch
 
 import dpmsolver as dp
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import (
-    _Counter,
-    _oss_knots,
-    _pilot,
-    _refine,
-    _RowDenoiser,
-    _steep,
-    _with_knots,
-)
+from dpmsolver.tune.pilot import _Counter, _pilot, _RowDenoiser
+from dpmsolver.tune.steps import _oss_knots, _refine, _steep, _with_knots
 
 from .test_tune import COND, FAST, NET, SD, Y, Z
 

@@ -5,6 +5,8 @@ choice with the smaller mean squared error over the held-out and guard rows is t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -12,17 +14,9 @@ import torch
 import dpmsolver as dp
 from dpmsolver.analytic import exact_sample
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import (
-    TuneOptions,
-    _Choice,
-    _Counter,
-    _Guard,
-    _pilot,
-    _Problem,
-    _RowDenoiser,
-    _Rows,
-    _tail_checked,
-)
+from dpmsolver.tune import TuneOptions
+from dpmsolver.tune.acceptance import _tail_checked
+from dpmsolver.tune.pilot import _Choice, _Counter, _Guard, _pilot, _Problem, _RowDenoiser, _Rows
 
 from .test_tune import COND, FAST, NET, SD, Y, Z
 
@@ -114,11 +108,8 @@ def test_the_guard_reference_is_the_exact_sample_of_its_rows(problem: _Problem) 
 
 
 def test_tune_takes_stage_a_where_the_tail_check_says_so(
-    monkeypatch: pytest.MonkeyPatch,
+    patch_tune: Callable[[str, Any], None],
 ) -> None:
-    import importlib
-
-    tune_module = importlib.import_module("dpmsolver.tune")
 
     def back(prob: object, guard: object, chosen: _Choice, robust: _Choice, opts: object):  # type: ignore[no-untyped-def]
         return robust
@@ -132,7 +123,7 @@ def test_tune_takes_stage_a_where_the_tail_check_says_so(
         assert b.recipe() == a.recipe() or (
             b.stage in ("selection", "default") and set(b.guard_refused) & {"steps", "shifts"}
         )
-    monkeypatch.setattr(tune_module, "_tail_checked", back)
+    patch_tune("_tail_checked", back)
     p = dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6, 10], tail_rows=8, **COND, **fast)
     for c in p.choices:
         assert c.stage in ("selection", "default") and c.times is None
@@ -140,19 +131,16 @@ def test_tune_takes_stage_a_where_the_tail_check_says_so(
 
 
 def test_the_walk_back_keeps_the_latest_stage_the_tail_check_keeps(
-    monkeypatch: pytest.MonkeyPatch,
+    patch_tune: Callable[[str, Any], None],
 ) -> None:
     """With ``tail_walk_back`` (the default) a refused final choice falls back to the stage
     accepted before it, where the check keeps that one, instead of to stage (a)'s; without
     it, to stage (a)'s. Here the check refuses stage (c)'s time shifts only."""
-    import importlib
-
-    tune_module = importlib.import_module("dpmsolver.tune")
 
     def no_shifts(prob: object, guard: object, chosen: _Choice, robust: _Choice, opts: object):  # type: ignore[no-untyped-def]
         return robust if chosen.stage == "shifts" else chosen
 
-    monkeypatch.setattr(tune_module, "_tail_checked", no_shifts)
+    patch_tune("_tail_checked", no_shifts)
     fast = {**FAST, "shift_runs": 8}
     args = {"schedule": SD, "guidance_scale": 5.0, "nfe": [5, 6, 8, 10], **COND, **fast}
     plain = dp.tune(NET, Z, tail_walk_back=False, **args)  # type: ignore[arg-type]

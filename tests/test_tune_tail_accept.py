@@ -5,12 +5,15 @@ guard row (the tail check's estimate), and by the held-out half elsewhere."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 import dpmsolver as dp
-from dpmsolver.tune import TuneOptions, _Choice, _Problem, _stage_a_takes
+from dpmsolver.tune import TuneOptions
+from dpmsolver.tune.acceptance import _stage_a_takes, _tail_mse
+from dpmsolver.tune.pilot import _Choice, _Problem
 
 from .test_tune import CHEAP, COND, NET, SD, Z
 from .test_tune_tail import CHOSEN, ROBUST, _choice, _guard
@@ -57,10 +60,9 @@ def test_without_a_far_guard_sample_the_held_out_half_decides(problem: _Problem)
 
 
 def test_tune_asks_the_tail_estimate_for_stage_a_only_when_on(
-    monkeypatch: pytest.MonkeyPatch,
+    patch_tune: Callable[[str, Any], None],
 ) -> None:
-    tune_mod = importlib.import_module("dpmsolver.tune")
-    real = tune_mod._tail_mse
+    real = _tail_mse
     asked: list[bool] = []
 
     def none_far(prob, guard, choices, opts, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -68,7 +70,7 @@ def test_tune_asks_the_tail_estimate_for_stage_a_only_when_on(
         real(prob, guard, choices, opts, *args, **kwargs)
         return None  # as if no guard row were far: the held-out half decides
 
-    monkeypatch.setattr(tune_mod, "_tail_mse", none_far)
+    patch_tune("_tail_mse", none_far)
     off = dp.tune(NET, Z, schedule=SD, nfe=[6], guidance_scale=3.0, **COND, **CHEAP)
     assert not any(asked)  # the tail ranking and check never hold the default recipe
     asked.clear()
@@ -123,10 +125,9 @@ def test_guard_runs_for_stage_a_take_the_accept_cap(problem: _Problem) -> None:
 
 
 def test_tune_gives_the_guard_the_profile_cap_only_when_on(
-    monkeypatch: pytest.MonkeyPatch,
+    patch_tune: Callable[[str, Any], None],
 ) -> None:
-    tune_mod = importlib.import_module("dpmsolver.tune")
-    real = tune_mod._tail_mse
+    real = _tail_mse
     seen: list[tuple[bool, bool]] = []
 
     def spy(prob, guard, choices, opts, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -134,7 +135,7 @@ def test_tune_gives_the_guard_the_profile_cap_only_when_on(
             seen.append((kwargs.get("accept", False), guard.accept_cap is not None))
         return real(prob, guard, choices, opts, *args, **kwargs)
 
-    monkeypatch.setattr(tune_mod, "_tail_mse", spy)
+    patch_tune("_tail_mse", spy)
     kw = dict(schedule=SD, nfe=[6], guidance_scale=3.0, **COND, **CHEAP)
     dp.tune(NET, Z, **kw, tail_accept=True)
     assert seen and all(accept and not cap for accept, cap in seen)

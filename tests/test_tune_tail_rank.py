@@ -15,7 +15,9 @@ from dpmsolver.bench.rescore import conditioning, network, rescore_seed
 from dpmsolver.bench.suite import _rms, get_problem
 from dpmsolver.bench.tuned import tune_problem
 from dpmsolver.recipe import Recipe
-from dpmsolver.tune import TuneOptions, _Choice, _Problem, _tail_ranked
+from dpmsolver.tune import TuneOptions
+from dpmsolver.tune.pilot import _Choice, _Problem
+from dpmsolver.tune.selection import _tail_ranked
 
 from .test_tune import NET, SD, Z
 from .test_tune_tail import ROWS, problem  # noqa: F401  (the module's pilot fixture)

@@ -23,14 +23,12 @@ from dpmsolver.tune import (
     V3_CANDIDATES,
     Profile,
     TuneOptions,
-    _Counter,
-    _model_statistics,
-    _pilot,
-    _RowDenoiser,
-    _screened,
     grid_families,
     v3_candidates,
 )
+from dpmsolver.tune.pilot import _Counter, _pilot, _RowDenoiser
+from dpmsolver.tune.search import _model_statistics
+from dpmsolver.tune.selection import _screened
 
 from .test_tune import CHEAP, COND, MIX, SD, Z
 from .test_tune_lower_order_final import one_choice_profile
