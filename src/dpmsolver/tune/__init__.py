@@ -128,7 +128,7 @@ the exact knots, with the calibration and held-out errors and the cost. Use it w
 The package, one module per idea: :mod:`.profile` (what is chosen, saved and loaded),
 :mod:`.options` (what is searched), :mod:`.comparison` (how two choices compare on the same
 rows), :mod:`.pilot` (the reference, rows, guard and counted network), :mod:`.selection`
-(stage (a)), :mod:`.steps` (stage (b)), :mod:`.stages` (stages (c) and (f)-(i)),
+(stage (a)), :mod:`.steps` (stage (b)), :mod:`.stages` (stages (c)-(i)),
 :mod:`.acceptance` (what is kept: the held-out verdict, guard and tail check) and
 :mod:`.search` (:func:`tune` itself, the stages in order).
 """

@@ -213,3 +213,35 @@ def _accept(
     # no more of the probes' arcs across a mode boundary, give or take the finest probe
     slack = prob.probes.resolution / prob.probes.pairs
     return new.probe_band(prob) <= old.probe_band(prob) + slack
+
+
+def _kept(
+    prob: _Problem,
+    taken: list[_Choice],
+    selected: _Choice,
+    finalists: Sequence[_Choice],
+    nfe: int,
+    opts: TuneOptions,
+) -> tuple[_Choice, tuple[str, ...]]:
+    """What the blow-up guard and the tail check keep of the stages' accepted choices
+    ``taken`` (the default first, the search's last; ``selected`` is stage (a)'s, or the
+    default), and the stages they refused, latest first."""
+    best = taken[-1]
+    if prob.guard is None:
+        return best, ()
+    default = taken[0]
+    best, refused = _guarded(prob.guard, prob, taken, nfe, opts)
+    if opts.guard_fallback and refused and best is default:
+        best = _fallback(prob, prob.guard, finalists, default, opts) or best
+    k = next(i for i, c in enumerate(taken) if c is selected)
+    past_a = any(c is best for c in taken[k + 1 :])  # a stage after (a), not refused
+    if opts.tail_rows > 0 and past_a and best.recipe != selected.recipe:
+        checked = _tail_checked(prob, prob.guard, best, selected, opts)
+        if checked is not best and opts.tail_walk_back:
+            checked = _walked_back(prob, prob.guard, taken[k + 1 :], best, selected, opts)
+        if checked is not best:
+            j = next(i for i, c in enumerate(taken) if c is checked)  # (a)'s or later
+            later = (c.stage for c in reversed(taken[j + 1 :]))
+            refused, best = tuple(dict.fromkeys((*refused, *later))), checked
+    prob.guard.forget(nfe)
+    return best, refused

@@ -24,8 +24,7 @@ from ..progress import Progress
 from ..recipe import PolicyRequest, Recipe, resolve
 from ..sampling import SampleOptions
 from ..schedules import NoiseSchedule
-from .acceptance import _accept, _fallback, _guarded, _stage_a_takes, _tail_checked, _walked_back
-from .comparison import _rms
+from .acceptance import _accept, _kept, _stage_a_takes
 from .options import DEFAULT_BUDGETS, V3_SEED, TuneOptions, grid_families, v3_candidates
 from .pilot import (
     _Choice,
@@ -41,9 +40,9 @@ from .pilot import (
     _seeded_noise,
 )
 from .profile import BudgetChoice, Profile, schedule_fingerprint
-from .selection import _ranked, _screened, _tail_ranked
-from .stages import _compensate, _correct, _reorder, _shift, _uncorrect
-from .steps import _oss_knots, _refine, _steps_of, _with_knots
+from .selection import _finalists
+from .stages import LATE_STAGES
+from .steps import _fitted_steps
 
 if TYPE_CHECKING:  # the statistics' module loads lazily, where a tune uses them
     from ..ems import EMS
@@ -330,134 +329,35 @@ def _rescore(prob: _Problem, c: BudgetChoice) -> BudgetChoice:
 
 
 def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> BudgetChoice:
-    """Stages (a) and (b) for one budget (module docstring)."""
-    default = resolve("auto", PolicyRequest(nfe, w, prob.schedule))
-    best = default_choice = _choice(prob, default, nfe, "default")
-    taken = [best]  # each stage's accepted choice, for the guard
+    """One budget's search: the stages in the package docstring's order, each kept only
+    where the held-out half takes it over the choice so far, then the guard and tail check."""
+    default = _choice(prob, resolve("auto", PolicyRequest(nfe, w, prob.schedule)), nfe, "default")
+    taken = [default]  # each stage's accepted choice, for the guard
+    # (a) the best finalist that the held-out half takes (or, as a study, the guard's rows)
+    finalists = _finalists(prob, nfe, opts)
+    selected = next((f for f in finalists if _stage_a_takes(prob, f, default, opts)), default)
+    if selected is not default:
+        taken.append(selected)
+    # (b) the time steps
+    stepped = _fitted_steps(prob, nfe, selected, [selected, *finalists, default], opts)
+    if stepped is not None:
+        taken.append(stepped)
+    # (c)-(i), each on the choice so far
+    for offer, changed_only in LATE_STAGES:
+        tried = offer(prob, taken[-1], nfe, opts)
+        if tried is not None and _accept(tried, taken[-1], prob, opts, changed_only=changed_only):
+            taken.append(tried)
+    best, refused = _kept(prob, taken, selected, finalists, nfe, opts)
+    return _budget_choice(best, default, refused, w)
 
-    # (a) selection: screen every candidate on a few calibration rows, then the finalists
-    scored = _screened(prob, nfe, opts)
-    finalists = _ranked(
-        prob, [_choice(prob, r, nfe, "selection") for _, r in scored[: opts.finalists]], opts
-    )
-    finalists = _tail_ranked(prob, finalists, opts)
-    for finalist in finalists:
-        # the best finalist that the held-out half takes (or, as a study, the guard's rows)
-        if _stage_a_takes(prob, finalist, best, opts):
-            best = finalist
-            taken.append(best)
-            break
-    selected = best  # what the tail check compares the fitted stages' choice with
 
-    # (b) time steps: the dynamic programming for the chosen solver and the next best
-    # finalists (and the default), each from its own grid's knots and its DP knots; the
-    # best of those starts on the calibration rows is refined against its actual error
-    bases: list[_Choice] = []
-    for c in [best, *finalists, default_choice]:
-        if len(bases) >= opts.step_bases:
-            break
-        if all(c.recipe != b.recipe for b in bases) and math.isfinite(c.cal):
-            steps = _steps_of(c.recipe, prob.schedule, nfe)
-            if steps is not None and steps >= 2:
-                bases.append(c)
-    starts: list[tuple[float, Recipe, list[float]]] = []
-    fits: list[tuple[float, Recipe]] = []  # the DP's knots as recipes, by calibration error
-    ratio = opts.step_ratio
-    for c in bases if prob.fine else []:
-        own = [k.lam for k in c.recipe.plan(prob.schedule, nfe=nfe).grid.knots[:-1]]
-        if _with_knots(prob, c.recipe, own, ratio) is not None:
-            starts.append((c.cal, c.recipe, own))
-        # DPM-Solver-v3 integrates its statistics afresh for every candidate step of the
-        # search (on a 16-d mixture 4x the rest of the tune): its knots are refined only
-        dp = None if c.recipe.solver == "dpmv3" else _oss_knots(prob, c.recipe, nfe, ratio)
-        if dp is not None and len(dp) == len(own):
-            fit = _with_knots(prob, c.recipe, dp, ratio)
-            x = None if fit is None else prob.run(fit, nfe, prob.cal)
-            if fit is not None and x is not None:
-                err = _rms(x, prob.reference[prob.cal])
-                starts.append((err, c.recipe, dp))
-                fits.append((err, fit))
-    if starts:
-        _, base, lams = min(starts, key=lambda e: e[0])
-        fitted = _refine(
-            prob, base, nfe, lams, opts.refine_runs, prob.cal[: opts.refine_rows], ratio
-        )
-        if fitted is not None and _accept(fitted, best, prob, opts):
-            best = fitted
-            taken.append(best)
-        else:
-            # the refined knots did not carry over to the held-out half: the DP's own may
-            for _, fit in sorted(fits, key=lambda e: e[0])[:2]:
-                dp_choice = _choice(prob, fit, nfe, "steps")
-                if _accept(dp_choice, best, prob, opts):
-                    best = dp_choice
-                    taken.append(best)
-                    break
-
-    # (c) the network's time at each knot, for the recipe chosen so far
-    if opts.shift_runs > 0:
-        rows = prob.cal[: opts.shift_rows]
-        shifted = _shift(prob, best.recipe, nfe, opts.shift_runs, rows, opts.shift_bound)
-        if shifted is not None and _accept(shifted, best, prob, opts):
-            best = shifted
-            taken.append(best)
-    # (d) the per-sample step limit, where it helps the held-out half
-    if opts.step_limit is not None and best.recipe.step_limit is None:
-        limited = dataclasses.replace(best.recipe, step_limit=opts.step_limit)
-        tried = _choice(prob, limited, nfe, best.stage)
-        if _accept(tried, best, prob, opts, changed_only=True):
-            best = tried
-            taken.append(best)
-    # (e) the step into sigma = 0 extrapolated from the last two data predictions
-    if opts.extrapolate_final and best.recipe.final_step == "denoise":
-        extrapolated = dataclasses.replace(best.recipe, final_step="extrapolate")
-        tried = _choice(prob, extrapolated, nfe, best.stage)
-        if _accept(tried, best, prob, opts):
-            best = tried
-            taken.append(best)
-    # (h) the order of each step: before (f) and (g), which fit on the trajectory it makes
-    if opts.order_search and nfe <= opts.order_max_nfe:
-        reordered = _reorder(prob, best.recipe, nfe, prob.cal[: opts.order_rows])
-        if reordered is not None and _accept(reordered, best, prob, opts):
-            best = reordered
-            taken.append(best)
-    # (i) which steps' results UniPC leaves uncorrected: before (f) and (g), as (h)
-    if opts.corrector_search and nfe <= opts.corrector_max_nfe:
-        uncorrected = _uncorrect(prob, best.recipe, nfe, prob.cal[: opts.corrector_rows])
-        if uncorrected is not None and _accept(uncorrected, best, prob, opts):
-            best = uncorrected
-            taken.append(best)
-    # (f) the data predictions extrapolated from the previous knot's, by a ratio per step
-    if opts.compensation_runs > 0 and nfe <= opts.compensation_max_nfe:
-        compensated = _compensate(prob, best.recipe, nfe, opts)
-        if compensated is not None and _accept(compensated, best, prob, opts):
-            best = compensated
-            taken.append(best)
-    # (g) the data predictions corrected in the trajectory's principal directions
-    if opts.correction_components > 0 and nfe <= opts.correction_max_nfe:
-        corrected = _correct(prob, best.recipe, nfe, opts)
-        if corrected is not None and _accept(corrected, best, prob, opts):
-            best = corrected
-            taken.append(best)
-    refused: tuple[str, ...] = ()
-    if prob.guard is not None:
-        best, refused = _guarded(prob.guard, prob, taken, nfe, opts)
-        if opts.guard_fallback and refused and best is default_choice:
-            best = _fallback(prob, prob.guard, finalists, default_choice, opts) or best
-        k = next(i for i, c in enumerate(taken) if c is selected)
-        past_a = any(c is best for c in taken[k + 1 :])  # a stage after (a), not refused
-        if opts.tail_rows > 0 and past_a and best.recipe != selected.recipe:
-            checked = _tail_checked(prob, prob.guard, best, selected, opts)
-            if checked is not best and opts.tail_walk_back:
-                checked = _walked_back(prob, prob.guard, taken[k + 1 :], best, selected, opts)
-            if checked is not best:
-                j = next(i for i, c in enumerate(taken) if c is checked)  # (a)'s or later
-                later = (c.stage for c in reversed(taken[j + 1 :]))
-                refused, best = tuple(dict.fromkeys((*refused, *later))), checked
-        prob.guard.forget(nfe)
+def _budget_choice(
+    best: _Choice, default: _Choice, refused: tuple[str, ...], w: float
+) -> BudgetChoice:
+    """The profile's record of ``best`` (with the default's held-out error beside it)."""
     r = best.recipe
     return BudgetChoice(
-        nfe=nfe,
+        nfe=best.nfe,
         guidance_scale=w,
         solver=r.solver,
         options={k: getattr(v, "value", v) for k, v in r.options.items()},  # JSON values
@@ -470,7 +370,7 @@ def _tune_budget(prob: _Problem, nfe: int, w: float, opts: TuneOptions) -> Budge
         stage=best.stage,
         calibration_error=best.cal,
         heldout_error=float(best.held.pow(2).mean().sqrt()),
-        default_heldout_error=float(default_choice.held.pow(2).mean().sqrt()),
+        default_heldout_error=float(default.held.pow(2).mean().sqrt()),
         model_shifts=r.model_shifts,
         lower_order_final=r.lower_order_final,
         guard_refused=refused,

@@ -17,7 +17,7 @@ from ..recipe import Recipe
 from .acceptance import _calibration_rows, _tail_mse
 from .comparison import _rms
 from .options import TuneOptions, grid_families
-from .pilot import _Choice, _Problem
+from .pilot import _Choice, _choice, _Problem
 
 
 def _candidate(
@@ -96,3 +96,11 @@ def _ranked(prob: _Problem, finalists: list[_Choice], opts: TuneOptions) -> list
     if opts.rank_rows == "worse":
         return sorted(finalists, key=lambda c: c.worse_half())
     return sorted(finalists, key=lambda c: c.pooled(len(prob.cal)))
+
+
+def _finalists(prob: _Problem, nfe: int, opts: TuneOptions) -> list[_Choice]:
+    """Stage (a)'s finalists for budget ``nfe``, in ranking order: every candidate screened
+    on a few calibration rows, the ``opts.finalists`` best run on all of them and ranked."""
+    scored = _screened(prob, nfe, opts)
+    finalists = [_choice(prob, r, nfe, "selection") for _, r in scored[: opts.finalists]]
+    return _tail_ranked(prob, _ranked(prob, finalists, opts), opts)

@@ -5,8 +5,10 @@ al. 2024), (f) the data prediction's compensation ratios (:func:`_compensate`; D
 Zhao et al. 2024), (g) its correction in the trajectory's principal directions
 (:func:`_correct`; PAS, Wang et al. 2025), and the studies (h) the order of each step
 (:func:`_reorder`; USF, Liu et al. 2024) and (i) which UniPC corrections to leave out
-(:func:`_uncorrect`). Each returns a candidate :class:`~dpmsolver.tune.pilot._Choice`; the
-held-out half decides (:mod:`dpmsolver.tune.acceptance`)."""
+(:func:`_uncorrect`), with (d) the step limit and (e) the extrapolated final step, which
+only switch an option on. Each offers a candidate :class:`~dpmsolver.tune.pilot._Choice`
+built on the choice so far (:data:`LATE_STAGES`, in the order they run); the held-out half
+decides (:mod:`dpmsolver.tune.acceptance`)."""
 
 from __future__ import annotations
 
@@ -26,8 +28,6 @@ from .pilot import _Choice, _choice, _Problem, _Rows, _segment
 from .steps import _capped_error, _extrapolates
 
 _SHIFT_STEP = 0.05  # a few hundredths of log-SNR
-
-
 _COMPENSATION_STEP = 0.1
 
 
@@ -252,3 +252,75 @@ def _bounded_fit(
     if not float(res.fun) < f0:
         return None
     return _choice(prob, clamped(list(res.x)), nfe, stage)
+
+
+# Each late stage's offer: the candidate it builds on ``best`` for budget ``nfe``, or None
+# where the options or the budget leave it out.
+
+
+def _shifted(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """(c) the network's time at each knot."""
+    if opts.shift_runs <= 0:
+        return None
+    rows = prob.cal[: opts.shift_rows]
+    return _shift(prob, best.recipe, nfe, opts.shift_runs, rows, opts.shift_bound)
+
+
+def _limited(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """(d) the per-sample step limit."""
+    if opts.step_limit is None or best.recipe.step_limit is not None:
+        return None
+    limited = dataclasses.replace(best.recipe, step_limit=opts.step_limit)
+    return _choice(prob, limited, nfe, best.stage)
+
+
+def _extrapolated(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """(e) the step into sigma = 0 extrapolated from the last two data predictions."""
+    if not opts.extrapolate_final or best.recipe.final_step != "denoise":
+        return None
+    extrapolated = dataclasses.replace(best.recipe, final_step="extrapolate")
+    return _choice(prob, extrapolated, nfe, best.stage)
+
+
+def _reordered(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """(h) the order of each step (a study)."""
+    if not opts.order_search or nfe > opts.order_max_nfe:
+        return None
+    return _reorder(prob, best.recipe, nfe, prob.cal[: opts.order_rows])
+
+
+def _uncorrected(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """(i) which steps' results UniPC leaves uncorrected (a study)."""
+    if not opts.corrector_search or nfe > opts.corrector_max_nfe:
+        return None
+    return _uncorrect(prob, best.recipe, nfe, prob.cal[: opts.corrector_rows])
+
+
+def _compensated(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """(f) the data predictions extrapolated from the previous knot's, by a ratio per step."""
+    if opts.compensation_runs <= 0 or nfe > opts.compensation_max_nfe:
+        return None
+    return _compensate(prob, best.recipe, nfe, opts)
+
+
+def _corrected(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """(g) the data predictions corrected in the trajectory's principal directions."""
+    if opts.correction_components <= 0 or nfe > opts.correction_max_nfe:
+        return None
+    return _correct(prob, best.recipe, nfe, opts)
+
+
+#: The stages after (b), in the order they run: each offer, and whether the held-out half
+#: judges it on the samples it changes only (the step limit leaves the others as they were).
+#: (h) and (i) run before (f) and (g), which fit on the trajectory they make.
+LATE_STAGES: tuple[
+    tuple[Callable[[_Problem, _Choice, int, TuneOptions], _Choice | None], bool], ...
+] = (
+    (_shifted, False),
+    (_limited, True),
+    (_extrapolated, False),
+    (_reordered, False),
+    (_uncorrected, False),
+    (_compensated, False),
+    (_corrected, False),
+)

@@ -21,7 +21,9 @@ from ..plan import solver_orders, step_order
 from ..recipe import Recipe
 from ..schedules import NoiseSchedule
 from ..solvers import MultistepSolver, Solver, StepContext
+from .acceptance import _accept
 from .comparison import _rms
+from .options import TuneOptions
 from .pilot import _Choice, _choice, _Problem, _Rows
 
 
@@ -205,3 +207,51 @@ def _refine(
         u = list(res.x) if float(res.fun) < f0 else u0
     r = _with_knots(prob, base, lams_of(u), ratio)
     return None if r is None else _choice(prob, r, nfe, "steps")
+
+
+def _fitted_steps(
+    prob: _Problem, nfe: int, best: _Choice, candidates: Sequence[_Choice], opts: TuneOptions
+) -> _Choice | None:
+    """Stage (b) for budget ``nfe``: the dynamic programming for the first
+    ``opts.step_bases`` distinct ``candidates`` (the chosen solver, the next best finalists,
+    the default), each from its own grid's knots and its DP knots; the best of those starts
+    on the calibration rows is refined against its actual error. The refined knots if the
+    held-out half takes them over ``best``, else the better of the DP's own if it takes one
+    of those, else None."""
+    bases: list[_Choice] = []
+    for c in candidates:
+        if len(bases) >= opts.step_bases:
+            break
+        if all(c.recipe != b.recipe for b in bases) and math.isfinite(c.cal):
+            steps = _steps_of(c.recipe, prob.schedule, nfe)
+            if steps is not None and steps >= 2:
+                bases.append(c)
+    starts: list[tuple[float, Recipe, list[float]]] = []
+    fits: list[tuple[float, Recipe]] = []  # the DP's knots as recipes, by calibration error
+    ratio = opts.step_ratio
+    for c in bases if prob.fine else []:
+        own = [k.lam for k in c.recipe.plan(prob.schedule, nfe=nfe).grid.knots[:-1]]
+        if _with_knots(prob, c.recipe, own, ratio) is not None:
+            starts.append((c.cal, c.recipe, own))
+        # DPM-Solver-v3 integrates its statistics afresh for every candidate step of the
+        # search (on a 16-d mixture 4x the rest of the tune): its knots are refined only
+        dp = None if c.recipe.solver == "dpmv3" else _oss_knots(prob, c.recipe, nfe, ratio)
+        if dp is not None and len(dp) == len(own):
+            fit = _with_knots(prob, c.recipe, dp, ratio)
+            x = None if fit is None else prob.run(fit, nfe, prob.cal)
+            if fit is not None and x is not None:
+                err = _rms(x, prob.reference[prob.cal])
+                starts.append((err, c.recipe, dp))
+                fits.append((err, fit))
+    if not starts:
+        return None
+    _, base, lams = min(starts, key=lambda e: e[0])
+    fitted = _refine(prob, base, nfe, lams, opts.refine_runs, prob.cal[: opts.refine_rows], ratio)
+    if fitted is not None and _accept(fitted, best, prob, opts):
+        return fitted
+    # the refined knots did not carry over to the held-out half: the DP's own may
+    for _, fit in sorted(fits, key=lambda e: e[0])[:2]:
+        dp_choice = _choice(prob, fit, nfe, "steps")
+        if _accept(dp_choice, best, prob, opts):
+            return dp_choice
+    return None
