@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,3 +309,24 @@ def test_flags_reach_tune_as_its_options(
             "tune", "--nfe", "5", "--pilot", "8", "--out", str(tmp_path / "p.json"), *flag, *CPU
         )
     assert seen.get(option) == want
+
+
+def test_tune_without_scipy_says_what_to_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scipy is optional for sampling; a tune without it is one line naming the package,
+    not a traceback, and writes nothing."""
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # import raises ImportError
+    out = tmp_path / "p.json"
+    code = run_cli("tune", "--nfe", "5", "--pilot", "4", "--out", str(out), *CPU)
+    err = capsys.readouterr().err
+    assert code == 1 and err == "dpmsolver: error: tune needs scipy: pip install scipy\n", err
+    assert not out.exists()
+
+
+def test_the_demo_extra_installs_what_tune_needs() -> None:
+    """The README's first command installs the demo extra and its tune examples follow it."""
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    demo = re.search(r"^demo = \[(.*?)^\]", text, re.M | re.S).group(1)  # type: ignore[union-attr]
+    demo = [d.strip().strip('",') for d in demo.splitlines() if d.strip().startswith('"')]
+    assert any(d.split(">")[0].split("=")[0] == "scipy" for d in demo), demo

@@ -63,3 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, FloatingPointError) as e:  # a disk filling up; samples gone NaN/Inf
         print(f"dpmsolver: error: {e}", file=sys.stderr)
         return 1
+    except ImportError as e:  # an optional dependency missing: its message says what to install
+        print(f"dpmsolver: error: {e}", file=sys.stderr)
+        return 1

@@ -303,7 +303,7 @@ def _arguments(
         check_finite_float("guidance_scale", w)
     try:
         from scipy.optimize import minimize  # noqa: F401
-    except ImportError as e:  # pragma: no cover - scipy is in the demo and test extras
+    except ImportError as e:  # scipy is in the demo and test extras
         raise ImportError("tune needs scipy: pip install scipy") from e
     return opts, budgets, scales
 
