@@ -3,11 +3,12 @@
 Runs the cost measurement of ``python -m dpmsolver.bench.tuned --cost-only`` (guidance 3,
 128 pilot noises, 8 budgets, 2 threads) with every network call of the row denoiser timed
 and credited to the stage that made it: the function of :mod:`dpmsolver.tune` that
-``_tune_budget`` (or ``_pilot``, for the reference) called on the way to it, read from the
-call stack. Prints a markdown table of thread-seconds, sample rows, rows per call and
-milliseconds per row (two network rows each under guidance); the budgets run two at a
-time, so the wall time is about half the budgets' thread-seconds plus the reference's.
-The timing wrapper adds one stack walk per call (a few microseconds against milliseconds).
+``_tune_budget`` (or ``_pilot``, for the reference) called on the way to it, past the
+functions that only pass a stage on (:data:`DISPATCH`), read from the call stack. Prints a
+markdown table of thread-seconds, sample rows, rows per call and milliseconds per row (two
+network rows each under guidance); the budgets run two at a time, so the wall time is about
+half the budgets' thread-seconds plus the reference's. The timing wrapper adds one stack
+walk per call (a few microseconds against milliseconds).
 
 ``--forward`` instead times the built-in U-Net's forward at several batch sizes, eager and
 frozen, on one thread and two (the network's own speed, without tune).
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 
+from dpmsolver.tune.stages import LATE_STAGES
+
 # the stage a call is credited to: (caller of the network call's chain, under the top)
 STAGES = {
     "_tail_ranked": "tail ranking (finalists from the guard's noises)",
@@ -44,14 +47,20 @@ STAGES = {
     "_walked_back": "guard blow-up counts, tail check, walk-back",
 }
 REFERENCE = "reference, its check and the step search's trajectories"
+#: What ``_tune_budget`` calls to reach a stage's work (stage (a)'s finalists, stage (b), the
+#: later stages' offers, the guard and tail check): a call is credited past them, to the
+#: function doing the work, as when ``_tune_budget`` called that function itself.
+DISPATCH = frozenset(
+    {"_finalists", "_fitted_steps", "_kept", *(offer.__name__ for offer, _ in LATE_STAGES)}
+)
 
 
 def stage_table() -> str:
     """The cost run with its network calls credited to stages, as markdown."""
+    from dpmsolver.bench.tuned import measure_cost
     from dpmsolver.tune.pilot import _RowDenoiser
 
     package = os.path.dirname(_RowDenoiser.__call__.__code__.co_filename)  # dpmsolver/tune
-    from dpmsolver.bench.tuned import measure_cost
 
     stats: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
     lock = threading.Lock()
@@ -67,7 +76,8 @@ def stage_table() -> str:
             frame = frame.f_back
         if chain[-1] != "_tune_budget":
             return REFERENCE
-        return STAGES.get(chain[-2] if len(chain) > 1 else "", "other")
+        callee = next((name for name in reversed(chain[:-1]) if name not in DISPATCH), "")
+        return STAGES.get(callee, "other")
 
     def timed(self, x, knot, rows=None):  # type: ignore[no-untyped-def]
         t0 = time.perf_counter()
