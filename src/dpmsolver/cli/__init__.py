@@ -60,9 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = getattr(args, "interrupted", None)
         print(f"dpmsolver: interrupted{hint(args) if hint else ''}", file=sys.stderr)
         return 130
-    except (OSError, FloatingPointError) as e:  # a disk filling up; samples gone NaN/Inf
-        print(f"dpmsolver: error: {e}", file=sys.stderr)
-        return 1
-    except ImportError as e:  # an optional dependency missing: its message says what to install
+    # a disk filling up; samples gone NaN/Inf; an optional dependency missing (its message
+    # says what to install)
+    except (OSError, FloatingPointError, ImportError) as e:
         print(f"dpmsolver: error: {e}", file=sys.stderr)
         return 1
