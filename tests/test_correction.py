@@ -121,6 +121,7 @@ def test_bad_coordinates_are_refused_by_name() -> None:
         {"correction_components": 9},
         {"correction_rows": 0},
         {"correction_max_nfe": 0},
+        {"correction_refine": -1},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TuneOptions(**bad)  # type: ignore[arg-type]
@@ -165,3 +166,77 @@ def test_an_older_profile_reads_without_correction() -> None:
         del c["correction"]
     old = dp.Profile.from_json(data)
     assert old.choices[0].correction is None
+
+
+class _FinalOnly:
+    """What stage (g)'s refit reads of a pilot: the runs' final samples and the reference."""
+
+    def __init__(self, plan: dp.Plan, x_T: torch.Tensor, reference: torch.Tensor) -> None:
+        self.den = dp.build_denoiser(NET, "eps")
+        self.plan, self.x_T, self.reference = plan, x_T, reference
+
+    def run(self, recipe: dp.Recipe, nfe: int, rows: list[int]) -> torch.Tensor:
+        return solve(self.den, self.x_T[rows], self.plan, correction=recipe.correction).x
+
+
+def _refit_case(outlier: float) -> tuple[float, float, float]:
+    """Final samples of a run with known coordinates, one row moved ``outlier`` away (a row
+    sent to another mode); the refit from zero. The RMS errors to the known run's samples
+    over the other rows: from zero, and after the refit; and the largest coordinate miss."""
+    from dpmsolver.tune.stages import _refit_correction
+
+    plan = dp.Recipe("dpmpp_2m", grid="logsnr").plan(SD, nfe=5)
+    x_T = Z[:16] * plan.grid.knots[0].sigma
+    known = tuple((0.03 * (-1) ** k, 0.02 * k / 4) for k in range(5))
+    den = dp.build_denoiser(NET, "eps")
+    target = solve(den, x_T, plan, correction=known).x
+    reference = target.clone()
+    reference[0] += outlier
+    prob = _FinalOnly(plan, x_T, reference)
+    start = dp.Recipe("dpmpp_2m", grid="logsnr", correction=((0.0, 0.0),) * 5)
+    rows = list(range(16))
+    got = _refit_correction(prob, start, 5, rows, 3)  # type: ignore[arg-type]
+    assert got.correction is not None
+
+    def rms(recipe: dp.Recipe) -> float:
+        x = prob.run(recipe, 5, rows)
+        return float((x[1:] - target[1:]).pow(2).mean().sqrt())
+
+    miss = float((torch.tensor(got.correction) - torch.tensor(known)).abs().max())
+    return rms(start), rms(got), miss
+
+
+def test_the_refit_finds_coordinates_from_the_final_samples_alone() -> None:
+    """S4S's objective: only the final samples are known, no intermediate state; Gauss-Newton
+    from zero recovers the coordinates that made them."""
+    before, after, miss = _refit_case(0.0)
+    assert after < 0.01 * before and miss < 5e-3  # the final samples pin them less than states
+
+
+def test_the_refit_is_not_steered_by_a_row_in_another_mode() -> None:
+    """The Huber weights: a row far from its reference weighs less, so the others still
+    get their coordinates (unweighted, that row pulls every coefficient towards itself)."""
+    before, after, _ = _refit_case(float(Z[:16].std()) * 40.0)
+    assert after < 0.1 * before
+
+
+def test_stage_g2_refit_is_kept_only_where_the_held_out_half_takes_it() -> None:
+    """Stage (g2) offers the refit after (g): a budget keeps the choice without it, or takes
+    a correction that lowers the held-out error, on the same recipe otherwise."""
+    assert TuneOptions().correction_refine == 0  # a study: refused as the default
+    # every solver on the log-SNR grid: DDIM alone keeps (g)'s fit over the refit here
+    opts = {k: v for k, v in DDIM.items() if k != "solvers"}
+    on = dp.tune(NET, Z, **ARGS, **{**opts, "correction_components": 4, "correction_refine": 2})
+    off = dp.tune(NET, Z, **ARGS, **{**opts, "correction_components": 4})
+    kept = 0
+    for a, b in zip(on.choices, off.choices, strict=True):
+        if a.correction == b.correction:
+            assert dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations) == b
+            continue
+        kept += 1
+        assert a.stage == "correction" and a.heldout_error < b.heldout_error
+        assert a.correction is not None and {len(c) for c in a.correction} == {4}
+        assert dataclasses.replace(a.recipe(), correction=None) == dataclasses.replace(
+            b.recipe(), correction=None
+        )
+    assert kept

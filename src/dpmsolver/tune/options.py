@@ -196,6 +196,10 @@ class TuneOptions:
         correction_rows: calibration rows stage (g) fits on (default 32): each gets the
             exact state at the recipe's knots, a reference solve of its own.
         correction_max_nfe: the largest budget stage (g) runs at (default 10).
+        correction_refine: Gauss-Newton iterations (Levenberg-Marquardt damped) that refit
+            stage (g)'s coefficients all together against the final samples' error on
+            every calibration row, after the step-by-step fit (S4S's objective, Frankel
+            et al. 2025; default 0, off): each costs one run per coefficient.
         order_search: stage (h), the order of each step (USF's per-step solver strategy,
             Liu et al. 2024, for the order alone): from the recipe after stage (e), each
             step in turn is tried at every lower order and the one with the smallest error
@@ -486,6 +490,7 @@ class TuneOptions:
     correction_components: int = 4
     correction_rows: int = 32
     correction_max_nfe: int = 10
+    correction_refine: int = 0
     order_search: bool = False
     order_rows: int = 32
     order_max_nfe: int = 10
@@ -552,6 +557,7 @@ class TuneOptions:
             )
         check_int("correction_rows", self.correction_rows, minimum=1)
         check_int("correction_max_nfe", self.correction_max_nfe, minimum=1)
+        check_int("correction_refine", self.correction_refine, minimum=0)
         check_choice("order_search", self.order_search, (True, False))
         check_int("order_rows", self.order_rows, minimum=1)
         check_int("order_max_nfe", self.order_max_nfe, minimum=1)

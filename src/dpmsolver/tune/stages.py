@@ -3,7 +3,8 @@
 (c) the network's time at each knot (:func:`_shift`; the decoupled time of LD3, Tong et
 al. 2024), (f) the data prediction's compensation ratios (:func:`_compensate`; DC-Solver,
 Zhao et al. 2024), (g) its correction in the trajectory's principal directions
-(:func:`_correct`; PAS, Wang et al. 2025), and the studies (h) the order of each step
+(:func:`_correct`; PAS, Wang et al. 2025; optionally refitted against the final sample
+as S4S fits, :func:`_refit_correction`), and the studies (h) the order of each step
 (:func:`_reorder`; USF, Liu et al. 2024) and (i) which UniPC corrections to leave out
 (:func:`_uncorrect`), with (d) the step limit and (e) the extrapolated final step, which
 only switch an option on. Each offers a candidate :class:`~dpmsolver.tune.pilot._Choice`
@@ -29,6 +30,10 @@ from .steps import _capped_error, _extrapolates
 
 _SHIFT_STEP = 0.05  # a few hundredths of log-SNR
 _COMPENSATION_STEP = 0.1
+_REFIT_STEP = 1e-3  # forward differences, relative to the largest coefficient
+_REFIT_DAMPING = 1e-2  # Levenberg-Marquardt's, times the normal matrix's diagonal
+_REFIT_TRIES = 4  # damping increases before an iteration gives up
+_REFIT_CAP = 2.0  # a row beyond this many times the median row error weighs as one there
 
 
 def _shift(
@@ -91,6 +96,12 @@ def _correct(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _Choi
     calibration rows against their exact state at the step's end knot (the reference itself
     after the last step). None where the recipe has no fixed one-evaluation steps to
     correct (an adaptive, stochastic or singlestep solver) or already has a correction."""
+    corrected = _fitted_correction(prob, base, nfe, opts)
+    return None if corrected is None else _choice(prob, corrected, nfe, "correction")
+
+
+def _fitted_correction(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> Recipe | None:
+    """``base`` with stage (g)'s step-by-step fit (:func:`_correct`), or None."""
     plan = prob.plan(base, nfe)
     if (
         base.correction is not None
@@ -111,8 +122,102 @@ def _correct(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _Choi
         targets.append(prob.reference[rows])
         fit = CorrectionFit(opts.correction_components, len(plan.steps), prob.x_T[rows], targets)
         prob.run_from(base, nfe, prob.x_T[rows], den, fit)
-    corrected = dataclasses.replace(base, correction=tuple(fit.fitted))
-    return _choice(prob, corrected, nfe, "correction")
+    return dataclasses.replace(base, correction=tuple(fit.fitted))
+
+
+def _refit(prob: _Problem, base: Recipe, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """Stage (g2): stage (g)'s coefficients refitted against the final sample
+    (:func:`_refit_correction`), from ``base``'s own where stage (g) was kept, else from
+    the fit it offered (made again: the same rows give the same fit). None where stage (g)
+    had nothing to fit."""
+    start = base if base.correction is not None else _fitted_correction(prob, base, nfe, opts)
+    if start is None:
+        return None
+    refit = _refit_correction(prob, start, nfe, prob.cal, opts.correction_refine)
+    return _choice(prob, refit, nfe, "correction")
+
+
+def _refit_correction(
+    prob: _Problem, recipe: Recipe, nfe: int, rows: Sequence[int], iterations: int
+) -> Recipe:
+    """Stage (g)'s coefficients refitted all together (``iterations`` Gauss-Newton steps,
+    Levenberg-Marquardt damped, forward-difference Jacobian: one run per coefficient)
+    against the final samples' error on ``rows``. S4S (Frankel et al., "S4S: Solving for a
+    Diffusion Model Solver", ICML 2025) fits its per-step coefficients to the final sample
+    in the same way, where the step-by-step fit matches each intermediate state, whose
+    errors need not add up to the final one's. Each step kept lowers the error on
+    ``rows``; ``recipe`` itself where none did."""
+    assert recipe.correction is not None
+    steps, width = len(recipe.correction), len(recipe.correction[0])
+    target = prob.reference[list(rows)].reshape(-1).double()
+
+    def coefficients(c: Tensor) -> tuple[tuple[float, ...], ...]:
+        flat = [float(v) for v in c]
+        return tuple(tuple(flat[i * width : (i + 1) * width]) for i in range(steps))
+
+    def residual(c: Tensor) -> Tensor | None:
+        if not bool(torch.isfinite(c).all()):
+            return None
+        x = prob.run(dataclasses.replace(recipe, correction=coefficients(c)), nfe, rows)
+        r = None if x is None else x.reshape(-1).double() - target
+        return r if r is not None and bool(torch.isfinite(r).all()) else None
+
+    c = torch.tensor(recipe.correction, dtype=torch.float64).reshape(-1)
+    r = residual(c)
+    if r is None:
+        return recipe
+    weight = _row_weights(r, len(rows))
+
+    def weighted(c: Tensor) -> Tensor | None:
+        out = residual(c)
+        return None if out is None else out * weight
+
+    c = _levenberg_marquardt(weighted, c, r * weight, iterations)
+    return dataclasses.replace(recipe, correction=coefficients(c))
+
+
+def _row_weights(r: Tensor, rows: int) -> Tensor:
+    """Weights on the residual ``r`` of ``rows`` equal rows: 1 up to twice the median row
+    error, beyond it that bound over the row's error, so that a far row counts as one at
+    the bound. A row sent to another mode is a mode spacing away, which no small
+    correction brings back; unweighted (or Huber-weighted, whose share still grows with the
+    distance) it steers every coefficient towards itself."""
+    per_row = r.view(rows, -1).pow(2).mean(1).sqrt()
+    bound = _REFIT_CAP * float(per_row.median())
+    return (bound / per_row.clamp_min(bound)).repeat_interleave(r.numel() // rows)
+
+
+def _levenberg_marquardt(
+    residual: Callable[[Tensor], Tensor | None], c: Tensor, r: Tensor, iterations: int
+) -> Tensor:
+    """``iterations`` Levenberg-Marquardt steps on ``sum(residual(c)^2)`` from ``c`` (whose
+    residual is ``r``), with a forward-difference Jacobian (one call per parameter) and the
+    damping times the normal matrix's diagonal; a step is kept only where the sum falls, and
+    the parameters reached where a call fails (None: a run that could not finish)."""
+    damping = _REFIT_DAMPING
+    for _ in range(iterations):
+        h = _REFIT_STEP * max(float(c.abs().max()), 1e-2)
+        cols = []
+        for j in range(len(c)):
+            moved = c.clone()
+            moved[j] += h
+            rj = residual(moved)
+            if rj is None:
+                return c
+            cols.append((rj - r) / h)
+        jac = torch.stack(cols, 1)
+        jtj, grad = jac.T @ jac, jac.T @ r
+        scale = torch.diag(jtj.diagonal() + torch.finfo(torch.float64).tiny)
+        for _ in range(_REFIT_TRIES):
+            d = torch.linalg.solve(jtj + damping * scale, -grad).cpu()
+            moved_r = residual(c + d)
+            if moved_r is not None and float(moved_r.square().sum()) < float(r.square().sum()):
+                c, r, damping = c + d, moved_r, damping / 10
+                break
+            damping *= 10
+        else:
+            break
+    return c
 
 
 def _greedy_pass(
@@ -310,9 +415,19 @@ def _corrected(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _C
     return _correct(prob, best.recipe, nfe, opts)
 
 
+def _refitted(prob: _Problem, best: _Choice, nfe: int, opts: TuneOptions) -> _Choice | None:
+    """(g2) stage (g)'s correction refitted against the final sample (a study)."""
+    if opts.correction_refine <= 0 or opts.correction_components <= 0:
+        return None
+    if nfe > opts.correction_max_nfe:
+        return None
+    return _refit(prob, best.recipe, nfe, opts)
+
+
 #: The stages after (b), in the order they run: each offer, and whether the held-out half
 #: judges it on the samples it changes only (the step limit leaves the others as they were).
-#: (h) and (i) run before (f) and (g), which fit on the trajectory they make.
+#: (h) and (i) run before (f) and (g), which fit on the trajectory they make; (g2) refits
+#: what (g) fitted, kept or not.
 LATE_STAGES: tuple[
     tuple[Callable[[_Problem, _Choice, int, TuneOptions], _Choice | None], bool], ...
 ] = (
@@ -323,4 +438,5 @@ LATE_STAGES: tuple[
     (_uncorrected, False),
     (_compensated, False),
     (_corrected, False),
+    (_refitted, False),
 )
