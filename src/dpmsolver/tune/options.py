@@ -199,7 +199,10 @@ class TuneOptions:
         correction_refine: Gauss-Newton iterations (Levenberg-Marquardt damped) that refit
             stage (g)'s coefficients all together against the final samples' error on
             every calibration row, after the step-by-step fit (S4S's objective, Frankel
-            et al. 2025; default 0, off): each costs one run per coefficient.
+            et al. 2025), offered as stage (g2) after (g): each costs one run per
+            coefficient. Default 0, off: at 2, stop 56's rule passed it on the selection
+            problems but the blind third round refused it by one more cell over 2x the
+            best peer (``benchmarks/stage_g_refit.md``).
         order_search: stage (h), the order of each step (USF's per-step solver strategy,
             Liu et al. 2024, for the order alone): from the recipe after stage (e), each
             step in turn is tried at every lower order and the one with the smallest error
