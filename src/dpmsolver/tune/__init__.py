@@ -87,6 +87,11 @@ own model, guidance included:
    fitted step by step by least squares on ``correction_rows`` calibration rows against
    their exact state at the step's end knot. Multistep deterministic recipes only; it
    costs no evaluation when sampling, and sigmas cannot carry it.
+   *(g2) The same coordinates refitted against the final sample* (a study, off by default:
+   ``TuneOptions.correction_refine``; S4S's objective, Frankel et al. 2025): damped
+   Gauss-Newton on every calibration row's final sample, from (g)'s fit whether or not
+   (g) was kept, offered as one more candidate. Passed on the selection problems, refused
+   blind by one more cell over 2x the peer (``benchmarks/stage_g_refit.md``).
 10. Otherwise the default recipe stays.
 11. *Blow-up guard.* Each budget's final choice also runs from 512 noises of tune's own,
    with no reference; if more of its samples end beyond twice the largest pilot
@@ -128,7 +133,7 @@ the exact knots, with the calibration and held-out errors and the cost. Use it w
 The package, one module per idea: :mod:`.profile` (what is chosen, saved and loaded),
 :mod:`.options` (what is searched), :mod:`.comparison` (how two choices compare on the same
 rows), :mod:`.pilot` (the reference, rows, guard and counted network), :mod:`.selection`
-(stage (a)), :mod:`.steps` (stage (b)), :mod:`.stages` (stages (c)-(i)),
+(stage (a)), :mod:`.steps` (stage (b)), :mod:`.stages` (stages (c)-(i), (g2)),
 :mod:`.acceptance` (what is kept: the held-out verdict, guard and tail check) and
 :mod:`.search` (:func:`tune` itself, the stages in order).
 """
