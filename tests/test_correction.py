@@ -214,8 +214,9 @@ def test_the_refit_finds_coordinates_from_the_final_samples_alone() -> None:
 
 
 def test_the_refit_is_not_steered_by_a_row_in_another_mode() -> None:
-    """The Huber weights: a row far from its reference weighs less, so the others still
-    get their coordinates (unweighted, that row pulls every coefficient towards itself)."""
+    """The row weights: a row far from its reference counts as one at twice the median row
+    error, so the others still get their coordinates (unweighted, or Huber-weighted, that
+    row pulls every coefficient towards itself)."""
     before, after, _ = _refit_case(float(Z[:16].std()) * 40.0)
     assert after < 0.1 * before
 
