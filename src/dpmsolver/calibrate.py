@@ -116,6 +116,7 @@ def run_calibrated(
                 orders=orders,
                 check_finite="off",
                 final_step=recipe.final_step,
+                start=grid.pure_noise_entry,  # x_T is at t_max
             ).x
     except NonFiniteError:
         return None

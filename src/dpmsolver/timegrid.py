@@ -114,6 +114,19 @@ class TimeGrid:
         """The same knots in the opposite direction (for inversion)."""
         return TimeGrid(tuple(reversed(self.knots)), self.schedule)
 
+    @property
+    def pure_noise_entry(self) -> Knot | None:
+        """The pure-noise knot (``alpha = 0``, rectified flow at ``t_max``) where a sampling
+        grid on a schedule that starts there begins after it, as the default grids do
+        (:data:`PURE_NOISE_OFFSET`); None otherwise. A run from noise drawn there takes
+        the step to the first knot with its first evaluation (:func:`dpmsolver.loop.solve`,
+        ``start=``)."""
+        sched = self.schedule
+        if self.is_inversion or not sched.starts_at_pure_noise:
+            return None
+        start = sched.knot(sched.t_max)
+        return start if self.knots[0].lam > start.lam else None
+
 
 def default_grid(schedule: NoiseSchedule) -> GridKind:
     """The spacing a schedule family's users expect, and the default of every recipe:
@@ -176,7 +189,8 @@ def _level_spaced(
 
 
 #: Where a default grid starts on a schedule that starts at pure noise: this fraction of
-#: the time range in (:func:`make_grid`).
+#: the time range in (:func:`make_grid`). The run's noise is still drawn at pure noise and
+#: carried here by the first evaluation (:attr:`TimeGrid.pure_noise_entry`).
 PURE_NOISE_OFFSET = 1e-3
 
 

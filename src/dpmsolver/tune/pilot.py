@@ -150,6 +150,7 @@ class _Problem:
                 step_limit=limit,
                 compensation=recipe.compensation,
                 correction=recipe.correction if fit is None else fit,
+                start=plan.grid.pure_noise_entry,  # x_T is drawn at t_max, as sample() does
             ).x
         except NonFiniteError:  # pragma: no cover - check_finite="off" does not raise
             return None
