@@ -255,10 +255,10 @@ def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
 @pytest.mark.parametrize(
     ("block", "record"),
     [
-        ("tuned", "tuned.md"),
-        ("tuned-fresh", "tuned_fresh.md"),
-        ("tuned-new", "tuned.md"),
-        ("tuned-fresh-new", "tuned_fresh.md"),
+        ("tuned", "tuned_entry.md"),
+        ("tuned-fresh", "tuned_fresh_entry.md"),
+        ("tuned-new", "tuned_entry.md"),
+        ("tuned-fresh-new", "tuned_fresh_entry.md"),
         ("calibrated", "calibrated_peer.md"),
         ("calibrated-fresh", "calibrated_peer_fresh.md"),
     ],
