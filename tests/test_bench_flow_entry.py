@@ -8,11 +8,16 @@ from dpmsolver.bench.flow_entry import EntryCell, markdown, measure
 
 def test_the_entry_step_lowers_the_floor_and_changes_nothing_else() -> None:
     cells = {(c.recipe, c.nfe): c for c in measure("iso4-flow", 3.0, (8, 80), 16)}
-    assert set(cells) == {(r, n) for r in ("auto", "unipc3", "dpmpp_2m") for n in (8, 80)}
+    assert set(cells) == {
+        (r, n) for r in ("auto", "unipc3", "dpmpp_2m", "unipc3_eps") for n in (8, 80)
+    }
     # at 80 NFE the old start's bias is most of UniPC's error
     assert cells["unipc3", 80].ratio < 0.5, cells["unipc3", 80]
     # at 8 the solver's own error dominates: within a few percent either way
     assert 0.9 < cells["unipc3", 8].ratio < 1.1
+    # a noise prediction's grid starts a whole step in: there the old start's bias was
+    # alpha = 1/8 and 1/80 of the data's distance from the noise
+    assert cells["unipc3_eps", 8].ratio < 0.8 and cells["unipc3_eps", 80].ratio < 0.2
 
 
 def test_markdown_summarizes_each_recipe_by_budget_band() -> None:

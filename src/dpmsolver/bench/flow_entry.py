@@ -17,7 +17,15 @@ the exact ODE solution from ``x_1 = z``. Nothing is chosen from it: the step is 
 own first-order step, not a fitted setting.
 
 Recipes: the untuned default (``solver="auto"``), UniPC order 3 with its last orders
-lowered (diffusers' flow default) and DPM-Solver++ 2M, each on its default grid.
+lowered (diffusers' flow default) and DPM-Solver++ 2M, each on its default grid. And a
+study, not taken: ``unipc3_eps``, the same UniPC where the network predicts noise or
+score, whose grid starts one time-uniform step below pure noise
+(:func:`dpmsolver.sampling._off_pure_noise`; a noise prediction says nothing about the
+data at pure noise), from ``sigma * noise`` (which leaves out that knot's ``alpha x0``,
+``alpha`` = 1 / steps), against the noise carried there the same way. It lowers the
+typical sample's error, but a whole step in, the data prediction made at the uncarried
+state is far off under strong guidance: some cells blow up that the old start kept finite,
+and others the other way, so ``sample()`` keeps ``sigma * noise`` there.
 """
 
 from __future__ import annotations
@@ -35,13 +43,14 @@ import torch
 from ..guidance import NormCap
 from ..loop import solve
 from ..recipe import PolicyRequest, Recipe, resolve
+from ..sampling import _off_pure_noise
 from ..steplimit import StepLimit
 from .calibrated_peer import _Draw, _geo
 from .records import command_line, publish
 from .rescore import rescore_seed
 from .suite import GUIDANCE, _rms, get_problem, suite_problems
 
-__all__ = ["NFES", "RECIPES", "EntryCell", "main", "markdown", "measure"]
+__all__ = ["NFES", "NOISE_PREDICTION", "RECIPES", "EntryCell", "main", "markdown", "measure"]
 
 #: Budgets measured (40 and 80 show the floor the old start left).
 NFES = (5, 6, 8, 10, 12, 15, 20, 25, 40, 80)
@@ -50,7 +59,10 @@ RECIPES: dict[str, Recipe | None] = {
     "auto": None,
     "unipc3": Recipe("unipc", {"order": 3}, lower_order_final=True),
     "dpmpp_2m": Recipe("dpmpp_2m"),
+    "unipc3_eps": Recipe("unipc", {"order": 3}, lower_order_final=True),
 }
+#: The recipes run as a noise-predicting network's are (their grid one step in).
+NOISE_PREDICTION = ("unipc3_eps",)
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ def measure(name: str, guidance: float, nfes: Sequence[int], n: int) -> list[Ent
     for label, fixed in RECIPES.items():
         for nfe in nfes:
             recipe = fixed or resolve("auto", PolicyRequest(nfe, guidance, sched))
+            if label in NOISE_PREDICTION:
+                recipe = _off_pure_noise(recipe, sched, "eps", nfe)
             plan = recipe.plan(sched, nfe=nfe)
             entry = plan.grid.pure_noise_entry
             if entry is None:
@@ -99,9 +113,13 @@ def measure(name: str, guidance: float, nfes: Sequence[int], n: int) -> list[Ent
             limit = None if recipe.step_limit is None else StepLimit(recipe.step_limit)
             errors, medians = [], []
             for start in (entry, None):
+                # the old start: the noise as the first knot's state, scaled by its sigma
+                # where the grid starts a step in, unscaled a thousandth in (sample()'s)
+                old_eps = start is None and label in NOISE_PREDICTION
+                scale = plan.grid.knots[0].sigma if old_eps else 1.0
                 x = solve(
                     den,
-                    draw.x_T,
+                    draw.x_T * scale,
                     plan,
                     check_finite="off",
                     final_step=recipe.final_step,
