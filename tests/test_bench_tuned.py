@@ -58,3 +58,24 @@ def test_a_rerendered_run_keeps_only_the_guidance_and_budgets_asked_for(
     assert "| new noises | 224 | 203 | 203 |" in capsys.readouterr().out
     assert main(argv) == 0
     assert "| new noises | 448 |" in capsys.readouterr().out
+
+
+def test_a_joined_rerender_writes_the_joined_cells(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--from-csv A,B --csv OUT``: a record with some problems re-run, as one CSV (the
+    re-run's cells replace the record's, every other cell kept)."""
+    from pathlib import Path
+
+    from dpmsolver.bench.records import read_text
+    from dpmsolver.bench.tuned import main, rows_from_tuned_csv
+
+    rec = Path(__file__).resolve().parents[1] / "benchmarks"
+    new, old = rec / "tuned_entry_heldflow.csv.gz", rec / "tuned_g.csv.gz"
+    out = Path(str(tmp_path)) / "joined.csv.gz"
+    assert main(["--from-csv", f"{new},{old}", "--csv", str(out)]) == 0
+    capsys.readouterr()
+    joined = {(r.problem, r.guidance, r.nfe): r for r in rows_from_tuned_csv(read_text(str(out)))}
+    fresh = rows_from_tuned_csv(read_text(str(new)))
+    assert len(joined) == len(rows_from_tuned_csv(read_text(str(old)))) == 256
+    assert all(joined[r.problem, r.guidance, r.nfe].tuned == r.tuned for r in fresh)

@@ -874,7 +874,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "flow: velocity, as flow models do, so that stage (c)'s time shifts act on it)",
     )
     ap.add_argument("--out", default=None, help="also write the markdown here")
-    ap.add_argument("--csv", default=None, help="write every cell here (.gz: gzipped)")
+    ap.add_argument(
+        "--csv",
+        default=None,
+        help="write every cell here (.gz: gzipped); with --from-csv, the joined cells",
+    )
     ap.add_argument(
         "--from-csv",
         default=None,
@@ -902,6 +906,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = [r for r in run if r.guidance in given_guid]
         if given_nfes is not None:
             run = [r for r in run if r.nfe in given_nfes]
+        if args.csv:  # the joined run, e.g. a record with some problems re-run
+            write_text(args.csv, rows_csv(run))
         print(comparison(_rows_of(args.compare), run) if args.compare else markdown(run, None))
         return 0
     torch.set_num_threads(1)
