@@ -54,12 +54,13 @@ __all__ = ["NFES", "NOISE_PREDICTION", "RECIPES", "EntryCell", "main", "markdown
 
 #: Budgets measured (40 and 80 show the floor the old start left).
 NFES = (5, 6, 8, 10, 12, 15, 20, 25, 40, 80)
+_UNIPC3 = Recipe("unipc", {"order": 3}, lower_order_final=True)
 #: The recipes compared, by label (None: the untuned default for the cell).
 RECIPES: dict[str, Recipe | None] = {
     "auto": None,
-    "unipc3": Recipe("unipc", {"order": 3}, lower_order_final=True),
+    "unipc3": _UNIPC3,
     "dpmpp_2m": Recipe("dpmpp_2m"),
-    "unipc3_eps": Recipe("unipc", {"order": 3}, lower_order_final=True),
+    "unipc3_eps": _UNIPC3,
 }
 #: The recipes run as a noise-predicting network's are (their grid one step in).
 NOISE_PREDICTION = ("unipc3_eps",)
