@@ -49,30 +49,30 @@ class _Row(NamedTuple):
 
 _ALL = ("discrete", "vp", "ve", "flow")
 
-#: The recipe of six rows: second-order UniPC on the log-SNR grid, stopping at sigma 0.07,
+#: The recipe of five rows: second-order UniPC on the log-SNR grid, stopping at sigma 0.07,
 #: each sample's step within twice its first-order step.
 _UNIPC2_LIMITED = Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07, step_limit=2.0)
 
 # From `python -m dpmsolver.bench.policy --from-csv benchmarks/policy.csv.gz --emit-table`
-# (the recipe six rows share named once above).
+# (the recipe five rows share named once above).
 # Beside each row: its worst ratio to the best peer over the selection problems' cells of
 # the row, and over the held-out problems' cells.
 _ROWS: tuple[_Row, ...] = (
-    # selection 8.79, held out 7.4
+    # selection 8.81, held out 7.42
     _Row(_ALL, (1.0,), (5, 6, 8), _UNIPC2_LIMITED),
-    # selection 19.6, held out 7.17
-    _Row(_ALL, (1.0,), (10, 12, 15), _UNIPC2_LIMITED),
-    # selection 8.33, held out 20.3
+    # selection 19.4, held out 7.06
+    _Row(_ALL, (1.0,), (10, 12, 15), Recipe("unipc", {"order": 2}, "logsnr", sigma_end=0.07)),
+    # selection 8.4, held out 20.8
     _Row(_ALL, (1.0,), (20, 25), Recipe("unipc", {"order": 3}, "logsnr")),
     # selection 5.69, held out 5.5
     _Row(_ALL, (3.0,), (5, 6, 8), _UNIPC2_LIMITED),
-    # selection 7.29, held out 20.9
+    # selection 7.24, held out 16.1
     _Row(_ALL, (3.0,), (10, 12, 15), _UNIPC2_LIMITED),
-    # selection 21.2, held out 20
+    # selection 20.5, held out 19
     _Row(_ALL, (3.0,), (20, 25), Recipe("deis", {"order": 3}, "logsnr")),
     # selection 13.1, held out 6.88
     _Row(_ALL, (7.5,), (5, 6, 8), Recipe("ddim", {}, "time_uniform")),
-    # selection 21.7, held out 3.53
+    # selection 21.5, held out 3.89
     _Row(
         _ALL,
         (7.5,),
@@ -83,7 +83,7 @@ _ROWS: tuple[_Row, ...] = (
     _Row(_ALL, (7.5,), (20, 25), _UNIPC2_LIMITED),
     # selection 164, held out 53.5
     _Row(_ALL, (15.0,), (5, 6, 8), Recipe("ddim", {}, "karras", rho=7.0)),
-    # selection 70.6, held out 7.81
+    # selection 72.3, held out 7.81
     _Row(_ALL, (15.0,), (10, 12, 15), Recipe("ddim", {}, "time_uniform")),
     # selection 29.2, held out 37.5
     _Row(_ALL, (15.0,), (20, 25), _UNIPC2_LIMITED),
