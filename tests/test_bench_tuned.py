@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from dpmsolver.bench.suite import FRESH_ROUNDS
 from dpmsolver.bench.tuned import tune_settings
 
 
@@ -30,11 +31,10 @@ def test_bad_settings_are_named(item: str, error: type[BaseException], message: 
         tune_settings([item])
 
 
-@pytest.mark.parametrize("k", ["0", "3"])
+@pytest.mark.parametrize("k", ["0", str(len(FRESH_ROUNDS) + 1)])
 def test_a_fresh_round_that_does_not_exist_is_refused_by_name(
     k: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dpmsolver.bench.suite import FRESH_ROUNDS
     from dpmsolver.bench.tuned import main
 
     with pytest.raises(SystemExit):
