@@ -47,7 +47,7 @@ from ..sampling import _off_pure_noise
 from ..steplimit import StepLimit
 from .calibrated_peer import _Draw, _geo
 from .records import command_line, publish
-from .rescore import rescore_seed
+from .rescore import _sq, rescore_seed
 from .suite import GUIDANCE, _rms, get_problem, suite_problems
 
 __all__ = ["NFES", "NOISE_PREDICTION", "RECIPES", "EntryCell", "main", "markdown", "measure"]
@@ -128,8 +128,7 @@ def measure(name: str, guidance: float, nfes: Sequence[int], n: int) -> list[Ent
                     start=start,
                 ).x
                 errors.append(_rms(x, draw.reference))
-                per = (x.double() - draw.reference.double()).flatten(1).pow(2).mean(1).sqrt()
-                medians.append(float(per.median()))
+                medians.append(float(_sq(x, draw.reference).sqrt().median()))
             out.append(EntryCell(name, problem.split, label, guidance, nfe, *errors, *medians))
     return out
 
