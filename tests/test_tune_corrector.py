@@ -113,7 +113,7 @@ def test_saved_and_older_profiles_read_and_the_sigmas_warn(tmp_path: Path) -> No
     with pytest.warns(UserWarning, match="corrector_skip"):
         prof.sigmas(9, 1.0, SD)
     # profile format 12; an older file (no corrector_skip) still reads
-    assert prof.to_json()["format"] == "dpmsolver-profile/12"
+    assert prof.to_json()["format"] == "dpmsolver-profile/13"
     older = _skipping(None).to_json()
     older["format"] = "dpmsolver-profile/11"
     assert "corrector_skip" not in dp.Profile.from_json(older).choices[0].options

@@ -29,7 +29,7 @@ from torch import Tensor
 from .schedules import Knot
 from .solvers import Form, first_order_step
 
-__all__ = ["StepLimit", "check_step_limit"]
+__all__ = ["StepLimit", "StepRatios", "check_step_limit", "departures"]
 
 
 def check_step_limit(value: float | None, name: str = "step_limit") -> float | None:
@@ -63,15 +63,49 @@ class StepLimit:
         displacement. A step into or out of a boundary (sigma = 0, or a zero-length step)
         is returned unchanged, and so is a sample with a non-finite norm, for the loop to
         report."""
-        if not (math.isfinite(t.lam) and math.isfinite(s.sigma) and s.sigma > 0.0):
+        got = departures(x, x0, x_next, s, t)
+        if got is None:
             return x_next
-        x1 = first_order_step(Form.DATA, x, x0, x0, s, t)  # DDIM's own step
-        wide = torch.promote_types(x_next.dtype, torch.float32)
-        c = (x_next - x1).flatten(1).to(wide).norm(dim=1)
-        d = (x1 - x).flatten(1).to(wide).norm(dim=1)
+        x1, c, d = got
         over = (c > self.kappa * d) & torch.isfinite(c) & torch.isfinite(d)
         # where the correction is within bounds the factor is exactly 1: those rows stay as given
         factor = torch.where(over, self.kappa * d / torch.where(over, c, torch.ones_like(c)), 1.0)
         shape = (-1,) + (1,) * (x_next.ndim - 1)
         limited = x1 + (x_next - x1) * factor.to(x_next.dtype).view(shape)
         return torch.where(over.view(shape), limited, x_next)
+
+
+def departures(
+    x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The first-order step ``x1`` from ``x`` at ``s`` to ``t`` and, per sample, the norms
+    of the correction ``||x_next - x1||`` and of the first-order displacement
+    ``||x1 - x||`` (module docstring); None for a step into or out of a boundary, which
+    :class:`StepLimit` leaves alone."""
+    if not (math.isfinite(t.lam) and math.isfinite(s.sigma) and s.sigma > 0.0):
+        return None
+    x1 = first_order_step(Form.DATA, x, x0, x0, s, t)  # DDIM's own step
+    wide = torch.promote_types(x_next.dtype, torch.float32)
+    c = (x_next - x1).flatten(1).to(wide).norm(dim=1)
+    d = (x1 - x).flatten(1).to(wide).norm(dim=1)
+    return x1, c, d
+
+
+class StepRatios(StepLimit):
+    """A :class:`StepLimit` that limits nothing and records the largest ratio
+    ``||x_next - x1|| / ||x1 - x||`` any sample reaches (finite ones only): what a limit
+    calibrated on a pilot must stay above (:attr:`dpmsolver.tune.TuneOptions.step_limit_margin`)."""
+
+    def __init__(self) -> None:
+        self.kappa = math.inf
+        self.largest = 0.0
+
+    def apply(self, x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot) -> Tensor:
+        got = departures(x, x0, x_next, s, t)
+        if got is not None:
+            _, c, d = got
+            r = c / d
+            r = r[torch.isfinite(r)]
+            if r.numel():
+                self.largest = max(self.largest, float(r.max()))
+        return x_next

@@ -192,6 +192,7 @@ def _describe(profile: Profile, nfe: int, guidance: float) -> tuple[str, str]:
     shifted += " + compensation" if c.compensation is not None else ""
     shifted += " + correction" if c.correction is not None else ""
     shifted += f" + orders={''.join(map(str, c.orders))}" if c.orders is not None else ""
+    shifted += f" + step limit {c.step_limit:.3g}" if c.step_limit is not None else ""
     return c.stage, f"{head} [fitted {len(c.times)} knots]{shifted}"
 
 
@@ -761,9 +762,9 @@ def rows_from_tuned_csv(text: str) -> list[TunedRow]:
 
 
 def _job(
-    args: tuple[str, float, int, tuple[int, ...], dict[str, Any], int, Prediction],
-) -> tuple[list[TunedRow], str]:
-    name, w, pilot, nfes, options, new_noises, flow_prediction = args
+    args: tuple[str, float, int, tuple[int, ...], dict[str, Any], int, Prediction, bool],
+) -> tuple[list[TunedRow], list[TunedRow], str]:
+    name, w, pilot, nfes, options, new_noises, flow_prediction, unlimited = args
     torch.set_num_threads(1)
     p = get_problem(name)
     assert isinstance(p, MixtureProblem)
@@ -772,8 +773,42 @@ def _job(
     prediction: Prediction = flow_prediction if p.family == "flow" else "x0"
     prof = tune_problem(p, w, pilot=pilot, nfes=nfes, prediction=prediction, **options)
     took = time.perf_counter() - t0
+    rows, line = _scored(p, w, prof, peers, nfes, took, new_noises)
+    line = f"{name} w={w:g}: tuned in {took:.0f} s, {line}"
+    off: list[TunedRow] = []
+    if unlimited:
+        bare = without_calibrated_limits(prof)
+        off, off_line = _scored(p, w, bare, peers, nfes, took, new_noises)
+        line += f"; without the calibrated step limits: {off_line}"
+    return rows, off, line
+
+
+def without_calibrated_limits(profile: Profile) -> Profile:
+    """``profile`` with the step limits :attr:`dpmsolver.TuneOptions.step_limit_margin`
+    calibrated removed (the choices and every other field as they are): the same profile as
+    tuned without the calibration, since the calibrated limit changes no choice."""
+    choices = tuple(
+        c
+        if c.pilot_correction is None
+        else dataclasses.replace(c, step_limit=None, pilot_correction=None)
+        for c in profile.choices
+    )
+    return dataclasses.replace(profile, choices=choices)
+
+
+def _scored(
+    p: MixtureProblem,
+    w: float,
+    prof: Profile,
+    peers: dict[tuple[str, float, int], BaselineRow],
+    nfes: tuple[int, ...],
+    took: float,
+    new_noises: int,
+) -> tuple[list[TunedRow], str]:
+    """The profile's cells on the test set (and on ``new_noises`` new noises), and a line
+    for the log."""
     rows = evaluate(p, w, prof, peers, nfes=nfes, tune_seconds=took)
-    line = f"{name} w={w:g}: tuned in {took:.0f} s, worst ratio {max(r.ratio for r in rows):.2f}"
+    line = f"worst ratio {max(r.ratio for r in rows):.2f}"
     if new_noises:
         t1 = time.perf_counter()
         new = {c.nfe: c for c in rescore(p, w, prof, peers, n=new_noises, nfes=nfes)}
@@ -873,6 +908,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="what a rectified-flow problem's network predicts (default x0, as every record; "
         "flow: velocity, as flow models do, so that stage (c)'s time shifts act on it)",
     )
+    ap.add_argument(
+        "--unlimited-csv",
+        default=None,
+        help="also score each profile with its calibrated step limits removed "
+        "(without_calibrated_limits; a paired study of TuneOptions.step_limit_margin) and "
+        "write those cells here",
+    )
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument(
         "--csv",
@@ -932,25 +974,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     verified = ""
     if not args.cost_only:
         peers = {(r.problem, r.guidance, r.nfe): r for r in rows_from_csv(read_text(BASELINE_CSV))}
+        unlimited = args.unlimited_csv is not None
         jobs = [
-            (n, w, pilot, nfes, options, args.rescore, args.flow_prediction)
+            (n, w, pilot, nfes, options, args.rescore, args.flow_prediction, unlimited)
             for n in names
             for w in guid
         ]
+        off: list[TunedRow] = []
         if args.jobs > 1:
             with concurrent.futures.ProcessPoolExecutor(args.jobs) as ex:
-                for got, line in ex.map(_job, jobs):
+                for got, got_off, line in ex.map(_job, jobs):
                     rows += got
+                    off += got_off
                     log(line)
         else:
             for job in jobs:
-                got, line = _job(job)
+                got, got_off, line = _job(job)
                 rows += got
+                off += got_off
                 log(line)
         order = {(n, w): i for i, (n, w, *_) in enumerate(jobs)}
         rows.sort(key=lambda r: (order[(r.problem, r.guidance)], r.nfe))
+        off.sort(key=lambda r: (order[(r.problem, r.guidance)], r.nfe))
         if args.csv:
             write_text(args.csv, rows_csv(rows))
+        if unlimited:
+            write_text(args.unlimited_csv, rows_csv(off))
         if not args.quick:
             vname, vw, vn = (args.verify or f"{names[0]},7.5,8").split(",")
             vp = get_problem(vname)

@@ -27,6 +27,10 @@ CAP_BINS = 32
 #: not depend on the global generator.
 GUARD_SEED = 0x6A4D
 
+#: The smallest calibrated step limit (:attr:`TuneOptions.step_limit_margin`): stage (d)'s
+#: factor, below which a limit cuts corrections of the size ordinary samples make.
+STEP_LIMIT_FLOOR = 2.0
+
 
 #: The seed of the noises DPM-Solver-v3's statistics are estimated on with
 #: ``TuneOptions.v3_noise="own"`` (neither the pilot's nor the guard's).
@@ -338,6 +342,19 @@ class TuneOptions:
             step and the other 511 samples' at most 1.47; yet at guidance 15 on a flow
             problem legitimate corrections reach 4.4, and a limit of 2 there doubled the
             error at 15-20 NFE. Hence a stage, not a rule.
+        step_limit_margin: a choice that samples without a step limit (stage (d) did not
+            take one) gets one calibrated on the pilot: this factor times the largest ratio
+            of a step's correction to its first-order step that any of the pilot's rows
+            reaches under the chosen recipe, run as the profile samples (norm cap
+            included), and never below :data:`STEP_LIMIT_FLOOR`
+            (:attr:`BudgetChoice.pilot_correction` holds the ratio). No pilot row reaches
+            the limit, so it changes neither the choice nor its pilot errors; it binds
+            only on a sample whose correction outgrows the pilot's by the margin, as a
+            sample thrown off the data does (default None: no calibrated limit; a study,
+            ``benchmarks/step_limit_calibrated.md``). It answers stage (d)'s dilemma: a
+            fixed limit of 2 catches a runaway (2.73 against the others' 1.47) but halves
+            the accuracy where legitimate corrections reach 4.4; a limit from the pilot's own
+            largest ratio does the first and leaves the second alone.
         extrapolate_final: stage (e) tries the chosen recipe with the extrapolated step
             into sigma = 0 (``final_step="extrapolate"``, :class:`~dpmsolver.loop.FinalStep`)
             and keeps it if the held-out half takes it (default True; False: no stage (e)).
@@ -510,6 +527,7 @@ class TuneOptions:
     guard_factor: float = 2.0
     norm_cap: float | None = 3.0
     step_limit: float | None = 2.0
+    step_limit_margin: float | None = None
     extrapolate_final: bool = True
     tail_rows: int = 8
     tail_factor: float = 2.0
@@ -588,6 +606,7 @@ class TuneOptions:
             if self.norm_cap < 1.0:
                 raise ValueError(f"norm_cap must be >= 1 or None, got {self.norm_cap}")
         check_step_limit(self.step_limit)
+        check_step_limit(self.step_limit_margin, "step_limit_margin")
         check_choice("extrapolate_final", self.extrapolate_final, (True, False))
         check_choice("tail_walk_back", self.tail_walk_back, (True, False))
         check_choice("tail_accept", self.tail_accept, (True, False))

@@ -28,7 +28,7 @@ from ..parameterization import Prediction
 from ..recipe import PolicyRequest, Recipe, resolve
 from ..schedules import NoiseSchedule
 
-PROFILE_FORMAT = "dpmsolver-profile/12"
+PROFILE_FORMAT = "dpmsolver-profile/13"
 
 
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
@@ -36,8 +36,8 @@ PROFILE_FORMAT = "dpmsolver-profile/12"
 #: version 5 no ``step_limit``, version 6 no ``compensation``, version 7 no ``correction``,
 #: version 8 no ``sigma_max``, version 9 no DPM-Solver-v3 statistics in a choice's options,
 #: version 10 no per-step ``orders``, version 11 no UniPC ``corrector_skip`` in a choice's
-#: options (a library that reads 11 would fail on it).
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 13))
+#: options (a library that reads 11 would fail on it), version 12 no ``pilot_correction``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 14))
 
 
 class ProfileMismatchError(ValueError):
@@ -122,7 +122,10 @@ class BudgetChoice:
         x0_norm_cap: the per-sample bound on the data prediction's norm the recipe samples
             with (:attr:`TuneOptions.norm_cap`; None: none).
         step_limit: the per-sample bound on each step's departure from the first-order
-            step the recipe samples with (:attr:`TuneOptions.step_limit`; None: none).
+            step the recipe samples with (:attr:`TuneOptions.step_limit`, or calibrated by
+            :attr:`TuneOptions.step_limit_margin`; None: none).
+        pilot_correction: where the step limit was calibrated, the largest ratio of a
+            step's correction to its first-order step on the pilot (None: not calibrated).
         compensation: stage (f)'s ratios, one per step after the first
             (:attr:`~dpmsolver.recipe.Recipe.compensation`), or None.
         correction: stage (g)'s coordinates, one tuple per step
@@ -158,6 +161,7 @@ class BudgetChoice:
     correction: tuple[tuple[float, ...], ...] | None = None
     sigma_max: float | None = None
     orders: tuple[int, ...] | None = None
+    pilot_correction: float | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""

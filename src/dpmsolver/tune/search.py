@@ -25,7 +25,14 @@ from ..recipe import PolicyRequest, Recipe, resolve
 from ..sampling import SampleOptions
 from ..schedules import NoiseSchedule
 from .acceptance import _accept, _kept, _stage_a_takes
-from .options import DEFAULT_BUDGETS, V3_SEED, TuneOptions, grid_families, v3_candidates
+from .options import (
+    DEFAULT_BUDGETS,
+    STEP_LIMIT_FLOOR,
+    V3_SEED,
+    TuneOptions,
+    grid_families,
+    v3_candidates,
+)
 from .pilot import (
     _Choice,
     _choice,
@@ -161,6 +168,7 @@ def tune(
                 prob = _pilot(den, schedule, noise, prob.rtol / 10, opts.check_rows, 0)
                 found = [_rescore(prob, c) for c in found]
             cap = prob.norm_cap(opts.norm_cap)
+            found = [_calibrated_limit(prob, c, cap, opts) for c in found]
             choices += [dataclasses.replace(c, x0_norm_cap=cap) for c in found]
             rtol, ref_error = max(rtol, prob.rtol), max(ref_error, prob.ref_error)
             rows += den.rows + sum(c.evaluations for c in found)
@@ -175,6 +183,23 @@ def tune(
         evaluations=rows,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _calibrated_limit(
+    prob: _Problem,
+    choice: BudgetChoice,
+    cap: tuple[tuple[float, float], ...] | None,
+    opts: TuneOptions,
+) -> BudgetChoice:
+    """``choice`` with a step limit calibrated on the pilot
+    (:attr:`TuneOptions.step_limit_margin`), where it has none and corrects its steps."""
+    if opts.step_limit_margin is None or choice.step_limit is not None:
+        return choice
+    ratio = prob.step_ratio(choice.recipe(), choice.nfe, cap)
+    if not ratio > 0.0:  # a first-order recipe: nothing to limit
+        return choice
+    kappa = max(STEP_LIMIT_FLOOR, opts.step_limit_margin * ratio)
+    return dataclasses.replace(choice, step_limit=kappa, pilot_correction=ratio)
 
 
 def _model_statistics(
