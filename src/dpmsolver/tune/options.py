@@ -350,11 +350,13 @@ class TuneOptions:
             (:attr:`BudgetChoice.pilot_correction` holds the ratio). No pilot row reaches
             the limit, so it changes neither the choice nor its pilot errors; it binds
             only on a sample whose correction outgrows the pilot's by the margin, as a
-            sample thrown off the data does (default None: no calibrated limit; a study,
-            ``benchmarks/step_limit_calibrated.md``). It answers stage (d)'s dilemma: a
-            fixed limit of 2 catches a runaway (2.73 against the others' 1.47) but halves
-            the accuracy where legitimate corrections reach 4.4; a limit from the pilot's own
-            largest ratio does the first and leaves the second alone.
+            sample thrown off the data was meant to (default None: no calibrated limit; a
+            study, ``benchmarks/step_limit_calibrated.md``). It was meant to keep stage
+            (d)'s fixed limit of 2 off legitimate corrections (4.4 at guidance 15 on a flow
+            problem) while still catching runaways. On the fourth fresh round at 12-25
+            NFE it changed 2 of 128 test cells, both for the worse (1.22x), and missed the
+            runaway it was made for: ordinary corrections reach 20 times the first-order
+            step at the last steps, so the pilot's largest ratio sets a limit of 29.7 there.
         extrapolate_final: stage (e) tries the chosen recipe with the extrapolated step
             into sigma = 0 (``final_step="extrapolate"``, :class:`~dpmsolver.loop.FinalStep`)
             and keeps it if the held-out half takes it (default True; False: no stage (e)).
