@@ -14,7 +14,7 @@ import torch
 import dpmsolver as dp
 from dpmsolver.schedules import Knot
 from dpmsolver.solvers import Form, StepContext, first_order_step, get_solver
-from dpmsolver.steplimit import StepLimit, check_step_limit
+from dpmsolver.steplimit import StepLimit, StepRatios, check_step_limit
 from dpmsolver.tune import TuneOptions
 from dpmsolver.tune.acceptance import _accept
 
@@ -51,17 +51,28 @@ def test_the_limit_measures_from_ddims_step(
     assert ((out - ddim).norm(dim=1) / d.flatten()).tolist() == pytest.approx([1.0] * 3)
 
 
-def test_only_samples_over_the_limit_change_and_they_end_on_it() -> None:
+def _corrected(
+    ratios: list[float], seed: int
+) -> tuple[Knot, Knot, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step from 0.6 to 0.5 on SD's schedule whose samples' corrections are ``ratios``
+    times their first-order displacements, in random directions: ``s, t, x, x0``, DDIM's
+    step ``x1``, the displacements' norms ``d`` (a column) and the corrected ``x_next``."""
     s, t = SD.knot(0.6), SD.knot(0.5)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    x0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    n = len(ratios)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    x0 = torch.randn(n, 6, generator=g, dtype=torch.float64)
     x1 = first_order_step(Form.DATA, x, x0, x0, s, t)
     d = (x1 - x).norm(dim=1, keepdim=True)
-    direction = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    direction = torch.randn(n, 6, generator=g, dtype=torch.float64)
     direction /= direction.norm(dim=1, keepdim=True)
+    x_next = x1 + direction * d * torch.tensor(ratios, dtype=torch.float64).view(-1, 1)
+    return s, t, x, x0, x1, d, x_next
+
+
+def test_only_samples_over_the_limit_change_and_they_end_on_it() -> None:
     # corrections of 0.5, 1.9, 4 and 40 times the first-order displacement
-    x_next = x1 + direction * d * torch.tensor([[0.5], [1.9], [4.0], [40.0]], dtype=torch.float64)
+    s, t, x, x0, x1, d, x_next = _corrected([0.5, 1.9, 4.0, 40.0], seed=1)
     out = StepLimit(2.0).apply(x, x0, x_next, s, t)
     assert torch.equal(out[:2], x_next[:2])  # within the limit: bit for bit
     ratio = (out - x1).norm(dim=1) / d.flatten()
@@ -74,6 +85,19 @@ def test_only_samples_over_the_limit_change_and_they_end_on_it() -> None:
     assert math.isnan(float(StepLimit(2.0).apply(x, x0, bad, s, t)[3, 0]))
     zero = SD.zero_knot()
     assert torch.equal(StepLimit(1.0).apply(x, x0, x_next, s, zero), x_next)
+
+
+def test_the_probe_records_the_largest_ratio_and_changes_nothing() -> None:
+    s, t, x, x0, _, _, x_next = _corrected([0.3, 2.5, 1.0], seed=2)
+    probe = StepRatios()
+    assert torch.equal(probe.apply(x, x0, x_next, s, t), x_next)
+    assert probe.largest == pytest.approx(2.5)
+    # a limit at that ratio leaves every sample as it is; a smaller one moves the largest
+    assert torch.equal(StepLimit(2.5 + 1e-9).apply(x, x0, x_next, s, t), x_next)
+    assert not torch.equal(StepLimit(2.4).apply(x, x0, x_next, s, t), x_next)
+    # the step into sigma = 0 is not a limited step, so the probe does not read it
+    probe.apply(x, x0, x0 + 100.0, s, SD.zero_knot())
+    assert probe.largest == pytest.approx(2.5)
 
 
 @pytest.mark.parametrize("bad", [0.5, -1.0, math.inf, math.nan])

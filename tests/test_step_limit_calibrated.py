@@ -1,46 +1,20 @@
-"""The step limit calibrated on the pilot (TuneOptions.step_limit_margin): the probe that
-measures the pilot's largest correction ratio, the limit tune sets from it, which changes
-no choice, and the profile's record of it."""
+"""The step limit calibrated on the pilot (TuneOptions.step_limit_margin): the limit tune
+sets from the pilot's largest correction ratio (the probe, steplimit.StepRatios, is tested
+in test_step_limit.py), which changes no choice, and the profile's record of it."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
 
 import dpmsolver as dp
 from dpmsolver.bench.tuned import without_calibrated_limits
-from dpmsolver.schedules import Knot
-from dpmsolver.solvers import Form, first_order_step
-from dpmsolver.steplimit import StepLimit, StepRatios
 from dpmsolver.tune import TuneOptions
 from dpmsolver.tune.options import STEP_LIMIT_FLOOR
 
 SD = dp.DiscreteVPSchedule()
-
-
-def test_the_probe_records_the_largest_ratio_and_changes_nothing() -> None:
-    s, t = SD.knot(0.6), SD.knot(0.5)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    x0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    x1 = first_order_step(Form.DATA, x, x0, x0, s, t)
-    d = (x1 - x).norm(dim=1, keepdim=True)
-    direction = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    direction /= direction.norm(dim=1, keepdim=True)
-    x_next = x1 + torch.tensor([[0.3], [2.5], [1.0]], dtype=torch.float64) * d * direction
-    probe = StepRatios()
-    assert torch.equal(probe.apply(x, x0, x_next, s, t), x_next)
-    assert probe.largest == pytest.approx(2.5)
-    # a limit at that ratio leaves every sample as it is; a smaller one moves the largest
-    assert torch.equal(StepLimit(2.5 + 1e-9).apply(x, x0, x_next, s, t), x_next)
-    assert not torch.equal(StepLimit(2.4).apply(x, x0, x_next, s, t), x_next)
-    # the step into sigma = 0 is not a limited step, so the probe does not read it
-    clean = Knot(0.0, math.inf, 1.0, 0.0, 0.0)
-    probe.apply(x, x0, x0 + 100.0, s, clean)
-    assert probe.largest == pytest.approx(2.5)
 
 
 def test_a_margin_below_one_is_named() -> None:
