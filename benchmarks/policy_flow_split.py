@@ -32,23 +32,21 @@ from dpmsolver.bench.policy import (
 from dpmsolver.bench.records import read_text
 from dpmsolver.bench.suite import rows_from_csv
 
-THIRDS = ((5, 6, 8), (10, 12, 15), (20, 25))
-GUIDANCE = (1.0, 3.0, 7.5, 15.0)
-
 
 @dataclass(frozen=True)
 class FlowApartAt(Granularity):
-    """Per guidance scale and NFE third; at the scales in ``low`` the flow family has rows
-    of its own."""
+    """The guidance and NFE groups given, every family in one row, except that at the
+    guidance groups holding a scale of ``low`` the flow family has rows of its own."""
 
     low: tuple[float, ...] = ()
 
     def keys(self) -> list[tuple[tuple[str, ...], tuple[float, ...], tuple[int, ...]]]:
         others = tuple(f for f in FAMILIES if f != "flow")
         out = []
-        for w in GUIDANCE:
-            groups = (others, ("flow",)) if w in self.low else (tuple(FAMILIES),)
-            out += [(g, (w,), n) for g in groups for n in THIRDS]
+        for ws in self.guidance:
+            apart = any(w in self.low for w in ws)
+            groups = (others, ("flow",)) if apart else self.families
+            out += [(g, ws, n) for g in groups for n in self.nfe]
         return out
 
 
