@@ -39,7 +39,7 @@ class _Recorder:
     def __init__(self, kappa: float) -> None:
         _Recorder.runs.append([])
 
-    def apply(self, x: Any, x0: Any, x_next: Any, s: Any, t: Any) -> Any:
+    def apply(self, x: Any, x0: Any, x_next: Any, s: Any, t: Any, index: int) -> Any:
         got = departures(x, x0, x_next, s, t)
         if got is not None:
             _, c, d = got

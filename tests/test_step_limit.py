@@ -42,12 +42,12 @@ def test_the_limit_measures_from_ddims_step(
     s, t = schedule.knot(s_t), schedule.knot(t_t)  # FLOW at t=1 is pure noise: alpha_s = 0
     ddim = _ddim_step(schedule, x, x0, s, t)
     limit = StepLimit(1.0)
-    assert torch.equal(limit.apply(x, x0, ddim, s, t), ddim)  # DDIM's step: no correction
+    assert torch.equal(limit.apply(x, x0, ddim, s, t, 0), ddim)  # DDIM's step: no correction
     # a correction of 3 first-order displacements ends exactly 1 away from DDIM's step
     d = (ddim - x).norm(dim=1, keepdim=True)
     direction = torch.randn(3, 5, generator=g, dtype=torch.float64)
     direction /= direction.norm(dim=1, keepdim=True)
-    out = limit.apply(x, x0, ddim + 3 * d * direction, s, t)
+    out = limit.apply(x, x0, ddim + 3 * d * direction, s, t, 0)
     assert ((out - ddim).norm(dim=1) / d.flatten()).tolist() == pytest.approx([1.0] * 3)
 
 
@@ -73,7 +73,7 @@ def _corrected(
 def test_only_samples_over_the_limit_change_and_they_end_on_it() -> None:
     # corrections of 0.5, 1.9, 4 and 40 times the first-order displacement
     s, t, x, x0, x1, d, x_next = _corrected([0.5, 1.9, 4.0, 40.0], seed=1)
-    out = StepLimit(2.0).apply(x, x0, x_next, s, t)
+    out = StepLimit(2.0).apply(x, x0, x_next, s, t, 0)
     assert torch.equal(out[:2], x_next[:2])  # within the limit: bit for bit
     ratio = (out - x1).norm(dim=1) / d.flatten()
     assert ratio[2:].tolist() == pytest.approx([2.0, 2.0])
@@ -82,21 +82,21 @@ def test_only_samples_over_the_limit_change_and_they_end_on_it() -> None:
     # non-finite rows pass for the loop to report; the step into sigma = 0 is left alone
     bad = x_next.clone()
     bad[3, 0] = math.nan
-    assert math.isnan(float(StepLimit(2.0).apply(x, x0, bad, s, t)[3, 0]))
+    assert math.isnan(float(StepLimit(2.0).apply(x, x0, bad, s, t, 0)[3, 0]))
     zero = SD.zero_knot()
-    assert torch.equal(StepLimit(1.0).apply(x, x0, x_next, s, zero), x_next)
+    assert torch.equal(StepLimit(1.0).apply(x, x0, x_next, s, zero, 0), x_next)
 
 
 def test_the_probe_records_the_largest_ratio_and_changes_nothing() -> None:
     s, t, x, x0, _, _, x_next = _corrected([0.3, 2.5, 1.0], seed=2)
     probe = StepRatios()
-    assert torch.equal(probe.apply(x, x0, x_next, s, t), x_next)
+    assert torch.equal(probe.apply(x, x0, x_next, s, t, 0), x_next)
     assert probe.largest == pytest.approx(2.5)
     # a limit at that ratio leaves every sample as it is; a smaller one moves the largest
-    assert torch.equal(StepLimit(2.5 + 1e-9).apply(x, x0, x_next, s, t), x_next)
-    assert not torch.equal(StepLimit(2.4).apply(x, x0, x_next, s, t), x_next)
+    assert torch.equal(StepLimit(2.5 + 1e-9).apply(x, x0, x_next, s, t, 0), x_next)
+    assert not torch.equal(StepLimit(2.4).apply(x, x0, x_next, s, t, 0), x_next)
     # the step into sigma = 0 is not a limited step, so the probe does not read it
-    probe.apply(x, x0, x0 + 100.0, s, SD.zero_knot())
+    probe.apply(x, x0, x0 + 100.0, s, SD.zero_knot(), 0)
     assert probe.largest == pytest.approx(2.5)
 
 
@@ -266,10 +266,10 @@ def test_the_scheduler_limits_a_singlestep_step_from_its_start(
     seen: list[tuple[float, float, torch.Tensor, torch.Tensor]] = []
     real = StepLimit.apply
 
-    def spy(self, x, x0, x_next, s, t):  # type: ignore[no-untyped-def]
+    def spy(self, x, x0, x_next, s, t, index):  # type: ignore[no-untyped-def]
         if math.isfinite(t.lam):
             seen.append((s.lam, t.lam, x.clone(), x0.clone()))
-        return real(self, x, x0, x_next, s, t)
+        return real(self, x, x0, x_next, s, t, index)
 
     monkeypatch.setattr(StepLimit, "apply", spy)
     z = Z[:4]

@@ -30,7 +30,7 @@ from .plan import Plan, PlannedStep, boundary_update, make_plan
 from .progress import Progress
 from .schedules import Knot, NoiseSchedule
 from .solvers import AdaptiveSolver, Form, Solver, StepContext, first_order_step
-from .steplimit import StepLimit
+from .steplimit import StepHook
 from .timegrid import TimeGrid
 
 __all__ = [
@@ -317,7 +317,7 @@ def solve(
     return_intermediates: bool = False,
     check_finite: CheckFinite = "end",
     final_step: FinalStepKind = "denoise",
-    step_limit: StepLimit | None = None,
+    step_limit: StepHook | None = None,
     compensation: tuple[float, ...] | None = None,
     correction: Sequence[Sequence[float]] | Correction | None = None,
     grad: bool = False,
@@ -403,7 +403,7 @@ def solve(
         ctx = StepContext(step.index, step.s, step.t, step.order, evaluate, schedule, noise)
         x_next, new_state = solver.step(ctx, x, x0, state)
         if limit is not None:
-            x_next = limit.apply(x, x0, x_next, step.s, step.t)
+            x_next = limit.apply(x, x0, x_next, step.s, step.t, step.index)
         return x_next, new_state
 
     with torch.set_grad_enabled(grad), Progress(len(plan.steps), enabled=progress) as bar:

@@ -28,7 +28,7 @@ from .loop import FinalStepKind
 from .plan import Plan, make_plan, solver_orders
 from .schedules import NoiseSchedule, RectifiedFlowSchedule
 from .solvers import AdaptiveSolver, Solver, get_solver
-from .steplimit import check_step_limit
+from .steplimit import check_step_envelope, check_step_limit
 from .timegrid import (
     GRID_KINDS,
     Final,
@@ -99,6 +99,10 @@ class Recipe:
             (USF's per-step solver strategy, Liu et al. 2024, for the order alone; a tuned
             profile's stage (h)): each at most the planned order, so that a multistep step
             keeps its one evaluation and the history it needs; None: the plan's.
+        step_envelope: per step, first to last, the largest correction norm
+            ``||x_t - x1||`` a sample may make beyond the first-order step (0: no bound
+            there; :class:`~dpmsolver.steplimit.StepLimit`'s envelope; a tuned profile's,
+            :attr:`dpmsolver.tune.TuneOptions.envelope_margin`), or None.
     """
 
     solver: str = "dpmpp_2m"
@@ -120,6 +124,7 @@ class Recipe:
     # last, so that positional arguments keep their meaning from before it existed
     sigma_max: float | None = None
     orders: tuple[int, ...] | None = None
+    step_envelope: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # frozen: a list given is kept as the tuple a profile compares and hashes
@@ -128,6 +133,7 @@ class Recipe:
         if self.x0_norm_cap is not None:
             check_norm_cap(self.x0_norm_cap)
         check_step_limit(self.step_limit)
+        object.__setattr__(self, "step_envelope", check_step_envelope(self.step_envelope))
         if self.grid is not None:
             check_choice("grid", self.grid, GRID_KINDS)
         check_choice("final", self.final, ("zero", "t_min"))
@@ -253,6 +259,7 @@ class Recipe:
         shifted = " model-time shifts" if self.model_shifts is not None else ""
         capped = " x0 norm cap" if self.x0_norm_cap is not None else ""
         limited = f" step limit {self.step_limit:g}" if self.step_limit is not None else ""
+        limited += " step envelope" if self.step_envelope is not None else ""
         limited += " compensation" if self.compensation is not None else ""
         limited += " correction" if self.correction is not None else ""
         limited += f" orders={''.join(map(str, self.orders))}" if self.orders is not None else ""

@@ -17,11 +17,20 @@ batch is fine. :class:`StepLimit` rescales, per sample, a correction with
 bit. It is a safeguard in the spirit of a slope limiter, not a method from the papers: a
 tuned profile carries it (:attr:`dpmsolver.tune.TuneOptions.step_limit`) and the records
 in ``benchmarks/tuned*.md`` measure it.
+
+A ratio to ``||d||`` cannot tell a runaway from the large corrections ordinary samples
+make at the last steps, where ``d`` is tiny (``benchmarks/step_limit_calibrated.md``). The
+*envelope* bounds the correction's own norm instead, step by step: ``||c|| <= e_i`` at
+step ``i``, with ``e_i`` a margin times the largest ``||c||`` any pilot row makes at that
+step under the same recipe (:attr:`dpmsolver.tune.TuneOptions.envelope_margin`;
+``benchmarks/correction_envelope.md``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -29,7 +38,15 @@ from torch import Tensor
 from .schedules import Knot
 from .solvers import Form, first_order_step
 
-__all__ = ["StepLimit", "StepRatios", "check_step_limit", "departures"]
+__all__ = [
+    "StepHook",
+    "StepLimit",
+    "StepRatios",
+    "check_step_envelope",
+    "check_step_limit",
+    "departures",
+    "make_step_limit",
+]
 
 
 def check_step_limit(value: float | None, name: str = "step_limit") -> float | None:
@@ -45,31 +62,72 @@ def check_step_limit(value: float | None, name: str = "step_limit") -> float | N
     return v
 
 
+def check_step_envelope(
+    value: Sequence[float] | None, name: str = "step_envelope"
+) -> tuple[float, ...] | None:
+    """``value`` as a tuple if it is None or a sequence of finite numbers >= 0 (0: no bound
+    at that step), else a ValueError naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of numbers >= 0, one per step, or None")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name}[{i}] must be a number >= 0, got {v!r}")
+        if not math.isfinite(float(v)) or v < 0:
+            raise ValueError(f"{name}[{i}] must be a finite number >= 0, got {v!r}")
+        out.append(float(v))
+    return tuple(out)
+
+
+class StepHook(Protocol):
+    """What the sampling loop calls after each deterministic solver step
+    (:func:`dpmsolver.loop.solve`'s ``step_limit``): the step's end, possibly changed."""
+
+    def apply(
+        self, x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot, index: int
+    ) -> Tensor: ...
+
+
 class StepLimit:
     """Bounds, per sample, a step's departure from the first-order step (module docstring).
 
     Args:
-        kappa: the largest allowed ``||x_t - x1|| / ||x1 - x_s||`` (>= 1).
+        kappa: the largest allowed ``||x_t - x1|| / ||x1 - x_s||`` (>= 1), or None for no
+            such bound.
+        envelope: per step, first to last, the largest allowed ``||x_t - x1||`` (0: no
+            bound at that step), or None.
     """
 
-    def __init__(self, kappa: float) -> None:
-        checked = check_step_limit(kappa, "kappa")
-        assert checked is not None
-        self.kappa = checked
+    def __init__(self, kappa: float | None, envelope: Sequence[float] | None = None) -> None:
+        self.kappa = math.inf if kappa is None else check_step_limit(kappa, "kappa")
+        self.envelope = check_step_envelope(envelope, "envelope")
+        if kappa is None and self.envelope is None:
+            raise ValueError("StepLimit needs kappa, envelope or both")
 
-    def apply(self, x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot) -> Tensor:
-        """``x_next`` (the step from ``x`` at ``s`` to ``t``, whose data prediction at ``s``
-        is ``x0``) with each sample's correction held within ``kappa`` times its first-order
-        displacement. A step into or out of a boundary (sigma = 0, or a zero-length step)
-        is returned unchanged, and so is a sample with a non-finite norm, for the loop to
-        report."""
+    def apply(self, x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot, index: int) -> Tensor:
+        """``x_next`` (the step ``index`` from ``x`` at ``s`` to ``t``, whose data
+        prediction at ``s`` is ``x0``) with each sample's correction held within ``kappa``
+        times its first-order displacement and within the envelope's bound for the step. A
+        step into or out of a boundary (sigma = 0, or a zero-length step) is returned
+        unchanged, and so is a sample with a non-finite norm, for the loop to report."""
         got = departures(x, x0, x_next, s, t)
         if got is None:
             return x_next
         x1, c, d = got
-        over = (c > self.kappa * d) & torch.isfinite(c) & torch.isfinite(d)
+        bound = self.kappa * d
+        if self.envelope is not None:
+            if index >= len(self.envelope):
+                raise ValueError(
+                    f"the step envelope has {len(self.envelope)} entries but step {index} "
+                    "was taken; it belongs to another plan"
+                )
+            if self.envelope[index] > 0.0:
+                bound = torch.clamp(bound, max=self.envelope[index])
+        over = (c > bound) & torch.isfinite(c) & torch.isfinite(d)
         # where the correction is within bounds the factor is exactly 1: those rows stay as given
-        factor = torch.where(over, self.kappa * d / torch.where(over, c, torch.ones_like(c)), 1.0)
+        factor = torch.where(over, bound / torch.where(over, c, torch.ones_like(c)), 1.0)
         shape = (-1,) + (1,) * (x_next.ndim - 1)
         limited = x1 + (x_next - x1) * factor.to(x_next.dtype).view(shape)
         return torch.where(over.view(shape), limited, x_next)
@@ -91,16 +149,30 @@ def departures(
     return x1, c, d
 
 
-class StepRatios(StepLimit):
-    """A :class:`StepLimit` that limits nothing and records the largest ratio
-    ``||x_next - x1|| / ||x1 - x||`` any sample reaches (finite ones only): what a limit
-    calibrated on a pilot must stay above (:attr:`dpmsolver.tune.TuneOptions.step_limit_margin`)."""
+def make_step_limit(kappa: float | None, envelope: Sequence[float] | None) -> StepLimit | None:
+    """The :class:`StepLimit` a recipe samples with (its ``step_limit`` and
+    ``step_envelope``), or None where it has neither."""
+    return None if kappa is None and envelope is None else StepLimit(kappa, envelope)
 
-    def __init__(self) -> None:
-        self.kappa = math.inf
+
+class StepRatios:
+    """A probe for the loop's step hook: it runs ``limit`` (None: nothing) and records, of
+    the steps as taken, the largest ratio ``||x_next - x1|| / ||x1 - x||`` any sample
+    reaches and, per step, the largest correction norm ``||x_next - x1||`` (finite ones
+    only; 0 where no sample corrects): what a limit or an envelope calibrated on a pilot
+    must stay above (:attr:`dpmsolver.tune.TuneOptions.step_limit_margin`,
+    :attr:`~dpmsolver.tune.TuneOptions.envelope_margin`)."""
+
+    def __init__(self, limit: StepLimit | None = None) -> None:
+        self.limit = limit
         self.largest = 0.0
+        self.corrections: list[float] = []
 
-    def apply(self, x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot) -> Tensor:
+    def apply(self, x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot, index: int) -> Tensor:
+        if self.limit is not None:
+            x_next = self.limit.apply(x, x0, x_next, s, t, index)
+        while len(self.corrections) <= index:
+            self.corrections.append(0.0)
         got = departures(x, x0, x_next, s, t)
         if got is not None:
             _, c, d = got
@@ -108,4 +180,7 @@ class StepRatios(StepLimit):
             r = r[torch.isfinite(r)]
             if r.numel():
                 self.largest = max(self.largest, float(r.max()))
+            c = c[torch.isfinite(c)]
+            if c.numel():
+                self.corrections[index] = max(self.corrections[index], float(c.max()))
         return x_next

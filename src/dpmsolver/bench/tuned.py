@@ -785,12 +785,16 @@ def _job(
 
 def without_calibrated_limits(profile: Profile) -> Profile:
     """``profile`` with the step limits :attr:`dpmsolver.TuneOptions.step_limit_margin`
-    calibrated removed (the choices and every other field as they are): the same profile as
-    tuned without the calibration, since the calibrated limit changes no choice."""
+    calibrated and the envelopes :attr:`~dpmsolver.TuneOptions.envelope_margin` calibrated
+    removed (the choices and every other field as they are): the same profile as tuned
+    without the calibrations, since neither changes a choice."""
     choices = tuple(
-        c
-        if c.pilot_correction is None
-        else dataclasses.replace(c, step_limit=None, pilot_correction=None)
+        dataclasses.replace(
+            c,
+            step_limit=None if c.pilot_correction is not None else c.step_limit,
+            pilot_correction=None,
+            step_envelope=None,
+        )
         for c in profile.choices
     )
     return dataclasses.replace(profile, choices=choices)

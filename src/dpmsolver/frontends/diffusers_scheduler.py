@@ -79,7 +79,7 @@ from ..solvers import (
     Solver,
     get_solver,
 )
-from ..steplimit import StepLimit
+from ..steplimit import StepLimit, make_step_limit
 from . import diffusers_grid as dg
 from .stepper import (
     CompiledStepper,
@@ -987,8 +987,8 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             self._use(recipe.build_solver(), "solver" if own_grid else None)
             if recipe.x0_norm_cap is not None:
                 self._cap = NormCap(_no_denoiser, recipe.x0_norm_cap)
-            if recipe.step_limit is not None and not self.solver.stochastic:
-                self._limit = StepLimit(recipe.step_limit)
+            if not self.solver.stochastic:
+                self._limit = make_step_limit(recipe.step_limit, recipe.step_envelope)
             self._extrapolate = recipe.final_step == "extrapolate" and not self.solver.stochastic
             if recipe.compensation is not None and not own_grid:
                 warnings.warn(
@@ -1338,7 +1338,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             self._track_start = None
             if x0_s is not None:
                 if self._limit is not None:
-                    prev = self._limit.apply(x_s, x0_s, prev, step.s, step.t)
+                    prev = self._limit.apply(x_s, x0_s, prev, step.s, step.t, i)
                 if self._end_step is not None:
                     if step.t.lam == math.inf:
                         prev = self._end_step.take(x_s, x0_s, step.s, step.t)

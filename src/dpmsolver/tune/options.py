@@ -357,6 +357,18 @@ class TuneOptions:
             NFE it changed 2 of 128 test cells, both for the worse (1.22x), and missed the
             runaway it was made for: ordinary corrections reach 20 times the first-order
             step at the last steps, so the pilot's largest ratio sets a limit of 29.7 there.
+        envelope_margin: each choice gets a per-step envelope calibrated on the pilot:
+            at every step, this factor times the largest norm of the correction beyond the
+            first-order step (``||x_t - x1||``, not its ratio to ``||x1 - x_s||``) that any
+            pilot row makes there under the chosen recipe, run as the profile samples (norm
+            cap and step limit included) (:attr:`BudgetChoice.step_envelope`;
+            :class:`~dpmsolver.steplimit.StepLimit`). No pilot row reaches it, so it changes
+            neither the choice nor its pilot errors; it binds only on a sample whose
+            correction outgrows every pilot row's at the same step by the margin (None: no
+            envelope; ``benchmarks/correction_envelope.md``). Two runaway samples on
+            selection problems stood out from the 511 other new samples by this measure
+            (1.9x and 19x the pilot's largest at the step they started, where the others
+            reached at most 1.2x and 9.9x), while their correction ratios did not.
         extrapolate_final: stage (e) tries the chosen recipe with the extrapolated step
             into sigma = 0 (``final_step="extrapolate"``, :class:`~dpmsolver.loop.FinalStep`)
             and keeps it if the held-out half takes it (default True; False: no stage (e)).
@@ -530,6 +542,7 @@ class TuneOptions:
     norm_cap: float | None = 3.0
     step_limit: float | None = 2.0
     step_limit_margin: float | None = None
+    envelope_margin: float | None = None
     extrapolate_final: bool = True
     tail_rows: int = 8
     tail_factor: float = 2.0
@@ -609,6 +622,7 @@ class TuneOptions:
                 raise ValueError(f"norm_cap must be >= 1 or None, got {self.norm_cap}")
         check_step_limit(self.step_limit)
         check_step_limit(self.step_limit_margin, "step_limit_margin")
+        check_step_limit(self.envelope_margin, "envelope_margin")
         check_choice("extrapolate_final", self.extrapolate_final, (True, False))
         check_choice("tail_walk_back", self.tail_walk_back, (True, False))
         check_choice("tail_accept", self.tail_accept, (True, False))

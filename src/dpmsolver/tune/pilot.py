@@ -31,7 +31,7 @@ from ..plan import Plan
 from ..recipe import Recipe
 from ..sampling import SampleOptions, build_denoiser
 from ..schedules import Knot, NoiseSchedule
-from ..steplimit import StepLimit, StepRatios
+from ..steplimit import StepHook, StepRatios, make_step_limit
 from ..timegrid import make_grid
 from .comparison import _norms, _per_sample, _rms
 from .options import CAP_BINS, GUARD_SEED
@@ -133,7 +133,7 @@ class _Problem:
         x_T: Tensor,
         den: Denoiser,
         fit: CorrectionFit | None = None,
-        limit: StepLimit | None = None,
+        limit: StepHook | None = None,
     ) -> Tensor | None:
         """The recipe's final samples from ``x_T`` under ``den``; None if it cannot spend
         exactly ``nfe``. ``fit``: a stage (g) fit run in place of the recipe's correction;
@@ -143,8 +143,8 @@ class _Problem:
         if plan is None:
             return None
         try:
-            if limit is None and recipe.step_limit is not None:
-                limit = StepLimit(recipe.step_limit)
+            if limit is None:
+                limit = make_step_limit(recipe.step_limit, recipe.step_envelope)
             return solve(
                 den,
                 x_T,
@@ -159,17 +159,17 @@ class _Problem:
         except NonFiniteError:  # pragma: no cover - check_finite="off" does not raise
             return None
 
-    def step_ratio(
+    def step_ratios(
         self, recipe: Recipe, nfe: int, cap: tuple[tuple[float, float], ...] | None
-    ) -> float:
-        """The largest ratio of a step's correction to its first-order displacement that
-        ``recipe`` reaches on any pilot row, run as a profile samples (under the norm cap
-        ``cap``; :attr:`TuneOptions.step_limit_margin`); 0 where it cannot run or never
-        corrects."""
-        probe = StepRatios()
+    ) -> StepRatios | None:
+        """How far ``recipe``'s steps depart from the first-order step on the pilot rows,
+        run as a profile samples (under the norm cap ``cap`` and the recipe's own step
+        limit; :attr:`TuneOptions.step_limit_margin`, :attr:`TuneOptions.envelope_margin`);
+        None where it cannot run."""
+        probe = StepRatios(make_step_limit(recipe.step_limit, recipe.step_envelope))
         den: Denoiser = self.denoiser if cap is None else NormCap(self.denoiser, cap)
         x = self.run_from(recipe, nfe, self.x_T, den, limit=probe)
-        return 0.0 if x is None else probe.largest
+        return None if x is None else probe
 
     def errors(self, x: Tensor | None, rows: Sequence[int]) -> Tensor:
         """Per-sample errors of the rows ``rows`` of a full-batch result ``x``."""

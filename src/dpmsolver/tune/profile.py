@@ -28,7 +28,7 @@ from ..parameterization import Prediction
 from ..recipe import PolicyRequest, Recipe, resolve
 from ..schedules import NoiseSchedule
 
-PROFILE_FORMAT = "dpmsolver-profile/13"
+PROFILE_FORMAT = "dpmsolver-profile/14"
 
 
 #: Formats :meth:`Profile.load` reads: version 1 had no model-time shifts, version 2 no
@@ -36,8 +36,9 @@ PROFILE_FORMAT = "dpmsolver-profile/13"
 #: version 5 no ``step_limit``, version 6 no ``compensation``, version 7 no ``correction``,
 #: version 8 no ``sigma_max``, version 9 no DPM-Solver-v3 statistics in a choice's options,
 #: version 10 no per-step ``orders``, version 11 no UniPC ``corrector_skip`` in a choice's
-#: options (a library that reads 11 would fail on it), version 12 no ``pilot_correction``.
-READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 14))
+#: options (a library that reads 11 would fail on it), version 12 no ``pilot_correction``,
+#: version 13 no ``step_envelope``.
+READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 15))
 
 
 class ProfileMismatchError(ValueError):
@@ -126,6 +127,9 @@ class BudgetChoice:
             :attr:`TuneOptions.step_limit_margin`; None: none).
         pilot_correction: where the step limit was calibrated, the largest ratio of a
             step's correction to its first-order step on the pilot (None: not calibrated).
+        step_envelope: per step, the largest correction norm a sample may make beyond the
+            first-order step, calibrated on the pilot (:attr:`TuneOptions.envelope_margin`;
+            :attr:`~dpmsolver.recipe.Recipe.step_envelope`), or None.
         compensation: stage (f)'s ratios, one per step after the first
             (:attr:`~dpmsolver.recipe.Recipe.compensation`), or None.
         correction: stage (g)'s coordinates, one tuple per step
@@ -162,6 +166,7 @@ class BudgetChoice:
     sigma_max: float | None = None
     orders: tuple[int, ...] | None = None
     pilot_correction: float | None = None
+    step_envelope: tuple[float, ...] | None = None
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -181,6 +186,7 @@ class BudgetChoice:
             compensation=self.compensation,
             correction=self.correction,
             orders=self.orders,
+            step_envelope=self.step_envelope,
         )
 
 
@@ -384,6 +390,7 @@ class Profile:
                         "compensation": floats(c.get("compensation")),
                         "correction": _rows_of(c.get("correction")),
                         "orders": _ints(c.get("orders")),
+                        "step_envelope": floats(c.get("step_envelope")),
                         "options": _options_of(c["options"]),
                     }
                 )

@@ -169,6 +169,7 @@ def tune(
                 found = [_rescore(prob, c) for c in found]
             cap = prob.norm_cap(opts.norm_cap)
             found = [_calibrated_limit(prob, c, cap, opts) for c in found]
+            found = [_calibrated_envelope(prob, c, cap, opts) for c in found]
             choices += [dataclasses.replace(c, x0_norm_cap=cap) for c in found]
             rtol, ref_error = max(rtol, prob.rtol), max(ref_error, prob.ref_error)
             rows += den.rows + sum(c.evaluations for c in found)
@@ -195,11 +196,29 @@ def _calibrated_limit(
     (:attr:`TuneOptions.step_limit_margin`), where it has none and corrects its steps."""
     if opts.step_limit_margin is None or choice.step_limit is not None:
         return choice
-    ratio = prob.step_ratio(choice.recipe(), choice.nfe, cap)
+    probe = prob.step_ratios(choice.recipe(), choice.nfe, cap)
+    ratio = 0.0 if probe is None else probe.largest
     if not ratio > 0.0:  # a first-order recipe: nothing to limit
         return choice
     kappa = max(STEP_LIMIT_FLOOR, opts.step_limit_margin * ratio)
     return dataclasses.replace(choice, step_limit=kappa, pilot_correction=ratio)
+
+
+def _calibrated_envelope(
+    prob: _Problem,
+    choice: BudgetChoice,
+    cap: tuple[tuple[float, float], ...] | None,
+    opts: TuneOptions,
+) -> BudgetChoice:
+    """``choice`` with a per-step correction envelope calibrated on the pilot
+    (:attr:`TuneOptions.envelope_margin`), where it corrects its steps."""
+    if opts.envelope_margin is None:
+        return choice
+    probe = prob.step_ratios(choice.recipe(), choice.nfe, cap)
+    if probe is None or not any(v > 0.0 for v in probe.corrections):
+        return choice  # cannot run, or first order throughout: nothing to bound
+    envelope = tuple(opts.envelope_margin * v for v in probe.corrections)
+    return dataclasses.replace(choice, step_envelope=envelope)
 
 
 def _model_statistics(
