@@ -158,21 +158,23 @@ def make_step_limit(kappa: float | None, envelope: Sequence[float] | None) -> St
 class StepRatios:
     """A probe for the loop's step hook: it runs ``limit`` (None: nothing) and records, of
     the steps as taken, the largest ratio ``||x_next - x1|| / ||x1 - x||`` any sample
-    reaches and, per step, the largest correction norm ``||x_next - x1||`` (finite ones
-    only; 0 where no sample corrects): what a limit or an envelope calibrated on a pilot
-    must stay above (:attr:`dpmsolver.tune.TuneOptions.step_limit_margin`,
+    reaches and, per step, the largest correction norm ``||x_next - x1||`` and the largest
+    first-order displacement ``||x1 - x||`` (finite ones only; 0 for a step it did not
+    see): what a limit or an envelope calibrated on a pilot must stay above (:attr:`dpmsolver.tune.TuneOptions.step_limit_margin`,
     :attr:`~dpmsolver.tune.TuneOptions.envelope_margin`)."""
 
     def __init__(self, limit: StepLimit | None = None) -> None:
         self.limit = limit
         self.largest = 0.0
         self.corrections: list[float] = []
+        self.displacements: list[float] = []
 
     def apply(self, x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot, index: int) -> Tensor:
         if self.limit is not None:
             x_next = self.limit.apply(x, x0, x_next, s, t, index)
         while len(self.corrections) <= index:
             self.corrections.append(0.0)
+            self.displacements.append(0.0)
         got = departures(x, x0, x_next, s, t)
         if got is not None:
             _, c, d = got
@@ -180,7 +182,8 @@ class StepRatios:
             r = r[torch.isfinite(r)]
             if r.numel():
                 self.largest = max(self.largest, float(r.max()))
-            c = c[torch.isfinite(c)]
-            if c.numel():
-                self.corrections[index] = max(self.corrections[index], float(c.max()))
+            for seen, v in ((self.corrections, c), (self.displacements, d)):
+                v = v[torch.isfinite(v)]
+                if v.numel():
+                    seen[index] = max(seen[index], float(v.max()))
         return x_next

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -204,6 +205,11 @@ def _calibrated_limit(
     return dataclasses.replace(choice, step_limit=kappa, pilot_correction=ratio)
 
 
+#: Below this share of its first-order displacement, a step's largest pilot correction is
+#: rounding, not a correction (:func:`_calibrated_envelope`).
+_NO_CORRECTION = 1e-9
+
+
 def _calibrated_envelope(
     prob: _Problem,
     choice: BudgetChoice,
@@ -214,10 +220,21 @@ def _calibrated_envelope(
     (:attr:`TuneOptions.envelope_margin`), where it corrects its steps."""
     if opts.envelope_margin is None:
         return choice
-    probe = prob.step_ratios(choice.recipe(), choice.nfe, cap)
-    if probe is None or not any(v > 0.0 for v in probe.corrections):
-        return choice  # cannot run, or first order throughout: nothing to bound
-    envelope = tuple(opts.envelope_margin * v for v in probe.corrections)
+    recipe = choice.recipe()
+    probe = prob.step_ratios(recipe, choice.nfe, cap)
+    plan = prob.plan(recipe, choice.nfe)
+    if probe is None or plan is None:
+        return choice
+    steps = len(plan.steps)
+    pairs = zip(probe.corrections + [0.0] * steps, probe.displacements + [0.0] * steps)
+    # a step whose corrections are rounding (a first-order step of a multistep start, the
+    # step into sigma = 0 the loop takes itself) gets no bound: 0
+    envelope = tuple(
+        opts.envelope_margin * c if c > _NO_CORRECTION * d else 0.0
+        for c, d in itertools.islice(pairs, steps)
+    )
+    if not any(envelope):
+        return choice  # first order throughout: nothing to bound
     return dataclasses.replace(choice, step_envelope=envelope)
 
 
