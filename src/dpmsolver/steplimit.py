@@ -101,7 +101,8 @@ class StepLimit:
     """
 
     def __init__(self, kappa: float | None, envelope: Sequence[float] | None = None) -> None:
-        self.kappa = math.inf if kappa is None else check_step_limit(kappa, "kappa")
+        checked = check_step_limit(kappa, "kappa")
+        self.kappa: float = math.inf if checked is None else checked
         self.envelope = check_step_envelope(envelope, "envelope")
         if kappa is None and self.envelope is None:
             raise ValueError("StepLimit needs kappa, envelope or both")
@@ -160,7 +161,8 @@ class StepRatios:
     the steps as taken, the largest ratio ``||x_next - x1|| / ||x1 - x||`` any sample
     reaches and, per step, the largest correction norm ``||x_next - x1||`` and the largest
     first-order displacement ``||x1 - x||`` (finite ones only; 0 for a step it did not
-    see): what a limit or an envelope calibrated on a pilot must stay above (:attr:`dpmsolver.tune.TuneOptions.step_limit_margin`,
+    see): what a limit or an envelope calibrated on a pilot must stay above
+    (:attr:`dpmsolver.tune.TuneOptions.step_limit_margin`,
     :attr:`~dpmsolver.tune.TuneOptions.envelope_margin`)."""
 
     def __init__(self, limit: StepLimit | None = None) -> None:

@@ -226,7 +226,7 @@ def _calibrated_envelope(
     if probe is None or plan is None:
         return choice
     steps = len(plan.steps)
-    pairs = zip(probe.corrections + [0.0] * steps, probe.displacements + [0.0] * steps)
+    pairs = zip(probe.corrections + [0.0] * steps, probe.displacements + [0.0] * steps, strict=True)
     # a step whose corrections are rounding (a first-order step of a multistep start, the
     # step into sigma = 0 the loop takes itself) gets no bound: 0
     envelope = tuple(
