@@ -6,10 +6,14 @@ bounds. The cell is tuned as ``python -m dpmsolver.bench.tuned`` tunes it (same 
 same budgets, so the same profile), then its budget's choice runs, limit-free, on the 128
 pilot noises and on the 512 new noises of the rescore seed. Per step: the pilot's largest
 ratio, the largest of the new noises' other samples, and the ratio and first-order
-displacement of the new noises' worst sample (largest error to its exact sample).
+displacement of the new noises' worst sample (largest error to its exact sample). Then the
+same for the correction's own norm ``||x_next - x1||`` (what the envelope of
+:attr:`dpmsolver.tune.TuneOptions.envelope_margin` bounds), as multiples of the pilot's
+largest at that step.
 
 It asks whether a runaway sample's corrections stand out from the pilot's, step by step,
-by more than ordinary new samples' do (benchmarks/step_limit_calibrated.md).
+by more than ordinary new samples' do (benchmarks/step_limit_calibrated.md,
+benchmarks/correction_envelope.md).
 
 Usage: python benchmarks/step_limit_ratios.py PROBLEM GUIDANCE NFE BUDGETS
        e.g. python benchmarks/step_limit_ratios.py lowrank16-edm 3 25 12,15,20,25
@@ -34,16 +38,16 @@ class _Recorder:
     """Stands in for StepLimit: limits nothing, keeps each step's per-sample ratio and
     first-order displacement (one list per run)."""
 
-    runs: ClassVar[list[list[tuple[torch.Tensor, torch.Tensor]]]] = []
+    runs: ClassVar[list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = []
 
-    def __init__(self, kappa: float) -> None:
+    def __init__(self, kappa: float | None, envelope: Any = None) -> None:
         _Recorder.runs.append([])
 
     def apply(self, x: Any, x0: Any, x_next: Any, s: Any, t: Any, index: int) -> Any:
         got = departures(x, x0, x_next, s, t)
         if got is not None:
             _, c, d = got
-            _Recorder.runs[-1].append((c / d, d))
+            _Recorder.runs[-1].append((c / d, d, c))
         return x_next
 
 
@@ -62,7 +66,7 @@ def main(argv: list[str]) -> None:
         dataclasses.replace(x, step_limit=1e9) if x.nfe == nfe else x for x in prof.choices
     )
     prof = dataclasses.replace(prof, choices=loose)
-    sampling.StepLimit = _Recorder  # type: ignore[misc,assignment]
+    sampling.make_step_limit = _Recorder  # type: ignore[assignment]
     run_auto(p, w, p.noise(128, seed=pilot_seed(p)), prof, nfe)
     z = p.noise(512, seed=rescore_seed(p))
     x, _ = run_auto(p, w, z, prof, nfe)
@@ -80,12 +84,27 @@ def main(argv: list[str]) -> None:
         "| its first-order step |"
     )
     print("|---|---|---|---|---|")
-    for i, ((rp, _), (rn, dn)) in enumerate(zip(pilot, new, strict=True)):
+    for i, ((rp, _, _), (rn, dn, _)) in enumerate(zip(pilot, new, strict=True)):
         others = torch.cat([rn[:bad], rn[bad + 1 :]])
         print(
             f"| {i} | {float(rp[torch.isfinite(rp)].max()):.3g} | "
             f"{float(others[torch.isfinite(others)].max()):.3g} | {float(rn[bad]):.3g} | "
             f"{float(dn[bad]):.3g} |"
+        )
+    print()
+    print(
+        "| step | other new samples' largest correction / the pilot's "
+        "| worst sample's / the pilot's |"
+    )
+    print("|---|---|---|")
+    for i, ((_, _, cp), (_, _, cn)) in enumerate(zip(pilot, new, strict=True)):
+        top = float(cp[torch.isfinite(cp)].max())
+        if not top > 0.0:
+            continue
+        others = torch.cat([cn[:bad], cn[bad + 1 :]])
+        print(
+            f"| {i} | {float(others[torch.isfinite(others)].max()) / top:.3g} | "
+            f"{float(cn[bad]) / top:.3g} |"
         )
 
 

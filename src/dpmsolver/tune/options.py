@@ -365,10 +365,14 @@ class TuneOptions:
             :class:`~dpmsolver.steplimit.StepLimit`). No pilot row reaches it, so it changes
             neither the choice nor its pilot errors; it binds only on a sample whose
             correction outgrows every pilot row's at the same step by the margin (None: no
-            envelope; ``benchmarks/correction_envelope.md``). Two runaway samples on
-            selection problems stood out from the 511 other new samples by this measure
+            envelope; a study, ``benchmarks/correction_envelope.md``). Two runaway samples
+            on selection problems stood out from the 511 other new samples by this measure
             (1.9x and 19x the pilot's largest at the step they started, where the others
-            reached at most 1.2x and 9.9x), while their correction ratios did not.
+            reached at most 1.2x and 9.9x), while their correction ratios did not. On the
+            fifth round at 12-25 NFE, a margin of 2 rescued 4 cells from 4.7-12x the best
+            peer to 0.23-1.8x, but made 10 new-noise cells and 1 test cell more than 5%
+            worse (up to 1.44x; a heavy-tailed ordinary sample clipped at one step), so it
+            is off by default.
         extrapolate_final: stage (e) tries the chosen recipe with the extrapolated step
             into sigma = 0 (``final_step="extrapolate"``, :class:`~dpmsolver.loop.FinalStep`)
             and keeps it if the held-out half takes it (default True; False: no stage (e)).
