@@ -263,6 +263,8 @@ def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
         ("tuned-fresh4-new", "tuned_fresh4.md"),
         ("tuned-fresh5", "tuned_fresh5.md"),
         ("tuned-fresh5-new", "tuned_fresh5.md"),
+        ("tuned-fresh6", "tuned_fresh6.md"),
+        ("tuned-fresh6-new", "tuned_fresh6.md"),
         ("calibrated", "calibrated_peer.md"),
         ("calibrated-fresh", "calibrated_peer_fresh.md"),
     ],
