@@ -103,6 +103,9 @@ class Recipe:
             ``||x_t - x1||`` a sample may make beyond the first-order step (0: no bound
             there; :class:`~dpmsolver.steplimit.StepLimit`'s envelope; a tuned profile's,
             :attr:`dpmsolver.tune.TuneOptions.envelope_margin`), or None.
+        envelope_persistence: the envelope binds on a sample once it has been over it at
+            this many consecutive steps, and from then on (1: wherever it is over;
+            :class:`~dpmsolver.steplimit.StepLimit`'s ``persistence``).
     """
 
     solver: str = "dpmpp_2m"
@@ -125,6 +128,7 @@ class Recipe:
     sigma_max: float | None = None
     orders: tuple[int, ...] | None = None
     step_envelope: tuple[float, ...] | None = None
+    envelope_persistence: int = 1
 
     def __post_init__(self) -> None:
         # frozen: a list given is kept as the tuple a profile compares and hashes
@@ -134,6 +138,7 @@ class Recipe:
             check_norm_cap(self.x0_norm_cap)
         check_step_limit(self.step_limit)
         object.__setattr__(self, "step_envelope", check_step_envelope(self.step_envelope))
+        check_int("envelope_persistence", self.envelope_persistence, minimum=1)
         if self.grid is not None:
             check_choice("grid", self.grid, GRID_KINDS)
         check_choice("final", self.final, ("zero", "t_min"))

@@ -284,7 +284,9 @@ def sample(
         return_intermediates=opts.return_intermediates,
         check_finite=opts.check_finite,
         final_step=recipe.final_step,
-        step_limit=make_step_limit(recipe.step_limit, recipe.step_envelope),
+        step_limit=make_step_limit(
+            recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence
+        ),
         compensation=recipe.compensation,
         correction=recipe.correction,
         grad=opts.grad,

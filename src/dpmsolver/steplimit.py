@@ -98,14 +98,31 @@ class StepLimit:
             such bound.
         envelope: per step, first to last, the largest allowed ``||x_t - x1||`` (0: no
             bound at that step), or None.
+        persistence: the envelope binds on a sample only once its correction has been over
+            it at this many consecutive steps, and from then on at every step (1: wherever
+            it is over). A runaway's excess grows from step to step; an ordinary sample
+            from the tail of the data may exceed it once.
     """
 
-    def __init__(self, kappa: float | None, envelope: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        kappa: float | None,
+        envelope: Sequence[float] | None = None,
+        persistence: int = 1,
+    ) -> None:
         checked = check_step_limit(kappa, "kappa")
         self.kappa: float = math.inf if checked is None else checked
         self.envelope = check_step_envelope(envelope, "envelope")
         if kappa is None and self.envelope is None:
             raise ValueError("StepLimit needs kappa, envelope or both")
+        if isinstance(persistence, bool) or not isinstance(persistence, int) or persistence < 1:
+            raise ValueError(f"persistence must be an integer >= 1, got {persistence!r}")
+        self.persistence = persistence
+        # per step index: each sample's run of consecutive steps over the envelope, and
+        # whether the envelope binds on it from then on (indexed, not counted, because a
+        # step may be tried more than once before it is taken: stage (g)'s fit)
+        self._runs: dict[int, Tensor] = {}
+        self._bound: dict[int, Tensor] = {}
 
     def apply(self, x: Tensor, x0: Tensor, x_next: Tensor, s: Knot, t: Knot, index: int) -> Tensor:
         """``x_next`` (the step ``index`` from ``x`` at ``s`` to ``t``, whose data
@@ -125,13 +142,30 @@ class StepLimit:
                     "was taken; it belongs to another plan"
                 )
             if self.envelope[index] > 0.0:
-                bound = torch.clamp(bound, max=self.envelope[index])
+                capped = torch.clamp(bound, max=self.envelope[index])
+                bound = torch.where(self._binds(c, index), capped, bound)
         over = (c > bound) & torch.isfinite(c) & torch.isfinite(d)
         # where the correction is within bounds the factor is exactly 1: those rows stay as given
         factor = torch.where(over, bound / torch.where(over, c, torch.ones_like(c)), 1.0)
         shape = (-1,) + (1,) * (x_next.ndim - 1)
         limited = x1 + (x_next - x1) * factor.to(x_next.dtype).view(shape)
         return torch.where(over.view(shape), limited, x_next)
+
+    def _binds(self, c: Tensor, index: int) -> Tensor:
+        """Per sample, whether the envelope binds at step ``index`` (``persistence``)."""
+        assert self.envelope is not None
+        over = (c > self.envelope[index]) & torch.isfinite(c)
+        if self.persistence == 1:
+            return over
+        if index == 0:  # a new run
+            self._runs.clear()
+            self._bound.clear()
+        zeros = torch.zeros_like(c, dtype=torch.long)
+        before = self._runs.get(index - 1, zeros)
+        runs = torch.where(over, before + 1, zeros)
+        binds = self._bound.get(index - 1, zeros.bool()) | (runs >= self.persistence)
+        self._runs[index], self._bound[index] = runs, binds
+        return binds
 
 
 def departures(
@@ -150,10 +184,14 @@ def departures(
     return x1, c, d
 
 
-def make_step_limit(kappa: float | None, envelope: Sequence[float] | None) -> StepLimit | None:
-    """The :class:`StepLimit` a recipe samples with (its ``step_limit`` and
-    ``step_envelope``), or None where it has neither."""
-    return None if kappa is None and envelope is None else StepLimit(kappa, envelope)
+def make_step_limit(
+    kappa: float | None, envelope: Sequence[float] | None, persistence: int = 1
+) -> StepLimit | None:
+    """The :class:`StepLimit` a recipe samples with (its ``step_limit``, ``step_envelope``
+    and ``envelope_persistence``), or None where it has neither bound."""
+    if kappa is None and envelope is None:
+        return None
+    return StepLimit(kappa, envelope, persistence)
 
 
 class StepRatios:

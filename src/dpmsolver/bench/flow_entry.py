@@ -111,7 +111,9 @@ def measure(name: str, guidance: float, nfes: Sequence[int], n: int) -> list[Ent
             if entry is None:
                 raise RuntimeError(f"{name}: {recipe.describe()} does not start after pure noise")
             den = draw.den if recipe.x0_norm_cap is None else NormCap(draw.den, recipe.x0_norm_cap)
-            limit = make_step_limit(recipe.step_limit, recipe.step_envelope)
+            limit = make_step_limit(
+                recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence
+            )
             errors, medians = [], []
             for start in (entry, None):
                 # the old start: the noise as the first knot's state, scaled by its sigma

@@ -794,6 +794,7 @@ def without_calibrated_limits(profile: Profile) -> Profile:
             step_limit=None if c.pilot_correction is not None else c.step_limit,
             pilot_correction=None,
             step_envelope=None,
+            envelope_persistence=1,
         )
         for c in profile.choices
     )

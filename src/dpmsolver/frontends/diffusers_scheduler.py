@@ -988,7 +988,9 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             if recipe.x0_norm_cap is not None:
                 self._cap = NormCap(_no_denoiser, recipe.x0_norm_cap)
             if not self.solver.stochastic:
-                self._limit = make_step_limit(recipe.step_limit, recipe.step_envelope)
+                self._limit = make_step_limit(
+                    recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence
+                )
             self._extrapolate = recipe.final_step == "extrapolate" and not self.solver.stochastic
             if recipe.compensation is not None and not own_grid:
                 warnings.warn(

@@ -373,6 +373,11 @@ class TuneOptions:
             peer to 0.23-1.8x, but made 10 new-noise cells and 1 test cell more than 5%
             worse (up to 1.44x; a heavy-tailed ordinary sample clipped at one step), so it
             is off by default.
+        envelope_persistence: the envelope binds on a sample only once its correction has
+            been over it at this many consecutive steps, and from then on at every step
+            (default 1: wherever it is over; :class:`~dpmsolver.steplimit.StepLimit`). Set
+            after the fifth round's study: a runaway's excess grows from step to step,
+            while the ordinary sample that study clipped was over the envelope at one step.
         extrapolate_final: stage (e) tries the chosen recipe with the extrapolated step
             into sigma = 0 (``final_step="extrapolate"``, :class:`~dpmsolver.loop.FinalStep`)
             and keeps it if the held-out half takes it (default True; False: no stage (e)).
@@ -547,6 +552,7 @@ class TuneOptions:
     step_limit: float | None = 2.0
     step_limit_margin: float | None = None
     envelope_margin: float | None = None
+    envelope_persistence: int = 1
     extrapolate_final: bool = True
     tail_rows: int = 8
     tail_factor: float = 2.0
@@ -627,6 +633,7 @@ class TuneOptions:
         check_step_limit(self.step_limit)
         check_step_limit(self.step_limit_margin, "step_limit_margin")
         check_step_limit(self.envelope_margin, "envelope_margin")
+        check_int("envelope_persistence", self.envelope_persistence, minimum=1)
         check_choice("extrapolate_final", self.extrapolate_final, (True, False))
         check_choice("tail_walk_back", self.tail_walk_back, (True, False))
         check_choice("tail_accept", self.tail_accept, (True, False))

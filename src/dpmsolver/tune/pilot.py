@@ -144,7 +144,9 @@ class _Problem:
             return None
         try:
             if limit is None:
-                limit = make_step_limit(recipe.step_limit, recipe.step_envelope)
+                limit = make_step_limit(
+                    recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence
+                )
             return solve(
                 den,
                 x_T,
@@ -166,7 +168,9 @@ class _Problem:
         run as a profile samples (under the norm cap ``cap`` and the recipe's own step
         limit; :attr:`TuneOptions.step_limit_margin`, :attr:`TuneOptions.envelope_margin`);
         None where it cannot run."""
-        probe = StepRatios(make_step_limit(recipe.step_limit, recipe.step_envelope))
+        probe = StepRatios(
+            make_step_limit(recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence)
+        )
         den: Denoiser = self.denoiser if cap is None else NormCap(self.denoiser, cap)
         x = self.run_from(recipe, nfe, self.x_T, den, limit=probe)
         return None if x is None else probe

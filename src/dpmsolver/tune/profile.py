@@ -130,6 +130,8 @@ class BudgetChoice:
         step_envelope: per step, the largest correction norm a sample may make beyond the
             first-order step, calibrated on the pilot (:attr:`TuneOptions.envelope_margin`;
             :attr:`~dpmsolver.recipe.Recipe.step_envelope`), or None.
+        envelope_persistence: consecutive steps over the envelope before it binds on a
+            sample (:attr:`TuneOptions.envelope_persistence`).
         compensation: stage (f)'s ratios, one per step after the first
             (:attr:`~dpmsolver.recipe.Recipe.compensation`), or None.
         correction: stage (g)'s coordinates, one tuple per step
@@ -167,6 +169,7 @@ class BudgetChoice:
     orders: tuple[int, ...] | None = None
     pilot_correction: float | None = None
     step_envelope: tuple[float, ...] | None = None
+    envelope_persistence: int = 1
 
     def recipe(self) -> Recipe:
         """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
@@ -187,6 +190,7 @@ class BudgetChoice:
             correction=self.correction,
             orders=self.orders,
             step_envelope=self.step_envelope,
+            envelope_persistence=self.envelope_persistence,
         )
 
 

@@ -235,7 +235,9 @@ def _calibrated_envelope(
     )
     if not any(envelope):
         return choice  # first order throughout: nothing to bound
-    return dataclasses.replace(choice, step_envelope=envelope)
+    return dataclasses.replace(
+        choice, step_envelope=envelope, envelope_persistence=opts.envelope_persistence
+    )
 
 
 def _model_statistics(
