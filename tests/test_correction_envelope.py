@@ -162,3 +162,40 @@ def test_the_diffusers_scheduler_bounds_as_sample_does() -> None:
     got_tight, got_free = (_scheduler_run(p, z, 9) for p in (tight_prof, free_prof))
     # float32 betas move both scheduler runs alike; the envelope's change must be sample()'s
     assert float(((got_tight - got_free) - (tight - free)).abs().max()) < 0.15 * change
+
+
+def test_with_persistence_the_envelope_binds_after_consecutive_steps_over_it() -> None:
+    s, t, x, x0, x1, _, x_next = _corrected([0.5, 3.0, 30.0], seed=7)
+    c = (x_next - x1).norm(dim=1)
+    # step 0: samples 1 and 2 are over; step 1: only sample 2; step 2: only sample 2 again
+    e0, e1 = float(c[0]) * 1.5, float(c[1]) * 1.5
+    limit = StepLimit(None, (e0, e1, e1), persistence=2)
+    assert torch.equal(limit.apply(x, x0, x_next, s, t, 0), x_next)  # a first step over
+    out = limit.apply(x, x0, x_next, s, t, 1)
+    assert torch.equal(out[:2], x_next[:2])  # sample 1 was over at step 0 only
+    assert float((out[2] - x1[2]).norm()) == pytest.approx(e1)  # sample 2: twice in a row
+    # ... and from then on at every step, even where it would not have been over twice
+    out = limit.apply(x, x0, x_next, s, t, 2)
+    assert float((out[2] - x1[2]).norm()) == pytest.approx(e1)
+    # a run starts again at step 0, and persistence 1 is the plain envelope
+    assert torch.equal(limit.apply(x, x0, x_next, s, t, 0), x_next)
+    plain = StepLimit(None, (e0,)).apply(x, x0, x_next, s, t, 0)
+    assert not torch.equal(plain, x_next)
+    with pytest.raises(ValueError, match="persistence"):
+        StepLimit(None, (1.0,), persistence=0)
+    with pytest.raises(ValueError, match="envelope_persistence"):
+        dp.Recipe("unipc", envelope_persistence=0)
+    with pytest.raises(ValueError, match="envelope_persistence"):
+        TuneOptions(envelope_persistence=0)
+
+
+def test_a_step_tried_again_does_not_count_twice() -> None:
+    """Stage (g)'s fit may try a step more than once before it is taken: the run of steps
+    over the envelope is kept per step index, not per call."""
+    s, t, x, x0, x1, _, x_next = _corrected([0.5, 30.0], seed=8)
+    e = float((x_next - x1).norm(dim=1)[0]) * 1.5
+    limit = StepLimit(None, (e, e), persistence=2)
+    for _ in range(3):
+        assert torch.equal(limit.apply(x, x0, x_next, s, t, 0), x_next)
+    out = limit.apply(x, x0, x_next, s, t, 1)
+    assert float((out[1] - x1[1]).norm()) == pytest.approx(e)
