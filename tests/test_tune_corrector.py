@@ -112,8 +112,8 @@ def test_saved_and_older_profiles_read_and_the_sigmas_warn(tmp_path: Path) -> No
     assert loaded == prof and loaded.choices[0].options["corrector_skip"] == (0, 2)
     with pytest.warns(UserWarning, match="corrector_skip"):
         prof.sigmas(9, 1.0, SD)
-    # profile format 13 (12 added corrector_skip); an older file (no corrector_skip) still reads
-    assert prof.to_json()["format"] == "dpmsolver-profile/13"
+    # profile format 14 (12 added corrector_skip); an older file (no corrector_skip) still reads
+    assert prof.to_json()["format"] == "dpmsolver-profile/14"
     older = _skipping(None).to_json()
     older["format"] = "dpmsolver-profile/11"
     assert "corrector_skip" not in dp.Profile.from_json(older).choices[0].options

@@ -272,7 +272,7 @@ def test_the_refusal_is_stored_and_format_3_files_read(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     q.save(path)
     data = json.loads(path.read_text())
-    assert data["format"] == PROFILE_FORMAT == "dpmsolver-profile/13"
+    assert data["format"] == PROFILE_FORMAT == "dpmsolver-profile/14"
     assert Profile.load(path) == q
     data["format"] = "dpmsolver-profile/3"
     for ch in data["choices"]:
