@@ -375,9 +375,11 @@ class TuneOptions:
             is off by default.
         envelope_persistence: the envelope binds on a sample only once its correction has
             been over it at this many consecutive steps, and from then on at every step
-            (default 1: wherever it is over; :class:`~dpmsolver.steplimit.StepLimit`). Set
+            (default 1: wherever it is over; :class:`~dpmsolver.steplimit.StepLimit`). Tried
             after the fifth round's study: a runaway's excess grows from step to step,
             while the ordinary sample that study clipped was over the envelope at one step.
+            At 2 it spared the test set, but ordinary new samples over the envelope at two
+            steps in a row cost up to 1.48x, so the envelope stays off.
         extrapolate_final: stage (e) tries the chosen recipe with the extrapolated step
             into sigma = 0 (``final_step="extrapolate"``, :class:`~dpmsolver.loop.FinalStep`)
             and keeps it if the held-out half takes it (default True; False: no stage (e)).
