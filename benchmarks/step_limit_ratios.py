@@ -21,16 +21,15 @@ Usage: python benchmarks/step_limit_ratios.py PROBLEM GUIDANCE NFE BUDGETS
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from typing import Any, ClassVar
 
 import torch
 
-import dpmsolver.sampling as sampling
 from dpmsolver.bench.rescore import rescore_seed, run_auto
 from dpmsolver.bench.suite import MixtureProblem, get_problem
 from dpmsolver.bench.tuned import pilot_seed, tune_problem
+from dpmsolver.recipe import Recipe
 from dpmsolver.steplimit import departures
 
 
@@ -40,7 +39,7 @@ class _Recorder:
 
     runs: ClassVar[list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = []
 
-    def __init__(self, kappa: float | None, envelope: Any = None) -> None:
+    def __init__(self) -> None:
         _Recorder.runs.append([])
 
     def apply(self, x: Any, x0: Any, x_next: Any, s: Any, t: Any, index: int) -> Any:
@@ -61,12 +60,8 @@ def main(argv: list[str]) -> None:
     assert c is not None
     knots = "" if c.times is None else f" on {len(c.times)} fitted knots"
     print(f"{name} w={w:g} NFE {nfe}: {c.recipe().describe()}{knots} (stage {c.stage})")
-    # a limit too loose to bind makes the loop call the recorder at every step
-    loose = tuple(
-        dataclasses.replace(x, step_limit=1e9) if x.nfe == nfe else x for x in prof.choices
-    )
-    prof = dataclasses.replace(prof, choices=loose)
-    sampling.make_step_limit = _Recorder  # type: ignore[assignment]
+    # every run samples with a recorder in place of its step limit, limit-free
+    Recipe.step_limiter = lambda self: _Recorder()
     run_auto(p, w, p.noise(128, seed=pilot_seed(p)), prof, nfe)
     z = p.noise(512, seed=rescore_seed(p))
     x, _ = run_auto(p, w, z, prof, nfe)

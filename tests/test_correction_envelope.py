@@ -12,7 +12,7 @@ import torch
 
 import dpmsolver as dp
 from dpmsolver.bench.tuned import without_calibrated_limits
-from dpmsolver.steplimit import StepLimit, StepRatios, check_step_envelope, make_step_limit
+from dpmsolver.steplimit import StepLimit, StepRatios, check_step_envelope
 from dpmsolver.tune import TuneOptions
 from tests.test_step_limit import _corrected
 
@@ -60,7 +60,10 @@ def test_bad_envelopes_are_named(bad: object) -> None:
 def test_a_limit_needs_a_bound_and_the_margin_is_checked() -> None:
     with pytest.raises(ValueError, match="kappa, envelope or both"):
         StepLimit(None)
-    assert make_step_limit(None, None) is None
+    assert dp.Recipe("unipc").step_limiter() is None
+    limit = dp.Recipe("unipc", step_envelope=(1.0, 0.0), envelope_persistence=2).step_limiter()
+    assert isinstance(limit, StepLimit) and limit.kappa == math.inf
+    assert limit.envelope == (1.0, 0.0) and limit.persistence == 2
     assert check_step_envelope([1, 0]) == (1.0, 0.0)
     with pytest.raises(ValueError, match="envelope_margin"):
         TuneOptions(envelope_margin=0.5)

@@ -51,3 +51,23 @@ def check_non_negative(name: str, value: Any) -> float:
     if out < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return out
+
+
+def check_finite_floats(
+    name: str, values: Iterable[Any], *, minimum: float | None = None
+) -> tuple[float, ...]:
+    """Each of ``values`` as a float if it is a finite real number (not bool), at least
+    ``minimum`` where given; else a ValueError naming ``name[i]`` (per-step sequences:
+    compensation ratios, correction coefficients, a step envelope)."""
+    want = "a finite number" + ("" if minimum is None else f" >= {minimum:g}")
+    out = []
+    for i, v in enumerate(values):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not math.isfinite(v)
+            or (minimum is not None and v < minimum)
+        ):
+            raise ValueError(f"{name}[{i}] must be {want}, got {v!r}")
+        out.append(float(v))
+    return tuple(out)

@@ -19,10 +19,11 @@ improves).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from torch import Tensor
+
+from ._validate import check_finite_floats
 
 __all__ = ["Compensation", "check_compensation"]
 
@@ -37,12 +38,7 @@ def check_compensation(
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence):
         kind = type(ratios).__name__
         raise TypeError(f"{name} must be a sequence of numbers or None, got {kind}")
-    out = []
-    for i, v in enumerate(ratios):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{name}[{i}] must be a finite number, got {v!r}")
-        out.append(float(v))
-    return tuple(out)
+    return check_finite_floats(name, ratios)
 
 
 class Compensation:

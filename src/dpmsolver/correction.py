@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._validate import check_finite_floats
+
 __all__ = ["Correction", "check_correction", "trajectory_basis"]
 
 #: The most coordinates per step (PAS uses up to 4).
@@ -54,12 +56,7 @@ def check_correction(
     for i, row in enumerate(coefficients):
         if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
             raise TypeError(f"{name}[{i}] must be a sequence of numbers")
-        vals = []
-        for j, v in enumerate(row):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name}[{i}][{j}] must be a finite number, got {v!r}")
-            vals.append(float(v))
-        out.append(tuple(vals))
+        out.append(check_finite_floats(f"{name}[{i}]", row))
     widths = {len(r) for r in out}
     if len(widths) > 1 or (widths and not 1 <= widths.pop() <= MAX_COMPONENTS):
         raise ValueError(

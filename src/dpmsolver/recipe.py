@@ -28,7 +28,7 @@ from .loop import FinalStepKind
 from .plan import Plan, make_plan, solver_orders
 from .schedules import NoiseSchedule, RectifiedFlowSchedule
 from .solvers import AdaptiveSolver, Solver, get_solver
-from .steplimit import check_step_envelope, check_step_limit
+from .steplimit import StepLimit, check_step_envelope, check_step_limit
 from .timegrid import (
     GRID_KINDS,
     Final,
@@ -254,6 +254,14 @@ class Recipe:
             if o > p:
                 raise ValueError(f"orders[{i}]={o} exceeds the planned order {p} of that step")
         return list(self.orders)
+
+    def step_limiter(self) -> StepLimit | None:
+        """The :class:`~dpmsolver.steplimit.StepLimit` this recipe samples with (its
+        ``step_limit``, ``step_envelope`` and ``envelope_persistence``), or None where it
+        has neither bound."""
+        if self.step_limit is None and self.step_envelope is None:
+            return None
+        return StepLimit(self.step_limit, self.step_envelope, self.envelope_persistence)
 
     def describe(self) -> str:
         """One line for logs and tables."""

@@ -32,7 +32,6 @@ from .plan import Plan, solver_orders
 from .recipe import DEFAULT_STEPS, POLICIES, PolicyRequest, Recipe, RecipeSource, resolve
 from .schedules import Knot, NoiseSchedule
 from .solvers import MultistepSolver
-from .steplimit import make_step_limit
 from .timegrid import GridKind
 
 __all__ = [
@@ -284,9 +283,7 @@ def sample(
         return_intermediates=opts.return_intermediates,
         check_finite=opts.check_finite,
         final_step=recipe.final_step,
-        step_limit=make_step_limit(
-            recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence
-        ),
+        step_limit=recipe.step_limiter(),
         compensation=recipe.compensation,
         correction=recipe.correction,
         grad=opts.grad,

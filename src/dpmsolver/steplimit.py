@@ -35,6 +35,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ._validate import check_finite_floats, check_int
 from .schedules import Knot
 from .solvers import Form, first_order_step
 
@@ -45,7 +46,6 @@ __all__ = [
     "check_step_envelope",
     "check_step_limit",
     "departures",
-    "make_step_limit",
 ]
 
 
@@ -71,14 +71,7 @@ def check_step_envelope(
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(f"{name} must be a sequence of numbers >= 0, one per step, or None")
-    out = []
-    for i, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{name}[{i}] must be a number >= 0, got {v!r}")
-        if not math.isfinite(float(v)) or v < 0:
-            raise ValueError(f"{name}[{i}] must be a finite number >= 0, got {v!r}")
-        out.append(float(v))
-    return tuple(out)
+    return check_finite_floats(name, value, minimum=0.0)
 
 
 class StepHook(Protocol):
@@ -115,9 +108,7 @@ class StepLimit:
         self.envelope = check_step_envelope(envelope, "envelope")
         if kappa is None and self.envelope is None:
             raise ValueError("StepLimit needs kappa, envelope or both")
-        if isinstance(persistence, bool) or not isinstance(persistence, int) or persistence < 1:
-            raise ValueError(f"persistence must be an integer >= 1, got {persistence!r}")
-        self.persistence = persistence
+        self.persistence = check_int("persistence", persistence, minimum=1)
         # per step index: each sample's run of consecutive steps over the envelope, and
         # whether the envelope binds on it from then on (indexed, not counted, because a
         # step may be tried more than once before it is taken: stage (g)'s fit)
@@ -182,16 +173,6 @@ def departures(
     c = (x_next - x1).flatten(1).to(wide).norm(dim=1)
     d = (x1 - x).flatten(1).to(wide).norm(dim=1)
     return x1, c, d
-
-
-def make_step_limit(
-    kappa: float | None, envelope: Sequence[float] | None, persistence: int = 1
-) -> StepLimit | None:
-    """The :class:`StepLimit` a recipe samples with (its ``step_limit``, ``step_envelope``
-    and ``envelope_persistence``), or None where it has neither bound."""
-    if kappa is None and envelope is None:
-        return None
-    return StepLimit(kappa, envelope, persistence)
 
 
 class StepRatios:

@@ -44,7 +44,6 @@ from ..guidance import NormCap
 from ..loop import solve
 from ..recipe import PolicyRequest, Recipe, resolve
 from ..sampling import _off_pure_noise
-from ..steplimit import make_step_limit
 from .calibrated_peer import _Draw, _geo
 from .records import command_line, publish
 from .rescore import _sq, rescore_seed
@@ -111,9 +110,7 @@ def measure(name: str, guidance: float, nfes: Sequence[int], n: int) -> list[Ent
             if entry is None:
                 raise RuntimeError(f"{name}: {recipe.describe()} does not start after pure noise")
             den = draw.den if recipe.x0_norm_cap is None else NormCap(draw.den, recipe.x0_norm_cap)
-            limit = make_step_limit(
-                recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence
-            )
+            limit = recipe.step_limiter()
             errors, medians = [], []
             for start in (entry, None):
                 # the old start: the noise as the first knot's state, scaled by its sigma

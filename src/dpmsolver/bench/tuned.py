@@ -916,9 +916,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument(
         "--unlimited-csv",
         default=None,
-        help="also score each profile with its calibrated step limits removed "
-        "(without_calibrated_limits; a paired study of TuneOptions.step_limit_margin) and "
-        "write those cells here",
+        help="also score each profile with its calibrated step limits and envelopes removed "
+        "(without_calibrated_limits; a paired study of TuneOptions.step_limit_margin or "
+        "envelope_margin) and write those cells here",
     )
     ap.add_argument("--out", default=None, help="also write the markdown here")
     ap.add_argument(

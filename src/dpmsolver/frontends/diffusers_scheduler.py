@@ -79,7 +79,7 @@ from ..solvers import (
     Solver,
     get_solver,
 )
-from ..steplimit import StepLimit, make_step_limit
+from ..steplimit import StepLimit
 from . import diffusers_grid as dg
 from .stepper import (
     CompiledStepper,
@@ -988,9 +988,7 @@ class DPMSolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]
             if recipe.x0_norm_cap is not None:
                 self._cap = NormCap(_no_denoiser, recipe.x0_norm_cap)
             if not self.solver.stochastic:
-                self._limit = make_step_limit(
-                    recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence
-                )
+                self._limit = recipe.step_limiter()
             self._extrapolate = recipe.final_step == "extrapolate" and not self.solver.stochastic
             if recipe.compensation is not None and not own_grid:
                 warnings.warn(

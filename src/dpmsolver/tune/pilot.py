@@ -31,7 +31,7 @@ from ..plan import Plan
 from ..recipe import Recipe
 from ..sampling import SampleOptions, build_denoiser
 from ..schedules import Knot, NoiseSchedule
-from ..steplimit import StepHook, StepRatios, make_step_limit
+from ..steplimit import StepHook, StepRatios
 from ..timegrid import make_grid
 from .comparison import _norms, _per_sample, _rms
 from .options import CAP_BINS, GUARD_SEED
@@ -144,9 +144,7 @@ class _Problem:
             return None
         try:
             if limit is None:
-                limit = make_step_limit(
-                    recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence
-                )
+                limit = recipe.step_limiter()
             return solve(
                 den,
                 x_T,
@@ -168,9 +166,7 @@ class _Problem:
         run as a profile samples (under the norm cap ``cap`` and the recipe's own step
         limit; :attr:`TuneOptions.step_limit_margin`, :attr:`TuneOptions.envelope_margin`);
         None where it cannot run."""
-        probe = StepRatios(
-            make_step_limit(recipe.step_limit, recipe.step_envelope, recipe.envelope_persistence)
-        )
+        probe = StepRatios(recipe.step_limiter())
         den: Denoiser = self.denoiser if cap is None else NormCap(self.denoiser, cap)
         x = self.run_from(recipe, nfe, self.x_T, den, limit=probe)
         return None if x is None else probe

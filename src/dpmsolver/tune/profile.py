@@ -37,7 +37,7 @@ PROFILE_FORMAT = "dpmsolver-profile/14"
 #: version 8 no ``sigma_max``, version 9 no DPM-Solver-v3 statistics in a choice's options,
 #: version 10 no per-step ``orders``, version 11 no UniPC ``corrector_skip`` in a choice's
 #: options (a library that reads 11 would fail on it), version 12 no ``pilot_correction``,
-#: version 13 no ``step_envelope``.
+#: version 13 no ``step_envelope`` or ``envelope_persistence``.
 READABLE_FORMATS: tuple[str, ...] = tuple(f"dpmsolver-profile/{v}" for v in range(1, 15))
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -169,8 +168,7 @@ def tune(
                 prob = _pilot(den, schedule, noise, prob.rtol / 10, opts.check_rows, 0)
                 found = [_rescore(prob, c) for c in found]
             cap = prob.norm_cap(opts.norm_cap)
-            found = [_calibrated_limit(prob, c, cap, opts) for c in found]
-            found = [_calibrated_envelope(prob, c, cap, opts) for c in found]
+            found = [_calibrated(prob, c, cap, opts) for c in found]
             choices += [dataclasses.replace(c, x0_norm_cap=cap) for c in found]
             rtol, ref_error = max(rtol, prob.rtol), max(ref_error, prob.ref_error)
             rows += den.rows + sum(c.evaluations for c in found)
@@ -187,57 +185,48 @@ def tune(
     )
 
 
-def _calibrated_limit(
+def _calibrated(
     prob: _Problem,
     choice: BudgetChoice,
     cap: tuple[tuple[float, float], ...] | None,
     opts: TuneOptions,
 ) -> BudgetChoice:
-    """``choice`` with a step limit calibrated on the pilot
-    (:attr:`TuneOptions.step_limit_margin`), where it has none and corrects its steps."""
-    if opts.step_limit_margin is None or choice.step_limit is not None:
-        return choice
-    probe = prob.step_ratios(choice.recipe(), choice.nfe, cap)
-    ratio = 0.0 if probe is None else probe.largest
-    if not ratio > 0.0:  # a first-order recipe: nothing to limit
-        return choice
-    kappa = max(STEP_LIMIT_FLOOR, opts.step_limit_margin * ratio)
-    return dataclasses.replace(choice, step_limit=kappa, pilot_correction=ratio)
-
-
-#: Below this share of its first-order displacement, a step's largest pilot correction is
-#: rounding, not a correction (:func:`_calibrated_envelope`).
-_NO_CORRECTION = 1e-9
-
-
-def _calibrated_envelope(
-    prob: _Problem,
-    choice: BudgetChoice,
-    cap: tuple[tuple[float, float], ...] | None,
-    opts: TuneOptions,
-) -> BudgetChoice:
-    """``choice`` with a per-step correction envelope calibrated on the pilot
-    (:attr:`TuneOptions.envelope_margin`), where it corrects its steps."""
-    if opts.envelope_margin is None:
+    """``choice`` with the step limit (:attr:`TuneOptions.step_limit_margin`) and the
+    per-step correction envelope (:attr:`TuneOptions.envelope_margin`) calibrated on the
+    pilot, where asked for and where the recipe corrects its steps. One probe of the pilot
+    serves both: a calibrated limit binds on no pilot row, so the pilot's steps under it
+    are the probe's, bit for bit."""
+    if opts.step_limit_margin is None and opts.envelope_margin is None:
         return choice
     recipe = choice.recipe()
     probe = prob.step_ratios(recipe, choice.nfe, cap)
     plan = prob.plan(recipe, choice.nfe)
     if probe is None or plan is None:
         return choice
-    steps = len(plan.steps)
-    pairs = zip(probe.corrections + [0.0] * steps, probe.displacements + [0.0] * steps, strict=True)
-    # a step whose corrections are rounding (a first-order step of a multistep start, the
-    # step into sigma = 0 the loop takes itself) gets no bound: 0
-    envelope = tuple(
-        opts.envelope_margin * c if c > _NO_CORRECTION * d else 0.0
-        for c, d in itertools.islice(pairs, steps)
-    )
-    if not any(envelope):
-        return choice  # first order throughout: nothing to bound
-    return dataclasses.replace(
-        choice, step_envelope=envelope, envelope_persistence=opts.envelope_persistence
-    )
+    if opts.step_limit_margin is not None and choice.step_limit is None and probe.largest > 0:
+        kappa = max(STEP_LIMIT_FLOOR, opts.step_limit_margin * probe.largest)
+        choice = dataclasses.replace(choice, step_limit=kappa, pilot_correction=probe.largest)
+    if opts.envelope_margin is not None:
+        steps = len(plan.steps)
+        # the probe saw only the steps the loop hands it: the step into sigma = 0 is not one
+        seen_c = (probe.corrections + [0.0] * steps)[:steps]
+        seen_d = (probe.displacements + [0.0] * steps)[:steps]
+        # a step whose corrections are rounding (the first-order step of a multistep
+        # start) gets no bound: 0
+        envelope = tuple(
+            opts.envelope_margin * c if c > _NO_CORRECTION * d else 0.0
+            for c, d in zip(seen_c, seen_d, strict=True)
+        )
+        if any(envelope):  # else first order throughout: nothing to bound
+            choice = dataclasses.replace(
+                choice, step_envelope=envelope, envelope_persistence=opts.envelope_persistence
+            )
+    return choice
+
+
+#: Below this share of its first-order displacement, a step's largest pilot correction is
+#: rounding, not a correction (:func:`_calibrated`).
+_NO_CORRECTION = 1e-9
 
 
 def _model_statistics(
