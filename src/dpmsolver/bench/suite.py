@@ -345,6 +345,23 @@ SPECS: tuple[MixtureSpec, ...] = (
         ),
         MixtureSpec("ill16-flow", "selection", "flow", 16, 12, 4, "illcond", 2, "far", 0.3),
     ),
+    # the sixth fresh round (stop 60; benchmarks/policy_round6.md): scored once as unseen
+    # problems, then (stop 61) moved here
+    *_scored_in(
+        6,
+        MixtureSpec("ill128-sd", "selection", "sd", 128, 10, 5, "illcond", 3, "near", 1.0),
+        MixtureSpec("diag64-vplin", "selection", "vp_linear", 64, 8, 4, "diagonal", 0, "near", 3.0),
+        MixtureSpec(
+            "iso512-vplin", "selection", "vp_linear", 512, 6, 3, "isotropic", 0, "far", 0.5
+        ),
+        MixtureSpec("lowrank16-cos", "selection", "vp_cosine", 16, 4, 2, "lowrank", 2, "far", 0.3),
+        MixtureSpec("ill32-edm", "selection", "edm", 32, 8, 4, "illcond", 2, "far", 3.0),
+        MixtureSpec("diag256-edm", "selection", "edm", 256, 40, 8, "diagonal", 0, "near", 0.5),
+        MixtureSpec(
+            "lowrank32-flow3", "selection", "flow_shift3", 32, 10, 5, "lowrank", 3, "far", 3.0
+        ),
+        MixtureSpec("iso64-flow", "selection", "flow", 64, 20, 5, "isotropic", 0, "near", 1.0),
+    ),
     # ---- held out: never used to choose anything; the README reports on these
     MixtureSpec("iso2-sd", "held_out", "sd", 2, 25, 5, "isotropic", 0, "far", 3.0),
     MixtureSpec("lowrank256-vplin", "held_out", "vp_linear", 256, 12, 4, "lowrank", 6, "far", 0.3),
@@ -354,17 +371,17 @@ SPECS: tuple[MixtureSpec, ...] = (
     MixtureSpec("iso8-flow", "held_out", "flow", 8, 4, 2, "isotropic", 0, "far", 1.0),
     MixtureSpec("lowrank128-sd", "held_out", "sd", 128, 50, 5, "lowrank", 3, "near", 0.3),
     MixtureSpec("ill512-edm", "held_out", "edm", 512, 6, 3, "illcond", 2, "far", 1.0),
-    # ---- fresh (stop 60, sixth round): defined before the default was re-chosen with the
-    # fifth round in the selection half and before the correction envelope was scored
-    # (benchmarks/policy_round6.md), and scored once; never used to choose anything
-    MixtureSpec("ill128-sd", "fresh", "sd", 128, 10, 5, "illcond", 3, "near", 1.0),
-    MixtureSpec("diag64-vplin", "fresh", "vp_linear", 64, 8, 4, "diagonal", 0, "near", 3.0),
-    MixtureSpec("iso512-vplin", "fresh", "vp_linear", 512, 6, 3, "isotropic", 0, "far", 0.5),
-    MixtureSpec("lowrank16-cos", "fresh", "vp_cosine", 16, 4, 2, "lowrank", 2, "far", 0.3),
-    MixtureSpec("ill32-edm", "fresh", "edm", 32, 8, 4, "illcond", 2, "far", 3.0),
-    MixtureSpec("diag256-edm", "fresh", "edm", 256, 40, 8, "diagonal", 0, "near", 0.5),
-    MixtureSpec("lowrank32-flow3", "fresh", "flow_shift3", 32, 10, 5, "lowrank", 3, "far", 3.0),
-    MixtureSpec("iso64-flow", "fresh", "flow", 64, 20, 5, "isotropic", 0, "near", 1.0),
+    # ---- fresh (stop 61, seventh round): defined before the default was re-chosen with the
+    # sixth round in the selection half (benchmarks/policy_round7.md), and scored once;
+    # never used to choose anything
+    MixtureSpec("diag16-sd", "fresh", "sd", 16, 6, 3, "diagonal", 0, "near", 0.3),
+    MixtureSpec("lowrank128-vplin", "fresh", "vp_linear", 128, 10, 5, "lowrank", 4, "near", 1.0),
+    MixtureSpec("ill64-cos", "fresh", "vp_cosine", 64, 8, 4, "illcond", 2, "far", 0.5),
+    MixtureSpec("iso16-edm", "fresh", "edm", 16, 6, 3, "isotropic", 0, "near", 1.0),
+    MixtureSpec("lowrank64-edm", "fresh", "edm", 64, 20, 5, "lowrank", 3, "far", 0.5),
+    MixtureSpec("diag128-flow", "fresh", "flow", 128, 10, 5, "diagonal", 0, "far", 1.0),
+    MixtureSpec("lowrank8-flow", "fresh", "flow", 8, 12, 4, "lowrank", 2, "near", 3.0),
+    MixtureSpec("ill256-flow3", "fresh", "flow_shift3", 256, 6, 3, "illcond", 2, "far", 0.3),
 )
 
 #: Fresh rounds already scored, in order: each tuple's problems were defined before a
