@@ -265,6 +265,8 @@ def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
         ("tuned-fresh5-new", "tuned_fresh5.md"),
         ("tuned-fresh6", "tuned_fresh6.md"),
         ("tuned-fresh6-new", "tuned_fresh6.md"),
+        ("tuned-fresh7", "tuned_fresh7.md"),
+        ("tuned-fresh7-new", "tuned_fresh7.md"),
         ("calibrated", "calibrated_peer.md"),
         ("calibrated-fresh", "calibrated_peer_fresh.md"),
     ],
