@@ -361,7 +361,7 @@ class TuneOptions:
             at every step, this factor times the largest norm of the correction beyond the
             first-order step (``||x_t - x1||``, not its ratio to ``||x1 - x_s||``) that any
             pilot row makes there under the chosen recipe, run as the profile samples (norm
-            cap and step limit included) (:attr:`BudgetChoice.step_envelope`;
+            cap and step limit included) (:attr:`~dpmsolver.recipe.Recipe.step_envelope`;
             :class:`~dpmsolver.steplimit.StepLimit`). No pilot row reaches it, so it changes
             neither the choice nor its pilot errors; it binds only on a sample whose
             correction outgrows every pilot row's at the same step by the margin (None: no
