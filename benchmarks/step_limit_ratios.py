@@ -58,8 +58,9 @@ def main(argv: list[str]) -> None:
     prof = tune_problem(p, w, nfes=tuple(int(v) for v in budgets.split(",")), progress=False)
     c = prof.choice(nfe, w)
     assert c is not None
-    knots = "" if c.times is None else f" on {len(c.times)} fitted knots"
-    print(f"{name} w={w:g} NFE {nfe}: {c.recipe().describe()}{knots} (stage {c.stage})")
+    times = c.recipe.timesteps
+    knots = "" if times is None else f" on {len(times)} fitted knots"
+    print(f"{name} w={w:g} NFE {nfe}: {c.recipe.describe()}{knots} (stage {c.stage})")
     # every run samples with a recorder in place of its step limit, limit-free
     Recipe.step_limiter = lambda self: _Recorder()
     run_auto(p, w, p.noise(128, seed=pilot_seed(p)), prof, nfe)

@@ -89,19 +89,19 @@ DDIM = dict(
 
 
 def kept_where_held_out_takes_it(on: dp.Profile, off: dp.Profile, stage: str) -> list[Any]:
-    """Checks a late stage (its name is also the choice's field) against a tune without it:
+    """Checks a late stage (its name is also the recipe's field) against a tune without it:
     a refused budget is that tune's choice; a kept one has its stage, a lower held-out error
     and otherwise the same recipe. The kept choices (at least one)."""
     kept = []
     for a, b in zip(on.choices, off.choices, strict=True):
-        assert getattr(b, stage) is None and b.stage != stage
-        if getattr(a, stage) is None:
+        assert getattr(b.recipe, stage) is None and b.stage != stage
+        if getattr(a.recipe, stage) is None:
             same = dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations)
             assert same == b  # refused: the choice of a tune without the stage
         else:
             kept.append(a)
             assert a.stage == stage and a.heldout_error < b.heldout_error
-            assert dataclasses.replace(a.recipe(), **{stage: None}) == b.recipe()
+            assert dataclasses.replace(a.recipe, **{stage: None}) == b.recipe
     assert kept
     assert dp.Profile.from_json(on.to_json()) == on
     return kept
@@ -111,11 +111,11 @@ def test_stage_f_is_kept_only_where_the_held_out_half_takes_it() -> None:
     on = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 40})
     off = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 0})
     for a in kept_where_held_out_takes_it(on, off, "compensation"):
-        assert len(a.compensation) == a.nfe - 1
-        assert all(abs(c) <= 0.5 for c in a.compensation)  # compensation_bound
+        assert len(a.recipe.compensation) == a.nfe - 1
+        assert all(abs(c) <= 0.5 for c in a.recipe.compensation)  # compensation_bound
     # only up to compensation_max_nfe
     low = dp.tune(NET, Z, **ARGS, **{**DDIM, "compensation_runs": 40, "compensation_max_nfe": 6})
-    assert low.choice(8, 3.0).compensation is None  # type: ignore[union-attr]
+    assert low.choice(8, 3.0).recipe.compensation is None  # type: ignore[union-attr]
 
 
 def test_above_compensation_knots_the_ratios_are_linear_between_fitted_values() -> None:
@@ -125,7 +125,7 @@ def test_above_compensation_knots_the_ratios_are_linear_between_fitted_values() 
     # what the held-out half keeps (at 3 the default UniPC row wins there since stop 58)
     args = {**ARGS, "nfe": [8], "guidance_scale": 7.5}
     prof = dp.tune(NET, Z, **args, **{**DDIM, "compensation_runs": 40, "compensation_knots": 3})
-    c = prof.choices[0].compensation
+    c = prof.choices[0].recipe.compensation
     assert c is not None and len(c) == 7  # 7 ratios from 3 values, at steps 0, 3 and 6
     for seg in (c[:4], c[3:]):
         assert [b - a for a, b in itertools.pairwise(seg)] == pytest.approx(
@@ -138,12 +138,11 @@ def late_stage_profile(**late: Any) -> dp.Profile:
     """A one-budget profile (9 NFE, guidance 1) whose choice is UniPC-2 on the log-SNR grid
     with ``late`` (a late stage's field, e.g. ``compensation=...``) and nothing else fitted."""
     prof = dp.tune(NET, Z, schedule=SD, nfe=[9], shift_runs=0, norm_cap=None, **CHEAP)
-    c = dataclasses.replace(
-        prof.choices[0],
+    c = prof.choices[0].with_recipe(
         solver="unipc",
         grid="logsnr",
         rho=None,
-        times=None,
+        timesteps=None,
         final_step="denoise",
         step_limit=None,
         **{"options": {"order": 2}, "compensation": None, **late},
@@ -161,7 +160,7 @@ def sample_and_scheduler_agree(plain: dp.Profile, late: dp.Profile) -> None:
     z = Z[:6]
     want_plain = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=plain).x
     want = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=late).x
-    by_recipe = dp.sample(NET, z, schedule=SD, solver=late.choices[0].recipe(), nfe=9).x
+    by_recipe = dp.sample(NET, z, schedule=SD, solver=late.choices[0].recipe, nfe=9).x
     assert torch.equal(want, by_recipe)
     change = float((want - want_plain).abs().max())
     assert change > 1e-3
@@ -191,4 +190,4 @@ def test_an_older_profile_reads_without_compensation() -> None:
     for c in data["choices"]:
         del c["compensation"]
     old = dp.Profile.from_json(data)
-    assert old.choices[0].compensation is None
+    assert old.choices[0].recipe.compensation is None

@@ -135,11 +135,11 @@ def test_stage_g_is_kept_only_where_the_held_out_half_takes_it() -> None:
     on = dp.tune(NET, Z, **ARGS, **default)
     off = dp.tune(NET, Z, **ARGS, **{**DDIM, "correction_components": 0})
     for a in kept_where_held_out_takes_it(on, off, "correction"):
-        steps = len(a.recipe().plan(SD, nfe=None if a.times else a.nfe).steps)
-        assert len(a.correction) == steps and {len(c) for c in a.correction} == {4}
+        steps = len(a.recipe.plan(SD, nfe=None if a.recipe.timesteps else a.nfe).steps)
+        assert len(a.recipe.correction) == steps and {len(c) for c in a.recipe.correction} == {4}
     # only up to correction_max_nfe
     low = dp.tune(NET, Z, **ARGS, **{**DDIM, "correction_components": 4, "correction_max_nfe": 6})
-    assert low.choice(8, 3.0).correction is None  # type: ignore[union-attr]
+    assert low.choice(8, 3.0).recipe.correction is None  # type: ignore[union-attr]
 
 
 def _corrected(coords: tuple[tuple[float, ...], ...] | None) -> dp.Profile:
@@ -165,7 +165,7 @@ def test_an_older_profile_reads_without_correction() -> None:
     for c in data["choices"]:
         del c["correction"]
     old = dp.Profile.from_json(data)
-    assert old.choices[0].correction is None
+    assert old.choices[0].recipe.correction is None
 
 
 class _FinalOnly:
@@ -231,13 +231,13 @@ def test_stage_g2_refit_is_kept_only_where_the_held_out_half_takes_it() -> None:
     off = dp.tune(NET, Z, **ARGS, **{**opts, "correction_components": 4})
     kept = 0
     for a, b in zip(on.choices, off.choices, strict=True):
-        if a.correction == b.correction:
+        if a.recipe.correction == b.recipe.correction:
             assert dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations) == b
             continue
         kept += 1
         assert a.stage == "correction" and a.heldout_error < b.heldout_error
-        assert a.correction is not None and {len(c) for c in a.correction} == {4}
-        assert dataclasses.replace(a.recipe(), correction=None) == dataclasses.replace(
-            b.recipe(), correction=None
+        assert a.recipe.correction is not None and {len(c) for c in a.recipe.correction} == {4}
+        assert dataclasses.replace(a.recipe, correction=None) == dataclasses.replace(
+            b.recipe, correction=None
         )
     assert kept

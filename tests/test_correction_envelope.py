@@ -98,16 +98,16 @@ def test_the_envelope_changes_no_choice(profiles: tuple[dp.Profile, dp.Profile])
     on, off = profiles
     enveloped = 0
     for a, b in zip(on.choices, off.choices, strict=True):
-        assert b.step_envelope is None
+        assert b.recipe.step_envelope is None
         bare = dataclasses.replace(
-            a, step_envelope=None, seconds=b.seconds, evaluations=b.evaluations
+            a.with_recipe(step_envelope=None), seconds=b.seconds, evaluations=b.evaluations
         )
         assert bare == b  # the same choice, scored the same on the pilot
-        if a.step_envelope is not None:
+        if a.recipe.step_envelope is not None:
             enveloped += 1
-            plan = a.recipe().plan(SD, nfe=None if a.times else a.nfe)
-            assert len(a.step_envelope) == len(plan.steps)
-            assert any(v > 0.0 for v in a.step_envelope)
+            plan = a.recipe.plan(SD, nfe=None if a.recipe.timesteps else a.nfe)
+            assert len(a.recipe.step_envelope) == len(plan.steps)
+            assert any(v > 0.0 for v in a.recipe.step_envelope)
     assert enveloped > 0
 
 
@@ -122,12 +122,12 @@ def test_no_pilot_row_reaches_the_envelope(profiles: tuple[dp.Profile, dp.Profil
         ).x
 
     for c in on.choices:
-        if c.step_envelope is None:
+        if c.recipe.step_envelope is None:
             continue
         free = run(off, c.nfe)
         assert torch.equal(run(on, c.nfe), free)
         # ... while a quarter of it moves a pilot row: the envelope is what the pilot reached
-        tight = dataclasses.replace(c, step_envelope=tuple(v / 4 for v in c.step_envelope))
+        tight = c.with_recipe(step_envelope=tuple(v / 4 for v in c.recipe.step_envelope))
         assert not torch.equal(run(dataclasses.replace(on, choices=(tight,)), c.nfe), free)
 
 
@@ -140,7 +140,7 @@ def test_the_profile_keeps_the_envelope_and_the_bench_can_remove_it(
     data["format"] = "dpmsolver-profile/13"  # before the envelope
     for c in data["choices"]:
         del c["step_envelope"]
-    assert all(c.step_envelope is None for c in dp.Profile.from_json(data).choices)
+    assert all(c.recipe.step_envelope is None for c in dp.Profile.from_json(data).choices)
     bare = without_calibrated_limits(on)
     for a, b in zip(bare.choices, off.choices, strict=True):
         assert dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations) == b
@@ -154,8 +154,8 @@ def test_the_diffusers_scheduler_bounds_as_sample_does() -> None:
 
     free_prof, _ = _profiles("unipc", {"order": 2}, 1.0)
     c = free_prof.choices[0]
-    steps = len(c.recipe().plan(SD, nfe=9).steps)
-    bound = dataclasses.replace(c, step_envelope=(0.05,) * steps)
+    steps = len(c.recipe.plan(SD, nfe=9).steps)
+    bound = c.with_recipe(step_envelope=(0.05,) * steps)
     tight_prof = dataclasses.replace(free_prof, choices=(bound,))
     z = Z[:6]
     free = dp.sample(NET, z, schedule=SD, solver="auto", nfe=9, profile=free_prof).x

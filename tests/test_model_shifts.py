@@ -98,15 +98,17 @@ def test_tune_keeps_shifts_only_where_the_held_out_half_improves(
         assert p is not None
         if c.stage == "shifts":
             took += 1
-            assert c.model_shifts is not None
-            noisy = [k for k in c.recipe().plan(SD, nfe=None if c.times else c.nfe).grid.knots]
-            assert len(c.model_shifts) == sum(k.sigma > 0 for k in noisy)
-            assert max(abs(v) for v in c.model_shifts) <= 0.1  # the trust region
+            assert c.recipe.model_shifts is not None
+            noisy = [
+                k for k in c.recipe.plan(SD, nfe=None if c.recipe.timesteps else c.nfe).grid.knots
+            ]
+            assert len(c.recipe.model_shifts) == sum(k.sigma > 0 for k in noisy)
+            assert max(abs(v) for v in c.recipe.model_shifts) <= 0.1  # the trust region
             # stage (c) starts from the plain profile's choice and must beat it held out
             assert c.heldout_error < p.heldout_error
-            assert dataclasses.replace(c.recipe(), model_shifts=None) == p.recipe()
+            assert dataclasses.replace(c.recipe, model_shifts=None) == p.recipe
         else:
-            assert c.model_shifts is None and c.heldout_error == p.heldout_error
+            assert c.recipe.model_shifts is None and c.heldout_error == p.heldout_error
     # on this model the shifts pay off (a stage that never moves would fail here)
     assert took >= 1
 
@@ -126,22 +128,24 @@ def test_profiles_store_the_shifts_and_read_version_1(
     old.write_text(json.dumps(data))
     again = dp.Profile.load(old)
     assert again.format == PROFILE_FORMAT
-    assert [c.recipe() for c in again.choices] == [c.recipe() for c in plain.choices]
+    assert [c.recipe for c in again.choices] == [c.recipe for c in plain.choices]
 
 
 def test_sample_runs_the_shifted_choice_and_sigmas_drop_it_with_a_warning(
     pair: tuple[dp.Profile, dp.Profile],
 ) -> None:
     shifted, _ = pair
-    c = next(c for c in shifted.choices if c.model_shifts is not None)
+    c = next(c for c in shifted.choices if c.recipe.model_shifts is not None)
     kw = dict(cond={"y": Y[:4]}, uncond={"y": torch.full_like(Y[:4], 3)}, guidance_scale=5.0)
     a = dp.sample(NET, Z[:4], schedule=SD, solver="auto", nfe=c.nfe, profile=shifted, **kw)
-    b = dp.sample(NET, Z[:4], schedule=SD, solver=c.recipe(), nfe=None if c.times else c.nfe, **kw)
+    b = dp.sample(
+        NET, Z[:4], schedule=SD, solver=c.recipe, nfe=None if c.recipe.timesteps else c.nfe, **kw
+    )
     assert torch.equal(a.x, b.x)
     with pytest.warns(UserWarning, match=r"model_shifts.*dropped.*shift_runs=0"):
         sig = shifted.sigmas(c.nfe, 5.0, SD)
-    plain = dataclasses.replace(c.recipe(), model_shifts=None)
-    assert sig == plain.plan(SD, nfe=None if c.times else c.nfe).grid.ksigmas
+    plain = dataclasses.replace(c.recipe, model_shifts=None)
+    assert sig == plain.plan(SD, nfe=None if c.recipe.timesteps else c.nfe).grid.ksigmas
 
 
 def test_the_diffusers_scheduler_tells_the_network_the_shifted_times(
@@ -151,11 +155,11 @@ def test_the_diffusers_scheduler_tells_the_network_the_shifted_times(
     from dpmsolver.frontends.diffusers_scheduler import DPMSolverScheduler
 
     shifted, _ = pair
-    c = next(c for c in shifted.choices if c.model_shifts is not None)
+    c = next(c for c in shifted.choices if c.recipe.model_shifts is not None)
     sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     sched = DPMSolverScheduler(solver="auto", guidance_scale=5.0, profile=shifted, **sd)
     sched.set_timesteps(c.nfe)
-    plan = c.recipe().plan(SD, nfe=None if c.times else c.nfe)
+    plan = c.recipe.plan(SD, nfe=None if c.recipe.timesteps else c.nfe)
     want = [k.model_t for k in plan.grid.knots if k.sigma > 0]
     torch.testing.assert_close(
         sched.timesteps.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-3
@@ -174,7 +178,7 @@ def test_the_diffusers_scheduler_runs_a_choice_on_fitted_knots(
     from dpmsolver.frontends.diffusers_scheduler import DPMSolverScheduler
 
     _, plain = pair
-    fitted = [c for c in plain.choices if c.times is not None]
+    fitted = [c for c in plain.choices if c.recipe.timesteps is not None]
     assert fitted, "stage (b) fitted no knots on this model"
     c = fitted[0]
     sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -187,7 +191,7 @@ def test_the_diffusers_scheduler_runs_a_choice_on_fitted_knots(
 def test_the_shifts_stay_within_their_bound() -> None:
     kw = dict(schedule=SD, guidance_scale=5.0, nfe=[6], **COND, **FAST)
     tight = dp.tune(NET, Z, shift_runs=40, shift_bound=0.01, **kw).choices[0]
-    if tight.model_shifts is not None:
-        assert max(abs(v) for v in tight.model_shifts) <= 0.01
+    if tight.recipe.model_shifts is not None:
+        assert max(abs(v) for v in tight.recipe.model_shifts) <= 0.01
     with pytest.raises(ValueError, match="shift_bound"):
         dp.tune(NET, Z, shift_bound=0.0, **kw)

@@ -104,17 +104,18 @@ def test_a_profile_carries_the_cap_and_norm_cap_none_drops_it(tmp_path: object) 
 
     prof = dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[5], **COND, **CHEAP)
     c = prof.choices[0]
-    assert c.x0_norm_cap is not None and len(c.x0_norm_cap) == CAP_BINS
-    assert c.recipe().x0_norm_cap == c.x0_norm_cap
+    assert c.recipe.x0_norm_cap is not None and len(c.recipe.x0_norm_cap) == CAP_BINS
     # 3 x the norms of the exact trajectories: the reference's final samples are under it
     ref = dp.sample(NET, Z, schedule=SD, solver="dpmpp_2m", nfe=200, **COND).x
-    assert float(ref.norm(dim=1).max()) < c.x0_norm_cap[-1][1]
+    assert float(ref.norm(dim=1).max()) < c.recipe.x0_norm_cap[-1][1]
     again = dp.Profile.from_json(prof.to_json())
     assert again == prof
     off = dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[5], norm_cap=None, **COND, **CHEAP)
-    assert off.choices[0].x0_norm_cap is None
+    assert off.choices[0].recipe.x0_norm_cap is None
     # what is chosen does not depend on the cap (it applies when sampling)
-    same = dataclasses.replace(off.choices[0], x0_norm_cap=c.x0_norm_cap, seconds=c.seconds)
+    same = dataclasses.replace(
+        off.choices[0].with_recipe(x0_norm_cap=c.recipe.x0_norm_cap), seconds=c.seconds
+    )
     assert dataclasses.replace(same, evaluations=c.evaluations) == c
     with pytest.raises(ValueError, match="norm_cap must be >= 1 or None"):
         dp.tune(NET, Z, schedule=SD, nfe=[5], norm_cap=0.5, **COND)
@@ -130,7 +131,7 @@ def test_a_version_4_profile_loads_without_a_cap() -> None:
     for c in data["choices"]:
         del c["x0_norm_cap"]
     old = dp.Profile.from_json(data)
-    assert old.choices[0].x0_norm_cap is None and old.choices[0].recipe().x0_norm_cap is None
+    assert old.choices[0].recipe.x0_norm_cap is None
 
 
 def test_the_diffusers_scheduler_caps_as_sample_does() -> None:
@@ -141,10 +142,10 @@ def test_the_diffusers_scheduler_caps_as_sample_does() -> None:
 
     prof = dp.tune(NET, Z, schedule=SD, nfe=[8], shift_runs=0, **CHEAP)
     c = prof.choices[0]
-    assert c.x0_norm_cap is not None
+    assert c.recipe.x0_norm_cap is not None
     # a cap low enough to bind at every knot, so that applying it or not shows
-    tight = tuple((lam, 0.3) for lam, _ in c.x0_norm_cap)
-    capped = dataclasses.replace(prof, choices=(dataclasses.replace(c, x0_norm_cap=tight),))
+    tight = tuple((lam, 0.3) for lam, _ in c.recipe.x0_norm_cap)
+    capped = dataclasses.replace(prof, choices=(c.with_recipe(x0_norm_cap=tight),))
     z = Z[:6]
     want = dp.sample(NET, z, schedule=SD, solver="auto", nfe=8, profile=capped).x
     free = dp.sample(NET, z, schedule=SD, solver="auto", nfe=8, profile=prof).x

@@ -161,9 +161,11 @@ def test_stage_d_keeps_the_limit_only_where_the_held_out_half_takes_it(
     off = dp.tune(NET, Z, step_limit=None, **args)
     on = dp.tune(NET, Z, **args)
     for a, b in zip(on.choices, off.choices, strict=True):
-        assert b.step_limit is None
-        same = dataclasses.replace(a, step_limit=None, seconds=b.seconds, evaluations=b.evaluations)
-        if a.step_limit is None:
+        assert b.recipe.step_limit is None
+        same = dataclasses.replace(
+            a.with_recipe(step_limit=None), seconds=b.seconds, evaluations=b.evaluations
+        )
+        if a.recipe.step_limit is None:
             assert same == b  # refused: the choice of a tune without stage (d)
         else:
             assert a.heldout_error < b.heldout_error  # kept: better on the held-out half
@@ -179,9 +181,10 @@ def test_stage_d_keeps_the_limit_only_where_the_held_out_half_takes_it(
     plain = dp.tune(NET, Z, step_limit=None, guard_rows=0, **args)
     differs = 0
     for a, b in zip(forced.choices, plain.choices, strict=True):
-        assert a.step_limit == 1.0 and a.recipe().step_limit == 1.0
-        fields = ("solver", "options", "times", "grid", "model_shifts", "stage", "sigma_end")
-        assert all(getattr(a, f) == getattr(b, f) for f in fields)
+        assert a.recipe.step_limit == 1.0
+        fields = ("solver", "options", "timesteps", "grid", "model_shifts", "sigma_end")
+        assert a.stage == b.stage
+        assert all(getattr(a.recipe, f) == getattr(b.recipe, f) for f in fields)
         x = dp.sample(
             NET,
             Z,
@@ -205,7 +208,7 @@ def test_stage_d_keeps_the_limit_only_where_the_held_out_half_takes_it(
     data["format"] = "dpmsolver-profile/5"
     for c in data["choices"]:
         del c["step_limit"]
-    assert dp.Profile.from_json(data).choices[0].step_limit is None
+    assert dp.Profile.from_json(data).choices[0].recipe.step_limit is None
 
 
 def _scheduler_run(profile: dp.Profile, z: torch.Tensor, nfe: int) -> torch.Tensor:
@@ -225,12 +228,11 @@ def _profiles(solver: str, options: dict, limit: float) -> tuple[dp.Profile, dp.
     from tests.test_tune import CHEAP, NET, Z
 
     prof = dp.tune(NET, Z, schedule=SD, nfe=[9], shift_runs=0, norm_cap=None, **CHEAP)
-    c = dataclasses.replace(
-        prof.choices[0], solver=solver, options=options, grid="logsnr", rho=None, times=None
+    c = prof.choices[0].with_recipe(
+        solver=solver, options=options, grid="logsnr", rho=None, timesteps=None
     )
     free, limited = (
-        dataclasses.replace(prof, choices=(dataclasses.replace(c, step_limit=v),))
-        for v in (None, limit)
+        dataclasses.replace(prof, choices=(c.with_recipe(step_limit=v),)) for v in (None, limit)
     )
     return free, limited
 

@@ -38,16 +38,15 @@ def test_the_calibrated_limit_changes_no_choice(profiles: tuple[dp.Profile, dp.P
     on, off = profiles
     calibrated = 0
     for a, b in zip(on.choices, off.choices, strict=True):
-        assert b.step_limit is None and b.pilot_correction is None
+        assert b.recipe.step_limit is None and b.pilot_correction is None
         if a.pilot_correction is None:
-            assert a.step_limit is None
+            assert a.recipe.step_limit is None
         else:
             calibrated += 1
             assert a.pilot_correction > 0.0
-            assert a.step_limit == max(STEP_LIMIT_FLOOR, 1.5 * a.pilot_correction)
+            assert a.recipe.step_limit == max(STEP_LIMIT_FLOOR, 1.5 * a.pilot_correction)
         bare = dataclasses.replace(
-            a,
-            step_limit=None,
+            a.with_recipe(step_limit=None),
             pilot_correction=None,
             seconds=b.seconds,
             evaluations=b.evaluations,
@@ -78,7 +77,7 @@ def test_no_pilot_row_reaches_the_limit(profiles: tuple[dp.Profile, dp.Profile])
         ]
         assert torch.equal(runs[0], runs[1])
         # ... while a limit just under the pilot's largest ratio does move a pilot row
-        tight = dataclasses.replace(c, step_limit=max(1.0, 0.5 * c.pilot_correction))
+        tight = c.with_recipe(step_limit=max(1.0, 0.5 * c.pilot_correction))
         moved = dataclasses.replace(on, choices=(tight,))
         x = dp.sample(
             NET, Z, schedule=SD, solver="auto", nfe=c.nfe, profile=moved, guidance_scale=7.5, **COND

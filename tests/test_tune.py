@@ -68,8 +68,8 @@ def test_every_choice_is_no_worse_than_the_default_on_the_held_out_half(
         assert c.stage in ("default", "selection", "steps")
         assert math.isfinite(c.heldout_error) and c.heldout_error <= c.default_heldout_error
         if c.stage == "steps":
-            assert c.times is not None and len(c.times) >= 2
-            assert all(b < a for a, b in itertools.pairwise(c.times))
+            assert c.recipe.timesteps is not None and len(c.recipe.timesteps) >= 2
+            assert all(b < a for a, b in itertools.pairwise(c.recipe.timesteps))
         assert c.evaluations > 0 and c.seconds >= 0
     # the reference is 10x more accurate than the best choice
     assert profile.reference_error <= 0.1 * min(c.heldout_error for c in profile.choices)
@@ -91,7 +91,7 @@ def test_sample_with_the_profile_runs_the_choice(profile: dp.Profile) -> None:
     y = torch.arange(6) % 3
     kw = dict(cond={"y": y}, uncond={"y": torch.full_like(y, 3)}, guidance_scale=5.0)
     a = dp.sample(NET, z, schedule=SD, solver="auto", nfe=8, profile=profile, **kw)
-    b = dp.sample(NET, z, schedule=SD, solver=c.recipe(), nfe=None if c.times else 8, **kw)
+    b = dp.sample(NET, z, schedule=SD, solver=c.recipe, nfe=None if c.recipe.timesteps else 8, **kw)
     assert a.nfe == 8 and torch.equal(a.x, b.x)
     sig = profile.sigmas(8, 5.0, SD)
     assert sig[-1] == 0.0 and all(x > y for x, y in itertools.pairwise(sig))

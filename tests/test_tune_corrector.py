@@ -79,21 +79,21 @@ def test_stage_i_is_kept_only_where_the_held_out_half_takes_it() -> None:
     off = dp.tune(NET, Z, **args, **base)
     kept = []
     for a, b in zip(on.choices, off.choices, strict=True):
-        assert "corrector_skip" not in b.options and b.stage != "corrector"
-        if "corrector_skip" not in a.options:
+        assert "corrector_skip" not in b.recipe.options and b.stage != "corrector"
+        if "corrector_skip" not in a.recipe.options:
             same = dataclasses.replace(a, seconds=b.seconds, evaluations=b.evaluations)
             assert same == b  # refused: the choice of a tune without the stage
         else:
             kept.append(a)
             assert a.stage == "corrector" and a.heldout_error < b.heldout_error
-            assert a.options["corrector_skip"]
-            plain = {k: v for k, v in a.options.items() if k != "corrector_skip"}
-            assert dataclasses.replace(a, options=plain).recipe() == b.recipe()
+            assert a.recipe.options["corrector_skip"]
+            plain = {k: v for k, v in a.recipe.options.items() if k != "corrector_skip"}
+            assert a.with_recipe(options=plain).recipe == b.recipe
     assert kept
     assert dp.Profile.from_json(on.to_json()) == on
     # only up to corrector_max_nfe
     low = dp.tune(NET, Z, **args, **{**base, "corrector_search": True, "corrector_max_nfe": 4})
-    assert all("corrector_skip" not in c.options for c in low.choices)
+    assert all("corrector_skip" not in c.recipe.options for c in low.choices)
 
 
 def _skipping(skip: tuple[int, ...] | None) -> dp.Profile:
@@ -109,14 +109,14 @@ def test_saved_and_older_profiles_read_and_the_sigmas_warn(tmp_path: Path) -> No
     prof = _skipping((0, 2))
     prof.save(tmp_path / "p.json")
     loaded = dp.Profile.load(tmp_path / "p.json")
-    assert loaded == prof and loaded.choices[0].options["corrector_skip"] == (0, 2)
+    assert loaded == prof and loaded.choices[0].recipe.options["corrector_skip"] == (0, 2)
     with pytest.warns(UserWarning, match="corrector_skip"):
         prof.sigmas(9, 1.0, SD)
     # profile format 14 (12 added corrector_skip); an older file (no corrector_skip) still reads
     assert prof.to_json()["format"] == "dpmsolver-profile/14"
     older = _skipping(None).to_json()
     older["format"] = "dpmsolver-profile/11"
-    assert "corrector_skip" not in dp.Profile.from_json(older).choices[0].options
+    assert "corrector_skip" not in dp.Profile.from_json(older).choices[0].recipe.options
 
 
 def test_bad_settings_are_refused_by_name() -> None:

@@ -54,5 +54,5 @@ def _tune(device: str) -> dp.Profile:
 def test_tune_on_the_device_chooses_as_on_the_cpu() -> None:
     here, cpu = _tune(DEVICE), _tune("cpu")
     for a, b in zip(here.choices, cpu.choices, strict=True):
-        assert (a.nfe, a.solver, a.stage) == (b.nfe, b.solver, b.stage)
+        assert (a.nfe, a.recipe.solver, a.stage) == (b.nfe, b.recipe.solver, b.stage)
         assert a.heldout_error == pytest.approx(b.heldout_error, rel=1e-6)

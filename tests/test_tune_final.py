@@ -28,17 +28,17 @@ def test_stage_e_keeps_the_extrapolated_end_only_where_the_held_out_half_takes_i
     on = dp.tune(NET, Z, **ARGS)
     kept = 0
     for a, b in zip(on.choices, off.choices, strict=True):
-        assert b.final_step == "denoise"
+        assert b.recipe.final_step == "denoise"
         same = dataclasses.replace(
-            a, final_step="denoise", seconds=b.seconds, evaluations=b.evaluations
+            a.with_recipe(final_step="denoise"), seconds=b.seconds, evaluations=b.evaluations
         )
-        if a.final_step == "denoise":
+        if a.recipe.final_step == "denoise":
             assert same == b  # refused: the choice of a tune without stage (e)
         else:
             kept += 1
-            assert a.final_step == "extrapolate" and a.heldout_error < b.heldout_error
+            assert a.recipe.final_step == "extrapolate" and a.heldout_error < b.heldout_error
             same = dataclasses.replace(same, heldout_error=b.heldout_error)
-            assert same.recipe() == b.recipe()  # the same recipe but for its end
+            assert same.recipe == b.recipe  # the same recipe but for its end
     assert kept > 0  # the extrapolated end helps here at some budget
 
 
@@ -54,7 +54,7 @@ def test_a_kept_extrapolated_end_is_what_the_profile_samples_with(
     forced = dp.tune(NET, Z, guard_rows=0, **ARGS)
     plain = dp.tune(NET, Z, guard_rows=0, extrapolate_final=False, **ARGS)
     for a, b in zip(forced.choices, plain.choices, strict=True):
-        assert a.final_step == "extrapolate" and a.recipe().final_step == "extrapolate"
+        assert a.recipe.final_step == "extrapolate"
         kw = dict(schedule=SD, solver="auto", nfe=a.nfe, guidance_scale=3.0, **COND)
         x = dp.sample(NET, Z, profile=forced, **kw).x  # type: ignore[arg-type]
         y = dp.sample(NET, Z, profile=plain, **kw).x  # type: ignore[arg-type]
@@ -62,10 +62,10 @@ def test_a_kept_extrapolated_end_is_what_the_profile_samples_with(
             NET,
             Z,
             schedule=SD,
-            solver=dataclasses.replace(b.recipe(), final_step="extrapolate"),
+            solver=dataclasses.replace(b.recipe, final_step="extrapolate"),
             guidance_scale=3.0,
             **COND,
-            **({} if b.times else {"nfe": b.nfe}),
+            **({} if b.recipe.timesteps else {"nfe": b.nfe}),
         ).x
         assert torch.equal(x, want) and not torch.equal(x, y)
     assert dp.Profile.from_json(forced.to_json()) == forced
@@ -73,7 +73,7 @@ def test_a_kept_extrapolated_end_is_what_the_profile_samples_with(
 
 def test_the_k_diffusion_sigmas_warn_that_they_denoise() -> None:
     prof = dp.tune(NET, Z, schedule=SD, nfe=[8], shift_runs=0, tail_rows=0, **CHEAP)
-    c = dataclasses.replace(prof.choices[0], final_step="extrapolate", lower_order_final=None)
+    c = prof.choices[0].with_recipe(final_step="extrapolate", lower_order_final=None)
     ext = dataclasses.replace(prof, choices=(c,))
     with pytest.warns(UserWarning, match="final_step"):
         ext.sigmas(8, 1.0, SD)
@@ -83,11 +83,11 @@ def test_the_k_diffusion_sigmas_warn_that_they_denoise() -> None:
 def test_the_diffusers_scheduler_extrapolates_as_sample_does(solver: str, options: dict) -> None:
     pytest.importorskip("diffusers")
     prof = dp.tune(NET, Z, schedule=SD, nfe=[9], shift_runs=0, norm_cap=None, **CHEAP)
-    c = dataclasses.replace(
-        prof.choices[0], solver=solver, options=options, grid="logsnr", rho=None, times=None
+    c = prof.choices[0].with_recipe(
+        solver=solver, options=options, grid="logsnr", rho=None, timesteps=None
     )
     plain, ext = (
-        dataclasses.replace(prof, choices=(dataclasses.replace(c, final_step=v),))
+        dataclasses.replace(prof, choices=(c.with_recipe(final_step=v),))
         for v in ("denoise", "extrapolate")
     )
     z = Z[:6]

@@ -168,8 +168,8 @@ def test_tune_falls_back_to_a_finalist_only_when_asked(
     plain = dp.tune(NET, Z, **kw)  # type: ignore[arg-type]
     fell = dp.tune(NET, Z, guard_fallback=True, **kw)  # type: ignore[arg-type]
     (a,), (b,) = plain.choices, fell.choices
-    assert a.stage == "default" and a.solver == "ddim" and a.guard_refused
-    assert b.stage == "selection" and b.times is None and b.solver != "ddim"
+    assert a.stage == "default" and a.recipe.solver == "ddim" and a.guard_refused
+    assert b.stage == "selection" and b.recipe.timesteps is None and b.recipe.solver != "ddim"
     assert b.guard_refused == a.guard_refused
     assert b.heldout_error < a.heldout_error
 
@@ -239,14 +239,16 @@ def test_tune_refuses_fitted_choices_that_blow_up(monkeypatch: pytest.MonkeyPatc
         NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6, 10], guard_rule="count", **COND, **fast
     )
     for c in p.choices:
-        assert c.times is None and c.model_shifts is None
+        assert c.recipe.timesteps is None and c.recipe.model_shifts is None
         assert set(c.guard_refused) <= {"steps", "shifts"}
     assert any(c.guard_refused for c in p.choices)  # the fitted stages were taken, then refused
     off = dp.tune(
         NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6, 10], guard_rows=0, **COND, **fast
     )
     assert all(not c.guard_refused for c in off.choices)
-    assert any(c.times is not None or c.model_shifts is not None for c in off.choices)
+    assert any(
+        c.recipe.timesteps is not None or c.recipe.model_shifts is not None for c in off.choices
+    )
     # the same counts, weighed: no guard sample is beyond the bound, so the estimate is
     # the held-out error, on which every accepted stage improved (the tail check, which
     # would compare the final choice with stage (a)'s on the guard rows, off)

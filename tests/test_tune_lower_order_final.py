@@ -48,7 +48,7 @@ def test_the_flag_round_trips_and_version_2_files_read(tmp_path: Path) -> None:
     path = tmp_path / "p.json"
     p.save(path)
     assert Profile.load(path) == p and json.loads(path.read_text())["format"] == PROFILE_FORMAT
-    assert Profile.load(path).choices[0].recipe().lower_order_final is True
+    assert Profile.load(path).choices[0].recipe.lower_order_final is True
     # a version-2 file has no flag: the default rule
     data = json.loads(path.read_text())
     data["format"] = "dpmsolver-profile/2"
@@ -56,7 +56,7 @@ def test_the_flag_round_trips_and_version_2_files_read(tmp_path: Path) -> None:
         del ch["lower_order_final"]
     old = tmp_path / "v2.json"
     old.write_text(json.dumps(data))
-    assert all(ch.lower_order_final is None for ch in Profile.load(old).choices)
+    assert all(ch.recipe.lower_order_final is None for ch in Profile.load(old).choices)
 
 
 def test_tune_keeps_the_flag_of_a_lowered_choice() -> None:
@@ -76,32 +76,27 @@ def test_tune_keeps_the_flag_of_a_lowered_choice() -> None:
     )
     # a choice built on the candidate (UniPC-3) keeps its flag; one built on the untuned
     # default's recipe (UniPC-2 here, whatever later stage refined it) has none to keep
-    assert any(c.options.get("order") == 3 for c in p.choices)
+    assert any(c.recipe.options.get("order") == 3 for c in p.choices)
     for c in p.choices:
-        assert c.lower_order_final is (True if c.options.get("order") == 3 else None)
+        assert c.recipe.lower_order_final is (True if c.recipe.options.get("order") == 3 else None)
 
 
 def one_choice_profile(schedule: dp.NoiseSchedule, prediction: str, **fields: Any) -> Profile:
     """A profile holding one hand-made :class:`BudgetChoice` (``fields`` override its
-    defaults: UniPC order 2 on the log-SNR grid, 8 evaluations, guidance 1)."""
-    choice = BudgetChoice(
-        **{
-            "nfe": 8,
-            "guidance_scale": 1.0,
-            "solver": "unipc",
-            "options": {"order": 2},
-            "grid": "logsnr",
-            "rho": None,
-            "sigma_end": None,
-            "final_step": "denoise",
-            "times": None,
-            "stage": "selection",
-            "calibration_error": 0.1,
-            "heldout_error": 0.1,
-            "default_heldout_error": 0.2,
-            **fields,
-        }
-    )
+    defaults, the choice's own or its recipe's: UniPC order 2 on the log-SNR grid, 8
+    evaluations, guidance 1)."""
+    own = {
+        "nfe": 8,
+        "guidance_scale": 1.0,
+        "stage": "selection",
+        "calibration_error": 0.1,
+        "heldout_error": 0.1,
+        "default_heldout_error": 0.2,
+    }
+    recipe = {"solver": "unipc", "options": {"order": 2}, "grid": "logsnr"}
+    for k, v in fields.items():
+        (own if k in own else recipe)[k] = v
+    choice = BudgetChoice(**own, recipe=Recipe(**recipe))  # type: ignore[arg-type]
     return Profile(
         schedule=schedule_fingerprint(schedule),
         prediction=prediction,  # type: ignore[arg-type]
@@ -124,7 +119,7 @@ def test_sample_runs_the_lowered_choice_and_sigmas_say_they_cannot() -> None:
     prof = _lowered_profile()
     kw = dict(cond=COND["cond"], uncond=COND["uncond"], guidance_scale=5.0)
     got = dp.sample(NET, Z, schedule=SD, solver="auto", nfe=20, profile=prof, **kw)
-    want = dp.sample(NET, Z, schedule=SD, solver=prof.choices[0].recipe(), nfe=20, **kw)
+    want = dp.sample(NET, Z, schedule=SD, solver=prof.choices[0].recipe, nfe=20, **kw)
     plain = dp.sample(NET, Z, schedule=SD, solver=Recipe("unipc", {"order": 3}), nfe=20, **kw)
     assert torch.equal(got.x, want.x) and not torch.equal(got.x, plain.x)
     with pytest.warns(UserWarning, match="lower_order_final.*k-diffusion functions"):
@@ -139,5 +134,5 @@ def test_the_diffusers_scheduler_runs_the_lowered_orders() -> None:
     sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     sched = DPMSolverScheduler(solver="auto", guidance_scale=5.0, profile=prof, **sd)
     sched.set_timesteps(20)
-    assert sched._orders == prof.choices[0].recipe().plan(SD, nfe=20).orders
+    assert sched._orders == prof.choices[0].recipe.plan(SD, nfe=20).orders
     assert sched._orders[-3:] == [3, 2, 1]

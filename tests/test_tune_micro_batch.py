@@ -57,7 +57,12 @@ def test_no_call_holds_more_than_the_micro_batch_and_the_profile_is_the_same() -
     assert sum(split.rows) == sum(whole.rows)
     assert a.evaluations == b.evaluations
     for ca, cb in zip(a.choices, b.choices, strict=True):
-        assert (ca.nfe, ca.solver, ca.stage, ca.times) == (cb.nfe, cb.solver, cb.stage, cb.times)
+        assert (ca.nfe, ca.recipe.solver, ca.stage, ca.recipe.timesteps) == (
+            cb.nfe,
+            cb.recipe.solver,
+            cb.stage,
+            cb.recipe.timesteps,
+        )
         assert cb.heldout_error == pytest.approx(ca.heldout_error, rel=1e-9)
 
 

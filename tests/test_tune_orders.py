@@ -130,12 +130,12 @@ def test_stage_h_is_kept_only_where_the_held_out_half_takes_it() -> None:
     on = dp.tune(NET, Z, **args, **{**high, "order_search": True})
     off = dp.tune(NET, Z, **args, **high)
     for a in kept_where_held_out_takes_it(on, off, "orders"):
-        assert a.orders is not None and len(a.orders) == a.nfe
+        assert a.recipe.orders is not None and len(a.recipe.orders) == a.nfe
         # the benchmark records say so, fitted knots or not
-        assert f"orders={''.join(map(str, a.orders))}" in _describe(on, a.nfe, 7.5)[1]
+        assert f"orders={''.join(map(str, a.recipe.orders))}" in _describe(on, a.nfe, 7.5)[1]
     # only up to order_max_nfe
     low = dp.tune(NET, Z, **args, **{**high, "order_search": True, "order_max_nfe": 4})
-    assert all(c.orders is None for c in low.choices)
+    assert all(c.recipe.orders is None for c in low.choices)
 
 
 def _ordered(orders: tuple[int, ...] | None) -> dp.Profile:
@@ -143,7 +143,7 @@ def _ordered(orders: tuple[int, ...] | None) -> dp.Profile:
 
 
 def test_the_profile_samples_with_them_and_the_diffusers_scheduler_as_sample_does() -> None:
-    planned = _ordered(None).choices[0].recipe().plan(SD, nfe=9).orders
+    planned = _ordered(None).choices[0].recipe.plan(SD, nfe=9).orders
     assert planned == [1, 2, 2, 2, 2, 2, 2, 2, 1]
     sample_and_scheduler_agree(_ordered(None), _ordered((1, 2, 1, 2, 1, 2, 2, 1, 1)))
 
@@ -157,4 +157,4 @@ def test_the_k_diffusion_sigmas_warn_and_older_profiles_read_without_them() -> N
     data["format"] = "dpmsolver-profile/10"
     for c in data["choices"]:
         del c["orders"]
-    assert dp.Profile.from_json(data).choices[0].orders is None
+    assert dp.Profile.from_json(data).choices[0].recipe.orders is None

@@ -68,7 +68,7 @@ def test_the_finalists_are_ranked_on_the_chosen_rows(
         rank_rows=rank_rows,
     )
     c = _tune_budget(problem, 8, 5.0, opts)
-    assert (c.solver, c.stage) == (chosen, "selection")
+    assert (c.recipe.solver, c.stage) == (chosen, "selection")
 
 
 def test_rank_rows_and_fine_rows_are_checked() -> None:

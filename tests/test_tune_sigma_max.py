@@ -93,7 +93,7 @@ def test_a_profile_keeps_sigma_max_through_its_file_and_samples_with_it(tmp_path
     prof.save(path)
     assert Profile.load(path) == prof
     got = dp.sample(net, z, schedule=FLOW, prediction="x0", solver="auto", nfe=8, profile=prof)
-    want = dp.sample(net, z, schedule=FLOW, prediction="x0", solver=prof.choices[0].recipe(), nfe=8)
+    want = dp.sample(net, z, schedule=FLOW, prediction="x0", solver=prof.choices[0].recipe, nfe=8)
     plain = dp.sample(
         net, z, schedule=FLOW, prediction="x0", solver="auto", nfe=8, profile=_profile(None)
     )
@@ -109,5 +109,5 @@ def test_an_older_profile_reads_without_sigma_max() -> None:
     for c in data["choices"]:
         del c["sigma_max"]
     old = Profile.from_json(json.loads(json.dumps(data)))
-    assert old.choices[0].sigma_max is None
+    assert old.choices[0].recipe.sigma_max is None
     assert dataclasses.replace(old, format=_profile(None).format) == _profile(None)

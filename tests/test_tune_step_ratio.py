@@ -75,6 +75,6 @@ def test_the_option_is_checked_and_reaches_tune() -> None:
         dp.tune(NET, Z, schedule=SD, step_ratio=math.inf)
     p = dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[8], step_ratio=1.5, **COND, **FAST)
     (c,) = p.choices
-    if c.times is not None and c.solver != "ddim":
-        lams = [float(SD.knot(t).lam) for t in c.times]
+    if c.recipe.timesteps is not None and c.recipe.solver != "ddim":
+        lams = [float(SD.knot(t).lam) for t in c.recipe.timesteps]
         assert _growth(lams) <= 1.5 * (1 + 1e-6)

@@ -120,13 +120,13 @@ def test_tune_takes_stage_a_where_the_tail_check_says_so(
     on = dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6, 10], tail_rows=8, **COND, **fast)
     for a, b in zip(off.choices, on.choices, strict=True):
         # the check only ever goes back to stage (a), and says so
-        assert b.recipe() == a.recipe() or (
+        assert b.recipe == a.recipe or (
             b.stage in ("selection", "default") and set(b.guard_refused) & {"steps", "shifts"}
         )
     patch_tune("_tail_checked", back)
     p = dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6, 10], tail_rows=8, **COND, **fast)
     for c in p.choices:
-        assert c.stage in ("selection", "default") and c.times is None
+        assert c.stage in ("selection", "default") and c.recipe.timesteps is None
     assert any(set(c.guard_refused) & {"steps", "shifts"} for c in p.choices)
 
 
@@ -150,11 +150,11 @@ def test_the_walk_back_keeps_the_latest_stage_the_tail_check_keeps(
         assert "shifts" not in (a.stage, b.stage)
         if "shifts" in a.guard_refused and b.stage == "steps":
             # stage (b)'s knots, which the plain check dropped for stage (a)'s recipe
-            assert a.stage in ("selection", "default") and a.times is None
-            assert b.times is not None and b.guard_refused == ("shifts",)
+            assert a.stage in ("selection", "default") and a.recipe.timesteps is None
+            assert b.recipe.timesteps is not None and b.guard_refused == ("shifts",)
             kept += 1
         else:
-            assert b.recipe() == a.recipe()
+            assert b.recipe == a.recipe
     assert kept > 0
 
 

@@ -112,8 +112,8 @@ def test_on_a_flow_mixture_the_ranking_finds_the_rare_far_samples() -> None:
     p = get_problem("iso8-flow")
     ranked = tune_problem(p, 1.0, nfes=[10], tail_ranking=1.0)
     unranked = tune_problem(p, 1.0, nfes=[10], tail_ranking=None)
-    assert ranked.choice(10, 1.0).solver == "unipc"  # type: ignore[union-attr]
-    assert unranked.choice(10, 1.0).solver == "dpmpp_multistep"  # type: ignore[union-attr]
+    assert ranked.choice(10, 1.0).recipe.solver == "unipc"  # type: ignore[union-attr]
+    assert unranked.choice(10, 1.0).recipe.solver == "dpmpp_multistep"  # type: ignore[union-attr]
     z = p.noise(512, seed=rescore_seed(p))
     ref = p.check_reference(p.denoiser(1.0, p.labels(512)), p.x_T(z)).sample
     errors = []

@@ -121,7 +121,7 @@ def test_a_profile_carries_the_statistics_through_its_file(tmp_path: Path) -> No
     path = tmp_path / "p.json"
     prof.save(path)
     back = Profile.load(path)
-    got = back.choices[0].options["ems"]
+    got = back.choices[0].recipe.options["ems"]
     assert isinstance(got, EMS) and got.fingerprint == ems.fingerprint
     for name in ("lams", "l", "s", "b"):
         assert torch.equal(getattr(got, name), getattr(ems, name))
@@ -238,7 +238,7 @@ def test_the_bench_names_a_fitted_dpmv3_choice_whole() -> None:
     ems = EMS.synthetic(lam_range=(-12.0, 12.0), points=16)
     times = tuple(float(t) for t in torch.linspace(1.0, 1e-3, 7))
     prof = one_choice_profile(
-        SD, "x0", solver="dpmv3", options={"ems": ems, "order": 2}, nfe=6, times=times
+        SD, "x0", solver="dpmv3", options={"ems": ems, "order": 2}, nfe=6, timesteps=times
     )
     _, text = _describe(prof, 6, 1.0)
     assert text == f"dpmv3 ems={ems!r} order=2 [fitted 7 knots]"

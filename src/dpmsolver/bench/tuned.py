@@ -183,17 +183,17 @@ def _describe(profile: Profile, nfe: int, guidance: float) -> tuple[str, str]:
     c = profile.choice(nfe, guidance)
     if c is None:
         return "missing", "-"
-    r = c.recipe()
-    if c.times is None:
+    r = c.recipe
+    if r.timesteps is None:
         return c.stage, r.describe()
     # cut at the grid's own bracket: an option's text (dpmv3's statistics) may hold one
     head = r.describe().split(f" [{r.grid}")[0]
-    shifted = " + model-time shifts" if c.model_shifts is not None else ""
-    shifted += " + compensation" if c.compensation is not None else ""
-    shifted += " + correction" if c.correction is not None else ""
-    shifted += f" + orders={''.join(map(str, c.orders))}" if c.orders is not None else ""
-    shifted += f" + step limit {c.step_limit:.3g}" if c.step_limit is not None else ""
-    return c.stage, f"{head} [fitted {len(c.times)} knots]{shifted}"
+    shifted = " + model-time shifts" if r.model_shifts is not None else ""
+    shifted += " + compensation" if r.compensation is not None else ""
+    shifted += " + correction" if r.correction is not None else ""
+    shifted += f" + orders={''.join(map(str, r.orders))}" if r.orders is not None else ""
+    shifted += f" + step limit {r.step_limit:.3g}" if r.step_limit is not None else ""
+    return c.stage, f"{head} [fitted {len(r.timesteps)} knots]{shifted}"
 
 
 def evaluate(
@@ -790,11 +790,12 @@ def without_calibrated_limits(profile: Profile) -> Profile:
     without the calibrations, since neither changes a choice."""
     choices = tuple(
         dataclasses.replace(
-            c,
-            step_limit=None if c.pilot_correction is not None else c.step_limit,
+            c.with_recipe(
+                step_limit=None if c.pilot_correction is not None else c.recipe.step_limit,
+                step_envelope=None,
+                envelope_persistence=1,
+            ),
             pilot_correction=None,
-            step_envelope=None,
-            envelope_persistence=1,
         )
         for c in profile.choices
     )

@@ -94,8 +94,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     profile.save(out)
     for c in profile.choices:
         gain = c.default_heldout_error / c.heldout_error if c.heldout_error > 0 else math.inf
-        what = c.recipe().describe() if c.times is None else f"{c.solver} on fitted knots"
-        if c.model_shifts is not None and c.times is not None:
+        r = c.recipe
+        what = r.describe() if r.timesteps is None else f"{r.solver} on fitted knots"
+        if r.model_shifts is not None and r.timesteps is not None:
             what += " with model-time shifts"
         print(
             f"guidance {c.guidance_scale:g}, {c.nfe} NFE: {what} ({c.stage}); held-out error "
@@ -246,6 +247,6 @@ def resolve_profile(
             file=sys.stderr,
         )
         return None, None
-    recipe = choice.recipe()
+    recipe = choice.recipe
     spent = evaluations(model, recipe, nfe=None if recipe.timesteps else nfe)
     return profile, Budget("auto", nfe=nfe, evaluations=spent, note="tuned profile")

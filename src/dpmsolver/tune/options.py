@@ -361,7 +361,7 @@ class TuneOptions:
             at every step, this factor times the largest norm of the correction beyond the
             first-order step (``||x_t - x1||``, not its ratio to ``||x1 - x_s||``) that any
             pilot row makes there under the chosen recipe, run as the profile samples (norm
-            cap and step limit included) (:attr:`BudgetChoice.step_envelope`;
+            cap and step limit included) (:attr:`~dpmsolver.recipe.Recipe.step_envelope`;
             :class:`~dpmsolver.steplimit.StepLimit`). No pilot row reaches it, so it changes
             neither the choice nor its pilot errors; it binds only on a sample whose
             correction outgrows every pilot row's at the same step by the margin (None: no
@@ -571,93 +571,102 @@ class TuneOptions:
     sample_options: SampleOptions | None = None
 
     def __post_init__(self) -> None:
-        check_finite_float("rtol", self.rtol, positive=True)
-        check_int("check_rows", self.check_rows, minimum=1)
-        if self.flow_sigma_max is not None:
-            check_finite_float("flow_sigma_max", self.flow_sigma_max, positive=True)
-        check_int("v3_points", self.v3_points, minimum=0)
+        for name, minimum in _COUNTS.items():
+            check_int(name, getattr(self, name), minimum=minimum)
+        for name, minimum in _OPTIONAL_COUNTS.items():
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=minimum)
+        for name in _POSITIVE:
+            check_finite_float(name, getattr(self, name), positive=True)
+        for name in _OPTIONAL_POSITIVE:
+            if getattr(self, name) is not None:
+                check_finite_float(name, getattr(self, name), positive=True)
+        for name in _AT_LEAST_ONE:
+            value = getattr(self, name)
+            if value is not None and value < 1.0:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        for name in _FLAGS:
+            check_choice(name, getattr(self, name), (True, False))
+        for name, accepted in _CHOICES.items():
+            check_choice(name, getattr(self, name), accepted)
+        for name in ("step_limit", "step_limit_margin", "envelope_margin"):
+            check_step_limit(getattr(self, name), name)
+        check_finite_float("v3_min_guidance", self.v3_min_guidance)
+        check_finite_float("accept_z", self.accept_z)
+        # the bounds a minimum alone does not say
         if 0 < self.v3_points < 8:
             raise ValueError(f"v3_points must be 0 (off) or at least 8, got {self.v3_points}")
-        check_choice("v3_noise", self.v3_noise, V3_NOISES)
-        check_finite_float("v3_min_guidance", self.v3_min_guidance)
-        if self.v3_max_nfe is not None:
-            check_int("v3_max_nfe", self.v3_max_nfe, minimum=1)
-        check_int("screen_rows", self.screen_rows, minimum=1)
-        check_int("finalists", self.finalists, minimum=1)
-        check_choice("rank_rows", self.rank_rows, RANK_ROWS)
-        check_int("fine_knots", self.fine_knots, minimum=4)
-        check_int("fine_rows", self.fine_rows, minimum=1)
-        check_int("refine_runs", self.refine_runs, minimum=0)
-        check_int("refine_rows", self.refine_rows, minimum=1)
-        check_int("shift_runs", self.shift_runs, minimum=0)
-        check_int("shift_rows", self.shift_rows, minimum=1)
-        check_finite_float("shift_bound", self.shift_bound, positive=True)
-        check_int("compensation_runs", self.compensation_runs, minimum=0)
-        check_int("compensation_rows", self.compensation_rows, minimum=1)
-        check_finite_float("compensation_bound", self.compensation_bound, positive=True)
-        check_int("compensation_max_nfe", self.compensation_max_nfe, minimum=1)
-        check_int("compensation_knots", self.compensation_knots, minimum=2)
-        check_int("correction_components", self.correction_components, minimum=0)
         if self.correction_components > MAX_COMPONENTS:
             raise ValueError(
                 f"correction_components must be 0 to {MAX_COMPONENTS}, "
                 f"got {self.correction_components}"
             )
-        check_int("correction_rows", self.correction_rows, minimum=1)
-        check_int("correction_max_nfe", self.correction_max_nfe, minimum=1)
-        check_int("correction_refine", self.correction_refine, minimum=0)
-        check_choice("order_search", self.order_search, (True, False))
-        check_int("order_rows", self.order_rows, minimum=1)
-        check_int("order_max_nfe", self.order_max_nfe, minimum=1)
-        check_choice("corrector_search", self.corrector_search, (True, False))
-        check_int("corrector_rows", self.corrector_rows, minimum=1)
-        check_int("corrector_max_nfe", self.corrector_max_nfe, minimum=1)
-        check_int("step_bases", self.step_bases, minimum=1)
-        if self.worst_factor is not None:
-            check_finite_float("worst_factor", self.worst_factor, positive=True)
-        check_finite_float("accept_z", self.accept_z)
         if self.accept_z < 0.0:
             raise ValueError(f"accept_z must be >= 0, got {self.accept_z}")
-        check_int("probe_pairs", self.probe_pairs, minimum=0)
-        check_int("probe_levels", self.probe_levels, minimum=1)
-        if self.step_ratio is not None:
-            check_finite_float("step_ratio", self.step_ratio, positive=True)
-            if self.step_ratio < 1.0:
-                raise ValueError(f"step_ratio must be >= 1 or None, got {self.step_ratio}")
-        check_int("guard_rows", self.guard_rows, minimum=0)
-        check_finite_float("guard_factor", self.guard_factor, positive=True)
         if self.guard_factor <= 1.0:
             raise ValueError(f"guard_factor must be > 1, got {self.guard_factor}")
-        if self.norm_cap is not None:
-            check_finite_float("norm_cap", self.norm_cap, positive=True)
-            if self.norm_cap < 1.0:
-                raise ValueError(f"norm_cap must be >= 1 or None, got {self.norm_cap}")
-        check_step_limit(self.step_limit)
-        check_step_limit(self.step_limit_margin, "step_limit_margin")
-        check_step_limit(self.envelope_margin, "envelope_margin")
-        check_int("envelope_persistence", self.envelope_persistence, minimum=1)
-        check_choice("extrapolate_final", self.extrapolate_final, (True, False))
-        check_choice("tail_walk_back", self.tail_walk_back, (True, False))
-        check_choice("tail_accept", self.tail_accept, (True, False))
-        check_choice("tail_accept_capped", self.tail_accept_capped, (True, False))
         if self.tail_accept_capped and not self.tail_accept:
             raise ValueError(
                 "tail_accept_capped=True needs tail_accept=True, got tail_accept=False"
             )
-        check_int("tail_rows", self.tail_rows, minimum=0)
-        check_finite_float("tail_factor", self.tail_factor, positive=True)
-        if self.tail_ranking is not None:
-            check_finite_float("tail_ranking", self.tail_ranking, positive=True)
-            if self.tail_ranking < 1.0:
-                raise ValueError(f"tail_ranking must be >= 1 or None, got {self.tail_ranking}")
-        check_choice("tail_trigger", self.tail_trigger, TAIL_TRIGGERS)
-        check_choice("guard_rule", self.guard_rule, GUARD_RULES)
-        check_choice("guard_fallback", self.guard_fallback, (True, False))
-        if self.micro_batch is not None:
-            check_int("micro_batch", self.micro_batch, minimum=1)
-        check_int("memo_mb", self.memo_mb, minimum=0)
-        if self.merge_lanes is not None:
-            check_int("merge_lanes", self.merge_lanes, minimum=0)
+
+
+#: :class:`TuneOptions`' integer options and their smallest values.
+_COUNTS: dict[str, int] = {
+    "check_rows": 1,
+    "v3_points": 0,
+    "screen_rows": 1,
+    "finalists": 1,
+    "fine_knots": 4,
+    "fine_rows": 1,
+    "refine_runs": 0,
+    "refine_rows": 1,
+    "shift_runs": 0,
+    "shift_rows": 1,
+    "compensation_runs": 0,
+    "compensation_rows": 1,
+    "compensation_max_nfe": 1,
+    "compensation_knots": 2,
+    "correction_components": 0,
+    "correction_rows": 1,
+    "correction_max_nfe": 1,
+    "correction_refine": 0,
+    "order_rows": 1,
+    "order_max_nfe": 1,
+    "corrector_rows": 1,
+    "corrector_max_nfe": 1,
+    "step_bases": 1,
+    "probe_pairs": 0,
+    "probe_levels": 1,
+    "guard_rows": 0,
+    "envelope_persistence": 1,
+    "tail_rows": 0,
+    "memo_mb": 0,
+}
+#: Integer options that may be None (off or automatic), and their smallest values.
+_OPTIONAL_COUNTS: dict[str, int] = {"v3_max_nfe": 1, "micro_batch": 1, "merge_lanes": 0}
+#: Options that are positive finite numbers; and those that may also be None.
+_POSITIVE = ("rtol", "shift_bound", "compensation_bound", "guard_factor", "tail_factor")
+_OPTIONAL_POSITIVE = ("flow_sigma_max", "worst_factor", "step_ratio", "norm_cap", "tail_ranking")
+#: Factors that must be at least 1 where given (None: off).
+_AT_LEAST_ONE = ("step_ratio", "norm_cap", "tail_ranking")
+#: Options that are True or False.
+_FLAGS = (
+    "order_search",
+    "corrector_search",
+    "extrapolate_final",
+    "tail_walk_back",
+    "tail_accept",
+    "tail_accept_capped",
+    "guard_fallback",
+)
+#: Options with named values, and the accepted ones.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "v3_noise": V3_NOISES,
+    "rank_rows": RANK_ROWS,
+    "tail_trigger": TAIL_TRIGGERS,
+    "guard_rule": GUARD_RULES,
+}
 
 
 #: DPM-Solver-v3's stage (a) candidates (:attr:`TuneOptions.v3_points`): the official

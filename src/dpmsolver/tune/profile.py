@@ -101,11 +101,11 @@ class BudgetChoice:
     Attributes:
         nfe: the budget (network evaluations per sample).
         guidance_scale: the classifier-free guidance scale.
-        solver, options: the solver (registry name) and its options (order included).
-        grid, rho, sigma_end, final_step: the recipe's grid, as
-            :class:`~dpmsolver.recipe.Recipe` (used when ``times`` is None).
-        times: schedule times of the fitted noisy knots, first to last (None: the grid's);
-            the run ends with the data-prediction step to sigma = 0.
+        recipe: what to sample with: solver, options, grid or fitted knots
+            (:attr:`~dpmsolver.recipe.Recipe.timesteps`, first to last, then the
+            data-prediction step to sigma = 0) and what the later stages fitted on them
+            (model-time shifts, orders, compensation, correction, the norm cap, the step
+            limit and the correction envelope).
         stage: what the choice came from: ``"default"``, ``"selection"``, ``"steps"``,
             ``"shifts"``, ``"orders"``, ``"compensation"`` or ``"correction"`` (stages (d)
             and (e) keep the stage they change).
@@ -114,84 +114,107 @@ class BudgetChoice:
         default_heldout_error: the default recipe's held-out error, for comparison.
         evaluations, seconds: what tuning this budget cost (seconds of wall time, which
             budgets tuned side by side share: :func:`tune`'s ``workers``).
-        model_shifts: stage (c)'s log-SNR offsets of the network's time per noisy knot
-            (:attr:`~dpmsolver.recipe.Recipe.model_shifts`), or None.
-        lower_order_final: the recipe lowers its last orders whatever the step count
-            (:attr:`~dpmsolver.recipe.Recipe.lower_order_final`; None: the default rule).
         guard_refused: the stages whose choice the blow-up guard refused, latest first
             (:attr:`TuneOptions.guard_rows`; empty when it refused none).
-        x0_norm_cap: the per-sample bound on the data prediction's norm the recipe samples
-            with (:attr:`TuneOptions.norm_cap`; None: none).
-        step_limit: the per-sample bound on each step's departure from the first-order
-            step the recipe samples with (:attr:`TuneOptions.step_limit`, or calibrated by
-            :attr:`TuneOptions.step_limit_margin`; None: none).
-        pilot_correction: where the step limit was calibrated, the largest ratio of a
-            step's correction to its first-order step on the pilot (None: not calibrated).
-        step_envelope: per step, the largest correction norm a sample may make beyond the
-            first-order step, calibrated on the pilot (:attr:`TuneOptions.envelope_margin`;
-            :attr:`~dpmsolver.recipe.Recipe.step_envelope`), or None.
-        envelope_persistence: consecutive steps over the envelope before it binds on a
-            sample (:attr:`TuneOptions.envelope_persistence`).
-        compensation: stage (f)'s ratios, one per step after the first
-            (:attr:`~dpmsolver.recipe.Recipe.compensation`), or None.
-        correction: stage (g)'s coordinates, one tuple per step
-            (:attr:`~dpmsolver.recipe.Recipe.correction`), or None.
-        sigma_max: the k-diffusion sigma where the grid's spacing starts after its first
-            step (:attr:`~dpmsolver.recipe.Recipe.sigma_max`; :attr:`TuneOptions.flow_sigma_max`),
-            or None.
-        orders: stage (h)'s order of each step (:attr:`~dpmsolver.recipe.Recipe.orders`),
-            or None.
+        pilot_correction: where the step limit was calibrated
+            (:attr:`TuneOptions.step_limit_margin`), the largest ratio of a step's correction
+            to its first-order step on the pilot (None: not calibrated).
     """
 
     nfe: int
     guidance_scale: float
-    solver: str
-    options: Mapping[str, Any]
-    grid: str | None
-    rho: float | None
-    sigma_end: float | None
-    final_step: str
-    times: tuple[float, ...] | None
+    recipe: Recipe
     stage: str
     calibration_error: float
     heldout_error: float
     default_heldout_error: float
     evaluations: int = 0
     seconds: float = 0.0
-    model_shifts: tuple[float, ...] | None = None
-    lower_order_final: bool | None = None
     guard_refused: tuple[str, ...] = ()
-    x0_norm_cap: tuple[tuple[float, float], ...] | None = None
-    step_limit: float | None = None
-    compensation: tuple[float, ...] | None = None
-    correction: tuple[tuple[float, ...], ...] | None = None
-    sigma_max: float | None = None
-    orders: tuple[int, ...] | None = None
     pilot_correction: float | None = None
-    step_envelope: tuple[float, ...] | None = None
-    envelope_persistence: int = 1
 
-    def recipe(self) -> Recipe:
-        """The choice as a :class:`~dpmsolver.recipe.Recipe`."""
-        return Recipe(
-            self.solver,
-            dict(self.options),
-            grid=self.grid,  # type: ignore[arg-type]
-            rho=self.rho,
-            sigma_max=self.sigma_max,
-            sigma_end=self.sigma_end,
-            final_step=self.final_step,  # type: ignore[arg-type]
-            timesteps=self.times,
-            model_shifts=self.model_shifts,
-            lower_order_final=self.lower_order_final,
-            x0_norm_cap=self.x0_norm_cap,
-            step_limit=self.step_limit,
-            compensation=self.compensation,
-            correction=self.correction,
-            orders=self.orders,
-            step_envelope=self.step_envelope,
-            envelope_persistence=self.envelope_persistence,
-        )
+    def with_recipe(self, **changes: Any) -> BudgetChoice:
+        """This choice with ``changes`` made to its recipe."""
+        return dataclasses.replace(self, recipe=dataclasses.replace(self.recipe, **changes))
+
+
+#: A choice's recipe fields in the profile's JSON, by their key there (the file format
+#: predates :attr:`BudgetChoice.recipe`: a choice's recipe is stored flat, beside its errors,
+#: and its fitted knots under ``"times"``). A tuned recipe never sets the others (its start,
+#: end and final kind are the grid's own).
+_RECIPE_KEYS: dict[str, str] = {
+    "solver": "solver",
+    "options": "options",
+    "grid": "grid",
+    "rho": "rho",
+    "sigma_end": "sigma_end",
+    "final_step": "final_step",
+    "times": "timesteps",
+    "model_shifts": "model_shifts",
+    "lower_order_final": "lower_order_final",
+    "x0_norm_cap": "x0_norm_cap",
+    "step_limit": "step_limit",
+    "compensation": "compensation",
+    "correction": "correction",
+    "sigma_max": "sigma_max",
+    "orders": "orders",
+    "step_envelope": "step_envelope",
+    "envelope_persistence": "envelope_persistence",
+}
+
+
+#: The recipe keys of every format (1 on): a choice without one of them is damaged.
+_RECIPE_KEYS_OF_EVERY_FORMAT = (
+    "solver",
+    "options",
+    "grid",
+    "rho",
+    "sigma_end",
+    "final_step",
+    "times",
+)
+
+
+def _choice_json(c: BudgetChoice) -> dict[str, Any]:
+    """One choice as JSON data: its own fields and its recipe's, flat."""
+    data = dataclasses.asdict(dataclasses.replace(c, recipe=Recipe()))
+    del data["recipe"]
+    for key, name in _RECIPE_KEYS.items():
+        value = getattr(c.recipe, name)
+        data[key] = _options_json(value) if key == "options" else value
+    return data
+
+
+def _choice_of(data: Mapping[str, Any]) -> BudgetChoice:
+    """:func:`_choice_json`'s inverse; a key an older format lacks takes the default, and a
+    key every format has is required."""
+
+    def floats(v: Any) -> tuple[float, ...] | None:
+        return None if v is None else tuple(float(x) for x in v)
+
+    parse: dict[str, Callable[[Any], Any]] = {
+        "times": floats,
+        "model_shifts": floats,
+        "x0_norm_cap": _pairs,
+        "compensation": floats,
+        "correction": _rows_of,
+        "orders": _ints,
+        "step_envelope": floats,
+        "options": _options_of,
+    }
+    missing = [k for k in _RECIPE_KEYS_OF_EVERY_FORMAT if k not in data]
+    if missing:
+        raise KeyError(", ".join(missing))
+    recipe = Recipe(
+        **{
+            name: parse.get(key, lambda v: v)(data[key])
+            for key, name in _RECIPE_KEYS.items()
+            if key in data
+        }
+    )
+    own = {k: v for k, v in data.items() if k not in _RECIPE_KEYS}
+    own["guard_refused"] = tuple(str(v) for v in own.get("guard_refused", ()))
+    return BudgetChoice(**own, recipe=recipe)
 
 
 #: What a choice may carry that k-diffusion sigmas cannot (:meth:`Profile.sigmas` warns of
@@ -200,46 +223,46 @@ class BudgetChoice:
 #: leaves it out (None: none does).
 _NOT_IN_SIGMAS: tuple[tuple[Callable[[BudgetChoice], bool], str, str, str | None], ...] = (
     (
-        lambda c: c.model_shifts is not None,
+        lambda c: c.recipe.model_shifts is not None,
         "also moves the network's time at its knots (model_shifts, stage (c))",
         "they are dropped (the choice before stage (c)); dpmsolver.sample and the diffusers "
         "scheduler apply them",
         "shift_runs=0 (CLI: --shift-runs 0)",
     ),
     (
-        lambda c: c.compensation is not None,
+        lambda c: c.recipe.compensation is not None,
         "also compensates its data predictions (compensation, stage (f))",
         "they run without it; dpmsolver.sample and the diffusers scheduler apply it",
         "compensation_runs=0 (CLI: --compensation-runs 0)",
     ),
     (
-        lambda c: c.correction is not None,
+        lambda c: c.recipe.correction is not None,
         "also corrects its data predictions (correction, stage (g))",
         "they run without it; dpmsolver.sample applies it",
         "correction_components=0 (CLI: --correction-components 0)",
     ),
     (
-        lambda c: bool(c.lower_order_final),
+        lambda c: bool(c.recipe.lower_order_final),
         "lowers its last orders (lower_order_final)",
         "they keep the order to the end; dpmsolver.sample and the diffusers scheduler run it "
         "as tuned",
         None,
     ),
     (
-        lambda c: c.orders is not None,
+        lambda c: c.recipe.orders is not None,
         "sets the order of each step (orders, stage (h))",
         "they keep their own; dpmsolver.sample and the diffusers scheduler run it as tuned",
         "order_search=False",
     ),
     (
-        lambda c: bool(c.options.get("corrector_skip")),
+        lambda c: bool(c.recipe.options.get("corrector_skip")),
         "leaves some steps' results uncorrected (UniPC's corrector_skip, stage (i))",
         "they correct after every step; dpmsolver.sample and the diffusers scheduler run it "
         "as tuned",
         "corrector_search=False",
     ),
     (
-        lambda c: c.final_step != "denoise",
+        lambda c: c.recipe.final_step != "denoise",
         "extrapolates its step into sigma = 0 (final_step={final_step!r})",
         "they end with the denoising step; dpmsolver.sample and the diffusers scheduler run "
         "it as tuned",
@@ -305,7 +328,7 @@ class Profile:
         self.check(schedule, prediction)
         c = self.choice(nfe, guidance_scale)
         if c is not None:
-            return c.recipe()
+            return c.recipe
         held = ", ".join(f"(w={x.guidance_scale:g}, nfe={x.nfe})" for x in self.choices)
         warnings.warn(
             f"the profile has no choice for nfe={nfe} at guidance {guidance_scale:g} (it holds "
@@ -319,24 +342,24 @@ class Profile:
         k-diffusion-style functions). Sigmas cannot carry a choice's model-time shifts
         (stage (c)): they are dropped with a warning, which leaves the choice stage (b) kept
         (tune with ``shift_runs=0`` to keep the profile's errors exact for these functions).
-        Nor can they carry the choice's norm cap (:attr:`BudgetChoice.x0_norm_cap`) or step
-        limit (:attr:`BudgetChoice.step_limit`), which bind on samples thrown off the data:
-        those functions run without them. An extrapolated step into sigma = 0 (stage (e))
-        they take as the denoising step, with a warning."""
+        Nor can they carry the choice's norm cap or step limit
+        (:attr:`~dpmsolver.recipe.Recipe.x0_norm_cap`, ``step_limit``), which bind on samples
+        thrown off the data: those functions run without them. An extrapolated step into
+        sigma = 0 (stage (e)) they take as the denoising step, with a warning."""
         c = self.choice(nfe, guidance_scale)
         if c is None:
             raise KeyError(f"the profile has no choice for nfe={nfe}, guidance {guidance_scale:g}")
         for carries, what, then, leave_out in _NOT_IN_SIGMAS:
             if carries(c):
                 tail = f", or tune with {leave_out} for these functions" if leave_out else ""
-                does = what.format(final_step=c.final_step)
+                does = what.format(final_step=c.recipe.final_step)
                 warnings.warn(
                     f"the profile's choice for nfe={nfe} at guidance {guidance_scale:g} "
                     f"{does}, which the k-diffusion functions cannot carry: {then}{tail}",
                     stacklevel=2,
                 )
         self.check(schedule, self.prediction)
-        grid = c.recipe().plan(schedule, nfe=None if c.times else nfe).grid
+        grid = c.recipe.plan(schedule, nfe=None if c.recipe.timesteps else nfe).grid
         return grid.ksigmas
 
     # -------------------------------------------------------------- files
@@ -344,13 +367,7 @@ class Profile:
     def to_json(self) -> dict[str, Any]:
         """The profile as JSON-compatible data."""
         data = dataclasses.asdict(dataclasses.replace(self, choices=()))
-        data["choices"] = [
-            {
-                **dataclasses.asdict(dataclasses.replace(c, options={})),
-                "options": _options_json(c.options),
-            }
-            for c in self.choices
-        ]
+        data["choices"] = [_choice_json(c) for c in self.choices]
         return data
 
     def save(self, path: str | Path) -> None:
@@ -379,27 +396,8 @@ class Profile:
                 "tune again with this version"
             )
 
-        def floats(v: Any) -> tuple[float, ...] | None:
-            return None if v is None else tuple(float(x) for x in v)
-
         try:
-            choices = tuple(
-                BudgetChoice(
-                    **{
-                        **c,
-                        "times": floats(c["times"]),
-                        "model_shifts": floats(c.get("model_shifts")),
-                        "guard_refused": tuple(str(v) for v in c.get("guard_refused", ())),
-                        "x0_norm_cap": _pairs(c.get("x0_norm_cap")),
-                        "compensation": floats(c.get("compensation")),
-                        "correction": _rows_of(c.get("correction")),
-                        "orders": _ints(c.get("orders")),
-                        "step_envelope": floats(c.get("step_envelope")),
-                        "options": _options_of(c["options"]),
-                    }
-                )
-                for c in data["choices"]
-            )
+            choices = tuple(_choice_of(c) for c in data["choices"])
             return cls(**{**data, "format": PROFILE_FORMAT, "choices": choices})
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{source} is damaged ({e}); tune again") from None

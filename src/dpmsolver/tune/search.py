@@ -169,7 +169,7 @@ def tune(
                 found = [_rescore(prob, c) for c in found]
             cap = prob.norm_cap(opts.norm_cap)
             found = [_calibrated(prob, c, cap, opts) for c in found]
-            choices += [dataclasses.replace(c, x0_norm_cap=cap) for c in found]
+            choices += [c.with_recipe(x0_norm_cap=cap) for c in found]
             rtol, ref_error = max(rtol, prob.rtol), max(ref_error, prob.ref_error)
             rows += den.rows + sum(c.evaluations for c in found)
             rows += 0 if merger is None else merger.extra_rows
@@ -198,14 +198,16 @@ def _calibrated(
     are the probe's, bit for bit."""
     if opts.step_limit_margin is None and opts.envelope_margin is None:
         return choice
-    recipe = choice.recipe()
+    recipe = choice.recipe
     probe = prob.step_ratios(recipe, choice.nfe, cap)
     plan = prob.plan(recipe, choice.nfe)
     if probe is None or plan is None:
         return choice
-    if opts.step_limit_margin is not None and choice.step_limit is None and probe.largest > 0:
+    if opts.step_limit_margin is not None and recipe.step_limit is None and probe.largest > 0:
         kappa = max(STEP_LIMIT_FLOOR, opts.step_limit_margin * probe.largest)
-        choice = dataclasses.replace(choice, step_limit=kappa, pilot_correction=probe.largest)
+        choice = dataclasses.replace(
+            choice.with_recipe(step_limit=kappa), pilot_correction=probe.largest
+        )
     if opts.envelope_margin is not None:
         steps = len(plan.steps)
         # the probe saw only the steps the loop hands it: the step into sigma = 0 is not one
@@ -218,8 +220,8 @@ def _calibrated(
             for c, d in zip(seen_c, seen_d, strict=True)
         )
         if any(envelope):  # else first order throughout: nothing to bound
-            choice = dataclasses.replace(
-                choice, step_envelope=envelope, envelope_persistence=opts.envelope_persistence
+            choice = choice.with_recipe(
+                step_envelope=envelope, envelope_persistence=opts.envelope_persistence
             )
     return choice
 
@@ -372,7 +374,7 @@ def _lanes(budgets: Sequence[int], lanes: int) -> list[int]:
 
 def _rescore(prob: _Problem, c: BudgetChoice) -> BudgetChoice:
     """``c``'s errors against ``prob``'s (tighter) reference."""
-    x = prob.run(c.recipe(), c.nfe)
+    x = prob.run(c.recipe, c.nfe)
     return dataclasses.replace(
         c,
         calibration_error=_rms_rows(prob, x, prob.cal),
@@ -411,23 +413,17 @@ def _budget_choice(
     return BudgetChoice(
         nfe=best.nfe,
         guidance_scale=w,
-        solver=r.solver,
-        options={k: getattr(v, "value", v) for k, v in r.options.items()},  # JSON values
-        grid=r.grid,
-        rho=r.rho,
-        sigma_max=r.sigma_max,
-        sigma_end=r.sigma_end,
-        final_step=r.final_step,
-        times=r.timesteps,
+        # JSON values for the options; a tuned recipe's start, end and final are the grid's
+        recipe=dataclasses.replace(
+            r,
+            options={k: getattr(v, "value", v) for k, v in r.options.items()},
+            t_start=None,
+            t_end=None,
+            final="zero",
+        ),
         stage=best.stage,
         calibration_error=best.cal,
         heldout_error=float(best.held.pow(2).mean().sqrt()),
         default_heldout_error=float(default.held.pow(2).mean().sqrt()),
-        model_shifts=r.model_shifts,
-        lower_order_final=r.lower_order_final,
         guard_refused=refused,
-        step_limit=r.step_limit,
-        compensation=r.compensation,
-        correction=r.correction,
-        orders=r.orders,
     )
