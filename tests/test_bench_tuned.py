@@ -79,3 +79,20 @@ def test_a_joined_rerender_writes_the_joined_cells(
     fresh = rows_from_tuned_csv(read_text(str(new)))
     assert len(joined) == len(rows_from_tuned_csv(read_text(str(old)))) == 256
     assert all(joined[r.problem, r.guidance, r.nfe].tuned == r.tuned for r in fresh)
+
+
+def test_a_rerendered_run_is_written_where_out_says(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--from-csv X --out F`` writes the page to F as well as printing it (it used to print
+    only, so each round's record was written from stdout)."""
+    from pathlib import Path
+
+    from dpmsolver.bench.tuned import main
+
+    rec = Path(__file__).resolve().parents[1] / "benchmarks"
+    out = Path(str(tmp_path)) / "page.md"
+    assert main(["--from-csv", str(rec / "tuned_fresh7.csv.gz"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text().strip() == printed.strip()
+    assert "| tuned <= best peer (every cell) | 256 | 232 | 24 | 0.35 | 4.38 |" in printed

@@ -956,7 +956,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = [r for r in run if r.nfe in given_nfes]
         if args.csv:  # the joined run, e.g. a record with some problems re-run
             write_text(args.csv, rows_csv(run))
-        print(comparison(_rows_of(args.compare), run) if args.compare else markdown(run, None))
+        page = comparison(_rows_of(args.compare), run) if args.compare else markdown(run, None)
+        publish(page, args.out)
         return 0
     torch.set_num_threads(1)
     pilot = args.pilot or (16 if args.quick else PILOT)
