@@ -391,3 +391,25 @@ def test_missing_peer_packages_are_skipped(monkeypatch: pytest.MonkeyPatch) -> N
     assert {c.source for c in peer_suite._build_configs()} == {"k-diffusion"}
     monkeypatch.setattr(peer_suite, "load_kdiffusion_sampling", lambda: None)
     assert peer_suite._build_configs() == []
+
+
+def test_a_rerun_keeps_the_hand_kept_commands_paragraph(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out`` onto a record whose ``Commands:`` paragraph is kept by hand (the history of
+    the runs that measured its problems) keeps it, and names the new run on stderr to add;
+    onto a new file it writes the run's own ``Command:`` line."""
+    from pathlib import Path
+
+    out = Path(str(tmp_path)) / "baseline.md"
+    csv = Path(__file__).resolve().parents[1] / "benchmarks" / "suite_baseline.csv.gz"
+    argv = ["--quick", "--problems", "mix16-sd", "--reuse", str(csv), "--out", str(out)]
+    assert suite.main(argv) == 0  # every problem reused: nothing runs
+    assert "\nCommand: `python -m dpmsolver.bench.suite --quick" in out.read_text()
+    history = "Commands: the first run (40.3 min), then the second (1.2 min)."
+    out.write_text(out.read_text().replace("Command: `", f"{history}\n\nOld: `", 1))
+    capsys.readouterr()
+    assert suite.main(argv) == 0
+    text = out.read_text()
+    assert history in text and "\nCommand: `" not in text
+    assert "kept its hand-kept 'Commands:' paragraph; add this run to it" in capsys.readouterr().err

@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -83,6 +84,7 @@ __all__ = [
     "baseline_markdown",
     "digits_network_problem",
     "get_problem",
+    "kept_commands",
     "main",
     "make_schedule_named",
     "rows_from_csv",
@@ -955,6 +957,18 @@ def _ratio(r: BaselineRow) -> float:
     return max(r.ours, 1e-300) / max(r.best_peer, 1e-300)
 
 
+def kept_commands(out: str | None) -> str | None:
+    """The hand-kept ``Commands:`` paragraph of an existing record at ``out`` (the history
+    of the runs that measured its problems, which a new run's one-line ``Command:`` would
+    overwrite), or None."""
+    if out is None or not Path(out).is_file():
+        return None
+    for paragraph in Path(out).read_text().split("\n\n"):
+        if paragraph.startswith("Commands:"):
+            return paragraph
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m dpmsolver.bench.suite [--quick] [--out FILE.md] [--csv FILE.csv] ...``:
     the baseline table as markdown on stdout (and in ``--out``), every error in ``--csv``."""
@@ -1027,6 +1041,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ours == DEFAULT_OURS
         else f"solver='{args.ours}'"
     )
+    ran_line = (
+        f"Command: `{command}`; took {seconds / 60:.1f} min on one CPU thread (shared "
+        f"machine) for the {ran} problem(s) it ran"
+        + (f"; the other {len(problems) - ran} are `--reuse`d as recorded" if old else "")
+        + "."
+    )
+    history = kept_commands(args.out)
+    if history is not None:
+        print(
+            f"{args.out}: kept its hand-kept 'Commands:' paragraph; add this run to it: {ran_line}",
+            file=sys.stderr,
+        )
     text = (
         f"# Baseline on the sampling suite: our {args.ours} against the best peer\n\n"
         f"RMS error against the exact sample; {batch} samples per problem (labels cycling "
@@ -1035,10 +1061,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"NFE (configurations that cannot spend it are skipped); ours is `dpmsolver.sample` "
         f"{what} at `nfe=N` on its default grid (log-SNR; uniform in shifted time on "
         "rectified flow, a thousandth of the range in from pure noise).\n\n"
-        f"Command: `{command}`; took {seconds / 60:.1f} min on one CPU thread (shared "
-        f"machine) for the {ran} problem(s) it ran"
-        + (f"; the other {len(problems) - ran} are `--reuse`d as recorded" if old else "")
-        + ".\n\n"
+        + (history if history is not None else ran_line)
+        + "\n\n"
         + baseline_markdown(rows, problems)
         + "\n## Peer configurations\n\n"
         + config_table()
