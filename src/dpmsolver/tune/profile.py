@@ -177,8 +177,7 @@ _RECIPE_KEYS_OF_EVERY_FORMAT = (
 
 def _choice_json(c: BudgetChoice) -> dict[str, Any]:
     """One choice as JSON data: its own fields and its recipe's, flat."""
-    data = dataclasses.asdict(dataclasses.replace(c, recipe=Recipe()))
-    del data["recipe"]
+    data = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "recipe"}
     for key, name in _RECIPE_KEYS.items():
         value = getattr(c.recipe, name)
         data[key] = _options_json(value) if key == "options" else value
@@ -188,18 +187,14 @@ def _choice_json(c: BudgetChoice) -> dict[str, Any]:
 def _choice_of(data: Mapping[str, Any]) -> BudgetChoice:
     """:func:`_choice_json`'s inverse; a key an older format lacks takes the default, and a
     key every format has is required."""
-
-    def floats(v: Any) -> tuple[float, ...] | None:
-        return None if v is None else tuple(float(x) for x in v)
-
     parse: dict[str, Callable[[Any], Any]] = {
-        "times": floats,
-        "model_shifts": floats,
+        "times": _floats,
+        "model_shifts": _floats,
         "x0_norm_cap": _pairs,
-        "compensation": floats,
+        "compensation": _floats,
         "correction": _rows_of,
         "orders": _ints,
-        "step_envelope": floats,
+        "step_envelope": _floats,
         "options": _options_of,
     }
     missing = [k for k in _RECIPE_KEYS_OF_EVERY_FORMAT if k not in data]
@@ -421,6 +416,10 @@ def _options_of(data: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("corrector_skip"), list):  # JSON has no tuples
         out["corrector_skip"] = tuple(out["corrector_skip"])
     return out
+
+
+def _floats(v: Any) -> tuple[float, ...] | None:
+    return None if v is None else tuple(float(x) for x in v)
 
 
 def _pairs(v: Any) -> tuple[tuple[float, float], ...] | None:

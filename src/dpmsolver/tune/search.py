@@ -200,15 +200,16 @@ def _calibrated(
         return choice
     recipe = choice.recipe
     probe = prob.step_ratios(recipe, choice.nfe, cap)
-    plan = prob.plan(recipe, choice.nfe)
-    if probe is None or plan is None:
+    if probe is None:
         return choice
     if opts.step_limit_margin is not None and recipe.step_limit is None and probe.largest > 0:
         kappa = max(STEP_LIMIT_FLOOR, opts.step_limit_margin * probe.largest)
         choice = dataclasses.replace(
             choice.with_recipe(step_limit=kappa), pilot_correction=probe.largest
         )
-    if opts.envelope_margin is not None:
+    margin = opts.envelope_margin
+    plan = None if margin is None else prob.plan(recipe, choice.nfe)
+    if margin is not None and plan is not None:
         steps = len(plan.steps)
         # the probe saw only the steps the loop hands it: the step into sigma = 0 is not one
         seen_c = (probe.corrections + [0.0] * steps)[:steps]
@@ -216,7 +217,7 @@ def _calibrated(
         # a step whose corrections are rounding (the first-order step of a multistep
         # start) gets no bound: 0
         envelope = tuple(
-            opts.envelope_margin * c if c > _NO_CORRECTION * d else 0.0
+            margin * c if c > _NO_CORRECTION * d else 0.0
             for c, d in zip(seen_c, seen_d, strict=True)
         )
         if any(envelope):  # else first order throughout: nothing to bound
