@@ -364,6 +364,23 @@ SPECS: tuple[MixtureSpec, ...] = (
         ),
         MixtureSpec("iso64-flow", "selection", "flow", 64, 20, 5, "isotropic", 0, "near", 1.0),
     ),
+    # the seventh fresh round (stop 61; benchmarks/policy_round7.md): scored once as unseen
+    # problems, then (stop 62) moved here
+    *_scored_in(
+        7,
+        MixtureSpec("diag16-sd", "selection", "sd", 16, 6, 3, "diagonal", 0, "near", 0.3),
+        MixtureSpec(
+            "lowrank128-vplin", "selection", "vp_linear", 128, 10, 5, "lowrank", 4, "near", 1.0
+        ),
+        MixtureSpec("ill64-cos", "selection", "vp_cosine", 64, 8, 4, "illcond", 2, "far", 0.5),
+        MixtureSpec("iso16-edm", "selection", "edm", 16, 6, 3, "isotropic", 0, "near", 1.0),
+        MixtureSpec("lowrank64-edm", "selection", "edm", 64, 20, 5, "lowrank", 3, "far", 0.5),
+        MixtureSpec("diag128-flow", "selection", "flow", 128, 10, 5, "diagonal", 0, "far", 1.0),
+        MixtureSpec("lowrank8-flow", "selection", "flow", 8, 12, 4, "lowrank", 2, "near", 3.0),
+        MixtureSpec(
+            "ill256-flow3", "selection", "flow_shift3", 256, 6, 3, "illcond", 2, "far", 0.3
+        ),
+    ),
     # ---- held out: never used to choose anything; the README reports on these
     MixtureSpec("iso2-sd", "held_out", "sd", 2, 25, 5, "isotropic", 0, "far", 3.0),
     MixtureSpec("lowrank256-vplin", "held_out", "vp_linear", 256, 12, 4, "lowrank", 6, "far", 0.3),
@@ -373,17 +390,17 @@ SPECS: tuple[MixtureSpec, ...] = (
     MixtureSpec("iso8-flow", "held_out", "flow", 8, 4, 2, "isotropic", 0, "far", 1.0),
     MixtureSpec("lowrank128-sd", "held_out", "sd", 128, 50, 5, "lowrank", 3, "near", 0.3),
     MixtureSpec("ill512-edm", "held_out", "edm", 512, 6, 3, "illcond", 2, "far", 1.0),
-    # ---- fresh (stop 61, seventh round): defined before the default was re-chosen with the
-    # sixth round in the selection half (benchmarks/policy_round7.md), and scored once;
+    # ---- fresh (stop 62, eighth round): defined before the default was re-chosen with the
+    # seventh round in the selection half (benchmarks/policy_round8.md), and scored once;
     # never used to choose anything
-    MixtureSpec("diag16-sd", "fresh", "sd", 16, 6, 3, "diagonal", 0, "near", 0.3),
-    MixtureSpec("lowrank128-vplin", "fresh", "vp_linear", 128, 10, 5, "lowrank", 4, "near", 1.0),
-    MixtureSpec("ill64-cos", "fresh", "vp_cosine", 64, 8, 4, "illcond", 2, "far", 0.5),
-    MixtureSpec("iso16-edm", "fresh", "edm", 16, 6, 3, "isotropic", 0, "near", 1.0),
-    MixtureSpec("lowrank64-edm", "fresh", "edm", 64, 20, 5, "lowrank", 3, "far", 0.5),
-    MixtureSpec("diag128-flow", "fresh", "flow", 128, 10, 5, "diagonal", 0, "far", 1.0),
-    MixtureSpec("lowrank8-flow", "fresh", "flow", 8, 12, 4, "lowrank", 2, "near", 3.0),
-    MixtureSpec("ill256-flow3", "fresh", "flow_shift3", 256, 6, 3, "illcond", 2, "far", 0.3),
+    MixtureSpec("lowrank256-sd", "fresh", "sd", 256, 12, 4, "lowrank", 6, "near", 1.0),
+    MixtureSpec("iso8-vplin", "fresh", "vp_linear", 8, 10, 5, "isotropic", 0, "near", 0.5),
+    MixtureSpec("diag32-cos", "fresh", "vp_cosine", 32, 16, 4, "diagonal", 0, "far", 3.0),
+    MixtureSpec("ill128-edm", "fresh", "edm", 128, 6, 3, "illcond", 2, "near", 0.5),
+    MixtureSpec("iso256-edm", "fresh", "edm", 256, 8, 4, "isotropic", 0, "far", 0.3),
+    MixtureSpec("lowrank64-flow", "fresh", "flow", 64, 16, 4, "lowrank", 3, "near", 1.0),
+    MixtureSpec("ill32-flow", "fresh", "flow", 32, 8, 4, "illcond", 2, "far", 3.0),
+    MixtureSpec("diag512-flow3", "fresh", "flow_shift3", 512, 10, 5, "diagonal", 0, "near", 1.0),
 )
 
 #: Fresh rounds already scored, in order: each tuple's problems were defined before a
