@@ -21,6 +21,7 @@ from dpmsolver.bench.policy import (
     recipe_label,
     rows_from_text,
     rule_named,
+    usable_cells,
 )
 from dpmsolver.bench.records import read_text
 from dpmsolver.bench.suite import make_schedule_named, rows_from_csv
@@ -74,7 +75,7 @@ def test_the_claim_is_what_the_recorded_errors_say(
     assert chosen is not None
     rule = rule_named(chosen.group(1))
     sel, held = study.problems("selection"), study.problems(split)
-    assert len(sel) == 60 and len(held) == count
+    assert len(sel) == 68 and len(held) == count
     table = fit(study.ratios, study.family, sel, rule.granularity, study.candidates, rule.power)
     ours = policy_ratios(table, study.ratios, study.family, held)
     assert len(ours) == 32 * count and all(math.isfinite(v) for v in ours.values())
@@ -96,6 +97,54 @@ def test_the_claim_is_what_the_recorded_errors_say(
     for method, key in (("library default dpmpp_2m", "default"), ("previous auto", "previous")):
         got = [v[method] for c, v in study.ratios.items() if c[0] in held]
         assert len(got) == 32 * count and m.group(key) == _fmt(max(got))
+
+
+@pytest.mark.parametrize("split", ["held_out", "fresh"])
+def test_the_usable_cells_line_is_what_the_recorded_errors_say(
+    study: Study, markdown: str, split: str
+) -> None:
+    word = split.replace("_", "-")
+    m = re.search(
+        rf"USABLE: {word} worst ratio over usable cells (?P<ours>[0-9.e+]+) \((?P<cell>[^)]*)\), "
+        r"(?P<verdict>below|NOT below) every peer configuration's worst over its usable cells "
+        r"\(the smallest: (?P<peer>[0-9.e+]+), (?P<label>[^,]+), over (?P<cells>\d+) cells\)",
+        markdown,
+    )
+    assert m is not None, f"benchmarks/policy.md lost its {word} USABLE line"
+    chosen = re.search(r"### Chosen: (.+), per left-out problem", markdown)
+    assert chosen is not None
+    rule = rule_named(chosen.group(1))
+    table = fit(
+        study.ratios,
+        study.family,
+        study.problems("selection"),
+        rule.granularity,
+        study.candidates,
+        rule.power,
+    )
+    problems = study.problems(split)
+    usable = usable_cells(study, problems)
+    # a cell is usable where the best peer ends within the data's spread, and only there
+    stds = {(r.problem, r.guidance, r.nfe): (r.best_peer, r.data_std) for r in study.peers}
+    assert all(stds[c][0] < stds[c][1] for c in usable)
+    left = [c for c, (best, std) in stds.items() if c[0] in problems and c not in usable]
+    assert all(best >= std for best, std in (stds[c] for c in left))
+    ours = {
+        c: v
+        for c, v in policy_ratios(table, study.ratios, study.family, problems).items()
+        if c in usable
+    }
+    assert m.group("ours") == _fmt(max(ours.values()))
+    peers = {
+        k: {c: v for c, v in got.items() if c in usable}
+        for k, got in study.peer_ratios(problems).items()
+    }
+    worsts = {k: max(got.values()) for k, got in peers.items() if got}
+    label = min(worsts, key=lambda k: worsts[k])
+    assert (m.group("peer"), m.group("label")) == (_fmt(worsts[label]), label)
+    assert int(m.group("cells")) == len(peers[label])
+    below = all(max(ours.values()) < v for v in worsts.values())
+    assert m.group("verdict") == ("below" if below else "NOT below")
 
 
 def test_auto_ships_the_table_the_rule_picks_from_the_record(study: Study, markdown: str) -> None:
@@ -144,7 +193,7 @@ def test_the_recorded_splits_are_the_suites(study: Study) -> None:
     from dpmsolver.bench.suite import FRESH_ROUNDS, get_problem
 
     assert {p: get_problem(p).split for p in study.split} == study.split
-    assert len(study.split) == 76
+    assert len(study.split) == 84
     # a finished fresh round is part of the selection half
     assert all(study.split[p] == "selection" for r in FRESH_ROUNDS for p in r)
 
@@ -172,7 +221,7 @@ def test_the_whole_suite_comparison_is_what_the_recorded_errors_say(
     everything = [p for ps in splits for p in ps]
     suite = study.peer_worst(everything)
     best = min(suite, key=lambda k: suite[k][0])
-    assert int(m.group(1)) == len(everything) == 76 and int(m.group(2)) == len(suite)
+    assert int(m.group(1)) == len(everything) == 84 and int(m.group(2)) == len(suite)
     assert m.group(3) == _fmt(suite[best][0]) and m.group(4) == best
     assert int(m.group(5)) == suite[best][1]
     blind = max(

@@ -131,6 +131,67 @@ def test_the_mse_rule_weighs_the_far_samples_against_the_rest(
     assert seen == ([] if mse is None else [["deis", "unipc", "ddim"]])  # latest first
 
 
+class _Masks(_Guard):
+    """A guard whose runs are given: each solver's rows beyond the bound."""
+
+    def __init__(self, far: dict[str, set[int]], rows: int = 20) -> None:
+        super().__init__(torch.zeros(1), list(range(rows)), 0.5)
+        self.far = far
+
+    def samples(self, prob, recipe, nfe, accept=False):  # type: ignore[no-untyped-def]
+        rows = self.far.get(recipe.solver)
+        if rows is None:
+            return None
+        return torch.tensor([[1.0 if i in rows else 0.0] for i in range(len(self.rows))])
+
+
+@pytest.mark.parametrize(
+    ("far", "z", "chosen", "refused"),
+    [
+        # nothing beyond, or the latest has the fewest: as the count
+        ({"ddim": set(), "unipc": set(), "deis": set()}, 2.0, "deis", ()),
+        ({"ddim": {0}, "unipc": {0}, "deis": set()}, 2.0, "deis", ()),
+        # one more far sample than the default: 1 < 2 sqrt(1), chance
+        ({"ddim": set(), "unipc": {3}}, 2.0, "unipc", ()),
+        # four more: 4 >= 2 sqrt(4), refused
+        ({"ddim": set(), "unipc": {0, 1, 2, 3}}, 2.0, "ddim", ("selection",)),
+        # three more on top of the default's two: 3 < 2 sqrt(3)
+        ({"ddim": {0, 1}, "unipc": {0, 1, 2, 3, 4}}, 2.0, "unipc", ()),
+        # discordant rows count both ways: 6 - 4 < 2 sqrt(10)
+        ({"ddim": {0, 1, 2, 3}, "unipc": set(range(4, 10))}, 2.0, "unipc", ()),
+        # a smaller z refuses one sample more
+        ({"ddim": set(), "unipc": {3}}, 0.5, "ddim", ("selection",)),
+    ],
+)
+def test_the_paired_rule_refuses_only_an_excess_that_stands(
+    far: dict[str, set[int]], z: float, chosen: str, refused: tuple[str, ...]
+) -> None:
+    guard = _Masks(far)
+    chain = _chain(*far)
+    opts = TuneOptions(guard_rule="paired", guard_z=z)
+    best, why = _guarded(guard, None, chain, 8, opts)  # type: ignore[arg-type]
+    assert (best.recipe.solver, why) == (chosen, refused)
+    # the count refuses wherever the paired rule does, and more
+    count, _ = _guarded(guard, None, chain, 8, TuneOptions(guard_rule="count"))  # type: ignore[arg-type]
+    if best.recipe.solver != chain[-1].recipe.solver:
+        assert count.recipe.solver == best.recipe.solver
+
+
+def test_the_paired_rule_walks_back_to_the_latest_whose_excess_does_not_stand() -> None:
+    # the count takes the default; deis's six more stand, unipc's one does not
+    far = {"ddim": set(), "unipc": {7}, "deis": set(range(6))}
+    best, why = _guarded(_Masks(far), None, _chain(*far), 8, TuneOptions(guard_rule="paired"))  # type: ignore[arg-type]
+    assert (best.recipe.solver, why) == ("unipc", ("steps",))
+    count, why = _guarded(_Masks(far), None, _chain(*far), 8, TuneOptions(guard_rule="count"))  # type: ignore[arg-type]
+    assert (count.recipe.solver, why) == ("ddim", ("steps", "selection"))
+    # a later choice that cannot run stays refused
+    far = {"ddim": set(), "unipc": {7}}
+    guard = _Masks(far)
+    guard.far = {"ddim": set()}  # unipc's runs now fail; its count is then all rows + 1
+    best, why = _guarded(guard, None, _chain("ddim", "unipc"), 8, TuneOptions(guard_rule="paired"))  # type: ignore[arg-type]
+    assert (best.recipe.solver, why) == ("ddim", ("selection",))
+
+
 def _held(solver: str, errors: list[float]) -> _Choice:
     return _Choice(Recipe(solver), "selection", 0.0, torch.tensor(errors, dtype=torch.float64), 8)
 
@@ -223,9 +284,9 @@ def test_tune_caps_the_guard_runs_but_for_the_count(patch_tune: Callable[[str, A
         return original(guard, *args)  # type: ignore[arg-type]
 
     patch_tune("_guarded", spy)
-    for rule in ("count", "capped", "mse"):
+    for rule in ("count", "capped", "mse", "paired"):
         dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6], guard_rule=rule, **COND, **FAST)
-    assert caps[0] is None
+    assert caps[0] is None and caps[3] is None
     assert caps[1] == caps[2] and caps[1] is not None and len(caps[1]) > 0  # type: ignore[arg-type]
 
 
@@ -290,7 +351,9 @@ def test_guard_options_are_checked() -> None:
         dp.tune(NET, Z, schedule=SD, guard_factor=1.0)
     with pytest.raises(ValueError, match="guard_factor"):
         dp.tune(NET, Z, schedule=SD, guard_factor=math.nan)
-    with pytest.raises(ValueError, match=r"guard_rule.*count.*capped.*mse"):
+    with pytest.raises(ValueError, match="guard_z"):
+        dp.tune(NET, Z, schedule=SD, guard_z=0.0)
+    with pytest.raises(ValueError, match=r"guard_rule.*count.*capped.*mse.*paired"):
         dp.tune(NET, Z, schedule=SD, guard_rule="fewest")
     with pytest.raises(ValueError, match="guard_fallback"):
         dp.tune(NET, Z, schedule=SD, guard_fallback="yes")

@@ -1138,6 +1138,72 @@ def _scorecard(
     return claim, out
 
 
+def usable_cells(study: Study, problems: Iterable[str]) -> set[Cell]:
+    """The cells of ``problems`` where the best peer configuration's RMS error is below the
+    problem's data standard deviation: where some method ends within the data's own spread
+    of the exact sample (the rule fixed before the eighth round,
+    benchmarks/policy_round8.md). Elsewhere every method fails, and a ratio compares two
+    failures."""
+    wanted = set(problems)
+    return {
+        (r.problem, r.guidance, r.nfe)
+        for r in study.peers
+        if r.problem in wanted and r.best_peer < r.data_std
+    }
+
+
+def usable_scorecard(
+    study: Study, table: PolicyTable, problems: Sequence[str], word: str
+) -> list[str]:
+    """The worst ratios of the policy ``table`` and of every peer configuration over the
+    :func:`usable_cells` of ``problems`` only: a second number beside the scorecard's, not
+    replacing it."""
+    usable = usable_cells(study, problems)
+    ours = {
+        c: v
+        for c, v in policy_ratios(table, study.ratios, study.family, problems).items()
+        if c in usable
+    }
+    if not ours:
+        return []
+    peers = {
+        label: {c: v for c, v in got.items() if c in usable}
+        for label, got in study.peer_ratios(problems).items()
+    }
+    peers = {label: got for label, got in peers.items() if got}
+    worst_cell = max(ours, key=lambda c: ours[c])
+    own = beaten_on_own_cells(ours, peers)
+    smallest = min(peers, key=lambda k: max(peers[k].values()))
+    verdict = (
+        "below"
+        if all(ours[worst_cell] < max(got.values()) for got in peers.values())
+        else "NOT below"
+    )
+    below_own = sum(ours_w < theirs for ours_w, theirs in own.values())
+    out = [f"### {word.capitalize()} problems, usable cells only\n"]
+    out.append(
+        f"The cells where the best peer configuration's RMS error is below the problem's data "
+        f"standard deviation ({len(ours)} of "
+        f"{len(policy_ratios(table, study.ratios, study.family, problems))}); elsewhere every "
+        "method ends farther from the exact sample than the data's own spread. A second "
+        "number beside the one above, by a rule fixed before the eighth round "
+        "(`benchmarks/policy_round8.md`).\n"
+    )
+    out.append(
+        f"USABLE: {word} worst ratio over usable cells {_fmt(ours[worst_cell])} "
+        f"({_cell(worst_cell)}), {verdict} every peer configuration's worst over its usable "
+        f"cells (the smallest: {_fmt(max(peers[smallest].values()))}, {smallest}, over "
+        f"{len(peers[smallest])} cells). On each configuration's own usable cells, our worst "
+        f"is below its worst for {below_own} of {len(own)} configurations.\n"
+    )
+    out.append("| method | its worst | cells | ours on those cells |")
+    out.append("|---|---|---|---|")
+    for label, (ours_w, theirs) in sorted(own.items(), key=lambda kv: kv[1][1])[:5]:
+        out.append(f"| {label} | {_fmt(theirs)} | {len(peers[label])} | {_fmt(ours_w)} |")
+    out.append("\n(the five configurations with the smallest worst)\n")
+    return out
+
+
 def whole_suite(study: Study, table: PolicyTable) -> list[str]:
     """The issue's comparison turned round: each peer configuration whose worst ratio on its
     own held-out or fresh cells is not above ours, scored on the selection problems too (the
@@ -1342,6 +1408,7 @@ def render(study: Study, *, note: str = "") -> str:
         )
     out.append(f"\n## Held-out half ({len(held)} problems)\n")
     out += held_lines
+    out += usable_scorecard(study, table, held, "held-out")
     if fresh:
         out.append(
             f"\n## Fresh problems ({len(fresh)}): the same scorecard on problems no one had "
@@ -1353,6 +1420,7 @@ def render(study: Study, *, note: str = "") -> str:
             "chosen and measured after it was; nothing was changed once they were scored.\n"
         )
         out += fresh_lines
+        out += usable_scorecard(study, table, fresh, "fresh")
         out += _fresh_rounds(study, rule)
         out += whole_suite(study, table)
     under = sum(1 for (c, m), s in study.spent.items() if m == PREVIOUS_LABEL and s != c[2])

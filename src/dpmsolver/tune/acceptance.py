@@ -131,8 +131,9 @@ def _guarded(
 ) -> tuple[_Choice, tuple[str, ...]]:
     """The latest of the stages' choices ``taken`` with the fewest guard blow-ups (with
     :attr:`TuneOptions.guard_rule` ``"mse"``, where that is not the last choice: the one
-    of those run with the smallest :func:`_blowup_mse`), and the stages refused for it
-    (latest first). The last choice runs first; earlier ones only while none is found
+    of those run with the smallest :func:`_blowup_mse`; with ``"paired"``, the latest
+    whose excess over that one does not stand, :func:`_excess_stands`), and the stages
+    refused for it (latest first). The last choice runs first; earlier ones only while none is found
     without a blow-up."""
     counts = [guard.blowups(prob, taken[-1].recipe, nfe)]
     for c in reversed(taken[:-1]):
@@ -144,7 +145,29 @@ def _guarded(
         mse = _blowup_mse(prob, guard, [taken[-1 - i] for i in range(len(counts))])
         if mse is not None:
             k = mse.index(min(mse))
+    elif k > 0 and opts.guard_rule == "paired":
+        fewest = taken[-1 - k]
+        k = next(
+            i for i in range(k + 1) if not _excess_stands(guard, prob, taken[-1 - i], fewest, opts)
+        )
     return taken[-1 - k], tuple(c.stage for c in reversed(taken[len(taken) - k :]))
+
+
+def _excess_stands(
+    guard: _Guard, prob: _Problem, later: _Choice, fewest: _Choice, opts: TuneOptions
+) -> bool:
+    """Whether ``later`` sends more guard samples beyond the bound than ``fewest`` by more
+    than chance (:attr:`TuneOptions.guard_rule` ``"paired"``): a sign test on the samples
+    beyond under one of them only, ``a - b >= guard_z * sqrt(a + b)``. A choice that cannot
+    run stands refused; ``fewest`` against itself does not."""
+    if later is fewest:
+        return False
+    runs = guard.runs_of(prob, [later, fewest])
+    if runs is None:
+        return True
+    x, y = (guard.beyond(r) for r in runs)
+    a, b = int((x & ~y).sum()), int((y & ~x).sum())
+    return a > b and a - b >= opts.guard_z * math.sqrt(a + b)
 
 
 def _fallback(

@@ -46,7 +46,9 @@ RANK_ROWS: tuple[str, ...] = ("calibration", "pilot", "worse")
 
 
 #: How the blow-up guard picks among the stages' choices (:attr:`TuneOptions.guard_rule`).
-GUARD_RULES: tuple[str, ...] = ("count", "capped", "mse")
+GUARD_RULES: tuple[str, ...] = ("count", "capped", "mse", "paired")
+#: The guard rules whose runs sample under the profile's norm cap.
+CAPPED_GUARD_RULES: tuple[str, ...] = ("capped", "mse")
 
 
 #: The most guard rows beyond the bound that :attr:`TuneOptions.guard_rule` ``"mse"`` gives
@@ -308,6 +310,18 @@ class TuneOptions:
             and 15, 5-15 NFE (336 cells, 512 new noises) ``"mse"`` met the best peer in 292
             cells and ``"capped"`` in 291, against 293; each sent two cells to DDIM (one
             0.29x -> 2.35x), where a capped guard run left a sample beyond the bound.
+            ``"paired"`` refuses a later choice only where its excess over the choice with
+            the fewest is more than chance: with ``a`` the guard samples beyond the bound
+            under it but not under that one and ``b`` the reverse, where ``a - b >=``
+            :attr:`guard_z` ``* sqrt(a + b)`` (a sign test on the discordant samples); the
+            latest choice not refused is kept. It keeps what the count keeps wherever the
+            count refuses nothing. Why: at stop 61 (benchmarks/guard_refusals.md) five of
+            six blind cells left on the default had a finalist the held-out half took,
+            1.45-5.8x better on the pilot, refused for one or a few more far samples in
+            512 (lowrank64-edm, guidance 7.5, 5 NFE: 2.7x the best peer with the default).
+            A study (stop 62, rule written before the runs, benchmarks/policy_round8.md).
+        guard_z: the standard errors by which :attr:`guard_rule` ``"paired"`` needs the
+            excess of far samples to stand before it refuses (default 2).
         guard_fallback: where the guard refuses every stage's choice back to the default
             recipe, take instead stage (a)'s first finalist (in its ranking) that the
             held-out half takes over the default and that sends no more guard samples beyond
@@ -561,6 +575,7 @@ class TuneOptions:
     tail_ranking: float | None = 2.0
     tail_trigger: str = "always"
     guard_rule: str = "count"
+    guard_z: float = 2.0
     guard_fallback: bool = False
     tail_walk_back: bool = True
     tail_accept: bool = False
@@ -646,7 +661,14 @@ _COUNTS: dict[str, int] = {
 #: Integer options that may be None (off or automatic), and their smallest values.
 _OPTIONAL_COUNTS: dict[str, int] = {"v3_max_nfe": 1, "micro_batch": 1, "merge_lanes": 0}
 #: Options that are positive finite numbers; and those that may also be None.
-_POSITIVE = ("rtol", "shift_bound", "compensation_bound", "guard_factor", "tail_factor")
+_POSITIVE = (
+    "rtol",
+    "shift_bound",
+    "compensation_bound",
+    "guard_factor",
+    "guard_z",
+    "tail_factor",
+)
 _OPTIONAL_POSITIVE = ("flow_sigma_max", "worst_factor", "step_ratio", "norm_cap", "tail_ranking")
 #: Factors that must be at least 1 where given (None: off).
 _AT_LEAST_ONE = ("step_ratio", "norm_cap", "tail_ranking")

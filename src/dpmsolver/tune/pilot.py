@@ -187,7 +187,7 @@ class _Guard:
     x_T: Tensor
     rows: list[int]
     bound: float
-    # the norm cap the guard's runs sample with (TuneOptions.guard_rule "capped" and "mse";
+    # the norm cap the guard's runs sample with (options.CAPPED_GUARD_RULES;
     # None: none)
     cap: tuple[tuple[float, float], ...] | None = None
     # the norm cap of the runs stage (a)'s tail estimate reads (TuneOptions.tail_accept_capped;

@@ -26,6 +26,7 @@ from ..sampling import SampleOptions
 from ..schedules import NoiseSchedule
 from .acceptance import _accept, _kept, _stage_a_takes
 from .options import (
+    CAPPED_GUARD_RULES,
     DEFAULT_BUDGETS,
     STEP_LIMIT_FLOOR,
     V3_SEED,
@@ -140,7 +141,7 @@ def tune(
                 (opts.probe_pairs, opts.probe_levels),
                 (opts.guard_rows, opts.guard_factor),
             )
-            if opts.guard_rule != "count" and prob.guard is not None:
+            if opts.guard_rule in CAPPED_GUARD_RULES and prob.guard is not None:
                 prob.guard.cap = prob.norm_cap(opts.norm_cap)
             if opts.tail_accept_capped and prob.guard is not None:
                 prob.guard.accept_cap = prob.norm_cap(opts.norm_cap)
