@@ -319,7 +319,13 @@ class TuneOptions:
             six blind cells left on the default had a finalist the held-out half took,
             1.45-5.8x better on the pilot, refused for one or a few more far samples in
             512 (lowrank64-edm, guidance 7.5, 5 NFE: 2.7x the best peer with the default).
-            A study (stop 62, rule written before the runs, benchmarks/policy_round8.md).
+            A study, not taken (stop 62, rule written before the runs,
+            benchmarks/policy_round8.md): on the seventh round's problems at guidance 3-15
+            and 5-8 NFE (72 selection cells, 512 new noises) it met the best peer in 68
+            cells against the count's 67 (the rule asked for 2 more). It rescued both
+            diagnosed lowrank64-edm cells (2.72x -> 0.82x, 1.35x -> 0.52x) and made one
+            new miss: on ill256-flow3 at guidance 3 and 8 NFE the finalist the count
+            refused does leave the data on new noises (0.91x -> 2.42x).
         guard_z: the standard errors by which :attr:`guard_rule` ``"paired"`` needs the
             excess of far samples to stand before it refuses (default 2).
         guard_fallback: where the guard refuses every stage's choice back to the default
