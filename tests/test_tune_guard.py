@@ -192,6 +192,46 @@ def test_the_paired_rule_walks_back_to_the_latest_whose_excess_does_not_stand() 
     assert (best.recipe.solver, why) == ("ddim", ("selection",))
 
 
+@pytest.mark.parametrize(
+    ("far", "mse", "chosen", "refused", "asked"),
+    [
+        # the excess is chance and costs nothing: kept, as the paired rule keeps it
+        ({"ddim": set(), "unipc": {3}}, {"unipc": 1.0, "ddim": 2.0}, "unipc", (), 1),
+        # the excess is chance but its far sample costs: refused
+        ({"ddim": set(), "unipc": {3}}, {"unipc": 3.0, "ddim": 2.0}, "ddim", ("selection",), 1),
+        # an excess that stands is refused without an estimate
+        ({"ddim": set(), "unipc": {0, 1, 2, 3}}, {}, "ddim", ("selection",), 0),
+        # the latest costs, the one before does not: walked back to it
+        (
+            {"ddim": set(), "unipc": {7}, "deis": {5}},
+            {"deis": 3.0, "unipc": 1.5, "ddim": 2.0},
+            "unipc",
+            ("steps",),
+            2,
+        ),
+    ],
+)
+def test_the_paired_mse_rule_also_weighs_an_excess_that_is_chance(
+    patch_tune: Callable[[str, Any], None],
+    far: dict[str, set[int]],
+    mse: dict[str, float],
+    chosen: str,
+    refused: tuple[str, ...],
+    asked: int,
+) -> None:
+    seen: list[list[str]] = []
+
+    def estimate(prob: object, guard: _Guard, choices: list[_Choice]) -> list[float]:
+        seen.append([c.recipe.solver for c in choices])
+        return [mse[c.recipe.solver] for c in choices]
+
+    patch_tune("_blowup_mse", estimate)
+    opts = TuneOptions(guard_rule="paired_mse")
+    best, why = _guarded(_Masks(far), None, _chain(*far), 8, opts)  # type: ignore[arg-type]
+    assert (best.recipe.solver, why) == (chosen, refused)
+    assert len(seen) == asked and all(pair[1] == "ddim" for pair in seen)  # against the fewest
+
+
 def _held(solver: str, errors: list[float]) -> _Choice:
     return _Choice(Recipe(solver), "selection", 0.0, torch.tensor(errors, dtype=torch.float64), 8)
 
@@ -284,9 +324,9 @@ def test_tune_caps_the_guard_runs_but_for_the_count(patch_tune: Callable[[str, A
         return original(guard, *args)  # type: ignore[arg-type]
 
     patch_tune("_guarded", spy)
-    for rule in ("count", "capped", "mse", "paired"):
+    for rule in ("count", "capped", "mse", "paired", "paired_mse"):
         dp.tune(NET, Z, schedule=SD, guidance_scale=5.0, nfe=[6], guard_rule=rule, **COND, **FAST)
-    assert caps[0] is None and caps[3] is None
+    assert caps[0] is None and caps[3] is None and caps[4] is None
     assert caps[1] == caps[2] and caps[1] is not None and len(caps[1]) > 0  # type: ignore[arg-type]
 
 
@@ -353,7 +393,7 @@ def test_guard_options_are_checked() -> None:
         dp.tune(NET, Z, schedule=SD, guard_factor=math.nan)
     with pytest.raises(ValueError, match="guard_z"):
         dp.tune(NET, Z, schedule=SD, guard_z=0.0)
-    with pytest.raises(ValueError, match=r"guard_rule.*count.*capped.*mse.*paired"):
+    with pytest.raises(ValueError, match=r"guard_rule.*count.*capped.*mse.*paired.*paired_mse"):
         dp.tune(NET, Z, schedule=SD, guard_rule="fewest")
     with pytest.raises(ValueError, match="guard_fallback"):
         dp.tune(NET, Z, schedule=SD, guard_fallback="yes")

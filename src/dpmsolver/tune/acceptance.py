@@ -132,7 +132,8 @@ def _guarded(
     """The latest of the stages' choices ``taken`` with the fewest guard blow-ups (with
     :attr:`TuneOptions.guard_rule` ``"mse"``, where that is not the last choice: the one
     of those run with the smallest :func:`_blowup_mse`; with ``"paired"``, the latest
-    whose excess over that one does not stand, :func:`_excess_stands`), and the stages
+    whose excess over that one does not stand, and with ``"paired_mse"`` whose estimated
+    error is no larger either, :func:`_referee_keeps`), and the stages
     refused for it (latest first). The last choice runs first; earlier ones only while none is found
     without a blow-up."""
     counts = [guard.blowups(prob, taken[-1].recipe, nfe)]
@@ -145,12 +146,30 @@ def _guarded(
         mse = _blowup_mse(prob, guard, [taken[-1 - i] for i in range(len(counts))])
         if mse is not None:
             k = mse.index(min(mse))
-    elif k > 0 and opts.guard_rule == "paired":
+    elif k > 0 and opts.guard_rule in ("paired", "paired_mse"):
         fewest = taken[-1 - k]
         k = next(
-            i for i in range(k + 1) if not _excess_stands(guard, prob, taken[-1 - i], fewest, opts)
+            i for i in range(k + 1) if _referee_keeps(guard, prob, taken[-1 - i], fewest, opts)
         )
     return taken[-1 - k], tuple(c.stage for c in reversed(taken[len(taken) - k :]))
+
+
+def _referee_keeps(
+    guard: _Guard, prob: _Problem, later: _Choice, fewest: _Choice, opts: TuneOptions
+) -> bool:
+    """Whether :attr:`TuneOptions.guard_rule` ``"paired"`` (or ``"paired_mse"``) keeps
+    ``later`` over ``fewest``, the choice with the fewest guard samples beyond the bound:
+    its excess does not stand (:func:`_excess_stands`), and with ``"paired_mse"`` its mean
+    squared error estimated over the held-out rows and the guard's, the rows beyond the
+    bound under either given an exact reference (:func:`_blowup_mse`), is no larger."""
+    if later is fewest:
+        return True
+    if _excess_stands(guard, prob, later, fewest, opts):
+        return False
+    if opts.guard_rule == "paired":
+        return True
+    mse = _blowup_mse(prob, guard, [later, fewest])
+    return mse is not None and mse[0] <= mse[1]
 
 
 def _excess_stands(

@@ -46,7 +46,7 @@ RANK_ROWS: tuple[str, ...] = ("calibration", "pilot", "worse")
 
 
 #: How the blow-up guard picks among the stages' choices (:attr:`TuneOptions.guard_rule`).
-GUARD_RULES: tuple[str, ...] = ("count", "capped", "mse", "paired")
+GUARD_RULES: tuple[str, ...] = ("count", "capped", "mse", "paired", "paired_mse")
 #: The guard rules whose runs sample under the profile's norm cap.
 CAPPED_GUARD_RULES: tuple[str, ...] = ("capped", "mse")
 
@@ -327,6 +327,12 @@ class TuneOptions:
             new miss: on ill256-flow3 at guidance 3 and 8 NFE the finalist the count
             refused does leave the data on new noises (0.91x -> 2.42x). Blind on the
             eighth round (the same 72 cells) it changed one, for the better (1.06x -> 0.94x).
+            ``"paired_mse"`` also keeps such a choice only where its mean squared error,
+            estimated over the held-out rows and the guard's with an exact reference for
+            the rows beyond the bound under either (at most :data:`GUARD_REFERENCE_ROWS`,
+            the farthest first; uncapped runs, as the count's), is no larger than that of
+            the choice with the fewest: the excess is chance and does not cost. A study
+            (stop 62, rule written before the runs, benchmarks/guard_paired_mse.md).
         guard_z: the standard errors by which :attr:`guard_rule` ``"paired"`` needs the
             excess of far samples to stand before it refuses (default 2).
         guard_fallback: where the guard refuses every stage's choice back to the default
