@@ -331,8 +331,12 @@ class TuneOptions:
             estimated over the held-out rows and the guard's with an exact reference for
             the rows beyond the bound under either (at most :data:`GUARD_REFERENCE_ROWS`,
             the farthest first; uncapped runs, as the count's), is no larger than that of
-            the choice with the fewest: the excess is chance and does not cost. A study
-            (stop 62, rule written before the runs, benchmarks/guard_paired_mse.md).
+            the choice with the fewest: the excess is chance and does not cost. A study,
+            not taken (stop 62, rule written before the runs,
+            benchmarks/guard_paired_mse.md): on the same 72 seventh-round cells it met 68
+            against 67 (2 were asked), rescuing lowrank64-edm at guidance 3 (1.35x ->
+            0.52x) and sparing the paired rule's new miss; blind on the eighth round it
+            changed the same one cell as the paired rule, for the better.
         guard_z: the standard errors by which :attr:`guard_rule` ``"paired"`` needs the
             excess of far samples to stand before it refuses (default 2).
         guard_fallback: where the guard refuses every stage's choice back to the default
