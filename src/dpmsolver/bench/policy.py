@@ -1159,11 +1159,8 @@ def usable_scorecard(
     :func:`usable_cells` of ``problems`` only: a second number beside the scorecard's, not
     replacing it."""
     usable = usable_cells(study, problems)
-    ours = {
-        c: v
-        for c, v in policy_ratios(table, study.ratios, study.family, problems).items()
-        if c in usable
-    }
+    every = policy_ratios(table, study.ratios, study.family, problems)
+    ours = {c: v for c, v in every.items() if c in usable}
     if not ours:
         return []
     peers = {
@@ -1172,19 +1169,14 @@ def usable_scorecard(
     }
     peers = {label: got for label, got in peers.items() if got}
     worst_cell = max(ours, key=lambda c: ours[c])
-    own = beaten_on_own_cells(ours, peers)
-    smallest = min(peers, key=lambda k: max(peers[k].values()))
-    verdict = (
-        "below"
-        if all(ours[worst_cell] < max(got.values()) for got in peers.values())
-        else "NOT below"
-    )
+    own = beaten_on_own_cells(ours, peers)  # label: (ours, its worst) on its usable cells
+    smallest = min(own, key=lambda k: own[k][1])
+    verdict = "below" if all(ours[worst_cell] < w for _, w in own.values()) else "NOT below"
     below_own = sum(ours_w < theirs for ours_w, theirs in own.values())
     out = [f"### {word.capitalize()} problems, usable cells only\n"]
     out.append(
         f"The cells where the best peer configuration's RMS error is below the problem's data "
-        f"standard deviation ({len(ours)} of "
-        f"{len(policy_ratios(table, study.ratios, study.family, problems))}); elsewhere every "
+        f"standard deviation ({len(ours)} of {len(every)}); elsewhere every "
         "method ends farther from the exact sample than the data's own spread. A second "
         "number beside the one above, by a rule fixed before the eighth round "
         "(`benchmarks/policy_round8.md`).\n"
@@ -1192,7 +1184,7 @@ def usable_scorecard(
     out.append(
         f"USABLE: {word} worst ratio over usable cells {_fmt(ours[worst_cell])} "
         f"({_cell(worst_cell)}), {verdict} every peer configuration's worst over its usable "
-        f"cells (the smallest: {_fmt(max(peers[smallest].values()))}, {smallest}, over "
+        f"cells (the smallest: {_fmt(own[smallest][1])}, {smallest}, over "
         f"{len(peers[smallest])} cells). On each configuration's own usable cells, our worst "
         f"is below its worst for {below_own} of {len(own)} configurations.\n"
     )

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .comparison import _norms, _per_sample, clear_gain, no_new_divergence, paired_better
-from .options import GUARD_REFERENCE_ROWS, TuneOptions
+from .options import GUARD_REFERENCE_ROWS, PAIRED_GUARD_RULES, TuneOptions
 from .pilot import _Choice, _Guard, _Problem
 
 
@@ -133,8 +133,8 @@ def _guarded(
     :attr:`TuneOptions.guard_rule` ``"mse"``, where that is not the last choice: the one
     of those run with the smallest :func:`_blowup_mse`; with ``"paired"``, the latest
     whose excess over that one does not stand, and with ``"paired_mse"`` whose estimated
-    error is no larger either, :func:`_referee_keeps`), and the stages
-    refused for it (latest first). The last choice runs first; earlier ones only while none is found
+    error is no larger either, :func:`_referee_keeps`), and the stages refused for it
+    (latest first). The last choice runs first; earlier ones only while none is found
     without a blow-up."""
     counts = [guard.blowups(prob, taken[-1].recipe, nfe)]
     for c in reversed(taken[:-1]):
@@ -146,7 +146,7 @@ def _guarded(
         mse = _blowup_mse(prob, guard, [taken[-1 - i] for i in range(len(counts))])
         if mse is not None:
             k = mse.index(min(mse))
-    elif k > 0 and opts.guard_rule in ("paired", "paired_mse"):
+    elif k > 0 and opts.guard_rule in PAIRED_GUARD_RULES:
         fewest = taken[-1 - k]
         k = next(
             i for i in range(k + 1) if _referee_keeps(guard, prob, taken[-1 - i], fewest, opts)
@@ -178,9 +178,7 @@ def _excess_stands(
     """Whether ``later`` sends more guard samples beyond the bound than ``fewest`` by more
     than chance (:attr:`TuneOptions.guard_rule` ``"paired"``): a sign test on the samples
     beyond under one of them only, ``a - b >= guard_z * sqrt(a + b)``. A choice that cannot
-    run stands refused; ``fewest`` against itself does not."""
-    if later is fewest:
-        return False
+    run stands refused."""
     runs = guard.runs_of(prob, [later, fewest])
     if runs is None:
         return True

@@ -49,6 +49,9 @@ RANK_ROWS: tuple[str, ...] = ("calibration", "pilot", "worse")
 GUARD_RULES: tuple[str, ...] = ("count", "capped", "mse", "paired", "paired_mse")
 #: The guard rules whose runs sample under the profile's norm cap.
 CAPPED_GUARD_RULES: tuple[str, ...] = ("capped", "mse")
+#: The guard rules that refuse a later choice only where its excess stands
+#: (:func:`~dpmsolver.tune.acceptance._referee_keeps`).
+PAIRED_GUARD_RULES: tuple[str, ...] = ("paired", "paired_mse")
 
 
 #: The most guard rows beyond the bound that :attr:`TuneOptions.guard_rule` ``"mse"`` gives
