@@ -570,6 +570,10 @@ def _granularities() -> list[Granularity]:
     fams = {
         "one table": (FAMILIES,),
         "flow apart": (("discrete", "vp", "ve"), ("flow",)),
+        # stop 63: VE/EDM's time is its noise level, so a grid uniform in time there is
+        # another spacing than on VP or flow schedules (benchmarks/policy_round9.md)
+        "ve apart": (("discrete", "vp", "flow"), ("ve",)),
+        "ve and flow apart": (("discrete", "vp"), ("ve",), ("flow",)),
         "per family": tuple((f,) for f in FAMILIES),
     }
     guid = {

@@ -381,6 +381,21 @@ SPECS: tuple[MixtureSpec, ...] = (
             "ill256-flow3", "selection", "flow_shift3", 256, 6, 3, "illcond", 2, "far", 0.3
         ),
     ),
+    # the eighth fresh round (stop 62): scored once as unseen problems, then (stop 63) moved
+    # here
+    *_scored_in(
+        8,
+        MixtureSpec("lowrank256-sd", "selection", "sd", 256, 12, 4, "lowrank", 6, "near", 1.0),
+        MixtureSpec("iso8-vplin", "selection", "vp_linear", 8, 10, 5, "isotropic", 0, "near", 0.5),
+        MixtureSpec("diag32-cos", "selection", "vp_cosine", 32, 16, 4, "diagonal", 0, "far", 3.0),
+        MixtureSpec("ill128-edm", "selection", "edm", 128, 6, 3, "illcond", 2, "near", 0.5),
+        MixtureSpec("iso256-edm", "selection", "edm", 256, 8, 4, "isotropic", 0, "far", 0.3),
+        MixtureSpec("lowrank64-flow", "selection", "flow", 64, 16, 4, "lowrank", 3, "near", 1.0),
+        MixtureSpec("ill32-flow", "selection", "flow", 32, 8, 4, "illcond", 2, "far", 3.0),
+        MixtureSpec(
+            "diag512-flow3", "selection", "flow_shift3", 512, 10, 5, "diagonal", 0, "near", 1.0
+        ),
+    ),
     # ---- held out: never used to choose anything; the README reports on these
     MixtureSpec("iso2-sd", "held_out", "sd", 2, 25, 5, "isotropic", 0, "far", 3.0),
     MixtureSpec("lowrank256-vplin", "held_out", "vp_linear", 256, 12, 4, "lowrank", 6, "far", 0.3),
@@ -390,17 +405,17 @@ SPECS: tuple[MixtureSpec, ...] = (
     MixtureSpec("iso8-flow", "held_out", "flow", 8, 4, 2, "isotropic", 0, "far", 1.0),
     MixtureSpec("lowrank128-sd", "held_out", "sd", 128, 50, 5, "lowrank", 3, "near", 0.3),
     MixtureSpec("ill512-edm", "held_out", "edm", 512, 6, 3, "illcond", 2, "far", 1.0),
-    # ---- fresh (stop 62, eighth round): defined before the default was re-chosen with the
-    # seventh round in the selection half (benchmarks/policy_round8.md), and scored once;
+    # ---- fresh (stop 63, ninth round): defined before the default was re-chosen with the
+    # eighth round in the selection half (benchmarks/policy_round9.md), and scored once;
     # never used to choose anything
-    MixtureSpec("lowrank256-sd", "fresh", "sd", 256, 12, 4, "lowrank", 6, "near", 1.0),
-    MixtureSpec("iso8-vplin", "fresh", "vp_linear", 8, 10, 5, "isotropic", 0, "near", 0.5),
-    MixtureSpec("diag32-cos", "fresh", "vp_cosine", 32, 16, 4, "diagonal", 0, "far", 3.0),
-    MixtureSpec("ill128-edm", "fresh", "edm", 128, 6, 3, "illcond", 2, "near", 0.5),
-    MixtureSpec("iso256-edm", "fresh", "edm", 256, 8, 4, "isotropic", 0, "far", 0.3),
-    MixtureSpec("lowrank64-flow", "fresh", "flow", 64, 16, 4, "lowrank", 3, "near", 1.0),
-    MixtureSpec("ill32-flow", "fresh", "flow", 32, 8, 4, "illcond", 2, "far", 3.0),
-    MixtureSpec("diag512-flow3", "fresh", "flow_shift3", 512, 10, 5, "diagonal", 0, "near", 1.0),
+    MixtureSpec("diag64-sd", "fresh", "sd", 64, 10, 5, "diagonal", 0, "far", 0.5),
+    MixtureSpec("ill64-vplin", "fresh", "vp_linear", 64, 8, 4, "illcond", 2, "near", 3.0),
+    MixtureSpec("lowrank32-cos", "fresh", "vp_cosine", 32, 12, 4, "lowrank", 3, "far", 0.5),
+    MixtureSpec("diag64-edm", "fresh", "edm", 64, 12, 4, "diagonal", 0, "far", 3.0),
+    MixtureSpec("lowrank256-edm", "fresh", "edm", 256, 10, 5, "lowrank", 4, "near", 0.3),
+    MixtureSpec("iso32-flow", "fresh", "flow", 32, 6, 3, "isotropic", 0, "near", 0.5),
+    MixtureSpec("lowrank16-flow", "fresh", "flow", 16, 20, 5, "lowrank", 2, "far", 1.0),
+    MixtureSpec("diag128-flow3", "fresh", "flow_shift3", 128, 8, 4, "diagonal", 0, "far", 3.0),
 )
 
 #: Fresh rounds already scored, in order: each tuple's problems were defined before a

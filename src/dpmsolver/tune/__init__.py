@@ -98,8 +98,9 @@ own model, guidance included:
    reference's norm than an earlier stage's choice sent there, the latest stage with the
    fewest is taken (``TuneOptions.guard_rows``). The held-out half sees a blow-up of 1-2
    samples in 512 (third-order UniPC at guidance 15, for one) too rarely to refuse it.
-   (``TuneOptions.guard_rule``: studies that count on runs under the norm cap, weigh the
-   far samples' errors against the rest, or refuse only an excess a sign test finds.)
+   Since stop 63 the guard refuses that choice only where its excess stands in a sign test,
+   or where an exact reference for the far samples finds it costs more than it gains
+   (``TuneOptions.guard_rule="paired_mse"``; ``"count"`` was the rule before).
    *Tail ranking* (``TuneOptions.tail_ranking``, factor 2 by default since stop 32). Stage
    (a)'s finalists also run from the guard's noises; where two end far apart there, the
    farthest rows get an exact reference and each finalist's mean squared error is
