@@ -75,7 +75,7 @@ def test_the_claim_is_what_the_recorded_errors_say(
     assert chosen is not None
     rule = rule_named(chosen.group(1))
     sel, held = study.problems("selection"), study.problems(split)
-    assert len(sel) == 68 and len(held) == count
+    assert len(sel) == 76 and len(held) == count
     table = fit(study.ratios, study.family, sel, rule.granularity, study.candidates, rule.power)
     ours = policy_ratios(table, study.ratios, study.family, held)
     assert len(ours) == 32 * count and all(math.isfinite(v) for v in ours.values())
@@ -193,7 +193,7 @@ def test_the_recorded_splits_are_the_suites(study: Study) -> None:
     from dpmsolver.bench.suite import FRESH_ROUNDS, get_problem
 
     assert {p: get_problem(p).split for p in study.split} == study.split
-    assert len(study.split) == 84
+    assert len(study.split) == 92
     # a finished fresh round is part of the selection half
     assert all(study.split[p] == "selection" for r in FRESH_ROUNDS for p in r)
 
@@ -221,7 +221,7 @@ def test_the_whole_suite_comparison_is_what_the_recorded_errors_say(
     everything = [p for ps in splits for p in ps]
     suite = study.peer_worst(everything)
     best = min(suite, key=lambda k: suite[k][0])
-    assert int(m.group(1)) == len(everything) == 84 and int(m.group(2)) == len(suite)
+    assert int(m.group(1)) == len(everything) == 92 and int(m.group(2)) == len(suite)
     assert m.group(3) == _fmt(suite[best][0]) and m.group(4) == best
     assert int(m.group(5)) == suite[best][1]
     blind = max(
