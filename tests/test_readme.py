@@ -269,6 +269,8 @@ def test_tune_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monkey
         ("tuned-fresh7-new", "tuned_fresh7.md"),
         ("tuned-fresh8", "tuned_fresh8.md"),
         ("tuned-fresh8-new", "tuned_fresh8.md"),
+        ("tuned-fresh9", "tuned_fresh9.md"),
+        ("tuned-fresh9-new", "tuned_fresh9.md"),
         ("calibrated", "calibrated_peer.md"),
         ("calibrated-fresh", "calibrated_peer_fresh.md"),
     ],

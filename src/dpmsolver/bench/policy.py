@@ -994,9 +994,11 @@ def _fresh_rounds(study: Study, chosen: Rule) -> list[str]:
     out = [
         "\n## Fresh rounds\n",
         "Each round's problems were defined before a rule was chosen without them and "
-        "scored once; a finished round then joins the selection half. Worst ratio on the "
-        "round's cells (the smallest worst of any peer configuration over the cells it runs, "
-        "for comparison):\n",
+        "scored once; a finished round then joins the selection half. Each rule here is "
+        "re-chosen by today's procedure (its candidates, granularities and powers) on the "
+        "problems the selection half had before that round, so it can differ from the table "
+        "shipped then (the README gives those scores). Worst ratio on the round's cells (the "
+        "smallest worst of any peer configuration over the cells it runs, for comparison):\n",
         "| round | problems | rule chosen without them (selection problems) | its worst "
         "| the stop-20 table | library default | smallest peer configuration worst |",
         "|---|---|---|---|---|---|---|",
