@@ -103,12 +103,22 @@ def test_tail_ranking_option_is_checked() -> None:
         dp.tune(NET, Z, schedule=SD, tail_ranking="yes")
 
 
-def test_on_a_flow_mixture_the_ranking_finds_the_rare_far_samples() -> None:
+def test_on_a_flow_mixture_the_ranking_finds_the_rare_far_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """iso8-flow at guidance 1 and 10 NFE: second-order DPM-Solver++ has the lowest
     calibration error, and sends 4 of 512 new noises far (87% of its squared error); UniPC
     order 2 does not. Ranked by calibration error tune keeps the first; with the tail ranking
     the second, and on 512 new noises its error is under half the other's."""
     tune_mod = importlib.import_module("dpmsolver.tune")
+    # Stage (a) keeps a finalist only where the held-out half takes it over the untuned
+    # default. With stop 63's table (fourth-order iPNDM on uniform time steps here) that
+    # half refuses DPM-Solver++ first, and the ranking has nothing left to decide. The
+    # stop-62 row for this cell keeps the test about the ranking alone.
+    auto = importlib.import_module("dpmsolver.auto")
+    monkeypatch.setitem(
+        auto._TABLE, ("flow", 1.0, 10), Recipe("deis", {"order": 3}, "karras", rho=7.0)
+    )
     p = get_problem("iso8-flow")
     ranked = tune_problem(p, 1.0, nfes=[10], tail_ranking=1.0)
     unranked = tune_problem(p, 1.0, nfes=[10], tail_ranking=None)
