@@ -14,6 +14,13 @@ whose correction runs away moves at most twice as far as DDIM would.
 Prints, per recipe, the worst ratio to the best peer over the selection problems' cells of
 the row (and its cell), the geometric mean and the cells at or below 1; the `ddim`
 time-uniform row is recomputed and checked against benchmarks/policy.csv.gz.
+
+``--row grids`` (stop 63) studies another row the same way: guidance 7.5 and 15 at 5-8 NFE,
+where discrete, VP and flow share `ddim` on Karras sigmas and the ninth round's worst fell
+(lowrank16-flow, 461x). It tries `ddim` on other spacings, and Karras sigmas that start their
+spacing at SD's or EDM's largest sigma after a first step from the schedule's own; the table
+is printed per family group as well (discrete + VP, flow), checked against the record for
+`ddim` on Karras sigmas.
 """
 
 from __future__ import annotations
@@ -30,10 +37,9 @@ from dpmsolver.bench.records import read_text
 from dpmsolver.bench.suite import SPECS, get_problem, rows_from_csv
 from dpmsolver.recipe import Recipe
 
-W = 15.0
-NFES = (10, 12, 15)
 BATCH = 64
-RECIPES = (
+#: The guidance-15, 10-15 NFE row (stop 62).
+W15_RECIPES = (
     Recipe("ddim", {}, "time_uniform"),
     Recipe("dpmpp_2m", {}, "time_uniform", step_limit=1.0),
     Recipe("unipc", {"order": 2}, "time_uniform", step_limit=1.0),
@@ -47,64 +53,103 @@ RECIPES = (
     Recipe("dpmpp_2m", {}, "time_quadratic", step_limit=1.0),
     Recipe("ddim", {}, "karras", rho=7.0),
 )
+#: The guidance 7.5-15, 5-8 NFE row of discrete, VP and flow (stop 63).
+GRID_RECIPES = (
+    Recipe("ddim", {}, "karras", rho=7.0),
+    Recipe("ddim", {}, "time_uniform"),
+    Recipe("ddim", {}, "karras", rho=3.0),
+    Recipe("ddim", {}, "karras", rho=5.0),
+    Recipe("ddim", {}, "polyexponential", rho=1.0),
+    Recipe("ddim", {}, "polyexponential", rho=2.0),
+    Recipe("ddim", {}, "karras", rho=7.0, sigma_max=14.6),
+    Recipe("ddim", {}, "karras", rho=7.0, sigma_max=80.0),
+    Recipe("ddim", {}, "logsnr", sigma_end=0.07),
+    Recipe("ddim", {}, "time_uniform", sigma_end=0.07),
+)
+#: Per ``--row``: guidance scales, budgets, recipes, the recorded label checked.
+ROWS = {
+    "w15": ((15.0,), (10, 12, 15), W15_RECIPES, "ddim time_uniform"),
+    "grids": ((7.5, 15.0), (5, 6, 8), GRID_RECIPES, "ddim karras7"),
+}
 
 
-def _one(name: str) -> list[tuple[str, str, int, float]]:
+def _one(name: str, row: str) -> list[tuple[str, float, str, int, float]]:
     torch.set_num_threads(1)
+    ws, nfes, recipes, _ = ROWS[row]
     p = get_problem(name)
     z, y = p.noise(BATCH), p.labels(BATCH)
-    den = p.denoiser(W, y)
-    ref = p.reference(den, p.x_T(z))
     out = []
-    for r in RECIPES:
-        for nfe in NFES:
-            x, spent = run_recipe(p, den, z, r, nfe)
-            err = math.inf if x is None or spent != nfe else _errors(x, ref)[0]
-            out.append((name, recipe_label(r), nfe, err))
+    for w in ws:
+        den = p.denoiser(w, y)
+        ref = p.reference(den, p.x_T(z))
+        for r in recipes:
+            for nfe in nfes:
+                x, spent = run_recipe(p, den, z, r, nfe)
+                err = math.inf if x is None or spent != nfe else _errors(x, ref)[0]
+                out.append((name, w, recipe_label(r), nfe, err))
     print(f"{name} done", file=sys.stderr, flush=True)
     return out
+
+
+def _table(rows: list[tuple[str, float, str, int, float]], peers: dict, recipes: tuple) -> None:
+    print("| recipe | worst | in cell | geo-mean | cells <= 1 |")
+    print("|---|---|---|---|---|")
+    for r in recipes:
+        label = recipe_label(r)
+        got = {(n, w, k): e / peers[(n, w, k)] for n, w, lab, k, e in rows if lab == label}
+        if not got:
+            continue
+        cell = max(got, key=lambda c: got[c])
+        finite = [v for v in got.values() if math.isfinite(v) and v > 0]
+        geo = math.exp(sum(map(math.log, finite)) / len(finite)) if finite else math.inf
+        ok = sum(v <= 1 for v in got.values())
+        where = f"{cell[0]} w={cell[1]:g} NFE {cell[2]}"
+        print(f"| `{label}` | {got[cell]:.3g} | {where} | {geo:.3g} | {ok} of {len(got)} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", default=None)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--row", choices=sorted(ROWS), default="w15")
     args = ap.parse_args()
+    ws, nfes, recipes, checked = ROWS[args.row]
     names = (
         args.problems.split(",")
         if args.problems
-        else [s.name for s in SPECS if s.split == "selection"]
+        else [
+            s.name
+            for s in SPECS
+            if s.split == "selection" and (args.row != "grids" or s.schedule != "edm")
+        ]
     )
     peers = {
-        (r.problem, r.nfe): r.best_peer
+        (r.problem, r.guidance, r.nfe): r.best_peer
         for r in rows_from_csv(read_text("benchmarks/suite_baseline.csv.gz"))
-        if r.guidance == W
+        if r.guidance in ws
     }
     recorded = {
-        (r.problem, r.nfe): r.error
+        (r.problem, r.guidance, r.nfe): r.error
         for r in rows_from_text(read_text("benchmarks/policy.csv.gz"))[0]
-        if r.guidance == W and r.method == "ddim time_uniform"
+        if r.guidance in ws and r.method == checked
     }
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as ex:
-        rows = [row for part in ex.map(_one, names) for row in part]
-    for name, label, nfe, err in rows:
-        if label == "ddim time_uniform":
-            want = recorded[(name, nfe)]
-            assert abs(err - want) <= 1e-3 * want, (name, nfe, err, want)
-    print(f"{len(names)} selection problems, guidance {W:g}, NFE {NFES}; ratio to the best peer")
-    print("| recipe | worst | in cell | geo-mean | cells <= 1 |")
-    print("|---|---|---|---|---|")
-    for r in RECIPES:
-        label = recipe_label(r)
-        got = {(n, k): e / peers[(n, k)] for n, lab, k, e in rows if lab == label}
-        cell = max(got, key=lambda c: got[c])
-        finite = [v for v in got.values() if math.isfinite(v) and v > 0]
-        geo = math.exp(sum(map(math.log, finite)) / len(finite)) if finite else math.inf
-        ok = sum(v <= 1 for v in got.values())
-        print(
-            f"| `{label}` | {got[cell]:.3g} | {cell[0]} NFE {cell[1]} | {geo:.3g} "
-            f"| {ok} of {len(got)} |"
-        )
+        rows = [row for part in ex.map(_one, names, [args.row] * len(names)) for row in part]
+    for name, w, label, nfe, err in rows:
+        if label == checked:
+            want = recorded[(name, w, nfe)]
+            assert abs(err - want) <= 1e-3 * want, (name, w, nfe, err, want)
+    where = ", ".join(f"{w:g}" for w in ws)
+    print(f"{len(names)} selection problems, guidance {where}, NFE {nfes}; ratio to the best peer")
+    _table(rows, peers, recipes)
+    if args.row == "grids":
+        family = {s.name: s.schedule for s in SPECS}
+        for group, schedules in (
+            ("discrete and VP", ("sd", "vp_linear", "vp_cosine")),
+            ("flow", ("flow", "flow_shift3")),
+        ):
+            print(f"\n{group} only:")
+            _table([r for r in rows if family[r[0]] in schedules], peers, recipes)
 
 
 if __name__ == "__main__":

@@ -228,6 +228,8 @@ def recipe_label(recipe: Recipe) -> str:
     grid: str = recipe.grid or "default-grid"
     if recipe.rho is not None:
         grid += f"{recipe.rho:g}"
+    if recipe.sigma_max is not None:  # no candidate sets it; the study scripts do
+        grid += f" sigma_max={recipe.sigma_max:g}"
     stop = f" sigma_end={recipe.sigma_end:g}" if recipe.sigma_end is not None else ""
     if recipe.step_limit is not None:
         stop += f" step_limit={recipe.step_limit:g}"
