@@ -143,13 +143,13 @@ def main() -> None:
     print(f"{len(names)} selection problems, guidance {where}, NFE {nfes}; ratio to the best peer")
     _table(rows, peers, recipes)
     if args.row == "grids":
-        family = {s.name: s.schedule for s in SPECS}
+        schedule = {s.name: s.schedule for s in SPECS}
         for group, schedules in (
             ("discrete and VP", ("sd", "vp_linear", "vp_cosine")),
             ("flow", ("flow", "flow_shift3")),
         ):
             print(f"\n{group} only:")
-            _table([r for r in rows if family[r[0]] in schedules], peers, recipes)
+            _table([r for r in rows if schedule[r[0]] in schedules], peers, recipes)
 
 
 if __name__ == "__main__":

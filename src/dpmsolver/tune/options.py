@@ -293,53 +293,59 @@ class TuneOptions:
             on lowrank32-sd: 500 away, the data's largest norm being 2.6) with
             probability 0.22; the guard's 512 rows with 0.87. It costs ``guard_rows``
             samples at each budget's NFE, and more only where it finds a blow-up.
-        guard_rule: how the guard picks among the stages' choices where the latest sends more guard
-            samples beyond the bound than an earlier one: ``"count"`` takes the latest with the
-            fewest (the default until stop 63); ``"capped"`` does so with the guard's noises run
-            under the norm cap the profile samples with (:attr:`norm_cap`; the tail ranking and the
-            tail check see those capped runs too); ``"mse"`` runs them so too, gives the guard rows
-            beyond the bound under any of the compared choices an exact reference (at most
+        guard_rule: how the guard picks among the stages' choices where the latest sends
+            more guard samples beyond the bound than an earlier one: ``"count"`` takes the
+            latest with the fewest (the default until stop 63); ``"capped"`` does so with
+            the guard's noises run under the norm cap the profile samples with
+            (:attr:`norm_cap`; the tail ranking and the tail check see those capped runs
+            too); ``"mse"`` runs them so too, gives the guard rows beyond the bound under
+            any of the compared choices an exact reference (at most
             :data:`GUARD_REFERENCE_ROWS`, the farthest first), and takes the choice with the
-            smallest mean squared error estimated over the held-out rows and the guard's (the latest
-            of equals; the other guard rows count at each choice's held-out mean), as the tail check
-            does. Why: the count refuses a recipe for one far sample in 512 however much better it
-            is on the other 511, and the norm cap already bounds that sample when sampling: at
-            guidance 15 and 15 NFE on ill64-edm the fitted recipe's held-out error was 0.022 against
-            the default DDIM's 0.73, with 2 guard samples beyond the bound (4.1-4.8 from the origin
-            under the cap, 70 without; the bound 2.8), and the count took DDIM, 4.6x the best peer
-            on the test set. A study, not taken (stop 50, rule written before the runs,
-            benchmarks/guard_mse.md): on the selection problems at guidance 7.5 and 15, 5-15 NFE
-            (336 cells, 512 new noises) ``"mse"`` met the best peer in 292 cells and ``"capped"`` in
-            291, against 293; each sent two cells to DDIM (one 0.29x -> 2.35x), where a capped guard
-            run left a sample beyond the bound. ``"paired"`` refuses a later choice only where its
-            excess over the choice with the fewest is more than chance: with ``a`` the guard samples
-            beyond the bound under it but not under that one and ``b`` the reverse, where ``a - b
-            >=`` :attr:`guard_z` ``* sqrt(a + b)`` (a sign test on the discordant samples); the
-            latest choice not refused is kept. It keeps what the count keeps wherever the count
-            refuses nothing. Why: at stop 61 (benchmarks/guard_refusals.md) five of six blind cells
-            left on the default had a finalist the held-out half took, 1.45-5.8x better on the
-            pilot, refused for one or a few more far samples in 512 (lowrank64-edm, guidance 7.5, 5
-            NFE: 2.7x the best peer with the default). A study, not taken (stop 62, rule written
-            before the runs, benchmarks/policy_round8.md): on the seventh round's problems at
-            guidance 3-15 and 5-8 NFE (72 selection cells, 512 new noises) it met the best peer in
-            68 cells against the count's 67 (the rule asked for 2 more). It rescued both diagnosed
-            lowrank64-edm cells (2.72x -> 0.82x, 1.35x -> 0.52x) and made one new miss: on
-            ill256-flow3 at guidance 3 and 8 NFE the finalist the count refused does leave the data
-            on new noises (0.91x -> 2.42x). Blind on the eighth round (the same 72 cells) it changed
-            one, for the better (1.06x -> 0.94x). ``"paired_mse"`` also keeps such a choice only
-            where its mean squared error, estimated over the held-out rows and the guard's with an
+            smallest mean squared error estimated over the held-out rows and the guard's
+            (the latest of equals; the other guard rows count at each choice's held-out
+            mean), as the tail check does. Why: the count refuses a recipe for one far
+            sample in 512 however much better it is on the other 511, and the norm cap
+            already bounds that sample when sampling: at guidance 15 and 15 NFE on ill64-edm
+            the fitted recipe's held-out error was 0.022 against the default DDIM's 0.73,
+            with 2 guard samples beyond the bound (4.1-4.8 from the origin under the cap, 70
+            without; the bound 2.8), and the count took DDIM, 4.6x the best peer on the test
+            set. A study, not taken (stop 50, rule written before the runs,
+            benchmarks/guard_mse.md): on the selection problems at guidance 7.5 and 15, 5-15
+            NFE (336 cells, 512 new noises) ``"mse"`` met the best peer in 292 cells and
+            ``"capped"`` in 291, against 293; each sent two cells to DDIM (one 0.29x ->
+            2.35x), where a capped guard run left a sample beyond the bound. ``"paired"``
+            refuses a later choice only where its excess over the choice with the fewest is
+            more than chance: with ``a`` the guard samples beyond the bound under it but not
+            under that one and ``b`` the reverse, where ``a - b >=`` :attr:`guard_z`
+            ``* sqrt(a + b)`` (a sign test on the discordant samples); the latest choice not
+            refused is kept. It keeps what the count keeps wherever the count refuses
+            nothing. Why: at stop 61 (benchmarks/guard_refusals.md) five of six blind cells
+            left on the default had a finalist the held-out half took, 1.45-5.8x better on
+            the pilot, refused for one or a few more far samples in 512 (lowrank64-edm,
+            guidance 7.5, 5 NFE: 2.7x the best peer with the default). A study, not taken
+            (stop 62, rule written before the runs, benchmarks/policy_round8.md): on the
+            seventh round's problems at guidance 3-15 and 5-8 NFE (72 selection cells, 512
+            new noises) it met the best peer in 68 cells against the count's 67 (the rule
+            asked for 2 more). It rescued both diagnosed lowrank64-edm cells (2.72x ->
+            0.82x, 1.35x -> 0.52x) and made one new miss: on ill256-flow3 at guidance 3 and
+            8 NFE the finalist the count refused does leave the data on new noises (0.91x ->
+            2.42x). Blind on the eighth round (the same 72 cells) it changed one, for the
+            better (1.06x -> 0.94x). ``"paired_mse"`` also keeps such a choice only where
+            its mean squared error, estimated over the held-out rows and the guard's with an
             exact reference for the rows beyond the bound under either (at most
-            :data:`GUARD_REFERENCE_ROWS`, the farthest first; uncapped runs, as the count's), is no
-            larger than that of the choice with the fewest: the excess is chance and does not cost.
-            The default since stop 63 (benchmarks/policy_round9.md, rule written before the ninth
-            round): over every cell of the seventh and eighth rounds (512 selection cells, 512 new
-            noises each) it met the best peer in 461 against the count's 459 (and 464 against 462 on
-            the test sets), and made no cell worse; the two it changed were lowrank64-edm at
-            guidance 3 and 5 NFE (1.35x -> 0.52x) and ill128-edm at guidance 15 and 5 NFE (1.06x ->
-            0.94x). On the 72 seventh-round cells alone it had not met stop 62's rule (2 more cells
-            asked, 1 met).
-        guard_z: the standard errors by which :attr:`guard_rule` ``"paired"`` needs the
-            excess of far samples to stand before it refuses (default 2).
+            :data:`GUARD_REFERENCE_ROWS`, the farthest first; uncapped runs, as the
+            count's), is no larger than that of the choice with the fewest: the excess is
+            chance and does not cost. The default since stop 63
+            (benchmarks/policy_round9.md, rule written before the ninth round): over every
+            cell of the seventh and eighth rounds (512 selection cells, 512 new noises each)
+            it met the best peer in 461 against the count's 459 (and 464 against 462 on the
+            test sets), and made no cell worse; the two it changed were lowrank64-edm at
+            guidance 3 and 5 NFE (1.35x -> 0.52x) and ill128-edm at guidance 15 and 5 NFE
+            (1.06x -> 0.94x). On the 72 seventh-round cells alone it had not met stop 62's
+            rule (2 more cells asked, 1 met).
+        guard_z: the standard errors by which :attr:`guard_rule` ``"paired"`` and
+            ``"paired_mse"`` need the excess of far samples to stand before they refuse it
+            (default 2).
         guard_fallback: where the guard refuses every stage's choice back to the default
             recipe, take instead stage (a)'s first finalist (in its ranking) that the
             held-out half takes over the default and that sends no more guard samples beyond
